@@ -1,0 +1,77 @@
+"""The `avsa` command. Subcommands import their module lazily so `avsa --help` stays instant.
+
+Config-driven subcommands (`pretrain`, `sweep`, `transfer`, `config`) take Hydra overrides
+(`data.num_viewpoints=8 experiment=demo_local`); the others take ordinary flags.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+from avsa.errors import AvsaError
+
+# name -> (module with `main(argv) -> int`, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("avsa.synth", "make a synthetic 360° data set (MP4 + ambiX audio, labels, masks)"),
+    "inspect": ("avsa.inspect", "stream facts of a 360° clip and where its sound comes from"),
+    "shard": ("avsa.data.shard_cli", "validate clips and write tar shards + manifest (local or s3://)"),
+    "config": ("avsa.cli", "print the composed, validated config for some overrides"),
+    "pretrain": ("avsa.train.driver", "pretrain with Ray Train (AVSA, AVC or AVTS) [overrides]"),
+    "sweep": ("avsa.sweep", "Ray Tune sweep over config keys, tracked in MLflow [overrides]"),
+    "transfer": ("avsa.downstream.run", "downstream transfer TASK pretrain=RUN|URI|scratch"),
+    "compare": ("avsa.downstream.compare", "paper-style table of transfer results from MLflow"),
+    "submit": ("avsa.cluster", "build (and create) a KubeRay RayJob for pretraining or a sweep"),
+    "demo": ("avsa.demo", "synthesise, shard, pretrain, transfer: the whole loop on one machine"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: avsa COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "`avsa COMMAND --help` for a command's arguments."]
+    return "\n".join(lines)
+
+
+def config_main(argv: list[str]) -> int:
+    """`avsa config [overrides]`: print the resolved config as YAML."""
+    from omegaconf import OmegaConf
+
+    from avsa.config import compose
+
+    if argv[:1] in (["-h"], ["--help"]):
+        print("usage: avsa config [hydra overrides...]")
+        return 0
+    cfg = compose(argv)
+    print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="")
+    print(f"# run name: {cfg.run_name()}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"avsa: error: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if name == "config":
+            return config_main(rest)
+        module = importlib.import_module(COMMANDS[name][0])
+        return int(module.main(rest) or 0)
+    except AvsaError as e:
+        print(f"avsa {name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"avsa {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

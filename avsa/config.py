@@ -1,0 +1,326 @@
+"""Typed configuration: one dataclass per Hydra group, composed from `configs/` and validated once.
+
+`compose(["data.num_viewpoints=8", ...])` returns a validated `Config`; every problem is a
+`ConfigError` naming the key and the allowed range, raised before Ray or MLflow is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from avsa.errors import ConfigError
+
+CONFIG_DIR_ENV = "AVSA_CONFIG_DIR"
+LOSS_KINDS = ("avsa", "avc", "avts")
+AUDIO_MODES = ("foa", "mono")
+EASY_NEGATIVES = ("same_view", "all_views")
+TASKS = ("avc_bin", "avsa_bin", "action", "segmentation")
+DOWNSTREAM_MODES = ("frozen", "finetune", "linear")
+SEARCHES = ("grid", "random", "optuna")
+SCHEDULERS = ("asha", "fifo")
+
+
+@dataclass
+class DataConfig:
+    shards: str = "outputs/demo/shards/train"
+    val_shards: str | None = None
+    num_viewpoints: int = 4
+    fps: float = 16.0
+    frames: int = 8
+    audio_seconds: float = 1.0
+    sample_rate: int = 24000
+    crop_size: int = 112
+    n_fft: int = 512
+    hop: int = 240
+    n_mels: int = 128
+    el_min_deg: float = -30.6
+    el_max_deg: float = 30.6
+    fov_min_deg: float = 25.0
+    fov_max_deg: float = 76.0
+    aspect_min: float = 0.75
+    aspect_max: float = 1.3333
+    min_separation_deg: float = 0.0
+    audio_mode: str = "foa"
+    augment: bool = True
+    volume_jitter: float = 0.1
+    color_jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.4, 0.2])
+    flip_prob: float = 0.5
+    equirect_height: int = 0
+    shuffle_buffer: int = 16
+    skip_missing_shards: bool = False
+    decode_cpus: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    name: str = "full"
+    video_width: int = 64
+    audio_width: int = 64
+    embed_dim: int = 128
+    transformer_depth: int = 2
+    transformer_heads: int = 1
+    transformer_dropout: float = 0.1
+    spherical_pos_enc: bool = False
+    use_transformer: bool = True
+    init_from: str | None = None
+
+
+@dataclass
+class LossConfig:
+    kind: str = "avsa"
+    temperature: float = 0.07
+    easy_negatives: str = "same_view"
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    batch_size: int = 28
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    bf16: bool = True
+    compile: bool = False
+    curriculum: bool = False
+    curriculum_avc_steps: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 100
+    val_every: int = 0
+    val_batches: int = 4
+    max_failures: int = 3
+    fail_at_step: int | None = None
+    seed: int = 0
+
+
+@dataclass
+class StorageConfig:
+    path: str = "outputs/runs"
+    run_name: str | None = None
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = None
+    experiment: str = "avsa-pretrain"
+
+
+@dataclass
+class SweepConfig:
+    name: str = "viewpoints_temperature"
+    space: dict[str, Any] = field(default_factory=dict)
+    search: str = "grid"
+    num_samples: int = 1
+    metric: str = "val/avsa_score"
+    mode: str = "max"
+    scheduler: str = "asha"
+    grace_period: int = 1
+    reduction_factor: int = 2
+    max_concurrent_trials: int = 0
+    report_every: int = 0
+
+
+@dataclass
+class DownstreamConfig:
+    task: str = "avc_bin"
+    pretrain: str = "scratch"
+    mode: str = "frozen"
+    epochs: int = 10
+    lr: float = 1e-4
+    batch_size: int = 16
+    max_steps: int = 0
+    eval_clips: int = 5
+    context: str = "video"
+    experiment: str = "avsa-transfer"
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
+    experiment_name: str = "default"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def run_name(self) -> str:
+        """Deterministic run name: the same config resubmitted finds (and resumes) its run."""
+        if self.storage.run_name:
+            return self.storage.run_name
+        d = self.to_dict()
+        for volatile in ("sweep", "downstream", "tracking"):
+            d.pop(volatile)
+        d["train"].pop("fail_at_step")
+        digest = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+        return f"{self.loss.kind}-v{self.data.num_viewpoints}-{digest}"
+
+
+def config_dir() -> Path:
+    """The `configs/` tree: `$AVSA_CONFIG_DIR`, else the one beside the package."""
+    env = os.environ.get(CONFIG_DIR_ENV)
+    candidates = [Path(env)] if env else []
+    candidates += [Path(__file__).resolve().parent.parent / "configs", Path.cwd() / "configs"]
+    for c in candidates:
+        if (c / "pretrain.yaml").is_file():
+            return c
+    raise ConfigError("configs", f"no config tree found (looked in {', '.join(map(str, candidates))})")
+
+
+def _register() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="avsa_schema", node=Config)
+
+
+def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "pretrain") -> Config:
+    """Compose `configs/<config_name>.yaml` with Hydra overrides into a validated `Config`."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    _register()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+        obj = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "override"
+        raise ConfigError(key, _first_line(e)) from None
+    except Exception as e:  # Hydra's override parser and missing-group errors
+        if type(e).__module__.startswith(("hydra", "omegaconf")):
+            raise ConfigError("override", _first_line(e)) from None
+        raise
+    finally:
+        GlobalHydra.instance().clear()
+    validate(obj)
+    return obj
+
+
+def from_dict(d: dict[str, Any]) -> Config:
+    """Rebuild a `Config` from `Config.to_dict()` output (e.g. a checkpoint's resolved config)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), d))
+
+
+def _first_line(e: BaseException) -> str:
+    """Hydra and OmegaConf errors span lines; keep the informative ones on one line."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith(("full_key", "object_type", "Set the"))]
+    return " — ".join(lines[:2]) or type(e).__name__
+
+
+def _check(ok: bool, key: str, allowed: str, value: object) -> None:
+    if not ok:
+        raise ConfigError(key, f"must be {allowed}, got {value!r}")
+
+
+def _in_range(key: str, value: float, lo: float, hi: float, *, lo_open=False, hi_open=False):
+    ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    lb, rb = ("(" if lo_open else "["), (")" if hi_open else "]")
+    _check(ok, key, f"in {lb}{lo:g}, {hi:g}{rb}", value)
+
+
+def validate(cfg: Config) -> Config:
+    """Check every user-settable value; raise `ConfigError('key', 'must be ..., got ...')`."""
+    d, m, lo, t = cfg.data, cfg.model, cfg.loss, cfg.train
+    _check(bool(d.shards), "data.shards", "a manifest or shard-folder URI", d.shards)
+    _in_range("data.num_viewpoints", d.num_viewpoints, 1, 64)
+    _in_range("data.fps", d.fps, 0, 240, lo_open=True)
+    _in_range("data.frames", d.frames, 1, 256)
+    _in_range("data.audio_seconds", d.audio_seconds, 0, 60, lo_open=True)
+    _check(d.frames / d.fps <= d.audio_seconds + 1e-9, "data.frames",
+           f"a video window (frames / fps) within data.audio_seconds={d.audio_seconds}", d.frames)
+    _in_range("data.sample_rate", d.sample_rate, 8000, 192000)
+    _in_range("data.crop_size", d.crop_size, 8, 1024)
+    _in_range("data.n_mels", d.n_mels, 8, 512)
+    _in_range("data.hop", d.hop, 1, d.n_fft)
+    _in_range("data.el_min_deg", d.el_min_deg, -90, 90)
+    _in_range("data.el_max_deg", d.el_max_deg, d.el_min_deg, 90)
+    _in_range("data.fov_min_deg", d.fov_min_deg, 0, 180, lo_open=True, hi_open=True)
+    _in_range("data.fov_max_deg", d.fov_max_deg, d.fov_min_deg, 180, hi_open=True)
+    _in_range("data.aspect_min", d.aspect_min, 0, 10, lo_open=True)
+    _in_range("data.aspect_max", d.aspect_max, d.aspect_min, 10)
+    _in_range("data.min_separation_deg", d.min_separation_deg, 0, 180)
+    _check(d.audio_mode in AUDIO_MODES, "data.audio_mode", f"one of {AUDIO_MODES}", d.audio_mode)
+    _in_range("data.volume_jitter", d.volume_jitter, 0, 1, hi_open=True)
+    _check(len(d.color_jitter) == 4 and all(v >= 0 for v in d.color_jitter), "data.color_jitter",
+           "4 non-negative numbers [brightness, contrast, saturation, hue]", d.color_jitter)
+    _in_range("data.flip_prob", d.flip_prob, 0, 1)
+    _in_range("data.equirect_height", d.equirect_height, 0, 8192)
+    _in_range("data.shuffle_buffer", d.shuffle_buffer, 0, 1_000_000)
+    _in_range("data.decode_cpus", d.decode_cpus, 0, 64, lo_open=True)
+
+    _in_range("model.video_width", m.video_width, 1, 1024)
+    _in_range("model.audio_width", m.audio_width, 1, 1024)
+    _in_range("model.embed_dim", m.embed_dim, 1, 8192)
+    _in_range("model.transformer_depth", m.transformer_depth, 0, 64)
+    _in_range("model.transformer_heads", m.transformer_heads, 1, 64)
+    _in_range("model.transformer_dropout", m.transformer_dropout, 0, 1, hi_open=True)
+    for key, width in (("model.video_width", m.video_width), ("model.audio_width", m.audio_width)):
+        _check(8 * width % m.transformer_heads == 0, "model.transformer_heads",
+               f"a divisor of the feature width 8*{key.split('.')[1]}={8 * width}",
+               m.transformer_heads)
+
+    _check(lo.kind in LOSS_KINDS, "loss.kind", f"one of {LOSS_KINDS}", lo.kind)
+    _in_range("loss.temperature", lo.temperature, 0, 10, lo_open=True)
+    _check(lo.easy_negatives in EASY_NEGATIVES, "loss.easy_negatives", f"one of {EASY_NEGATIVES}",
+           lo.easy_negatives)
+
+    _in_range("train.max_steps", t.max_steps, 1, 10**9)
+    _in_range("train.batch_size", t.batch_size, 1, 1_000_000)
+    _in_range("train.num_workers", t.num_workers, 1, 4096)
+    _check(t.batch_size % t.num_workers == 0, "train.batch_size",
+           f"a multiple of train.num_workers={t.num_workers} (it is the global batch)",
+           t.batch_size)
+    _in_range("train.cpus_per_worker", t.cpus_per_worker, 0, 256)
+    _in_range("train.lr", t.lr, 0, 1, lo_open=True)
+    _in_range("train.weight_decay", t.weight_decay, 0, 1)
+    _in_range("train.log_every", t.log_every, 1, 10**9)
+    _in_range("train.checkpoint_every", t.checkpoint_every, 1, 10**9)
+    _in_range("train.val_every", t.val_every, 0, 10**9)
+    _in_range("train.val_batches", t.val_batches, 0, 10**6)
+    _in_range("train.max_failures", t.max_failures, -1, 1000)
+    _in_range("train.curriculum_avc_steps", t.curriculum_avc_steps, 0, t.max_steps)
+    _check(not t.curriculum or t.curriculum_avc_steps > 0, "train.curriculum_avc_steps",
+           "> 0 when train.curriculum=true", t.curriculum_avc_steps)
+    if t.fail_at_step is not None:
+        _in_range("train.fail_at_step", t.fail_at_step, 1, t.max_steps)
+
+    _check(bool(cfg.storage.path), "storage.path", "a local path or s3:// URI", cfg.storage.path)
+    _check(bool(cfg.tracking.experiment), "tracking.experiment", "a non-empty name",
+           cfg.tracking.experiment)
+
+    s = cfg.sweep
+    _check(s.search in SEARCHES, "sweep.search", f"one of {SEARCHES}", s.search)
+    _check(s.scheduler in SCHEDULERS, "sweep.scheduler", f"one of {SCHEDULERS}", s.scheduler)
+    _check(s.mode in ("max", "min"), "sweep.mode", "'max' or 'min'", s.mode)
+    _in_range("sweep.num_samples", s.num_samples, 1, 100_000)
+    _in_range("sweep.max_concurrent_trials", s.max_concurrent_trials, 0, 10_000)
+
+    ds = cfg.downstream
+    _check(ds.task in TASKS, "downstream.task", f"one of {TASKS}", ds.task)
+    _check(ds.mode in DOWNSTREAM_MODES, "downstream.mode", f"one of {DOWNSTREAM_MODES}", ds.mode)
+    _check(ds.context in ("video", "audio", "context"), "downstream.context",
+           "one of ('video', 'audio', 'context')", ds.context)
+    _in_range("downstream.epochs", ds.epochs, 1, 10_000)
+    _in_range("downstream.lr", ds.lr, 0, 1, lo_open=True)
+    _in_range("downstream.batch_size", ds.batch_size, 1, 100_000)
+    return cfg

@@ -1,0 +1,71 @@
+"""Session-wide real services on loopback: one S3 endpoint (moto server), one MLflow server,
+one local Ray. Tests that need them take the fixtures; nothing is patched."""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+REPO = Path(__file__).resolve().parent.parent
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 HTTP endpoint on loopback; the process env points boto3/pyarrow (and Ray
+    workers started later) at it."""
+    from s3server import s3_endpoint as start
+
+    with start() as url, pytest.MonkeyPatch.context() as mp:
+        for k, v in {**S3_ENV, "AWS_ENDPOINT_URL": url}.items():
+            mp.setenv(k, v)
+        yield url
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint):
+    """A fresh bucket per test: `s3://<name>`."""
+    import boto3
+
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(tmp_path_factory):
+    """A real `mlflow server` process (SQLite backend, local artifacts) on loopback."""
+    from mlflowserver import mlflow_server
+
+    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as uri:
+        yield uri
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_endpoint, tmp_path_factory):
+    """One local Ray for the whole session, started after the S3 env is in place so its
+    workers inherit it."""
+    import ray
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=True,
+        runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
+        _temp_dir=str(tmp_path_factory.mktemp("ray")),
+    )
+    yield ray
+    ray.shutdown()
