@@ -1,0 +1,209 @@
+"""One place for URIs: plain paths, ``file://...`` and ``s3://bucket/key``.
+
+S3 calls go through :mod:`avsa.s3` (env/AWS-config endpoint, standard credential chain, bounded
+retries, :class:`StorageError` naming the URI). Local writes are atomic (temporary file in the
+same directory, fsync, ``os.replace``) and create parent directories.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+from urllib.parse import unquote, urlparse
+
+from avsa.errors import StorageError
+from avsa.s3 import S3Reader, S3Session, session, split_s3
+
+__all__ = ["S3Session", "copy_tree", "delete", "download_file", "exists", "is_s3", "join",
+           "list_prefix", "local_path", "open_input_stream", "pyarrow_filesystem", "read_bytes",
+           "session", "size", "split_s3", "upload_file", "write_bytes"]
+
+
+def is_s3(uri: str | os.PathLike) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def local_path(uri: str | os.PathLike) -> Path:
+    """Filesystem path of a plain path or ``file://`` URI."""
+    uri = str(uri)
+    return Path(unquote(urlparse(uri).path)) if uri.startswith("file://") else Path(uri)
+
+
+def join(uri: str | os.PathLike, *parts: str) -> str:
+    uri = str(uri)
+    if is_s3(uri) or uri.startswith("file://"):
+        tail = "/".join(p.strip("/") for p in parts if p.strip("/"))
+        return f"{uri.rstrip('/')}/{tail}" if tail else uri
+    return str(Path(uri, *parts))
+
+
+def _local(uri: str, fn: Callable[[Path], Any]) -> Any:
+    try:
+        return fn(local_path(uri))
+    except FileNotFoundError as exc:
+        raise StorageError(uri, "no such file or directory") from exc
+    except OSError as exc:
+        raise StorageError(uri, exc.strerror or type(exc).__name__) from exc
+
+
+def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_bytes(uri: str | os.PathLike) -> bytes:
+    uri = str(uri)
+    if not is_s3(uri):
+        return _local(uri, Path.read_bytes)
+    bucket, key = split_s3(uri)
+    return session().call(uri, lambda c: c.get_object(Bucket=bucket, Key=key)["Body"].read())
+
+
+def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
+    uri = str(uri)
+    if not is_s3(uri):
+        return _local(uri, lambda p: _atomic_write(p, lambda f: f.write(data)))
+    bucket, key = split_s3(uri)
+    session().call(uri, lambda c: c.put_object(Bucket=bucket, Key=key, Body=data))
+
+
+def exists(uri: str | os.PathLike) -> bool:
+    """True for an existing file/object, or a directory/prefix holding at least one object."""
+    uri = str(uri)
+    if not is_s3(uri):
+        return local_path(uri).exists()
+    bucket, key = split_s3(uri)
+    from botocore.exceptions import ClientError
+
+    def probe(c: Any) -> bool:
+        if key and not key.endswith("/"):
+            try:
+                c.head_object(Bucket=bucket, Key=key)
+                return True
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") not in ("404", "NotFound"):
+                    raise
+        prefix = f"{key.rstrip('/')}/" if key else ""
+        return c.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)["KeyCount"] > 0
+
+    return session().call(uri, probe)
+
+
+def size(uri: str | os.PathLike) -> int:
+    """Size of a file/object in bytes."""
+    uri = str(uri)
+    if not is_s3(uri):
+        return _local(uri, lambda p: p.stat().st_size)
+    bucket, key = split_s3(uri)
+    return session().call(uri, lambda c: c.head_object(Bucket=bucket, Key=key)["ContentLength"])
+
+
+def delete(uri: str | os.PathLike) -> None:
+    """Delete one file/object; a missing one is not an error."""
+    uri = str(uri)
+    if not is_s3(uri):
+        return _local(uri, lambda p: p.unlink(missing_ok=True))
+    bucket, key = split_s3(uri)
+    session().call(uri, lambda c: c.delete_object(Bucket=bucket, Key=key))
+
+
+def list_prefix(uri: str | os.PathLike, page_size: int = 1000) -> list[str]:
+    """Every file/object under the directory/prefix ``uri``, recursively, as full sorted URIs.
+
+    ``page_size`` is the number of keys per S3 list request.
+    """
+    uri = str(uri)
+    if not is_s3(uri):
+        root = local_path(uri)
+        files = [p for p in root.rglob("*") if p.is_file()] if root.is_dir() else []
+        return sorted(join(uri, p.relative_to(root).as_posix()) for p in files)
+    bucket, key = split_s3(uri)
+    prefix = f"{key.rstrip('/')}/" if key else ""
+
+    def keys(c: Any) -> list[str]:
+        pages = c.get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": page_size})
+        return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+    return sorted(f"s3://{bucket}/{k}" for k in session().call(uri, keys))
+
+
+def upload_file(local: str | os.PathLike, uri: str | os.PathLike) -> None:
+    uri, local = str(uri), Path(local)
+    if not local.is_file():
+        raise StorageError(str(local), "no such file to upload")
+    if not is_s3(uri):
+        return _local(uri, lambda p: _atomic_write(p, lambda f: _copy(local, f)))
+    bucket, key = split_s3(uri)
+    session().call(uri, lambda c: c.upload_file(str(local), bucket, key))
+
+
+def _copy(src: Path, dst: BinaryIO) -> None:
+    with open(src, "rb") as f:
+        shutil.copyfileobj(f, dst, 1 << 20)
+
+
+def download_file(uri: str | os.PathLike, local: str | os.PathLike) -> None:
+    uri, local = str(uri), Path(local)
+    if not is_s3(uri):
+        return _local(uri, lambda p: _atomic_write(local, lambda f: _copy(p, f)))
+    bucket, key = split_s3(uri)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    # s3transfer writes to a temporary name and renames, so the target appears atomically.
+    session().call(uri, lambda c: c.download_file(bucket, key, str(local)))
+
+
+def copy_tree(local_dir: str | os.PathLike, uri: str | os.PathLike) -> list[str]:
+    """Upload every file under ``local_dir`` to ``uri`` keeping relative paths; returns URIs."""
+    root = Path(local_dir)
+    if not root.is_dir():
+        raise StorageError(str(root), "not a directory")
+    out = []
+    for p in sorted(q for q in root.rglob("*") if q.is_file()):
+        out.append(join(str(uri), p.relative_to(root).as_posix()))
+        upload_file(p, out[-1])
+    return out
+
+
+def open_input_stream(uri: str | os.PathLike, buffer_size: int = 1 << 20) -> BinaryIO:
+    """A buffered, seekable binary file object for streaming reads (caller closes it)."""
+    uri = str(uri)
+    if not is_s3(uri):
+        return _local(uri, lambda p: open(p, "rb"))
+    return io.BufferedReader(S3Reader(uri, session()), buffer_size)
+
+
+def pyarrow_filesystem(uri: str | os.PathLike) -> tuple[Any, str]:
+    """``(pyarrow.fs.FileSystem, path)`` for ``uri``, e.g. Ray's ``storage_filesystem``/``storage_path``.
+
+    For S3 the path is ``bucket/key`` and the filesystem uses the same endpoint and region as
+    boto3 here, with credentials from the standard AWS chain.
+    """
+    import pyarrow.fs as pafs
+
+    uri = str(uri)
+    if not is_s3(uri):
+        return pafs.LocalFileSystem(), str(local_path(uri).absolute())
+    split_s3(uri)
+    s3 = session()
+    kwargs: dict[str, Any] = {"region": s3.region or ("us-east-1" if s3.endpoint else None)}
+    if s3.endpoint:
+        parsed = urlparse(s3.endpoint)
+        kwargs.update(scheme=parsed.scheme or "https", endpoint_override=parsed.netloc or s3.endpoint)
+    retry = pafs.AwsStandardS3RetryStrategy(max_attempts=10)
+    fs = pafs.S3FileSystem(connect_timeout=5, request_timeout=60, retry_strategy=retry, **kwargs)
+    return fs, uri[len("s3://"):].rstrip("/")

@@ -1,0 +1,289 @@
+"""avsa.storage against the local filesystem and a real S3 HTTP endpoint (moto server)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+import socket
+import threading
+import time
+import uuid
+
+import boto3
+import pyarrow.fs as pafs
+import pytest
+from botocore.exceptions import ReadTimeoutError
+from s3server import MotoS3Server
+
+from avsa import storage
+from avsa.errors import ConfigError, StorageError
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    server = MotoS3Server().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.url)
+    monkeypatch.setenv("AVSA_S3_RETRY_SECONDS", "10")
+    return s3_server.url
+
+
+@pytest.fixture
+def bucket(s3_env):
+    name = f"avsa-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_env).create_bucket(Bucket=name)
+    return name
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_join_keeps_scheme():
+    assert storage.join("s3://b/root/", "a/", "/c.bin") == "s3://b/root/a/c.bin"
+    assert storage.join("file:///tmp/x", "y") == "file:///tmp/x/y"
+    assert storage.join("/tmp/x", "y", "z") == "/tmp/x/y/z"
+    assert storage.split_s3("s3://b/k/e/y") == ("b", "k/e/y")
+    with pytest.raises(StorageError, match="s3:///key"):
+        storage.split_s3("s3:///key")
+
+
+@pytest.mark.parametrize("scheme", ["", "file://"])
+def test_local_round_trip(tmp_path, scheme):
+    root = f"{scheme}{tmp_path}/out"
+    uri = storage.join(root, "a", "b", "blob.bin")
+    storage.write_bytes(uri, b"\x00payload\xff")
+    storage.write_bytes(storage.join(root, "top.txt"), b"t")
+    assert storage.read_bytes(uri) == b"\x00payload\xff"
+    assert storage.size(uri) == 9
+    assert storage.exists(uri) and storage.exists(root)
+    assert storage.list_prefix(root) == [storage.join(root, "a/b/blob.bin"),
+                                         storage.join(root, "top.txt")]
+    with storage.open_input_stream(uri) as f:
+        assert f.read(3) == b"\x00pa"
+    assert sorted(p.name for p in (tmp_path / "out" / "a" / "b").iterdir()) == ["blob.bin"]
+    storage.delete(uri)
+    storage.delete(uri)
+    assert not storage.exists(uri)
+    with pytest.raises(StorageError, match=f"{uri}: no such file"):
+        storage.read_bytes(uri)
+    assert storage.list_prefix(storage.join(root, "missing")) == []
+
+
+def test_local_write_failure_keeps_old_file_and_no_temp(tmp_path, monkeypatch):
+    target = tmp_path / "state.json"
+    storage.write_bytes(target, b"old")
+
+    def broken_fsync(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(StorageError, match=f"{target}: Input/output error"):
+        storage.write_bytes(target, b"new")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
+
+
+def test_local_upload_download_copy_tree(tmp_path):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "x.bin").write_bytes(b"x" * 10)
+    (src / "sub" / "y.bin").write_bytes(b"y")
+    dest = f"file://{tmp_path}/dest"
+    assert storage.copy_tree(src, dest) == [f"{dest}/sub/y.bin", f"{dest}/x.bin"]
+    storage.download_file(f"{dest}/x.bin", tmp_path / "back" / "x.bin")
+    assert (tmp_path / "back" / "x.bin").read_bytes() == b"x" * 10
+    fs, path = storage.pyarrow_filesystem(dest)
+    assert isinstance(fs, pafs.LocalFileSystem) and path == f"{tmp_path}/dest"
+
+
+def test_s3_round_trip_exists_size_delete(bucket):
+    uri = f"s3://{bucket}/shards/0001.tar"
+    data = bytes(range(256)) * 40
+    storage.write_bytes(uri, data)
+    assert storage.read_bytes(uri) == data
+    assert storage.size(uri) == len(data)
+    assert storage.exists(uri)
+    assert storage.exists(f"s3://{bucket}/shards")
+    assert not storage.exists(f"s3://{bucket}/shards/0002.tar")
+    assert not storage.exists(f"s3://{bucket}/shard")
+    storage.delete(uri)
+    storage.delete(uri)
+    assert not storage.exists(uri)
+
+
+def test_s3_list_prefix_recursive_sorted(bucket):
+    for key in ["run/b.txt", "run/a/z.bin", "run/a/c.bin", "run-other/x", "top"]:
+        storage.write_bytes(f"s3://{bucket}/{key}", key.encode())
+    expected = [f"s3://{bucket}/run/{k}" for k in ("a/c.bin", "a/z.bin", "b.txt")]
+    assert storage.list_prefix(f"s3://{bucket}/run") == expected
+    assert storage.list_prefix(f"s3://{bucket}/run/") == expected
+    assert len(storage.list_prefix(f"s3://{bucket}")) == 5
+    assert storage.list_prefix(f"s3://{bucket}/nothing") == []
+
+
+def test_s3_list_prefix_paginates(bucket):
+    for i in reversed(range(7)):
+        storage.write_bytes(f"s3://{bucket}/many/{i:03d}", b"")
+    listed = storage.list_prefix(f"s3://{bucket}/many", page_size=2)
+    assert listed == [f"s3://{bucket}/many/{i:03d}" for i in range(7)]
+
+
+def test_s3_upload_download_copy_tree(bucket, tmp_path):
+    src = tmp_path / "ckpt"
+    (src / "nested").mkdir(parents=True)
+    (src / "model.pt").write_bytes(b"m" * 1000)
+    (src / "nested" / "meta.json").write_bytes(b"{}")
+    root = f"s3://{bucket}/checkpoints/epoch_1"
+    assert storage.copy_tree(src, root) == [f"{root}/model.pt", f"{root}/nested/meta.json"]
+    storage.download_file(f"{root}/model.pt", tmp_path / "out" / "model.pt")
+    assert (tmp_path / "out" / "model.pt").read_bytes() == b"m" * 1000
+    with pytest.raises(StorageError, match="no such file to upload"):
+        storage.upload_file(tmp_path / "absent", f"{root}/absent")
+
+
+def test_s3_input_stream_reads_and_seeks(bucket):
+    uri = f"s3://{bucket}/stream.bin"
+    data = os.urandom(300_000)
+    storage.write_bytes(uri, data)
+    with storage.open_input_stream(uri, buffer_size=4096) as f:
+        assert f.read(10) == data[:10]
+        assert f.read(100_000) == data[10:100_010]
+        f.seek(250_000)
+        assert f.tell() == 250_000
+        assert f.read() == data[250_000:]
+        assert f.read(5) == b""
+        f.seek(-7, os.SEEK_END)
+        assert f.read() == data[-7:]
+
+
+def test_s3_input_stream_resumes_after_dropped_connection(bucket):
+    uri = f"s3://{bucket}/resume.bin"
+    data = os.urandom(50_000)
+    storage.write_bytes(uri, data)
+
+    class DroppedBody:
+        def read(self, n):
+            raise ReadTimeoutError(endpoint_url="dropped")
+
+        def close(self):
+            pass
+
+    with storage.open_input_stream(uri, buffer_size=1024) as f:
+        assert f.read(1000) == data[:1000]
+        f.raw.body = DroppedBody()
+        assert f.read() == data[1000:]
+
+
+def test_bad_retry_setting_is_a_config_error(s3_env, monkeypatch):
+    monkeypatch.setenv("AVSA_S3_RETRY_SECONDS", "soon")
+    with pytest.raises(ConfigError, match="AVSA_S3_RETRY_SECONDS"):
+        storage.read_bytes("s3://b/k")
+
+
+def test_s3_missing_bucket(s3_env):
+    uri = f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/key.bin"
+    for op in (storage.read_bytes, storage.size, storage.list_prefix, storage.exists,
+               storage.open_input_stream):
+        with pytest.raises(StorageError, match="does not exist") as info:
+            op(uri)
+        assert uri in str(info.value) and "\n" not in str(info.value)
+
+
+def test_s3_missing_key(bucket, tmp_path):
+    uri = f"s3://{bucket}/absent/key.bin"
+    for op in (storage.read_bytes, storage.size, storage.open_input_stream,
+               lambda u: storage.download_file(u, tmp_path / "x")):
+        with pytest.raises(StorageError, match="object not found") as info:
+            op(uri)
+        assert str(info.value) == f"{uri}: object not found"
+
+
+def test_s3_missing_credentials(bucket, tmp_path, monkeypatch):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                 "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                 "AWS_WEB_IDENTITY_TOKEN_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "empty").write_text("")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "empty"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "empty"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    uri = f"s3://{bucket}/k"
+    with pytest.raises(StorageError, match="no AWS credentials") as info:
+        storage.read_bytes(uri)
+    assert str(info.value).startswith(f"{uri}: ")
+
+
+def test_s3_endpoint_down_fails_within_retry_budget(s3_env, monkeypatch):
+    down = f"http://127.0.0.1:{_closed_port()}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", down)
+    monkeypatch.setenv("AVSA_S3_RETRY_SECONDS", "1.5")
+    uri = "s3://any-bucket/key"
+    start = time.monotonic()
+    with pytest.raises(StorageError, match="unreachable") as info:
+        storage.read_bytes(uri)
+    elapsed = time.monotonic() - start
+    assert 1.5 <= elapsed < 12, elapsed
+    assert str(info.value).startswith(f"{uri}: {down} unreachable after ")
+
+
+def test_s3_read_survives_endpoint_restart(bucket, monkeypatch):
+    uri = f"s3://{bucket}/survivor.bin"
+    storage.write_bytes(uri, b"still here")
+    # A second endpoint over the same moto backend: stopped now, back on the same port in 1 s.
+    flaky = MotoS3Server().start()
+    flaky.stop()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", flaky.url)
+    restart = threading.Timer(1.0, flaky.start)
+    restart.start()
+    try:
+        start = time.monotonic()
+        assert storage.read_bytes(uri) == b"still here"
+        assert time.monotonic() - start >= 0.9
+    finally:
+        restart.join()
+        flaky.stop()
+
+
+def test_pyarrow_filesystem_reads_boto3_objects(bucket, s3_env):
+    boto3.client("s3", endpoint_url=s3_env).put_object(
+        Bucket=bucket, Key="ray/run/file.txt", Body=b"written by boto3")
+    fs, path = storage.pyarrow_filesystem(f"s3://{bucket}/ray/")
+    assert isinstance(fs, pafs.S3FileSystem) and path == f"{bucket}/ray"
+    with fs.open_input_stream(f"{path}/run/file.txt") as f:
+        assert f.read() == b"written by boto3"
+    with fs.open_output_stream(f"{path}/run/back.txt") as f:
+        f.write(b"written by pyarrow")
+    assert storage.read_bytes(f"s3://{bucket}/ray/run/back.txt") == b"written by pyarrow"
+
+
+def _read_in_child(uri: str) -> bytes:
+    return storage.read_bytes(uri)
+
+
+def test_session_pickles_and_works_in_another_process(bucket):
+    uri = f"s3://{bucket}/p.bin"
+    storage.write_bytes(uri, b"pickled")
+    s3 = storage.session()
+    assert s3._client is not None
+    clone = pickle.loads(pickle.dumps(s3))
+    assert clone._client is None and clone.endpoint == s3.endpoint
+    assert clone.call(uri, lambda c: c.get_object(Bucket=bucket, Key="p.bin")["Body"].read()) \
+        == b"pickled"
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        assert pool.apply(_read_in_child, (uri,)) == b"pickled"
