@@ -1,0 +1,103 @@
+"""Log-mel features of multichannel audio (pure torch, batched).
+
+Mel scale: Slaney (the Auditory Toolbox; librosa's default, htk=False): linear below 1 kHz
+(200/3 Hz per mel), logarithmic above (27 mels per factor 6.4), with Slaney area normalisation
+(each triangle scaled by 2 / its width in Hz, so filters have equal area). With 128 bins at
+n_fft 512 and 24 kHz the HTK scale would leave low filters narrower than one FFT bin; Slaney's
+linear low range keeps every filter non-empty.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+_F_SP = 200.0 / 3.0  # Hz per mel in the linear range
+_MIN_LOG_HZ = 1000.0
+_MIN_LOG_MEL = _MIN_LOG_HZ / _F_SP  # 15
+_LOG_STEP = math.log(6.4) / 27.0
+
+
+def hz_to_mel(f: Tensor) -> Tensor:
+    """Slaney mel of frequencies f (Hz)."""
+    f = torch.as_tensor(f, dtype=torch.float64)
+    log_part = _MIN_LOG_MEL + torch.log(f.clamp(min=_MIN_LOG_HZ) / _MIN_LOG_HZ) / _LOG_STEP
+    return torch.where(f < _MIN_LOG_HZ, f / _F_SP, log_part)
+
+
+def mel_to_hz(m: Tensor) -> Tensor:
+    """Inverse of hz_to_mel."""
+    m = torch.as_tensor(m, dtype=torch.float64)
+    log_part = _MIN_LOG_HZ * torch.exp(_LOG_STEP * (m - _MIN_LOG_MEL))
+    return torch.where(m < _MIN_LOG_MEL, m * _F_SP, log_part)
+
+
+def mel_filterbank(
+    sr: int = 24000,
+    n_fft: int = 512,
+    n_mels: int = 128,
+    f_min: float = 0.0,
+    f_max: float | None = None,
+) -> Tensor:
+    """Slaney-scale, area-normalised triangular filters: (n_fft // 2 + 1, n_mels) float32.
+
+    Filter m rises from edge m to its centre m + 1 and falls to edge m + 2, where the
+    n_mels + 2 edges are equally spaced in mel between f_min and f_max (default sr / 2).
+    """
+    f_max = sr / 2.0 if f_max is None else f_max
+    fft_hz = torch.linspace(0.0, sr / 2.0, n_fft // 2 + 1, dtype=torch.float64)
+    edges = mel_to_hz(
+        torch.linspace(
+            hz_to_mel(f_min).item(), hz_to_mel(f_max).item(), n_mels + 2, dtype=torch.float64
+        )
+    )
+    lo, mid, hi = edges[:-2, None], edges[1:-1, None], edges[2:, None]  # (M, 1)
+    rise = (fft_hz[None, :] - lo) / (mid - lo)
+    fall = (hi - fft_hz[None, :]) / (hi - mid)
+    tri = torch.minimum(rise, fall).clamp(min=0.0)  # (M, K)
+    return (tri * (2.0 / (hi - lo))).T.contiguous().float()
+
+
+def log_mel(
+    wave: Tensor,
+    sr: int = 24000,
+    n_fft: int = 512,
+    hop: int = 240,
+    n_mels: int = 128,
+    eps: float = 1e-10,
+) -> Tensor:
+    """Log-mel spectrogram: wave (..., N) -> (..., F, n_mels) with F = N // hop.
+
+    STFT with a periodic Hann window of n_fft samples, frames centred at k * hop (reflect
+    padding), magnitude (power 1), Slaney mel filters, then 10 * log10(x + eps). The extra
+    centred frame at the very end is dropped so 1 s at 24 kHz gives exactly 100 frames.
+    """
+    n = wave.shape[-1]
+    if n <= n_fft // 2:
+        raise ValueError(f"log_mel needs more than n_fft // 2 = {n_fft // 2} samples, got {n}")
+    x = wave.reshape(-1, n).float()
+    window = torch.hann_window(n_fft, periodic=True, dtype=x.dtype, device=x.device)
+    spec = torch.stft(
+        x,
+        n_fft,
+        hop_length=hop,
+        win_length=n_fft,
+        window=window,
+        center=True,
+        pad_mode="reflect",
+        return_complex=True,
+    )
+    mag = spec[..., : n // hop].abs()  # (B, K, F)
+    fb = mel_filterbank(sr, n_fft, n_mels).to(x.device)
+    mel = mag.transpose(-1, -2) @ fb  # (B, F, M)
+    return (10.0 * torch.log10(mel + eps)).reshape(*wave.shape[:-1], n // hop, n_mels)
+
+
+def normalize_log_mel(x: Tensor, eps: float = 1e-5) -> Tensor:
+    """Standardise each mel bin of x (..., C, F, M) with mean and std taken over channels C and
+    frames F together, so level differences between channels (direction cues) survive."""
+    mean = x.mean(dim=(-3, -2), keepdim=True)
+    std = x.std(dim=(-3, -2), keepdim=True, correction=0)
+    return (x - mean) / (std + eps)

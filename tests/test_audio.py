@@ -1,0 +1,120 @@
+"""Known-answer tests for avsa.audio: the Slaney mel scale, log-mel against an independent numpy
+implementation, and per-bin normalisation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from avsa.audio import hz_to_mel, log_mel, mel_filterbank, mel_to_hz, normalize_log_mel
+
+SR, N_FFT, HOP, N_MELS = 24000, 512, 240, 128
+
+
+def _slaney_mel(f: float) -> float:
+    """Slaney (Auditory Toolbox) mel: 3 mels per 200 Hz up to 1 kHz, then 27 mels per
+    factor 6.4."""
+    return 3.0 * f / 200.0 if f < 1000.0 else 15.0 + 27.0 * math.log(f / 1000.0) / math.log(6.4)
+
+
+def _slaney_hz(m: float) -> float:
+    return 200.0 * m / 3.0 if m < 15.0 else 1000.0 * 6.4 ** ((m - 15.0) / 27.0)
+
+
+def _edges_hz(n_mels: int = N_MELS, sr: int = SR) -> list[float]:
+    top = _slaney_mel(sr / 2)
+    return [_slaney_hz(top * k / (n_mels + 1)) for k in range(n_mels + 2)]
+
+
+def _numpy_filterbank(sr=SR, n_fft=N_FFT, n_mels=N_MELS) -> np.ndarray:
+    """(n_fft // 2 + 1, n_mels): triangle per filter, unit area in Hz, written out per entry."""
+    edges = _edges_hz(n_mels, sr)
+    fb = np.zeros((n_fft // 2 + 1, n_mels))
+    for m in range(n_mels):
+        lo, mid, hi = edges[m], edges[m + 1], edges[m + 2]
+        for k in range(n_fft // 2 + 1):
+            f = k * sr / n_fft
+            if lo < f <= mid:
+                fb[k, m] = (f - lo) / (mid - lo)
+            elif mid < f < hi:
+                fb[k, m] = (hi - f) / (hi - mid)
+        fb[:, m] *= 2.0 / (hi - lo)
+    return fb
+
+
+def _numpy_log_mel(x: np.ndarray, sr=SR, n_fft=N_FFT, hop=HOP, n_mels=N_MELS) -> np.ndarray:
+    """x (N,) -> (N // hop, n_mels): frames centred at k * hop, reflect padding."""
+    padded = np.pad(x.astype(np.float64), n_fft // 2, mode="reflect")
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)
+    frames = np.stack([padded[k * hop : k * hop + n_fft] for k in range(len(x) // hop)])
+    mag = np.abs(np.fft.rfft(frames * window, axis=-1))
+    return 10 * np.log10(mag @ _numpy_filterbank(sr, n_fft, n_mels) + 1e-10)
+
+
+def test_mel_scale_known_values():
+    hz = torch.tensor([0.0, 200.0, 1000.0, 6400.0, 12000.0])
+    expected = torch.tensor([0.0, 3.0, 15.0, 42.0, _slaney_mel(12000.0)], dtype=torch.float64)
+    torch.testing.assert_close(hz_to_mel(hz), expected)
+    torch.testing.assert_close(mel_to_hz(hz_to_mel(hz)), hz.double())
+
+
+def test_filterbank_matches_formulas_and_has_no_empty_filter():
+    fb = mel_filterbank(SR, N_FFT, N_MELS)
+    assert fb.shape == (N_FFT // 2 + 1, N_MELS) and fb.dtype == torch.float32
+    np.testing.assert_allclose(fb.numpy(), _numpy_filterbank(), rtol=1e-5, atol=1e-9)
+    assert bool((fb.max(dim=0).values > 0).all())
+    # unit area: wide (high) filters integrate to ~1 over the FFT bin spacing
+    area = fb.sum(0) * (SR / N_FFT)
+    assert float((area[-40:] - 1).abs().max()) < 0.05
+
+
+def test_log_mel_shape():
+    wave = torch.randn(4, SR)  # 1 s of 4-channel audio
+    assert log_mel(wave).shape == (4, 100, 128)
+    assert log_mel(torch.randn(2, 4, SR)).shape == (2, 4, 100, 128)
+    assert log_mel(torch.randn(SR // 2 + 7)).shape == (50, 128)
+    with pytest.raises(ValueError):
+        log_mel(torch.randn(100))
+
+
+def test_log_mel_matches_numpy_reference():
+    rng = np.random.default_rng(0)
+    t = np.arange(SR) / SR
+    x = 0.1 * rng.standard_normal(SR) + 0.5 * np.sin(2 * np.pi * 440 * t) * np.linspace(0, 1, SR)
+    ours = log_mel(torch.from_numpy(x).float()).numpy()
+    ref = _numpy_log_mel(x.astype(np.float32))
+    assert ref.shape == ours.shape == (100, 128)
+    np.testing.assert_allclose(ours, ref, atol=5e-4, rtol=0)
+
+
+def test_log_mel_channels_are_independent():
+    wave = torch.randn(3, SR // 4)
+    batched = log_mel(wave)
+    for c in range(3):
+        torch.testing.assert_close(batched[c], log_mel(wave[c]))
+
+
+def test_sine_peaks_in_its_mel_bin():
+    t = torch.arange(SR) / SR
+    peak = int(log_mel(torch.sin(2 * math.pi * 1000.0 * t)).mean(0).argmax())
+    edges = _edges_hz()
+    containing = [m for m in range(N_MELS) if edges[m] < 1000.0 < edges[m + 2]]
+    assert containing and peak in containing
+    peak_4k = int(log_mel(torch.sin(2 * math.pi * 4000.0 * t)).mean(0).argmax())
+    assert edges[peak_4k] < 4000.0 < edges[peak_4k + 2]
+
+
+def test_normalize_log_mel_per_bin_keeps_channel_differences():
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(1, 50, 8, generator=gen) * torch.arange(1, 9) + torch.arange(8) * 10
+    x = torch.cat((base, base - 6.0), dim=0)  # channel 1 is 6 dB quieter everywhere
+    y = normalize_log_mel(x)
+    flat = y.permute(2, 0, 1).reshape(8, -1)  # per mel bin, channels and frames pooled
+    torch.testing.assert_close(flat.mean(1), torch.zeros(8), atol=1e-5, rtol=0)
+    torch.testing.assert_close(flat.std(1, correction=0), torch.ones(8), atol=1e-4, rtol=0)
+    std = x.permute(2, 0, 1).reshape(8, -1).std(1, correction=0)
+    torch.testing.assert_close(y[0] - y[1], (6.0 / std).expand(50, 8), atol=1e-4, rtol=0)
+    assert normalize_log_mel(torch.stack((x, 2 * x))).shape == (2, 2, 50, 8)
