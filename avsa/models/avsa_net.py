@@ -1,0 +1,149 @@
+"""AVSANet: video and audio encoders, two viewpoint transformers and four projection heads.
+
+For clip i and viewpoint j the network returns targets (each modality's own embedding through
+its target head) and cross-modal predictions: `video_pred` is made from the audio embeddings of
+all viewpoints (audio transformer, then the video prediction head), `audio_pred` from the video
+ones. Without transformers (the AVC baseline) each prediction is the other modality's feature
+through the prediction head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from avsa.errors import CheckpointError
+from avsa.models.audio import AudioEncoder
+from avsa.models.transformer import ViewpointTransformer
+from avsa.models.video import VideoEncoder
+
+ENCODERS = ("video_encoder", "audio_encoder")
+
+
+class AVSANet(nn.Module):
+    """Audio-visual spatial alignment network.
+
+    Args:
+        video_width / audio_width: encoder base widths (features are 8x that).
+        embed_dim: size of the four projection heads' outputs.
+        video_layers: R(2+1)D blocks per stage.
+        audio_channels: spectrogram channels (4 FOA, 2 stereo, 1 mono).
+        use_transformer: False for the AVC baseline (no context across viewpoints).
+        transformer_*: depth, heads, dropout, FFN multiplier of both viewpoint transformers.
+        spherical_pos_enc: encode viewpoint directions in the transformers (off in the paper).
+    """
+
+    def __init__(
+        self,
+        video_width: int = 64,
+        audio_width: int = 64,
+        embed_dim: int = 128,
+        *,
+        video_layers: Sequence[int] = (2, 2, 2, 2),
+        audio_channels: int = 4,
+        use_transformer: bool = True,
+        transformer_depth: int = 2,
+        transformer_heads: int = 1,
+        transformer_dropout: float = 0.1,
+        transformer_ffn_mult: int = 4,
+        spherical_pos_enc: bool = False,
+    ):
+        super().__init__()
+        self.video_encoder = VideoEncoder(video_width, video_layers)
+        self.audio_encoder = AudioEncoder(audio_width, audio_channels)
+        dv, da = self.video_encoder.out_dim, self.audio_encoder.out_dim
+        self.video_transformer: ViewpointTransformer | None = None
+        self.audio_transformer: ViewpointTransformer | None = None
+        if use_transformer:
+            kw = dict(
+                depth=transformer_depth,
+                heads=transformer_heads,
+                ffn_mult=transformer_ffn_mult,
+                dropout=transformer_dropout,
+                spherical_pos_enc=spherical_pos_enc,
+            )
+            self.video_transformer = ViewpointTransformer(dv, **kw)
+            self.audio_transformer = ViewpointTransformer(da, **kw)
+        self.video_head = nn.Linear(dv, embed_dim)
+        self.audio_head = nn.Linear(da, embed_dim)
+        self.video_pred_head = nn.Linear(da, embed_dim)
+        self.audio_pred_head = nn.Linear(dv, embed_dim)
+        self.video_dim, self.audio_dim, self.embed_dim = dv, da, embed_dim
+
+    def encode_video(self, video: torch.Tensor) -> torch.Tensor:
+        """video (B, V, 3, T, S, S) -> (B, V, Dv); the encoder sees one (B*V) batch."""
+        b, v = video.shape[:2]
+        return self.video_encoder(video.flatten(0, 1)).view(b, v, -1)
+
+    def encode_audio(self, audio: torch.Tensor) -> torch.Tensor:
+        """audio (B, V, C, F, M) log-mel -> (B, V, Da)."""
+        b, v = audio.shape[:2]
+        return self.audio_encoder(audio.flatten(0, 1)).view(b, v, -1)
+
+    def context(
+        self,
+        video_feat: torch.Tensor,
+        audio_feat: torch.Tensor,
+        directions: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Viewpoint context (B, V, Dv), (B, V, Da); the features themselves without transformers."""
+        if self.video_transformer is None or self.audio_transformer is None:
+            return video_feat, audio_feat
+        return (
+            self.video_transformer(video_feat, directions),
+            self.audio_transformer(audio_feat, directions),
+        )
+
+    def forward(
+        self,
+        video: torch.Tensor,
+        audio: torch.Tensor,
+        directions: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """video (B, V, 3, T, S, S), audio (B, V, C, F, M), directions (B, V, 2) radians or None.
+
+        Returns video_feat (B, V, Dv), audio_feat (B, V, Da), video_context, audio_context
+        (transformer outputs, same shapes), and (B, V, embed_dim) video_target, audio_target,
+        video_pred (from audio), audio_pred (from video).
+        """
+        if video.dim() != 6 or audio.dim() != 5 or video.shape[:2] != audio.shape[:2]:
+            raise ValueError(
+                f"AVSANet: expected video (B, V, 3, T, S, S) and audio (B, V, C, F, M), "
+                f"got {tuple(video.shape)} and {tuple(audio.shape)}"
+            )
+        video_feat = self.encode_video(video)
+        audio_feat = self.encode_audio(audio)
+        video_ctx, audio_ctx = self.context(video_feat, audio_feat, directions)
+        return {
+            "video_feat": video_feat,
+            "audio_feat": audio_feat,
+            "video_context": video_ctx,
+            "audio_context": audio_ctx,
+            "video_target": self.video_head(video_feat),
+            "audio_target": self.audio_head(audio_feat),
+            "video_pred": self.video_pred_head(audio_ctx),
+            "audio_pred": self.audio_pred_head(video_ctx),
+        }
+
+    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
+        """State of the two encoders only, keys prefixed 'video_encoder.' / 'audio_encoder.'."""
+        return {k: v for k, v in self.state_dict().items() if k.split(".", 1)[0] in ENCODERS}
+
+    def load_encoders(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load encoder weights from `encoder_state_dict()` output (or a full state dict);
+        transformers and heads keep their current (fresh) weights.
+
+        Raises CheckpointError when a key is missing or unexpected, or a shape differs.
+        """
+        for name in ENCODERS:
+            prefix = name + "."
+            sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            try:
+                getattr(self, name).load_state_dict(sub, strict=True)
+            except RuntimeError as err:
+                reason = " ".join(str(err).split())
+                if len(reason) > 300:
+                    reason = reason[:300] + "..."
+                raise CheckpointError(name, f"cannot load encoder weights: {reason}") from None
