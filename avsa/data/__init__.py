@@ -1,0 +1,1 @@
+"""Shards, the sample transform and the Ray Data pipeline."""

@@ -1,0 +1,233 @@
+"""The two ends of shard writing: the input clips and the output prefix.
+
+Input layout (local folder or s3:// prefix, searched recursively): ``KEY.mp4`` (or .mkv, .mov,
+.webm) plus optional ``KEY.m4a`` / ``.wav`` / ``.flac`` / ``.aac`` (4-channel ambiX audio when the
+video has none), ``KEY.json`` and ``KEY.masks.npz``. :func:`check_clip` probes each clip (a video
+stream at least ``MIN_SECONDS`` long, 4-channel audio in the file or the sidecar; no decode).
+In the shard the video member is always ``KEY.mp4``, whatever its container (readers sniff the
+container from the bytes). Clips on S3 are downloaded once to probe and once to pack.
+
+Output: :class:`ShardOutput` keeps the commit protocol of :func:`avsa.data.shards.write_shards`.
+Each shard is written atomically under its final name and ``manifest.json`` last, so a crash
+leaves no manifest or the previous complete one: before a shard named by an existing manifest
+is overwritten with other content, that manifest is deleted. ``_progress.json`` next to the
+shards records the sha256 and size of every shard written; a shard whose journal (or old
+manifest) entry matches the freshly built bytes and whose object exists with that size is not
+uploaded again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from tqdm import tqdm
+
+from avsa import media, storage
+from avsa.data.manifest import Manifest, ShardInfo, manifest_uri, read_manifest, write_manifest
+from avsa.errors import MediaError, ShardError
+
+log = logging.getLogger(__name__)
+
+VIDEO_EXTS = ("mp4", "mkv", "mov", "webm")
+AUDIO_EXTS = ("m4a", "wav", "flac", "aac")
+SIDECAR_EXTS = ("json", "masks.npz")
+MIN_SECONDS = 1.0
+JOURNAL_NAME = "_progress.json"
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass
+class Clip:
+    """One input sample: ``files`` maps a member extension (no dot) to the file's URI."""
+
+    key: str
+    files: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def video_ext(self) -> str:
+        return next(ext for ext in VIDEO_EXTS if ext in self.files)
+
+    @property
+    def name(self) -> str:
+        """The video's path relative to the input folder, for messages."""
+        folder = self.key.rpartition("/")[0]
+        base = self.files[self.video_ext].rpartition("/")[2]
+        return f"{folder}/{base}" if folder else base
+
+    def read_members(self) -> dict[str, bytes]:
+        """Tar members of this clip: extension (no dot) -> bytes; the video goes in as ``mp4``."""
+        return {_member_ext(ext): storage.read_bytes(uri) for ext, uri in self.files.items()}
+
+
+@dataclass(frozen=True)
+class ShardSummary:
+    """What :func:`write_shards` did; ``str()`` is the one-line report."""
+
+    uri: str
+    shards: int
+    samples: int
+    bad: list[tuple[str, str]]
+    written: int
+    unchanged: int
+
+    def __str__(self) -> str:
+        return (f"wrote {self.shards} shards, {self.samples} samples "
+                f"({len(self.bad)} bad clips skipped) to {self.uri}")
+
+
+def _split_name(name: str) -> tuple[str, str] | None:
+    """``("KEY", "ext")`` for a file name with a known extension (case-insensitive)."""
+    lower = name.lower()
+    for ext in (*SIDECAR_EXTS, *VIDEO_EXTS, *AUDIO_EXTS):
+        if lower.endswith("." + ext) and len(name) > len(ext) + 1:
+            return name[: -len(ext) - 1], ext
+    return None
+
+
+def find_clips(input_dir: str) -> tuple[list[Clip], list[tuple[str, str]]]:
+    """Clips under ``input_dir`` sorted by key, and ``(name, reason)`` of unusable ones."""
+    if not storage.exists(input_dir):
+        raise ShardError(input_dir, "input folder does not exist or is empty")
+    base = storage.join(input_dir)
+    groups: dict[str, dict[str, str]] = {}
+    bad: dict[str, str] = {}
+    bad_keys: set[str] = set()
+    for uri in storage.list_prefix(input_dir):
+        rel = uri[len(base):].lstrip("/")
+        if any(part.startswith(".") for part in rel.split("/")):
+            continue  # hidden files, temporaries of atomic writes
+        split = _split_name(rel)
+        if split is None:
+            continue
+        key, ext = split
+        if "." in key.rpartition("/")[2]:
+            if ext in VIDEO_EXTS:
+                bad[rel] = ("the name before the extension contains '.', which shards reserve "
+                            "to separate key and extension; rename the clip")
+            continue
+        files = groups.setdefault(key, {})
+        for kind, exts in (("video file", VIDEO_EXTS), ("audio sidecar", AUDIO_EXTS)):
+            if ext in exts and any(e in files for e in exts):
+                bad[rel] = f"more than one {kind} for key {key!r}"
+                bad_keys.add(key)
+        files[ext] = uri
+    clips = [Clip(key, groups[key]) for key in sorted(groups)
+             if key not in bad_keys and any(e in groups[key] for e in VIDEO_EXTS)]
+    return clips, sorted(bad.items())
+
+
+def _member_ext(ext: str) -> str:
+    """The tar member extension of an input file: every video container is stored as ``mp4``
+    (readers sniff the container from the bytes), everything else keeps its extension."""
+    return "mp4" if ext in VIDEO_EXTS else ext
+
+
+def _media_source(uri: str) -> media.Source:
+    return storage.read_bytes(uri) if storage.is_s3(uri) else storage.local_path(uri)
+
+
+def check_clip(clip: Clip) -> str | None:
+    """Why ``clip`` cannot be used, or None when it can (probes headers, no full decode)."""
+    video_uri = clip.files[clip.video_ext]
+    try:
+        info = media.probe(_media_source(video_uri), name=video_uri)
+        audio, audio_uri = info.audio, video_uri
+        sidecar = next((clip.files[e] for e in AUDIO_EXTS if e in clip.files), None)
+        if sidecar is not None:
+            audio_uri = sidecar
+            audio = media.probe_audio(_media_source(sidecar), name=sidecar)
+    except MediaError as e:
+        return e.reason
+    if info.video.duration < MIN_SECONDS:
+        return f"video lasts {info.video.duration:.2f} s, need >= {MIN_SECONDS:g} s"
+    if audio is None:
+        return "no audio stream (need 4-channel ambiX audio in the file or a KEY.m4a/.wav/.flac)"
+    if audio.channels != 4:
+        return f"{audio_uri.rpartition('/')[2]} has {audio.channels}-channel audio, need 4 (ambiX)"
+    if audio.duration and audio.duration < MIN_SECONDS:
+        return f"audio lasts {audio.duration:.2f} s, need >= {MIN_SECONDS:g} s"
+    return None
+
+
+def ordered_map(fn: Callable[[T], R], items: Sequence[T], workers: int, bar: tqdm) -> list[R]:
+    """``[fn(x) for x in items]`` on ``workers`` threads, in order; an error cancels the rest."""
+    if workers <= 1:
+        out = []
+        for item in items:
+            out.append(fn(item))
+            bar.update()
+        return out
+    pool = ThreadPoolExecutor(workers)
+    try:
+        futures = [pool.submit(fn, item) for item in items]
+        out = []
+        for future in futures:
+            out.append(future.result())
+            bar.update()
+        return out
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+class ShardOutput:
+    """The output prefix: journal, previous manifest, and the one-time manifest withdrawal."""
+
+    def __init__(self, uri: str):
+        self.uri, self.manifest_uri = uri, manifest_uri(uri)
+        self.journal_uri = storage.join(uri, JOURNAL_NAME)
+        self.lock = threading.Lock()
+        self.previous = self._previous_manifest()
+        shards = self.previous.shards if self.previous else []
+        self.committed = {s.name for s in shards}
+        self.known: dict[str, tuple[str, int]] = {s.name: (s.sha256, s.bytes) for s in shards}
+        self.journal = self._read_journal()
+        self.known.update(self.journal)
+
+    def _previous_manifest(self) -> Manifest | None:
+        if not storage.exists(self.manifest_uri):
+            return None
+        try:
+            return read_manifest(self.manifest_uri)
+        except ShardError as e:
+            log.warning("ignoring the existing manifest: %s", e)
+            return None
+
+    def _read_journal(self) -> dict[str, tuple[str, int]]:
+        if not storage.exists(self.journal_uri):
+            return {}
+        try:
+            body = json.loads(storage.read_bytes(self.journal_uri))
+            return {str(n): (str(v["sha256"]), int(v["bytes"])) for n, v in body.items()}
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
+            log.warning("%s: ignoring unreadable journal (%s)", self.journal_uri, e)
+            return {}
+
+    def put(self, info: ShardInfo, data: bytes) -> bool:
+        """Make the shard object hold ``data``; False when it already did (nothing written)."""
+        uri = storage.join(self.uri, info.name)
+        if (self.known.get(info.name) == (info.sha256, info.bytes) and storage.exists(uri)
+                and storage.size(uri) == info.bytes):
+            return False
+        with self.lock:
+            if self.previous is not None and info.name in self.committed:
+                storage.delete(self.manifest_uri)  # it names this shard with other content
+                self.previous = None
+        storage.write_bytes(uri, data)
+        with self.lock:
+            self.journal[info.name] = (info.sha256, info.bytes)
+            body = {n: {"sha256": s, "bytes": b} for n, (s, b) in sorted(self.journal.items())}
+            storage.write_bytes(self.journal_uri, json.dumps(body, indent=1).encode())
+        return True
+
+    def commit(self, manifest: Manifest) -> None:
+        if (self.previous is not None and self.previous.split == manifest.split
+                and self.previous.shards == manifest.shards):
+            return  # identical shard set: keep the committed manifest (and its date)
+        write_manifest(self.uri, manifest)

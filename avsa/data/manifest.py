@@ -1,0 +1,183 @@
+"""The shard manifest: which shards make up a split, how many samples each holds, their checksums.
+
+``manifest.json`` sits next to its shards and is written after all of them, so its presence is
+the commit point of a shard set: a reader that finds it can rely on every shard it names.
+
+    {"format": "avsa-shards", "version": 1, "split": "train", "total_samples": 64,
+     "shards": [{"name": "shard-000000.tar", "samples": 32, "bytes": 12345, "sha256": "ab12..."}],
+     "created": "2025-01-01T00:00:00+00:00"}
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from avsa import storage
+from avsa.errors import ShardError, StorageError
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = "avsa-shards"
+VERSION = 1
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One shard: its file name next to the manifest, sample count, size in bytes, sha256 (hex)."""
+
+    name: str
+    samples: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    """A split's shards in read order; ``total_samples`` is the sum of their sample counts."""
+
+    split: str
+    shards: list[ShardInfo]
+    total_samples: int
+    version: int = VERSION
+    format: str = FORMAT
+    created: str = field(default_factory=_now)
+
+    def to_json(self) -> str:
+        body = {"format": self.format, "version": self.version, "split": self.split,
+                "total_samples": self.total_samples,
+                "shards": [asdict(s) for s in self.shards], "created": self.created}
+        return json.dumps(body, indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str | bytes, uri: str) -> Manifest:
+        """Parse and validate; any problem raises ShardError naming ``uri`` and the field."""
+        try:
+            body = json.loads(text)
+        except (ValueError, RecursionError) as e:
+            raise ShardError(uri, f"manifest is not valid JSON ({e})") from None
+        check = _Checker(uri)
+        body = check.mapping(body, "manifest")
+        fmt = check.text(body, "format")
+        if fmt != FORMAT:
+            raise ShardError(uri, f"manifest field 'format': expected {FORMAT!r}, got {fmt!r}")
+        version = check.count(body, "version")
+        if version != VERSION:
+            raise ShardError(uri, f"manifest field 'version': unsupported version {version} "
+                                  f"(this reader knows {VERSION})")
+        split = check.text(body, "split")
+        total = check.count(body, "total_samples")
+        created = check.text(body, "created")
+        raw = check.get(body, "shards", "shards")
+        if not isinstance(raw, list):
+            raise ShardError(uri, f"manifest field 'shards': expected a list, got {_kind(raw)}")
+        shards = [check.shard(item, f"shards[{i}]") for i, item in enumerate(raw)]
+        names = [s.name for s in shards]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ShardError(uri, f"manifest field 'shards': duplicate name {duplicates[0]!r}")
+        counted = sum(s.samples for s in shards)
+        if counted != total:
+            raise ShardError(uri, f"manifest field 'total_samples': {total} but the shards hold "
+                                  f"{counted}")
+        return cls(split=split, shards=shards, total_samples=total, version=version,
+                   format=fmt, created=created)
+
+
+def _kind(value: Any) -> str:
+    return "nothing" if value is None else type(value).__name__
+
+
+@dataclass
+class _Checker:
+    """Typed field access that turns every problem into a ShardError naming uri and field."""
+
+    uri: str
+
+    def fail(self, where: str, problem: str) -> ShardError:
+        return ShardError(self.uri, f"manifest field {where!r}: {problem}")
+
+    def mapping(self, value: Any, where: str) -> dict:
+        if not isinstance(value, dict):
+            raise self.fail(where, f"expected an object, got {_kind(value)}")
+        return value
+
+    def get(self, body: dict, key: str, where: str) -> Any:
+        if key not in body:
+            raise self.fail(where, "missing")
+        return body[key]
+
+    def text(self, body: dict, key: str, where: str | None = None) -> str:
+        where = where or key
+        value = self.get(body, key, where)
+        if not isinstance(value, str):
+            raise self.fail(where, f"expected a string, got {_kind(value)}")
+        return value
+
+    def count(self, body: dict, key: str, where: str | None = None) -> int:
+        where = where or key
+        value = self.get(body, key, where)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(where, f"expected an integer, got {_kind(value)}")
+        if value < 0:
+            raise self.fail(where, f"must be >= 0, got {value}")
+        return value
+
+    def shard(self, item: Any, where: str) -> ShardInfo:
+        item = self.mapping(item, where)
+        name = self.text(item, "name", f"{where}.name")
+        if not is_plain_name(name):
+            raise self.fail(f"{where}.name", f"{name!r} is not a plain file name")
+        sha = self.text(item, "sha256", f"{where}.sha256")
+        if not _SHA256.fullmatch(sha):
+            raise self.fail(f"{where}.sha256", "expected 64 lowercase hex digits")
+        return ShardInfo(name=name, samples=self.count(item, "samples", f"{where}.samples"),
+                         bytes=self.count(item, "bytes", f"{where}.bytes"), sha256=sha)
+
+
+def is_plain_name(name: str) -> bool:
+    """A file name with no directory part: no '/', '\\', NUL, and not '', '.' or '..'."""
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")
+
+
+def manifest_uri(uri: str) -> str:
+    """``uri`` itself when it names a ``.json`` file, else ``uri/manifest.json``."""
+    uri = str(uri)
+    return uri if uri.endswith(".json") else storage.join(uri, MANIFEST_NAME)
+
+
+def shard_dir(uri: str) -> str:
+    """The folder holding the shards of the manifest at (or in) ``uri``."""
+    uri = manifest_uri(uri)
+    head, sep, _ = uri.rpartition("/")
+    return (head or "/") if sep else "."
+
+
+def read_manifest(uri: str) -> Manifest:
+    """Read and validate the manifest at ``uri`` (a ``.json`` URI or a folder holding one)."""
+    path = manifest_uri(uri)
+    try:
+        text = storage.read_bytes(path)
+    except StorageError as e:
+        raise ShardError(path, f"cannot read shard manifest: {e.reason}") from None
+    return Manifest.from_json(text, path)
+
+
+def write_manifest(uri: str, manifest: Manifest) -> str:
+    """Write ``manifest`` atomically to ``uri`` (a ``.json`` URI or a folder); returns its URI."""
+    path = manifest_uri(uri)
+    storage.write_bytes(path, manifest.to_json().encode())
+    return path
+
+
+def shard_uris(manifest_uri_: str, manifest: Manifest) -> list[str]:
+    """Full URIs of the manifest's shards, in manifest order."""
+    base = shard_dir(manifest_uri_)
+    return [storage.join(base, s.name) for s in manifest.shards]

@@ -1,0 +1,293 @@
+"""WebDataset-style tar shards: packing samples, streaming them back, checking them.
+
+A shard is a POSIX (pax) tar ``shard-000000.tar`` whose members are grouped by key, the member
+name up to the first dot of its base name: ``KEY.mp4``, ``KEY.json``, ``KEY.masks.npz`` form one
+:class:`RawSample` with members ``{"mp4": ..., "json": ..., "masks.npz": ...}``. Writing is
+deterministic (members sorted, mtime 0, uid/gid 0, mode 0644), so the same samples always give
+the same bytes and the same sha256. Reading streams the tar (mode ``"r|"``), so a non-seekable
+S3 body works, and refuses anything that is not a plain regular-file member of bounded size.
+:func:`write_shards` turns a folder of clips into shards plus ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import sys
+import tarfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import BinaryIO
+
+from tqdm import tqdm
+
+from avsa import storage
+from avsa.data.ingest import Clip, ShardOutput, ShardSummary, check_clip, find_clips, ordered_map
+from avsa.data.manifest import Manifest, ShardInfo
+from avsa.errors import ConfigError, ShardError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_MEMBER_BYTES = 2 << 30  # 2 GiB: larger members are refused before being read
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+@dataclass
+class RawSample:
+    """One sample's tar members: ``members`` maps the extension without dot to the bytes."""
+
+    key: str
+    members: dict[str, bytes] = field(default_factory=dict)
+
+
+def _check_key(key: str, ext: str) -> None:
+    base = key.rpartition("/")[2]
+    if (not base or "." in base or key.startswith("/") or ".." in PurePosixPath(key).parts
+            or "\\" in key or not ext or "/" in ext or ext.startswith(".")):
+        raise ShardError(f"{key}.{ext}", "not a valid KEY.EXT member name (the key's base name "
+                                         "must be non-empty without '.', no '..' or leading '/')")
+
+
+def pack_shard(samples: Iterable[RawSample]) -> bytes:
+    """A deterministic tar holding ``samples`` (sorted by key, members sorted by extension)."""
+    ordered = sorted(samples, key=lambda s: s.key)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        previous = None
+        for sample in ordered:
+            if sample.key == previous:
+                raise ShardError(sample.key, "duplicate sample key in one shard")
+            previous = sample.key
+            for ext in sorted(sample.members):
+                _check_key(sample.key, ext)
+                data = sample.members[ext]
+                info = tarfile.TarInfo(f"{sample.key}.{ext}")
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def shard_info(name: str, data: bytes, samples: int) -> ShardInfo:
+    return ShardInfo(name=name, samples=samples, bytes=len(data),
+                     sha256=hashlib.sha256(data).hexdigest())
+
+
+class ShardWriter:
+    """Packs samples into consecutive shards of ``samples_per_shard`` each.
+
+    Every finished shard (held in memory: size about ``samples_per_shard`` x sample size) goes
+    to ``sink(name, data)``; :meth:`close` flushes the last, partial shard and returns the
+    :class:`ShardInfo` of every shard in order. As a context manager it flushes only when the
+    block ends without an exception, so a failure never emits a shard of unknown content.
+    """
+
+    def __init__(self, sink: Callable[[str, bytes], None], samples_per_shard: int = 32,
+                 start_index: int = 0):
+        if samples_per_shard < 1:
+            raise ShardError("samples_per_shard", f"must be >= 1, got {samples_per_shard}")
+        self.sink, self.samples_per_shard, self.index = sink, samples_per_shard, start_index
+        self.pending: list[RawSample] = []
+        self.infos: list[ShardInfo] = []
+
+    def write(self, sample: RawSample) -> None:
+        self.pending.append(sample)
+        if len(self.pending) >= self.samples_per_shard:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        name, data = shard_name(self.index), pack_shard(self.pending)
+        self.sink(name, data)
+        self.infos.append(shard_info(name, data, len(self.pending)))
+        self.pending, self.index = [], self.index + 1
+
+    def close(self) -> list[ShardInfo]:
+        self.flush()
+        return self.infos
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+
+
+class _Corrupt(tarfile.ReadError):
+    """Raised from inside tarfile for damage it would otherwise treat as a normal end."""
+
+
+class _StrictTarInfo(tarfile.TarInfo):
+    """TarInfo that turns a missing end-of-archive marker or a bad header into an error.
+
+    Plain ``tarfile`` stops silently at a truncated or garbled header after the first member;
+    a shard cut short at a member boundary would then read as a shorter, valid shard.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:
+            raise  # a zero block: the regular end of the archive
+        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError) as e:
+            raise _Corrupt(f"archive ends without an end-of-archive marker ({e})") from None
+        except tarfile.InvalidHeaderError as e:
+            raise _Corrupt(f"invalid member header ({e})") from None
+
+
+def _member_key(member: tarfile.TarInfo, name: str, max_bytes: int) -> tuple[str, str]:
+    """``(key, ext)`` of a regular-file member, ext "" for a directory; ShardError if unsafe."""
+    path = member.name
+    if not path or path.startswith("/") or "\\" in path or ".." in PurePosixPath(path).parts:
+        raise ShardError(name, f"unsafe member name {path!r} (absolute or path traversal)")
+    if member.isdir():
+        return path, ""
+    if not member.isreg():
+        kind = "link" if member.issym() or member.islnk() else "device or special file"
+        raise ShardError(name, f"member {path!r} is a {kind}, not a regular file")
+    if member.size > max_bytes:
+        raise ShardError(name, f"member {path!r} is {member.size} bytes, over the "
+                               f"{max_bytes}-byte limit")
+    folder, _, base = path.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    if not (stem and dot and ext):
+        raise ShardError(name, f"member {path!r} is not named KEY.EXT")
+    return (f"{folder}/{stem}" if folder else stem), ext
+
+
+def iter_shard(src: bytes | BinaryIO, name: str, *,
+               max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+               expected_samples: int | None = None) -> Iterator[RawSample]:
+    """Stream the samples of the shard ``src`` (its bytes or a binary file object).
+
+    Members of one key must be consecutive (as :func:`pack_shard` writes them). Path traversal,
+    absolute names, links, devices, members over ``max_member_bytes``, duplicate members and a
+    truncated or corrupt tar raise :class:`ShardError` naming ``name``; so does a sample count
+    other than ``expected_samples`` when given.
+    """
+    fileobj = io.BytesIO(src) if isinstance(src, (bytes, bytearray, memoryview)) else src
+    seen: set[str] = set()
+    current: RawSample | None = None
+    count = 0
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r|", tarinfo=_StrictTarInfo) as tar:
+            for member in tar:
+                key, ext = _member_key(member, name, max_member_bytes)
+                if not ext:
+                    continue  # a directory entry
+                if current is None or key != current.key:
+                    if key in seen:
+                        raise ShardError(name, f"members of key {key!r} are not contiguous")
+                    if current is not None:
+                        count += 1
+                        yield current
+                    current = RawSample(key)
+                    seen.add(key)
+                if ext in current.members:
+                    raise ShardError(name, f"duplicate member {member.name!r}")
+                current.members[ext] = tar.extractfile(member).read()
+                tar.members.clear()  # the stream never revisits members; keep memory flat
+    except (tarfile.TarError, EOFError) as e:
+        raise ShardError(name, f"corrupt or truncated tar: {e}") from None
+    if current is not None:
+        count += 1
+        yield current
+    if expected_samples is not None and count != expected_samples:
+        raise ShardError(name, f"holds {count} samples, the manifest says {expected_samples}")
+
+
+def verify_shard(data: bytes, info: ShardInfo, uri: str) -> None:
+    """Check ``data`` against the manifest entry ``info``: size, then sha256."""
+    if len(data) != info.bytes:
+        raise ShardError(uri, f"checksum mismatch: {len(data)} bytes, the manifest says "
+                              f"{info.bytes}")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != info.sha256:
+        raise ShardError(uri, f"checksum mismatch: sha256 {digest[:12]}..., the manifest says "
+                              f"{info.sha256[:12]}...")
+
+
+def open_shard(uri: str, info: ShardInfo | None = None, verify: bool = True, *,
+               max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Iterator[RawSample]:
+    """The samples of the shard at ``uri`` (local or s3://).
+
+    With ``info`` and ``verify`` the whole shard is read into memory first (local or S3) and its
+    size and sha256 are checked before any sample is returned, so memory use is about one shard:
+    keep shards to a few hundred MB. Otherwise the shard is streamed member by member and only
+    the sample count is checked (when ``info`` is given). Opening happens now, so a missing
+    shard raises here (StorageError naming the URI), not at the first ``next``.
+    """
+    expected = info.samples if info is not None else None
+    if info is not None and verify:
+        data = storage.read_bytes(uri)
+        verify_shard(data, info, uri)
+        return iter_shard(data, uri, max_member_bytes=max_member_bytes, expected_samples=expected)
+    stream = storage.open_input_stream(uri)
+    return _closing(iter_shard(stream, uri, max_member_bytes=max_member_bytes,
+                               expected_samples=expected), stream)
+
+
+def _closing(samples: Iterator[RawSample], stream: BinaryIO) -> Iterator[RawSample]:
+    try:
+        yield from samples
+    finally:
+        stream.close()
+
+
+def write_shards(input_dir: str, output_uri: str, *, samples_per_shard: int = 32,
+                 split: str = "train", workers: int = 1, progress: bool = True,
+                 on_shard: Callable[[ShardInfo], None] | None = None) -> ShardSummary:
+    """Validate the clips in ``input_dir``; write shards and ``manifest.json`` to ``output_uri``.
+
+    Bad clips are logged (one warning each, naming the file and the reason) and skipped. Valid
+    clips are sorted by key and cut into runs of ``samples_per_shard``, one shard each, so the
+    same input always gives the same shards; the manifest is written last (the commit point;
+    see :mod:`avsa.data.ingest` for resuming). ``on_shard(info)`` runs after each shard is in
+    place (tests raise from it to simulate a crash). Progress bars go to stderr.
+    Returns a :class:`ShardSummary`; raises ShardError when no clip is usable.
+    """
+    if samples_per_shard < 1:
+        raise ConfigError("samples_per_shard", f"must be >= 1, got {samples_per_shard}")
+    if workers < 1:
+        raise ConfigError("workers", f"must be >= 1, got {workers}")
+    clips, bad = find_clips(input_dir)
+    out = ShardOutput(output_uri)  # a bad output URI fails here, before any probing
+    with tqdm(total=len(clips), desc="probe", unit="clip", file=sys.stderr,
+              disable=not progress) as bar:
+        reasons = ordered_map(check_clip, clips, workers, bar)
+    bad += [(c.name, r) for c, r in zip(clips, reasons) if r]
+    for name, reason in bad:
+        log.warning("skipping clip %s: %s", name, reason)
+    good = [c for c, r in zip(clips, reasons) if r is None]
+    if not good:
+        raise ShardError(input_dir, f"no usable clips ({len(bad)} bad)")
+    chunks = [good[i: i + samples_per_shard] for i in range(0, len(good), samples_per_shard)]
+
+    def build(job: tuple[int, list[Clip]]) -> tuple[ShardInfo, bool]:
+        index, chunk = job
+        data = pack_shard(RawSample(c.key, c.read_members()) for c in chunk)
+        info = shard_info(shard_name(index), data, len(chunk))
+        written = out.put(info, data)
+        if on_shard is not None:
+            on_shard(info)
+        return info, written
+
+    with tqdm(total=len(chunks), desc="shards", unit="shard", file=sys.stderr,
+              disable=not progress) as bar:
+        results = ordered_map(build, list(enumerate(chunks)), workers, bar)
+    infos = [info for info, _ in results]
+    written = sum(w for _, w in results)
+    out.commit(Manifest(split=split, shards=infos, total_samples=sum(i.samples for i in infos)))
+    summary = ShardSummary(uri=output_uri, shards=len(infos), samples=len(good), bad=bad,
+                           written=written, unchanged=len(infos) - written)
+    log.info("%s (%d shards already in place)", summary, summary.unchanged)
+    return summary
