@@ -1,0 +1,195 @@
+{{/* Names: Kubernetes object names are DNS labels of at most 63 characters. */}}
+{{- define "avsa.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "avsa.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* KubeRay rejects RayCluster names longer than 53 characters (it derives pod names from them). */}}
+{{- define "avsa.clusterName" -}}
+{{- include "avsa.fullname" . | trunc 53 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "avsa.mlflowName" -}}
+{{- printf "%s-mlflow" (include "avsa.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "avsa.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "avsa.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "avsa.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "avsa.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "avsa.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "avsa.labels" -}}
+helm.sh/chart: {{ include "avsa.chart" . }}
+{{ include "avsa.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/* In-cluster MLflow URI, or the external one, or empty. */}}
+{{- define "avsa.trackingUri" -}}
+{{- if .Values.mlflow.enabled }}
+{{- printf "http://%s.%s.svc:%v" (include "avsa.mlflowName" .) .Release.Namespace .Values.mlflow.port }}
+{{- else }}
+{{- .Values.mlflow.externalTrackingUri }}
+{{- end }}
+{{- end }}
+
+{{/* Ray image; GPU workers add image.gpuSuffix. Args: (dict "root" $ "gpu" bool). */}}
+{{- define "avsa.rayImage" -}}
+{{- $img := .root.Values.image }}
+{{- $tag := default (printf "%s-%s" .root.Values.ray.version $img.flavor) $img.tag }}
+{{- if .gpu }}{{ $tag = printf "%s%s" $tag $img.gpuSuffix }}{{ end }}
+{{- printf "%s:%s" $img.repository $tag }}
+{{- end }}
+
+{{/* S3 environment shared by Ray and MLflow containers: region, endpoint, extraEnv. */}}
+{{- define "avsa.s3Env" -}}
+{{- with .Values.s3.region }}
+- name: AWS_REGION
+  value: {{ . | quote }}
+- name: AWS_DEFAULT_REGION
+  value: {{ . | quote }}
+{{- end }}
+{{- with .Values.s3.endpointUrl }}
+- name: AWS_ENDPOINT_URL
+  value: {{ . | quote }}
+- name: MLFLOW_S3_ENDPOINT_URL
+  value: {{ . | quote }}
+{{- end }}
+{{- with .Values.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Environment of every Ray container (head and all worker groups), defined once. */}}
+{{- define "avsa.rayEnv" -}}
+{{- with (include "avsa.trackingUri" .) }}
+- name: MLFLOW_TRACKING_URI
+  value: {{ . | quote }}
+{{- end }}
+{{- include "avsa.s3Env" . }}
+{{- end }}
+
+{{/* envFrom: the S3 credentials Secret, referenced by name only. */}}
+{{- define "avsa.envFrom" -}}
+{{- with .Values.s3.existingSecret }}
+- secretRef:
+    name: {{ . | quote }}
+{{- end }}
+{{- end }}
+
+{{/* Resources with `nvidia.com/gpu` added to requests and limits. Args: (dict "resources" r "gpus" n). */}}
+{{- define "avsa.resources" -}}
+{{- $r := deepCopy .resources }}
+{{- if gt (int .gpus) 0 }}
+{{- $_ := set $r "requests" (merge (dict "nvidia.com/gpu" (int .gpus)) (default (dict) $r.requests)) }}
+{{- $_ := set $r "limits" (merge (dict "nvidia.com/gpu" (int .gpus)) (default (dict) $r.limits)) }}
+{{- end }}
+{{- toYaml $r }}
+{{- end }}
+
+{{/*
+Pod template of one Ray node group, shared by the head and every worker group.
+Args: (dict "root" $ "group" <values of the group> "component" "ray-head"|"ray-worker-cpu"|...
+           "container" <container name> "gpus" <int> "head" <bool>)
+*/}}
+{{- define "avsa.rayPodTemplate" -}}
+{{- $root := .root }}
+{{- $g := .group }}
+{{- $gpus := int (default 0 .gpus) -}}
+metadata:
+  labels:
+    {{- include "avsa.labels" $root | nindent 4 }}
+    app.kubernetes.io/component: {{ .component }}
+    app.kubernetes.io/part-of: {{ include "avsa.clusterName" $root }}
+spec:
+  serviceAccountName: {{ include "avsa.serviceAccountName" $root }}
+  securityContext:
+    {{- toYaml $root.Values.podSecurityContext | nindent 4 }}
+  {{- with $root.Values.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $g.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $g.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $g.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  containers:
+    - name: {{ .container }}
+      image: {{ include "avsa.rayImage" (dict "root" $root "gpu" (gt $gpus 0)) }}
+      imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+      {{- if .head }}
+      ports:
+        - name: gcs
+          containerPort: 6379
+        - name: dashboard
+          containerPort: 8265
+        - name: client
+          containerPort: 10001
+        - name: metrics
+          containerPort: 8080
+      {{- end }}
+      {{- with (include "avsa.rayEnv" $root | trim) }}
+      env:
+        {{- . | nindent 8 }}
+      {{- end }}
+      {{- with (include "avsa.envFrom" $root | trim) }}
+      envFrom:
+        {{- . | nindent 8 }}
+      {{- end }}
+      resources:
+        {{- include "avsa.resources" (dict "resources" $g.resources "gpus" $gpus) | nindent 8 }}
+      securityContext:
+        {{- toYaml $root.Values.containerSecurityContext | nindent 8 }}
+      volumeMounts:
+        - name: shm
+          mountPath: /dev/shm
+  volumes:
+    - name: shm
+      emptyDir:
+        medium: Memory
+        sizeLimit: {{ $g.shmSize }}
+{{- end }}
+
+{{/* Fail early when a worker group's replica bounds are inconsistent. Args: (dict "name" n "group" g). */}}
+{{- define "avsa.checkReplicas" -}}
+{{- $g := .group }}
+{{- if gt (int $g.minReplicas) (int $g.maxReplicas) }}
+{{- fail (printf "%s.minReplicas (%v) must not exceed %s.maxReplicas (%v)" .name $g.minReplicas .name $g.maxReplicas) }}
+{{- end }}
+{{- if or (lt (int $g.replicas) (int $g.minReplicas)) (gt (int $g.replicas) (int $g.maxReplicas)) }}
+{{- fail (printf "%s.replicas (%v) must lie in [minReplicas, maxReplicas] = [%v, %v]" .name $g.replicas $g.minReplicas $g.maxReplicas) }}
+{{- end }}
+{{- end }}

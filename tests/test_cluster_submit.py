@@ -1,0 +1,202 @@
+"""avsa.cluster: the RayJob builder, its YAML (`--dry-run`), and the error without a cluster.
+No Kubernetes API server is faked: submission itself is exercised only up to the kubeconfig."""
+
+from __future__ import annotations
+
+import copy
+import io
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from avsa.cluster import DEFAULT_IMAGE, RAY_VERSION, build_rayjob, main, submit_rayjob, to_yaml
+from avsa.crd import crd_spec_schema, pod_templates, validate_spec
+from avsa.errors import AvsaError, ConfigError
+
+pytestmark = pytest.mark.cluster
+
+CRDS = Path(__file__).resolve().parents[2] / "shared" / "schemas" / "kuberay"
+RAYJOB_CRD = CRDS / "ray.io_rayjobs.yaml"
+K8S_VERSION = "1.30.0"
+needs_crds = pytest.mark.skipif(not CRDS.is_dir(), reason=f"KubeRay CRD schemas absent: {CRDS}")
+
+ARGV = ["python", "jobs/pretrain.py", "experiment=avsa_yt360", "storage=s3",
+        "storage.path=s3://bucket/runs", "data.shards=s3://bucket/shards/train/manifest.json"]
+
+
+def job(**overrides):
+    argv = overrides.pop("argv", ARGV)
+    params = dict(image=DEFAULT_IMAGE, num_gpu_workers=2, gpus_per_worker=4, cpu_workers=3,
+                  namespace="ml", s3_secret="avsa-s3", mlflow_uri="http://avsa-mlflow.ml.svc:5000",
+                  working_dir="s3://bucket/code/avsa.zip")
+    params.update(overrides)
+    return build_rayjob("avsa-pretrain", argv, **params)
+
+
+def workers(obj: dict) -> dict[str, dict]:
+    return {g["groupName"]: g for g in obj["spec"]["rayClusterSpec"].get("workerGroupSpecs", [])}
+
+
+@needs_crds
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"num_gpu_workers": 0, "cpu_workers": 0, "s3_secret": None, "mlflow_uri": None,
+          "working_dir": None},
+     {"gpu_node_selector": {"cloud.google.com/gke-accelerator": "nvidia-l4"},
+      "service_account": "avsa", "gpu_image": f"{DEFAULT_IMAGE}-gpu", "env": {"AWS_REGION": "eu-west-1"}}],
+    ids=["gpu+cpu", "head-only", "options"],
+)
+def test_built_rayjob_passes_the_crd_and_pod_schemas(overrides):
+    obj = job(**overrides)
+    validate_spec(obj, RAYJOB_CRD)
+    for where, template in pod_templates(obj):
+        wrapped = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"},
+                   "template": template}
+        kubernetes_validate.validate(wrapped, K8S_VERSION, strict=True)
+        spec = template["spec"]
+        assert spec["securityContext"]["runAsNonRoot"] is True, where
+        for container in spec["containers"]:
+            assert {"cpu", "memory"} <= set(container["resources"]["requests"]), where
+            assert {"cpu", "memory"} <= set(container["resources"]["limits"]), where
+
+
+def test_worker_groups_follow_the_counts():
+    obj = job()
+    groups = workers(obj)
+    assert groups["gpu"]["replicas"] == groups["gpu"]["minReplicas"] == groups["gpu"]["maxReplicas"] == 2
+    res = groups["gpu"]["template"]["spec"]["containers"][0]["resources"]
+    assert res["requests"]["nvidia.com/gpu"] == res["limits"]["nvidia.com/gpu"] == 4
+    assert groups["cpu"]["replicas"] == 3
+    assert "nvidia.com/gpu" not in groups["cpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert obj["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    assert obj["spec"]["rayClusterSpec"]["rayVersion"] == RAY_VERSION
+    assert set(workers(job(num_gpu_workers=0))) == {"cpu"}
+    assert set(workers(job(cpu_workers=0))) == {"gpu"}
+    alone = job(num_gpu_workers=0, cpu_workers=0)
+    assert workers(alone) == {}
+    # Without workers the head must run the tasks itself.
+    assert "num-cpus" not in alone["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]
+
+
+def test_entrypoint_env_secret_and_runtime_env():
+    argv = ["jobs/pretrain.py", "experiment=avsa_yt360", "train.note=two words", "x='quoted'"]
+    obj = job(argv=argv)
+    spec = obj["spec"]
+    assert shlex.split(spec["entrypoint"]) == ["python", *argv]
+    assert spec["shutdownAfterJobFinishes"] is True
+    assert yaml.safe_load(spec["runtimeEnvYAML"])["working_dir"] == "s3://bucket/code/avsa.zip"
+    templates = dict(pod_templates(obj))
+    submitter = templates.pop("spec.submitterPodTemplate")
+    assert submitter["spec"]["containers"][0]["name"] == "ray-job-submitter"
+    for template in templates.values():
+        container = template["spec"]["containers"][0]
+        assert container["env"] == [{"name": "MLFLOW_TRACKING_URI",
+                                     "value": "http://avsa-mlflow.ml.svc:5000"}]
+        assert container["envFrom"] == [{"secretRef": {"name": "avsa-s3"}}]
+    assert obj["metadata"] == {"name": "avsa-pretrain", "namespace": "ml",
+                               "labels": {"app.kubernetes.io/name": "avsa",
+                                          "app.kubernetes.io/part-of": "avsa"}}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ({"name": "Pretrain"}, "name"),
+        ({"name": "a" * 48}, "name"),
+        ({"name": "1job"}, "name"),
+        ({"namespace": "ML"}, "namespace"),
+        ({"argv": []}, "entrypoint_args"),
+        ({"argv": "jobs/pretrain.py"}, "entrypoint_args"),
+        ({"num_gpu_workers": -1}, "num_gpu_workers"),
+        ({"cpu_workers": 1.5}, "cpu_workers"),
+        ({"gpus_per_worker": 0}, "gpus_per_worker"),
+        ({"image": ""}, "image"),
+        ({"s3_secret": "AKIAFAKEFAKEFAKEFAKE"}, "s3_secret"),
+        ({"mlflow_uri": "https://user:hunter2@mlflow.example"}, "mlflow_uri"),
+        ({"env": {"AWS_SECRET_ACCESS_KEY": "x"}}, "env.AWS_SECRET_ACCESS_KEY"),
+        ({"env": {"MLFLOW_TRACKING_TOKEN": "x"}}, "env.MLFLOW_TRACKING_TOKEN"),
+        ({"env": {"BAD NAME": "x"}}, "env.BAD NAME"),
+    ],
+)
+def test_bad_arguments_raise_config_error_naming_the_key(overrides, key):
+    name = overrides.pop("name", "avsa-pretrain")
+    argv = overrides.pop("argv", ARGV)
+    params = dict(image=DEFAULT_IMAGE, num_gpu_workers=1, gpus_per_worker=1, cpu_workers=1,
+                  namespace="ml")
+    params.update(overrides)
+    with pytest.raises(ConfigError) as info:
+        build_rayjob(name, argv, **params)
+    assert str(info.value).startswith(f"{key}: ") and "\n" not in str(info.value)
+
+
+def test_to_yaml_round_trips_and_keeps_the_runtime_env_readable():
+    obj = job()
+    text = to_yaml(obj)
+    assert yaml.safe_load(text) == obj
+    assert "runtimeEnvYAML: |" in text
+    assert list(yaml.safe_load_all(to_yaml([obj, obj]))) == [obj, obj]
+
+
+def test_dry_run_prints_the_same_rayjob(capsys):
+    code = main(["avsa-pretrain", "-n", "ml", "--gpu-workers", "2", "--gpus-per-worker", "4",
+                 "--cpu-workers", "3", "--s3-secret", "avsa-s3",
+                 "--mlflow-uri", "http://avsa-mlflow.ml.svc:5000",
+                 "--working-dir", "s3://bucket/code/avsa.zip", "--dry-run", "--", *ARGV])
+    assert code == 0
+    assert yaml.safe_load(capsys.readouterr().out) == job()
+
+
+def test_dry_run_keeps_options_after_the_separator_in_the_command(capsys):
+    main(["avsa-sweep", "--dry-run", "--env", "AWS_REGION=eu-west-1", "--",
+          "jobs/sweep.py", "sweep=viewpoints_temperature", "--help"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["spec"]["entrypoint"] == "python jobs/sweep.py sweep=viewpoints_temperature --help"
+    env = printed["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+    assert env == [{"name": "AWS_REGION", "value": "eu-west-1"}]
+
+
+def test_cli_bad_input_is_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "avsa.cluster", "Bad_Name", "--dry-run", "--",
+                             "jobs/pretrain.py"], capture_output=True, text=True, timeout=60,
+                            check=False)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("error: name: ") and result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("kubeconfig", ["missing", "garbage"])
+def test_submit_without_a_cluster_names_the_kubeconfig(tmp_path, monkeypatch, kubeconfig):
+    path = tmp_path / "kubeconfig"
+    if kubeconfig == "garbage":
+        path.write_text("this: is: not a kubeconfig\n")
+    monkeypatch.setenv("KUBECONFIG", str(path))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    with pytest.raises(AvsaError) as info:
+        submit_rayjob(job(), "ml", follow=False, out=io.StringIO())
+    assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)
+
+
+def test_importing_the_module_does_not_import_kubernetes():
+    code = "import sys, avsa.cluster; print('kubernetes' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, check=True)
+    assert result.stdout.strip() == "False"
+
+
+@needs_crds
+def test_crd_validation_names_the_bad_field():
+    obj = job()
+    typo = copy.deepcopy(obj)
+    typo["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replica"] = 2
+    with pytest.raises(ConfigError, match=r"workerGroupSpecs\.0: .*'replica'"):
+        validate_spec(typo, RAYJOB_CRD)
+    wrong_type = copy.deepcopy(obj)
+    wrong_type["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] = 0
+    with pytest.raises(ConfigError, match=r"rayStartParams\.num-cpus: 0 is not of type 'string'"):
+        validate_spec(wrong_type, RAYJOB_CRD)
+    with pytest.raises(ConfigError, match="v9"):
+        crd_spec_schema(RAYJOB_CRD, "v9")
