@@ -101,8 +101,15 @@ class AVSANet(nn.Module):
         video: torch.Tensor,
         audio: torch.Tensor,
         directions: torch.Tensor | None = None,
+        *,
+        use_context: bool = True,
+        audio_other: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """video (B, V, 3, T, S, S), audio (B, V, C, F, M), directions (B, V, 2) radians or None.
+
+        use_context=False skips the transformers (AVC/AVTS objectives, and the AVC phase of the
+        curriculum); audio_other (B, V, C, F, M), audio at another time (AVTS), adds
+        `audio_other_target`. Both go through `forward` so DDP sees every use of the weights.
 
         Returns video_feat (B, V, Dv), audio_feat (B, V, Da), video_context, audio_context
         (transformer outputs, same shapes), and (B, V, embed_dim) video_target, audio_target,
@@ -115,8 +122,11 @@ class AVSANet(nn.Module):
             )
         video_feat = self.encode_video(video)
         audio_feat = self.encode_audio(audio)
-        video_ctx, audio_ctx = self.context(video_feat, audio_feat, directions)
-        return {
+        if use_context:
+            video_ctx, audio_ctx = self.context(video_feat, audio_feat, directions)
+        else:
+            video_ctx, audio_ctx = video_feat, audio_feat
+        out = {
             "video_feat": video_feat,
             "audio_feat": audio_feat,
             "video_context": video_ctx,
@@ -126,6 +136,9 @@ class AVSANet(nn.Module):
             "video_pred": self.video_pred_head(audio_ctx),
             "audio_pred": self.audio_pred_head(video_ctx),
         }
+        if audio_other is not None:
+            out["audio_other_target"] = self.audio_head(self.encode_audio(audio_other))
+        return out
 
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
         """State of the two encoders only, keys prefixed 'video_encoder.' / 'audio_encoder.'."""

@@ -1,0 +1,1 @@
+"""Pretraining with Ray Train: the per-worker loop, checkpoints, and the driver."""

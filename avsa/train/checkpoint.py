@@ -1,0 +1,143 @@
+"""Checkpoint contents: model, optimizer, step, RNG state and the resolved config.
+
+A checkpoint is a directory holding `state.pt` and `config.yaml`; Ray Train persists it under
+`<storage.path>/<run name>/checkpoint-<step>/`. `resolve_init` turns an MLflow run id or a
+checkpoint URI into local weights for `model.init_from` and for transfer.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from avsa import storage
+from avsa.errors import AvsaError, CheckpointError
+
+STATE = "state.pt"
+CONFIG = "config.yaml"
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(
+    directory: str | Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    step: int,
+    config: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write `state.pt` (atomically) and `config.yaml` into `directory`."""
+    from omegaconf import OmegaConf
+
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "step": step,
+            "rng": rng_state(),
+            "config": config,
+            "extra": extra or {},
+        }
+        tmp = directory / f".{STATE}.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, directory / STATE)
+        (directory / CONFIG).write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
+    except OSError as e:
+        raise CheckpointError(directory, f"cannot write checkpoint ({e.strerror or e})") from None
+    return directory
+
+
+def load(directory: str | Path) -> dict[str, Any]:
+    """Read a checkpoint directory written by `save` (CPU tensors)."""
+    path = Path(directory) / STATE
+    if not path.is_file():
+        raise CheckpointError(directory, f"no {STATE} in checkpoint directory")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        reason = " ".join(str(e).split())[:200]
+        raise CheckpointError(path, f"unreadable checkpoint ({reason})") from None
+
+
+def latest_checkpoint_uri(run_uri: str) -> str | None:
+    """The newest `checkpoint-XXXXXXXX` directory under a Ray Train run directory URI."""
+    names = {
+        m.group(0)
+        for uri in storage.list_prefix(run_uri)
+        if (m := re.search(r"checkpoint-\d+", uri[len(run_uri):]))
+    }
+    return storage.join(run_uri, max(names)) if names else None
+
+
+def _fetch_state(uri: str) -> dict[str, Any]:
+    if uri.endswith(STATE):
+        uri = uri[: -len(STATE)].rstrip("/")
+    if not storage.is_s3(uri):
+        local = uri.removeprefix("file://")
+        if not (Path(local) / STATE).is_file():
+            nested = latest_checkpoint_uri(uri)
+            if nested is None:
+                raise CheckpointError(uri, "no checkpoint found (expected state.pt or checkpoint-*/)")
+            local = nested.removeprefix("file://")
+        return load(local)
+    if not storage.exists(storage.join(uri, STATE)):
+        nested = latest_checkpoint_uri(uri)
+        if nested is None:
+            raise CheckpointError(uri, "no checkpoint found (expected state.pt or checkpoint-*/)")
+        uri = nested
+    data = storage.read_bytes(storage.join(uri, STATE))
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+
+
+def resolve_init(ref: str, tracking_uri: str | None = None) -> tuple[dict[str, Any], str]:
+    """Load the state behind `ref`: an MLflow run id (its `avsa.checkpoint_uri` tag), a
+    checkpoint directory URI, a run directory (newest checkpoint inside) or a `state.pt` URI.
+
+    Returns (state dict, the checkpoint URI it came from).
+    """
+    uri = ref
+    if _RUN_ID.match(ref):
+        from avsa import tracking
+
+        tag = tracking.get_run_tag(tracking_uri, ref, tracking.CHECKPOINT)
+        if not tag:
+            raise CheckpointError(ref, "MLflow run has no avsa.checkpoint_uri tag (did it finish?)")
+        uri = tag
+    try:
+        return _fetch_state(uri), uri
+    except CheckpointError:
+        raise
+    except AvsaError as e:
+        raise CheckpointError(uri, f"cannot read checkpoint: {e}") from None
+
+
+def write_marker(uri: str, payload: dict[str, Any]) -> None:
+    storage.write_bytes(uri, json.dumps(payload).encode())
+
+
+def temp_dir() -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix="avsa-ckpt-")

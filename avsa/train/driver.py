@@ -1,0 +1,185 @@
+"""`avsa pretrain`: validate, check services, then run a Ray Train `TorchTrainer`.
+
+Everything that can fail cheaply (config, manifest, tracking server) is checked before a worker
+starts. The run name and storage path are deterministic, so a resubmitted job finds its own
+checkpoints and its own MLflow run and resumes both.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from avsa import storage, tracking
+from avsa.config import Config, compose
+from avsa.data.manifest import read_manifest
+from avsa.errors import AvsaError
+
+log = logging.getLogger("avsa.train")
+
+
+@dataclass
+class PretrainResult:
+    run_id: str | None
+    run_name: str
+    run_uri: str
+    checkpoint_uri: str | None
+    metrics: dict[str, Any]
+
+
+def ensure_ray(cfg: Config) -> None:
+    """Join the cluster in `RAY_ADDRESS` (as under `ray job submit`), or start a local Ray
+    with enough logical CPUs for the train workers plus decoding tasks."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+        return
+    need = cfg.train.num_workers * cfg.train.cpus_per_worker + 2 * cfg.data.decode_cpus
+    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need)), include_dashboard=False)
+
+
+def epochs_needed(cfg: Config, total_samples: int) -> int:
+    """Epochs of the streaming dataset that cover `train.max_steps` (with slack for skips)."""
+    per_epoch = max(total_samples // cfg.train.batch_size, 1)
+    return max(1, math.ceil(cfg.train.max_steps / per_epoch) + 1)
+
+
+def build_trainer(
+    cfg: Config,
+    *,
+    run_id: str | None,
+    tracking_uri: str | None,
+    callbacks: list | None = None,
+    run_name: str | None = None,
+):
+    """The `TorchTrainer` for one pretraining run (also what each sweep trial runs)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from avsa.data.pipeline import build_dataset
+    from avsa.train.loop import train_loop_per_worker
+
+    run_name = run_name or cfg.run_name()
+    manifest = read_manifest(cfg.data.shards)
+    ds = build_dataset(
+        cfg.data.shards,
+        cfg.data,
+        epochs=epochs_needed(cfg, manifest.total_samples),
+        seed=cfg.data.seed,
+        other_time=cfg.loss.kind == "avts",
+    )
+    fs, path = storage.pyarrow_filesystem(cfg.storage.path)
+    loop_config = {
+        "cfg": cfg.to_dict(),
+        "run_id": run_id,
+        "tracking_uri": tracking_uri,
+        "run_uri": storage.join(cfg.storage.path, run_name),
+    }
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.train.num_workers,
+            use_gpu=cfg.train.use_gpu,
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=path,
+            storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=3),
+            callbacks=callbacks,
+        ),
+        datasets={"train": ds},
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+
+
+def start_tracking(
+    cfg: Config, *, kind: str = "pretrain", parent_run_id: str | None = None,
+    run_name: str | None = None, extra_tags: dict[str, str] | None = None,
+) -> tuple[str, str]:
+    """Create (or find again, for a resubmitted job) the MLflow run. Returns (uri, run id)."""
+    uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
+    tracking.check_reachable(uri)
+    run_name = run_name or cfg.run_name()
+    run_uri = storage.join(cfg.storage.path, run_name)
+    tags = {tracking.KIND: kind, "avsa.run_uri": run_uri, **(extra_tags or {})}
+    existing = tracking.find_run(uri, cfg.tracking.experiment, run_name)
+    logger = tracking.RunLogger.start(
+        uri, cfg.tracking.experiment, run_name, tags=tags,
+        params=None if existing else tracking.flatten_config(cfg.to_dict()),
+        parent_run_id=parent_run_id, resume_run_id=existing,
+    )
+    if existing:
+        log.info("resuming MLflow run %s (%s)", existing, run_name)
+    else:
+        from omegaconf import OmegaConf
+
+        logger.log_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)), "config.yaml")
+    logger.flush()
+    return uri, logger.run_id
+
+
+def pretrain(cfg: Config) -> PretrainResult:
+    """Run (or resume) one pretraining run end to end; returns where its results are."""
+    read_manifest(cfg.data.shards)  # a clear error now, not inside a worker
+    if cfg.data.val_shards:
+        read_manifest(cfg.data.val_shards)
+    uri, run_id = start_tracking(cfg)
+    ensure_ray(cfg)
+    run_name = cfg.run_name()
+    trainer = build_trainer(cfg, run_id=run_id, tracking_uri=uri)
+    logger = tracking.RunLogger.start(uri, cfg.tracking.experiment, None, resume_run_id=run_id)
+    try:
+        result = trainer.fit()
+    except Exception:
+        logger.end("FAILED")
+        raise
+    checkpoint_uri = _checkpoint_uri(cfg, result)
+    if checkpoint_uri:
+        logger.set_tags({tracking.CHECKPOINT: checkpoint_uri})
+    logger.end("FINISHED")
+    metrics = dict(result.metrics or {})
+    return PretrainResult(run_id, run_name, storage.join(cfg.storage.path, run_name),
+                          checkpoint_uri, metrics)
+
+
+def _checkpoint_uri(cfg: Config, result) -> str | None:
+    if result.checkpoint is None:
+        return None
+    path = result.checkpoint.path
+    if storage.is_s3(cfg.storage.path) and not path.startswith("s3://"):
+        return "s3://" + path.lstrip("/")
+    return path
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] in (["-h"], ["--help"]):
+        print("usage: avsa pretrain [hydra overrides...]   e.g. experiment=demo_local "
+              "data.num_viewpoints=8 train.max_steps=500")
+        return 0
+    cfg = compose(argv)
+    try:
+        res = pretrain(cfg)
+    except AvsaError:
+        raise
+    print_summary(res, cfg)
+    return 0
+
+
+def print_summary(res: PretrainResult, cfg: Config) -> None:
+    m = res.metrics
+    keys = ("val/avsa_acc", "val/avc_acc", "train/avsa_acc", "train/avc_acc", "train/loss")
+    shown = "  ".join(f"{k} {m[k]:.3f}" for k in keys if isinstance(m.get(k), float))
+    print(f"[avsa] finished {res.run_name} at step {m.get('step', '?')}: {shown}")
+    print(f"[avsa] checkpoints: {res.checkpoint_uri or res.run_uri}")
+    print(f"[avsa] MLflow run {res.run_id} in experiment {cfg.tracking.experiment!r} at "
+          f"{tracking.resolve_tracking_uri(cfg.tracking.uri)}")

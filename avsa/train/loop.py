@@ -1,0 +1,311 @@
+"""The per-worker training loop that Ray Train runs on every rank.
+
+Rank 0 logs to MLflow and writes checkpoints; every rank calls `ray.train.report` the same
+number of times (it is a barrier). Metrics stay on the device between log intervals: the only
+host syncs are at `train.log_every`, validation and checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from avsa import storage
+from avsa.config import Config, from_dict
+from avsa.train import checkpoint as ckpt
+from avsa.train.objective import (
+    audio_channels,
+    compute_objective,
+    model_from_config,
+    reset_context_and_heads,
+    to_device,
+)
+
+log = logging.getLogger("avsa.train")
+
+
+@dataclass
+class Meter:
+    """Sums of 0-d device tensors between log intervals (no host sync per step)."""
+
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    n: int = 0
+
+    def add(self, metrics: dict[str, torch.Tensor]) -> None:
+        for k, v in metrics.items():
+            v = v.detach().float()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.n += 1
+
+    def mean(self, prefix: str) -> dict[str, float]:
+        out = {f"{prefix}/{k}": float(v) / max(self.n, 1) for k, v in self.sums.items()}
+        self.sums, self.n = {}, 0
+        return out
+
+
+def chance_score(acc: float, candidates: int) -> float:
+    """Accuracy rescaled so chance (1 / candidates) is 0 and perfect is 1."""
+    if candidates <= 1:
+        return float("nan")
+    chance = 1.0 / candidates
+    return (acc - chance) / (1.0 - chance)
+
+
+def phase_kind(cfg: Config, step: int) -> str:
+    """The objective at (1-based) `step`: AVC first when the curriculum is on."""
+    if cfg.train.curriculum and step <= cfg.train.curriculum_avc_steps:
+        return "avc"
+    return cfg.loss.kind
+
+
+def _gather():
+    import torch.distributed as dist
+
+    from avsa.losses import gather_with_grad
+
+    return gather_with_grad if dist.is_available() and dist.is_initialized() else None
+
+
+def _batches(cfg: Config, world: int) -> Iterator[dict[str, torch.Tensor]]:
+    import ray.train
+
+    shard = ray.train.get_dataset_shard("train")
+    return shard.iter_torch_batches(
+        batch_size=cfg.train.batch_size // world,
+        local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+        drop_last=True,
+        prefetch_batches=2,
+    )
+
+
+def _val_batches(cfg: Config) -> list[dict[str, torch.Tensor]]:
+    """A fixed validation set (no augmentation, fixed seed), decoded once per worker."""
+    if not cfg.data.val_shards or cfg.train.val_batches == 0:
+        return []
+    from dataclasses import replace
+
+    from avsa.data.pipeline import iter_local
+
+    data = replace(cfg.data, augment=False)
+    out = []
+    for batch in iter_local(
+        cfg.data.val_shards,
+        data,
+        epochs=1,
+        seed=12345,
+        batch_size=cfg.train.batch_size,
+        shuffle=False,
+        other_time=cfg.loss.kind == "avts",
+    ):
+        out.append(batch)
+        if len(out) >= cfg.train.val_batches:
+            break
+    return out
+
+
+@torch.no_grad()
+def validate(model, batches, cfg: Config, device) -> dict[str, float]:
+    if not batches:
+        return {}
+    model.eval()
+    meter = Meter()
+    kind = cfg.loss.kind
+    for batch in batches:
+        b = to_device(batch, device)
+        with _autocast(cfg, device):
+            loss, metrics = compute_objective(
+                model, b, kind=kind, temperature=cfg.loss.temperature,
+                easy_negatives=cfg.loss.easy_negatives,
+            )
+        meter.add({"loss": loss, **metrics})
+    model.train()
+    out = meter.mean("val")
+    v, n = cfg.data.num_viewpoints, cfg.train.batch_size
+    if kind == "avsa" and v > 1:
+        out["val/avsa_score"] = chance_score(out["val/avsa_acc"], v)
+    else:
+        out["val/avsa_score"] = chance_score(out.get("val/avc_acc", float("nan")), n)
+    return out
+
+
+def _autocast(cfg: Config, device: torch.device):
+    enabled = cfg.train.bf16 and device.type == "cuda"
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def _fail_marker(cfg_dict: dict[str, Any]) -> str:
+    return storage.join(cfg_dict["run_uri"], "fail_at_step.done")
+
+
+def _maybe_fail(cfg: Config, cfg_dict: dict[str, Any], step: int, rank: int, world: int) -> None:
+    """Testing knob: the last rank dies once, hard, at `train.fail_at_step`."""
+    if cfg.train.fail_at_step != step or rank != world - 1:
+        return
+    marker = _fail_marker(cfg_dict)
+    if storage.exists(marker):
+        return
+    ckpt.write_marker(marker, {"step": step, "rank": rank})
+    log.warning("train.fail_at_step=%d: rank %d exits now to exercise recovery", step, rank)
+    os._exit(1)
+
+
+def _report(metrics: dict[str, float], state_fn=None, step: int = 0) -> None:
+    import ray.train
+
+    if state_fn is None:
+        ray.train.report(metrics)
+        return
+    with ckpt.temp_dir() as d:
+        state_fn(d)
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(d),
+            checkpoint_dir_name=f"checkpoint-{step:08d}",
+        )
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry: `loop_config` = {"cfg": Config.to_dict(), "run_id", "tracking_uri",
+    "run_uri"}."""
+    import ray.train
+    import ray.train.torch
+
+    cfg: Config = from_dict(loop_config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.train.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    model = model_from_config(cfg.model, audio_channels(cfg))
+    step = 0
+    resume = ray.train.get_checkpoint()
+    state = None
+    if resume is not None:
+        with resume.as_directory() as d:
+            state = ckpt.load(d)
+        model.load_state_dict(state["model"])
+        step = int(state["step"])
+    elif cfg.model.init_from:
+        init_state, _ = ckpt.resolve_init(cfg.model.init_from, loop_config.get("tracking_uri"))
+        model.load_encoders(init_state["model"])
+    find_unused = cfg.train.curriculum or cfg.loss.kind != "avsa"
+    model = ray.train.torch.prepare_model(
+        model, parallel_strategy_kwargs={"find_unused_parameters": find_unused}
+    )
+    if cfg.train.compile:
+        model = torch.compile(model)
+    raw_model = model.module if hasattr(model, "module") else model
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+    )
+    if state is not None:
+        if state.get("optimizer"):
+            optimizer.load_state_dict(state["optimizer"])
+        ckpt.set_rng_state(state["rng"])
+        log.info("rank %d resumed from step %d", rank, step)
+
+    logger = None
+    if rank == 0 and loop_config.get("run_id"):
+        from avsa.tracking import RunLogger
+
+        logger = RunLogger.start(
+            loop_config["tracking_uri"], cfg.tracking.experiment, None,
+            resume_run_id=loop_config["run_id"],
+        )
+    val = _val_batches(cfg) if rank == 0 else []
+    gather = _gather()
+    meter, skipped = Meter(), torch.zeros((), device=device)
+    t_last, clips_since, t_start, step_start = time.perf_counter(), 0, time.perf_counter(), step
+    per_worker = cfg.train.batch_size // world
+    model.train()
+
+    def save_fn(d):
+        ckpt.save(d, model=raw_model, optimizer=optimizer, step=step, config=loop_config["cfg"])
+
+    for batch in _batches(cfg, world):
+        if step >= cfg.train.max_steps:
+            break
+        step += 1
+        _maybe_fail(cfg, loop_config, step, rank, world)
+        kind = phase_kind(cfg, step)
+        if cfg.train.curriculum and step == cfg.train.curriculum_avc_steps + 1:
+            reset_context_and_heads(raw_model, cfg.train.seed + step)
+            optimizer = torch.optim.Adam(
+                model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+            )
+            log.info("curriculum: AVC -> %s at step %d (fresh transformers and heads)", kind, step)
+        if "skipped" in batch:
+            skipped += batch.pop("skipped").to(device).sum()
+        b = to_device(batch, device)
+        with _autocast(cfg, device):
+            loss, metrics = compute_objective(
+                model, b, kind=kind, temperature=cfg.loss.temperature,
+                easy_negatives=cfg.loss.easy_negatives, gather=gather,
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        meter.add({"loss": loss, **metrics})
+        clips_since += per_worker * world
+
+        last = step >= cfg.train.max_steps
+        do_log = step % cfg.train.log_every == 0 or last
+        do_val = bool(val) and (
+            last or (cfg.train.val_every and step % cfg.train.val_every == 0)
+        )
+        do_ckpt = step % cfg.train.checkpoint_every == 0 or last
+        if not (do_log or do_ckpt):
+            continue
+        metrics_out: dict[str, float] = {"step": step}
+        if do_log:
+            now = time.perf_counter()
+            metrics_out.update(meter.mean("train"))
+            metrics_out["throughput/clips_per_s"] = clips_since / max(now - t_last, 1e-9)
+            metrics_out["data/skipped_samples"] = _all_reduce_sum(skipped)
+            rate = (step - step_start) / max(now - t_start, 1e-9)
+            eta = (cfg.train.max_steps - step) / max(rate, 1e-9)
+            t_last, clips_since = now, 0
+        if do_val:
+            metrics_out.update(validate(model, val, cfg, device))
+        if rank == 0 and do_log:
+            _progress(step, cfg.train.max_steps, metrics_out, eta)
+            if logger is not None:
+                logger.log_metrics({k: v for k, v in metrics_out.items() if k != "step"}, step)
+        _report(metrics_out, save_fn if (do_ckpt and rank == 0) else None, step)
+    if step < cfg.train.max_steps and step % cfg.train.checkpoint_every != 0:
+        _report({"step": step}, save_fn if rank == 0 else None, step)
+    if logger is not None:
+        logger.flush()
+    if step < cfg.train.max_steps:
+        log.warning(
+            "rank %d: the data ran out at step %d of %d (train.max_steps); "
+            "the run ends here", rank, step, cfg.train.max_steps,
+        )
+
+
+def _all_reduce_sum(x: torch.Tensor) -> float:
+    import torch.distributed as dist
+
+    y = x.detach().clone().float()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(y)
+    return float(y)
+
+
+def _progress(step: int, total: int, m: dict[str, float], eta_s: float) -> None:
+    parts = [f"step {step}/{total}"]
+    for key in ("train/loss", "train/avsa_acc", "train/avc_acc", "val/avsa_acc", "val/avc_acc"):
+        if key in m and not math.isnan(m[key]):
+            parts.append(f"{key.split('/')[0][0]}:{key.split('/')[1]} {m[key]:.3f}")
+    parts.append(f"clips/s {m.get('throughput/clips_per_s', 0):.1f}")
+    parts.append(f"eta {int(eta_s) // 60}m{int(eta_s) % 60:02d}s")
+    print("[avsa] " + "  ".join(parts), flush=True)

@@ -1,0 +1,123 @@
+"""Unit tests of the training pieces that need no Ray: objectives, curriculum, checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from avsa.config import compose
+from avsa.errors import CheckpointError
+from avsa.train import checkpoint as ckpt
+from avsa.train.loop import Meter, chance_score, phase_kind
+from avsa.train.objective import (
+    compute_objective,
+    model_from_config,
+    normalize_video,
+    reset_context_and_heads,
+)
+
+
+def _batch(b=4, v=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "video": torch.randint(0, 255, (b, v, 3, 4, 32, 32), generator=g, dtype=torch.uint8),
+        "audio": torch.randn(b, v, 4, 20, 32, generator=g),
+        "audio_other": torch.randn(b, v, 4, 20, 32, generator=g),
+        "directions": torch.rand(b, v, 2, generator=g),
+    }
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return compose(["model=tiny", "data.num_viewpoints=2"])
+
+
+@pytest.mark.parametrize("kind", ["avsa", "avc", "avts"])
+def test_each_objective_trains_the_encoders(cfg, kind):
+    model = model_from_config(cfg.model)
+    loss, metrics = compute_objective(model, _batch(), kind=kind, temperature=0.07)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert "avc_acc" in metrics
+    grads = [p.grad for p in model.video_encoder.parameters()]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads[:1])
+    used_transformer = model.video_transformer.layers[0].linear1.weight.grad is not None
+    assert used_transformer == (kind == "avsa")
+
+
+def test_avts_hard_negative_changes_the_loss(cfg):
+    torch.manual_seed(0)
+    model = model_from_config(cfg.model).train()  # batch statistics: embeddings differ
+    b = _batch()
+    same = dict(b, audio_other=b["audio"].clone())  # the "other time" equals the positive
+    l_other, _ = compute_objective(model, b, kind="avts", temperature=0.07)
+    l_same, m_same = compute_objective(model, same, kind="avts", temperature=0.07)
+    assert not torch.isclose(l_same, l_other)  # the other-time audio enters the loss
+    assert set(m_same) == {"avc_acc", "avts_acc"}
+
+
+def test_normalize_video_uses_channel_stats():
+    v = torch.full((1, 1, 3, 1, 2, 2), 255, dtype=torch.uint8)
+    x = normalize_video(v)
+    assert x.dtype == torch.float32
+    assert torch.allclose(x[0, 0, 0], torch.full((1, 2, 2), (1 - 0.43216) / 0.22803))
+
+
+def test_curriculum_phases():
+    c = compose(["train.curriculum=true", "train.curriculum_avc_steps=3", "train.max_steps=6"])
+    assert [phase_kind(c, s) for s in range(1, 7)] == ["avc"] * 3 + ["avsa"] * 3
+
+
+def test_reset_keeps_encoders_and_renews_heads(cfg):
+    model = model_from_config(cfg.model)
+    enc = {k: v.clone() for k, v in model.encoder_state_dict().items()}
+    head = model.video_head.weight.detach().clone()
+    attn = model.video_transformer.layers[0].self_attn.in_proj_weight.detach().clone()
+    reset_context_and_heads(model, seed=123)
+    assert all(torch.equal(enc[k], v) for k, v in model.encoder_state_dict().items())
+    assert not torch.equal(head, model.video_head.weight)
+    assert not torch.equal(attn, model.video_transformer.layers[0].self_attn.in_proj_weight)
+    # same seed, same fresh weights: DDP replicas stay identical
+    other = model_from_config(cfg.model)
+    reset_context_and_heads(other, seed=123)
+    assert torch.equal(other.video_head.weight, model.video_head.weight)
+
+
+def test_chance_score_and_meter():
+    assert chance_score(0.25, 4) == pytest.approx(0.0)
+    assert chance_score(1.0, 8) == pytest.approx(1.0)
+    m = Meter()
+    m.add({"a": torch.tensor(1.0)})
+    m.add({"a": torch.tensor(3.0)})
+    assert m.mean("train") == {"train/a": 2.0}
+    assert m.n == 0
+
+
+def test_checkpoint_round_trip_and_resolve(cfg, tmp_path):
+    model = model_from_config(cfg.model)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    run = tmp_path / "run"
+    ckpt.save(run / "checkpoint-00000002", model=model, optimizer=opt, step=2, config=cfg.to_dict())
+    ckpt.save(run / "checkpoint-00000010", model=model, optimizer=opt, step=10,
+              config=cfg.to_dict())
+    state = ckpt.load(run / "checkpoint-00000010")
+    assert state["step"] == 10 and state["config"]["model"]["name"] == "tiny"
+    assert (run / "checkpoint-00000010" / "config.yaml").read_text().startswith("data:")
+    # a run directory resolves to its newest checkpoint
+    resolved, uri = ckpt.resolve_init(str(run))
+    assert resolved["step"] == 10 and uri == str(run)
+    fresh = model_from_config(cfg.model)
+    fresh.load_encoders(resolved["model"])
+    assert torch.equal(fresh.video_encoder.stem[0].weight if hasattr(fresh.video_encoder, "stem")
+                       else next(fresh.video_encoder.parameters()),
+                       model.video_encoder.stem[0].weight if hasattr(model.video_encoder, "stem")
+                       else next(model.video_encoder.parameters()))
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint found"):
+        ckpt.resolve_init(str(tmp_path))
+    (tmp_path / "checkpoint-00000001").mkdir()
+    (tmp_path / "checkpoint-00000001" / "state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="unreadable checkpoint"):
+        ckpt.load(tmp_path / "checkpoint-00000001")
