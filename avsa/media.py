@@ -1,0 +1,348 @@
+"""PyAV decode, encode and probing of 360° clips: equirect H.264 video + 4-channel ambiX audio.
+
+A source is a path or the whole file as bytes (shard members). Video decodes to (T, H, W, 3)
+uint8 RGB, audio to (4, N) float32 in the stored channel order, ambiX (W, Y, Z, X), never
+remixed. Bad input raises a one-line MediaError naming the file; no av exception escapes."""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+from avsa.errors import MediaError
+
+Source = str | os.PathLike | bytes
+
+AUDIO_SIDECAR_EXTS = (".m4a", ".wav", ".flac", ".aac")
+AUDIO_LAYOUT = "quad"  # 4 channels stored in ambiX order W, Y, Z, X; decoders return that order
+_DURATION_TOL = 1e-3  # seconds of slack when comparing asked and available durations
+_PTS_TOL = 1e-4  # seconds: a frame whose time is this close to t_k counts as at t_k
+_NO_AUDIO = f"no audio stream and no sidecar audio file ({'/'.join(AUDIO_SIDECAR_EXTS)})"
+_AV_ERRORS = (av.error.FFmpegError, av.codec.codec.UnknownCodecError)
+
+
+@dataclass
+class VideoInfo:
+    width: int
+    height: int
+    fps: float
+    frames: int
+    duration: float  # seconds
+    codec: str
+
+
+@dataclass
+class AudioInfo:
+    sample_rate: int
+    channels: int
+    duration: float  # seconds
+    codec: str
+    layout: str
+
+
+@dataclass
+class ClipInfo:
+    path: str
+    video: VideoInfo
+    audio: AudioInfo | None
+    equirect: bool  # width:height is 2:1
+
+
+def _is_bytes(src: Source) -> bool:
+    return isinstance(src, (bytes, bytearray, memoryview))
+
+
+def _label(src: Source, name: str | None) -> str:
+    return name if name is not None else "<bytes>" if _is_bytes(src) else os.fspath(src)
+
+
+@contextmanager
+def _open(src: Source, label: str) -> Iterator[av.container.InputContainer]:
+    """Open src for reading; av errors raised while the container is in use become MediaError."""
+    if not _is_bytes(src) and not Path(src).is_file():
+        raise MediaError(label, "file not found")
+    target = io.BytesIO(bytes(src)) if _is_bytes(src) else os.fspath(src)
+    try:
+        container = av.open(target, "r")
+    except _AV_ERRORS as e:
+        raise MediaError(label, f"not a media file, or truncated or corrupt ({_why(e)})") from e
+    try:
+        with container:
+            yield container
+    except _AV_ERRORS as e:
+        raise MediaError(label, f"truncated or corrupt ({_why(e)})") from e
+
+
+def _why(e: Exception) -> str:
+    return (getattr(e, "strerror", None) or str(e)).splitlines()[0]
+
+
+def _seconds(stream, container) -> float:
+    """Stream length in seconds from the header, else the container's, else 0 (unknown)."""
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    return container.duration / av.time_base if container.duration is not None else 0.0
+
+
+def _video_info(container) -> VideoInfo | None:
+    if not container.streams.video:
+        return None
+    s = container.streams.video[0]
+    rate = s.average_rate or s.guessed_rate or s.base_rate
+    fps, duration = float(rate or 0.0), _seconds(s, container)
+    return VideoInfo(s.codec_context.width, s.codec_context.height, fps,
+                     int(s.frames or round(duration * fps)), duration, s.codec_context.name)
+
+
+def _audio_info(container) -> AudioInfo | None:
+    if not container.streams.audio:
+        return None
+    s = container.streams.audio[0]
+    cc = s.codec_context
+    return AudioInfo(cc.sample_rate, cc.channels, _seconds(s, container), cc.name, cc.layout.name)
+
+
+def _check_equirect(label: str, width: int, height: int) -> bool:
+    """Warn (not fail) on a frame that is not 2:1; returns whether it is."""
+    ok = height > 0 and abs(width / height - 2.0) < 0.02
+    if not ok:
+        warnings.warn(f"{label}: video is {width}x{height}, not 2:1 equirectangular",
+                      stacklevel=3)
+    return ok
+
+
+def find_audio_sidecar(video_path: str | os.PathLike) -> Path | None:
+    """The separate audio file of a video: same stem with .m4a/.wav/.flac/.aac, or None."""
+    found = (Path(video_path).with_suffix(e) for e in AUDIO_SIDECAR_EXTS)
+    return next((p for p in found if p.is_file()), None)
+
+
+def _sidecar(src: Source) -> Path | None:
+    return None if _is_bytes(src) else find_audio_sidecar(src)
+
+
+def probe(src: Source, name: str | None = None) -> ClipInfo:
+    """Container metadata only (no decode). Audio comes from a sidecar file when the video has
+    none (path sources only); ClipInfo.audio is None when there is neither."""
+    label = _label(src, name)
+    with _open(src, label) as c:
+        video, audio = _video_info(c), _audio_info(c)
+    if video is None:
+        raise MediaError(label, "no video stream")
+    if audio is None and (side := _sidecar(src)) is not None:
+        audio = probe_audio(side)
+    return ClipInfo(label, video, audio, _check_equirect(label, video.width, video.height))
+
+
+def probe_audio(src: Source, name: str | None = None) -> AudioInfo:
+    """Metadata of the audio stream of src, or of its sidecar file when src has none."""
+    label = _label(src, name)
+    with _open(src, label) as c:
+        info = _audio_info(c)
+    if info is None and (side := _sidecar(src)) is not None:
+        return probe_audio(side)
+    if info is None:
+        raise MediaError(label, _NO_AUDIO)
+    return info
+
+
+def _window(label: str, available: float, start: float, duration: float | None) -> float:
+    """Check a window against the stream length (seconds, 0 = unknown); returns its duration."""
+    duration = available - start if duration is None else duration
+    if start < 0 or duration <= 0 or (available and start + duration > available + _DURATION_TOL):
+        length = f"{available:.3f} s long" if available else "of unknown length"
+        raise MediaError(label, f"clip too short: cannot take {duration:.3f} s from "
+                                f"{start:.3f} s, the clip is {length}")
+    return duration
+
+
+def _seek(container, stream, start: float) -> None:
+    if start > 0:
+        container.seek(int(start / stream.time_base), stream=stream, backward=True)
+
+
+def decode_video(src: Source, *, fps: float = 16.0, start: float = 0.0,
+                 duration: float | None = None, size: tuple[int, int] | None = None,
+                 name: str | None = None) -> np.ndarray:
+    """Decode frames at times t_k = start + k / fps, k < round(duration * fps), each the latest
+    source frame with pts <= t_k. size = (H, W) resizes. Returns (T, H, W, 3) uint8 RGB."""
+    label = _label(src, name)
+    with _open(src, label) as c:
+        info = _video_info(c)
+        if info is None:
+            raise MediaError(label, "no video stream")
+        _check_equirect(label, info.width, info.height)
+        duration = _window(label, info.duration, start, duration)
+        n = max(1, round(duration * fps + 1e-6))
+        times = start + np.arange(n) / fps
+        height, width = size if size is not None else (info.height, info.width)
+        stream = c.streams.video[0]
+        _seek(c, stream, start)
+        out = np.empty((n, height, width, 3), np.uint8)
+        k, prev, last_time = 0, None, start  # prev: latest frame, converted once when first used
+        for frame in c.decode(stream):
+            t = frame.time if frame.time is not None else last_time
+            # the first frame also serves output times before it (a stream starting late)
+            while prev is not None and k < n and times[k] < t - _PTS_TOL:
+                out[k] = prev = _rgb(prev, width, height)
+                k += 1
+            if k >= n:
+                break
+            last_time, prev = t, frame
+        if k < n:
+            end = last_time + 1.0 / (info.fps or fps)
+            if prev is None or times[-1] >= end + _PTS_TOL:
+                raise MediaError(label, f"truncated or corrupt: video ends near {end:.3f} s, "
+                                        f"expected frames up to {times[-1]:.3f} s")
+            out[k:] = _rgb(prev, width, height)
+    return out
+
+
+def _rgb(frame: av.VideoFrame | np.ndarray, width: int, height: int) -> np.ndarray:
+    """A decoded frame as (height, width, 3) uint8 RGB (arrays pass through)."""
+    if isinstance(frame, np.ndarray):
+        return frame
+    shrink = width < frame.width or height < frame.height
+    return frame.reformat(width=width, height=height, format="rgb24",
+                          interpolation="AREA" if shrink else "BILINEAR").to_ndarray()
+
+
+def decode_audio(src: Source, *, sample_rate: int = 24000, start: float = 0.0,
+                 duration: float | None = None, name: str | None = None) -> np.ndarray:
+    """Decode the 4 ambiX channels of [start, start + duration) resampled to sample_rate.
+
+    Falls back to a sidecar audio file (find_audio_sidecar) when a path source has no audio
+    stream. Returns (4, round(duration * sample_rate)) float32, channels as stored (W, Y, Z, X).
+    """
+    label = _label(src, name)
+    with _open(src, label) as c:
+        if c.streams.audio:
+            return _decode_audio(c, label, sample_rate, start, duration)
+    if (side := _sidecar(src)) is None:
+        raise MediaError(label, _NO_AUDIO)
+    return decode_audio(side, sample_rate=sample_rate, start=start, duration=duration)
+
+
+def _decode_audio(c, label: str, sample_rate: int, start: float,
+                  duration: float | None) -> np.ndarray:
+    info = _audio_info(c)
+    if info.channels != 4:
+        raise MediaError(label, "expected 4-channel first-order ambisonics (ambiX), "
+                                f"found {info.channels}")
+    duration = _window(label, info.duration, start, duration)
+    src_rate, stream = info.sample_rate, c.streams.audio[0]
+    first, n_src = round(start * src_rate), round(duration * src_rate)
+    buf, filled = np.zeros((4, n_src), np.float32), 0  # filled: samples of buf covered so far
+    _seek(c, stream, start)
+    for frame in c.decode(stream):
+        data = _planar_float(frame)
+        at = round(frame.time * src_rate) - first if frame.time is not None else filled
+        lo, hi = max(at, 0), min(at + data.shape[1], n_src)
+        if hi > lo:
+            buf[:, lo:hi] = data[:, lo - at:hi - at]
+            filled = max(filled, hi)
+        if at >= n_src:
+            break
+    # an AAC stream may end up to one frame (1024 samples) before its nominal length
+    if n_src - filled > 1024 + round(_DURATION_TOL * src_rate):
+        end = start + filled / src_rate
+        raise MediaError(label, f"truncated or corrupt: audio ends near {end:.3f} s, expected "
+                                f"{start + duration:.3f} s")
+    if src_rate == sample_rate:
+        return buf
+    return _resample(buf, src_rate, sample_rate, round(duration * sample_rate))
+
+
+def _planar_float(frame) -> np.ndarray:
+    """Any PCM sample format -> (channels, samples) float32 in [-1, 1]."""
+    x = frame.to_ndarray()
+    x = x if frame.format.is_planar else x.reshape(-1, len(frame.layout.channels)).T
+    if x.dtype == np.uint8:
+        return (x.astype(np.float32) - 128.0) / 128.0
+    scale = -np.iinfo(x.dtype).min if np.issubdtype(x.dtype, np.integer) else 1.0
+    return (x / np.float32(scale)).astype(np.float32, copy=False)
+
+
+def _resample(x: np.ndarray, rate: int, new_rate: int, n_out: int) -> np.ndarray:
+    """(4, N) at rate -> (4, n_out) at new_rate with swresample. Input and output share one
+    4-channel layout, so no channel is mixed into another (tests check this)."""
+    resampler = av.AudioResampler(format="fltp", layout=AUDIO_LAYOUT, rate=new_rate)
+    frame = _audio_frame(x, rate, 0)
+    parts = [f.to_ndarray() for f in (*resampler.resample(frame), *resampler.resample(None))]
+    y = np.concatenate([np.zeros((4, 0), np.float32), *parts], axis=1)[:, :n_out]
+    return np.pad(y, ((0, 0), (0, n_out - y.shape[1])))
+
+
+def _audio_frame(x: np.ndarray, rate: int, pts: int) -> av.AudioFrame:
+    frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(x), format="fltp", layout=AUDIO_LAYOUT)
+    frame.sample_rate, frame.pts, frame.time_base = rate, pts, Fraction(1, rate)
+    return frame
+
+
+def decode_clip(src: Source, *, audio_src: Source | None = None, fps: float = 16.0,
+                start: float = 0.0, duration: float | None = None, sample_rate: int = 24000,
+                size: tuple[int, int] | None = None, name: str | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Video (T, H, W, 3) uint8 and FOA (4, N) float32 of one window. Audio comes from
+    audio_src when given, else from src (or its sidecar). duration None = up to the end of
+    the shorter stream."""
+    label = _label(src, name)
+    a_src, a_name = (src, label) if audio_src is None else (audio_src, f"{label} (audio)")
+    if duration is None:
+        ends = (probe(src, label).video.duration, probe_audio(a_src, a_name).duration)
+        duration = _window(label, min(ends), start, None)
+    return (decode_video(src, fps=fps, start=start, duration=duration, size=size, name=label),
+            decode_audio(a_src, sample_rate=sample_rate, start=start, duration=duration,
+                         name=a_name))
+
+
+def encode_clip(path: str | os.PathLike, video: np.ndarray, fps: float, foa: np.ndarray,
+                sample_rate: int) -> None:
+    """Write an MP4: H.264 (yuv420p, keyframe every second) + 4-channel AAC, 96 kb/s per
+    channel, channels in the order given (ambiX W, Y, Z, X).
+
+    video: (T, H, W, 3) uint8 with even H and W; foa: (4, N) float in [-1, 1]. The file is
+    written next to path and renamed into place, so a reader never sees a partial file.
+    """
+    path = Path(path)
+    if (video.ndim != 4 or video.shape[-1] != 3 or video.dtype != np.uint8 or video.shape[1] % 2
+            or video.shape[2] % 2 or foa.ndim != 2 or foa.shape[0] != 4):
+        raise MediaError(path, "need video (T, H, W, 3) uint8 with even H and W, and foa (4, N);"
+                               f" got {video.dtype} {video.shape} and {foa.shape}")
+    rate, tmp = Fraction(fps).limit_denominator(1001), path.with_name(f".{path.name}.tmp")
+    try:
+        with av.open(str(tmp), "w", format="mp4", options={"movflags": "+faststart"}) as c:
+            vs = c.add_stream("libx264", rate=rate, options={
+                "preset": "veryfast", "crf": "23", "g": str(max(1, round(fps)))})
+            vs.width, vs.height, vs.pix_fmt = video.shape[2], video.shape[1], "yuv420p"
+            aus = c.add_stream("aac", rate=sample_rate, layout=AUDIO_LAYOUT,
+                               options={"aac_coder": "fast", "aac_is": "0", "aac_pns": "0"})
+            aus.bit_rate = 4 * 96_000
+            samples = np.clip(foa, -1.0, 1.0).astype(np.float32)
+            n_audio, done = samples.shape[1], 0
+            for i in range(len(video) + 1):
+                if i < len(video):
+                    frame = av.VideoFrame.from_ndarray(video[i], format="rgb24")
+                    frame.pts, frame.time_base = i, 1 / rate
+                    c.mux(vs.encode(frame))
+                # interleaved: audio up to the end of this video frame (all of it after the last)
+                upto = n_audio if i == len(video) else min(n_audio, (i + 1) * sample_rate / fps)
+                while done + 1024 <= upto or (i == len(video) and done < n_audio):
+                    c.mux(aus.encode(_audio_frame(samples[:, done:done + 1024], sample_rate, done)))
+                    done += 1024
+            c.mux(vs.encode(None))
+            c.mux(aus.encode(None))
+        os.replace(tmp, path)
+    except _AV_ERRORS as e:
+        raise MediaError(path, f"cannot encode ({_why(e)})") from e
+    finally:
+        tmp.unlink(missing_ok=True)

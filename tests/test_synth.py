@@ -1,0 +1,172 @@
+"""Synthetic 360 scenes: determinism, classes, masks where the sources are, sound from there."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from avsa import geometry, media, synth
+from avsa.errors import ConfigError
+from avsa.synth import SourceSpec
+
+SMALL = {"width": 192, "height": 96}
+
+
+def mask_centroid(mask: np.ndarray, mask_id: int) -> tuple[float, float]:
+    """Area-weighted mean direction (degrees) of the pixels holding mask_id."""
+    h, w = mask.shape
+    rows, cols = np.nonzero(mask == mask_id)
+    az, el = geometry.pixel_to_direction((cols + 0.5) / w, (rows + 0.5) / h)
+    vec = geometry.direction_vector(az, el) * torch.cos(el)[:, None]
+    c_az, c_el = geometry.vector_to_direction(vec.sum(0))
+    return math.degrees(c_az), math.degrees(c_el)
+
+
+def angle_deg(az1, el1, az2, el2) -> float:
+    return math.degrees(float(geometry.angular_distance(*map(math.radians, (az1, el1, az2, el2)))))
+
+
+def foa_peak(foa: np.ndarray) -> tuple[float, float]:
+    energy, az, el = geometry.energy_map(torch.from_numpy(foa), n_az=180, n_el=90)
+    i, j = divmod(int(energy.argmax()), energy.shape[1])
+    return math.degrees(az[j]), math.degrees(el[i])
+
+
+def test_classes_are_many_and_distinct():
+    assert len(synth.CLASSES) >= 8 and len(set(synth.CLASSES)) == len(synth.CLASSES)
+    specs = synth.SOURCE_CLASSES
+    assert len({c.color for c in specs}) == len({c.f0_hz for c in specs}) == len(specs)
+    scenes = [synth.make_scene(0, 0.25, sources=[SourceSpec(c, 0, 0)]) for c in synth.CLASSES]
+    masks = [s.masks[0] > 0 for s in scenes]
+    for a in range(len(masks)):
+        for b in range(a):  # every pair of shapes differs in at least a tenth of its area
+            inter, union = (masks[a] & masks[b]).sum(), (masks[a] | masks[b]).sum()
+            assert inter / union < 0.9, (synth.CLASSES[a], synth.CLASSES[b])
+    assert scenes[0].video.shape == (4, 192, 384, 3)  # the defaults: 384x192 at 16 fps
+
+
+def test_bad_scene_arguments():
+    with pytest.raises(ConfigError, match="unknown class 'kazoo'"):
+        synth.make_scene(0, 0.25, sources=[SourceSpec("kazoo", 0, 0)])
+    with pytest.raises(ConfigError, match=r"num_sources: must be in \[1, 8\], got 9"):
+        synth.make_scene(0, 0.25, num_sources=9)
+
+
+def test_same_seed_same_bytes_other_seed_differs():
+    a, b = synth.make_scene(11, 1.0, **SMALL), synth.make_scene(11, 1.0, **SMALL)
+    for x, y in ((a.video, b.video), (a.foa, b.foa), (a.masks, b.masks)):
+        assert x.tobytes() == y.tobytes()
+    assert a.meta == b.meta
+    c = synth.make_scene(12, 1.0, **SMALL)
+    assert c.video.tobytes() != a.video.tobytes() and c.foa.tobytes() != a.foa.tobytes()
+
+
+def test_shapes_units_and_placement():
+    scene = synth.make_scene(3, 2.0, num_sources=3, **SMALL)
+    assert scene.video.shape == (32, 96, 192, 3) and scene.video.dtype == np.uint8
+    assert scene.foa.shape == (4, 48000) and scene.foa.dtype == np.float32
+    assert np.abs(scene.foa).max() == pytest.approx(synth.PEAK, rel=1e-5)
+    assert scene.masks.shape == (2 * synth.LABEL_FPS, 96, 192) and scene.masks.dtype == np.uint8
+    srcs = scene.meta["sources"]
+    assert len(srcs) == 3 and len(set(scene.meta["classes"])) == 3
+    for s in srcs:
+        assert abs(s["el_deg"][0]) <= 30 and 1 <= abs(s["drift_deg_s"]) <= 4
+    for i in range(3):
+        for j in range(i):
+            a, b = srcs[i], srcs[j]
+            assert angle_deg(a["az_deg"][0], a["el_deg"][0], b["az_deg"][0], b["el_deg"][0]) >= 40
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_masks_sit_on_the_sources(seed):
+    scene = synth.make_scene(seed, 2.0, **SMALL)
+    present = set(np.unique(scene.masks)) - {0}
+    assert present == {s["mask_id"] for s in scene.meta["sources"]}
+    for s in scene.meta["sources"]:
+        assert s["mask_id"] == synth.CLASSES.index(s["class"]) + 1
+        for k in (0, len(s["az_deg"]) - 1):
+            az, el = mask_centroid(scene.masks[k], s["mask_id"])
+            assert angle_deg(az, el, s["az_deg"][k], s["el_deg"][k]) < 2.5
+
+
+def test_polar_and_seam_sources_stay_compact():
+    """A patch on the ±180° seam wraps to both image edges; near the pole it spans all
+    columns; in both the centroid is the source direction."""
+    for az, el in ((180.0, 10.0), (-179.0, -20.0), (45.0, 80.0)):
+        scene = synth.make_scene(0, 0.25, sources=[SourceSpec("disc", az, el)], **SMALL)
+        got = mask_centroid(scene.masks[0], 1)
+        assert angle_deg(*got, az, el) < 1.5
+        area = (scene.masks[0] == 1).sum()
+        assert area > 0
+    seam = synth.make_scene(0, 0.25, sources=[SourceSpec("disc", 180.0, 0.0)], **SMALL).masks[0]
+    assert seam[:, 0].any() and seam[:, -1].any() and not seam[:, 96].any()
+
+
+def test_sound_is_the_class_tone():
+    scene = synth.make_scene(5, 2.0, sources=[SourceSpec("ring", 30, 10)], **SMALL)
+    f0 = scene.meta["sources"][0]["f0_hz"]
+    w = scene.foa[0]
+    power = np.abs(np.fft.rfft(w)) ** 2
+    hz = np.fft.rfftfreq(w.size, 1 / 24000)
+    harmonics = [h + 1 for h, a in enumerate(synth.SOURCE_CLASSES[3].harmonics) if a]
+    near = np.zeros_like(hz, dtype=bool)
+    for h in harmonics:
+        near |= np.abs(hz - h * f0) < 8  # AM sidebands at +-2.5 Hz
+    assert power[near].sum() / power.sum() > 0.95
+
+
+def test_visual_pulse_in_step_with_sound():
+    scene = synth.make_scene(6, 4.0, sources=[SourceSpec("disc", -60, 0)], **SMALL)
+    area = (scene.masks == 1).sum(axis=(1, 2)).astype(float)
+    w = scene.foa[0]
+    centres = (np.arange(len(area)) / synth.LABEL_FPS * 24000).astype(int)
+    rms = [np.sqrt((w[max(c - 240, 0):c + 240] ** 2).mean()) for c in centres]
+    assert np.corrcoef(area, rms)[0, 1] > 0.8
+
+
+def test_foa_peak_survives_aac_round_trip(tmp_path):
+    scene = synth.make_scene(21, 2.0, num_sources=1, **SMALL)
+    path = tmp_path / "one.mp4"
+    media.encode_clip(path, scene.video, 16, scene.foa, 24000)
+    foa = media.decode_audio(path, sample_rate=24000)
+    src = scene.meta["sources"][0]
+    mid = len(src["az_deg"]) // 2
+    assert angle_deg(*foa_peak(foa), src["az_deg"][mid], src["el_deg"][mid]) < 5
+
+
+def test_write_dataset_writes_and_skips(tmp_path):
+    paths = synth.write_dataset(tmp_path, 2, 1.0, seed=4, progress=False, **SMALL)
+    assert [p.name for p in paths] == ["clip-000000.mp4", "clip-000001.mp4"]
+    meta = json.loads((tmp_path / "clip-000001.json").read_text())
+    assert meta["seed"] == synth.clip_seed(4, 1) and meta["label_fps"] == synth.LABEL_FPS
+    with np.load(tmp_path / "clip-000001.masks.npz") as npz:
+        assert npz["masks"].shape == (4, 96, 192)
+    info = media.probe(paths[1])
+    assert (info.video.width, info.video.frames, info.audio.channels) == (192, 16, 4)
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    (tmp_path / "clip-000000.json").unlink()  # an interrupted clip: redone, the other kept
+    synth.write_dataset(tmp_path, 2, 1.0, seed=4, progress=False, **SMALL)
+    assert (tmp_path / "clip-000001.mp4").stat().st_mtime_ns == stamps[paths[1]]
+    assert (tmp_path / "clip-000000.json").is_file()
+    assert not list(tmp_path.glob(".*"))  # no temporary files left
+
+
+def test_cli_with_workers_matches_in_process(tmp_path, capsys):
+    rc = synth.main([str(tmp_path / "a"), "--clips", "2", "--seconds", "0.5", "--seed", "9",
+                     "--workers", "2", "--width", "128", "--height", "64"])
+    assert rc == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "2 written" in out[0]
+    synth.write_dataset(tmp_path / "b", 2, 0.5, seed=9, progress=False, width=128, height=64)
+    a, b = (tmp_path / d for d in "ab")
+    name = "clip-000001"
+    assert json.loads((a / f"{name}.json").read_text()) == json.loads((b / f"{name}.json").read_text())
+    with np.load(a / f"{name}.masks.npz") as x, np.load(b / f"{name}.masks.npz") as y:
+        np.testing.assert_array_equal(x["masks"], y["masks"])
+    assert synth.main([str(tmp_path / "a"), "--clips", "2", "--seconds", "0.5", "--seed", "9",
+                       "--width", "128", "--height", "64"]) == 0
+    assert "0 written, 2 already there" in capsys.readouterr().out
