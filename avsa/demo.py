@@ -67,7 +67,7 @@ def main(argv: list[str]) -> int:
         t = run_transfer(tcfg)
         print(f"[avsa demo] transfer avsa_bin: {t.summary()}")
 
-    uri = tracking.resolve_uri(cfg.tracking.uri)
+    uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     print(f"[avsa demo] done in {time.perf_counter() - t0:.0f}s. Look at the runs with:")
     print(f"    .venv/bin/mlflow ui --backend-store-uri {uri}")
     print("  then open http://127.0.0.1:5000 (experiments avsa-pretrain and avsa-transfer)")

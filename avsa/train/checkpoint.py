@@ -123,7 +123,8 @@ def resolve_init(ref: str, tracking_uri: str | None = None) -> tuple[dict[str, A
     if _RUN_ID.match(ref):
         from avsa import tracking
 
-        tag = tracking.get_run_tag(tracking_uri, ref, tracking.CHECKPOINT)
+        run = tracking.get_run(tracking.resolve_tracking_uri(tracking_uri), ref)
+        tag = run.data.tags.get(tracking.CHECKPOINT)
         if not tag:
             raise CheckpointError(ref, "MLflow run has no avsa.checkpoint_uri tag (did it finish?)")
         uri = tag

@@ -19,6 +19,7 @@ import torch
 
 from avsa import storage
 from avsa.config import Config, from_dict
+from avsa.data.pipeline import BOOKKEEPING
 from avsa.train import checkpoint as ckpt
 from avsa.train.objective import (
     audio_channels,
@@ -73,16 +74,36 @@ def _gather():
     return gather_with_grad if dist.is_available() and dist.is_initialized() else None
 
 
-def _batches(cfg: Config, world: int) -> Iterator[dict[str, torch.Tensor]]:
+def _batches(cfg: Config, world: int) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
+    """Fixed-size local batches from this worker's dataset shard, and the samples skipped
+    upstream (corrupt clips) counted on their rows. Placeholder rows (valid=0) are dropped
+    and the batch refilled, so every step sees exactly batch_size // world real samples."""
     import ray.train
 
-    shard = ray.train.get_dataset_shard("train")
-    return shard.iter_torch_batches(
-        batch_size=cfg.train.batch_size // world,
+    size = cfg.train.batch_size // world
+    it = ray.train.get_dataset_shard("train").iter_torch_batches(
+        batch_size=size,
         local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
-        drop_last=True,
+        drop_last=False,
         prefetch_batches=2,
     )
+    buffer: dict[str, torch.Tensor] | None = None
+    skipped = 0
+    for batch in it:
+        skipped += int(batch["skipped"].sum())
+        valid = batch["valid"] == 1
+        batch = {k: v if bool(valid.all()) else v[valid] for k, v in batch.items()
+                 if k not in BOOKKEEPING}
+        if buffer is not None:
+            batch = {k: torch.cat((buffer[k], v)) for k, v in batch.items()}
+            buffer = None
+        n, start = len(batch["video"]), 0
+        while n - start >= size:
+            yield (batch if n == size else {k: v[start:start + size] for k, v in batch.items()},
+                   skipped)
+            skipped, start = 0, start + size
+        if start < n:
+            buffer = {k: v[start:] for k, v in batch.items()}
 
 
 def _val_batches(cfg: Config) -> list[dict[str, torch.Tensor]]:
@@ -223,7 +244,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         )
     val = _val_batches(cfg) if rank == 0 else []
     gather = _gather()
-    meter, skipped = Meter(), torch.zeros((), device=device)
+    meter, skipped = Meter(), 0
     t_last, clips_since, t_start, step_start = time.perf_counter(), 0, time.perf_counter(), step
     per_worker = cfg.train.batch_size // world
     model.train()
@@ -231,7 +252,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     def save_fn(d):
         ckpt.save(d, model=raw_model, optimizer=optimizer, step=step, config=loop_config["cfg"])
 
-    for batch in _batches(cfg, world):
+    for batch, skipped_here in _batches(cfg, world):
         if step >= cfg.train.max_steps:
             break
         step += 1
@@ -243,8 +264,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
             )
             log.info("curriculum: AVC -> %s at step %d (fresh transformers and heads)", kind, step)
-        if "skipped" in batch:
-            skipped += batch.pop("skipped").to(device).sum()
+        skipped += skipped_here
         b = to_device(batch, device)
         with _autocast(cfg, device):
             loss, metrics = compute_objective(
@@ -270,7 +290,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             now = time.perf_counter()
             metrics_out.update(meter.mean("train"))
             metrics_out["throughput/clips_per_s"] = clips_since / max(now - t_last, 1e-9)
-            metrics_out["data/skipped_samples"] = _all_reduce_sum(skipped)
+            metrics_out["data/skipped_samples"] = _all_reduce_sum(skipped, device)
             rate = (step - step_start) / max(now - t_start, 1e-9)
             eta = (cfg.train.max_steps - step) / max(rate, 1e-9)
             t_last, clips_since = now, 0
@@ -292,10 +312,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         )
 
 
-def _all_reduce_sum(x: torch.Tensor) -> float:
+def _all_reduce_sum(x: float, device: torch.device) -> float:
     import torch.distributed as dist
 
-    y = x.detach().clone().float()
+    y = torch.tensor(float(x), device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(y)
     return float(y)
