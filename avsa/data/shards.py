@@ -289,5 +289,5 @@ def write_shards(input_dir: str, output_uri: str, *, samples_per_shard: int = 32
     out.commit(Manifest(split=split, shards=infos, total_samples=sum(i.samples for i in infos)))
     summary = ShardSummary(uri=output_uri, shards=len(infos), samples=len(good), bad=bad,
                            written=written, unchanged=len(infos) - written)
-    log.info("%s (%d shards already in place)", summary, summary.unchanged)
+    log.debug("%s (%d shards already in place)", summary, summary.unchanged)
     return summary

@@ -19,17 +19,20 @@ import torch
 
 from avsa import storage
 from avsa.config import Config, from_dict
-from avsa.data.pipeline import BOOKKEEPING
 from avsa.train import checkpoint as ckpt
 from avsa.train.objective import (
     audio_channels,
     compute_objective,
     model_from_config,
     reset_context_and_heads,
+    to_channels_last,
     to_device,
+    use_channels_last,
 )
 
 log = logging.getLogger("avsa.train")
+# Row fields the pipeline adds for accounting (see avsa/data/pipeline.py), not model inputs.
+BOOKKEEPING = ("key_id", "epoch", "valid", "skipped", "missing_shards", "labels")
 
 
 @dataclass
@@ -86,6 +89,11 @@ def _batches(cfg: Config, world: int) -> Iterator[tuple[dict[str, torch.Tensor],
         local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
         drop_last=False,
         prefetch_batches=2,
+        # Host tensors, pinned on GPU machines by Ray's prefetch threads: the bookkeeping
+        # below (int, bool) then never syncs the device, and the loop's `to_device` copy is
+        # asynchronous.
+        device="cpu",
+        pin_memory=torch.cuda.is_available(),
     )
     buffer: dict[str, torch.Tensor] | None = None
     skipped = 0
@@ -205,8 +213,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.train.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 leftovers outside autocast
+        torch.backends.cudnn.allow_tf32 = True
 
     model = model_from_config(cfg.model, audio_channels(cfg))
+    if use_channels_last(device):
+        to_channels_last(model)  # before DDP: its gradient buckets follow the weights' layout
     step = 0
     resume = ray.train.get_checkpoint()
     state = None

@@ -1,0 +1,295 @@
+"""Streaming input pipeline: shards -> transformed samples, on Ray Data or in one process.
+
+One work item per (epoch, shard): each epoch visits every shard once, in an order permuted by
+(seed, epoch). A Ray task (or the local iterator) opens the shard (checksum verified), walks its
+samples and runs `transform.make_sample` on each. Shuffling across shards happens in the
+consumer's local shuffle buffer (`iter_torch_batches(local_shuffle_buffer_size=...)`).
+
+Rows hold the sample's arrays plus bookkeeping, all numeric so `iter_torch_batches` converts
+every field:
+  "key_id" () int64   63-bit sha256 of the sample key (`key_id(key)`); "key" (str) only when
+                      build_dataset(keys=True) (string columns do not convert to tensors)
+  "epoch"  () int64
+  "labels" (K,) float32, always present (zeros when the sample's json names no classes)
+  "valid"  () int64   1 for a real sample, 0 for a placeholder row (below)
+  "skipped" () int64  samples lost and not emitted, counted on the row emitted after them
+  "missing_shards" () int64  shards that could not be read (with skip_missing_shards)
+
+Skip accounting: a sample whose transform raises an AvsaError is logged (one warning naming
+shard and key) and counted in "skipped" on a row of the same shard: the task holds back its
+latest good row and adds later failures to it, so every count lands on a real sample. Only a
+shard with no decodable sample at all (or an unreadable shard under skip_missing_shards)
+yields a placeholder row: zeros of the right shapes with valid=0. Consumers sum "skipped" over
+all rows and drop rows with valid=0 (`split_valid`), so no count is lost and no placeholder
+reaches the model. `iter_local` folds placeholders away itself.
+
+Ray Train: pass the dataset as `TorchTrainer(datasets={"train": ds}, dataset_config=
+ray.train.DataConfig(datasets_to_split=["train"]))`; each worker reads
+`ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=..., local_shuffle_buffer_size=
+cfg.shuffle_buffer)` and calls `split_valid` on every batch. The split is equal: a pass whose row
+count is not a multiple of the worker count drops the remainder rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from avsa import storage, synth
+from avsa.data import manifest as manifest_mod
+from avsa.data import shards
+from avsa.data.manifest import ShardInfo
+from avsa.data.transform import collate, make_sample
+from avsa.errors import AvsaError, ShardError, StorageError
+
+log = logging.getLogger(__name__)
+
+def key_id(key: str) -> int:
+    """Stable non-negative int64 id of a sample key (first 63 bits of its sha256)."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") >> 1
+
+
+def shard_items(uri: str, *, epochs: int, seed: int, start_epoch: int = 0, shuffle: bool = True,
+                manifest: manifest_mod.Manifest | None = None) -> list[dict[str, Any]]:
+    """Work items, epoch by epoch, shards permuted per epoch by (seed, epoch):
+    [{"uri", "sha256", "bytes", "samples", "epoch"}]."""
+    man = manifest if manifest is not None else manifest_mod.read_manifest(uri)
+    uris = manifest_mod.shard_uris(uri, man)
+    items = []
+    for epoch in range(start_epoch, start_epoch + epochs):
+        rng = np.random.default_rng([int(seed), epoch])
+        order = rng.permutation(len(uris)) if shuffle else np.arange(len(uris))
+        for i in order:
+            info = man.shards[int(i)]
+            items.append({"uri": uris[i], "sha256": info.sha256, "bytes": info.bytes,
+                          "samples": info.samples, "epoch": epoch})
+    return items
+
+
+def _work(uri: str, cfg, skip: bool | None, **kw) -> tuple[list[dict[str, Any]], bool]:
+    """(work items, skip_missing_shards resolved); checks shard presence unless skipping."""
+    skip = cfg.skip_missing_shards if skip is None else bool(skip)
+    man = manifest_mod.read_manifest(uri)
+    if not man.shards:
+        raise ShardError(manifest_mod.manifest_uri(uri), "manifest lists no shards")
+    if not skip:
+        check_shards_present(uri, man)
+    return shard_items(uri, manifest=man, **kw), skip
+
+
+def count_samples(uri: str) -> int:
+    """Samples in the split whose manifest is at (or in) uri."""
+    return manifest_mod.read_manifest(uri).total_samples
+
+
+def steps_per_epoch(manifest: manifest_mod.Manifest, batch_size: int, world_size: int) -> int:
+    """Full batches each of world_size workers gets per epoch (the split is equal, remainders
+    dropped); at least 1 so schedules stay defined on tiny data."""
+    return max(1, manifest.total_samples // max(1, world_size) // max(1, batch_size))
+
+
+def placeholder_row(cfg, *, epoch: int, skipped: int, missing: int = 0, other_time: bool = False,
+                    misalign_prob: float = 0.0, with_masks: bool = False) -> dict[str, Any]:
+    """A valid=0 row with zero arrays of the shapes make_sample produces, carrying counts."""
+    v, s, t = cfg.num_viewpoints, cfg.crop_size, cfg.frames
+    c = 1 if cfg.audio_mode == "mono" else 4
+    f = round(cfg.audio_seconds * cfg.sample_rate) // cfg.hop
+    row: dict[str, Any] = {
+        "video": np.zeros((v, 3, t, s, s), np.uint8),
+        "audio": np.zeros((v, c, f, cfg.n_mels), np.float32),
+        "directions": np.zeros((v, 2), np.float32),
+        "labels": np.zeros(len(synth.CLASSES), np.float32),
+    }
+    if other_time:
+        row["audio_other"] = row["audio"].copy()
+    if misalign_prob > 0:
+        row["aligned"] = np.array(0, np.int64)
+    if with_masks:
+        row["masks"] = np.zeros((v, s, s), np.int64)
+    row.update(key_id=np.int64(-1), epoch=np.int64(epoch), valid=np.int64(0),
+               skipped=np.int64(skipped), missing_shards=np.int64(missing))
+    return row
+
+
+def decode_shard(item: dict[str, Any], *, cfg, seed: int, other_time: bool = False,
+                 misalign_prob: float = 0.0, with_masks: bool = False,
+                 skip_missing_shards: bool = False, keys: bool = False,
+                 torch_threads: int | None = None) -> Iterator[dict[str, Any]]:
+    """One work item -> rows of its shard's samples (see the module docstring for the fields)."""
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    uri, epoch = str(item["uri"]), int(item["epoch"])
+    opts = dict(other_time=other_time, misalign_prob=misalign_prob, with_masks=with_masks)
+    info = ShardInfo(name=uri.rsplit("/", 1)[-1], samples=int(item["samples"]),
+                     bytes=int(item["bytes"]), sha256=str(item["sha256"]))
+    held: dict[str, Any] | None = None
+    pending = seen = 0
+    try:
+        for raw in shards.open_shard(uri, info):
+            seen += 1
+            try:
+                row = make_sample(raw, cfg, seed=seed, epoch=epoch, **opts)
+            except AvsaError as exc:
+                log.warning("skipping sample %s in shard %s: %s", raw.key, uri, exc)
+                if held is None:
+                    pending += 1
+                else:
+                    held["skipped"] += 1
+                continue
+            row.setdefault("labels", np.zeros(len(synth.CLASSES), np.float32))
+            row.update(key_id=np.int64(key_id(raw.key)), epoch=np.int64(epoch),
+                       valid=np.int64(1), skipped=np.int64(pending), missing_shards=np.int64(0))
+            if keys:
+                row["key"] = raw.key
+            pending = 0
+            if held is not None:
+                yield held
+            held = row
+    except (ShardError, StorageError) as exc:
+        if not skip_missing_shards:
+            raise ShardError(uri, f"cannot read shard: {getattr(exc, 'reason', exc)}") from None
+        lost = max(0, info.samples - seen)
+        log.warning("skipping unreadable shard %s (%d samples lost): %s", uri, lost, exc)
+        pending += lost
+        if held is None:
+            yield _placeholder(cfg, epoch, pending, 1, keys, opts)
+            return
+        held["skipped"] += pending
+        held["missing_shards"] += 1
+        pending = 0
+    if held is not None:
+        yield held
+    elif pending:
+        yield _placeholder(cfg, epoch, pending, 0, keys, opts)
+
+
+def _placeholder(cfg, epoch: int, skipped: int, missing: int, keys: bool, opts: dict) -> dict:
+    row = placeholder_row(cfg, epoch=epoch, skipped=skipped, missing=missing, **opts)
+    if keys:
+        row["key"] = ""
+    return row
+
+
+def build_dataset(uri: str, cfg, *, epochs: int, seed: int, other_time: bool = False,
+                  misalign_prob: float = 0.0, with_masks: bool = False,
+                  skip_missing_shards: bool | None = None, start_epoch: int = 0,
+                  keys: bool = False):
+    """Ray Data dataset of transformed samples for `epochs` epochs from `start_epoch`.
+
+    A missing shard fails here, before anything runs, with a ShardError naming it, unless
+    skip_missing_shards (default cfg.skip_missing_shards) is set; then its samples are counted
+    as skipped at run time. Shards are decoded by tasks of cfg.decode_cpus CPUs each.
+    """
+    import ray.data
+
+    items, skip = _work(uri, cfg, skip_missing_shards, epochs=epochs, seed=seed,
+                        start_epoch=start_epoch)
+    kwargs = dict(cfg=cfg, seed=seed, other_time=other_time, misalign_prob=misalign_prob,
+                  with_masks=with_masks, skip_missing_shards=skip, keys=keys,
+                  torch_threads=max(1, int(cfg.decode_cpus)))
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    return ds.flat_map(decode_shard, fn_kwargs=kwargs, num_cpus=cfg.decode_cpus)
+
+
+def check_shards_present(uri: str, manifest: manifest_mod.Manifest | None = None) -> None:
+    """ShardError naming the first manifest shard absent from its folder (one listing)."""
+    man = manifest if manifest is not None else manifest_mod.read_manifest(uri)
+    present = {u.rstrip("/").rsplit("/", 1)[-1] for u in _list(manifest_mod.shard_dir(uri))}
+    for shard_uri, info in zip(manifest_mod.shard_uris(uri, man), man.shards):
+        if info.name not in present:
+            raise ShardError(shard_uri, "shard listed in the manifest is missing")
+
+
+def _list(folder: str) -> list[str]:
+    try:
+        return storage.list_prefix(folder)
+    except StorageError as exc:
+        raise ShardError(folder, f"cannot list shards: {exc.reason}") from None
+
+
+def split_valid(batch: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """(batch without placeholder rows, samples skipped as counted on all rows of the batch).
+    Works on numpy and torch batches (any device); list fields are filtered too."""
+    skipped = int(batch["skipped"].sum())
+    keep = batch["valid"] == 1
+    if bool(keep.all()):
+        return batch, skipped
+    idx = torch.nonzero(keep).squeeze(1) if isinstance(keep, torch.Tensor) else np.flatnonzero(keep)
+    pos = idx.tolist()
+    return {k: ([v[i] for i in pos] if isinstance(v, list) else v[idx])
+            for k, v in batch.items()}, skipped
+
+
+def _fold_placeholders(rows: Iterator[dict[str, Any]], uri: str) -> Iterator[dict[str, Any]]:
+    """Drop valid=0 rows, moving their counts onto a real row (one is held back for that)."""
+    held, pending, missing = None, 0, 0
+    for row in rows:
+        if int(row["valid"]) == 0:
+            if held is None:
+                pending, missing = pending + int(row["skipped"]), missing + int(row["missing_shards"])
+            else:
+                held["skipped"] += row["skipped"]
+                held["missing_shards"] += row["missing_shards"]
+            continue
+        row["skipped"] += pending
+        row["missing_shards"] += missing
+        pending = missing = 0
+        if held is not None:
+            yield held
+        held = row
+    if held is None and pending:
+        raise ShardError(uri, f"no decodable samples ({pending} skipped)")
+    if held is not None:
+        yield held
+
+
+def _shuffled(rows: Iterator[dict], size: int, rng: np.random.Generator) -> Iterator[dict]:
+    buf: list[dict] = []
+    for row in rows:
+        buf.append(row)
+        if len(buf) >= size:
+            yield buf.pop(int(rng.integers(len(buf))))
+    while buf:
+        yield buf.pop(int(rng.integers(len(buf))))
+
+
+def iter_local(uri: str, cfg, *, epochs: int = 1, seed: int, batch_size: int,
+               shuffle: bool = True, start_epoch: int = 0, other_time: bool = False,
+               misalign_prob: float = 0.0, with_masks: bool = False,
+               skip_missing_shards: bool | None = None,
+               drop_last: bool = False) -> Iterator[dict[str, Any]]:
+    """Batches {field: torch.Tensor (B, ...)} plus "key": list[str], in this process.
+
+    Same rows as build_dataset (placeholders folded into the counts of real rows). shuffle
+    permutes shards per epoch and mixes rows through a cfg.shuffle_buffer buffer; without it
+    the order is the manifest's, fully deterministic. drop_last drops the last partial batch
+    with the counts on its rows.
+    """
+    items, skip = _work(uri, cfg, skip_missing_shards, epochs=epochs, seed=seed,
+                        start_epoch=start_epoch, shuffle=shuffle)
+    opts = dict(cfg=cfg, seed=seed, other_time=other_time, misalign_prob=misalign_prob,
+                with_masks=with_masks, skip_missing_shards=skip, keys=True)
+    rows = (row for item in items for row in decode_shard(item, **opts))
+    rows = _fold_placeholders(rows, uri)
+    if shuffle and cfg.shuffle_buffer > 1:
+        rows = _shuffled(rows, cfg.shuffle_buffer, np.random.default_rng([int(seed), start_epoch]))
+    batch: list[dict] = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) == batch_size:
+            yield _to_torch(batch)
+            batch = []
+    if batch and not drop_last:
+        yield _to_torch(batch)
+
+
+def _to_torch(rows: list[dict]) -> dict[str, Any]:
+    names = [r.pop("key") for r in rows]
+    out: dict[str, Any] = {k: torch.from_numpy(v) for k, v in collate(rows).items()}
+    out["key"] = names
+    return out

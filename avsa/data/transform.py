@@ -1,0 +1,348 @@
+"""Per-sample transform: one shard sample (bytes) -> model-ready arrays.
+
+Everything random comes from a generator seeded by sha256(seed, epoch, key), so a sample is a
+pure function of (bytes, config, seed, epoch): the same on any worker, different per epoch.
+
+Time windows: a `cfg.audio_seconds` audio window is drawn uniformly inside the clip, and the
+`cfg.frames / cfg.fps` video window uniformly inside the audio window. Only those windows are
+decoded.
+
+Augmentation (cfg.augment): one flip decision mirrors the whole scene (every crop mirrored,
+FOA Y negated, viewpoint azimuths negated), a volume gain scales the FOA, and each crop gets
+its own colour jitter (brightness, contrast, saturation, hue; torchvision ColorJitter ranges,
+applied in that fixed order and fused into one affine RGB map per crop, clamped once; contrast
+uses the crop's mean grey over all its frames; hue rotates the (I, Q) chroma plane of YIQ, a
+cheap stand-in for an HSV hue shift).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from avsa import audio, geometry, media, synth
+from avsa.errors import MediaError
+
+VIDEO_MEMBER = "mp4"
+AUDIO_MEMBERS = ("m4a", "wav", "flac", "aac")  # separate FOA audio, preferred over the mp4's
+MASK_MEMBER = "masks.npz"
+OTHER_TIME_GAP_S = 1.0  # AVTS: the second audio window starts at least this far away
+
+_GRAY = (0.2989, 0.587, 0.114)  # torchvision rgb_to_grayscale weights
+_RGB_TO_YIQ = torch.tensor(
+    [[0.299, 0.587, 0.114], [0.5959, -0.2746, -0.3213], [0.2115, -0.5227, 0.3112]]
+)
+_YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
+
+
+def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
+    """Generator seeded by sha256 of (seed, epoch, key): stable across processes and runs."""
+    digest = hashlib.sha256(f"{int(seed)}\x1f{int(epoch)}\x1f{key}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:16], "little"))
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Start times in seconds of the audio window, the video window and (AVTS) the other one."""
+
+    audio: float
+    video: float
+    other: float | None = None
+
+
+def choose_windows(
+    rng: np.random.Generator, duration: float, audio_s: float, video_s: float,
+    other_time: bool = False, gap_s: float = OTHER_TIME_GAP_S,
+) -> Windows:
+    """Audio start uniform in [0, duration - audio_s]; video start uniform inside the audio
+    window; the other audio start uniform over starts >= gap_s away from the first, or the
+    farthest start possible when the clip is too short for that."""
+    last = max(0.0, duration - audio_s)
+    a0 = float(rng.uniform(0.0, last))
+    v0 = a0 + float(rng.uniform(0.0, max(0.0, min(audio_s, duration - a0) - video_s)))
+    other = None
+    if other_time:
+        spans = [(lo, hi) for lo, hi in ((0.0, a0 - gap_s), (a0 + gap_s, last)) if hi >= lo]
+        if not spans:  # too short: the start farthest from a0
+            other = 0.0 if a0 >= last - a0 else last
+        else:
+            u = float(rng.uniform(0.0, sum(hi - lo for lo, hi in spans)))
+            for lo, hi in spans:
+                other = lo + min(u, hi - lo)
+                if u <= hi - lo:
+                    break
+                u -= hi - lo
+    return Windows(audio=a0, video=min(v0, max(0.0, duration - video_s)), other=other)
+
+
+def jitter_factors(rng: np.random.Generator, n: int, jitter) -> np.ndarray:
+    """(n, 4) per-crop factors (brightness, contrast, saturation, hue) in ColorJitter ranges."""
+    b, c, s, h = (float(x) for x in jitter)
+    lo = [max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -h]
+    hi = [1 + b, 1 + c, 1 + s, h]
+    return rng.uniform(lo, hi, size=(n, 4)).astype(np.float32)
+
+
+def color_affine(crops: Tensor, factors: Tensor) -> tuple[Tensor, Tensor]:
+    """Colour jitter of each crop as one affine RGB map x -> A x + t: brightness b, contrast c
+    (blend with the crop's mean grey after brightness), saturation s (blend with the pixel's
+    grey), hue h (rotation by 2 pi h of the YIQ chroma plane), composed in that order.
+    crops (V, 3, T, S, S); factors (V, 4) -> A (V, 3, 3), t (V, 3)."""
+    b, c, s, h = factors.float().unbind(-1)
+    gray = torch.tensor(_GRAY)
+    mean = b * (crops.float().mean(dim=(2, 3, 4)) @ gray)  # (V,)
+    eye = torch.eye(3).expand(len(b), 3, 3)
+    sat = s[:, None, None] * eye + (1 - s)[:, None, None] * gray.expand(3, 3)
+    cos, sin, one, zero = torch.cos(2 * math.pi * h), torch.sin(2 * math.pi * h), b * 0 + 1, b * 0
+    rot = torch.stack((one, zero, zero, zero, cos, -sin, zero, sin, cos), -1).view(-1, 3, 3)
+    mix = _YIQ_TO_RGB @ rot @ _RGB_TO_YIQ @ sat  # (V, 3, 3)
+    return mix * (b * c)[:, None, None], mix.sum(-1) * ((1 - c) * mean)[:, None]
+
+
+def _apply_affine(crops: Tensor, a: Tensor, t: Tensor) -> Tensor:
+    x = crops.reshape(crops.shape[0], 3, -1)
+    return torch.baddbmm(t[..., None], a.to(x.dtype), x).view(crops.shape)
+
+
+def color_jitter(crops: Tensor, factors: Tensor) -> Tensor:
+    """crops (V, 3, T, S, S) float in [0, 1]; factors (V, 4) from jitter_factors -> same shape,
+    clamped once at the end (torchvision clamps after every step; only saturated pixels differ)."""
+    return _apply_affine(crops, *color_affine(crops, factors)).clamp_(0.0, 1.0)
+
+
+def to_uint8(crops: Tensor, factors: Tensor | None = None) -> Tensor:
+    """crops (V, 3, T, S, S) float in [0, 1] -> uint8, colour-jittered on the way when factors
+    are given (one pass over the pixels)."""
+    if factors is None:
+        return crops.mul(255.0).add_(0.5).clamp_(0.0, 255.0).to(torch.uint8)
+    a, t = color_affine(crops, factors)
+    return _apply_affine(crops, a * 255.0, t * 255.0 + 0.5).clamp_(0.0, 255.0).to(torch.uint8)
+
+
+def _fit(x: np.ndarray, n: int, axis: int, pad_edge: bool) -> np.ndarray:
+    """Truncate or pad x along axis to length n (edge repeat or zeros)."""
+    if x.shape[axis] >= n:
+        return np.take(x, np.arange(n), axis=axis)
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, n - x.shape[axis])
+    return np.pad(x, widths, mode="edge" if pad_edge else "constant")
+
+
+def _meta(raw, name: str) -> dict[str, Any]:
+    if "json" not in raw.members:
+        return {}
+    try:
+        meta = json.loads(raw.members["json"])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MediaError(name + ".json", f"invalid JSON: {exc}") from None
+    if not isinstance(meta, dict):
+        raise MediaError(name + ".json", "expected a JSON object")
+    return meta
+
+
+def _audio_source(raw) -> tuple[bytes, str]:
+    for ext in AUDIO_MEMBERS:
+        if ext in raw.members:
+            return raw.members[ext], f"{raw.key}.{ext}"
+    return raw.members[VIDEO_MEMBER], f"{raw.key}.{VIDEO_MEMBER}"
+
+
+def clip_duration(raw) -> float:
+    """Seconds both the video and the audio of a sample cover (container metadata, no decode)."""
+    video_name = f"{raw.key}.{VIDEO_MEMBER}"
+    info = media.probe(raw.members[VIDEO_MEMBER], name=video_name)
+    src, name = _audio_source(raw)
+    sound = info.audio if src is raw.members[VIDEO_MEMBER] else media.probe_audio(src, name=name)
+    if sound is None:
+        raise MediaError(video_name, "no audio stream and no m4a/wav/flac/aac member")
+    return min(info.video.duration, sound.duration)
+
+
+def _decode_audio(raw, cfg, starts: list[float], n: int, duration: float) -> list[np.ndarray]:
+    """One decode spanning all windows (clipped to the clip) -> [(4, n) float32 per start]."""
+    src, name = _audio_source(raw)
+    lo = min(starts)
+    span = min(max(starts) - lo + n / cfg.sample_rate, duration - lo)
+    wave = media.decode_audio(src, sample_rate=cfg.sample_rate, start=lo, duration=span, name=name)
+    if wave.ndim != 2 or wave.shape[0] != 4 or wave.shape[1] == 0:
+        raise MediaError(name, f"expected 4 ambisonic channels, got shape {wave.shape}")
+    wave = _fit(wave, round((max(starts) - lo) * cfg.sample_rate) + n, axis=1, pad_edge=False)
+    offsets = [round((s - lo) * cfg.sample_rate) for s in starts]
+    return [np.ascontiguousarray(wave[:, i:i + n]) for i in offsets]
+
+
+def _labels(meta: dict, name: str) -> np.ndarray | None:
+    if "classes" not in meta:
+        return None
+    k = len(synth.CLASSES)
+    hot = np.zeros(k, dtype=np.float32)
+    for c in meta["classes"]:
+        if isinstance(c, str) and c in synth.CLASSES:
+            hot[synth.CLASSES.index(c)] = 1.0
+        elif isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= k:
+            hot[c - 1] = 1.0  # numeric ids follow the masks: 1..K, 0 = background
+        else:
+            raise MediaError(name + ".json", f"unknown class {c!r}")
+    return hot
+
+
+def _mask_crops(raw, meta: dict, vp: geometry.Viewpoints, size: int, t_centre: float) -> Tensor:
+    """(V, S, S) int64 class ids: nearest-neighbour NFOV crop of the label frame nearest
+    t_centre (label fps from the json's mask_fps / label_fps / fps, default 1 frame)."""
+    name = f"{raw.key}.{MASK_MEMBER}"
+    if MASK_MEMBER not in raw.members:
+        raise MediaError(name, "masks requested but the sample has no masks member")
+    try:
+        with np.load(io.BytesIO(raw.members[MASK_MEMBER])) as npz:
+            masks = npz["masks"] if "masks" in npz.files else npz[npz.files[0]]
+    except (OSError, ValueError, KeyError, IndexError) as exc:
+        raise MediaError(name, f"unreadable masks: {exc}") from None
+    if masks.ndim == 2:
+        masks = masks[None]
+    if masks.ndim != 3 or masks.shape[0] == 0:
+        raise MediaError(name, f"expected masks (L, H, W), got {masks.shape}")
+    fps = next((float(meta[f]) for f in ("mask_fps", "label_fps", "fps") if meta.get(f)), 0.0)
+    idx = min(max(round(t_centre * fps), 0), masks.shape[0] - 1)
+    frame = torch.from_numpy(masks[idx].astype(np.float32))[None, None]
+    grid = geometry.nfov_grid(vp, size)
+    out = F.grid_sample(frame.expand(len(vp), -1, -1, -1), grid, mode="nearest",
+                        padding_mode="border", align_corners=False)
+    return out[:, 0].round().long()
+
+
+@dataclass(frozen=True)
+class SamplePlan:
+    """Every random choice for one sample; a pure function of (key, cfg, seed, epoch, duration).
+
+    vp: viewpoints in the clip frame; flip mirrors the scene; gain scales the FOA; jitter
+    (V, 4) colour factors or None; yaw (radians) turns the sound field before the viewpoint
+    rotation (0 when aligned).
+    """
+
+    windows: Windows
+    vp: geometry.Viewpoints
+    flip: bool
+    gain: float
+    jitter: np.ndarray | None
+    aligned: bool
+    yaw: float
+
+    @property
+    def view_az(self) -> Tensor:
+        """(V,) viewpoint azimuths in the (possibly mirrored) scene."""
+        return -self.vp.az if self.flip else self.vp.az
+
+    @property
+    def directions(self) -> np.ndarray:
+        """(V, 2) float32 (az, el) radians of the viewpoints in the (possibly mirrored) scene."""
+        return torch.stack((self.view_az, self.vp.el), dim=-1).numpy().astype(np.float32)
+
+
+def plan_sample(key: str, cfg, *, seed: int, epoch: int, duration: float,
+                other_time: bool = False, misalign_prob: float = 0.0) -> SamplePlan:
+    """Draw windows, viewpoints and augmentations from sample_rng(seed, epoch, key). The
+    viewpoints do not depend on `duration` (the same number of draws precedes them)."""
+    rng = sample_rng(seed, epoch, key)
+    win = choose_windows(rng, duration, cfg.audio_seconds, cfg.frames / cfg.fps, other_time)
+    gen = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
+    vp = geometry.sample_viewpoints(
+        gen, cfg.num_viewpoints, el_range_deg=(cfg.el_min_deg, cfg.el_max_deg),
+        hfov_deg=(cfg.fov_min_deg, cfg.fov_max_deg), aspect=(cfg.aspect_min, cfg.aspect_max),
+        min_separation_deg=cfg.min_separation_deg,
+    )
+    flip = bool(cfg.augment and rng.random() < cfg.flip_prob)
+    gain = float(rng.uniform(1 - cfg.volume_jitter, 1 + cfg.volume_jitter)) if cfg.augment else 1.0
+    jitter = jitter_factors(rng, len(vp), cfg.color_jitter) if cfg.augment else None
+    aligned = not (misalign_prob > 0 and rng.random() < misalign_prob)
+    yaw = 0.0 if aligned else math.radians(float(rng.uniform(60.0, 300.0)))
+    return SamplePlan(win, vp, flip, gain, jitter, aligned, yaw)
+
+
+def view_crops(frames, plan: SamplePlan, size: int) -> Tensor:
+    """frames (T, H, W, 3) uint8 -> (V, 3, T, S, S) uint8: NFOV crops, colour jitter,
+    mirrored when the plan flips."""
+    jitter = None if plan.jitter is None else torch.from_numpy(plan.jitter)
+    crops = to_uint8(geometry.nfov_crop(frames, plan.vp, size), jitter)
+    return geometry.flip_video(crops) if plan.flip else crops
+
+
+def _scene_foa(foa: Tensor, plan: SamplePlan) -> Tensor:
+    foa = foa * plan.gain
+    return geometry.flip_foa(foa) if plan.flip else foa
+
+
+def view_foa(foa: Tensor, plan: SamplePlan) -> Tensor:
+    """foa (4, N) -> (V, 4, N): gain, mirror (Y negated) when flipped, then each viewpoint's
+    centre rotated to the front. The misalignment yaw is folded into the rotation: turning the
+    field by yaw and then rotating toward az equals rotating toward az - yaw."""
+    return geometry.rotate_foa(_scene_foa(foa, plan), plan.view_az - plan.yaw, plan.vp.el)
+
+
+def audio_features(foa: Tensor, plan: SamplePlan, cfg) -> np.ndarray:
+    """foa (4, N) -> (V, C, F, M) float32 normalised log-mel per viewpoint: C = 4 rotated ambiX
+    channels ("foa"), or C = 1 cardioid beam toward the viewpoint ("mono")."""
+    if cfg.audio_mode == "mono":
+        wave = geometry.beam(_scene_foa(foa, plan), plan.view_az - plan.yaw, plan.vp.el)[:, None]
+    else:
+        wave = view_foa(foa, plan)
+    mel = audio.log_mel(wave, sr=cfg.sample_rate, n_fft=cfg.n_fft, hop=cfg.hop, n_mels=cfg.n_mels)
+    return audio.normalize_log_mel(mel).numpy().astype(np.float32, copy=False)
+
+
+def make_sample(
+    raw, cfg, *, seed: int, epoch: int, other_time: bool = False, misalign_prob: float = 0.0,
+    with_masks: bool = False,
+) -> dict[str, np.ndarray]:
+    """RawSample (key, members) -> {"video": (V, 3, T, S, S) uint8, "audio": (V, C, F, M)
+    float32, "directions": (V, 2) float32 (az, el radians in the clip frame, mirrored when
+    flipped), optional "audio_other", "aligned" () int64, "labels" (K,) float32, "masks"
+    (V, S, S) int64}. Raises MediaError naming the member for anything undecodable."""
+    video_name = f"{raw.key}.{VIDEO_MEMBER}"
+    if VIDEO_MEMBER not in raw.members:
+        raise MediaError(video_name, "sample has no mp4 member")
+    meta = _meta(raw, raw.key)
+    duration = clip_duration(raw)
+    plan = plan_sample(raw.key, cfg, seed=seed, epoch=epoch, duration=duration,
+                       other_time=other_time, misalign_prob=misalign_prob)
+    win, video_s = plan.windows, cfg.frames / cfg.fps
+    size = (cfg.equirect_height, 2 * cfg.equirect_height) if cfg.equirect_height else None
+    frames = media.decode_video(raw.members[VIDEO_MEMBER], fps=cfg.fps, start=win.video,
+                                duration=min(video_s, duration - win.video), size=size,
+                                name=video_name)
+    frames = _fit(frames, cfg.frames, axis=0, pad_edge=True)  # decode_video returns >= 1 frame
+    n = round(cfg.audio_seconds * cfg.sample_rate)
+    starts = [win.audio] if win.other is None else [win.audio, win.other]
+    waves = _decode_audio(raw, cfg, starts, n, duration)
+
+    out = {"video": view_crops(frames, plan, cfg.crop_size).numpy(), "directions": plan.directions}
+    for field, wave in zip(("audio", "audio_other"), waves):
+        out[field] = audio_features(torch.from_numpy(wave), plan, cfg)
+    if misalign_prob > 0:
+        out["aligned"] = np.array(int(plan.aligned), dtype=np.int64)
+    labels = _labels(meta, raw.key)
+    if labels is not None:
+        out["labels"] = labels
+    if with_masks:
+        masks = _mask_crops(raw, meta, plan.vp, cfg.crop_size, win.video + video_s / 2)
+        out["masks"] = (geometry.flip_video(masks) if plan.flip else masks).numpy()
+    return out
+
+
+def collate(samples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Stack per-sample arrays along a new batch axis (every sample must have the same keys)."""
+    if not samples:
+        raise ValueError("collate needs at least one sample")
+    keys = samples[0].keys()
+    for s in samples[1:]:
+        if s.keys() != keys:
+            raise ValueError(f"samples disagree on fields: {sorted(keys)} vs {sorted(s.keys())}")
+    return {k: np.stack([np.asarray(s[k]) for s in samples]) for k in keys}

@@ -1,0 +1,264 @@
+"""avsa.data.transform: one shard sample -> arrays, checked against known geometry."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from avsa import geometry, media, synth
+from avsa.config import DataConfig
+from avsa.data import transform
+from avsa.data.shards import RawSample
+from avsa.errors import MediaError
+
+SECONDS = 2.0
+
+
+def small_cfg(**kw) -> DataConfig:
+    base = dict(num_viewpoints=2, frames=4, crop_size=32, n_mels=64, augment=False)
+    return DataConfig(**{**base, **kw})
+
+
+def scene_sample(tmp_path, key: str, sources, *, seconds: float = SECONDS, seed: int = 0,
+                 width: int = 128, height: int = 64) -> RawSample:
+    """A synthetic clip with explicit sources, packed as shard members."""
+    scene = synth.make_scene(seed, seconds, width=width, height=height, fps=16,
+                             sources=[synth.SourceSpec(c, az, el) for c, az, el in sources])
+    path = tmp_path / f"{key}.mp4"
+    media.encode_clip(path, scene.video, 16, scene.foa, 24000)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, masks=scene.masks)
+    return RawSample(key, {"mp4": path.read_bytes(), "json": json.dumps(scene.meta).encode(),
+                           "masks.npz": buf.getvalue()})
+
+
+def plan_for(key, cfg, **kw) -> transform.SamplePlan:
+    return transform.plan_sample(key, cfg, seed=kw.pop("seed", 0), duration=SECONDS, **kw)
+
+
+def find_epoch(key, cfg, accept, **kw) -> tuple[int, transform.SamplePlan]:
+    """First epoch whose plan satisfies accept(plan); planning decodes nothing."""
+    for epoch in range(500):
+        plan = plan_for(key, cfg, epoch=epoch, **kw)
+        if accept(plan):
+            return epoch, plan
+    raise AssertionError("no epoch satisfies the condition")
+
+
+def _angle(plan, i, j) -> float:
+    vp = plan.vp
+    return math.degrees(float(geometry.angular_distance(vp.az[i], vp.el[i], vp.az[j], vp.el[j])))
+
+
+def _deg(plan, i):
+    return math.degrees(float(plan.vp.az[i])), math.degrees(float(plan.vp.el[i]))
+
+
+def _perpendicular_pair(plan) -> bool:
+    return 80 <= _angle(plan, 0, 1) <= 100
+
+
+@pytest.fixture(scope="module")
+def generic(tmp_path_factory):
+    return scene_sample(tmp_path_factory.mktemp("clip"), "generic",
+                        [("disc", 40.0, 10.0), ("star", -120.0, -5.0)])
+
+
+@pytest.mark.parametrize("views", [2, 4])
+def test_shapes_and_dtypes(generic, views):
+    cfg = small_cfg(num_viewpoints=views, augment=True)
+    out = transform.make_sample(generic, cfg, seed=1, epoch=0, other_time=True,
+                                misalign_prob=0.5, with_masks=True)
+    k = len(synth.CLASSES)
+    expected = {
+        "video": ((views, 3, 4, 32, 32), np.uint8),
+        "audio": ((views, 4, 100, 64), np.float32),
+        "audio_other": ((views, 4, 100, 64), np.float32),
+        "directions": ((views, 2), np.float32),
+        "aligned": ((), np.int64),
+        "labels": ((k,), np.float32),
+        "masks": ((views, 32, 32), np.int64),
+    }
+    assert {f: (v.shape, v.dtype) for f, v in out.items()} == expected
+    labels = np.zeros(k, np.float32)
+    labels[[synth.CLASSES.index("disc"), synth.CLASSES.index("star")]] = 1
+    np.testing.assert_array_equal(out["labels"], labels)
+    assert np.isfinite(out["audio"]).all()
+    assert not np.array_equal(out["audio"], out["audio_other"])
+
+
+def test_mono_mode_gives_one_channel(generic):
+    out = transform.make_sample(generic, small_cfg(audio_mode="mono"), seed=0, epoch=0)
+    assert out["audio"].shape == (2, 1, 100, 64)
+
+
+def test_reproducible_per_epoch_and_different_across_epochs(generic):
+    cfg = small_cfg(augment=True)
+    a = transform.make_sample(generic, cfg, seed=3, epoch=5)
+    b = transform.make_sample(generic, cfg, seed=3, epoch=5)
+    assert a.keys() == b.keys()
+    for field in a:
+        np.testing.assert_array_equal(a[field], b[field])
+    c = transform.make_sample(generic, cfg, seed=3, epoch=6)
+    d = transform.make_sample(generic, cfg, seed=4, epoch=5)
+    assert not np.allclose(a["directions"], c["directions"])
+    assert not np.allclose(a["directions"], d["directions"])
+
+
+def test_directions_respect_ranges_and_separation(generic):
+    cfg = small_cfg(num_viewpoints=4, el_min_deg=-20.0, el_max_deg=15.0, min_separation_deg=50.0)
+    for epoch in range(4):
+        d = transform.make_sample(generic, cfg, seed=0, epoch=epoch)["directions"]
+        assert (np.abs(d[:, 0]) <= math.pi).all()
+        assert (d[:, 1] >= math.radians(-20.0) - 1e-6).all()
+        assert (d[:, 1] <= math.radians(15.0) + 1e-6).all()
+        dist = geometry.angular_distance(torch.tensor(d[:, None, 0]), torch.tensor(d[:, None, 1]),
+                                         torch.tensor(d[None, :, 0]), torch.tensor(d[None, :, 1]))
+        off_diag = dist[~torch.eye(4, dtype=torch.bool)]
+        assert off_diag.min() >= math.radians(50.0) - 1e-5
+
+
+def _x_minus_w(audio: np.ndarray, bins: int = 12) -> np.ndarray:
+    """Per view: mean normalised log-mel of X (ambiX index 3) minus that of W over the lowest
+    mel bins, where the source's harmonics dominate (synth adds faint noise to W only)."""
+    return (audio[:, 3, :, :bins] - audio[:, 0, :, :bins]).mean(axis=(1, 2))
+
+
+def test_view_at_source_sees_it_and_hears_it_in_front(tmp_path):
+    cfg = small_cfg()
+    epoch, plan = find_epoch("at", cfg, _perpendicular_pair)
+    az, el = _deg(plan, 0)
+    raw = scene_sample(tmp_path, "at", [("disc", az, el)])
+    out = transform.make_sample(raw, cfg, seed=0, epoch=epoch, with_masks=True)
+    np.testing.assert_allclose(out["directions"], plan.directions, atol=1e-6)
+    disc = synth.CLASSES.index("disc") + 1
+    # the crop of view 0 is centred on the object, view 1 (90 deg away) does not see it
+    assert out["masks"][0, 14:18, 14:18].tolist() == [[disc] * 4] * 4
+    assert (out["masks"][1] == 0).all()
+    assert out["video"][0].astype(int).std() > 0
+    # rotated toward the source, X carries what W carries; 90 deg away, X is near silent
+    xw = _x_minus_w(out["audio"])
+    assert abs(xw[0]) < 0.15
+    assert xw[1] < xw[0] - 1.0
+
+
+def test_flip_mirrors_crops_audio_and_directions(tmp_path):
+    base = small_cfg(augment=True, volume_jitter=0.0, color_jitter=[0.0, 0.0, 0.0, 0.0])
+    epoch, plan = find_epoch("flip", base, lambda p: True)
+    az, el = _deg(plan, 0)
+    raw = scene_sample(tmp_path, "flip", [("disc", az + 12.0, el)])  # left of view 0's centre
+    plain = transform.make_sample(raw, replace(base, flip_prob=0.0), seed=0, epoch=epoch,
+                                  with_masks=True)
+    flipped = transform.make_sample(raw, replace(base, flip_prob=1.0), seed=0, epoch=epoch,
+                                    with_masks=True)
+    np.testing.assert_allclose(flipped["directions"][:, 0], -plain["directions"][:, 0], atol=1e-6)
+    np.testing.assert_allclose(flipped["directions"][:, 1], plain["directions"][:, 1], atol=1e-6)
+    np.testing.assert_array_equal(flipped["video"], plain["video"][..., ::-1])
+    np.testing.assert_array_equal(flipped["masks"], plain["masks"][..., ::-1])
+    cols = np.nonzero(plain["masks"][0])[1]
+    assert cols.size and cols.mean() < 16 - 2  # object left of centre before the flip
+    # magnitudes are mirror-invariant; the sign of Y (left) follows the mirrored crop
+    np.testing.assert_allclose(flipped["audio"], plain["audio"], atol=1e-3)
+    foa = torch.from_numpy(media.decode_audio(raw.members["mp4"], start=plan.windows.audio,
+                                              duration=1.0))
+    for flip, sign in ((False, 1), (True, -1)):
+        view = transform.view_foa(foa, replace(plan, flip=flip, gain=1.0))[0]
+        corr = float((view[1] * view[0]).sum() / (view[0].norm() * view[1].norm()))
+        assert sign * corr > 0.9
+
+
+def test_misalignment_labels_and_rotates_the_field(tmp_path):
+    cfg = small_cfg()
+    plans = [plan_for("mis", cfg, epoch=e, misalign_prob=0.5) for e in range(40)]
+    assert {p.aligned for p in plans} == {True, False}
+    for p in plans:
+        assert p.aligned == (p.yaw == 0.0)
+        assert p.aligned or math.radians(60) <= p.yaw <= math.radians(300)
+    # a plane wave from view 0's centre: X / W = cos(angle to the front) is 1 only when aligned
+    noise = torch.randn(4000, generator=torch.Generator().manual_seed(0))
+    for p in plans[:12]:
+        view = transform.view_foa(geometry.encode_foa(noise, p.vp.az[0], p.vp.el[0]), p)[0]
+        cos = float((view[3] * view[0]).sum() / view[0].square().sum())
+        assert cos > 0.999 if p.aligned else cos < 0.7
+    epoch = next(e for e, p in enumerate(plans) if not p.aligned)
+    raw = scene_sample(tmp_path, "mis", [("ring", 0.0, 0.0)])
+    out = transform.make_sample(raw, cfg, seed=0, epoch=epoch, misalign_prob=0.5)
+    assert out["aligned"].item() == 0
+
+
+def test_choose_windows_other_time_gap():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        w = transform.choose_windows(rng, 5.0, 1.0, 0.5, other_time=True)
+        assert 0 <= w.audio <= 4.0 and 0 <= w.other <= 4.0
+        assert abs(w.other - w.audio) >= 1.0 - 1e-9
+        assert w.audio <= w.video <= w.audio + 0.5 + 1e-9
+    for _ in range(50):  # too short for a 1 s gap: the farthest start
+        w = transform.choose_windows(rng, 1.6, 1.0, 0.5, other_time=True)
+        assert abs(w.other - w.audio) == pytest.approx(max(w.audio, 0.6 - w.audio))
+
+
+def test_color_jitter_identity_and_known_factors():
+    x = torch.rand(2, 3, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    ident = torch.tensor([[1.0, 1.0, 1.0, 0.0]] * 2)
+    torch.testing.assert_close(transform.color_jitter(x, ident), x, atol=1e-5, rtol=0)
+    half = transform.color_jitter(x, torch.tensor([[0.5, 1.0, 1.0, 0.0]] * 2))
+    torch.testing.assert_close(half, x * 0.5, atol=1e-5, rtol=0)
+    gray = torch.full((1, 3, 1, 2, 2), 0.4)
+    hue = transform.color_jitter(gray, torch.tensor([[1.0, 1.0, 1.0, 0.25]]))
+    torch.testing.assert_close(hue, gray, atol=1e-5, rtol=0)  # hue leaves grey alone
+    desat = transform.color_jitter(x[:1], torch.tensor([[1.0, 1.0, 0.0, 0.0]]))
+    assert desat.std(dim=1).max() < 1e-5  # saturation 0 -> grey
+
+
+def test_sidecar_audio_member_is_used(tmp_path, generic):
+    cfg = small_cfg()
+    epoch, plan = find_epoch("side", cfg, _perpendicular_pair)
+    raw = scene_sample(tmp_path, "side", [("disc", *_deg(plan, 1))])  # mp4 audio: at view 1
+    side = scene_sample(tmp_path, "side2", [("disc", *_deg(plan, 0))])  # sidecar: at view 0
+    foa = media.decode_audio(side.members["mp4"])
+    wav = tmp_path / "side.wav"
+    import av
+
+    with av.open(str(wav), "w") as out:
+        stream = out.add_stream("pcm_s16le", rate=24000, layout="quad")
+        frame = av.AudioFrame.from_ndarray(foa.astype(np.float32), format="fltp", layout="quad")
+        frame.sample_rate = 24000
+        for packet in (*stream.encode(frame), *stream.encode(None)):
+            out.mux(packet)
+    raw.members["wav"] = wav.read_bytes()
+    xw = _x_minus_w(transform.make_sample(raw, cfg, seed=0, epoch=epoch)["audio"])
+    assert abs(xw[0]) < 0.15 and xw[1] < xw[0] - 1.0
+
+
+def test_bad_members_raise_media_error(generic):
+    cfg = small_cfg()
+    cases = {
+        "truncated mp4": {**generic.members, "mp4": generic.members["mp4"][:3000]},
+        "garbage mp4": {**generic.members, "mp4": b"\x00not a video" * 100},
+        "bad json": {**generic.members, "json": b"{not json"},
+        "no mp4": {"json": generic.members["json"]},
+    }
+    for why, members in cases.items():
+        with pytest.raises(MediaError, match="generic") as info:
+            transform.make_sample(RawSample("generic", members), cfg, seed=0, epoch=0)
+        assert "\n" not in str(info.value), why
+    bad_masks = RawSample("generic", {**generic.members, "masks.npz": b"junk"})
+    with pytest.raises(MediaError, match="masks"):
+        transform.make_sample(bad_masks, cfg, seed=0, epoch=0, with_masks=True)
+
+
+def test_collate_stacks_samples(generic):
+    cfg = small_cfg()
+    samples = [transform.make_sample(generic, cfg, seed=0, epoch=e) for e in range(3)]
+    batch = transform.collate(samples)
+    assert batch["video"].shape == (3, 2, 3, 4, 32, 32)
+    assert batch["directions"].shape == (3, 2, 2)
+    with pytest.raises(ValueError, match="disagree"):
+        transform.collate([samples[0], {"video": samples[1]["video"]}])
