@@ -39,13 +39,38 @@ def audio_channels(cfg: Config) -> int:
     return 4 if cfg.data.audio_mode == "foa" else 1
 
 
-def normalize_video(video: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, V, 3, T, S, S) -> float normalised with per-channel mean and std."""
-    x = video.float().div_(255.0)
+def normalize_video(video: torch.Tensor, channels_last: bool | None = None) -> torch.Tensor:
+    """uint8 (B, V, 3, T, S, S) -> float normalised with per-channel mean and std.
+
+    channels_last (None: on CUDA) lays the result out as (B, V, T, S, S, 3) in memory, so each
+    clip the video encoder sees is `torch.channels_last_3d` (NDHWC), cuDNN's fast layout for
+    bf16 3-D convolutions. Values and shape are the same either way. No host-device sync: the
+    constants reach the device with a non-blocking copy.
+    """
+    if channels_last is None:
+        channels_last = video.is_cuda
+    if channels_last:
+        video = video.permute(0, 1, 3, 4, 5, 2).contiguous().permute(0, 1, 5, 2, 3, 4)
     shape = (1, 1, 3, 1, 1, 1)
-    mean = torch.tensor(VIDEO_MEAN, device=x.device).view(shape)
-    std = torch.tensor(VIDEO_STD, device=x.device).view(shape)
-    return x.sub_(mean).div_(std)
+    std = torch.tensor(VIDEO_STD)
+    scale = (1.0 / (255.0 * std)).view(shape).to(video.device, non_blocking=True)
+    shift = (torch.tensor(VIDEO_MEAN) / std).view(shape).to(video.device, non_blocking=True)
+    return video.float().mul_(scale).sub_(shift)
+
+
+def use_channels_last(device: torch.device) -> bool:
+    """Whether the video path runs channels_last_3d (NDHWC): on CUDA only."""
+    return device.type == "cuda"
+
+
+def to_channels_last(model: AVSANet) -> AVSANet:
+    """The video encoder's 5-D weights in channels_last_3d, in place (before DDP wrapping).
+
+    Inputs from `normalize_video(..., channels_last=True)` then meet weights in the same layout
+    and no convolution converts either per call. Returns `model`.
+    """
+    model.video_encoder.to(memory_format=torch.channels_last_3d)
+    return model
 
 
 def to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -65,14 +90,15 @@ def compute_objective(
     temperature: float,
     easy_negatives: str = "same_view",
     gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    channels_last: bool | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss and metrics (0-d tensors) of `kind` in {"avsa", "avc", "avts"}.
 
     AVC and AVTS use the first viewpoint only and no viewpoint context, so the same network
     serves both phases of the curriculum. `model` may be DDP-wrapped: it is always called
-    through `forward`.
+    through `forward`. `channels_last`: the video layout (see `normalize_video`).
     """
-    video = normalize_video(batch["video"])
+    video = normalize_video(batch["video"], channels_last)
     audio = batch["audio"]
     if kind == "avsa":
         out = model(video, audio, batch.get("directions"))
