@@ -138,6 +138,7 @@ class DownstreamConfig:
     batch_size: int = 16
     max_steps: int = 0
     eval_clips: int = 5
+    fold: int = 1
     context: str = "video"
     experiment: str = "avsa-transfer"
 
@@ -323,4 +324,5 @@ def validate(cfg: Config) -> Config:
     _in_range("downstream.epochs", ds.epochs, 1, 10_000)
     _in_range("downstream.lr", ds.lr, 0, 1, lo_open=True)
     _in_range("downstream.batch_size", ds.batch_size, 1, 100_000)
+    _in_range("downstream.fold", ds.fold, 1, 3)
     return cfg

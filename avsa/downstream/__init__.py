@@ -1,0 +1,9 @@
+"""Downstream transfer of pretrained audio-visual networks (METHOD.md §6).
+
+- `binary`: AVC-Bin (which clip?) and AVSA-Bin (which direction?) heads on frozen features;
+- `action`: clip classification by fine-tuning or probing the video encoder (synthetic shards
+  or a UCF101 / HMDB51 folder, `ucf`);
+- `segmentation`: an FPN head on the frozen video encoder, optionally conditioned on audio and
+  viewpoint context;
+- `run`: `avsa transfer` (one tracked MLflow run per transfer); `compare`: `avsa compare`.
+"""

@@ -1,0 +1,187 @@
+"""`avsa transfer TASK pretrain=RUN|URI|scratch [overrides]`: one transfer run, tracked in MLflow.
+
+The pretrained network is rebuilt from the checkpoint's own config (so the architecture always
+matches its weights) and loaded whole: encoders and viewpoint transformers. Each transfer is an
+MLflow run in `downstream.experiment`, tagged with the task, the pretraining run (its MLflow id,
+the checkpoint URI, or "scratch") and the pretext ("avsa", "avsa_cur" for the curriculum,
+"avc", "avts", "scratch"), so `avsa compare` can tabulate them.
+
+Data: `data.shards` trains and `data.val_shards` tests (see avsa.downstream.sources). For
+`action`, `data.shards` may instead name a local UCF101 / HMDB51 folder (avsa.downstream.ucf);
+its split is `downstream.fold` when the config has that key, else fold 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from dataclasses import dataclass, field
+
+from avsa import synth, tracking
+from avsa.config import TASKS, Config, compose, from_dict
+from avsa.downstream.heads import pick_device
+from avsa.downstream.sources import ShardSource
+from avsa.errors import CheckpointError, ConfigError
+from avsa.models import AVSANet
+from avsa.train.objective import audio_channels, model_from_config
+
+log = logging.getLogger("avsa.transfer")
+
+PRETEXT = "avsa.pretext"
+CONTEXT = "avsa.context"
+MODE = "avsa.mode"
+SCRATCH = "scratch"
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+# `avsa transfer` shorthands: `pretrain=...` means `downstream.pretrain=...`.
+SHORT_KEYS = ("pretrain", "mode", "context", "epochs", "lr", "batch_size", "max_steps",
+              "eval_clips", "fold")
+
+
+@dataclass
+class Pretrained:
+    model: AVSANet
+    pretext: str  # "scratch", "avc", "avts", "avsa", "avsa_cur", ...
+    ref: str  # the MLflow run id, the checkpoint URI, or "scratch"
+    audio_mode: str
+
+
+@dataclass
+class TransferResult:
+    task: str
+    pretext: str
+    pretrain: str
+    run_id: str
+    tracking_uri: str
+    experiment: str
+    context: str | None = None
+    mode: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        what = self.task + (f"[{self.context}]" if self.context else "")
+        what += f" ({self.mode})" if self.mode else ""
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in sorted(self.metrics.items())
+                          if k.startswith("test/"))
+        return (f"[avsa] transfer {what} from {self.pretext} ({self.pretrain}): {shown}\n"
+                f"[avsa] MLflow run {self.run_id} in experiment {self.experiment!r} at "
+                f"{tracking.redact(self.tracking_uri)}")
+
+
+def pretext_label(loss_kind: str, curriculum: bool) -> str:
+    """'avsa' / 'avc' / 'avts', with '_cur' when an AVC curriculum phase came first."""
+    return f"{loss_kind}_cur" if curriculum else loss_kind
+
+
+def load_pretrained(cfg: Config, tracking_uri: str | None) -> Pretrained:
+    """The network for `downstream.pretrain`: a fresh one from cfg.model for "scratch", else the
+    checkpoint's (run id or URI) architecture and weights."""
+    ref = cfg.downstream.pretrain
+    if ref == SCRATCH:
+        model = model_from_config(cfg.model, audio_channels(cfg))
+        return Pretrained(model, SCRATCH, SCRATCH, cfg.data.audio_mode)
+    from avsa.train.checkpoint import resolve_init
+
+    state, uri = resolve_init(ref, tracking_uri)
+    try:
+        pre = from_dict(state["config"])
+    except Exception as e:  # an old or foreign config: name the checkpoint
+        raise CheckpointError(uri, f"checkpoint config unreadable ({type(e).__name__}: {e})"
+                              .splitlines()[0]) from None
+    model = model_from_config(pre.model, audio_channels(pre))
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError) as e:
+        reason = " ".join(str(e).split())[:300]
+        raise CheckpointError(uri, f"weights do not fit the checkpoint's model: {reason}") from None
+    label = pretext_label(pre.loss.kind, pre.train.curriculum)
+    return Pretrained(model, label, ref if _RUN_ID.match(ref) else uri, pre.data.audio_mode)
+
+
+def _task_metrics(cfg: Config, pre: Pretrained, log_metrics) -> dict[str, float]:
+    ds = cfg.downstream
+    data = dataclasses.replace(cfg.data, audio_mode=pre.audio_mode)
+    device = pick_device()
+    common = dict(epochs=ds.epochs, lr=ds.lr, max_steps=ds.max_steps, device=device,
+                  log_metrics=log_metrics, seed=data.seed)
+    if ds.task in ("avc_bin", "avsa_bin"):
+        from avsa.downstream.binary import MISALIGN_PROB, run_binary
+
+        prob = MISALIGN_PROB if ds.task == "avsa_bin" else 0.0
+        source = ShardSource.from_config(data, ds.batch_size, misalign_prob=prob)
+        return run_binary(ds.task, pre.model, source, **common)
+    if ds.task == "action":
+        from avsa.downstream import ucf
+        from avsa.downstream.action import run_action
+
+        if ucf.is_layout(data.shards):
+            layout = ucf.load_layout(data.shards, int(getattr(ds, "fold", 1)))
+            source = ucf.LayoutSource(layout, data, ds.batch_size, seed=data.seed,
+                                      eval_clips=ds.eval_clips)
+            classes = len(layout.classes)
+        else:
+            source, classes = ShardSource.from_config(data, ds.batch_size), len(synth.CLASSES)
+        return run_action(pre.model.video_encoder, source, num_classes=classes, mode=ds.mode,
+                          eval_clips=ds.eval_clips, **common)
+    if ds.task == "segmentation":
+        from avsa.downstream.segmentation import run_segmentation
+
+        source = ShardSource.from_config(data, ds.batch_size, with_masks=True)
+        return run_segmentation(pre.model, source, num_classes=len(synth.CLASSES) + 1,
+                                context=ds.context, **common)
+    raise ConfigError("downstream.task", f"must be one of {TASKS}, got {ds.task!r}")
+
+
+def run_transfer(cfg: Config) -> TransferResult:
+    """Run `cfg.downstream.task` from `cfg.downstream.pretrain`; log and return the metrics."""
+    ds = cfg.downstream
+    if ds.task != "action" and ds.mode == "finetune":
+        log.warning("downstream.mode=finetune applies to action only; %s keeps the pretrained "
+                    "network frozen", ds.task)
+    uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
+    tracking.check_reachable(uri)
+    pre = load_pretrained(cfg, uri)
+    context = ds.context if ds.task == "segmentation" else None
+    mode = ds.mode if ds.task == "action" else None
+    name = "-".join(p for p in (ds.task, context, mode, pre.pretext) if p)
+    tags = {tracking.KIND: "transfer", tracking.TASK: ds.task, tracking.PRETRAIN_RUN: pre.ref,
+            PRETEXT: pre.pretext, CONTEXT: context or "", MODE: mode or ""}
+    params = tracking.flatten_config({"downstream": ds, "data": cfg.data,
+                                      "model": dataclasses.asdict(cfg.model)})
+    logger = tracking.RunLogger.start(uri, ds.experiment, name, tags=tags, params=params)
+    try:
+        metrics = _task_metrics(cfg, pre, logger.log_metrics)
+        logger.log_metrics(metrics, step=ds.epochs)
+    except BaseException as e:
+        logger.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    logger.end("FINISHED")
+    return TransferResult(ds.task, pre.pretext, pre.ref, logger.run_id, uri, ds.experiment,
+                          context, mode, metrics)
+
+
+def expand_overrides(args: list[str]) -> list[str]:
+    """`pretrain=X` -> `downstream.pretrain=X` (and the other SHORT_KEYS); others unchanged."""
+    out = []
+    for a in args:
+        key = a.split("=", 1)[0].lstrip("+~")
+        out.append(f"downstream.{a}" if key in SHORT_KEYS and "=" in a else a)
+    return out
+
+
+USAGE = (f"usage: avsa transfer TASK pretrain=RUN_ID|CHECKPOINT_URI|scratch [overrides...]\n"
+         f"  TASK: one of {', '.join(TASKS)}\n"
+         f"  e.g. avsa transfer segmentation pretrain=<run id> context=audio "
+         f"data.val_shards=outputs/demo/shards/val")
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    task, rest = argv[0], argv[1:]
+    if task not in TASKS:
+        raise ConfigError("downstream.task", f"must be one of {TASKS}, got {task!r}")
+    cfg = compose([*expand_overrides(rest), f"downstream.task={task}"])
+    print(run_transfer(cfg).summary())
+    return 0

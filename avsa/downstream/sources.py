@@ -1,0 +1,64 @@
+"""Where transfer tasks read their clips: shard splits through the input pipeline.
+
+A source yields batches of torch tensors, the pipeline's format: video (B, V, 3, T, S, S)
+uint8, audio (B, V, C, F, M), directions (B, V, 2), labels (B, K), optional aligned (B,) and
+masks (B, V, S, S), plus "key" (list of B sample keys). `train(epoch)` is augmented and
+shuffled, each epoch with its own windows and viewpoints; `test(pass_index)` is not augmented,
+in manifest order, and each pass draws other windows and viewpoints of the same clips.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from avsa.config import DataConfig
+
+log = logging.getLogger(__name__)
+
+# Test passes use another seed than training, so even a test split equal to the training
+# split is seen through windows and viewpoints the head never trained on.
+TEST_SEED_OFFSET = 1_000_003
+
+
+@dataclass
+class ShardSource:
+    """Train and test splits as shard sets (manifest URIs or folders, local or s3://)."""
+
+    train_uri: str
+    test_uri: str
+    data: DataConfig
+    batch_size: int
+    seed: int = 0
+    misalign_prob: float = 0.0
+    with_masks: bool = False
+    single_label: bool = False  # synthetic labels are multi-hot (every class present)
+
+    @classmethod
+    def from_config(cls, data: DataConfig, batch_size: int, **kw: Any) -> ShardSource:
+        """data.shards trains; data.val_shards tests (the training shards when it is unset)."""
+        test = data.val_shards
+        if not test:
+            log.warning("data.val_shards is unset: testing on %s, the training shards (other "
+                        "windows and viewpoints, same clips)", data.shards)
+            test = data.shards
+        return cls(data.shards, test, data, batch_size, seed=data.seed, **kw)
+
+    def _iter(self, uri: str, data: DataConfig, *, epoch: int, seed: int, shuffle: bool):
+        from avsa.data.pipeline import iter_local
+
+        return iter_local(
+            uri, data, epochs=1, start_epoch=epoch, seed=seed, batch_size=self.batch_size,
+            shuffle=shuffle, misalign_prob=self.misalign_prob, with_masks=self.with_masks,
+        )
+
+    def train(self, epoch: int) -> Iterator[dict[str, Any]]:
+        return self._iter(self.train_uri, self.data, epoch=epoch, seed=self.seed, shuffle=True)
+
+    def test(self, pass_index: int = 0) -> Iterator[dict[str, Any]]:
+        data = dataclasses.replace(self.data, augment=False)
+        return self._iter(self.test_uri, data, epoch=pass_index,
+                          seed=self.seed + TEST_SEED_OFFSET, shuffle=False)

@@ -1,0 +1,105 @@
+"""`avsa compare`: the table from MLflow runs (latest per cell), its files, and the bench script's
+arguments."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from avsa import tracking
+from avsa.downstream import compare
+from avsa.errors import TrackingError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def rec(pretext, task, metrics, t, context=None):
+    return compare.RunRecord(f"{pretext}{task}{t}", pretext, task, context, t, metrics)
+
+
+def test_table_takes_the_latest_run_per_cell_and_orders_pretexts():
+    table = compare.build_table([
+        rec("avsa", "avc_bin", {"test/acc": 0.7}, 1),
+        rec("avsa", "avc_bin", {"test/acc": 0.8}, 3),
+        rec("avsa", "avc_bin", {"test/acc": 0.1}, 2),
+        rec("scratch", "segmentation", {"test/miou": 0.2}, 1, "audio"),
+        rec("scratch", "segmentation", {"test/miou": 0.3}, 1, "context"),
+        rec("my_pretext", "action", {"test/clip_acc": 0.5, "test/video_acc": 0.75}, 1),
+        rec("avc", "avsa_bin", {"test/acc": float("nan")}, 1),
+    ])
+    assert table.rows == ["scratch", "avc", "avsa", "my_pretext"]
+    assert table.cell("avsa", "AVC-Bin acc") == 0.8
+    assert table.cell("scratch", "Seg mIoU (+audio)") == 0.2
+    assert table.cell("scratch", "Seg mIoU (+context)") == 0.3
+    assert table.cell("scratch", "Seg mIoU (video)") is None
+    assert table.cell("my_pretext", "Action video@1") == 0.75
+    assert table.cell("avc", "AVSA-Bin acc") is None
+    md = table.to_markdown().splitlines()
+    assert md[0].startswith("| pretext | AVC-Bin acc | AVSA-Bin acc | Action clip@1 |")
+    assert md[4] == "| avsa | 80.0 | – | – | – | – | – | – |"
+
+
+def _log(uri, experiment, pretext, task, metrics, *, context="", kind="transfer",
+         status="FINISHED"):
+    tags = {tracking.KIND: kind, tracking.TASK: task, tracking.PRETRAIN_RUN: "x",
+            "avsa.pretext": pretext, "avsa.context": context}
+    logger = tracking.RunLogger.start(uri, experiment, f"{task}-{pretext}", tags=tags)
+    logger.log_metrics(metrics, step=1)
+    logger.end(status)
+    time.sleep(0.02)  # distinct start times
+
+
+def test_compare_command_reads_mlflow_and_writes_the_table(mlflow_uri, tmp_path, capsys):
+    exp = f"compare-{uuid.uuid4().hex[:8]}"
+    _log(mlflow_uri, exp, "scratch", "avc_bin", {"test/acc": 0.5})
+    _log(mlflow_uri, exp, "scratch", "avc_bin", {"test/acc": 0.625})
+    _log(mlflow_uri, exp, "scratch", "avc_bin", {"test/acc": 0.99}, status="FAILED")
+    _log(mlflow_uri, exp, "avsa_cur", "action", {"test/clip_acc": 0.4, "test/video_acc": 0.5})
+    _log(mlflow_uri, exp, "avc", "segmentation", {"test/miou": 0.25}, context="video")
+    _log(mlflow_uri, exp, "avc", "segmentation", {"test/miou": 0.375}, context="context")
+    _log(mlflow_uri, exp, "avts", "avc_bin", {"test/acc": 0.9}, kind="pretrain")
+
+    assert compare.main(["--experiment", exp, "--tracking-uri", mlflow_uri,
+                         "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    md = (tmp_path / "comparison.md").read_text()
+    assert md in printed
+    assert "| scratch | 62.5 | – |" in md
+    assert "| avsa_cur | – | – | 40.0 | 50.0 | – | – | – |" in md
+    assert "| avc | – | – | – | – | 25.0 | – | 37.5 |" in md
+    assert "avts" not in md  # a pretraining run is not a transfer
+    rows = {r["pretext"]: r for r in csv.DictReader((tmp_path / "comparison.csv").open())}
+    assert list(rows) == ["scratch", "avc", "avsa_cur"]
+    assert float(rows["scratch"]["AVC-Bin acc"]) == 0.625
+    assert rows["avc"]["Seg mIoU (+audio)"] == ""
+    assert (tmp_path / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_names_a_missing_experiment(mlflow_uri, tmp_path):
+    with pytest.raises(TrackingError, match="no experiment 'nope-"):
+        compare.main(["--experiment", f"nope-{uuid.uuid4().hex[:6]}", "--tracking-uri",
+                      mlflow_uri, "--out", str(tmp_path)])
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("compare_pretexts",
+                                                  REPO / "bench" / "compare_pretexts.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_script_arguments():
+    bench = _bench()
+    args = bench.parse_args(["--clips", "16", "--steps", "50", "--out", "/tmp/x"])
+    assert (args.clips, args.steps, args.out) == (16, 50, Path("/tmp/x"))
+    assert args.experiment == "avsa-transfer-compare" and args.transfer_epochs == 5
+    assert set(bench.PRETEXTS) == {"avc", "avts", "avsa", "avsa_cur"}
+    assert sum(t == "segmentation" for t, _ in bench.TRANSFERS) == 3
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--clips", "3"])

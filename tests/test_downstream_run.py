@@ -1,0 +1,153 @@
+"""`avsa transfer` end to end on tiny synthetic shards, tracked by a real MLflow server."""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+import pytest
+import torch
+
+from avsa import synth
+from avsa.config import compose
+from avsa.data.shards import write_shards
+from avsa.downstream import run
+from avsa.errors import CheckpointError, ConfigError, ShardError
+from avsa.models import build_model
+from avsa.train import checkpoint as ckpt
+from avsa.train.objective import model_from_config
+
+TINY = ["model=tiny", "data.crop_size=32", "data.frames=4", "data.num_viewpoints=2",
+        "data.n_mels=32", "data.audio_seconds=0.5", "data.shuffle_buffer=0",
+        "downstream.epochs=1", "downstream.batch_size=4"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """8 synthetic clips (2 s, 128x64) as training shards, 4 of them as the test split."""
+    root = tmp_path_factory.mktemp("transfer")
+    clips = root / "clips"
+    synth.write_dataset(clips, 8, 2.0, 3, width=128, height=64, progress=False)
+    test_clips = root / "test-clips"
+    test_clips.mkdir()
+    for p in sorted(clips.glob("clip-00000[0-3].*")):
+        (test_clips / p.name).symlink_to(p)
+    write_shards(str(clips), str(root / "train"), samples_per_shard=4, progress=False)
+    write_shards(str(test_clips), str(root / "test"), samples_per_shard=4, split="test",
+                 progress=False)
+    return str(root / "train"), str(root / "test")
+
+
+@pytest.fixture(scope="module")
+def experiment():
+    return f"transfer-{uuid.uuid4().hex[:8]}"
+
+
+def overrides(shards, mlflow_uri, experiment) -> list[str]:
+    return [*TINY, f"data.shards={shards[0]}", f"data.val_shards={shards[1]}",
+            f"tracking.uri={mlflow_uri}", f"downstream.experiment={experiment}"]
+
+
+def check_run(mlflow_uri, run_id, task, metrics):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_uri)
+    r = client.get_run(run_id)
+    assert r.info.status == "FINISHED"
+    tags = r.data.tags
+    assert tags["avsa.kind"] == "transfer" and tags["avsa.task"] == task
+    assert tags["avsa.pretrain_run_id"] == "scratch" and tags["avsa.pretext"] == "scratch"
+    for key in metrics:
+        assert 0.0 <= r.data.metrics[key] <= 1.0, key
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [0]
+    assert r.data.params["downstream.task"] == task
+    return r
+
+
+def test_avc_bin_through_the_command(shards, mlflow_uri, experiment, capsys):
+    args = overrides(shards, mlflow_uri, experiment)
+    assert run.main(["avc_bin", "pretrain=scratch", *args]) == 0
+    out = capsys.readouterr().out
+    run_id = re.search(r"MLflow run ([0-9a-f]{32})", out).group(1)
+    r = check_run(mlflow_uri, run_id, "avc_bin", ["test/acc"])
+    assert r.data.metrics["test/examples"] == 2 * 4 * 2  # (pos + neg) x 4 test clips x 2 views
+    assert "test/acc" in out
+
+
+def test_avsa_bin(shards, mlflow_uri, experiment):
+    cfg = compose([*overrides(shards, mlflow_uri, experiment), "downstream.task=avsa_bin"])
+    res = run.run_transfer(cfg)
+    check_run(mlflow_uri, res.run_id, "avsa_bin", ["test/acc"])
+    assert res.metrics["test/examples"] == 4 * 2
+    assert res.pretext == "scratch" and "avsa_bin" in res.summary()
+
+
+def test_action_finetune(shards, mlflow_uri, experiment):
+    cfg = compose([*overrides(shards, mlflow_uri, experiment), "downstream.task=action",
+                   "downstream.mode=finetune", "downstream.eval_clips=2"])
+    res = run.run_transfer(cfg)
+    r = check_run(mlflow_uri, res.run_id, "action", ["test/clip_acc", "test/video_acc"])
+    assert r.data.metrics["test/videos"] == 4
+    assert r.data.tags["avsa.mode"] == "finetune"
+
+
+def test_segmentation_with_context(shards, mlflow_uri, experiment):
+    cfg = compose([*overrides(shards, mlflow_uri, experiment), "downstream.task=segmentation",
+                   "downstream.context=context"])
+    res = run.run_transfer(cfg)
+    r = check_run(mlflow_uri, res.run_id, "segmentation", ["test/pixel_acc", "test/miou"])
+    assert r.data.tags["avsa.context"] == "context"
+    assert 1 <= r.data.metrics["test/classes_present"] <= len(synth.CLASSES) + 1
+
+
+def _save(tmp_path, model, overrides):
+    cfg = compose(["model=tiny", *overrides])
+    return str(ckpt.save(tmp_path / "ckpt", model=model, optimizer=None, step=5,
+                         config=cfg.to_dict()))
+
+
+@pytest.mark.parametrize(("pretext", "pre_overrides", "transformer"), [
+    ("avc", ["loss=avc", "model.use_transformer=false"], False),
+    ("avsa_cur", ["train.curriculum=true", "train.curriculum_avc_steps=2"], True),
+])
+def test_checkpoint_config_decides_the_architecture(tmp_path, pretext, pre_overrides,
+                                                    transformer):
+    pre_cfg = compose(["model=tiny", *pre_overrides])
+    model = model_from_config(pre_cfg.model)
+    uri = _save(tmp_path, model, pre_overrides)
+    cfg = compose([f"downstream.pretrain={uri}"])  # model=full here: the checkpoint wins
+    pre = run.load_pretrained(cfg, None)
+    assert pre.pretext == pretext and pre.ref == uri
+    assert (pre.model.video_transformer is not None) == transformer
+    for k, v in model.state_dict().items():
+        assert torch.equal(pre.model.state_dict()[k], v), k
+
+
+def test_weights_that_do_not_fit_raise_checkpoint_error(tmp_path):
+    uri = _save(tmp_path, build_model("tiny", video_width=4), [])
+    with pytest.raises(CheckpointError, match="do not fit"):
+        run.load_pretrained(compose([f"downstream.pretrain={uri}"]), None)
+
+
+def test_command_shorthands_and_errors(capsys):
+    assert run.expand_overrides(["pretrain=abc", "context=audio", "data.crop_size=32",
+                                 "experiment=demo_local"]) == [
+        "downstream.pretrain=abc", "downstream.context=audio", "data.crop_size=32",
+        "experiment=demo_local"]
+    assert run.main(["--help"]) == 0
+    assert "avsa transfer TASK" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match=r"downstream\.task"):
+        run.main(["jump"])
+
+
+def test_missing_shards_fail_the_run(tmp_path, mlflow_uri):
+    from mlflow.tracking import MlflowClient
+
+    exp = f"transfer-fail-{uuid.uuid4().hex[:8]}"
+    cfg = compose([*TINY, f"data.shards={tmp_path / 'none'}", f"tracking.uri={mlflow_uri}",
+                   f"downstream.experiment={exp}", "downstream.task=avsa_bin"])
+    with pytest.raises(ShardError, match="none"):
+        run.run_transfer(cfg)
+    client = MlflowClient(mlflow_uri)
+    runs = client.search_runs([client.get_experiment_by_name(exp).experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
