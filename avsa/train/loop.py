@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -307,7 +308,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             eta = (cfg.train.max_steps - step) / max(rate, 1e-9)
             t_last, clips_since = now, 0
         if do_val:
-            metrics_out.update(validate(model, val, cfg, device))
+            # The unwrapped module: only rank 0 validates, and a DDP forward would wait for
+            # the other ranks in its buffer broadcast (a deadlock with num_workers > 1).
+            metrics_out.update(validate(raw_model, val, cfg, device))
         if rank == 0 and do_log:
             _progress(step, cfg.train.max_steps, metrics_out, eta)
             if logger is not None:
@@ -340,4 +343,6 @@ def _progress(step: int, total: int, m: dict[str, float], eta_s: float) -> None:
             parts.append(f"{key.split('/')[0][0]}:{key.split('/')[1]} {m[key]:.3f}")
     parts.append(f"clips/s {m.get('throughput/clips_per_s', 0):.1f}")
     parts.append(f"eta {int(eta_s) // 60}m{int(eta_s) % 60:02d}s")
-    print("[avsa] " + "  ".join(parts), flush=True)
+    # Not print(): Ray Train patches it in workers to tee into the logger, which doubles the line.
+    sys.stdout.write("[avsa] " + "  ".join(parts) + "\n")
+    sys.stdout.flush()
