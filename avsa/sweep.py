@@ -1,0 +1,351 @@
+"""`avsa sweep`: a Ray Tune search over config keys; every trial is a full Ray Train run.
+
+The space comes from `configs/sweep/<name>.yaml` (`sweep=<name>`) and can be changed per key
+on the command line: `'sweep.space.data.num_viewpoints=[2,4]'` (`+sweep.space.train.lr=[...]`
+adds a key, `~sweep.space.loss` drops one). A leaf is a list of values (a grid under
+`sweep.search=grid`, choices under random/optuna) or `{distribution: loguniform|uniform, low,
+high}` (random/optuna only).
+
+Layout under `storage.path` (local or s3://):
+  sweeps/<sweep>/                 the Tune experiment (its state, one folder per trial)
+  sweeps/<sweep>/trials/<trial>/  each trial's Ray Train run and checkpoints
+  sweeps/<sweep>/sweep_results.csv, sweep_plot.png
+MLflow: a parent run named <sweep> (avsa.kind=sweep) and one child per trial (avsa.kind=trial,
+mlflow.parentRunId). The sweep name is a digest of the config and trial names follow from their
+values, so the same command run again restores the Tune experiment (finished trials are kept,
+the others resume from their checkpoints) and finds the same MLflow runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import posixpath
+import socket
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from avsa import storage, sweep_report, tracking
+from avsa.config import Config, compose
+from avsa.errors import ConfigError
+from avsa.sweep_space import (
+    apply_params,
+    check_space,
+    flatten_space,
+    scheduler_metric,
+    sweep_run_name,
+    trial_run_name,
+    tune_space,
+)
+
+log = logging.getLogger("avsa.sweep")
+
+# The trainable only launches a TorchTrainer, whose workers reserve their own CPUs/GPUs.
+TRIAL_DRIVER_CPU = 0.01
+# Restarts of a trial whose driver died (its Train run resumes from its last checkpoint);
+# worker failures inside a trial are Ray Train's (train.max_failures).
+TRIAL_RETRIES = 1
+USAGE = ("usage: avsa sweep [hydra overrides...]   e.g. sweep=viewpoints_temperature "
+         "'sweep.space.data.num_viewpoints=[2,4]' sweep.max_concurrent_trials=2")
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """Everything a trial needs besides its sampled values (shipped to the trial actors)."""
+
+    base: dict[str, Any]  # Config.to_dict() of the sweep's base config
+    sweep_name: str
+    parent_run_id: str
+    trials_uri: str  # each trial's Train run lives at <trials_uri>/<trial run name>
+    metric: str
+    keyed_by_id: bool  # the same values can repeat: names carry the Tune trial id
+
+
+@dataclass
+class SweepResult:
+    name: str
+    uri: str
+    parent_run_id: str
+    metric: str
+    rows: list[dict[str, Any]]
+    best: dict[str, Any] | None
+    table: str
+
+
+# ----------------------------------------------------------------------------- a trial
+
+
+def _validation_report(metric: str):
+    """A TuneReportCallback passing on only the reports that carry `metric` (validation
+    steps): Tune requires the metric in every result it gets, and so do its searchers."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class ValidationReport(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics and metric in metrics[0]:
+                super().after_report(run_context, metrics, checkpoint)
+
+    return ValidationReport()
+
+
+def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
+    """The Tune trainable: a child MLflow run and one Ray Train run with the trial's values."""
+    import ray.tune
+
+    from avsa.train.driver import build_trainer, start_tracking
+
+    params = {k: config[k] for k in sorted(config)}
+    trial_id = ray.tune.get_context().get_trial_id()
+    name = trial_run_name(spec.sweep_name, params, trial_id if spec.keyed_by_id else None)
+    cfg = apply_params(spec.base, params)
+    cfg.storage.path, cfg.storage.run_name = spec.trials_uri, name
+    uri, run_id = start_tracking(
+        cfg, kind="trial", parent_run_id=spec.parent_run_id, run_name=name,
+        extra_tags={"avsa.sweep": spec.sweep_name, "avsa.trial_id": trial_id},
+    )
+    trainer = build_trainer(cfg, run_id=run_id, tracking_uri=uri, run_name=name,
+                            callbacks=[_validation_report(spec.metric)])
+    logger = tracking.RunLogger.start(uri, cfg.tracking.experiment, None, resume_run_id=run_id)
+    try:
+        result = trainer.fit()
+    except BaseException:
+        logger.end("FAILED")
+        raise
+    if result.checkpoint is not None:
+        path = result.checkpoint.path
+        if storage.is_s3(cfg.storage.path) and not path.startswith("s3://"):
+            path = "s3://" + path.lstrip("/")
+        logger.set_tags({tracking.CHECKPOINT: path})
+    logger.end("FINISHED")
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+
+def _absolute(uri: str | None) -> str | None:
+    if not uri or "://" in uri:
+        return uri
+    return str(Path(uri).resolve())
+
+
+def prepare_base(cfg: Config) -> Config:
+    """The config every trial starts from: local paths absolute (trials run in their own
+    folders), the tracking URI resolved, validation every `sweep.report_every` steps."""
+    base = copy.deepcopy(cfg)
+    base.data.shards = _absolute(base.data.shards)
+    base.data.val_shards = _absolute(base.data.val_shards)
+    base.storage.path = _absolute(base.storage.path)
+    base.tracking.uri = tracking.resolve_tracking_uri(base.tracking.uri)
+    t = base.train
+    if cfg.sweep.report_every:
+        t.val_every = cfg.sweep.report_every
+    if t.val_every and t.val_every % t.log_every:
+        t.log_every = math.gcd(t.log_every, t.val_every)  # validation runs on logged steps
+    if cfg.sweep.scheduler == "asha" and not t.val_every:
+        log.warning("train.val_every=0: ASHA sees only each trial's final validation; "
+                    "set sweep.report_every to stop poor trials early")
+    return base
+
+
+def check_sweep(cfg: Config, metric: str) -> None:
+    s = cfg.sweep
+    if not 1 <= s.grace_period <= cfg.train.max_steps:
+        raise ConfigError("sweep.grace_period", f"must be in [1, train.max_steps="
+                          f"{cfg.train.max_steps}] (steps), got {s.grace_period}")
+    if s.reduction_factor < 2:
+        raise ConfigError("sweep.reduction_factor", f"must be >= 2, got {s.reduction_factor}")
+    if metric.startswith("val/") and not (cfg.data.val_shards and cfg.train.val_batches):
+        raise ConfigError("data.val_shards", f"a sweep on {metric} needs validation shards and "
+                          f"train.val_batches > 0")
+
+
+def max_concurrent(cfg: Config, cluster: Mapping[str, float]) -> int:
+    """`sweep.max_concurrent_trials`, or as many trials as the cluster's CPUs (and GPUs) hold:
+    each needs its train workers plus one decoding task."""
+    if cfg.sweep.max_concurrent_trials:
+        return cfg.sweep.max_concurrent_trials
+    t = cfg.train
+    fits = [cluster.get("CPU", 0.0) // (t.num_workers * t.cpus_per_worker + cfg.data.decode_cpus)]
+    if t.use_gpu:
+        fits.append(cluster.get("GPU", 0.0) // t.num_workers)
+    return max(1, int(min(fits)))
+
+
+def ensure_ray_with_state_api(cfg: Config) -> None:
+    """Join `RAY_ADDRESS`'s cluster, or start a local Ray with its dashboard on.
+
+    When ASHA stops a trial, Tune ends the trial's actor and its Train controller dies with it;
+    Ray Train then frees the stopped run's worker placement group through the state API, which
+    the dashboard serves. Without it every stopped trial keeps its workers' CPUs and later
+    trials starve. The API address goes to every worker, so the lookup also works when other
+    Ray instances run on the same machine.
+    """
+    import ray
+
+    from avsa.train.driver import ensure_ray
+
+    if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
+        ensure_ray(cfg)
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t = cfg.train
+    need = math.ceil(t.num_workers * t.cpus_per_worker + 2 * cfg.data.decode_cpus)
+    ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=True,
+             dashboard_host="127.0.0.1", dashboard_port=port,
+             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
+
+
+def make_tuner(cfg: Config, space: dict[str, Any], spec: TrialSpec):
+    """A new Tuner, or the one restored from `<storage.path>/sweeps/<sweep>` if it exists."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    s = cfg.sweep
+    trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec),
+                                    {"CPU": TRIAL_DRIVER_CPU})
+    fs, root = storage.pyarrow_filesystem(storage.join(cfg.storage.path, "sweeps"))
+    path = posixpath.join(root, spec.sweep_name)
+    if tune.Tuner.can_restore(path, storage_filesystem=fs):
+        log.info("restoring sweep %s from %s (finished trials are kept)", spec.sweep_name, path)
+        return tune.Tuner.restore(path, trainable=trainable, resume_errored=True,
+                                  storage_filesystem=fs)
+    if s.scheduler == "asha":
+        scheduler = ASHAScheduler(time_attr="step", max_t=cfg.train.max_steps,
+                                  grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+    else:
+        scheduler = FIFOScheduler()
+    concurrent = max_concurrent(cfg, ray.cluster_resources())
+    log.info("sweep %s: up to %d trials at a time", spec.sweep_name, concurrent)
+    if s.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg, limit = OptunaSearch(seed=cfg.train.seed), concurrent
+    else:  # the variant generator limits itself; Tune ignores max_concurrent_trials for it
+        search_alg = BasicVariantGenerator(max_concurrent=concurrent, random_state=cfg.train.seed)
+        limit = None
+    return tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(
+            metric=spec.metric, mode=s.mode, scheduler=scheduler, search_alg=search_alg,
+            num_samples=s.num_samples, max_concurrent_trials=limit,
+        ),
+        run_config=tune.RunConfig(
+            name=spec.sweep_name, storage_path=root, storage_filesystem=fs,
+            failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES),
+        ),
+    )
+
+
+def _finish_children(uri: str, experiment: str, rows: list[dict[str, Any]],
+                     best: Mapping[str, Any] | None) -> None:
+    """Find each trial's MLflow run (into row["run_id"]); close the runs that stopped or killed
+    trials left open, and tag early stops and the best trial."""
+    for row in rows:
+        row["run_id"] = run_id = tracking.find_run(uri, experiment, row["trial"])
+        if run_id is None:
+            continue
+        status = "FAILED" if row["status"] == "error" else "FINISHED"
+        tags = {"avsa.early_stopped": "true"} if row["status"] == "stopped" else {}
+        if best is not None and row["trial"] == best["trial"]:
+            tags["avsa.best"] = "true"
+        run = tracking.get_run(uri, run_id)
+        if run.info.status != status:
+            child = tracking.RunLogger.start(uri, experiment, None, resume_run_id=run_id)
+            child.set_tags(tags)
+            child.end(status)
+        elif any(run.data.tags.get(k) != v for k, v in tags.items()):  # tags only: status kept
+            child = tracking.RunLogger(uri, run_id, run.info.experiment_id, tracking.RetryPolicy())
+            child.set_tags(tags)
+            child.flush()
+
+
+def run_sweep(cfg: Config) -> SweepResult:
+    """Run (or resume) the sweep `cfg.sweep` end to end; returns its table and best trial."""
+    from avsa.data.manifest import read_manifest
+    from avsa.train.driver import start_tracking
+
+    s = cfg.sweep
+    flat = flatten_space(s.space)
+    space = tune_space(flat, s.search)
+    check_space(cfg, flat)
+    metric = scheduler_metric(s.metric, flat)
+    check_sweep(cfg, metric)
+    read_manifest(cfg.data.shards)
+    read_manifest(cfg.data.val_shards)
+    base = prepare_base(cfg)
+    name = sweep_run_name(base)
+    sweep_uri = storage.join(base.storage.path, "sweeps", name)
+    uri, parent_id = start_tracking(
+        base, kind="sweep", run_name=name,
+        extra_tags={"avsa.run_uri": sweep_uri, "avsa.sweep": s.name, "avsa.metric": metric},
+    )
+    ensure_ray_with_state_api(base)
+    spec = TrialSpec(base.to_dict(), name, parent_id, storage.join(sweep_uri, "trials"), metric,
+                     keyed_by_id=s.search != "grid" or s.num_samples > 1)
+    tuner = make_tuner(base, space, spec)
+    parent = tracking.RunLogger.start(uri, base.tracking.experiment, None, resume_run_id=parent_id)
+    try:
+        grid = tuner.fit()
+    except BaseException:
+        parent.end("FAILED")
+        raise
+    keys = list(flat)
+    rows = []
+    for result in grid:
+        config = result.config or {}
+        trial_id = (result.metrics or {}).get("trial_id") if spec.keyed_by_id else None
+        run_name = trial_run_name(name, {k: config.get(k) for k in keys}, trial_id)
+        rows.append(sweep_report.trial_row(result, keys, name=run_name, metric=metric,
+                                           max_steps=base.train.max_steps))
+    sweep_report.sort_rows(rows, keys)
+    best = sweep_report.best_row(rows, metric, s.mode)
+    _finish_children(uri, base.tracking.experiment, rows, best)
+    cols = sweep_report.columns(rows, keys, metric)
+    table = sweep_report.markdown(rows, cols, best)
+    with tempfile.TemporaryDirectory() as tmp:
+        csv_path, png_path = Path(tmp, "sweep_results.csv"), Path(tmp, "sweep_plot.png")
+        sweep_report.write_csv(rows, cols, csv_path)
+        x_key, line_key = sweep_report.plot_axes(keys)
+        sweep_report.plot(rows, x_key, line_key, metric, png_path, title=name)
+        for p in (csv_path, png_path):
+            parent.log_artifact(p)
+            storage.write_bytes(storage.join(sweep_uri, p.name), p.read_bytes())
+    if best is not None:
+        parent.set_tags({"avsa.best_trial": best["trial"], "avsa.best_trial_id": best["trial_id"],
+                         "avsa.best_run_id": best["run_id"],
+                         "avsa.best_params": json.dumps({k: best[k] for k in keys})})
+        parent.log_metrics({f"best/{metric}": best[metric]}, step=int(best["step"] or 0))
+    parent.end("FINISHED" if best is not None else "FAILED")
+    return SweepResult(name, sweep_uri, parent_id, metric, rows, best and dict(best), table)
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] in (["-h"], ["--help"]):
+        print(USAGE)
+        return 0
+    cfg = compose(argv)
+    res = run_sweep(cfg)
+    counts = {k: sum(r["status"] == k for r in res.rows) for k in ("done", "stopped", "error")}
+    print(f"[avsa] sweep {res.name}: {len(res.rows)} trials ({counts['done']} done, "
+          f"{counts['stopped']} stopped early, {counts['error']} failed)")
+    print(res.table)
+    if res.best is not None:
+        print(f"[avsa] best: {res.best['trial']}  {res.metric} {res.best[res.metric]:.4f}  "
+              f"(MLflow run {res.best['run_id']})")
+    print(f"[avsa] results: {storage.join(res.uri, 'sweep_results.csv')}, "
+          f"{storage.join(res.uri, 'sweep_plot.png')}")
+    print(f"[avsa] MLflow parent run {res.parent_run_id} in experiment "
+          f"{cfg.tracking.experiment!r}")
+    return 0 if res.best is not None else 1
+

@@ -1,0 +1,145 @@
+"""A sweep's search space and names, without Ray or MLflow.
+
+The space is a nested mapping from `sweep.space` whose leaves are lists of values or
+`{distribution: loguniform|uniform, low, high}`; here it becomes Tune's flat `param_space`
+(dotted config keys), each value is checked against the config schema before anything
+starts, and sweeps and trials get deterministic names (the same command finds them again).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from avsa.config import Config, validate
+from avsa.errors import ConfigError
+from avsa.sweep_report import VIEWPOINTS_KEY
+
+log = logging.getLogger("avsa.sweep")
+
+DISTRIBUTIONS = ("loguniform", "uniform")
+SCORE = "val/avsa_score"
+
+
+
+def flatten_space(space: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{"data": {"num_viewpoints": [2, 4]}}` -> `{"data.num_viewpoints": [2, 4]}`."""
+    out: dict[str, Any] = {}
+    for name, value in space.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, Mapping) and "distribution" not in value:
+            out.update(flatten_space(value, key + "."))
+        else:
+            out[key] = value
+    return out
+
+
+def tune_space(flat: Mapping[str, Any], search: str) -> dict[str, Any]:
+    """Tune's param_space (flat dotted keys): lists become `grid_search` (grid) or `choice`,
+    distributions `loguniform`/`uniform`."""
+    from ray import tune
+
+    if not flat:
+        raise ConfigError("sweep.space", "no keys to search (e.g. 'sweep.space.loss.temperature="
+                          "[0.07,0.2]')")
+    out: dict[str, Any] = {}
+    for key, leaf in flat.items():
+        where = f"sweep.space.{key}"
+        if isinstance(leaf, Mapping):
+            dist, low, high = leaf.get("distribution"), leaf.get("low"), leaf.get("high")
+            if search == "grid":
+                raise ConfigError(where, "a grid needs a list of values; distributions need "
+                                  "sweep.search=random or optuna")
+            if dist not in DISTRIBUTIONS:
+                raise ConfigError(where, f"distribution must be one of {DISTRIBUTIONS}, got {dist!r}")
+            if not (_number(low) and _number(high) and low < high
+                    and (dist == "uniform" or low > 0)):
+                raise ConfigError(where, f"needs numbers low < high (low > 0 for loguniform), "
+                                  f"got low={low!r} high={high!r}")
+            out[key] = (tune.loguniform if dist == "loguniform" else tune.uniform)(low, high)
+        elif isinstance(leaf, list) and leaf:
+            out[key] = tune.grid_search(list(leaf)) if search == "grid" else tune.choice(list(leaf))
+        else:
+            raise ConfigError(where, "must be a non-empty list of values or {distribution, low, "
+                              f"high}}, got {leaf!r}")
+    return out
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def apply_params(base: Mapping[str, Any], params: Mapping[str, Any]) -> Config:
+    """The config `base` (a `Config.to_dict()`) with dotted `params` set, validated."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    node = OmegaConf.merge(OmegaConf.structured(Config), dict(base))
+    for key, value in params.items():
+        where = f"sweep.space.{key}"
+        current = OmegaConf.select(node, key, default=KeyError)
+        if current is KeyError or OmegaConf.is_dict(current):
+            raise ConfigError(where, f"{key!r} is not a config value")
+        try:
+            OmegaConf.update(node, key, value, merge=False)
+        except OmegaConfBaseException as e:
+            reason = " ".join(str(e).split("\n")[0].split())
+            raise ConfigError(where, f"cannot take {value!r}: {reason}") from None
+    return validate(OmegaConf.to_object(node))
+
+
+def check_space(cfg: Config, flat: Mapping[str, Any]) -> None:
+    """Every key is a config value and every listed value (or bound) passes validation."""
+    base = cfg.to_dict()
+    for key, leaf in flat.items():
+        values = [leaf.get("low"), leaf.get("high")] if isinstance(leaf, Mapping) else leaf
+        for value in values:
+            apply_params(base, {key: value})
+
+
+def scheduler_metric(metric: str, keys: Any) -> str:
+    """The metric Tune acts on: raw AVSA accuracy is not comparable across numbers of
+    viewpoints (chance is 1/V), so it becomes the chance-normalised score when V varies."""
+    if metric == "val/avsa_acc" and VIEWPOINTS_KEY in keys:
+        log.warning("data.num_viewpoints varies: scheduling on %s, not %s", SCORE, metric)
+        return SCORE
+    return metric
+
+
+# ----------------------------------------------------------------------------- names
+
+
+def sweep_run_name(cfg: Config) -> str:
+    """`storage.run_name` if set, else `<sweep.name>-<digest of the config>`: the same
+    command finds the same sweep again."""
+    if cfg.storage.run_name:
+        return cfg.storage.run_name
+    d = cfg.to_dict()
+    for volatile in ("tracking", "downstream"):
+        d.pop(volatile)
+    d["train"].pop("fail_at_step")
+    d["sweep"].pop("max_concurrent_trials")
+    digest = hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return f"{cfg.sweep.name}-{digest}"
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def trial_run_name(sweep_name: str, params: Mapping[str, Any], trial_id: str | None = None) -> str:
+    """`<sweep>-num_viewpoints=4_temperature=0.07` (+ `-<trial id>` when values can repeat)."""
+    leaves = [k.rsplit(".", 1)[-1] for k in params]
+    parts = []
+    for key in sorted(params):
+        leaf = key.rsplit(".", 1)[-1]
+        label = leaf if leaves.count(leaf) == 1 else key
+        parts.append(f"{label}={_short(params[key])}")
+    slug = re.sub(r"[^A-Za-z0-9._=-]", "", "_".join(parts))
+    if len(slug) > 80:
+        slug = slug[:60] + "-" + hashlib.sha256(slug.encode()).hexdigest()[:8]
+    return f"{sweep_name}-{slug}" + (f"-{trial_id}" if trial_id else "")

@@ -1,0 +1,414 @@
+"""avsa.sweep, avsa.sweep_space and avsa.sweep_report.
+
+Unit tests check the space, names, table and plot with known answers. The integration tests
+run one real 4-trial sweep on the session's local Ray and `mlflow server`: its driver (a
+subprocess, `python -m avsa.cli sweep`) is killed once two trials have finished, the same
+command then finishes it in this process, and the tests check the MLflow runs, the artifacts
+and that the finished trials were not run again.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+
+from avsa import sweep, sweep_report, sweep_space
+from avsa.config import compose
+from avsa.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+
+# ----------------------------------------------------------------------------- the space
+
+
+def test_flatten_space_and_grid():
+    flat = sweep_space.flatten_space({
+        "data": {"num_viewpoints": [2, 4]},
+        "loss": {"temperature": {"distribution": "loguniform", "low": 0.01, "high": 0.5}},
+    })
+    assert flat == {"data.num_viewpoints": [2, 4],
+                    "loss.temperature": {"distribution": "loguniform", "low": 0.01, "high": 0.5}}
+    grid = sweep_space.tune_space({"data.num_viewpoints": [2, 4, 8]}, "grid")
+    assert grid == {"data.num_viewpoints": {"grid_search": [2, 4, 8]}}
+
+
+def test_random_space_samples_inside_the_bounds():
+    import numpy as np
+
+    space = sweep_space.tune_space(
+        {"data.num_viewpoints": [2, 4],
+         "loss.temperature": {"distribution": "loguniform", "low": 0.01, "high": 0.5}}, "random")
+    rng = np.random.default_rng(0)
+    temps = [space["loss.temperature"].sample(random_state=rng) for _ in range(200)]
+    assert all(0.01 <= t <= 0.5 for t in temps)
+    assert sum(t < 0.0707 for t in temps) > 60  # log-uniform: half below the geometric mean
+    assert set(space["data.num_viewpoints"].categories) == {2, 4}
+
+
+@pytest.mark.parametrize("leaf, search, says", [
+    ({"distribution": "uniform", "low": 0.1, "high": 0.2}, "grid", "a grid needs a list"),
+    ({"distribution": "normal", "low": 0.1, "high": 0.2}, "random", "distribution must be"),
+    ({"distribution": "loguniform", "low": 0.0, "high": 0.2}, "random", "low > 0"),
+    ([], "grid", "non-empty list"),
+    (0.07, "grid", "non-empty list"),
+])
+def test_bad_leaves_name_their_key(leaf, search, says):
+    with pytest.raises(ConfigError, match=rf"^sweep\.space\.loss\.temperature: .*{says}"):
+        sweep_space.tune_space({"loss.temperature": leaf}, search)
+
+
+def test_empty_space_is_refused():
+    with pytest.raises(ConfigError, match=r"^sweep\.space: no keys"):
+        sweep_space.tune_space({}, "grid")
+
+
+def test_apply_params_sets_and_validates():
+    base = compose(["model=tiny"]).to_dict()
+    cfg = sweep_space.apply_params(base, {"data.num_viewpoints": 8, "loss.temperature": 0.2})
+    assert (cfg.data.num_viewpoints, cfg.loss.temperature, cfg.model.name) == (8, 0.2, "tiny")
+    with pytest.raises(ConfigError, match=r"^sweep\.space\.data\.nope: 'data\.nope' is not"):
+        sweep_space.apply_params(base, {"data.nope": 1})
+    with pytest.raises(ConfigError, match=r"^sweep\.space\.data: 'data' is not a config value"):
+        sweep_space.apply_params(base, {"data": 1})
+    with pytest.raises(ConfigError, match=r"^sweep\.space\.data\.num_viewpoints: cannot take"):
+        sweep_space.apply_params(base, {"data.num_viewpoints": "many"})
+    with pytest.raises(ConfigError, match=r"^data\.num_viewpoints: must be in \[1, 64\], got 0"):
+        sweep_space.apply_params(base, {"data.num_viewpoints": 0})
+
+
+def test_check_space_tries_every_value_before_anything_starts():
+    cfg = compose(["sweep.space.data.num_viewpoints=[2,4,99]"])
+    with pytest.raises(ConfigError, match=r"^data\.num_viewpoints: .*got 99"):
+        sweep_space.check_space(cfg, sweep_space.flatten_space(cfg.sweep.space))
+
+
+def test_command_line_overrides_the_space():
+    cfg = compose(["sweep.space.data.num_viewpoints=[2,4]", "sweep.space.loss.temperature=[0.2]"])
+    assert sweep_space.flatten_space(cfg.sweep.space) == {
+        "data.num_viewpoints": [2, 4], "loss.temperature": [0.2]}
+    default = compose([])
+    assert sweep_space.flatten_space(default.sweep.space) == {
+        "data.num_viewpoints": [2, 4, 8], "loss.temperature": [0.03, 0.07, 0.2]}
+
+
+def test_accuracy_becomes_the_chance_normalised_score_when_viewpoints_vary():
+    assert sweep_space.scheduler_metric("val/avsa_acc", ["data.num_viewpoints"]) == \
+        "val/avsa_score"
+    assert sweep_space.scheduler_metric("val/avsa_acc", ["loss.temperature"]) == "val/avsa_acc"
+    assert sweep_space.scheduler_metric("val/loss", ["data.num_viewpoints"]) == "val/loss"
+
+
+# ----------------------------------------------------------------------------- names
+
+
+def test_trial_names_are_deterministic_and_distinct():
+    a = sweep_space.trial_run_name("sw", {"loss.temperature": 0.07, "data.num_viewpoints": 4})
+    assert a == "sw-num_viewpoints=4_temperature=0.07"
+    assert a == sweep_space.trial_run_name("sw", {"data.num_viewpoints": 4,
+                                                  "loss.temperature": 0.07})
+    assert sweep_space.trial_run_name("sw", {"data.seed": 1, "train.seed": 2}) == \
+        "sw-data.seed=1_train.seed=2"
+    assert sweep_space.trial_run_name("sw", {"train.lr": 1.234567e-4}, "ab12c_00003") == \
+        "sw-lr=0.0001235-ab12c_00003"
+    long = sweep_space.trial_run_name("sw", {f"data.k{i}": "x" * 20 for i in range(6)})
+    assert len(long) <= 3 + 80 and long != sweep_space.trial_run_name(
+        "sw", {f"data.k{i}": "y" * 20 for i in range(6)})
+
+
+def test_sweep_name_follows_the_config_not_the_concurrency():
+    base = ["sweep.space.data.num_viewpoints=[2,4]"]
+    name = sweep_space.sweep_run_name(compose(base))
+    assert name.startswith("viewpoints_temperature-")
+    assert name == sweep_space.sweep_run_name(compose(base))
+    assert name == sweep_space.sweep_run_name(compose([*base, "sweep.max_concurrent_trials=3"]))
+    assert name != sweep_space.sweep_run_name(compose(["sweep.space.data.num_viewpoints=[2]"]))
+    assert name != sweep_space.sweep_run_name(compose([*base, "train.lr=0.001"]))
+    assert sweep_space.sweep_run_name(compose([*base, "storage.run_name=mine"])) == "mine"
+
+
+# ----------------------------------------------------------------------------- the driver's pieces
+
+
+def test_max_concurrent_counts_workers_and_a_decoding_task():
+    cfg = compose(["train.num_workers=1", "train.cpus_per_worker=1", "data.decode_cpus=1"])
+    assert sweep.max_concurrent(cfg, {"CPU": 4.0}) == 2
+    assert sweep.max_concurrent(cfg, {"CPU": 1.0}) == 1
+    gpu = compose(["train.num_workers=2", "train.use_gpu=true"])
+    assert sweep.max_concurrent(gpu, {"CPU": 64.0, "GPU": 4.0}) == 2
+    fixed = compose(["sweep.max_concurrent_trials=5"])
+    assert sweep.max_concurrent(fixed, {"CPU": 1.0}) == 5
+
+
+def test_prepare_base_makes_paths_absolute_and_reports_on_logged_steps(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = compose(["data.shards=rel/train", "data.val_shards=s3://b/val", "storage.path=out",
+                   "train.log_every=10", "sweep.report_every=4",
+                   f"tracking.uri=sqlite:///{tmp_path}/m.db"])
+    base = sweep.prepare_base(cfg)
+    assert base.data.shards == str(tmp_path / "rel/train")
+    assert base.data.val_shards == "s3://b/val"
+    assert base.storage.path == str(tmp_path / "out")
+    assert (base.train.val_every, base.train.log_every) == (4, 2)
+    assert (cfg.train.val_every, cfg.train.log_every) == (0, 10)  # the input is left alone
+
+
+def test_check_sweep_needs_validation_data():
+    with pytest.raises(ConfigError, match=r"^data\.val_shards: a sweep on val/avsa_score"):
+        sweep.check_sweep(compose(["data.val_shards=null"]), "val/avsa_score")
+    with pytest.raises(ConfigError, match=r"^sweep\.grace_period: "):
+        sweep.check_sweep(compose(["data.val_shards=v", "train.max_steps=5",
+                                   "sweep.grace_period=6"]), "val/avsa_score")
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def _result(step, scores, error=None, **config):
+    frame = pd.DataFrame({"step": list(range(1, len(scores) + 1)), "val/avsa_score": scores})
+    return SimpleNamespace(
+        metrics={"step": step, "trial_id": "t", "val/avsa_score": scores[-1],
+                 "checkpoint_path": "/c"},
+        config=config, metrics_dataframe=frame, error=error)
+
+
+def test_rows_take_the_last_finite_value_and_tell_stops_from_finishes():
+    keys = ["data.num_viewpoints"]
+    done = sweep_report.trial_row(_result(4, [0.1, 0.3, float("nan")], **{keys[0]: 2}), keys,
+                                  name="a", max_steps=4, metric="val/avsa_score")
+    assert done["val/avsa_score"] == 0.3 and done["status"] == "done"
+    assert done["data.num_viewpoints"] == 2 and done["checkpoint"] == "/c"
+    stopped = sweep_report.trial_row(_result(2, [0.5], **{keys[0]: 4}), keys, name="b",
+                                     max_steps=4, metric="val/avsa_score")
+    assert stopped["status"] == "stopped"
+    failed = sweep_report.trial_row(_result(4, [0.5], error=RuntimeError()), keys, name="c",
+                                    max_steps=4, metric="val/avsa_score")
+    assert failed["status"] == "error"
+
+
+def test_best_row_by_mode_skips_missing_values():
+    rows = [{"trial": "a", "m": 0.2}, {"trial": "b", "m": float("nan")},
+            {"trial": "c", "m": 0.5}, {"trial": "d", "m": None}]
+    assert sweep_report.best_row(rows, "m", "max")["trial"] == "c"
+    assert sweep_report.best_row(rows, "m", "min")["trial"] == "a"
+    assert sweep_report.best_row(rows[1:2], "m", "max") is None
+
+
+def _grid_rows():
+    return [{"trial": f"t{v}-{t}", "trial_id": None, "status": "done",
+             "data.num_viewpoints": v, "loss.temperature": t, "step": 4,
+             "val/avsa_score": v * t, "val/avsa_acc": None, "run_id": "r", "checkpoint": None}
+            for v in (2, 4, 8) for t in (0.07, 0.2)]
+
+
+def test_csv_and_markdown(tmp_path):
+    rows = _grid_rows()
+    keys = ["data.num_viewpoints", "loss.temperature"]
+    cols = sweep_report.columns(rows, keys, "val/avsa_score")
+    assert cols == ["trial", "trial_id", "status", *keys, "step", "val/avsa_score", "run_id",
+                    "checkpoint"]
+    sweep_report.write_csv(rows, cols, tmp_path / "r.csv")
+    back = list(csv.DictReader((tmp_path / "r.csv").read_text().splitlines()))
+    assert len(back) == 6 and back[-1]["data.num_viewpoints"] == "8"
+    assert float(back[-1]["val/avsa_score"]) == pytest.approx(1.6)
+    best = sweep_report.best_row(rows, "val/avsa_score", "max")
+    table = sweep_report.markdown(rows, cols, best).splitlines()
+    assert table[0] == ("|  | trial | status | data.num_viewpoints | loss.temperature | step | "
+                        "val/avsa_score |")
+    starred = [ln for ln in table if ln.startswith("| * |")]
+    assert starred == ["| * | t8-0.2 | done | 8 | 0.2 | 4 | 1.6 |"]
+
+
+def test_rows_sort_numbers_numerically():
+    rows = [{"trial": n, "data.num_viewpoints": v} for n, v in (("a", 16), ("b", 2), ("c", 4))]
+    sweep_report.sort_rows(rows, ["data.num_viewpoints"])
+    assert [r["trial"] for r in rows] == ["b", "c", "a"]
+
+
+def test_plot_axes_prefer_viewpoints_then_temperature():
+    assert sweep_report.plot_axes(["loss.temperature", "data.num_viewpoints"]) == \
+        ("data.num_viewpoints", "loss.temperature")
+    assert sweep_report.plot_axes(["train.lr", "loss.temperature"]) == \
+        ("train.lr", "loss.temperature")
+    assert sweep_report.plot_axes(["train.lr"]) == ("train.lr", None)
+
+
+def test_plot_draws_one_line_per_temperature(tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "p.png"
+    sweep_report.plot(_grid_rows(), "data.num_viewpoints", "loss.temperature", "val/avsa_score",
+                      path)
+    img = Image.open(path)
+    assert img.format == "PNG" and img.size == (640, 420)
+
+
+# ----------------------------------------------------------------------------- integration
+
+
+def _overrides(data: Path, storage: Path, uri: str, experiment: str) -> list[str]:
+    return [
+        "model=tiny", "data=synthetic_small", f"data.shards={data / 'train'}",
+        f"data.val_shards={data / 'val'}", "data.crop_size=32", "data.frames=4", "data.n_mels=32",
+        "data.equirect_height=0", "train.max_steps=4", "train.batch_size=4",
+        "train.num_workers=1", "train.val_every=2", "train.val_batches=1", "train.log_every=2",
+        "train.checkpoint_every=2", "sweep.space.data.num_viewpoints=[2,4]",
+        "sweep.space.loss.temperature=[0.07,0.2]", "sweep.scheduler=fifo",
+        f"tracking.uri={uri}", f"tracking.experiment={experiment}", f"storage.path={storage}",
+    ]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from avsa.data.shards import write_shards
+    from avsa.synth import write_dataset
+
+    root = tmp_path_factory.mktemp("sweepdata")
+    write_dataset(root / "clips", 8, 2.0, seed=0, width=128, height=64, progress=False)
+    write_shards(str(root / "clips"), str(root / "train"), samples_per_shard=4, progress=False)
+    write_shards(str(root / "clips"), str(root / "val"), samples_per_shard=8, split="val",
+                 progress=False)
+    return root
+
+
+def _trial_states(exp_dir: Path) -> dict[str, str]:
+    """{trial id: status} from the newest Tune experiment state on disk."""
+    states = sorted(exp_dir.glob("experiment_state-*.json"))
+    if not states:
+        return {}
+    try:
+        data = json.loads(states[-1].read_text())
+    except (json.JSONDecodeError, OSError):
+        return {}  # being replaced
+    out = {}
+    for trial_json, _meta in data["trial_data"]:
+        t = json.loads(trial_json)
+        out[t["trial_id"]] = t["status"]
+    return out
+
+
+def _result_lines(exp_dir: Path, trial_id: str) -> int:
+    (path,) = glob.glob(str(exp_dir / f"*_{trial_id}_*" / "result.json"))
+    return len(Path(path).read_text().splitlines())
+
+
+def _trial_runs(client, experiment: str) -> dict[str, object]:
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], "tags.`avsa.kind` = 'trial'")
+    return {r.info.run_name: r for r in runs}
+
+
+@pytest.fixture(scope="module")
+def interrupted_then_resumed(ray_session, mlflow_uri, shards, tmp_path_factory):
+    """Start the sweep in a subprocess driver, SIGKILL it once two trials are TERMINATED,
+    note what they left, then run the same command here to the end."""
+    from mlflow.tracking import MlflowClient
+
+    tmp = tmp_path_factory.mktemp("sweep")
+    experiment = f"sweep-{tmp.name}"
+    argv = _overrides(shards, tmp / "store", mlflow_uri, experiment)
+    name = sweep_space.sweep_run_name(sweep.prepare_base(compose(argv)))
+    exp_dir = tmp / "store" / "sweeps" / name
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
+           "TUNE_GLOBAL_CHECKPOINT_S": "1", "PYTHONPATH": str(REPO)}
+    log_path = tmp / "driver.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "avsa.cli", "sweep", *argv], cwd=tmp,
+                                env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    deadline = time.monotonic() + 600
+    try:
+        while sum(s == "TERMINATED" for s in _trial_states(exp_dir).values()) < 2:
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = _trial_states(exp_dir)
+    finished = [t for t, s in before.items() if s == "TERMINATED"]
+    client = MlflowClient(mlflow_uri)
+    runs = _trial_runs(client, experiment)
+    snapshot = {
+        "lines": {t: _result_lines(exp_dir, t) for t in finished},
+        "runs": {n: (r.info.run_id, r.info.end_time,
+                     len(client.get_metric_history(r.info.run_id, "train/loss")))
+                 for n, r in runs.items() if r.info.status == "FINISHED"},
+    }
+    time.sleep(2)  # the killed driver's actors go with it
+    assert sweep.main(argv) == 0
+    return SimpleNamespace(before=before, finished=finished, snapshot=snapshot, client=client,
+                           experiment=experiment, exp_dir=exp_dir, name=name)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # the shared fixture runs a whole sweep, twice started
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(interrupted_then_resumed):
+    r = interrupted_then_resumed
+    assert len(r.finished) >= 2
+    assert len(r.finished) < 4, "the driver was killed only after every trial had finished"
+    for trial_id, lines in r.snapshot["lines"].items():
+        assert _result_lines(r.exp_dir, trial_id) == lines  # Tune did not run it again
+    assert len(r.snapshot["runs"]) >= 2
+    after = _trial_runs(r.client, r.experiment)
+    for name, (run_id, end_time, points) in r.snapshot["runs"].items():
+        run = after[name]
+        assert run.info.run_id == run_id and run.info.end_time == end_time
+        assert len(r.client.get_metric_history(run_id, "train/loss")) == points
+    assert list(_trial_states(r.exp_dir).values()) == ["TERMINATED"] * 4
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_sweep_tracks_parent_children_table_plot_and_best(interrupted_then_resumed):
+    r = interrupted_then_resumed
+    client = r.client
+    exp = client.get_experiment_by_name(r.experiment)
+    parents = client.search_runs([exp.experiment_id], "tags.`avsa.kind` = 'sweep'")
+    assert [p.info.run_name for p in parents] == [r.name]  # the resumed driver reused it
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    children = _trial_runs(client, r.experiment)
+    assert len(children) == 4
+    assert {c.data.tags["mlflow.parentRunId"] for c in children.values()} == {parent.info.run_id}
+    assert {c.info.status for c in children.values()} == {"FINISHED"}
+    assert {(c.data.params["data.num_viewpoints"], c.data.params["loss.temperature"])
+            for c in children.values()} == {("2", "0.07"), ("2", "0.2"), ("4", "0.07"),
+                                            ("4", "0.2")}
+    for c in children.values():  # metrics as in pretraining, logged by the train loop
+        history = client.get_metric_history(c.info.run_id, "val/avsa_score")
+        assert {m.step for m in history} == {2, 4}
+
+    best_id = parent.data.tags["avsa.best_run_id"]
+    best = client.get_run(best_id)
+    assert parent.data.tags["avsa.best_trial"] == best.info.run_name
+    assert best.data.tags["avsa.best"] == "true"
+    scores = {c.info.run_id: c.data.metrics["val/avsa_score"] for c in children.values()}
+    assert scores[best_id] == max(scores.values())
+    assert parent.data.metrics["best/val/avsa_score"] == pytest.approx(scores[best_id])
+
+    names = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"sweep_results.csv", "sweep_plot.png", "config.yaml"} <= names
+    local = client.download_artifacts(parent.info.run_id, "sweep_results.csv")
+    table = list(csv.DictReader(Path(local).read_text().splitlines()))
+    assert sorted(row["trial"] for row in table) == sorted(children)
+    for row in table:
+        assert row["run_id"] == children[row["trial"]].info.run_id
+        assert row["status"] == "done" and row["step"] == "4"
+        assert math.isclose(float(row["val/avsa_score"]), scores[row["run_id"]], rel_tol=1e-6)
+        assert Path(row["checkpoint"]).is_dir()  # under the sweep's storage path
+        assert str(r.exp_dir / "trials") in row["checkpoint"]
+    png = Path(client.download_artifacts(parent.info.run_id, "sweep_plot.png")).read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (r.exp_dir / "sweep_results.csv").is_file()
