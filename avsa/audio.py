@@ -10,8 +10,10 @@ linear low range keeps every filter non-empty.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 _F_SP = 200.0 / 3.0  # Hz per mel in the linear range
@@ -93,6 +95,70 @@ def log_mel(
     fb = mel_filterbank(sr, n_fft, n_mels).to(x.device)
     mel = mag.transpose(-1, -2) @ fb  # (B, F, M)
     return (10.0 * torch.log10(mel + eps)).reshape(*wave.shape[:-1], n // hop, n_mels)
+
+
+@lru_cache(maxsize=16)
+def _mel_taps(sr: int, n_fft: int, n_mels: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The non-zero entries of mel_filterbank as embedding_bag arguments: FFT bin indices and
+    weights of every filter, with each filter's offset into them (CPU tensors, never mutated)."""
+    fb = mel_filterbank(sr, n_fft, n_mels).T  # (M, K)
+    mel, bins = torch.nonzero(fb, as_tuple=True)  # row-major: grouped by filter
+    offsets = torch.searchsorted(mel, torch.arange(n_mels))
+    return bins, offsets, fb[mel, bins]
+
+
+def log_mel_mixed(
+    wave: Tensor,
+    mix: Tensor,
+    sr: int = 24000,
+    n_fft: int = 512,
+    hop: int = 240,
+    n_mels: int = 128,
+    eps: float = 1e-10,
+    normalize: bool = False,
+    norm_eps: float = 1e-5,
+) -> Tensor:
+    """log_mel(mix @ wave) from a single STFT of the C channels of wave.
+
+    wave: (C, N); mix: (..., D, C) real weights (e.g. (V, 4, 4) ambisonic rotations, or
+    (V, 1, 4) beams). Returns (..., D, F, n_mels) with F = N // hop. The STFT is linear, so
+    the spectra of the mixed signals are the same mix of the C complex spectra; magnitudes,
+    mel filters (applied sparsely) and logs are then taken per mixed channel, as log_mel does.
+    normalize=True returns normalize_log_mel of that (statistics over D and F per leading
+    index and mel bin, norm_eps added to the std).
+    """
+    c, n = wave.shape
+    if mix.shape[-1] != c:
+        raise ValueError(f"mix (..., D, {mix.shape[-1]}) does not match {c} wave channels")
+    if n <= n_fft // 2:
+        raise ValueError(f"log_mel needs more than n_fft // 2 = {n_fft // 2} samples, got {n}")
+    frames = n // hop
+    x = wave.float()
+    window = torch.hann_window(n_fft, periodic=True, dtype=x.dtype, device=x.device)
+    spec = torch.stft(x, n_fft, hop_length=hop, win_length=n_fft, window=window, center=True,
+                      pad_mode="reflect", return_complex=True)[..., :frames]  # (C, K, F)
+    k = spec.shape[1]
+    planes = torch.view_as_real(spec).permute(3, 0, 1, 2).reshape(2, c, k * frames)  # re, im
+    lead, d = mix.shape[:-2], mix.shape[-2]
+    rows = mix.reshape(-1, c).to(planes)  # (B * D, C)
+    re, im = rows @ planes[0], rows @ planes[1]  # (B * D, K * F) each
+    mag = re.mul_(re).addcmul_(im, im).sqrt_()
+    mag_k = mag.view(-1, k, frames).transpose(0, 1).reshape(k, -1)  # (K, B * D * F)
+    bins, offsets, weights = (t.to(x.device) for t in _mel_taps(sr, n_fft, n_mels))
+    mel = F.embedding_bag(bins, mag_k, offsets, mode="sum", per_sample_weights=weights)
+    b = rows.shape[0] // d
+    logs = mel.add_(eps).log_().view(n_mels, b, d * frames)  # natural log
+    out = torch.empty(b, d * frames, n_mels, dtype=logs.dtype, device=logs.device)
+    db = 10.0 / math.log(10.0)  # 10 log10 x = db ln x
+    if normalize:  # standardising removes db except next to norm_eps
+        count = d * frames
+        mean = logs.sum(dim=-1, keepdim=True).div_(count)
+        var = (logs * logs).sum(dim=-1, keepdim=True).div_(count).sub_(mean * mean)
+        scale = 1.0 / (var.clamp_(min=0.0).sqrt_() + norm_eps / db)
+        torch.mul(logs.sub_(mean), scale, out=out.permute(2, 0, 1))
+    else:
+        torch.mul(logs, db, out=out.permute(2, 0, 1))
+    return out.view(*lead, d, frames, n_mels)
 
 
 def normalize_log_mel(x: Tensor, eps: float = 1e-5) -> Tensor:

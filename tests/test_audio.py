@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from avsa.audio import hz_to_mel, log_mel, mel_filterbank, mel_to_hz, normalize_log_mel
+from avsa.audio import (
+    hz_to_mel,
+    log_mel,
+    log_mel_mixed,
+    mel_filterbank,
+    mel_to_hz,
+    normalize_log_mel,
+)
 
 SR, N_FFT, HOP, N_MELS = 24000, 512, 240, 128
 
@@ -118,3 +125,47 @@ def test_normalize_log_mel_per_bin_keeps_channel_differences():
     std = x.permute(2, 0, 1).reshape(8, -1).std(1, correction=0)
     torch.testing.assert_close(y[0] - y[1], (6.0 / std).expand(50, 8), atol=1e-4, rtol=0)
     assert normalize_log_mel(torch.stack((x, 2 * x))).shape == (2, 2, 50, 8)
+
+
+def _foa_scene(seconds: float = 1.0) -> torch.Tensor:
+    """(4, N) ambiX of two plane waves (noise from the front left, a tone from behind above)."""
+    gen = torch.Generator().manual_seed(3)
+    n = int(SR * seconds)
+    t = torch.arange(n) / SR
+    noise = 0.1 * torch.randn(n, generator=gen)
+    tone = 0.3 * torch.sin(2 * math.pi * 700.0 * t)
+
+    def gains(az: float, el: float) -> torch.Tensor:  # (W, Y, Z, X), column vector
+        ce = math.cos(el)
+        return torch.tensor([1.0, ce * math.sin(az), math.sin(el), ce * math.cos(az)])[:, None]
+
+    return gains(0.6, 0.1) * noise + gains(2.8, 0.5) * tone
+
+
+def test_log_mel_mixed_equals_log_mel_of_the_mixed_waves():
+    foa = _foa_scene()
+    gen = torch.Generator().manual_seed(4)
+    mix = torch.randn(3, 4, 4, generator=gen)  # any real mixing, batched over 3 views
+    ref = log_mel(mix @ foa)
+    ours = log_mel_mixed(foa, mix)
+    assert ours.shape == ref.shape == (3, 4, 100, 128)
+    torch.testing.assert_close(ours, ref, atol=2e-3, rtol=0)  # dB
+    torch.testing.assert_close(log_mel_mixed(foa, torch.eye(4)), log_mel(foa), atol=2e-3, rtol=0)
+    beams = torch.rand(5, 1, 4, generator=gen)  # one channel per view
+    torch.testing.assert_close(log_mel_mixed(foa, beams), log_mel(beams @ foa), atol=2e-3, rtol=0)
+
+
+def test_log_mel_mixed_normalized_matches_normalize_log_mel():
+    foa = _foa_scene(0.5)
+    mix = torch.randn(2, 4, 4, generator=torch.Generator().manual_seed(5))
+    ours = log_mel_mixed(foa, mix, n_mels=64, normalize=True)
+    ref = normalize_log_mel(log_mel(mix @ foa, n_mels=64))
+    assert ours.shape == (2, 4, 50, 64)
+    torch.testing.assert_close(ours, ref, atol=1e-3, rtol=0)
+
+
+def test_log_mel_mixed_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="4 wave channels"):
+        log_mel_mixed(torch.randn(4, SR), torch.randn(2, 4, 3))
+    with pytest.raises(ValueError, match="n_fft"):
+        log_mel_mixed(torch.randn(4, 100), torch.eye(4))

@@ -325,6 +325,30 @@ def test_nfov_crop_matches_per_pixel_reference():
         np.testing.assert_allclose(crop[k, :, t, i, j].numpy(), ref, atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    ("az_deg", "el_deg", "hfov_deg", "aspect"),
+    [
+        (0.0, 72.0, 80.0, 0.75),  # holds the north pole: every column of the frame is sampled
+        (-40.0, -80.0, 50.0, 1.0),  # the south pole, rows clamped at the bottom edge
+        (180.0, 0.0, 100.0, 1.333),  # centred on the seam
+        (-178.0, 20.0, 10.0, 1.0),  # narrow, just right of the seam
+    ],
+)
+def test_nfov_crop_matches_reference_at_poles_and_seam(az_deg, el_deg, hfov_deg, aspect):
+    gen = torch.Generator().manual_seed(11)
+    frames = torch.randint(0, 256, (2, 30, 60, 3), generator=gen, dtype=torch.uint8)
+    vp = _vp(az_deg, el_deg, hfov_deg=hfov_deg, aspect=aspect)
+    size = 16
+    crop = nfov_crop(frames, vp, size)
+    fr = frames.permute(0, 3, 1, 2).double().div(255).numpy()
+    for t in range(2):
+        for i in range(size):
+            for j in range(size):
+                ref = _reference_pixel(fr[t], az_deg * RAD, el_deg * RAD, hfov_deg * RAD,
+                                       aspect, size, i, j)
+                np.testing.assert_allclose(crop[0, :, t, i, j].numpy(), ref, atol=1e-4)
+
+
 def test_nfov_crop_accepts_uint8_thwc_and_numpy():
     gen = torch.Generator().manual_seed(8)
     thwc = torch.randint(0, 256, (3, 24, 48, 3), generator=gen, dtype=torch.uint8)

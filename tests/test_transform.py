@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from avsa import geometry, media, synth
+from avsa import audio, geometry, media, synth
 from avsa.config import DataConfig
 from avsa.data import transform
 from avsa.data.shards import RawSample
@@ -262,3 +262,73 @@ def test_collate_stacks_samples(generic):
     assert batch["directions"].shape == (3, 2, 2)
     with pytest.raises(ValueError, match="disagree"):
         transform.collate([samples[0], {"video": samples[1]["video"]}])
+
+
+def test_view_crops_equal_jittered_nfov_crops():
+    """The fused crop path (colour map before the gather) gives the numbers of nfov_crop
+    followed by to_uint8 with the same jitter, up to rounding ties."""
+    cfg = small_cfg(num_viewpoints=3, augment=True, crop_size=24)
+    gen = torch.Generator().manual_seed(0)
+    frames = torch.randint(0, 256, (4, 48, 96, 3), generator=gen, dtype=torch.uint8).numpy()
+    for flip in (False, True):
+        plan = replace(plan_for("crops", cfg, epoch=2), flip=flip)
+        out = transform.view_crops(frames, plan, cfg.crop_size)
+        assert out.shape == (3, 3, 4, 24, 24) and out.dtype == torch.uint8
+        ref = transform.to_uint8(geometry.nfov_crop(frames, plan.vp, cfg.crop_size),
+                                 torch.from_numpy(plan.jitter))
+        ref = geometry.flip_video(ref) if flip else ref
+        diff = (out.int() - ref.int()).abs()
+        assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 1e-3
+    plain = replace(plan_for("crops", small_cfg(crop_size=24), epoch=2), flip=False)
+    assert plain.jitter is None
+    ref = transform.to_uint8(geometry.nfov_crop(frames, plain.vp, 24))
+    assert int((transform.view_crops(frames, plain, 24).int() - ref.int()).abs().max()) <= 1
+
+
+def test_view_mix_and_audio_features_equal_the_mixed_waves():
+    cfg = small_cfg(num_viewpoints=3, augment=True)
+    foa = torch.randn(4, 12000, generator=torch.Generator().manual_seed(1)) * 0.1
+    plans = [plan_for("mix", cfg, epoch=e, misalign_prob=0.5) for e in range(8)]
+    assert {p.flip for p in plans} == {True, False} and {p.aligned for p in plans} == {True, False}
+    for plan in plans:
+        torch.testing.assert_close(transform.view_mix(plan) @ foa, transform.view_foa(foa, plan),
+                                   atol=1e-6, rtol=1e-5)
+        scene = foa * plan.gain
+        scene = geometry.flip_foa(scene) if plan.flip else scene
+        beams = geometry.beam(scene, plan.view_az - plan.yaw, plan.vp.el)
+        torch.testing.assert_close((transform.view_mix(plan, "mono") @ foa)[:, 0], beams,
+                                   atol=1e-6, rtol=1e-5)
+    plan = plans[0]
+    for mode, wave in (("foa", transform.view_foa(foa, plan)),
+                       ("mono", transform.view_mix(plan, "mono") @ foa)):
+        mode_cfg = replace(cfg, audio_mode=mode)
+        ref = audio.normalize_log_mel(audio.log_mel(wave, n_mels=mode_cfg.n_mels)).numpy()
+        ours = transform.audio_features(foa, plan, mode_cfg)
+        assert ours.dtype == np.float32 and ours.shape == ref.shape
+        np.testing.assert_allclose(ours, ref, atol=1e-3, rtol=0)
+
+
+def test_declared_duration_reads_the_json_length():
+    assert transform.declared_duration({"duration": 3.5, "seconds": 2}) == 3.5
+    assert transform.declared_duration({"seconds": 2}) == 2.0
+    for bad in ({}, {"seconds": True}, {"duration": "3"}, {"duration": -1.0},
+                {"seconds": float("nan")}):
+        assert transform.declared_duration(bad) is None
+
+
+def test_wrong_json_length_falls_back_to_the_container(generic):
+    """A json declaring 10 s for a 2 s clip: windows drawn past the end fail to decode, so the
+    transform probes the streams and draws again, as if the json declared nothing."""
+    cfg = small_cfg()
+    long_meta = {**json.loads(generic.members["json"]), "seconds": 10.0}
+    no_length = {k: v for k, v in json.loads(generic.members["json"]).items() if k != "seconds"}
+    epoch = next(e for e in range(50) if transform.plan_sample(
+        "generic", cfg, seed=0, epoch=e, duration=10.0).windows.audio > SECONDS)
+    wrong = RawSample("generic", {**generic.members, "json": json.dumps(long_meta).encode()})
+    probed = RawSample("generic", {**generic.members, "json": json.dumps(no_length).encode()})
+    assert transform.sample_duration(probed) == pytest.approx(SECONDS, abs=0.05)
+    a = transform.make_sample(wrong, cfg, seed=0, epoch=epoch)
+    b = transform.make_sample(probed, cfg, seed=0, epoch=epoch)
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])

@@ -5,7 +5,9 @@ pure function of (bytes, config, seed, epoch): the same on any worker, different
 
 Time windows: a `cfg.audio_seconds` audio window is drawn uniformly inside the clip, and the
 `cfg.frames / cfg.fps` video window uniformly inside the audio window. Only those windows are
-decoded.
+decoded. The clip length comes from the sample's json when it declares one ("duration", or
+"seconds" as synthetic clips write it), saving a container open; when decoding with it fails,
+the length is probed from the container headers and the windows drawn again.
 
 Augmentation (cfg.augment): one flip decision mirrors the whole scene (every crop mirrored,
 FOA Y negated, viewpoint azimuths negated), a volume gain scales the FOA, and each crop gets
@@ -38,10 +40,10 @@ MASK_MEMBER = "masks.npz"
 OTHER_TIME_GAP_S = 1.0  # AVTS: the second audio window starts at least this far away
 
 _GRAY = (0.2989, 0.587, 0.114)  # torchvision rgb_to_grayscale weights
-_RGB_TO_YIQ = torch.tensor(
+_RGB_TO_YIQ = np.array(
     [[0.299, 0.587, 0.114], [0.5959, -0.2746, -0.3213], [0.2115, -0.5227, 0.3112]]
 )
-_YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
+_YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ)
 
 
 def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
@@ -97,15 +99,30 @@ def color_affine(crops: Tensor, factors: Tensor) -> tuple[Tensor, Tensor]:
     (blend with the crop's mean grey after brightness), saturation s (blend with the pixel's
     grey), hue h (rotation by 2 pi h of the YIQ chroma plane), composed in that order.
     crops (V, 3, T, S, S); factors (V, 4) -> A (V, 3, 3), t (V, 3)."""
-    b, c, s, h = factors.float().unbind(-1)
-    gray = torch.tensor(_GRAY)
-    mean = b * (crops.float().mean(dim=(2, 3, 4)) @ gray)  # (V,)
-    eye = torch.eye(3).expand(len(b), 3, 3)
-    sat = s[:, None, None] * eye + (1 - s)[:, None, None] * gray.expand(3, 3)
-    cos, sin, one, zero = torch.cos(2 * math.pi * h), torch.sin(2 * math.pi * h), b * 0 + 1, b * 0
-    rot = torch.stack((one, zero, zero, zero, cos, -sin, zero, sin, cos), -1).view(-1, 3, 3)
+    return affine_from_gray(crops.float().mean(dim=(2, 3, 4)) @ torch.tensor(_GRAY), factors)
+
+
+def affine_from_gray(mean_gray: Tensor, factors: Tensor) -> tuple[Tensor, Tensor]:
+    """color_affine given each crop's mean grey level (V,) in the crops' units."""
+    a, u = jitter_maps(factors)
+    return a, u * mean_gray.float()[:, None]
+
+
+def jitter_maps(factors) -> tuple[Tensor, Tensor]:
+    """The colour jitter of color_affine as x -> A x + u m, with m the crop's mean grey level:
+    factors (V, 4) (tensor or array) -> A (V, 3, 3), u (V, 3) float32. A does not depend on
+    the crop; only the contrast step blends with its mean. (Small: numpy, float64 inside.)"""
+    b, c, s, h = np.asarray(factors, dtype=np.float64).T
+    sat = s[:, None, None] * np.eye(3) + (1 - s)[:, None, None] * np.array(_GRAY)
+    rot = np.zeros((len(b), 3, 3))
+    rot[:, 0, 0] = 1.0
+    rot[:, 1, 1] = rot[:, 2, 2] = np.cos(2 * math.pi * h)
+    rot[:, 2, 1] = np.sin(2 * math.pi * h)
+    rot[:, 1, 2] = -rot[:, 2, 1]
     mix = _YIQ_TO_RGB @ rot @ _RGB_TO_YIQ @ sat  # (V, 3, 3)
-    return mix * (b * c)[:, None, None], mix.sum(-1) * ((1 - c) * mean)[:, None]
+    a = mix * (b * c)[:, None, None]
+    u = mix.sum(-1) * ((1 - c) * b)[:, None]
+    return torch.from_numpy(a.astype(np.float32)), torch.from_numpy(u.astype(np.float32))
 
 
 def _apply_affine(crops: Tensor, a: Tensor, t: Tensor) -> Tensor:
@@ -178,6 +195,36 @@ def _decode_audio(raw, cfg, starts: list[float], n: int, duration: float) -> lis
     wave = _fit(wave, round((max(starts) - lo) * cfg.sample_rate) + n, axis=1, pad_edge=False)
     offsets = [round((s - lo) * cfg.sample_rate) for s in starts]
     return [np.ascontiguousarray(wave[:, i:i + n]) for i in offsets]
+
+
+def declared_duration(meta: dict) -> float | None:
+    """The clip length in seconds the sample's json declares ("duration", or "seconds" as
+    synthetic clips write it), or None when it declares none."""
+    for key in ("duration", "seconds"):
+        value = meta.get(key)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if number and math.isfinite(value) and value > 0:
+            return float(value)
+    return None
+
+
+def sample_duration(raw) -> float:
+    """Seconds a sample covers: declared by its json, else from the container headers."""
+    declared = declared_duration(_meta(raw, raw.key))
+    return clip_duration(raw) if declared is None else declared
+
+
+def _decode_windows(raw, cfg, plan, duration: float) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The plan's video window (T, H, W, 3) uint8 and audio windows [(4, n) float32]."""
+    win, video_s = plan.windows, cfg.frames / cfg.fps
+    size = (cfg.equirect_height, 2 * cfg.equirect_height) if cfg.equirect_height else None
+    frames = media.decode_video(raw.members[VIDEO_MEMBER], fps=cfg.fps, start=win.video,
+                                duration=min(video_s, duration - win.video), size=size,
+                                name=f"{raw.key}.{VIDEO_MEMBER}")
+    frames = _fit(frames, cfg.frames, axis=0, pad_edge=True)  # decode_video returns >= 1 frame
+    n = round(cfg.audio_seconds * cfg.sample_rate)
+    starts = [win.audio] if win.other is None else [win.audio, win.other]
+    return frames, _decode_audio(raw, cfg, starts, n, duration)
 
 
 def _labels(meta: dict, name: str) -> np.ndarray | None:
@@ -269,9 +316,34 @@ def plan_sample(key: str, cfg, *, seed: int, epoch: int, duration: float,
 
 def view_crops(frames, plan: SamplePlan, size: int) -> Tensor:
     """frames (T, H, W, 3) uint8 -> (V, 3, T, S, S) uint8: NFOV crops, colour jitter,
-    mirrored when the plan flips."""
-    jitter = None if plan.jitter is None else torch.from_numpy(plan.jitter)
-    crops = to_uint8(geometry.nfov_crop(frames, plan.vp, size), jitter)
+    mirrored when the plan flips.
+
+    The same numbers as to_uint8(geometry.nfov_crop(...), jitter) up to float rounding, with
+    the colour map moved before the interpolation (bilinear weights sum to 1, so an affine map
+    commutes with it): each crop's mean grey comes from the bilinear taps, the source window
+    of each crop is mapped by its own x -> A x + t (in 0..255, + 1/2 for rounding), a weighted
+    gather samples the crops pixel-major, and the clamped, truncated uint8 values are
+    transposed to (colour, frame, pixel) once."""
+    taps = geometry._nfov_taps(frames, plan.vp, size)
+    n_vp, t = len(plan.vp), taps.table.shape[1] // 3
+    identity = np.array([[1.0, 1.0, 1.0, 0.0]] * n_vp)
+    a, u = jitter_maps(identity if plan.jitter is None else plan.jitter)
+    # mean grey of each crop: the grey of every table row (averaged over frames), sampled
+    gray = torch.tensor(_GRAY).repeat(t).div_(t)
+    tap_gray = torch.take(taps.table @ gray, taps.idx).view(n_vp, -1)
+    mean_gray = torch.linalg.vecdot(tap_gray, taps.weights.view(n_vp, -1)) / (size * size)
+    shift = u * (mean_gray * taps.scale)[:, None]
+    # table columns (frame, colour) -> (colour', frame), mixed by A, offset by 255 t + 1/2
+    mix = torch.einsum("vdc,ts->vtcds", a, torch.eye(t)).reshape(n_vp, 3 * t, 3 * t)
+    offset = shift.mul(255.0).add_(0.5).repeat_interleave(t, dim=1)  # (V, 3 * T)
+    table = torch.empty_like(taps.table)
+    for v, (start, stop) in enumerate(taps.segments):
+        torch.addmm(offset[v], taps.table[start:stop], mix[v], out=table[start:stop])
+    pixels = np.empty((n_vp, size * size, 3 * t), dtype=np.uint8)
+    for v in range(n_vp):  # crop by crop: a quarter of the float memory, reused
+        samples = geometry._gather(taps, table, v).clamp_(0.0, 255.0)  # (S * S, 3 * T)
+        np.copyto(pixels[v], samples.numpy(), casting="unsafe")  # truncates: +1/2 rounds
+    crops = torch.from_numpy(pixels).transpose(1, 2).contiguous().view(n_vp, 3, t, size, size)
     return geometry.flip_video(crops) if plan.flip else crops
 
 
@@ -287,15 +359,23 @@ def view_foa(foa: Tensor, plan: SamplePlan) -> Tensor:
     return geometry.rotate_foa(_scene_foa(foa, plan), plan.view_az - plan.yaw, plan.vp.el)
 
 
+def view_mix(plan: SamplePlan, mode: str = "foa") -> Tensor:
+    """The linear map from the clip's FOA to each viewpoint's channels: (V, 4, 4) for "foa"
+    (view_foa(foa, plan) == view_mix(plan) @ foa) or (V, 1, 4) cardioid beams for "mono"."""
+    scene = _scene_foa(torch.eye(4), plan)  # the columns are the images of the 4 channels
+    if mode == "mono":
+        return geometry.beam(scene, plan.view_az - plan.yaw, plan.vp.el)[:, None]
+    return geometry.rotate_foa(scene, plan.view_az - plan.yaw, plan.vp.el)
+
+
 def audio_features(foa: Tensor, plan: SamplePlan, cfg) -> np.ndarray:
     """foa (4, N) -> (V, C, F, M) float32 normalised log-mel per viewpoint: C = 4 rotated ambiX
-    channels ("foa"), or C = 1 cardioid beam toward the viewpoint ("mono")."""
-    if cfg.audio_mode == "mono":
-        wave = geometry.beam(_scene_foa(foa, plan), plan.view_az - plan.yaw, plan.vp.el)[:, None]
-    else:
-        wave = view_foa(foa, plan)
-    mel = audio.log_mel(wave, sr=cfg.sample_rate, n_fft=cfg.n_fft, hop=cfg.hop, n_mels=cfg.n_mels)
-    return audio.normalize_log_mel(mel).numpy().astype(np.float32, copy=False)
+    channels ("foa"), or C = 1 cardioid beam toward the viewpoint ("mono"). One STFT of the 4
+    FOA channels; the viewpoints' channels are mixed from its complex spectra."""
+    mix = view_mix(plan, "mono" if cfg.audio_mode == "mono" else "foa")
+    mel = audio.log_mel_mixed(foa, mix, sr=cfg.sample_rate, n_fft=cfg.n_fft, hop=cfg.hop,
+                              n_mels=cfg.n_mels, normalize=True)
+    return mel.numpy()
 
 
 def make_sample(
@@ -310,18 +390,19 @@ def make_sample(
     if VIDEO_MEMBER not in raw.members:
         raise MediaError(video_name, "sample has no mp4 member")
     meta = _meta(raw, raw.key)
-    duration = clip_duration(raw)
-    plan = plan_sample(raw.key, cfg, seed=seed, epoch=epoch, duration=duration,
-                       other_time=other_time, misalign_prob=misalign_prob)
+    declared = declared_duration(meta)
+    duration = clip_duration(raw) if declared is None else declared
+    kw = dict(seed=seed, epoch=epoch, other_time=other_time, misalign_prob=misalign_prob)
+    plan = plan_sample(raw.key, cfg, duration=duration, **kw)
+    try:
+        frames, waves = _decode_windows(raw, cfg, plan, duration)
+    except MediaError:
+        if declared is None:
+            raise
+        duration = clip_duration(raw)  # the json's length disagrees with the streams
+        plan = plan_sample(raw.key, cfg, duration=duration, **kw)
+        frames, waves = _decode_windows(raw, cfg, plan, duration)
     win, video_s = plan.windows, cfg.frames / cfg.fps
-    size = (cfg.equirect_height, 2 * cfg.equirect_height) if cfg.equirect_height else None
-    frames = media.decode_video(raw.members[VIDEO_MEMBER], fps=cfg.fps, start=win.video,
-                                duration=min(video_s, duration - win.video), size=size,
-                                name=video_name)
-    frames = _fit(frames, cfg.frames, axis=0, pad_edge=True)  # decode_video returns >= 1 frame
-    n = round(cfg.audio_seconds * cfg.sample_rate)
-    starts = [win.audio] if win.other is None else [win.audio, win.other]
-    waves = _decode_audio(raw, cfg, starts, n, duration)
 
     out = {"video": view_crops(frames, plan, cfg.crop_size).numpy(), "directions": plan.directions}
     for field, wave in zip(("audio", "audio_other"), waves):
