@@ -206,6 +206,9 @@ def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "pre
         raise ConfigError(key, _first_line(e)) from None
     except Exception as e:  # Hydra's override parser and missing-group errors
         if type(e).__module__.startswith(("hydra", "omegaconf")):
+            cause = e.__cause__
+            if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+                raise ConfigError(cause.full_key, _first_line(cause)) from None
             raise ConfigError("override", _first_line(e)) from None
         raise
     finally:
@@ -224,7 +227,7 @@ def from_dict(d: dict[str, Any]) -> Config:
 def _first_line(e: BaseException) -> str:
     """Hydra and OmegaConf errors span lines; keep the informative ones on one line."""
     lines = [ln.strip() for ln in str(e).strip().splitlines()]
-    lines = [ln for ln in lines if ln and not ln.startswith(("full_key", "object_type", "Set the"))]
+    lines = [ln for ln in lines if ln and not ln.startswith(("full_key", "object_type", "reference_type", "Set the"))]
     return " — ".join(lines[:2]) or type(e).__name__
 
 

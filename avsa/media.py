@@ -93,21 +93,29 @@ def _seconds(stream, container) -> float:
     return container.duration / av.time_base if container.duration is not None else 0.0
 
 
-def _video_info(container) -> VideoInfo | None:
+def _codec_context(stream, label: str, kind: str):
+    """The stream's codec context; FFmpeg gives none for a codec it does not know."""
+    if stream.codec_context is None:
+        raise MediaError(label, f"unsupported {kind} codec (FFmpeg has no decoder for it)")
+    return stream.codec_context
+
+
+def _video_info(container, label: str) -> VideoInfo | None:
     if not container.streams.video:
         return None
     s = container.streams.video[0]
+    cc = _codec_context(s, label, "video")
     rate = s.average_rate or s.guessed_rate or s.base_rate
     fps, duration = float(rate or 0.0), _seconds(s, container)
-    return VideoInfo(s.codec_context.width, s.codec_context.height, fps,
-                     int(s.frames or round(duration * fps)), duration, s.codec_context.name)
+    return VideoInfo(cc.width, cc.height, fps, int(s.frames or round(duration * fps)), duration,
+                     cc.name)
 
 
-def _audio_info(container) -> AudioInfo | None:
+def _audio_info(container, label: str) -> AudioInfo | None:
     if not container.streams.audio:
         return None
     s = container.streams.audio[0]
-    cc = s.codec_context
+    cc = _codec_context(s, label, "audio")
     return AudioInfo(cc.sample_rate, cc.channels, _seconds(s, container), cc.name, cc.layout.name)
 
 
@@ -135,7 +143,7 @@ def probe(src: Source, name: str | None = None) -> ClipInfo:
     none (path sources only); ClipInfo.audio is None when there is neither."""
     label = _label(src, name)
     with _open(src, label) as c:
-        video, audio = _video_info(c), _audio_info(c)
+        video, audio = _video_info(c, label), _audio_info(c, label)
     if video is None:
         raise MediaError(label, "no video stream")
     if audio is None and (side := _sidecar(src)) is not None:
@@ -147,12 +155,35 @@ def probe_audio(src: Source, name: str | None = None) -> AudioInfo:
     """Metadata of the audio stream of src, or of its sidecar file when src has none."""
     label = _label(src, name)
     with _open(src, label) as c:
-        info = _audio_info(c)
+        info = _audio_info(c, label)
     if info is None and (side := _sidecar(src)) is not None:
         return probe_audio(side)
     if info is None:
         raise MediaError(label, _NO_AUDIO)
     return info
+
+
+def check_complete(src: Source, name: str | None = None) -> None:
+    """Demux every packet (no decode) and raise MediaError when a stream's data ends well
+    before the length its header claims: a file cut short after a front-loaded header probes
+    as whole. Tolerance: one AAC frame (1024 samples) for audio, one frame for video."""
+    label = _label(src, name)
+    with _open(src, label) as c:
+        streams = [*c.streams.video[:1], *c.streams.audio[:1]]
+        claimed = {s.index: _seconds(s, c) for s in streams}
+        ends = dict.fromkeys(claimed, 0.0)
+        for packet in c.demux(streams):
+            if packet.pts is not None and packet.stream.index in ends and packet.time_base:
+                end = float((packet.pts + (packet.duration or 0)) * packet.time_base)
+                ends[packet.stream.index] = max(ends[packet.stream.index], end)
+        for s in streams:
+            if s.type == "audio":
+                slack = 1024 / (_codec_context(s, label, "audio").sample_rate or 1024)
+            else:
+                slack = 1.0 / float(s.average_rate or s.guessed_rate or 1)
+            if claimed[s.index] and ends[s.index] + slack + _DURATION_TOL < claimed[s.index]:
+                raise MediaError(label, f"truncated: {s.type} data ends at "
+                                        f"{ends[s.index]:.2f} s of {claimed[s.index]:.2f} s")
 
 
 def _window(label: str, available: float, start: float, duration: float | None) -> float:
@@ -177,7 +208,7 @@ def decode_video(src: Source, *, fps: float = 16.0, start: float = 0.0,
     source frame with pts <= t_k. size = (H, W) resizes. Returns (T, H, W, 3) uint8 RGB."""
     label = _label(src, name)
     with _open(src, label) as c:
-        info = _video_info(c)
+        info = _video_info(c, label)
         if info is None:
             raise MediaError(label, "no video stream")
         _check_equirect(label, info.width, info.height)
@@ -234,7 +265,7 @@ def decode_audio(src: Source, *, sample_rate: int = 24000, start: float = 0.0,
 
 def _decode_audio(c, label: str, sample_rate: int, start: float,
                   duration: float | None) -> np.ndarray:
-    info = _audio_info(c)
+    info = _audio_info(c, label)
     if info.channels != 4:
         raise MediaError(label, "expected 4-channel first-order ambisonics (ambiX), "
                                 f"found {info.channels}")

@@ -732,15 +732,14 @@ class RunLogger:
 
     # -- the end
 
-    def end(self, status: str = "FINISHED") -> None:
-        """Deliver what is buffered (for at most ``policy.end_timeout_s``), then mark the run
-        ``status`` (FINISHED, FAILED or KILLED). Warns, never raises, if the server stays down."""
-        if status not in _END_STATUSES:
-            raise TrackingError(redact(self.uri), f"run status {status!r} not in {_END_STATUSES}")
+    def drain(self, timeout_s: float | None = None) -> bool:
+        """Keep delivering the buffer, backing off, for at most ``timeout_s`` seconds (default
+        ``policy.end_timeout_s``): a process about to exit calls this so that what it logged
+        while the server was down still arrives when the server returns in time. Warns about
+        whatever is still undelivered; returns True when nothing is. Never raises."""
+        timeout_s = self.policy.end_timeout_s if timeout_s is None else timeout_s
         with self._lock:
-            if self._ended:
-                return
-            deadline = time.monotonic() + self.policy.end_timeout_s
+            deadline = time.monotonic() + timeout_s
             pause = self.policy.backoff_s
             while True:
                 try:
@@ -763,6 +762,17 @@ class RunLogger:
                     lost_other,
                     self.run_id,
                 )
+            return not (lost_metrics or lost_other)
+
+    def end(self, status: str = "FINISHED") -> None:
+        """Deliver what is buffered (for at most ``policy.end_timeout_s``), then mark the run
+        ``status`` (FINISHED, FAILED or KILLED). Warns, never raises, if the server stays down."""
+        if status not in _END_STATUSES:
+            raise TrackingError(redact(self.uri), f"run status {status!r} not in {_END_STATUSES}")
+        with self._lock:
+            if self._ended:
+                return
+            self.drain()
             end_ms = _now_ms()
             try:
                 _with_retries(

@@ -3,7 +3,8 @@
 Input layout (local folder or s3:// prefix, searched recursively): ``KEY.mp4`` (or .mkv, .mov,
 .webm) plus optional ``KEY.m4a`` / ``.wav`` / ``.flac`` / ``.aac`` (4-channel ambiX audio when the
 video has none), ``KEY.json`` and ``KEY.masks.npz``. :func:`check_clip` probes each clip (a video
-stream at least ``MIN_SECONDS`` long, 4-channel audio in the file or the sidecar; no decode).
+stream at least ``MIN_SECONDS`` long, 4-channel audio in the file or the sidecar, packets up
+to the end the header claims; no decode).
 In the shard the video member is always ``KEY.mp4``, whatever its container (readers sniff the
 container from the bytes). Clips on S3 are downloaded once to probe and once to pack.
 
@@ -134,15 +135,20 @@ def _media_source(uri: str) -> media.Source:
 
 
 def check_clip(clip: Clip) -> str | None:
-    """Why ``clip`` cannot be used, or None when it can (probes headers, no full decode)."""
+    """Why ``clip`` cannot be used, or None when it can (probes headers and demuxes packets to
+    catch a cut-off file; no decode)."""
     video_uri = clip.files[clip.video_ext]
     try:
-        info = media.probe(_media_source(video_uri), name=video_uri)
+        video_src = _media_source(video_uri)
+        info = media.probe(video_src, name=video_uri)
         audio, audio_uri = info.audio, video_uri
         sidecar = next((clip.files[e] for e in AUDIO_EXTS if e in clip.files), None)
         if sidecar is not None:
             audio_uri = sidecar
-            audio = media.probe_audio(_media_source(sidecar), name=sidecar)
+            sidecar_src = _media_source(sidecar)
+            audio = media.probe_audio(sidecar_src, name=sidecar)
+            media.check_complete(sidecar_src, name=sidecar)
+        media.check_complete(video_src, name=video_uri)  # a cut file probes as whole
     except MediaError as e:
         return e.reason
     if info.video.duration < MIN_SECONDS:

@@ -232,6 +232,8 @@ def _labels(meta: dict, name: str) -> np.ndarray | None:
         return None
     k = len(synth.CLASSES)
     hot = np.zeros(k, dtype=np.float32)
+    if not isinstance(meta["classes"], list):
+        raise MediaError(name + ".json", f"'classes' must be a list, got {meta['classes']!r:.60}")
     for c in meta["classes"]:
         if isinstance(c, str) and c in synth.CLASSES:
             hot[synth.CLASSES.index(c)] = 1.0
@@ -257,7 +259,11 @@ def _mask_crops(raw, meta: dict, vp: geometry.Viewpoints, size: int, t_centre: f
         masks = masks[None]
     if masks.ndim != 3 or masks.shape[0] == 0:
         raise MediaError(name, f"expected masks (L, H, W), got {masks.shape}")
-    fps = next((float(meta[f]) for f in ("mask_fps", "label_fps", "fps") if meta.get(f)), 0.0)
+    try:
+        fps = next((float(meta[f]) for f in ("mask_fps", "label_fps", "fps") if meta.get(f)), 0.0)
+    except (TypeError, ValueError):
+        raise MediaError(f"{raw.key}.json", "label fps (mask_fps / label_fps / fps) is not a "
+                                            "number") from None
     idx = min(max(round(t_centre * fps), 0), masks.shape[0] - 1)
     frame = torch.from_numpy(masks[idx].astype(np.float32))[None, None]
     grid = geometry.nfov_grid(vp, size)

@@ -7,6 +7,7 @@ checkpoint URI into local weights for `model.init_from` and for transfer.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -52,6 +53,7 @@ def save(
     from omegaconf import OmegaConf
 
     directory = Path(directory)
+    tmp = directory / f".{STATE}.tmp"
     try:
         directory.mkdir(parents=True, exist_ok=True)
         state = {
@@ -62,12 +64,15 @@ def save(
             "config": config,
             "extra": extra or {},
         }
-        tmp = directory / f".{STATE}.tmp"
         torch.save(state, tmp)
         os.replace(tmp, directory / STATE)
         (directory / CONFIG).write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
-    except OSError as e:
-        raise CheckpointError(directory, f"cannot write checkpoint ({e.strerror or e})") from None
+    except (OSError, RuntimeError) as e:  # torch's writer reports a full disk as RuntimeError
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())
+        hint = "" if isinstance(e, OSError) else "; is the disk full?"
+        raise CheckpointError(directory, f"cannot write checkpoint ({reason[:200]}{hint})") from None
     return directory
 
 

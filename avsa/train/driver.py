@@ -7,18 +7,22 @@ checkpoints and its own MLflow run and resumes both.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 from avsa import storage, tracking
 from avsa.config import Config, compose
 from avsa.data.manifest import read_manifest
-from avsa.errors import AvsaError
+from avsa.errors import AvsaError, CheckpointError, StorageError
 
 log = logging.getLogger("avsa.train")
+RUN_MARKER = "avsa_run.json"  # in every run directory: the digest of the config it belongs to
 
 
 @dataclass
@@ -30,18 +34,106 @@ class PretrainResult:
     metrics: dict[str, Any]
 
 
+# Credentials Ray Tune would copy from the driver's environment into every trial actor's
+# runtime_env, which Ray's runtime-env agent then writes to its log in clear text.
+_CREDENTIAL_ENV = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN",
+                             "AWS_SESSION_TOKEN"})
+
+
+def keep_credentials_out_of_runtime_envs() -> None:
+    """Stop Ray Tune from copying AWS credentials into trial actors' runtime_env (and so into
+    Ray's logs and actor table). Workers do not need the copy: a local Ray's processes inherit
+    this process's environment, and cluster pods get the credentials from their Secret."""
+    try:
+        from ray.tune.execution import class_cache
+    except ImportError:  # pragma: no cover - another Ray layout: nothing copied there
+        return
+    propagated = getattr(class_cache, "ENV_VARS_TO_PROPAGATE", None)
+    if isinstance(propagated, (set, frozenset)):
+        class_cache.ENV_VARS_TO_PROPAGATE = set(propagated) - _CREDENTIAL_ENV
+
+
 def ensure_ray(cfg: Config) -> None:
     """Join the cluster in `RAY_ADDRESS` (as under `ray job submit`), or start a local Ray
     with enough logical CPUs for the train workers plus decoding tasks."""
     import ray
 
+    keep_credentials_out_of_runtime_envs()
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
         return
     need = cfg.train.num_workers * cfg.train.cpus_per_worker + 2 * cfg.data.decode_cpus
-    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need)), include_dashboard=False)
+    num_cpus = max(os.cpu_count() or 1, math.ceil(need))
+    for attempt in (1, 2):
+        try:
+            ray.init(num_cpus=num_cpus, include_dashboard=False)
+            return
+        except Exception as e:  # Ray raises a bare Exception when its raylet starts too slowly
+            if "timed out during startup" not in str(e) or attempt == 2:
+                raise
+            log.warning("local Ray did not start in time (busy machine?); trying once more")
+            ray.shutdown()
+
+
+def config_digest(cfg: Config) -> str:
+    """16 hex digits of sha256 over what shapes a run's checkpoints: the config without where
+    it is stored and tracked, the sweep and downstream settings, and `train.fail_at_step`."""
+    d = cfg.to_dict()
+    for volatile in ("sweep", "downstream", "tracking", "storage"):
+        d.pop(volatile)
+    d["train"].pop("fail_at_step")
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def claim_run_dir(cfg: Config, run_uri: str) -> None:
+    """Make `run_uri` this config's run directory, or refuse it.
+
+    The first run in a directory writes `avsa_run.json` with its config digest; a run with
+    another config sent to the same directory (the same `storage.run_name` under the same
+    `storage.path`) gets a CheckpointError instead of resuming from, and overwriting, the
+    other's checkpoints. The same config resubmitted finds its own digest and resumes. This is
+    also the run's first write, so an unwritable storage path fails here, before Ray starts.
+    (Two runs that start at the same instant can both miss the marker: S3 has no create-if-
+    absent here.)
+    """
+    marker = storage.join(run_uri, RUN_MARKER)
+    digest = config_digest(cfg)
+    try:
+        if storage.exists(marker):
+            try:
+                held = json.loads(storage.read_bytes(marker))["config_digest"]
+            except (ValueError, KeyError, TypeError):
+                raise CheckpointError(marker, "unreadable run marker; move the run directory "
+                                              "aside or choose another storage.run_name") from None
+            if held != digest:
+                raise CheckpointError(run_uri, f"holds the checkpoints of another config (digest "
+                                               f"{held}, this config {digest}); choose another "
+                                               f"storage.run_name or storage.path")
+            return
+        created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        body = {"config_digest": digest, "run_name": cfg.run_name(), "created": created}
+        storage.write_bytes(marker, json.dumps(body, indent=1).encode())
+    except StorageError as e:
+        raise CheckpointError(run_uri, f"cannot use the run directory ({e.reason})") from None
+
+
+def project_error(exc: BaseException) -> AvsaError | None:
+    """The avsa error behind a Ray Train failure (a worker's CheckpointError, ShardError, ...),
+    so the command reports it as one line instead of Ray's multi-line wrapper."""
+    failures = getattr(exc, "worker_failures", None) or {}
+    for _, failure in sorted(failures.items()):
+        # Ray wraps each worker's exception with its traceback text.
+        base = getattr(failure, "_base_exc", failure)
+        if isinstance(base, AvsaError):
+            return base
+    seen = exc.__cause__ or exc.__context__
+    while seen is not None:
+        if isinstance(seen, AvsaError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def epochs_needed(cfg: Config, total_samples: int) -> int:
@@ -133,15 +225,19 @@ def pretrain(cfg: Config) -> PretrainResult:
     read_manifest(cfg.data.shards)  # a clear error now, not inside a worker
     if cfg.data.val_shards:
         read_manifest(cfg.data.val_shards)
+    run_name = cfg.run_name()
+    claim_run_dir(cfg, storage.join(cfg.storage.path, run_name))
     uri, run_id = start_tracking(cfg)
     ensure_ray(cfg)
-    run_name = cfg.run_name()
     trainer = build_trainer(cfg, run_id=run_id, tracking_uri=uri)
     logger = tracking.RunLogger.start(uri, cfg.tracking.experiment, None, resume_run_id=run_id)
     try:
         result = trainer.fit()
-    except Exception:
+    except Exception as e:
         logger.end("FAILED")
+        cause = project_error(e)
+        if cause is not None:
+            raise cause from None
         raise
     checkpoint_uri = _checkpoint_uri(cfg, result)
     if checkpoint_uri:

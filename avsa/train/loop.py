@@ -20,6 +20,7 @@ import torch
 
 from avsa import storage
 from avsa.config import Config, from_dict
+from avsa.errors import CheckpointError
 from avsa.train import checkpoint as ckpt
 from avsa.train.objective import (
     audio_channels,
@@ -186,19 +187,23 @@ def _maybe_fail(cfg: Config, cfg_dict: dict[str, Any], step: int, rank: int, wor
     os._exit(1)
 
 
-def _report(metrics: dict[str, float], state_fn=None, step: int = 0) -> None:
+def _report(metrics: dict[str, float], state_fn=None, step: int = 0, run_uri: str = "") -> None:
     import ray.train
 
     if state_fn is None:
         ray.train.report(metrics)
         return
+    name = f"checkpoint-{step:08d}"
     with ckpt.temp_dir() as d:
         state_fn(d)
-        ray.train.report(
-            metrics,
-            checkpoint=ray.train.Checkpoint.from_directory(d),
-            checkpoint_dir_name=f"checkpoint-{step:08d}",
-        )
+        try:
+            ray.train.report(
+                metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name
+            )
+        except OSError as e:  # the upload to storage.path: read-only, full, a file in the way
+            reason = " ".join(str(e.strerror or e).split())[:300]
+            raise CheckpointError(storage.join(run_uri, name) if run_uri else name,
+                                  f"cannot write checkpoint ({reason})") from None
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -260,6 +265,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     meter, skipped = Meter(), 0
     t_last, clips_since, t_start, step_start = time.perf_counter(), 0, time.perf_counter(), step
     per_worker = cfg.train.batch_size // world
+    run_uri = loop_config.get("run_uri", "")
     model.train()
 
     def save_fn(d):
@@ -315,11 +321,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             _progress(step, cfg.train.max_steps, metrics_out, eta)
             if logger is not None:
                 logger.log_metrics({k: v for k, v in metrics_out.items() if k != "step"}, step)
-        _report(metrics_out, save_fn if (do_ckpt and rank == 0) else None, step)
+        _report(metrics_out, save_fn if (do_ckpt and rank == 0) else None, step, run_uri)
     if step < cfg.train.max_steps and step % cfg.train.checkpoint_every != 0:
-        _report({"step": step}, save_fn if rank == 0 else None, step)
+        _report({"step": step}, save_fn if rank == 0 else None, step, run_uri)
     if logger is not None:
-        logger.flush()
+        logger.drain()  # what the server missed while down, before this process exits
     if step < cfg.train.max_steps:
         log.warning(
             "rank %d: the data ran out at step %d of %d (train.max_steps); "
