@@ -13,6 +13,10 @@ class _WhereError(AvsaError):
         self.reason = reason
         super().__init__(f"{self.where}: {reason}")
 
+    def __reduce__(self):
+        # Rebuilt from (where, reason): errors cross process boundaries (Ray tasks and workers).
+        return type(self), (self.where, self.reason)
+
 
 class MediaError(_WhereError):
     """A media file that cannot be used: (path, reason)."""
