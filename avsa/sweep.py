@@ -188,8 +188,9 @@ def ensure_ray_with_state_api(cfg: Config) -> None:
     """
     import ray
 
-    from avsa.train.driver import ensure_ray
+    from avsa.train.driver import ensure_ray, keep_credentials_out_of_runtime_envs
 
+    keep_credentials_out_of_runtime_envs()  # Tune would copy AWS keys into trial runtime_envs
     if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
         ensure_ray(cfg)
         return
