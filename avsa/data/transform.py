@@ -261,9 +261,11 @@ def _mask_crops(raw, meta: dict, vp: geometry.Viewpoints, size: int, t_centre: f
         raise MediaError(name, f"expected masks (L, H, W), got {masks.shape}")
     try:
         fps = next((float(meta[f]) for f in ("mask_fps", "label_fps", "fps") if meta.get(f)), 0.0)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int no float holds
+        fps = math.nan
+    if not math.isfinite(fps):
         raise MediaError(f"{raw.key}.json", "label fps (mask_fps / label_fps / fps) is not a "
-                                            "number") from None
+                                            "finite number")
     idx = min(max(round(t_centre * fps), 0), masks.shape[0] - 1)
     frame = torch.from_numpy(masks[idx].astype(np.float32))[None, None]
     grid = geometry.nfov_grid(vp, size)
