@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -191,7 +192,11 @@ CFG = DataConfig(num_viewpoints=2, frames=2, fps=8.0, crop_size=8, n_mels=8, sam
                  hop=80, n_fft=256, augment=False)
 
 META_KEYS = ["classes", "fps", "mask_fps", "label_fps", "sources", "seconds"]
+# Numbers JSON can carry that break arithmetic: infinities, NaN, an int no float holds.
+AWKWARD = [math.inf, -math.inf, math.nan, 10**400, 1e308, -1, 0.5, "8", [8], {"fps": 8}, True]
 META = st.one_of(
+    st.tuples(st.sampled_from(META_KEYS[1:4]), st.sampled_from(AWKWARD)).map(
+        lambda kv: json.dumps({kv[0]: kv[1]}).encode()),
     st.binary(max_size=64),
     JSON.map(lambda v: json.dumps(v).encode()),
     st.dictionaries(st.sampled_from(META_KEYS), JSON, max_size=3).map(
