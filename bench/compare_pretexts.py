@@ -20,10 +20,12 @@ import sys
 from pathlib import Path
 
 # Pretraining variants: the pretext label (as `avsa compare` shows it) -> overrides.
-# AVC and AVTS are the single-viewpoint baselines without viewpoint transformers.
+# AVC and AVTS are the single-viewpoint baselines without viewpoint transformers; as in the
+# paper (batch 112 against 28 x 4) they see as many (view, audio) pairs per step as AVSA does.
+BASELINE = ["data.num_viewpoints=1", "model.use_transformer=false", "train.batch_size=32"]
 PRETEXTS: dict[str, list[str]] = {
-    "avc": ["loss=avc", "model.use_transformer=false"],
-    "avts": ["loss=avts", "model.use_transformer=false"],
+    "avc": ["loss=avc", *BASELINE],
+    "avts": ["loss=avts", *BASELINE],
     "avsa": ["loss=avsa"],
     "avsa_cur": ["loss=avsa", "train.curriculum=true"],
 }
