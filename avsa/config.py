@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -329,3 +330,25 @@ def validate(cfg: Config) -> Config:
     _in_range("downstream.batch_size", ds.batch_size, 1, 100_000)
     _in_range("downstream.fold", ds.fold, 1, 3)
     return cfg
+
+
+def _absolute(uri: str | None, cwd: Path) -> str | None:
+    if not uri or "://" in uri:
+        return uri
+    return str((cwd / Path(uri).expanduser()).resolve())
+
+
+def with_absolute_paths(cfg: Config, cwd: str | os.PathLike | None = None) -> Config:
+    """A copy of cfg whose local data, storage and init paths are absolute against cwd (default:
+    the current directory). Ray Train runs every worker in its own working directory, so a
+    relative path means what the user meant only in the driver. URIs (s3://, file://) and
+    MLflow run ids pass through."""
+    base = Path(cwd) if cwd is not None else Path.cwd()
+    out = copy.deepcopy(cfg)
+    out.data.shards = _absolute(out.data.shards, base)
+    out.data.val_shards = _absolute(out.data.val_shards, base)
+    out.storage.path = _absolute(out.storage.path, base)
+    init = out.model.init_from
+    if init and "://" not in init and (base / init).exists():
+        out.model.init_from = _absolute(init, base)
+    return out

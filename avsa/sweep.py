@@ -18,7 +18,6 @@ the others resume from their checkpoints) and finds the same MLflow runs.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -32,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from avsa import storage, sweep_report, tracking
-from avsa.config import Config, compose
+from avsa.config import Config, compose, with_absolute_paths
 from avsa.errors import ConfigError
 from avsa.sweep_space import (
     apply_params,
@@ -128,19 +127,10 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
 # ----------------------------------------------------------------------------- the sweep
 
 
-def _absolute(uri: str | None) -> str | None:
-    if not uri or "://" in uri:
-        return uri
-    return str(Path(uri).resolve())
-
-
 def prepare_base(cfg: Config) -> Config:
     """The config every trial starts from: local paths absolute (trials run in their own
     folders), the tracking URI resolved, validation every `sweep.report_every` steps."""
-    base = copy.deepcopy(cfg)
-    base.data.shards = _absolute(base.data.shards)
-    base.data.val_shards = _absolute(base.data.val_shards)
-    base.storage.path = _absolute(base.storage.path)
+    base = with_absolute_paths(cfg)
     base.tracking.uri = tracking.resolve_tracking_uri(base.tracking.uri)
     t = base.train
     if cfg.sweep.report_every:

@@ -10,12 +10,15 @@ from avsa import demo
 
 
 def test_demo_pretrains_then_compares_transfer_with_scratch(ray_session, mlflow_uri, tmp_path,
-                                                            capsys):
+                                                            capsys, monkeypatch):
+    """Run as `make demo` does, with a relative --out: Ray Train moves its workers to their own
+    working directories, so this catches a path that only the driver can resolve."""
     from mlflow.tracking import MlflowClient
 
+    monkeypatch.chdir(tmp_path)
     name = f"demo-{uuid.uuid4().hex[:8]}"
     rc = demo.main([
-        "--out", str(tmp_path), "--train-clips", "4", "--val-clips", "2", "--workers", "1",
+        "--out", "demo", "--train-clips", "4", "--val-clips", "2", "--workers", "1",
         "--steps", "2", "--transfer-epochs", "1",
         f"tracking.uri={mlflow_uri}", f"tracking.experiment={name}",
         f"downstream.experiment={name}-transfer", "train.batch_size=2",
@@ -27,9 +30,9 @@ def test_demo_pretrains_then_compares_transfer_with_scratch(ray_session, mlflow_
     assert re.search(r"\[avsa demo\] val/avsa_acc [01]\.\d{3} against chance 0\.250", out), out
     m = re.search(r"AVSA-Bin test/acc .*: pretrained ([01]\.\d{3}), scratch ([01]\.\d{3})", out)
     assert m, out
-    assert (tmp_path / "shards" / "train" / "manifest.json").is_file()
-    assert (tmp_path / "shards" / "val" / "manifest.json").is_file()
-    assert list((tmp_path / "runs").glob("*/checkpoint-00000002"))
+    assert (tmp_path / "demo" / "shards" / "train" / "manifest.json").is_file()
+    assert (tmp_path / "demo" / "shards" / "val" / "manifest.json").is_file()
+    assert list((tmp_path / "demo" / "runs").glob("*/checkpoint-00000002"))
 
     client = MlflowClient(mlflow_uri)
     [pre] = client.search_runs([client.get_experiment_by_name(name).experiment_id])

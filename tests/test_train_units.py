@@ -121,3 +121,24 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "checkpoint-00000001" / "state.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="unreadable checkpoint"):
         ckpt.load(tmp_path / "checkpoint-00000001")
+
+
+def test_with_absolute_paths_resolves_what_only_the_driver_can(tmp_path, monkeypatch):
+    """Ray Train workers run in their own directories: relative local paths must be made
+    absolute in the driver, URIs and MLflow run ids left alone, and the input not touched."""
+    from avsa.config import with_absolute_paths
+
+    (tmp_path / "ck" / "checkpoint-00000010").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    cfg = compose(["data.shards=data/train", "data.val_shards=s3://bucket/val",
+                   "storage.path=file:///srv/runs", "model.init_from=ck/checkpoint-00000010"])
+    out = with_absolute_paths(cfg)
+    assert out.data.shards == str(tmp_path / "data" / "train")
+    assert out.data.val_shards == "s3://bucket/val"
+    assert out.storage.path == "file:///srv/runs"
+    assert out.model.init_from == str(tmp_path / "ck" / "checkpoint-00000010")
+    assert cfg.data.shards == "data/train"
+    run_id = "0123456789abcdef0123456789abcdef"
+    kept = with_absolute_paths(compose([f"model.init_from={run_id}"]), cwd=tmp_path)
+    assert kept.model.init_from == run_id
+    assert with_absolute_paths(cfg, cwd="/elsewhere").data.shards == "/elsewhere/data/train"

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from avsa import storage, tracking
-from avsa.config import Config, compose
+from avsa.config import Config, compose, with_absolute_paths
 from avsa.data.manifest import read_manifest
 from avsa.errors import AvsaError, CheckpointError, StorageError
 
@@ -221,7 +221,9 @@ def start_tracking(
 
 
 def pretrain(cfg: Config) -> PretrainResult:
-    """Run (or resume) one pretraining run end to end; returns where its results are."""
+    """Run (or resume) one pretraining run end to end; returns where its results are.
+    Relative local paths in cfg are taken against the current directory."""
+    cfg = with_absolute_paths(cfg)
     read_manifest(cfg.data.shards)  # a clear error now, not inside a worker
     if cfg.data.val_shards:
         read_manifest(cfg.data.val_shards)
