@@ -1,16 +1,22 @@
 """Synthetic 360° clips with spatial audio, labels and masks (the demo's and the tests' data).
 
 A scene is a static panoramic background (smooth colour gradient plus low-contrast texture,
-random per clip) and one to three sources at least 40° apart (at the start) with elevation
-within ±30°. Each source is an object of one class (shape, colours, texture and motion) drawn
-as a patch on the sphere, slowly drifting in azimuth, pulsing in size and brightness with the
-amplitude modulation of its class sound (a harmonic tone: class fundamental, timbre and AM
-rate). Sounds are encoded into first-order ambiX at their (moving) directions.
+random per clip) and four to six sources of distinct classes, at least 45° apart (at the
+start), with elevation within ±30°: dense enough that most viewpoints the default sampler
+draws see one (`avsa synth --stats` measures it). Each source is an object of one class
+(shape, colours, texture and motion) drawn as a patch on the sphere, slowly drifting in
+azimuth. It sounds as events: it switches on and off on its own schedule, and its look
+follows, bright, saturated and pulsing with the amplitude modulation of its class sound while
+on, dim, grey and still while off. Class sounds are harmonic tones whose partials no two
+classes share. Sounds are encoded into first-order ambiX at their (moving) directions, over
+decorrelated diffuse noise on all four channels and, optionally (`rt60_s` > 0), the
+reverberant tail of a simulated room (avsa.room).
 
 On disk, per clip KEY: `KEY.mp4` (H.264 equirect + 4-channel AAC), `KEY.masks.npz` (`masks`:
 (L, H, W) uint8 at LABEL_FPS, 0 = background, CLASSES[i] -> i + 1) and `KEY.json` (written
-last): seed, seconds, fps, sample_rate, width, height, label_fps, `classes` (names present)
-and `sources` (class, mask id, az/el in degrees at each label frame, drift, f0, AM rate).
+last): seed, seconds, fps, sample_rate, width, height, label_fps, rt60_s, `classes` (names
+present) and `sources` (class, mask id, az/el in degrees at each label frame, drift, f0, AM
+rate, `on` intervals in seconds).
 """
 
 from __future__ import annotations
@@ -31,13 +37,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from avsa import geometry, media
+from avsa import geometry, media, shapes
+from avsa.data.labels import CLASSES as CLASS_NAMES
 from avsa.errors import AvsaError, ConfigError
 
 LABEL_FPS = 4  # mask frames (and JSON trajectory samples) per second
 EL_RANGE_DEG = (-30.0, 30.0)
-MIN_SEPARATION_DEG = 40.0
+MIN_SEPARATION_DEG = 45.0
+SOURCES_RANGE = (4, 6)  # random sources per clip, inclusive
 PEAK = 0.5  # FOA peak after normalisation
+NOISE = 0.02  # diffuse noise std on W, before normalisation (a source peaks near 1)
+ON_S, OFF_S = (0.6, 1.6), (0.25, 0.8)  # event and pause lengths, uniform
+RAMP_S = 0.04  # raised-cosine onset and release of an event
 
 
 @dataclass(frozen=True)
@@ -52,36 +63,45 @@ class SourceClass:
     am_hz: float  # amplitude modulation = visual pulse rate
 
 
+# Fundamentals chosen so that no partial of one class lies within 4 % of a partial of another.
 SOURCE_CLASSES = (
-    SourceClass("disc", (0.90, 0.15, 0.10), (1.00, 0.75, 0.55), 11, 0, 110,
+    SourceClass("disc", (0.90, 0.15, 0.10), (1.00, 0.75, 0.55), 20, 0, 108,
                 (1, 0.5, 0.33, 0.25, 0.2, 0.17), 1.0),
-    SourceClass("square", (1.00, 0.55, 0.00), (0.35, 0.15, 0.00), 10, 20, 147,
+    SourceClass("square", (1.00, 0.55, 0.00), (0.35, 0.15, 0.00), 18, 20, 138,
                 (1, 0, 0.33, 0, 0.2, 0, 0.14), 1.5),
-    SourceClass("triangle", (0.95, 0.90, 0.10), (0.45, 0.40, 0.00), 12, -30, 196,
+    SourceClass("triangle", (0.95, 0.90, 0.10), (0.45, 0.40, 0.00), 22, -30, 185,
                 (1, 0.1), 2.0),
-    SourceClass("ring", (0.10, 0.80, 0.20), (0.80, 1.00, 0.80), 12, 0, 247,
+    SourceClass("ring", (0.10, 0.80, 0.20), (0.80, 1.00, 0.80), 21, 0, 256,
                 (0.3, 0.6, 1, 0.6, 0.3), 2.5),
-    SourceClass("cross", (0.10, 0.85, 0.90), (0.00, 0.30, 0.35), 11, 45, 294,
+    SourceClass("cross", (0.10, 0.85, 0.90), (0.00, 0.30, 0.35), 20, 45, 306,
                 (1, 0.8, 0, 0.6, 0, 0.4), 3.0),
-    SourceClass("stripes", (0.15, 0.30, 0.95), (0.90, 0.95, 1.00), 10, 0, 392,
+    SourceClass("stripes", (0.15, 0.30, 0.95), (0.90, 0.95, 1.00), 20, 0, 395,
                 (1, 0, 0, 0.5, 0, 0, 0.25), 3.5),
-    SourceClass("checker", (0.60, 0.20, 0.90), (1.00, 1.00, 1.00), 10, -15, 523,
+    SourceClass("checker", (0.60, 0.20, 0.90), (1.00, 1.00, 1.00), 19, -15, 566,
                 (0.5, 1, 0.5), 4.0),
-    SourceClass("star", (0.95, 0.20, 0.70), (1.00, 0.85, 0.30), 13, 25, 659,
+    SourceClass("star", (0.95, 0.20, 0.70), (1.00, 0.85, 0.30), 22, 25, 733,
                 (1, 0.7, 0.5, 0.35, 0.25), 5.0),
 )
-CLASSES = [c.name for c in SOURCE_CLASSES]
+CLASSES = list(CLASS_NAMES)
+assert tuple(c.name for c in SOURCE_CLASSES) == CLASS_NAMES
+
+
+def partials(c: SourceClass, detune: float = 1.0) -> list[float]:
+    """Frequencies (Hz) of the sounding harmonics of class c."""
+    return [(h + 1) * c.f0_hz * detune for h, a in enumerate(c.harmonics) if a]
 
 
 @dataclass(frozen=True)
 class SourceSpec:
     """An explicit source (instead of a random one): class name, start direction in degrees,
-    azimuth drift in degrees per second."""
+    azimuth drift in degrees per second; `events` switches it on and off like a random source
+    (explicit sources sound throughout by default)."""
 
     cls: str
     az_deg: float
     el_deg: float
     drift_deg_s: float = 0.0
+    events: bool = False
 
 
 @dataclass
@@ -92,32 +112,31 @@ class Scene:
     meta: dict
 
 
-def _shape(name: str, p: np.ndarray, q: np.ndarray, t: float) -> tuple[np.ndarray, np.ndarray]:
-    """Inside test and texture mix (0 = color, 1 = color2) at local coordinates (p right,
-    q up) in units of the source radius, already rotated by the spin; t in seconds."""
-    rho, theta = np.hypot(p, q), np.arctan2(q, p)
-    box = np.maximum(np.abs(p), np.abs(q))
-    zero = np.zeros_like(p)
-    if name == "disc":
-        return rho < 1, 0.6 * rho**2
-    if name == "square":
-        return box < 0.85, (box > 0.6).astype(p.dtype)
-    if name == "triangle":  # circumradius 1: every edge at distance 0.5 from the centre
-        edges = [p * math.cos(a) + q * math.sin(a) for a in np.deg2rad([-90, 30, 150])]
-        return np.maximum.reduce(edges) < 0.5, zero
-    if name == "ring":
-        return (rho > 0.55) & (rho < 1), 0.5 + 0.5 * np.sin(6 * theta - 4 * t)
-    if name == "cross":
-        a, b = np.abs(p), np.abs(q)
-        return ((a < 0.3) & (b < 1)) | ((b < 0.3) & (a < 1)), zero
-    if name == "stripes":  # a banner with scrolling stripes
-        banner = (np.abs(p) < 1) & (np.abs(q) < 0.55)
-        return banner, (np.sin(2 * np.pi * (2.5 * p - 1.5 * t)) > 0).astype(p.dtype)
-    if name == "checker":  # a diamond
-        return np.abs(p) + np.abs(q) < 1, ((np.floor(p * 3) + np.floor(q * 3)) % 2).astype(p.dtype)
-    if name == "star":
-        return rho < 0.4 + 0.6 * ((1 + np.cos(5 * theta)) / 2) ** 2, (rho < 0.3).astype(p.dtype)
-    raise ValueError(f"unknown shape {name!r}")
+def event_schedule(rng: np.random.Generator, seconds: float) -> np.ndarray:
+    """(K, 2) on-intervals [start, end) in seconds covering [0, seconds]: events of ON_S
+    seconds alternate with pauses of OFF_S, starting at a random phase of either."""
+    on = rng.random() < sum(ON_S) / (sum(ON_S) + sum(OFF_S))
+    t = -rng.uniform(0, ON_S[1] if on else OFF_S[1])
+    spans = []
+    while t < seconds:
+        length = rng.uniform(*(ON_S if on else OFF_S))
+        if on:
+            spans.append((t, t + length))
+        t, on = t + length, not on
+    return np.array(spans, dtype=np.float64).reshape(-1, 2)
+
+
+def gate(events: np.ndarray | None, t) -> np.ndarray:
+    """Event gate in [0, 1] at times t (seconds): 1 inside an on-interval, raised-cosine ramps
+    of RAMP_S at its edges, 0 between; all ones when `events` is None (always on)."""
+    t = np.asarray(t, dtype=np.float64)
+    if events is None:
+        return np.ones_like(t)
+    g = np.zeros_like(t)
+    for start, end in events:
+        inside = np.clip(np.minimum(t - start, end - t) / RAMP_S, 0.0, 1.0)
+        g = np.maximum(g, 0.5 - 0.5 * np.cos(np.pi * inside))
+    return g
 
 
 @dataclass
@@ -128,6 +147,7 @@ class _Source:
     drift: float  # radians per second
     phase: float  # AM phase, radians
     detune: float  # f0 factor
+    events: np.ndarray | None  # (K, 2) on-intervals in seconds, None = always on
 
     def az(self, t):
         return self.az0 + self.drift * t
@@ -138,19 +158,13 @@ class _Source:
         return 0.5 - 0.5 * np.cos(2 * np.pi * c.am_hz * np.asarray(t) + self.phase)
 
 
-def _pixel_directions(height: int, width: int) -> np.ndarray:
-    """Unit vectors (3, H * W) of the equirect pixel centres, row-major."""
-    u = (torch.arange(width, dtype=torch.float64) + 0.5) / width
-    v = (torch.arange(height, dtype=torch.float64) + 0.5) / height
-    az, el = geometry.pixel_to_direction(u[None, :], v[:, None])
-    return geometry.direction_vector(az, el).reshape(-1, 3).T.float().numpy()
-
-
 def _draw(src: _Source, dirs: np.ndarray, t: float):
-    """Pixels covered by a source at time t: (flat pixel indices, RGB (n, 3) uint8)."""
+    """Pixels covered by a source at time t: (flat pixel indices, RGB (n, 3) uint8). While on
+    it pulses in size and brightness with its AM envelope; while off it is small, dim and grey."""
     c = SOURCE_CLASSES[src.cls]
-    env = float(src.envelope(t))
-    radius = math.radians(c.radius_deg) * (0.85 + 0.3 * env)
+    on = float(gate(src.events, t))
+    pulse = float(src.envelope(t)) * on
+    radius = math.radians(c.radius_deg) * (0.85 + 0.3 * pulse)
     rot = geometry.rotation_to_front(src.az(t), src.el).numpy().astype(np.float32)
     # cheap pre-selection: the shape fits in a cap of 1.25 radii
     idx = np.flatnonzero(rot[0] @ dirs > math.cos(1.25 * radius))
@@ -161,58 +175,71 @@ def _draw(src: _Source, dirs: np.ndarray, t: float):
     p0, q0 = -left * scale, up * scale
     p = p0 * math.cos(spin) + q0 * math.sin(spin)
     q = -p0 * math.sin(spin) + q0 * math.cos(spin)
-    inside, mix = _shape(c.name, p, q, t)
+    inside, mix = shapes.shape(c.name, p, q, t)
     mix = mix[inside, None]
-    rgb = ((1 - mix) * np.array(c.color) + mix * np.array(c.color2)) * (0.7 + 0.3 * env)
-    return idx[inside], (rgb * 255 + 0.5).astype(np.uint8)
+    rgb = (1 - mix) * np.array(c.color) + mix * np.array(c.color2)
+    grey = rgb.mean(axis=1, keepdims=True)
+    rgb = (grey + (rgb - grey) * (0.3 + 0.7 * on)) * (0.45 + 0.4 * on + 0.15 * pulse)
+    return idx[inside], (np.clip(rgb, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
-def _background(rng: np.random.Generator, dirs: np.ndarray) -> np.ndarray:
-    """(H * W, 3) uint8: smooth colour gradient over the sphere plus faint ripples."""
-    base = rng.uniform(0.3, 0.55, (3, 1)) + rng.uniform(-0.12, 0.12, (3, 3)) @ dirs  # (3, HW)
-    ripples = sum(0.035 * np.sin(rng.uniform(6, 20) * (rng.normal(size=3) @ dirs / 1.7)
-                                 + rng.uniform(0, 2 * np.pi)) for _ in range(4))
-    return (np.clip(base + ripples, 0, 1).T * 255 + 0.5).astype(np.uint8)
-
-
-def _place(rng, gen, n: int, sources: Sequence[SourceSpec] | None) -> list[_Source]:
+def _place(rng, gen, n: int, sources: Sequence[SourceSpec] | None, seconds: float,
+           single_class: bool) -> list[_Source]:
     if not 1 <= n <= len(CLASSES):
         raise ConfigError("num_sources", f"must be in [1, {len(CLASSES)}], got {n}")
     if sources is not None:
         if unknown := [s.cls for s in sources if s.cls not in CLASSES]:
             raise ConfigError("sources", f"unknown class {unknown[0]!r}; known: {CLASSES}")
         specs = [(CLASSES.index(s.cls), math.radians(s.az_deg), math.radians(s.el_deg),
-                  math.radians(s.drift_deg_s)) for s in sources]
+                  math.radians(s.drift_deg_s), s.events) for s in sources]
     else:
         vp = geometry.sample_viewpoints(gen, n, el_range_deg=EL_RANGE_DEG,
                                         min_separation_deg=MIN_SEPARATION_DEG)
-        classes = rng.choice(len(CLASSES), n, replace=False)
+        if single_class:
+            classes = np.full(n, rng.integers(len(CLASSES)))
+        else:
+            classes = rng.choice(len(CLASSES), n, replace=False)
         drift = rng.uniform(1, 4, n) * rng.choice([-1, 1], n)
-        specs = [(int(k), float(a), float(e), math.radians(d))
+        specs = [(int(k), float(a), float(e), math.radians(d), True)
                  for k, a, e, d in zip(classes, vp.az, vp.el, drift)]
-    return [_Source(k, a, e, d, float(rng.uniform(0, 2 * np.pi)), float(rng.uniform(0.97, 1.03)))
-            for k, a, e, d in specs]
+    return [_Source(k, a, e, d, float(rng.uniform(0, 2 * np.pi)), float(rng.uniform(0.99, 1.01)),
+                    event_schedule(rng, seconds) if events else None)
+            for k, a, e, d, events in specs]
 
 
 def _sound(src: _Source, t: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     c = SOURCE_CLASSES[src.cls]
-    f0 = c.f0_hz * src.detune
-    tone = sum(a * np.sin(2 * np.pi * (h + 1) * f0 * t + rng.uniform(0, 2 * np.pi))
+    tone = sum(a * np.sin(2 * np.pi * (h + 1) * c.f0_hz * src.detune * t
+                          + rng.uniform(0, 2 * np.pi))
                for h, a in enumerate(c.harmonics) if a)
-    return (0.15 + 0.85 * src.envelope(t)) * tone / sum(c.harmonics)
+    return gate(src.events, t) * (0.3 + 0.7 * src.envelope(t)) * tone / sum(c.harmonics)
+
+
+def diffuse_noise(rng: np.random.Generator, n: int, std: float = NOISE) -> np.ndarray:
+    """(4, n) float32 ambiX of an isotropic diffuse field: independent noise per channel, the
+    first-order channels at 1/sqrt(3) of W (SN3D: a plane wave from a uniform direction has
+    E[Y^2] = E[Z^2] = E[X^2] = E[W^2] / 3)."""
+    scale = np.array([1.0, 3**-0.5, 3**-0.5, 3**-0.5])[:, None] * std
+    return (rng.standard_normal((4, n)) * scale).astype(np.float32)
 
 
 def make_scene(seed: int, seconds: float, *, width: int = 384, height: int = 192, fps: float = 16,
                sample_rate: int = 24000, num_sources: int | None = None,
-               sources: Sequence[SourceSpec] | None = None) -> Scene:
-    """A deterministic scene for `seed`: random 1-3 sources unless num_sources or explicit
-    `sources` are given. See the module docstring for what it holds."""
+               sources: Sequence[SourceSpec] | None = None, single_class: bool = False,
+               rt60_s: float = 0.0) -> Scene:
+    """A deterministic scene for `seed`: random SOURCES_RANGE sources of distinct classes
+    unless num_sources or explicit `sources` are given; `single_class` gives every random
+    source the same class (a single-label clip); `rt60_s` > 0 adds the reverberant tail of a
+    simulated room with that reverberation time. See the module docstring for what it holds."""
+    if not (math.isfinite(rt60_s) and 0.0 <= rt60_s <= 3.0):
+        raise ConfigError("rt60_s", f"must be in [0, 3] seconds, got {rt60_s}")
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(int(seed))
-    n = len(sources) if sources is not None else num_sources or int(rng.integers(1, 4))
-    placed = _place(rng, gen, n, sources)
-    dirs = _pixel_directions(height, width)
-    background = _background(rng, dirs)
+    n = (len(sources) if sources is not None
+         else num_sources or int(rng.integers(SOURCES_RANGE[0], SOURCES_RANGE[1] + 1)))
+    placed = _place(rng, gen, n, sources, seconds, single_class)
+    dirs = shapes.pixel_directions(height, width)
+    background = shapes.background(rng, dirs)
 
     n_frames, n_labels = round(seconds * fps), max(1, round(seconds * LABEL_FPS))
     label_t = np.arange(n_labels) / LABEL_FPS
@@ -228,16 +255,23 @@ def make_scene(seed: int, seconds: float, *, width: int = 384, height: int = 192
 
     t = np.arange(round(seconds * sample_rate)) / sample_rate
     foa = torch.zeros(4, t.size)
-    for src in placed:
-        wave = torch.from_numpy(_sound(src, t, rng)).float()
+    waves = [torch.from_numpy(_sound(src, t, rng)).float() for src in placed]
+    for src, wave in zip(placed, waves):
         foa += geometry.encode_foa(wave, torch.from_numpy(src.az(t)).float(), src.el)
-    foa[0] += torch.from_numpy(0.01 * rng.standard_normal(t.size)).float()  # diffuse noise
-    foa = (foa * (PEAK / foa.abs().max())).numpy()
+    foa = foa.numpy()
+    if rt60_s > 0:
+        from avsa import room
+
+        tails = room.bformat_tails([(s.az0, s.el) for s in placed], rt60_s, sample_rate, rng)
+        foa += room.convolve(np.stack([w.numpy() for w in waves]), tails)
+    foa += diffuse_noise(rng, t.size)
+    foa = (foa * (PEAK / np.abs(foa).max())).astype(np.float32)
 
     meta = {
-        "format": "avsa-synth", "version": 1, "seed": int(seed), "seconds": seconds,
+        "format": "avsa-synth", "version": 2, "seed": int(seed), "seconds": seconds,
         "fps": fps, "sample_rate": sample_rate, "width": width, "height": height,
-        "label_fps": LABEL_FPS, "classes": [CLASSES[s.cls] for s in placed],
+        "label_fps": LABEL_FPS, "rt60_s": rt60_s,
+        "classes": list(dict.fromkeys(CLASSES[s.cls] for s in placed)),
         "sources": [{
             "class": CLASSES[s.cls], "mask_id": s.cls + 1,
             "az_deg": [round(math.degrees(math.remainder(a, 2 * math.pi)), 3)
@@ -246,6 +280,8 @@ def make_scene(seed: int, seconds: float, *, width: int = 384, height: int = 192
             "drift_deg_s": round(math.degrees(s.drift), 3),
             "f0_hz": round(SOURCE_CLASSES[s.cls].f0_hz * s.detune, 3),
             "am_hz": SOURCE_CLASSES[s.cls].am_hz,
+            "on": (None if s.events is None
+                   else [[round(float(a), 3), round(float(b), 3)] for a, b in s.events]),
         } for s in placed],
     }
     return Scene(video.reshape(n_frames, height, width, 3), foa,
@@ -321,8 +357,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--height", type=int, default=192)
     parser.add_argument("--fps", type=float, default=16.0)
     parser.add_argument("--sample-rate", type=int, default=24000)
-    parser.add_argument("--sources", type=int, choices=(1, 2, 3), default=None,
-                        help="sources per clip (default: random 1-3)")
+    parser.add_argument("--sources", type=int, choices=range(1, len(CLASSES) + 1), default=None,
+                        metavar="N", help="sources per clip (default: random {}-{})".format(*SOURCES_RANGE))
+    parser.add_argument("--single-class", action="store_true",
+                        help="every source of a clip of one class (single-label clips)")
+    parser.add_argument("--rt60", type=float, default=0.0, metavar="SECONDS",
+                        help="add a simulated room with this reverberation time (0: dry)")
+    parser.add_argument("--stats", action="store_true",
+                        help="print how many sampled crops show a source (default sampler)")
     args = parser.parse_args(argv)
     if args.clips < 0 or args.seconds <= 0 or args.workers < 1:
         parser.error("--clips must be >= 0, --seconds > 0 and --workers >= 1")
@@ -331,10 +373,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         write_dataset(args.out_dir, args.clips, args.seconds, args.seed, args.workers,
                       width=args.width, height=args.height, fps=args.fps,
-                      sample_rate=args.sample_rate, num_sources=args.sources)
+                      sample_rate=args.sample_rate, num_sources=args.sources,
+                      single_class=args.single_class, rt60_s=args.rt60)
     except AvsaError as e:
         print(f"avsa synth: error: {e}", file=sys.stderr)
         return 2
     print(f"avsa synth: {args.clips} clips in {args.out_dir} ({args.clips - before} written, "
           f"{before} already there) in {time.perf_counter() - start:.1f} s")
+    if args.stats:
+        from avsa import coverage
+
+        paths = [Path(args.out_dir) / f"clip-{i:06d}.masks.npz" for i in range(args.clips)]
+        stats = coverage.coverage_stats(coverage.load_masks(paths), seed=args.seed)
+        print(f"avsa synth: {stats['share_with_source']:.1%} of {stats['crops']} sampled crops "
+              f"show a source on >= {coverage.MIN_SHARE:.0%} of their pixels (mean share "
+              f"{stats['mean_source_share']:.1%})")
+        print(json.dumps({"name": "synth_coverage", **stats}))
     return 0
