@@ -107,6 +107,18 @@ def _mel_taps(sr: int, n_fft: int, n_mels: int) -> tuple[Tensor, Tensor, Tensor]
     return bins, offsets, fb[mel, bins]
 
 
+def stft(wave: Tensor, n_fft: int = 512, hop: int = 240) -> Tensor:
+    """Complex spectra (C, K, F) of wave (C, N), as log_mel frames them: periodic Hann window
+    of n_fft, frames centred at k * hop (reflect padding), F = N // hop, K = n_fft // 2 + 1."""
+    n = wave.shape[-1]
+    if n <= n_fft // 2:
+        raise ValueError(f"log_mel needs more than n_fft // 2 = {n_fft // 2} samples, got {n}")
+    x = wave.float()
+    window = torch.hann_window(n_fft, periodic=True, dtype=x.dtype, device=x.device)
+    return torch.stft(x, n_fft, hop_length=hop, win_length=n_fft, window=window, center=True,
+                      pad_mode="reflect", return_complex=True)[..., : n // hop]
+
+
 def log_mel_mixed(
     wave: Tensor,
     mix: Tensor,
@@ -117,6 +129,7 @@ def log_mel_mixed(
     eps: float = 1e-10,
     normalize: bool = False,
     norm_eps: float = 1e-5,
+    spec: Tensor | None = None,
 ) -> Tensor:
     """log_mel(mix @ wave) from a single STFT of the C channels of wave.
 
@@ -125,26 +138,21 @@ def log_mel_mixed(
     the spectra of the mixed signals are the same mix of the C complex spectra; magnitudes,
     mel filters (applied sparsely) and logs are then taken per mixed channel, as log_mel does.
     normalize=True returns normalize_log_mel of that (statistics over D and F per leading
-    index and mel bin, norm_eps added to the std).
+    index and mel bin, norm_eps added to the std). `spec`: stft(wave, n_fft, hop) when the
+    caller has it already.
     """
-    c, n = wave.shape
+    c = wave.shape[0]
     if mix.shape[-1] != c:
         raise ValueError(f"mix (..., D, {mix.shape[-1]}) does not match {c} wave channels")
-    if n <= n_fft // 2:
-        raise ValueError(f"log_mel needs more than n_fft // 2 = {n_fft // 2} samples, got {n}")
-    frames = n // hop
-    x = wave.float()
-    window = torch.hann_window(n_fft, periodic=True, dtype=x.dtype, device=x.device)
-    spec = torch.stft(x, n_fft, hop_length=hop, win_length=n_fft, window=window, center=True,
-                      pad_mode="reflect", return_complex=True)[..., :frames]  # (C, K, F)
-    k = spec.shape[1]
+    spec = stft(wave, n_fft, hop) if spec is None else spec  # (C, K, F)
+    k, frames = spec.shape[1:]
     planes = torch.view_as_real(spec).permute(3, 0, 1, 2).reshape(2, c, k * frames)  # re, im
     lead, d = mix.shape[:-2], mix.shape[-2]
     rows = mix.reshape(-1, c).to(planes)  # (B * D, C)
     re, im = rows @ planes[0], rows @ planes[1]  # (B * D, K * F) each
     mag = re.mul_(re).addcmul_(im, im).sqrt_()
     mag_k = mag.view(-1, k, frames).transpose(0, 1).reshape(k, -1)  # (K, B * D * F)
-    bins, offsets, weights = (t.to(x.device) for t in _mel_taps(sr, n_fft, n_mels))
+    bins, offsets, weights = (t.to(spec.device) for t in _mel_taps(sr, n_fft, n_mels))
     mel = F.embedding_bag(bins, mag_k, offsets, mode="sum", per_sample_weights=weights)
     b = rows.shape[0] // d
     logs = mel.add_(eps).log_().view(n_mels, b, d * frames)  # natural log
@@ -159,6 +167,29 @@ def log_mel_mixed(
     else:
         torch.mul(logs, db, out=out.permute(2, 0, 1))
     return out.view(*lead, d, frames, n_mels)
+
+
+def intensity_mixed(
+    spec: Tensor, mix: Tensor, sr: int = 24000, n_fft: int = 512, n_mels: int = 128,
+    eps: float = 1e-10,
+) -> Tensor:
+    """Active intensity vector per mel band of rotated FOA, the DCASE SELD baselines' feature.
+
+    spec: stft of ambiX (W, Y, Z, X) (4, K, F); mix: (V, 4, 4) real maps to each viewpoint's
+    ambiX (rotations). Returns (V, 3, F, n_mels) in ambiX order (Y, Z, X): mel-weighted
+    Re(conj(W) [Y, Z, X]) over mel-weighted (|W|^2 + |Y|^2 + |Z|^2 + |X|^2) / 2, so a single
+    plane wave from unit direction u gives u (signed: front and back differ), a diffuse field
+    about 0.
+    """
+    planes = torch.view_as_real(spec)  # (4, K, F, 2)
+    rot = torch.einsum("vdc,ckfr->vdkfr", mix.to(planes), planes)  # (V, 4, K, F, 2)
+    w = rot[:, :1]
+    active = (w * rot[:, 1:]).sum(-1)  # Re(conj(W) C) = Re W Re C + Im W Im C: (V, 3, K, F)
+    energy = rot.square().sum(dim=(1, 4)) / 2  # (V, K, F)
+    fb = mel_filterbank(sr, n_fft, n_mels).to(planes)  # (K, M)
+    num = torch.einsum("vckf,km->vcfm", active, fb)
+    den = torch.einsum("vkf,km->vfm", energy, fb)[:, None]
+    return num / (den + eps)
 
 
 def normalize_log_mel(x: Tensor, eps: float = 1e-5) -> Tensor:

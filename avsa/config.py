@@ -20,6 +20,10 @@ from avsa.errors import ConfigError
 CONFIG_DIR_ENV = "AVSA_CONFIG_DIR"
 LOSS_KINDS = ("avsa", "avc", "avts")
 AUDIO_MODES = ("foa", "mono")
+# Per-viewpoint audio inputs and their channel counts (see avsa.data.transform.audio_features):
+# the paper's log-mel of the rotated W, Y, Z, X; log-mel of six virtual cardioids toward
+# +-X, +-Y, +-Z; log-mel of W, Y, Z, X plus the active intensity vector per mel band.
+AUDIO_FEATURES = {"logmel": 4, "cardioid": 6, "intensity": 7}
 EASY_NEGATIVES = ("same_view", "all_views")
 TASKS = ("avc_bin", "avsa_bin", "action", "segmentation")
 DOWNSTREAM_MODES = ("frozen", "finetune", "linear")
@@ -48,6 +52,7 @@ class DataConfig:
     aspect_max: float = 1.3333
     min_separation_deg: float = 0.0
     audio_mode: str = "foa"
+    audio_features: str = "logmel"
     augment: bool = True
     volume_jitter: float = 0.1
     color_jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.4, 0.2])
@@ -171,6 +176,12 @@ class Config:
         return f"{self.loss.kind}-v{self.data.num_viewpoints}-{digest}"
 
 
+def audio_channels(data: DataConfig) -> int:
+    """Channels of the per-viewpoint audio input: 1 for a mono beam, else those of
+    data.audio_features."""
+    return 1 if data.audio_mode == "mono" else AUDIO_FEATURES[data.audio_features]
+
+
 def config_dir() -> Path:
     """The `configs/` tree: `$AVSA_CONFIG_DIR`, else the one beside the package."""
     env = os.environ.get(CONFIG_DIR_ENV)
@@ -265,6 +276,11 @@ def validate(cfg: Config) -> Config:
     _in_range("data.aspect_max", d.aspect_max, d.aspect_min, 10)
     _in_range("data.min_separation_deg", d.min_separation_deg, 0, 180)
     _check(d.audio_mode in AUDIO_MODES, "data.audio_mode", f"one of {AUDIO_MODES}", d.audio_mode)
+    _check(d.audio_features in AUDIO_FEATURES, "data.audio_features",
+           f"one of {tuple(AUDIO_FEATURES)}", d.audio_features)
+    _check(d.audio_mode == "foa" or d.audio_features == "logmel", "data.audio_features",
+           "logmel with data.audio_mode=mono (a single beam has no direction to keep)",
+           d.audio_features)
     _in_range("data.volume_jitter", d.volume_jitter, 0, 1, hi_open=True)
     _check(len(d.color_jitter) == 4 and all(v >= 0 for v in d.color_jitter), "data.color_jitter",
            "4 non-negative numbers [brightness, contrast, saturation, hue]", d.color_jitter)

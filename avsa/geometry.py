@@ -214,8 +214,10 @@ def sample_viewpoints(
     min_separation_deg: float = 0.0,
     max_tries: int = 1000,
 ) -> Viewpoints:
-    """Draw n viewpoints: az uniform over 360°, el uniform in el_range_deg, hfov uniform in
-    hfov_deg, aspect log-uniform in `aspect`; all randomness from `gen` (a CPU generator).
+    """Draw n viewpoints: az uniform over 360°, el uniform in el_range_deg, the tangent-plane
+    half-width tan(hfov / 2) uniform between those of hfov_deg (as the reference code draws
+    it: wide views are likelier than with hfov itself uniform), aspect log-uniform in
+    `aspect`; all randomness from `gen` (a CPU generator).
 
     Centres are placed one after another by rejection: each candidate must lie at least
     min_separation_deg from every centre already placed; ConfigError when a centre cannot be
@@ -237,7 +239,8 @@ def sample_viewpoints(
                 f"cannot place {n} viewpoints {min_separation_deg} deg apart with elevation in "
                 f"{tuple(el_range_deg)} deg after {max_tries} tries",
             )
-    hfov = torch.deg2rad(fov_lo + (fov_hi - fov_lo) * torch.rand(n, generator=gen))
+    tan_lo, tan_hi = (math.tan(math.radians(x) / 2) for x in (fov_lo, fov_hi))
+    hfov = 2 * torch.atan(tan_lo + (tan_hi - tan_lo) * torch.rand(n, generator=gen))
     log_lo, log_hi = math.log(asp_lo), math.log(asp_hi)
     asp = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(n, generator=gen))
     return Viewpoints(az=az, el=el, hfov=hfov, aspect=asp)

@@ -172,6 +172,34 @@ def avsa_objective(
     return (a2v + v2a) / 2, metrics
 
 
+def avc_views_loss(
+    pred: torch.Tensor, target: torch.Tensor, temperature: float, *, gather: Gather | None = None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """AVC over every viewpoint of every clip: B * V anchors. pred, target (B, V, D); anchor
+    pred[i, j] has positive target[i, j] and negatives target[i', j] of the N - 1 other
+    (gathered) clips; the clip's other viewpoints are not candidates (that is AVSA's task).
+    With V = 1 this is avsa_loss. Metric: avc_acc."""
+    logits, _ = avsa_logits(pred, target, temperature, gather=gather)
+    v = pred.shape[1]
+    pos = logits[..., :v].diagonal(dim1=1, dim2=2)  # (B, V)
+    easy = logits[..., v:]  # (B, V, N - 1)
+    cand = torch.cat((pos[..., None], easy), dim=-1).flatten(0, 1)  # (B V, N)
+    loss = F.cross_entropy(cand, torch.zeros(len(cand), dtype=torch.long, device=cand.device))
+    with torch.no_grad():
+        acc = _beats_all(pos.detach(), easy.detach())
+    return loss, {"avc_acc": acc}
+
+
+def avc_objective(
+    out: Mapping[str, torch.Tensor], temperature: float, gather: Gather | None = None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Symmetric avc_views_loss on AVSANet outputs (A2V and V2A averaged): the AVC pretext and
+    the curriculum's AVC phase, which sees all B x V (view, audio) pairs of an AVSA batch."""
+    a2v, m_a2v = avc_views_loss(out["video_pred"], out["video_target"], temperature, gather=gather)
+    v2a, m_v2a = avc_views_loss(out["audio_pred"], out["audio_target"], temperature, gather=gather)
+    return (a2v + v2a) / 2, {"avc_acc": (m_a2v["avc_acc"] + m_v2a["avc_acc"]) / 2}
+
+
 def _check_pair(*xs: torch.Tensor) -> None:
     if any(x.dim() != 2 or x.shape != xs[0].shape for x in xs):
         raise ValueError(f"embeddings must all be (B, D), got {[tuple(x.shape) for x in xs]}")

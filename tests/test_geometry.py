@@ -436,7 +436,11 @@ def test_sample_viewpoints_ranges_and_distributions():
     assert float(vp.el.min()) < -29 * RAD and float(vp.el.max()) > 29 * RAD
     hfov_deg = vp.hfov / RAD
     assert float(hfov_deg.min()) >= 25 - 1e-4 and float(hfov_deg.max()) <= 76 + 1e-4
-    assert float(hfov_deg.mean()) == pytest.approx(50.5, abs=1.5)
+    half = torch.tan(vp.hfov / 2)  # the reference draws the tangent half-width uniformly
+    lo, hi = math.tan(12.5 * RAD), math.tan(38 * RAD)
+    assert float(half.mean()) == pytest.approx((lo + hi) / 2, abs=0.01)
+    assert float(((half - lo) / (hi - lo) < 0.5).float().mean()) == pytest.approx(0.5, abs=0.03)
+    assert float(hfov_deg.median()) > 52  # wider than the middle of 25-76 deg
     assert float(vp.aspect.min()) >= 0.75 - 1e-6 and float(vp.aspect.max()) <= 1.333 + 1e-6
     assert float(vp.aspect.log().mean()) == pytest.approx(0.5 * math.log(0.75 * 1.333), abs=0.01)
     quadrant = torch.floor((vp.az + math.pi) / (math.pi / 2)).clamp(max=3).long()

@@ -56,6 +56,36 @@ def test_avts_hard_negative_changes_the_loss(cfg):
     assert set(m_same) == {"avc_acc", "avts_acc"}
 
 
+def test_curriculum_avc_phase_sees_b_times_v_pairs():
+    """The AVC phase of a V-viewpoint batch is AVC over all B x V (view, audio) pairs: every
+    viewpoint's audio enters the loss, and the loss equals AVC on B x V single-view clips whose
+    negatives are only other clips (not the clip's other viewpoints)."""
+    from avsa.losses import avc_views_loss
+
+    cfg = compose(["model=tiny", "data.num_viewpoints=4"])
+    torch.manual_seed(0)
+    model = model_from_config(cfg.model).train()  # batch statistics: embeddings differ
+    b = _batch(b=3, v=4)
+    loss, _ = compute_objective(model, b, kind="avc", temperature=0.1)
+    last_view = dict(b, audio=b["audio"].clone())
+    last_view["audio"][:, 3] = torch.randn(3, 4, 20, 32)
+    changed, _ = compute_objective(model, last_view, kind="avc", temperature=0.1)
+    assert loss.item() != changed.item()  # view 3's audio is a pair of the phase
+
+    pred, target = torch.randn(3, 4, 8), torch.randn(3, 4, 8)
+    got, m = avc_views_loss(pred, target, 0.1)
+    p, t = torch.nn.functional.normalize(pred, dim=-1), torch.nn.functional.normalize(target, dim=-1)
+    anchors = [(i, j) for i in range(3) for j in range(4)]
+    assert len(anchors) == 12  # B x V anchors, each against the B - 1 other clips
+    manual = torch.stack([
+        torch.nn.functional.cross_entropy(
+            torch.stack([p[i, j] @ t[k, j] for k in [i] + [k for k in range(3) if k != i]])[None]
+            / 0.1, torch.tensor([0]))
+        for i, j in anchors]).mean()
+    torch.testing.assert_close(got, manual)
+    assert 0.0 <= float(m["avc_acc"]) <= 1.0
+
+
 def test_normalize_video_uses_channel_stats():
     v = torch.full((1, 1, 3, 1, 2, 2), 255, dtype=torch.uint8)
     x = normalize_video(v)

@@ -192,16 +192,26 @@ def test_misalignment_labels_and_rotates_the_field(tmp_path):
     assert out["aligned"].item() == 0
 
 
-def test_choose_windows_other_time_gap():
+@pytest.mark.parametrize("duration", [2.0, 2.3, 5.0])
+def test_avts_negative_never_overlaps_the_positive(duration):
     rng = np.random.default_rng(0)
-    for _ in range(200):
-        w = transform.choose_windows(rng, 5.0, 1.0, 0.5, other_time=True)
-        assert 0 <= w.audio <= 4.0 and 0 <= w.other <= 4.0
-        assert abs(w.other - w.audio) >= 1.0 - 1e-9
+    starts = []
+    for _ in range(300):
+        w = transform.choose_windows(rng, duration, 1.0, 0.5, other_time=True)
+        assert 0 <= w.audio <= duration - 1.0 + 1e-9 and 0 <= w.other <= duration - 1.0 + 1e-9
+        assert abs(w.other - w.audio) >= 1.0 - 1e-9  # [a, a + 1) and [o, o + 1) are disjoint
         assert w.audio <= w.video <= w.audio + 0.5 + 1e-9
-    for _ in range(50):  # too short for a 1 s gap: the farthest start
-        w = transform.choose_windows(rng, 1.6, 1.0, 0.5, other_time=True)
-        assert abs(w.other - w.audio) == pytest.approx(max(w.audio, 0.6 - w.audio))
+        starts.append(w.audio)
+    if duration >= 3.0:  # long clips: positives spread over the whole clip
+        assert min(starts) < 0.5 and max(starts) > duration - 1.5
+
+
+def test_avts_refuses_a_clip_too_short_for_a_disjoint_negative():
+    with pytest.raises(MediaError, match=r"clip-7.*at least 2 x data.audio_seconds = 2 s.*1.6 s"):
+        transform.choose_windows(np.random.default_rng(0), 1.6, 1.0, 0.5, other_time=True,
+                                 name="clip-7")
+    w = transform.choose_windows(np.random.default_rng(0), 1.6, 1.0, 0.5)  # AVC: fine
+    assert w.other is None
 
 
 def test_color_jitter_identity_and_known_factors():
@@ -332,3 +342,31 @@ def test_wrong_json_length_falls_back_to_the_container(generic):
     assert a.keys() == b.keys()
     for key in a:
         np.testing.assert_array_equal(a[key], b[key])
+
+
+@pytest.mark.parametrize("features", ["cardioid", "intensity"])
+def test_sign_preserving_audio_separates_antipodal_viewpoints(features):
+    """A source at a viewpoint and the viewpoint opposite it: the paper's log-mel of the rotated
+    W, Y, Z, X is the same for both (magnitudes drop the sign), the sign-preserving inputs are
+    not, and they tell which of the two faces the source."""
+    scene = synth.make_scene(0, 1.0, sources=[synth.SourceSpec("disc", 30, 10)], width=64,
+                             height=32)
+    foa = torch.from_numpy(scene.foa)
+    vp = geometry.Viewpoints(az=torch.tensor([30.0, -150.0]) * math.pi / 180,
+                             el=torch.tensor([10.0, -10.0]) * math.pi / 180,
+                             hfov=torch.ones(2), aspect=torch.ones(2))
+    plan = transform.SamplePlan(transform.Windows(0.0, 0.0), vp, False, 1.0, None, True, 0.0)
+    cfg = DataConfig(augment=False, num_viewpoints=2)
+    paper = transform.audio_features(foa, plan, replace(cfg, audio_features="logmel"))
+    assert paper.shape == (2, 4, 100, 128)
+    assert np.abs(paper[0] - paper[1]).max() < 1e-2  # float noise only
+    x = transform.audio_features(foa, plan, replace(cfg, audio_features=features))
+    assert x.shape == (2, {"cardioid": 6, "intensity": 7}[features], 100, 128)
+    assert np.abs(x[0] - x[1]).max() > 1.0
+    band = slice(5, 40)  # mel bins holding the disc's partials
+    if features == "cardioid":  # channel 0 looks ahead, channel 1 behind
+        ahead = x[:, 0, :, band].mean(axis=(1, 2)) - x[:, 1, :, band].mean(axis=(1, 2))
+        assert ahead[0] > 0.5 and ahead[1] < -0.5
+    else:  # intensity X (channel 6): + for the source ahead, - behind
+        front = x[:, 6, :, band].mean(axis=(1, 2))
+        assert front[0] > 0.4 and front[1] < -0.4

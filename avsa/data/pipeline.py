@@ -40,9 +40,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from avsa import storage, synth
+from avsa import storage
+from avsa.config import audio_channels
 from avsa.data import manifest as manifest_mod
 from avsa.data import shards
+from avsa.data.labels import NUM_CLASSES
 from avsa.data.manifest import ShardInfo
 from avsa.data.transform import collate, make_sample
 from avsa.errors import AvsaError, ShardError, StorageError
@@ -97,13 +99,13 @@ def placeholder_row(cfg, *, epoch: int, skipped: int, missing: int = 0, other_ti
                     misalign_prob: float = 0.0, with_masks: bool = False) -> dict[str, Any]:
     """A valid=0 row with zero arrays of the shapes make_sample produces, carrying counts."""
     v, s, t = cfg.num_viewpoints, cfg.crop_size, cfg.frames
-    c = 1 if cfg.audio_mode == "mono" else 4
+    c = audio_channels(cfg)
     f = round(cfg.audio_seconds * cfg.sample_rate) // cfg.hop
     row: dict[str, Any] = {
         "video": np.zeros((v, 3, t, s, s), np.uint8),
         "audio": np.zeros((v, c, f, cfg.n_mels), np.float32),
         "directions": np.zeros((v, 2), np.float32),
-        "labels": np.zeros(len(synth.CLASSES), np.float32),
+        "labels": np.zeros(NUM_CLASSES, np.float32),
     }
     if other_time:
         row["audio_other"] = row["audio"].copy()
@@ -141,7 +143,7 @@ def decode_shard(item: dict[str, Any], *, cfg, seed: int, other_time: bool = Fal
                 else:
                     held["skipped"] += 1
                 continue
-            row.setdefault("labels", np.zeros(len(synth.CLASSES), np.float32))
+            row.setdefault("labels", np.zeros(NUM_CLASSES, np.float32))
             row.update(key_id=np.int64(key_id(raw.key)), epoch=np.int64(epoch),
                        valid=np.int64(1), skipped=np.int64(pending), missing_shards=np.int64(0))
             if keys:

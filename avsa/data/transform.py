@@ -31,13 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from avsa import audio, geometry, media, synth
+from avsa import audio, geometry, media
+from avsa.data.labels import CLASSES
 from avsa.errors import MediaError
 
 VIDEO_MEMBER = "mp4"
 AUDIO_MEMBERS = ("m4a", "wav", "flac", "aac")  # separate FOA audio, preferred over the mp4's
 MASK_MEMBER = "masks.npz"
-OTHER_TIME_GAP_S = 1.0  # AVTS: the second audio window starts at least this far away
 
 _GRAY = (0.2989, 0.587, 0.114)  # torchvision rgb_to_grayscale weights
 _RGB_TO_YIQ = np.array(
@@ -61,29 +61,52 @@ class Windows:
     other: float | None = None
 
 
+def _pick(u: float, spans: list[tuple[float, float]]) -> float:
+    """The point at fraction u in [0, 1] of the total length of disjoint, sorted spans."""
+    rest = u * sum(hi - lo for lo, hi in spans)
+    for lo, hi in spans:
+        if rest <= hi - lo:
+            return lo + rest
+        rest -= hi - lo
+    return spans[-1][1]
+
+
 def choose_windows(
     rng: np.random.Generator, duration: float, audio_s: float, video_s: float,
-    other_time: bool = False, gap_s: float = OTHER_TIME_GAP_S,
+    other_time: bool = False, name: str = "clip",
 ) -> Windows:
     """Audio start uniform in [0, duration - audio_s]; video start uniform inside the audio
-    window; the other audio start uniform over starts >= gap_s away from the first, or the
-    farthest start possible when the clip is too short for that."""
+    window. With other_time (AVTS), the second audio window never overlaps the first: the
+    pair of starts is uniform over those at least audio_s apart, and a clip shorter than
+    2 audio_s is refused (MediaError naming it). Always the same number of draws from rng."""
     last = max(0.0, duration - audio_s)
-    a0 = float(rng.uniform(0.0, last))
-    v0 = a0 + float(rng.uniform(0.0, max(0.0, min(audio_s, duration - a0) - video_s)))
+    u_audio, u_video = float(rng.random()), float(rng.random())
     other = None
     if other_time:
-        spans = [(lo, hi) for lo, hi in ((0.0, a0 - gap_s), (a0 + gap_s, last)) if hi >= lo]
-        if not spans:  # too short: the start farthest from a0
-            other = 0.0 if a0 >= last - a0 else last
-        else:
-            u = float(rng.uniform(0.0, sum(hi - lo for lo, hi in spans)))
-            for lo, hi in spans:
-                other = lo + min(u, hi - lo)
-                if u <= hi - lo:
-                    break
-                u -= hi - lo
+        u_other = float(rng.random())
+        if last < audio_s - 1e-9:
+            raise MediaError(name, f"AVTS needs clips of at least 2 x data.audio_seconds = "
+                                   f"{2 * audio_s:g} s (a negative window that does not overlap "
+                                   f"the positive); this one is {duration:g} s")
+        # starts with room for another window before (a0 >= audio_s) or after it
+        a0 = _pick(u_audio, _merge([(0.0, last - audio_s), (audio_s, last)]))
+        other = _pick(u_other, [(lo, hi) for lo, hi in ((0.0, a0 - audio_s),
+                                                        (a0 + audio_s, last)) if hi >= lo])
+    else:
+        a0 = u_audio * last
+    v0 = a0 + u_video * max(0.0, min(audio_s, duration - a0) - video_s)
     return Windows(audio=a0, video=min(v0, max(0.0, duration - video_s)), other=other)
+
+
+def _merge(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Sorted, disjoint union of closed spans."""
+    out: list[tuple[float, float]] = []
+    for lo, hi in sorted(spans):
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
 
 
 def jitter_factors(rng: np.random.Generator, n: int, jitter) -> np.ndarray:
@@ -230,13 +253,13 @@ def _decode_windows(raw, cfg, plan, duration: float) -> tuple[np.ndarray, list[n
 def _labels(meta: dict, name: str) -> np.ndarray | None:
     if "classes" not in meta:
         return None
-    k = len(synth.CLASSES)
+    k = len(CLASSES)
     hot = np.zeros(k, dtype=np.float32)
     if not isinstance(meta["classes"], list):
         raise MediaError(name + ".json", f"'classes' must be a list, got {meta['classes']!r:.60}")
     for c in meta["classes"]:
-        if isinstance(c, str) and c in synth.CLASSES:
-            hot[synth.CLASSES.index(c)] = 1.0
+        if isinstance(c, str) and c in CLASSES:
+            hot[CLASSES.index(c)] = 1.0
         elif isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= k:
             hot[c - 1] = 1.0  # numeric ids follow the masks: 1..K, 0 = background
         else:
@@ -307,7 +330,8 @@ def plan_sample(key: str, cfg, *, seed: int, epoch: int, duration: float,
     """Draw windows, viewpoints and augmentations from sample_rng(seed, epoch, key). The
     viewpoints do not depend on `duration` (the same number of draws precedes them)."""
     rng = sample_rng(seed, epoch, key)
-    win = choose_windows(rng, duration, cfg.audio_seconds, cfg.frames / cfg.fps, other_time)
+    win = choose_windows(rng, duration, cfg.audio_seconds, cfg.frames / cfg.fps, other_time,
+                         name=key)
     gen = torch.Generator().manual_seed(int(rng.integers(0, 2**62)))
     vp = geometry.sample_viewpoints(
         gen, cfg.num_viewpoints, el_range_deg=(cfg.el_min_deg, cfg.el_max_deg),
@@ -376,13 +400,33 @@ def view_mix(plan: SamplePlan, mode: str = "foa") -> Tensor:
     return geometry.rotate_foa(scene, plan.view_az - plan.yaw, plan.vp.el)
 
 
+# Six virtual cardioids toward +X, -X, +Y, -Y, +Z, -Z of the rotated field: (6, 4) ambiX
+# weights. Unlike the magnitudes of W, Y, Z, X they differ between a source in front and one
+# behind (and left / right, up / down), which the paper's log-mel cannot tell apart.
+_HALF_PI = math.pi / 2
+CARDIOIDS = geometry.beam_weights(torch.tensor([0.0, math.pi, _HALF_PI, -_HALF_PI, 0.0, 0.0]),
+                                  torch.tensor([0.0, 0.0, 0.0, 0.0, _HALF_PI, -_HALF_PI]))
+
+
 def audio_features(foa: Tensor, plan: SamplePlan, cfg) -> np.ndarray:
-    """foa (4, N) -> (V, C, F, M) float32 normalised log-mel per viewpoint: C = 4 rotated ambiX
-    channels ("foa"), or C = 1 cardioid beam toward the viewpoint ("mono"). One STFT of the 4
-    FOA channels; the viewpoints' channels are mixed from its complex spectra."""
-    mix = view_mix(plan, "mono" if cfg.audio_mode == "mono" else "foa")
-    mel = audio.log_mel_mixed(foa, mix, sr=cfg.sample_rate, n_fft=cfg.n_fft, hop=cfg.hop,
-                              n_mels=cfg.n_mels, normalize=True)
+    """foa (4, N) -> (V, C, F, M) float32 audio input per viewpoint (C = config.audio_channels):
+    - audio_mode "mono": log-mel of a cardioid beam toward the viewpoint (C = 1);
+    - audio_features "logmel": log-mel of the rotated ambiX W, Y, Z, X (the paper's, C = 4);
+    - "cardioid": log-mel of CARDIOIDS of the rotated field (C = 6);
+    - "intensity": "logmel" plus the active intensity vector per mel band (C = 7).
+    Log-mels are normalised per mel bin over channels and frames together. One STFT of the 4
+    FOA channels serves every viewpoint and feature: they are mixed from its complex spectra."""
+    kw = dict(sr=cfg.sample_rate, n_fft=cfg.n_fft, n_mels=cfg.n_mels)
+    spec = audio.stft(foa, cfg.n_fft, cfg.hop)
+    if cfg.audio_mode == "mono":
+        mix = view_mix(plan, "mono")
+    else:
+        mix = view_mix(plan, "foa")
+        if cfg.audio_features == "cardioid":
+            mix = CARDIOIDS @ mix
+    mel = audio.log_mel_mixed(foa, mix, hop=cfg.hop, normalize=True, spec=spec, **kw)
+    if cfg.audio_mode != "mono" and cfg.audio_features == "intensity":
+        mel = torch.cat((mel, audio.intensity_mixed(spec, mix, **kw)), dim=1)
     return mel.numpy()
 
 

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from avsa.config import Config, ModelConfig
-from avsa.losses import avsa_objective, avts_loss
+from avsa.config import audio_channels as data_audio_channels
+from avsa.losses import avc_objective, avsa_objective, avts_loss
 from avsa.models import AVSANet, build_model
 
 # Kinetics statistics, the usual normalisation for video encoders trained from scratch.
@@ -36,7 +37,7 @@ def model_from_config(m: ModelConfig, audio_channels: int = 4) -> AVSANet:
 
 
 def audio_channels(cfg: Config) -> int:
-    return 4 if cfg.data.audio_mode == "foa" else 1
+    return data_audio_channels(cfg.data)
 
 
 def normalize_video(video: torch.Tensor, channels_last: bool | None = None) -> torch.Tensor:
@@ -94,8 +95,10 @@ def compute_objective(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss and metrics (0-d tensors) of `kind` in {"avsa", "avc", "avts"}.
 
-    AVC and AVTS use the first viewpoint only and no viewpoint context, so the same network
-    serves both phases of the curriculum. `model` may be DDP-wrapped: it is always called
+    AVC pairs every viewpoint with its own audio against the other clips' (B x V pairs, so
+    the curriculum's AVC phase sees as many pairs as its AVSA phase); AVTS uses the first
+    viewpoint only; neither uses the viewpoint context, so the same network serves both
+    phases of the curriculum. `model` may be DDP-wrapped: it is always called
     through `forward`. `channels_last`: the video layout (see `normalize_video`).
     """
     video = normalize_video(batch["video"], channels_last)
@@ -103,11 +106,9 @@ def compute_objective(
     if kind == "avsa":
         out = model(video, audio, batch.get("directions"))
         return avsa_objective(out, temperature, gather=gather, easy_negatives=easy_negatives)
+    if kind == "avc":  # every viewpoint is an AVC pair: B x V of them (one when V = 1)
+        return avc_objective(model(video, audio, None, use_context=False), temperature, gather)
     video, audio = video[:, :1], audio[:, :1]
-    if kind == "avc":
-        out = model(video, audio, None, use_context=False)
-        loss, m = avsa_objective(out, temperature, gather=gather)
-        return loss, {"avc_acc": m["avc_acc"]}
     if kind == "avts":
         out = model(video, audio, None, use_context=False, audio_other=batch["audio_other"][:, :1])
         return avts_loss(
