@@ -139,7 +139,8 @@ class DownstreamConfig:
     task: str = "avc_bin"
     pretrain: str = "scratch"
     mode: str = "frozen"
-    epochs: int = 10
+    # frozen heads: the most epochs (early stopping ends sooner); action finetune: exactly this
+    epochs: int = 100
     lr: float = 1e-4
     batch_size: int = 16
     max_steps: int = 0
@@ -147,6 +148,12 @@ class DownstreamConfig:
     fold: int = 1
     context: str = "video"
     experiment: str = "avsa-transfer"
+    # frozen heads: fraction of training clips held out for early stopping (0: none)
+    val_fraction: float = 0.2
+    patience: int = 10  # epochs without a better held-out loss before stopping (0: never)
+    feature_passes: int = 1  # augmented passes over the training split encoded for the cache
+    seed: int | None = None  # head, shuffling and data windows; None: data.seed
+    seg_class_weights: str = "median"  # median | inverse | none (segmentation loss)
 
 
 @dataclass
@@ -345,6 +352,13 @@ def validate(cfg: Config) -> Config:
     _in_range("downstream.lr", ds.lr, 0, 1, lo_open=True)
     _in_range("downstream.batch_size", ds.batch_size, 1, 100_000)
     _in_range("downstream.fold", ds.fold, 1, 3)
+    _in_range("downstream.val_fraction", ds.val_fraction, 0, 0.9)
+    _in_range("downstream.patience", ds.patience, 0, 10_000)
+    _in_range("downstream.feature_passes", ds.feature_passes, 1, 1000)
+    if ds.seed is not None:
+        _in_range("downstream.seed", ds.seed, 0, 2**31 - 1)
+    _check(ds.seg_class_weights in ("median", "inverse", "none"), "downstream.seg_class_weights",
+           "one of ('median', 'inverse', 'none')", ds.seg_class_weights)
     return cfg
 
 

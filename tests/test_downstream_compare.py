@@ -1,14 +1,16 @@
-"""`avsa compare`: the table from MLflow runs (latest per cell), its files, and the bench script's
-arguments."""
+"""`avsa compare`: the table from MLflow runs (seeds pooled per cell, with bootstrap intervals),
+its files, and the bench script's arguments."""
 
 from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from avsa import tracking
@@ -18,8 +20,9 @@ from avsa.errors import TrackingError
 REPO = Path(__file__).resolve().parent.parent
 
 
-def rec(pretext, task, metrics, t, context=None):
-    return compare.RunRecord(f"{pretext}{task}{t}", pretext, task, context, t, metrics)
+def rec(pretext, task, metrics, t, context=None, seed=None, examples=None):
+    return compare.RunRecord(f"{pretext}{task}{t}", pretext, task, context, t, metrics, seed,
+                             examples)
 
 
 def test_table_takes_the_latest_run_per_cell_and_orders_pretexts():
@@ -41,15 +44,53 @@ def test_table_takes_the_latest_run_per_cell_and_orders_pretexts():
     assert table.cell("avc", "AVSA-Bin acc") is None
     md = table.to_markdown().splitlines()
     assert md[0].startswith("| pretext | AVC-Bin acc | AVSA-Bin acc | Action clip@1 |")
-    assert md[4] == "| avsa | 80.0 | – | – | – | – | – | – |"
+    assert md[4] == "| avsa | 80.0 | – | – | – | – | – | – | – | – | – |"
+
+
+def test_seeds_pool_into_one_cell_with_a_bootstrap_interval():
+    hits = [np.array([1, 1, 0, 1] * 25), np.array([1, 0, 0, 1] * 25)]
+    table = compare.build_table([
+        rec("avsa", "avsa_bin", {"test/acc": 0.75}, 1, seed="0", examples={"acc": hits[0]}),
+        rec("avsa", "avsa_bin", {"test/acc": 0.1}, 2, seed="1", examples={"acc": hits[1]}),
+        rec("avsa", "avsa_bin", {"test/acc": 0.5}, 3, seed="1", examples={"acc": hits[1]}),
+        rec("avc", "avsa_bin", {"test/acc": 0.6}, 1, seed="0"),  # no per-example results
+    ])
+    assert table.cell("avsa", "AVSA-Bin acc") == pytest.approx(0.625)  # seed 1's rerun wins
+    assert table.runs("avsa", "AVSA-Bin acc") == 2
+    lo, hi = table.interval("avsa", "AVSA-Bin acc")
+    assert lo < 0.625 < hi
+    assert table.interval("avc", "AVSA-Bin acc") is None and table.cell("avc", "AVSA-Bin acc") == 0.6
+    md = table.to_markdown()
+    assert f"| avsa | – | 62.5 [{100 * lo:.1f}, {100 * hi:.1f}] |" in md
+    assert "| avc | – | 60.0 |" in md
+    rows = {r["pretext"]: r for r in csv.DictReader(io.StringIO(table.to_csv()))}
+    assert float(rows["avsa"]["AVSA-Bin acc lo"]) == pytest.approx(lo, abs=1e-6)
+    assert rows["avsa"]["AVSA-Bin acc n_runs"] == "2" and rows["avc"]["AVSA-Bin acc hi"] == ""
+
+
+def test_segmentation_intervals_resample_per_crop_confusions():
+    confs = np.stack([np.array([[8, 1], [1, 2]]), np.array([[9, 0], [2, 1]])] * 20)
+    table = compare.build_table([rec("scratch", "segmentation", {"test/miou": 0.6,
+                                     "test/miou_fg": 0.4}, 1, "video", "0",
+                                     {"confusion": confs})])
+    lo, hi = table.interval("scratch", "Seg mIoU-fg (video)")
+    assert 0 <= lo < hi <= 1
+    assert table.interval("scratch", "Seg mIoU (video)") is not None
 
 
 def _log(uri, experiment, pretext, task, metrics, *, context="", kind="transfer",
-         status="FINISHED"):
+         status="FINISHED", seed=None, examples=None, tmp=None):
     tags = {tracking.KIND: kind, tracking.TASK: task, tracking.PRETRAIN_RUN: "x",
             "avsa.pretext": pretext, "avsa.context": context}
+    if seed is not None:
+        tags["avsa.seed"] = seed
     logger = tracking.RunLogger.start(uri, experiment, f"{task}-{pretext}", tags=tags)
     logger.log_metrics(metrics, step=1)
+    if examples is not None:
+        path = Path(tmp) / f"{uuid.uuid4().hex}" / "test_examples.npz"
+        path.parent.mkdir()
+        np.savez_compressed(path, **examples)
+        logger.log_artifact(path)
     logger.end(status)
     time.sleep(0.02)  # distinct start times
 
@@ -63,6 +104,9 @@ def test_compare_command_reads_mlflow_and_writes_the_table(mlflow_uri, tmp_path,
     _log(mlflow_uri, exp, "avc", "segmentation", {"test/miou": 0.25}, context="video")
     _log(mlflow_uri, exp, "avc", "segmentation", {"test/miou": 0.375}, context="context")
     _log(mlflow_uri, exp, "avts", "avc_bin", {"test/acc": 0.9}, kind="pretrain")
+    for seed, acc in (("0", 0.7), ("1", 0.8)):
+        _log(mlflow_uri, exp, "avsa", "avsa_bin", {"test/acc": acc}, seed=seed, tmp=tmp_path,
+             examples={"acc": (np.arange(100) < 100 * acc).astype(np.uint8)})
 
     assert compare.main(["--experiment", exp, "--tracking-uri", mlflow_uri,
                          "--out", str(tmp_path)]) == 0
@@ -70,13 +114,17 @@ def test_compare_command_reads_mlflow_and_writes_the_table(mlflow_uri, tmp_path,
     md = (tmp_path / "comparison.md").read_text()
     assert md in printed
     assert "| scratch | 62.5 | – |" in md
-    assert "| avsa_cur | – | – | 40.0 | 50.0 | – | – | – |" in md
-    assert "| avc | – | – | – | – | 25.0 | – | 37.5 |" in md
+    assert "| avsa_cur | – | – | 40.0 | 50.0 | – | – | – | – | – | – |" in md
+    assert "| avc | – | – | – | – | 25.0 | – | 37.5 | – | – | – |" in md
     assert "avts" not in md  # a pretraining run is not a transfer
     rows = {r["pretext"]: r for r in csv.DictReader((tmp_path / "comparison.csv").open())}
-    assert list(rows) == ["scratch", "avc", "avsa_cur"]
+    assert list(rows) == ["scratch", "avc", "avsa", "avsa_cur"]
     assert float(rows["scratch"]["AVC-Bin acc"]) == 0.625
     assert rows["avc"]["Seg mIoU (+audio)"] == ""
+    avsa = rows["avsa"]  # two seeds, each with its per-example hits stored
+    assert float(avsa["AVSA-Bin acc"]) == pytest.approx(0.75) and avsa["AVSA-Bin acc n_runs"] == "2"
+    assert float(avsa["AVSA-Bin acc lo"]) < 0.75 < float(avsa["AVSA-Bin acc hi"])
+    assert "| avsa | – | 75.0 [" in md
     assert (tmp_path / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

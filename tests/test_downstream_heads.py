@@ -1,4 +1,5 @@
-"""Shared head training and the binary tasks (AVC-Bin, AVSA-Bin) on tensors with known answers."""
+"""The pair head, cached encodings and the binary tasks (AVC-Bin, AVSA-Bin) on tensors with
+known answers."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from avsa.downstream.binary import avc_pairs, avsa_pairs, run_binary
-from avsa.downstream.heads import PairHead, accuracy, fit_classifier, freeze, predict
+from avsa.downstream.binary import avc_pairs, avsa_pairs, pair_loss, run_binary
+from avsa.downstream.fit import fit_head, minibatches
+from avsa.downstream.heads import PairHead, accuracy, encode_passes, freeze, predict
 from avsa.models import build_model
 
 
@@ -28,10 +30,13 @@ def test_head_reaches_accuracy_one_on_separable_features():
     x = torch.randn(n, d, generator=gen) * 0.3 + (2 * y[:, None] - 1) * direction
     head = PairHead(d)
     logged = []
-    losses = fit_classifier(head, x, y, epochs=20, lr=1e-3, batch_size=32,
-                            log=lambda m, s: logged.append((s, m["train/loss"])))
+    gen = torch.Generator().manual_seed(0)
+    res = fit_head(head, lambda i: nn.functional.cross_entropy(head(x[i]), y[i]),
+                   lambda epoch: minibatches(n, 32, gen), epochs=20, lr=1e-3,
+                   log=lambda m, s: logged.append((s, m["train/loss"])))
     assert accuracy(predict(head, x), y) == 1.0
-    assert losses[-1] < losses[0] / 4
+    assert res.train_loss[-1] < res.train_loss[0] / 4
+    assert (res.epochs, res.steps, res.best_epoch) == (20, 40, 19)
     assert [s for s, _ in logged] == list(range(20))
 
 
@@ -90,6 +95,7 @@ class _StubSource:
     train_uri = test_uri = "stub"
 
     def __init__(self, clips: int = 8, batch: int = 8, misalign: bool = False):
+        self.keys = [f"clip-{i}" for i in range(clips)]
         gen = torch.Generator().manual_seed(1)
         bright = torch.arange(clips) % 2 == 0
         self.aligned = (torch.arange(clips) // 2 + 1) % 2 if misalign else torch.ones(clips).long()
@@ -107,7 +113,7 @@ class _StubSource:
             s = slice(i, i + self.batch)
             yield {"video": self.video[s], "audio": self.audio[s],
                    "directions": torch.zeros(len(self.video[s]), 2, 2),
-                   "aligned": self.aligned[s]}
+                   "aligned": self.aligned[s], "key": self.keys[s]}
 
     def train(self, epoch):
         return self._batches()
@@ -131,5 +137,44 @@ def test_binary_head_learns_a_relation_carried_by_the_features(task):
 def test_max_steps_caps_training():
     logged = []
     run_binary("avc_bin", _StubNet(), _StubSource(batch=4), epochs=5, lr=1e-3, max_steps=3,
-               device=torch.device("cpu"), log_metrics=lambda m, s: logged.append(s))
+               batch_size=4, device=torch.device("cpu"),
+               log_metrics=lambda m, s: logged.append(s))
     assert logged == [0, 1]  # 2 steps in epoch 0, the third ends epoch 1
+
+
+def test_held_out_clips_stop_training_early_and_results_are_per_example():
+    examples = {}
+    metrics = run_binary("avsa_bin", _StubNet(), _StubSource(clips=16, misalign=True),
+                         epochs=500, lr=3e-3, batch_size=4, val_fraction=0.25, patience=5,
+                         device=torch.device("cpu"), examples=examples)
+    assert metrics["test/acc"] == 1.0
+    assert 5 < metrics["train/epochs"] < 500  # the held-out loss stopped improving
+    assert metrics["train/best_epoch"] == metrics["train/epochs"] - 6
+    assert examples["acc"].shape == (32,) and examples["acc"].all()
+
+
+def test_encode_passes_keys_every_row_by_its_clip():
+    source = _StubSource(clips=3, batch=2)
+    cached = encode_passes(lambda p: source.train(p), 2,
+                           lambda b: {"clip": b["video"][:, 0, 0, 0, 0, 0].float(),
+                                      "view": b["audio"].flatten(0, 1)})
+    assert cached.tensors["clip"].shape == (6,) and cached.tensors["view"].shape[0] == 12
+    assert cached.keys == ["clip-0", "clip-1", "clip-2"] * 2
+    # rows that are viewpoints take their clip's key, clip-major (V = 2)
+    views = encode_passes(lambda p: source.train(p), 1,
+                          lambda b: {"view": b["audio"].flatten(0, 1)})
+    assert views.keys == ["clip-0", "clip-0", "clip-1", "clip-1", "clip-2", "clip-2"]
+    assert encode_passes(lambda p: iter(()), 3, lambda b: {}) is None
+
+
+def test_avc_negatives_from_another_pass_of_the_same_clip_are_dropped():
+    torch.manual_seed(0)
+    rows = {"video": torch.randn(3, 2, 4), "audio": torch.randn(3, 2, 4),
+            "aligned": torch.ones(3, dtype=torch.long), "clip": torch.tensor([0, 1, 0])}
+    head = PairHead(8).eval()
+    x, y = avc_pairs(rows["video"], rows["audio"])
+    # clip 2 is clip 0 again: its "negative" (audio of the next row, clip 0) is dropped
+    expected = nn.functional.cross_entropy(head(x[:10]), y[:10])
+    assert torch.allclose(pair_loss("avc_bin", head, rows), expected)
+    full = nn.functional.cross_entropy(head(x), y)
+    assert torch.allclose(pair_loss("avc_bin", head, {**rows, "clip": torch.arange(3)}), full)

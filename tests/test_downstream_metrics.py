@@ -11,13 +11,21 @@ from avsa.downstream.action import (
     ActionNet,
     action_loss,
     clip_video_accuracy,
+    clip_video_hits,
+    is_single_label,
+    majority_class,
     milestones,
+    run_action,
+    score,
     top1_hits,
 )
 from avsa.downstream.segmentation import (
     FPNHead,
+    background_only,
+    class_weights,
     cond_dim,
     confusion_matrix,
+    crop_confusions,
     frozen_inputs,
     mean_iou,
     pixel_accuracy,
@@ -38,6 +46,69 @@ def test_clip_and_video_accuracy_on_known_logits():
     clip, video = clip_video_accuracy(keys, logits, targets)
     assert clip == pytest.approx(3 / 5)
     assert video == pytest.approx(2 / 3)
+
+
+def test_single_label_top1_and_the_majority_baseline():
+    keys = ["a", "b", "c", "d"]
+    targets = torch.eye(3)[[0, 1, 1, 2]]
+    logits = torch.tensor([[2.0, 0, 0], [0, 1.0, 0], [3.0, 0, 0], [0, 0, 1.0]])
+    assert is_single_label(targets) and not is_single_label(torch.tensor([[1.0, 1.0]]))
+    assert not is_single_label(torch.zeros(0, 3))
+    train = torch.eye(3)[[2, 1, 2, 0, 1, 2]]  # class 2 is labelled most often
+    assert majority_class(train) == 2
+    assert majority_class(torch.eye(3)[[1, 0]]) == 0  # a tie goes to the lowest index
+    examples = {}
+    m = score(keys, logits, targets, majority_class(train), examples)
+    assert m["test/clip_acc"] == 0.75  # top-1: c is wrong
+    assert m["test/majority_clip_acc"] == 0.25  # only d is class 2
+    assert m["test/majority_video_acc"] == 0.25 and m["test/videos"] == 4
+    assert examples["clip_acc"].tolist() == [1, 1, 0, 1]
+
+
+def test_multi_label_keeps_the_hit_if_top_class_is_a_label_metric():
+    keys = ["a", "a", "b"]
+    targets = torch.tensor([[1.0, 1.0, 0], [1.0, 1.0, 0], [0, 1.0, 1.0]])
+    logits = torch.tensor([[0, 2.0, 0], [0, 0, 1.0], [0, 0, 1.0]])
+    clip, video = clip_video_hits(keys, logits, targets)
+    assert clip.tolist() == [True, False, True] and video.tolist() == [True, True]
+    m = score(keys, logits, targets, majority=1)
+    assert m["test/majority_clip_acc"] == 1.0  # class 1 is a label of every clip
+
+
+class _ActionSource:
+    """Single-label clips: 10 training clips (class 2 six times), 4 test clips (one class 2)."""
+
+    train_uri = test_uri = "stub"
+
+    def __init__(self):
+        gen = torch.Generator().manual_seed(0)
+        self.split = {"train": [2, 2, 0, 2, 1, 2, 2, 0, 1, 2], "test": [0, 1, 2, 1]}
+        self.video = {k: torch.randint(0, 255, (len(v), 1, 3, 2, 16, 16), generator=gen,
+                                       dtype=torch.uint8) for k, v in self.split.items()}
+
+    def _batches(self, split):
+        labels = torch.eye(3)[self.split[split]]
+        for i in range(0, len(labels), 4):
+            yield {"video": self.video[split][i : i + 4], "labels": labels[i : i + 4],
+                   "key": [f"{split}{j}" for j in range(i, min(i + 4, len(labels)))]}
+
+    def train(self, epoch):
+        return self._batches("train")
+
+    def test(self, pass_index=0):
+        return self._batches("test")
+
+
+@pytest.mark.parametrize("mode", ["linear", "finetune"])
+def test_action_reports_the_majority_class_beside_its_accuracy(mode):
+    examples = {}
+    m = run_action(build_model("tiny").video_encoder, _ActionSource(), num_classes=3, mode=mode,
+                   epochs=3, lr=1e-3, eval_clips=2, val_fraction=0.2, patience=2,
+                   device=torch.device("cpu"), examples=examples)
+    assert m["test/majority_clip_acc"] == 0.25 and m["test/majority_video_acc"] == 0.25
+    assert m["test/single_label"] == float(mode == "linear")  # finetune: as the source says
+    assert m["test/videos"] == 4 and examples["clip_acc"].shape == (8,)
+    assert 0.0 <= m["test/clip_acc"] <= 1.0 and examples["video_acc"].shape == (4,)
 
 
 def test_video_accuracy_averages_probabilities_not_votes():
@@ -94,6 +165,32 @@ def test_pixel_accuracy_and_miou_by_hand():
     assert pixel_accuracy(conf) == pytest.approx(4 / 6)
     # IoU: class 0 1/3, class 1 2/3, class 2 1/2; class 3 occurs nowhere and is left out
     assert mean_iou(conf) == pytest.approx((1 / 3 + 2 / 3 + 1 / 2) / 3)
+
+
+def test_class_weights_from_known_masks():
+    masks = torch.tensor([[0, 0, 0, 0, 0, 0, 1, 1, 3]])  # pixels: 6, 2, 0, 1 of 9
+    w = class_weights(masks, 4, "median")  # median of the present frequencies: 2/9
+    assert w.tolist() == pytest.approx([1 / 3, 1.0, 0.0, 2.0])
+    assert class_weights(masks, 4, "inverse").tolist() == pytest.approx([0.5, 1.5, 0.0, 3.0])
+    assert class_weights(masks, 4, "none").tolist() == [1.0] * 4
+    balanced = torch.arange(4).repeat(5)
+    assert class_weights(balanced, 4, "inverse").tolist() == pytest.approx([1.0] * 4)
+    with pytest.raises(ValueError):
+        class_weights(masks, 4, "sqrt")
+
+
+def test_foreground_miou_and_the_all_background_level():
+    target = torch.tensor([[0, 0, 1], [1, 2, 2]])
+    pred = torch.tensor([[0, 1, 1], [1, 2, 0]])
+    conf = confusion_matrix(pred, target, 4)
+    assert mean_iou(conf, foreground=True) == pytest.approx((2 / 3 + 1 / 2) / 2)
+    bg = background_only(conf)
+    assert bg.tolist() == [[2, 0, 0, 0], [2, 0, 0, 0], [2, 0, 0, 0], [0, 0, 0, 0]]
+    assert mean_iou(bg) == pytest.approx((2 / 6 + 0 + 0) / 3)
+    assert mean_iou(bg, foreground=True) == 0.0
+    per_crop = crop_confusions(pred.view(2, 1, 3), target.view(2, 1, 3), 4)
+    assert per_crop.shape == (2, 4, 4) and torch.equal(per_crop.sum(0), conf)
+    assert per_crop[0].tolist() == [[1, 1, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
 
 
 def test_miou_counts_a_class_that_only_the_prediction_has():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import uuid
 
+import numpy as np
 import pytest
 import torch
 
@@ -61,7 +62,17 @@ def check_run(mlflow_uri, run_id, task, metrics):
         assert 0.0 <= r.data.metrics[key] <= 1.0, key
     assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [0]
     assert r.data.params["downstream.task"] == task
+    assert r.data.tags["avsa.seed"] == r.data.params["downstream.seed"]
+    assert run.EXAMPLES in {a.path for a in client.list_artifacts(run_id)}
     return r
+
+
+def stored_examples(mlflow_uri, run_id, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    path = MlflowClient(mlflow_uri).download_artifacts(run_id, run.EXAMPLES, str(tmp_path))
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
 
 
 def test_avc_bin_through_the_command(shards, mlflow_uri, experiment, capsys):
@@ -74,19 +85,33 @@ def test_avc_bin_through_the_command(shards, mlflow_uri, experiment, capsys):
     assert "test/acc" in out
 
 
-def test_avsa_bin(shards, mlflow_uri, experiment):
-    cfg = compose([*overrides(shards, mlflow_uri, experiment), "downstream.task=avsa_bin"])
+def test_avsa_bin(shards, mlflow_uri, experiment, tmp_path):
+    cfg = compose([*overrides(shards, mlflow_uri, experiment), "downstream.task=avsa_bin",
+                   "downstream.seed=3", "downstream.feature_passes=2"])
     res = run.run_transfer(cfg)
-    check_run(mlflow_uri, res.run_id, "avsa_bin", ["test/acc"])
+    r = check_run(mlflow_uri, res.run_id, "avsa_bin", ["test/acc"])
     assert res.metrics["test/examples"] == 4 * 2
     assert res.pretext == "scratch" and "avsa_bin" in res.summary()
+    assert r.data.tags["avsa.seed"] == "3" and r.info.run_name.endswith("-s3")
+    hits = stored_examples(mlflow_uri, res.run_id, tmp_path)["acc"]
+    assert hits.shape == (8,) and hits.mean() == pytest.approx(res.metrics["test/acc"])
+
+
+def test_action_linear_on_cached_features(shards, mlflow_uri, experiment):
+    cfg = compose([*overrides(shards, mlflow_uri, experiment), "downstream.task=action",
+                   "downstream.mode=linear", "downstream.eval_clips=2",
+                   "downstream.epochs=20", "downstream.patience=2"])
+    m = run.run_transfer(cfg).metrics
+    assert 0.0 <= m["test/majority_clip_acc"] <= 1.0 and m["test/videos"] == 4
+    assert 1 <= m["train/epochs"] <= 20 and m["train/best_epoch"] < m["train/epochs"]
 
 
 def test_action_finetune(shards, mlflow_uri, experiment):
     cfg = compose([*overrides(shards, mlflow_uri, experiment), "downstream.task=action",
                    "downstream.mode=finetune", "downstream.eval_clips=2"])
     res = run.run_transfer(cfg)
-    r = check_run(mlflow_uri, res.run_id, "action", ["test/clip_acc", "test/video_acc"])
+    r = check_run(mlflow_uri, res.run_id, "action", ["test/clip_acc", "test/video_acc",
+                                                     "test/majority_clip_acc"])
     assert r.data.metrics["test/videos"] == 4
     assert r.data.tags["avsa.mode"] == "finetune"
 
@@ -95,9 +120,11 @@ def test_segmentation_with_context(shards, mlflow_uri, experiment):
     cfg = compose([*overrides(shards, mlflow_uri, experiment), "downstream.task=segmentation",
                    "downstream.context=context"])
     res = run.run_transfer(cfg)
-    r = check_run(mlflow_uri, res.run_id, "segmentation", ["test/pixel_acc", "test/miou"])
+    r = check_run(mlflow_uri, res.run_id, "segmentation",
+                  ["test/pixel_acc", "test/miou", "test/miou_fg", "test/miou_bg_only"])
     assert r.data.tags["avsa.context"] == "context"
     assert 1 <= r.data.metrics["test/classes_present"] <= len(synth.CLASSES) + 1
+    assert r.data.metrics["test/miou_fg_bg_only"] == 0.0
 
 
 def _save(tmp_path, model, overrides):

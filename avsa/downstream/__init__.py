@@ -5,5 +5,9 @@
   or a UCF101 / HMDB51 folder, `ucf`);
 - `segmentation`: an FPN head on the frozen video encoder, optionally conditioned on audio and
   viewpoint context;
-- `run`: `avsa transfer` (one tracked MLflow run per transfer); `compare`: `avsa compare`.
+- `heads`, `fit`: the pair head, features cached once per split, and the one head-training loop
+  (early stopping on held-out training clips) that every task uses;
+- `stats`: IoU from confusion matrices and bootstrap confidence intervals;
+- `run`: `avsa transfer` (one tracked MLflow run per transfer and seed); `compare`:
+  `avsa compare` (seeds pooled per cell, with 95% intervals).
 """

@@ -11,6 +11,10 @@ the model has them). One example is one viewpoint of one clip.
   (misalign_prob 0.5) before it is rotated toward the viewpoints; every viewpoint of a clip
   carries that clip's `aligned` label.
 
+Each split is encoded once (the training split over `feature_passes` augmented passes, each
+with its own windows, viewpoints and misalignments) and the head trains on the cached features;
+a minibatch is a set of clips, and AVC-Bin pairs each with the next clip of its minibatch.
+
 test/acc is the accuracy over all test examples: 2 x clips x viewpoints for AVC-Bin (negatives
 roll over the whole test set, so no clip is paired with itself), clips x viewpoints for AVSA-Bin.
 """
@@ -18,18 +22,20 @@ roll over the whole test set, so no clip is paired with itself), clips x viewpoi
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 
+import numpy as np
 import torch
+from torch import nn
+from torch.nn import functional as F
 
+from avsa.downstream.fit import EpochLog, fit_head, holdout, minibatches
 from avsa.downstream.heads import (
-    EpochLog,
     PairHead,
     accuracy,
+    encode_passes,
     freeze,
     frozen_features,
     predict,
-    train_step,
 )
 from avsa.errors import ShardError
 from avsa.models import AVSANet
@@ -69,18 +75,29 @@ def make_pairs(task: str, video, audio, aligned=None) -> tuple[torch.Tensor, tor
     raise ValueError(f"not a binary task: {task!r}")
 
 
-def _features(model: AVSANet, batches: Iterable[dict], device: torch.device, use_context: bool):
-    """Frozen features of every batch: (video (N, V, Dv), audio (N, V, Da), aligned (N,))."""
-    vs, as_, al = [], [], []
-    for batch in batches:
-        b = to_device(batch, device)
-        v, a = frozen_features(model, b, use_context=use_context)
-        vs.append(v)
-        as_.append(a)
-        al.append(b.get("aligned", torch.ones(len(v), dtype=torch.long, device=device)))
-    if not vs:
-        return None
-    return torch.cat(vs), torch.cat(as_), torch.cat(al)
+def encode_clips(model: AVSANet, batch: dict, use_context: bool) -> dict[str, torch.Tensor]:
+    """One row per clip: video (B, V, Dv), audio (B, V, Da), aligned (B,) of a batch on device."""
+    v, a = frozen_features(model, batch, use_context=use_context)
+    aligned = batch.get("aligned")
+    if aligned is None:
+        aligned = torch.ones(len(v), dtype=torch.long, device=v.device)
+    return {"video": v, "audio": a, "aligned": aligned.long()}
+
+
+def pair_loss(task: str, head: nn.Module, rows: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """Cross-entropy of the head on the pairs of these clips (None for a lone AVC-Bin clip).
+
+    rows may carry "clip" (B,) ids: an AVC-Bin negative whose audio comes from another pass of
+    the same clip is dropped, since it is no negative at all.
+    """
+    if task == "avc_bin" and len(rows["video"]) < 2:
+        return None  # a lone clip has no other clip's audio to pair with
+    x, y = make_pairs(task, rows["video"], rows["audio"], rows["aligned"])
+    if task == "avc_bin" and "clip" in rows:
+        other = rows["clip"] != rows["clip"].roll(-1)
+        keep = torch.cat((torch.ones_like(other), other)).repeat_interleave(rows["video"].shape[1])
+        x, y = x[keep], y[keep]
+    return F.cross_entropy(head(x), y)
 
 
 def run_binary(
@@ -90,15 +107,24 @@ def run_binary(
     *,
     epochs: int,
     lr: float,
+    batch_size: int = 16,
     max_steps: int = 0,
+    val_fraction: float = 0.0,
+    patience: int = 0,
+    feature_passes: int = 1,
     device: torch.device,
     log_metrics: EpochLog | None = None,
     seed: int = 0,
+    examples: dict[str, np.ndarray] | None = None,
 ) -> dict[str, float]:
-    """Train the pair head on `source.train(epoch)` and score it on `source.test(0)`.
+    """Encode `feature_passes` passes of `source.train(p)` and `source.test(0)` once, train the
+    pair head on the cached training clips (minibatches of `batch_size` clips, shuffled by
+    `seed`) and score it on the test clips.
 
-    Returns {"test/acc", "test/examples", "train/acc"} (train/acc: the last epoch's running
-    accuracy). `max_steps` > 0 caps the optimiser steps over all epochs.
+    `val_fraction` of the training clips (by key) are held out: the head keeps its epoch of
+    lowest loss on them, stopping after `patience` epochs without improvement. Returns
+    {"test/acc", "test/examples", "train/acc", "train/best_epoch", "train/epochs"}; the test
+    hit of every example goes to examples["acc"] when `examples` is given.
     """
     if task not in TASKS:
         raise ValueError(f"not a binary task: {task!r}")
@@ -106,33 +132,34 @@ def run_binary(
     model = freeze(model.to(device))
     use_context = model.video_transformer is not None
     head = PairHead(model.video_dim + model.audio_dim).to(device)
-    opt = torch.optim.Adam(head.parameters(), lr=lr)
-    steps, train_acc = 0, float("nan")
-    for epoch in range(epochs):
-        total, hits, n = 0.0, 0.0, 0
-        for batch in source.train(epoch):
-            b = to_device(batch, device)
-            if task == "avc_bin" and len(b["video"]) < 2:
-                continue  # a lone clip has no other clip's audio to pair with
-            v, a = frozen_features(model, b, use_context=use_context)
-            x, y = make_pairs(task, v, a, b.get("aligned"))
-            loss, correct = train_step(head, opt, x, y)
-            total, hits, n = total + loss * len(y), hits + correct, n + len(y)
-            steps += 1
-            if max_steps and steps >= max_steps:
-                break
-        if n:
-            train_acc = hits / n
-            if log_metrics is not None:
-                log_metrics({"train/loss": total / n, "train/acc": train_acc}, epoch)
-        if max_steps and steps >= max_steps:
-            break
-    if steps == 0:
+
+    def encode(batch):
+        return encode_clips(model, to_device(batch, device), use_context)
+
+    train = encode_passes(source.train, feature_passes, encode)
+    if train is None or (task == "avc_bin" and len(train) < 2):
+        raise ShardError(source.train_uri, f"{task}: no training batch (need >= 2 clips)")
+    ids = {k: i for i, k in enumerate(dict.fromkeys(train.keys))}
+    train.tensors["clip"] = torch.tensor([ids[k] for k in train.keys], device=device)
+    held = holdout(train.keys, val_fraction, min_keys=2 if task == "avc_bin" else 1)
+    fit, val = train.subset(~held), train.subset(held)
+    gen = torch.Generator().manual_seed(seed)
+    result = fit_head(
+        head, lambda idx: pair_loss(task, head, fit.take(idx)),
+        lambda epoch: minibatches(len(fit), batch_size, gen),
+        epochs=epochs, lr=lr, max_steps=max_steps, patience=patience, log=log_metrics,
+        validate=(lambda: float(pair_loss(task, head, val.tensors))) if len(val) else None)
+    if result.steps == 0:
         raise ShardError(source.train_uri, f"{task}: no training batch (need >= 2 clips)")
 
-    feats = _features(model, source.test(0), device, use_context)
-    if feats is None or (task == "avc_bin" and len(feats[0]) < 2):
+    test = encode_passes(lambda p: source.test(0), 1, encode)
+    if test is None or (task == "avc_bin" and len(test) < 2):
         raise ShardError(source.test_uri, f"{task}: the test split needs at least 2 clips")
-    x, y = make_pairs(task, *feats)
-    return {"test/acc": accuracy(predict(head, x), y), "test/examples": float(len(y)),
-            "train/acc": train_acc}
+    x, y = make_pairs(task, *(test.tensors[k] for k in ("video", "audio", "aligned")))
+    hits = predict(head, x).argmax(-1) == y
+    if examples is not None:
+        examples["acc"] = hits.cpu().numpy().astype(np.uint8)
+    fx, fy = make_pairs(task, *(fit.tensors[k] for k in ("video", "audio", "aligned")))
+    return {"test/acc": float(hits.float().mean()), "test/examples": float(len(y)),
+            "train/acc": accuracy(predict(head, fx), fy),
+            "train/best_epoch": float(result.best_epoch), "train/epochs": float(result.epochs)}

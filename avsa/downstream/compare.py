@@ -1,9 +1,12 @@
 """`avsa compare`: the paper-style table of transfer results, read back from MLflow.
 
 Rows are pretexts (scratch, avc, avts, avsa, avsa_cur, then any other found), columns the
-task metrics; each cell is the latest finished transfer run for (pretext, task, context).
-Writes comparison.md (percentages), comparison.csv (fractions) and comparison.png (grouped
-bars) to --out and prints the Markdown table.
+task metrics. A cell pools the finished transfer runs of (pretext, task, context), one per
+seed (the latest run of each seed): it shows their mean and a 95% percentile bootstrap
+interval that resamples seeds, then test examples within each seed, from the per-example
+results every run stores (stats.bootstrap_ci). Writes comparison.md (percentages,
+`mean [lo, hi]`), comparison.csv (fractions: mean, lo, hi, n_runs per column) and
+comparison.png (grouped bars with the intervals) to --out and prints the Markdown table.
 """
 
 from __future__ import annotations
@@ -11,13 +14,19 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import logging
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from avsa import tracking
+from avsa.downstream import stats
 from avsa.errors import TrackingError
+
+log = logging.getLogger(__name__)
 
 PRETEXT_ORDER = ("scratch", "avc", "avts", "avsa", "avsa_cur")
 
@@ -38,7 +47,22 @@ COLUMNS = (
     Column("Seg mIoU (video)", "segmentation", "video", "test/miou"),
     Column("Seg mIoU (+audio)", "segmentation", "audio", "test/miou"),
     Column("Seg mIoU (+context)", "segmentation", "context", "test/miou"),
+    Column("Seg mIoU-fg (video)", "segmentation", "video", "test/miou_fg"),
+    Column("Seg mIoU-fg (+audio)", "segmentation", "audio", "test/miou_fg"),
+    Column("Seg mIoU-fg (+context)", "segmentation", "context", "test/miou_fg"),
 )
+
+# metric -> (array in a run's per-example results, statistic of resampled rows)
+RESAMPLED: dict[str, tuple[str, stats.Statistic]] = {
+    "test/acc": ("acc", stats.mean_statistic),
+    "test/clip_acc": ("clip_acc", stats.mean_statistic),
+    "test/video_acc": ("video_acc", stats.mean_statistic),
+    "test/pixel_acc": ("confusion", stats.pixel_accuracy_statistic),
+    "test/miou": ("confusion", stats.iou_statistic()),
+    "test/miou_fg": ("confusion", stats.iou_statistic(foreground=True)),
+}
+RESAMPLES = 2000
+CI_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -49,38 +73,89 @@ class RunRecord:
     context: str | None  # segmentation only
     start_time: int  # ms since the epoch
     metrics: dict[str, float]
+    seed: str | None = None  # the avsa.seed tag; None for runs logged before seeds were tagged
+    examples: dict[str, np.ndarray] | None = None  # per-example test results, when stored
+
+
+@dataclass(frozen=True)
+class Cell:
+    mean: float  # mean over the cell's runs of their logged metric
+    lo: float | None  # 95% bootstrap interval; None without per-example results
+    hi: float | None
+    n_runs: int
+
+
+def cell_of(runs: list[RunRecord], metric: str, *, resamples: int = RESAMPLES,
+            seed: int = CI_SEED) -> Cell | None:
+    """Mean over `runs` (one per seed) of `metric`, with a 95% bootstrap interval resampling
+    seeds and test examples (stats.bootstrap_ci) when every run stored its examples."""
+    vals = [(r, r.metrics.get(metric)) for r in runs]
+    vals = [(r, float(v)) for r, v in vals if v is not None and not math.isnan(v)]
+    if not vals:
+        return None
+    mean = sum(v for _, v in vals) / len(vals)
+    name, statistic = RESAMPLED.get(metric, (None, None))
+    arrays = [r.examples.get(name) if r.examples and name else None for r, _ in vals]
+    lo = hi = None
+    if statistic is not None and all(a is not None and len(a) for a in arrays):
+        lo, hi = stats.bootstrap_ci(arrays, n=resamples, seed=seed, statistic=statistic)
+        if math.isnan(lo):
+            lo = hi = None
+    return Cell(mean, lo, hi, len(vals))
 
 
 @dataclass
 class Table:
     rows: list[str]
     columns: tuple[Column, ...]
-    values: list[list[float | None]]  # [row][column], fractions
+    cells: list[list[Cell | None]]  # [row][column], fractions
+
+    def _at(self, pretext: str, label: str) -> Cell | None:
+        j = [c.label for c in self.columns].index(label)
+        return self.cells[self.rows.index(pretext)][j]
 
     def cell(self, pretext: str, label: str) -> float | None:
-        j = [c.label for c in self.columns].index(label)
-        return self.values[self.rows.index(pretext)][j]
+        """The mean over runs of one cell, or None."""
+        c = self._at(pretext, label)
+        return None if c is None else c.mean
+
+    def interval(self, pretext: str, label: str) -> tuple[float, float] | None:
+        c = self._at(pretext, label)
+        return None if c is None or c.lo is None else (c.lo, c.hi)
+
+    def runs(self, pretext: str, label: str) -> int:
+        c = self._at(pretext, label)
+        return 0 if c is None else c.n_runs
 
     def to_markdown(self) -> str:
-        """Percentages with one decimal; '–' where no run exists."""
+        """Percentages with one decimal, `mean [lo, hi]` where a 95% interval exists, '–' where
+        no run exists."""
         head = "| pretext | " + " | ".join(c.label for c in self.columns) + " |"
         rule = "|---|" + "---:|" * len(self.columns)
         lines = [head, rule]
-        for name, vals in zip(self.rows, self.values):
-            cells = ["–" if v is None else f"{100 * v:.1f}" for v in vals]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        for name, cells in zip(self.rows, self.cells):
+            lines.append(f"| {name} | " + " | ".join(_md(c) for c in cells) + " |")
         return "\n".join(lines) + "\n"
 
     def to_csv(self) -> str:
+        """One row per pretext; per column its mean, lo, hi (fractions) and n_runs."""
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["pretext", *(c.label for c in self.columns)])
-        for name, vals in zip(self.rows, self.values):
-            w.writerow([name, *("" if v is None else f"{v:.6f}" for v in vals)])
+        w.writerow(["pretext", *(f"{c.label}{s}" for c in self.columns
+                                 for s in ("", " lo", " hi", " n_runs"))])
+        for name, cells in zip(self.rows, self.cells):
+            row = [name]
+            for c in cells:
+                if c is None:
+                    row += ["", "", "", "0"]
+                else:
+                    row += [f"{c.mean:.6f}", *("" if v is None else f"{v:.6f}"
+                                               for v in (c.lo, c.hi)), str(c.n_runs)]
+            w.writerow(row)
         return buf.getvalue()
 
     def plot(self, path: str | Path) -> None:
-        """Grouped bars: one group per column, one bar per pretext, heights in %."""
+        """Grouped bars: one group per column, one bar per pretext, heights in %, 95% CIs."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -89,12 +164,17 @@ class Table:
         n = max(len(self.rows), 1)
         width = 0.8 / n
         fig, ax = plt.subplots(figsize=(1.6 * len(self.columns) + 2, 4.5))
-        for i, (name, vals) in enumerate(zip(self.rows, self.values)):
+        for i, (name, cells) in enumerate(zip(self.rows, self.cells)):
             xs = [j + (i - (n - 1) / 2) * width for j in range(len(self.columns))]
-            ax.bar(xs, [math.nan if v is None else 100 * v for v in vals], width, label=name)
+            means = [math.nan if c is None else 100 * c.mean for c in cells]
+            err = [[0.0 if c is None or c.lo is None else max(0.0, 100 * (c.mean - c.lo))
+                    for c in cells],
+                   [0.0 if c is None or c.hi is None else max(0.0, 100 * (c.hi - c.mean))
+                    for c in cells]]
+            ax.bar(xs, means, width, yerr=err, capsize=2, label=name)
         ax.set_xticks(range(len(self.columns)))
         ax.set_xticklabels([c.label for c in self.columns], rotation=20, ha="right")
-        ax.set_ylabel("%")
+        ax.set_ylabel("% (bars: 95% bootstrap CI)")
         ax.set_ylim(0, 100)
         ax.legend(title="pretext")
         ax.grid(axis="y", alpha=0.3)
@@ -103,34 +183,41 @@ class Table:
         plt.close(fig)
 
 
+def _md(c: Cell | None) -> str:
+    if c is None:
+        return "–"
+    if c.lo is None:
+        return f"{100 * c.mean:.1f}"
+    return f"{100 * c.mean:.1f} [{100 * c.lo:.1f}, {100 * c.hi:.1f}]"
+
+
 def _pretext_key(name: str) -> tuple[int, str]:
     return (PRETEXT_ORDER.index(name), "") if name in PRETEXT_ORDER else (len(PRETEXT_ORDER), name)
 
 
-def build_table(records: Iterable[RunRecord], columns: tuple[Column, ...] = COLUMNS) -> Table:
-    """The latest run per (pretext, task, context) fills each cell; rows in PRETEXT_ORDER."""
-    latest: dict[tuple[str, str, str | None], RunRecord] = {}
+def build_table(records: Iterable[RunRecord], columns: tuple[Column, ...] = COLUMNS, *,
+                resamples: int = RESAMPLES, seed: int = CI_SEED) -> Table:
+    """Each cell pools the runs of (pretext, task, context): the latest run of each seed (a
+    rerun of a seed replaces it). Rows in PRETEXT_ORDER, then other pretexts by name."""
+    latest: dict[tuple[str, str, str | None, str | None], RunRecord] = {}
     for r in records:
-        key = (r.pretext, r.task, r.context if r.task == "segmentation" else None)
+        key = (r.pretext, r.task, r.context if r.task == "segmentation" else None, r.seed)
         if key not in latest or r.start_time > latest[key].start_time:
             latest[key] = r
-    rows = sorted({k[0] for k in latest}, key=_pretext_key)
-    values = []
-    for p in rows:
-        row = []
-        for c in columns:
-            rec = latest.get((p, c.task, c.context))
-            v = None if rec is None else rec.metrics.get(c.metric)
-            row.append(None if v is None or math.isnan(v) else float(v))
-        values.append(row)
-    return Table(rows, columns, values)
+    groups: dict[tuple[str, str, str | None], list[RunRecord]] = {}
+    for (p, task, context, _), r in sorted(latest.items(), key=lambda kv: str(kv[0][3])):
+        groups.setdefault((p, task, context), []).append(r)
+    rows = sorted({k[0] for k in groups}, key=_pretext_key)
+    cells = [[cell_of(groups.get((p, c.task, c.context), []), c.metric, resamples=resamples,
+                      seed=seed) for c in columns] for p in rows]
+    return Table(rows, columns, cells)
 
 
 def fetch_records(uri: str, experiment: str) -> list[RunRecord]:
     """Finished transfer runs (tag avsa.kind=transfer) of `experiment`."""
     from mlflow.tracking import MlflowClient
 
-    from avsa.downstream.run import CONTEXT, PRETEXT
+    from avsa.downstream.run import CONTEXT, PRETEXT, SEED
 
     client = MlflowClient(tracking_uri=uri)
     where = tracking.redact(uri)
@@ -159,8 +246,28 @@ def fetch_records(uri: str, experiment: str) -> list[RunRecord]:
         tags = run.data.tags
         context = tags.get(CONTEXT) or run.data.params.get("downstream.context") or None
         out.append(RunRecord(run.info.run_id, tags.get(PRETEXT, "?"), tags.get(tracking.TASK, "?"),
-                             context, int(run.info.start_time or 0), dict(run.data.metrics)))
+                             context, int(run.info.start_time or 0), dict(run.data.metrics),
+                             tags.get(SEED), _examples(client, run.info.run_id)))
     return out
+
+
+def _examples(client, run_id: str) -> dict[str, np.ndarray] | None:
+    """A run's per-example test results (its EXAMPLES artifact), or None when it has none."""
+    import tempfile
+
+    from avsa.downstream.run import EXAMPLES
+
+    try:
+        if EXAMPLES not in {a.path for a in client.list_artifacts(run_id)}:
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            path = client.download_artifacts(run_id, EXAMPLES, tmp)
+            with np.load(path) as z:
+                return {k: z[k] for k in z.files}
+    except Exception as e:  # a run without readable results still counts, without an interval
+        log.warning("run %s: cannot read %s (%s); its cell gets no interval", run_id, EXAMPLES,
+                    " ".join(str(e).split())[:200])
+        return None
 
 
 def write_outputs(table: Table, out: str | Path) -> list[Path]:

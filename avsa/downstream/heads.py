@@ -1,21 +1,19 @@
-"""Shared pieces of every transfer task: heads, frozen features, optimiser steps, accuracy.
+"""Shared pieces of every transfer task: the pair head, frozen features, cached encodings.
 
-The math here is tensors in, tensors out; data loading and tracking live in the task modules.
+Frozen tasks encode each split once (`encode_passes`) and train their heads on the cached
+rows (avsa.downstream.fit), as linear-probe practice does; tracking lives in the task modules.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from avsa.models import AVSANet
 from avsa.train.objective import normalize_video
-
-# log(metrics, step): per-epoch training metrics go to the tracking run through this.
-EpochLog = Callable[[dict[str, float], int], None]
 
 
 def pick_device() -> torch.device:
@@ -64,14 +62,6 @@ def frozen_features(
     return video, audio
 
 
-def step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> float:
-    """One optimiser step on `loss`; returns its value."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return float(loss.detach())
-
-
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Top-1 accuracy of logits (N, C) against class indices (N,); nan for N = 0."""
     if labels.numel() == 0:
@@ -79,50 +69,57 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float((logits.argmax(-1) == labels).float().mean())
 
 
-def train_step(
-    head: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
-) -> tuple[float, int]:
-    """One cross-entropy step of `head` (train mode) on x (N, D), y (N,) class indices.
-    Returns (loss, correct predictions before the step)."""
-    head.train()
-    logits = head(x)
-    hits = int((logits.detach().argmax(-1) == y).sum())
-    return step(opt, F.cross_entropy(logits, y)), hits
-
-
-def fit_classifier(
-    head: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    epochs: int,
-    lr: float,
-    batch_size: int,
-    seed: int = 0,
-    log: EpochLog | None = None,
-) -> list[float]:
-    """Train `head` with cross-entropy and Adam on fixed features.
-
-    x: (N, D) features, y: (N,) int64 class indices; minibatches shuffled by `seed`.
-    Returns the mean training loss of each epoch (also passed to `log` as train/loss).
-    """
-    opt = torch.optim.Adam(head.parameters(), lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    losses = []
-    for epoch in range(epochs):
-        order = torch.randperm(len(x), generator=gen).to(x.device)
-        total = 0.0
-        for i in range(0, len(x), batch_size):
-            idx = order[i : i + batch_size]
-            total += train_step(head, opt, x[idx], y[idx])[0] * len(idx)
-        losses.append(total / max(len(x), 1))
-        if log is not None:
-            log({"train/loss": losses[-1]}, epoch)
-    return losses
-
-
 @torch.no_grad()
 def predict(head: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
     """Logits of `head` in eval mode over (N, D) features, in chunks."""
     head.eval()
     return torch.cat([head(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+@dataclass
+class Cached:
+    """Encoded examples: tensors (N, ...) and the clip key of each of the N rows."""
+
+    tensors: dict[str, torch.Tensor]
+    keys: list[str]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def take(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The rows at `index` (int64 indices or a bool mask) of every tensor."""
+        return {k: v[index.to(v.device)] for k, v in self.tensors.items()}
+
+    def subset(self, mask: torch.Tensor) -> Cached:
+        keep = mask.nonzero().squeeze(1)
+        return Cached(self.take(keep), [self.keys[int(i)] for i in keep])
+
+
+@torch.no_grad()
+def encode_passes(
+    batches: Callable[[int], Iterable[dict]],
+    passes: int,
+    encode: Callable[[dict], dict[str, torch.Tensor]],
+) -> Cached | None:
+    """Encode every batch of `batches(p)` for p < passes once; None when no batch came.
+
+    encode(batch) returns tensors whose rows are the batch's clips (B rows) or its
+    clips' viewpoints (B V rows, clip-major); each row gets its clip's key (batch["key"], or
+    the clip's position in its pass when the source gives no keys).
+    """
+    parts: dict[str, list[torch.Tensor]] = {}
+    keys: list[str] = []
+    for p in range(passes):
+        seen = 0
+        for batch in batches(p):
+            clips = len(batch["video"])
+            names = list(batch.get("key") or (f"#{seen + i}" for i in range(clips)))
+            seen += clips
+            out = encode(batch)
+            for name, t in out.items():
+                parts.setdefault(name, []).append(t)
+            rows = len(next(iter(out.values())))
+            keys += [k for k in names for _ in range(rows // clips)]
+    if not keys:
+        return None
+    return Cached({k: torch.cat(v) for k, v in parts.items()}, keys)

@@ -3,8 +3,10 @@
 The pretrained network is rebuilt from the checkpoint's own config (so the architecture always
 matches its weights) and loaded whole: encoders and viewpoint transformers. Each transfer is an
 MLflow run in `downstream.experiment`, tagged with the task, the pretraining run (its MLflow id,
-the checkpoint URI, or "scratch") and the pretext ("avsa", "avsa_cur" for the curriculum,
-"avc", "avts", "scratch"), so `avsa compare` can tabulate them.
+the checkpoint URI, or "scratch"), the pretext ("avsa", "avsa_cur" for the curriculum,
+"avc", "avts", "scratch") and the seed (`downstream.seed`, else `data.seed`), so `avsa compare`
+can tabulate them: run a cell with several seeds for a confidence interval. Each run stores its
+per-example test results as the artifact test_examples.npz, which `avsa compare` resamples.
 
 Data: `data.shards` trains and `data.val_shards` tests (see avsa.downstream.sources). For
 `action`, `data.shards` may instead name a local UCF101 / HMDB51 folder (avsa.downstream.ucf);
@@ -16,7 +18,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
 
 from avsa import synth, tracking
 from avsa.config import TASKS, Config, compose, from_dict
@@ -31,11 +37,14 @@ log = logging.getLogger("avsa.transfer")
 PRETEXT = "avsa.pretext"
 CONTEXT = "avsa.context"
 MODE = "avsa.mode"
+SEED = "avsa.seed"
+# per-example test results (npz): acc / clip_acc / video_acc hit vectors, per-crop confusion
+EXAMPLES = "test_examples.npz"
 SCRATCH = "scratch"
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 # `avsa transfer` shorthands: `pretrain=...` means `downstream.pretrain=...`.
 SHORT_KEYS = ("pretrain", "mode", "context", "epochs", "lr", "batch_size", "max_steps",
-              "eval_clips", "fold")
+              "eval_clips", "fold", "seed", "patience", "val_fraction", "feature_passes")
 
 
 @dataclass
@@ -98,12 +107,22 @@ def load_pretrained(cfg: Config, tracking_uri: str | None) -> Pretrained:
     return Pretrained(model, label, ref if _RUN_ID.match(ref) else uri, pre.data.audio_mode)
 
 
-def _task_metrics(cfg: Config, pre: Pretrained, log_metrics) -> dict[str, float]:
+def effective_seed(cfg: Config) -> int:
+    """downstream.seed, else data.seed: one replicate of a transfer cell."""
+    return cfg.data.seed if cfg.downstream.seed is None else cfg.downstream.seed
+
+
+def _task_metrics(cfg: Config, pre: Pretrained, log_metrics,
+                  examples: dict[str, np.ndarray] | None = None) -> dict[str, float]:
+    """The task's test metrics; per-example test results go to `examples` when given."""
     ds = cfg.downstream
-    data = dataclasses.replace(cfg.data, audio_mode=pre.audio_mode)
+    seed = effective_seed(cfg)
+    data = dataclasses.replace(cfg.data, audio_mode=pre.audio_mode, seed=seed)
     device = pick_device()
-    common = dict(epochs=ds.epochs, lr=ds.lr, max_steps=ds.max_steps, device=device,
-                  log_metrics=log_metrics, seed=data.seed)
+    common = dict(epochs=ds.epochs, lr=ds.lr, batch_size=ds.batch_size, max_steps=ds.max_steps,
+                  val_fraction=ds.val_fraction, patience=ds.patience,
+                  feature_passes=ds.feature_passes, device=device, log_metrics=log_metrics,
+                  seed=seed, examples=examples)
     if ds.task in ("avc_bin", "avsa_bin"):
         from avsa.downstream.binary import MISALIGN_PROB, run_binary
 
@@ -128,8 +147,18 @@ def _task_metrics(cfg: Config, pre: Pretrained, log_metrics) -> dict[str, float]
 
         source = ShardSource.from_config(data, ds.batch_size, with_masks=True)
         return run_segmentation(pre.model, source, num_classes=len(synth.CLASSES) + 1,
-                                context=ds.context, **common)
+                                context=ds.context, weights=ds.seg_class_weights, **common)
     raise ConfigError("downstream.task", f"must be one of {TASKS}, got {ds.task!r}")
+
+
+def _log_examples(logger: tracking.RunLogger, examples: dict[str, np.ndarray]) -> None:
+    """Store the per-example test results as the run's EXAMPLES artifact (for `avsa compare`)."""
+    if not examples:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / EXAMPLES
+        np.savez_compressed(path, **examples)
+        logger.log_artifact(path)
 
 
 def run_transfer(cfg: Config) -> TransferResult:
@@ -141,17 +170,20 @@ def run_transfer(cfg: Config) -> TransferResult:
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     tracking.check_reachable(uri)
     pre = load_pretrained(cfg, uri)
+    seed = effective_seed(cfg)
     context = ds.context if ds.task == "segmentation" else None
     mode = ds.mode if ds.task == "action" else None
-    name = "-".join(p for p in (ds.task, context, mode, pre.pretext) if p)
+    name = "-".join(p for p in (ds.task, context, mode, pre.pretext, f"s{seed}") if p)
     tags = {tracking.KIND: "transfer", tracking.TASK: ds.task, tracking.PRETRAIN_RUN: pre.ref,
-            PRETEXT: pre.pretext, CONTEXT: context or "", MODE: mode or ""}
-    params = tracking.flatten_config({"downstream": ds, "data": cfg.data,
-                                      "model": dataclasses.asdict(cfg.model)})
+            PRETEXT: pre.pretext, CONTEXT: context or "", MODE: mode or "", SEED: str(seed)}
+    params = tracking.flatten_config({"downstream": dataclasses.replace(ds, seed=seed),
+                                      "data": cfg.data, "model": dataclasses.asdict(cfg.model)})
     logger = tracking.RunLogger.start(uri, ds.experiment, name, tags=tags, params=params)
     try:
-        metrics = _task_metrics(cfg, pre, logger.log_metrics)
+        examples: dict[str, np.ndarray] = {}
+        metrics = _task_metrics(cfg, pre, logger.log_metrics, examples)
         logger.log_metrics(metrics, step=ds.epochs)
+        _log_examples(logger, examples)
     except BaseException as e:
         logger.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise

@@ -14,25 +14,36 @@ the top-down path carries it to every level):
              (video and audio context, concatenated); a model without transformers gives the
              encoder features there.
 
+The frozen inputs of each crop are computed once (`feature_passes` augmented passes of the
+training split) and the head trains on them with early stopping (avsa.downstream.fit). Nearly
+every pixel is background, so the cross-entropy is class-weighted (`class_weights`, median
+frequency by default): unweighted, heads settle on predicting background everywhere.
+
 Metrics, from a confusion matrix summed over every test pixel: pixel accuracy = correct /
 all pixels; mIoU = mean over classes c of TP / (TP + FP + FN), over the classes that occur in
 the ground truth or the prediction (a class absent from both has no defined IoU and is left
-out, rather than counted as 0 or 1).
+out, rather than counted as 0 or 1); mIoU-fg the same without the background class. Beside
+them, *_bg_only give what predicting background everywhere scores (mIoU-fg: 0).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from avsa.downstream.heads import EpochLog, freeze, step
+from avsa.downstream.fit import EpochLog, fit_head, holdout, minibatches
+from avsa.downstream.heads import encode_passes, freeze
+from avsa.downstream.stats import iou
 from avsa.errors import ShardError
 from avsa.models import AVSANet
 from avsa.models.video import VideoEncoder
 from avsa.train.objective import normalize_video, to_device
 
 CONTEXTS = ("video", "audio", "context")
+SEG_WEIGHTS = ("median", "inverse", "none")
+EVAL_CHUNK = 64  # crops per forward pass when scoring held-out crops
 
 
 def stage_maps(encoder: VideoEncoder, video: torch.Tensor) -> list[torch.Tensor]:
@@ -95,6 +106,49 @@ def frozen_inputs(model: AVSANet, batch: dict, context: str):
     return maps, torch.cat((audio, vctx, actx), dim=-1).flatten(0, 1)
 
 
+def encode_crops(model: AVSANet, batch: dict, context: str) -> dict[str, torch.Tensor]:
+    """One row per crop (B V): the time-averaged stage maps m0..m3, cond, masks (S, S) int64."""
+    maps, cond = frozen_inputs(model, batch, context)
+    rows = {f"m{i}": m for i, m in enumerate(maps)}
+    if cond is not None:
+        rows["cond"] = cond
+    rows["masks"] = batch["masks"].flatten(0, 1).long()
+    return rows
+
+
+def _logits(head: FPNHead, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+    maps = [rows[f"m{i}"] for i in range(len(head.lateral))]
+    return head(maps, rows["masks"].shape[-1], rows.get("cond"))
+
+
+def class_weights(masks: torch.Tensor, num_classes: int, kind: str = "median") -> torch.Tensor:
+    """(C,) float32 cross-entropy weights from the training masks' pixel counts per class.
+
+    freq_c = pixels of class c / all pixels, over the classes that occur (background included);
+    "median": median(freq) / freq_c (median-frequency balancing); "inverse": 1 / (n freq_c)
+    with n the classes that occur, so a balanced set weighs 1 everywhere; "none": all 1.
+    Classes absent from the masks weigh 0 (no target pixel has them).
+    """
+    if kind not in SEG_WEIGHTS:
+        raise ValueError(f"class weights must be one of {SEG_WEIGHTS}, got {kind!r}")
+    if kind == "none":
+        return torch.ones(num_classes)
+    counts = torch.bincount(masks.reshape(-1).long().cpu(), minlength=num_classes).double()
+    present = counts > 0
+    freq = counts / counts.sum().clamp_min(1)
+    ref = torch.quantile(freq[present], 0.5) if kind == "median" else 1 / present.sum()
+    w = torch.where(present, ref / freq.clamp_min(1e-12), torch.zeros_like(freq))
+    return w.float()
+
+
+def crop_confusions(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(N, C, C) int64 confusion matrix of each of N crops: pred, target (N, S, S)."""
+    n, c = len(target), num_classes
+    crop = torch.arange(n, device=target.device).view(n, 1)
+    idx = crop * c * c + target.reshape(n, -1).long() * c + pred.reshape(n, -1).long()
+    return torch.bincount(idx.reshape(-1).cpu(), minlength=n * c * c).view(n, c, c)
+
+
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(C, C) int64 counts, rows = ground truth, columns = prediction; pred/target any shape."""
     idx = target.reshape(-1).long() * num_classes + pred.reshape(-1).long()
@@ -107,12 +161,17 @@ def pixel_accuracy(conf: torch.Tensor) -> float:
     return float(conf.diag().sum()) / total if total else float("nan")
 
 
-def mean_iou(conf: torch.Tensor) -> float:
-    """Mean IoU over classes present in the ground truth or the prediction (union > 0)."""
-    tp = conf.diag().double()
-    union = conf.sum(0).double() + conf.sum(1).double() - tp
-    present = union > 0
-    return float((tp[present] / union[present]).mean()) if bool(present.any()) else float("nan")
+def mean_iou(conf: torch.Tensor, *, foreground: bool = False) -> float:
+    """Mean IoU over classes present in the ground truth or the prediction (union > 0);
+    with `foreground`, over those classes except 0 (background)."""
+    return float(iou(conf.cpu().numpy(), foreground=foreground))
+
+
+def background_only(conf: torch.Tensor) -> torch.Tensor:
+    """The confusion matrix of predicting background (class 0) for every pixel of `conf`."""
+    out = torch.zeros_like(conf)
+    out[:, 0] = conf.sum(1)
+    return out
 
 
 def run_segmentation(
@@ -123,14 +182,25 @@ def run_segmentation(
     context: str,
     epochs: int,
     lr: float,
+    batch_size: int = 16,
     max_steps: int = 0,
+    val_fraction: float = 0.0,
+    patience: int = 0,
+    feature_passes: int = 1,
+    weights: str = "median",
     device: torch.device,
     log_metrics: EpochLog | None = None,
     seed: int = 0,
+    examples: dict[str, np.ndarray] | None = None,
 ) -> dict[str, float]:
-    """Train the FPN head on frozen features; returns test/pixel_acc and test/miou.
+    """Train the FPN head on cached frozen features (minibatches of `batch_size` crops, early
+    stopping on `val_fraction` of the training clips as in avsa.downstream.binary) with a
+    cross-entropy weighted by `class_weights(kind=weights)`.
 
     num_classes counts the background: K + 1. Batches must hold masks (B, V, S, S) int64.
+    Returns test/pixel_acc, test/miou, test/miou_fg and the all-background prediction's
+    test/miou_bg_only and test/miou_fg_bg_only; examples["confusion"] gets the (N, C, C)
+    confusion matrix of every test crop.
     """
     if context not in CONTEXTS:
         raise ValueError(f"context must be one of {CONTEXTS}, got {context!r}")
@@ -140,38 +210,51 @@ def run_segmentation(
     channels = [stage[-1].out_bn.num_features for stage in enc.stages]
     head = FPNHead(channels, num_classes, dim=min(64, enc.out_dim), cond_dim=cond_dim(model, context))
     head = head.to(device)
-    opt = torch.optim.Adam(head.parameters(), lr=lr)
-    steps = 0
-    for epoch in range(epochs):
-        head.train()
-        total, n = 0.0, 0
-        for batch in source.train(epoch):
-            b = to_device(batch, device)
-            maps, cond = frozen_inputs(model, b, context)
-            target = b["masks"].flatten(0, 1)
-            logits = head(maps, target.shape[-1], cond)
-            total += step(opt, F.cross_entropy(logits, target)) * len(target)
-            n += len(target)
-            steps += 1
-            if max_steps and steps >= max_steps:
-                break
-        if n and log_metrics is not None:
-            log_metrics({"train/loss": total / n}, epoch)
-        if max_steps and steps >= max_steps:
-            break
-    if steps == 0:
+
+    def encode(batch):
+        return encode_crops(model, to_device(batch, device), context)
+
+    train = encode_passes(source.train, feature_passes, encode)
+    if train is None:
         raise ShardError(source.train_uri, "segmentation: no training clips")
+    held = holdout(train.keys, val_fraction)
+    fit, val = train.subset(~held), train.subset(held)
+    w = class_weights(fit.tensors["masks"], num_classes, weights).to(device)
+
+    def loss(rows):
+        return F.cross_entropy(_logits(head, rows), rows["masks"], weight=w)
+
+    def val_loss() -> float:  # pixel-weighted over the held-out crops, in chunks
+        num = den = 0.0
+        for i in range(0, len(val), EVAL_CHUNK):
+            rows = val.take(torch.arange(i, min(i + EVAL_CHUNK, len(val))))
+            part = w[rows["masks"]].sum()
+            num, den = num + float(loss(rows) * part), den + float(part)
+        return num / den if den else float("nan")
+
+    gen = torch.Generator().manual_seed(seed)
+    result = fit_head(
+        head, lambda idx: loss(fit.take(idx)), lambda epoch: minibatches(len(fit), batch_size, gen),
+        epochs=epochs, lr=lr, max_steps=max_steps, patience=patience, log=log_metrics,
+        validate=val_loss if len(val) else None)
 
     head.eval()
-    conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    confs = []
     with torch.no_grad():
         for batch in source.test(0):
-            b = to_device(batch, device)
-            maps, cond = frozen_inputs(model, b, context)
-            target = b["masks"].flatten(0, 1)
-            pred = head(maps, target.shape[-1], cond).argmax(1)
-            conf += confusion_matrix(pred, target, num_classes)
-    if int(conf.sum()) == 0:
+            rows = encode(batch)
+            pred = _logits(head, rows).argmax(1)
+            confs.append(crop_confusions(pred, rows["masks"], num_classes))
+    if not confs:
         raise ShardError(source.test_uri, "segmentation: no test clips")
+    per_crop = torch.cat(confs)
+    conf = per_crop.sum(0)
+    if examples is not None:
+        examples["confusion"] = per_crop.numpy().astype(np.int32)
+    bg = background_only(conf)
     return {"test/pixel_acc": pixel_accuracy(conf), "test/miou": mean_iou(conf),
-            "test/classes_present": float(((conf.sum(0) + conf.sum(1)) > 0).sum())}
+            "test/miou_fg": mean_iou(conf, foreground=True),
+            "test/miou_bg_only": mean_iou(bg),
+            "test/miou_fg_bg_only": mean_iou(bg, foreground=True),
+            "test/classes_present": float(((conf.sum(0) + conf.sum(1)) > 0).sum()),
+            "train/best_epoch": float(result.best_epoch), "train/epochs": float(result.epochs)}

@@ -1,0 +1,128 @@
+"""One training loop for every transfer head, with early stopping on held-out clips.
+
+`fit_head` runs Adam over a module's trainable parameters for at most `epochs` epochs. With a
+`validate` function it scores the module after every epoch (lower is better, e.g. the loss on
+held-out training clips), stops after `patience` epochs without improvement and restores the
+best epoch's weights. Cached-feature heads feed it index minibatches (`minibatches`); action
+fine-tuning feeds it the source's decoded batches.
+
+`holdout` picks those held-out clips: a fixed fraction of the training split's clip keys,
+chosen by the keys' hashes, so the choice does not depend on order, pass or seed, and every
+augmented pass of a held-out clip stays out of training.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+# log(metrics, step): per-epoch training metrics go to the tracking run through this.
+EpochLog = Callable[[dict[str, float], int], None]
+
+
+@dataclass
+class FitResult:
+    epochs: int  # epochs run
+    steps: int  # optimiser steps taken
+    best_epoch: int  # the epoch whose weights the module holds (the last without validation)
+    train_loss: list[float] = field(default_factory=list)  # mean per epoch
+    val_loss: list[float] = field(default_factory=list)  # per epoch, empty without validation
+
+
+def minibatches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """A shuffled epoch over n rows: index tensors of batch_size (the last may be shorter)."""
+    order = torch.randperm(n, generator=generator)
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def fit_head(
+    module: nn.Module,
+    loss_fn: Callable[[Any], torch.Tensor | None],
+    batches: Callable[[int], Iterable[Any]],
+    *,
+    epochs: int,
+    lr: float,
+    validate: Callable[[], float] | None = None,
+    patience: int = 0,
+    max_steps: int = 0,
+    lr_milestones: Sequence[int] = (),
+    lr_gamma: float = 0.1,
+    log: EpochLog | None = None,
+) -> FitResult:
+    """Train `module`'s trainable parameters with Adam on `loss_fn(batch)` for each batch of
+    `batches(epoch)` (loss_fn returns None to skip a batch).
+
+    The module is in train mode for the steps and in eval mode, without gradients, for
+    `validate()`. patience 0 never stops early (the best epoch is still restored); max_steps
+    > 0 caps the optimiser steps over all epochs; the learning rate is multiplied by lr_gamma
+    after each epoch in lr_milestones. `log` gets train/loss (and val/loss) per epoch.
+    """
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(lr_milestones), gamma=lr_gamma)
+    result = FitResult(epochs=0, steps=0, best_epoch=-1)
+    best, best_state, since_best = math.inf, None, 0
+    for epoch in range(epochs):
+        module.train()
+        total, n = 0.0, 0
+        for batch in batches(epoch):
+            loss = loss_fn(batch)
+            if loss is None:
+                continue
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total, n = total + float(loss.detach()), n + 1
+            result.steps += 1
+            if max_steps and result.steps >= max_steps:
+                break
+        result.epochs = epoch + 1
+        if n == 0:
+            break
+        sched.step()
+        result.train_loss.append(total / n)
+        metrics = {"train/loss": total / n}
+        if validate is not None:
+            module.eval()
+            with torch.no_grad():
+                val = float(validate())
+            result.val_loss.append(val)
+            metrics["val/loss"] = val
+            if val < best:  # nan never improves
+                best, best_state, since_best = val, copy.deepcopy(module.state_dict()), 0
+                result.best_epoch = epoch
+            else:
+                since_best += 1
+        else:
+            result.best_epoch = epoch
+        if log is not None:
+            log(metrics, epoch)
+        if max_steps and result.steps >= max_steps:
+            break
+        if validate is not None and patience and since_best >= patience:
+            break
+    if best_state is not None:
+        module.load_state_dict(best_state)
+    return result
+
+
+def holdout(keys: Sequence[str], fraction: float, *, min_keys: int = 1) -> torch.Tensor:
+    """(N,) bool, True for rows whose clip key is held out for validation.
+
+    round(fraction x distinct keys) keys are held out, at least `min_keys` and leaving at least
+    `min_keys` for training; the keys with the smallest sha256 are chosen. None is held out
+    when fraction is 0 or there are fewer than 2 x min_keys distinct keys.
+    """
+    distinct = sorted(set(keys), key=lambda k: hashlib.sha256(k.encode()).hexdigest())
+    if fraction <= 0 or len(distinct) < 2 * min_keys:
+        return torch.zeros(len(keys), dtype=torch.bool)
+    count = min(max(min_keys, round(fraction * len(distinct))), len(distinct) - min_keys)
+    chosen = set(distinct[:count])
+    return torch.tensor([k in chosen for k in keys], dtype=torch.bool)

@@ -1,0 +1,97 @@
+"""Transfer statistics on arrays: IoU from confusion matrices and bootstrap confidence intervals.
+
+Pure numpy, no I/O: the task modules score with these, and `avsa compare` resamples the
+per-example results that each transfer run stores (see avsa.downstream.run).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+# statistic(sums, counts) -> (B,): sums (B, ...) of resampled rows, counts (B,) rows drawn.
+Statistic = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def mean_statistic(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The mean of the resampled rows: per-example scores (hits 0/1, losses, ...)."""
+    return sums.reshape(len(sums), -1)[:, 0] / counts
+
+
+def iou(conf: np.ndarray, *, foreground: bool = False) -> np.ndarray:
+    """Mean IoU of confusion matrices (..., C, C) (rows ground truth, columns prediction).
+
+    The mean runs over the classes present in the ground truth or the prediction (union > 0);
+    with `foreground`, class 0 (background) is left out too. nan where no class qualifies.
+    """
+    conf = np.asarray(conf, dtype=np.float64)
+    tp = np.diagonal(conf, axis1=-2, axis2=-1)
+    union = conf.sum(-1) + conf.sum(-2) - tp
+    present = union > 0
+    if foreground:
+        present[..., 0] = False
+    ratio = np.divide(tp, union, out=np.zeros_like(tp), where=present)
+    n = present.sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, ratio.sum(-1) / n, np.nan)
+
+
+def iou_statistic(*, foreground: bool = False) -> Statistic:
+    """mIoU of the summed per-example confusion matrices (rows (C, C) each)."""
+
+    def stat(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        return iou(sums, foreground=foreground)
+
+    return stat
+
+
+def pixel_accuracy_statistic(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    total = sums.sum(axis=(-2, -1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.diagonal(sums, axis1=-2, axis2=-1).sum(-1) / total
+
+
+def bootstrap_ci(
+    values: np.ndarray | Sequence[np.ndarray],
+    *,
+    n: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+    statistic: Statistic = mean_statistic,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval (lo, hi) of `statistic` over per-example rows.
+
+    values: one array (N, ...) of per-example results (a hit vector, per-crop confusion
+    matrices), or a sequence of such arrays, one per run (seed) of the same cell. With several
+    runs the resampling has two levels: draw runs with replacement, then examples with
+    replacement within each drawn run, so the interval carries the spread between seeds as
+    well as the finite test set. `n` resamples from `seed`; `level` is the coverage.
+    """
+    groups = [np.asarray(values)] if isinstance(values, np.ndarray) else [
+        np.asarray(v) for v in values]
+    groups = [g for g in groups if len(g)]
+    if not groups:
+        return float("nan"), float("nan")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    rng = np.random.default_rng(seed)
+    rows = [g.reshape(len(g), -1).astype(np.float64) for g in groups]
+    # how often each run is drawn in each resample (always 1 with a single run)
+    picks = (rng.multinomial(len(rows), np.full(len(rows), 1 / len(rows)), size=n)
+             if len(rows) > 1 else np.ones((n, 1), dtype=np.int64))
+    sums = np.zeros((n, rows[0].shape[1]))
+    counts = np.zeros(n)
+    for r, x in enumerate(rows):
+        m = len(x)
+        # m-row draws, picks[:, r] times over: one multinomial with m * picks trials
+        weights = rng.multinomial(m * picks[:, r], np.full(m, 1 / m))  # (n, m)
+        sums += weights @ x
+        counts += m * picks[:, r]
+    stats = statistic(sums.reshape(n, *groups[0].shape[1:]), counts)
+    stats = stats[np.isfinite(stats)]
+    if not len(stats):
+        return float("nan"), float("nan")
+    tail = (1 - level) / 2
+    lo, hi = np.quantile(stats, [tail, 1 - tail])
+    return float(lo), float(hi)
