@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "transfer": ("avsa.downstream.run", "downstream transfer TASK pretrain=RUN|URI|scratch"),
     "compare": ("avsa.downstream.compare", "paper-style table of transfer results from MLflow"),
     "submit": ("avsa.cluster", "build (and create) a KubeRay RayJob for pretraining or a sweep"),
+    "reproduce": ("avsa.reproduce", "the paper's tables regenerated on synthetic scenes"),
     "demo": ("avsa.demo", "synthesise, shard, pretrain, transfer: the whole loop on one machine"),
 }
 

@@ -154,6 +154,7 @@ class DownstreamConfig:
     feature_passes: int = 1  # augmented passes over the training split encoded for the cache
     seed: int | None = None  # head, shuffling and data windows; None: data.seed
     seg_class_weights: str = "median"  # median | inverse | none (segmentation loss)
+    row: str | None = None  # the row label in `avsa compare` (default: the pretext)
 
 
 @dataclass

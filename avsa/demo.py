@@ -25,7 +25,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=2.0, help="length of each synthetic clip")
     p.add_argument("--workers", type=int, default=2, help="processes for synthesis")
     p.add_argument("--steps", type=int, default=None, help="override train.max_steps")
-    p.add_argument("--transfer-epochs", type=int, default=10, help="epochs of the AVSA-Bin head")
+    p.add_argument("--transfer-epochs", type=int, default=None,
+                   help="most epochs of the AVSA-Bin head (default: downstream.epochs; the head "
+                        "stops early on held-out training clips)")
     p.add_argument("--skip-transfer", action="store_true")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for pretraining")
     return p
@@ -71,13 +73,15 @@ def main(argv: list[str]) -> int:
         pretrained = res.run_id or res.checkpoint_uri or res.run_uri
         accs = {}
         for label, ref in (("pretrained", pretrained), ("scratch", "scratch")):
+            epochs = [f"downstream.epochs={args.transfer_epochs}"] if args.transfer_epochs else []
             tcfg = compose([*overrides, "downstream.task=avsa_bin", f"downstream.pretrain={ref}",
-                            f"downstream.epochs={args.transfer_epochs}"])
+                            *epochs])
             t = run_transfer(tcfg)
             print(t.summary(), flush=True)
             accs[label] = t.metrics.get("test/acc", float("nan"))
         print(f"[avsa demo] AVSA-Bin test/acc (frozen encoders + trained head): pretrained "
-              f"{accs['pretrained']:.3f}, scratch {accs['scratch']:.3f}, chance about 0.5")
+              f"{accs['pretrained']:.3f}, scratch {accs['scratch']:.3f} (pretrained - scratch "
+              f"{accs['pretrained'] - accs['scratch']:+.3f}), chance 0.5")
 
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     print(f"[avsa demo] done in {time.perf_counter() - t0:.0f}s. Look at the runs with:")

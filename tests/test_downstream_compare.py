@@ -4,7 +4,6 @@ its files, and the bench script's arguments."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import time
 import uuid
@@ -134,20 +133,24 @@ def test_compare_names_a_missing_experiment(mlflow_uri, tmp_path):
                       mlflow_uri, "--out", str(tmp_path)])
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("compare_pretexts",
-                                                  REPO / "bench" / "compare_pretexts.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def test_reproduce_plans_every_table_with_equal_pairs_per_step():
+    from avsa import reproduce
 
-
-def test_bench_script_arguments():
-    bench = _bench()
-    args = bench.parse_args(["--clips", "16", "--steps", "50", "--out", "/tmp/x"])
-    assert (args.clips, args.steps, args.out) == (16, 50, Path("/tmp/x"))
-    assert args.experiment == "avsa-transfer-compare" and args.transfer_epochs == 5
-    assert set(bench.PRETEXTS) == {"avc", "avts", "avsa", "avsa_cur"}
-    assert sum(t == "segmentation" for t, _ in bench.TRANSFERS) == 3
-    with pytest.raises(SystemExit):
-        bench.parse_args(["--clips", "3"])
+    args = reproduce.parse_args(["--clips", "16", "--steps", "50", "--out", "/tmp/x",
+                                 "--viewpoints", "1,4,8", "train.lr=1e-3"])
+    assert (args.clips, args.steps, args.out, args.overrides) == (16, 50, Path("/tmp/x"),
+                                                                  ["train.lr=1e-3"])
+    tables = {t.name: t for t in reproduce.plan(args, batch=8, v=4)}
+    assert list(tables) == ["pretext", "viewpoints", "audio"]
+    rows = {("scratch" if v is None else v.row): v for v, _ in tables["pretext"].rows}
+    assert list(rows) == ["scratch", "avc", "avts", "avsa", "avsa_cur"]
+    for base in ("avc", "avts"):  # one viewpoint, 4 x the clips: the same pairs per step
+        assert {"data.num_viewpoints=1", "train.batch_size=32"} <= set(rows[base].overrides)
+    assert "train.curriculum_avc_steps=25" in rows["avsa_cur"].overrides
+    assert sum(task == "segmentation" for task, _ in tables["pretext"].rows[0][1]) == 3
+    assert [v.row for v, _ in tables["viewpoints"].rows] == ["avsa-v1", "avsa", "avsa-v8"]
+    audio = [(v.row, v.data) for v, _ in tables["audio"].rows]
+    assert ("logmel", "dry") in audio and ("cardioid-rt60", "wet") in audio
+    for bad in (["--clips", "3"], ["--tables", "pretext,nope"], ["--viewpoints", "0,2"]):
+        with pytest.raises(SystemExit):
+            reproduce.parse_args(bad)

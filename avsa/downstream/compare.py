@@ -213,11 +213,17 @@ def build_table(records: Iterable[RunRecord], columns: tuple[Column, ...] = COLU
     return Table(rows, columns, cells)
 
 
-def fetch_records(uri: str, experiment: str) -> list[RunRecord]:
-    """Finished transfer runs (tag avsa.kind=transfer) of `experiment`."""
+def reorder(table: Table, rows: list[str]) -> Table:
+    """The table with its rows in the order of `rows` (a permutation of table.rows)."""
+    return Table(rows, table.columns, [table.cells[table.rows.index(r)] for r in rows])
+
+
+def fetch_records(uri: str, experiment: str, *, with_examples: bool = True) -> list[RunRecord]:
+    """Finished transfer runs (tag avsa.kind=transfer) of `experiment`, with their per-example
+    test results unless with_examples is False."""
     from mlflow.tracking import MlflowClient
 
-    from avsa.downstream.run import CONTEXT, PRETEXT, SEED
+    from avsa.downstream.run import CONTEXT, PRETEXT, ROW, SEED
 
     client = MlflowClient(tracking_uri=uri)
     where = tracking.redact(uri)
@@ -245,9 +251,11 @@ def fetch_records(uri: str, experiment: str) -> list[RunRecord]:
     for run in runs:
         tags = run.data.tags
         context = tags.get(CONTEXT) or run.data.params.get("downstream.context") or None
-        out.append(RunRecord(run.info.run_id, tags.get(PRETEXT, "?"), tags.get(tracking.TASK, "?"),
+        row = tags.get(ROW) or tags.get(PRETEXT, "?")
+        out.append(RunRecord(run.info.run_id, row, tags.get(tracking.TASK, "?"),
                              context, int(run.info.start_time or 0), dict(run.data.metrics),
-                             tags.get(SEED), _examples(client, run.info.run_id)))
+                             tags.get(SEED),
+                             _examples(client, run.info.run_id) if with_examples else None))
     return out
 
 
@@ -270,10 +278,11 @@ def _examples(client, run_id: str) -> dict[str, np.ndarray] | None:
         return None
 
 
-def write_outputs(table: Table, out: str | Path) -> list[Path]:
+def write_outputs(table: Table, out: str | Path, name: str = "comparison") -> list[Path]:
+    """NAME.md, NAME.csv and NAME.png in `out`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "comparison.md", out / "comparison.csv", out / "comparison.png"]
+    paths = [out / f"{name}.md", out / f"{name}.csv", out / f"{name}.png"]
     paths[0].write_text(table.to_markdown())
     paths[1].write_text(table.to_csv())
     table.plot(paths[2])

@@ -38,6 +38,7 @@ PRETEXT = "avsa.pretext"
 CONTEXT = "avsa.context"
 MODE = "avsa.mode"
 SEED = "avsa.seed"
+ROW = "avsa.row"  # the row a transfer run fills in `avsa compare` (default: its pretext)
 # per-example test results (npz): acc / clip_acc / video_acc hit vectors, per-crop confusion
 EXAMPLES = "test_examples.npz"
 SCRATCH = "scratch"
@@ -53,6 +54,7 @@ class Pretrained:
     pretext: str  # "scratch", "avc", "avts", "avsa", "avsa_cur", ...
     ref: str  # the MLflow run id, the checkpoint URI, or "scratch"
     audio_mode: str
+    audio_features: str = "logmel"
 
 
 @dataclass
@@ -88,7 +90,7 @@ def load_pretrained(cfg: Config, tracking_uri: str | None) -> Pretrained:
     ref = cfg.downstream.pretrain
     if ref == SCRATCH:
         model = model_from_config(cfg.model, audio_channels(cfg))
-        return Pretrained(model, SCRATCH, SCRATCH, cfg.data.audio_mode)
+        return Pretrained(model, SCRATCH, SCRATCH, cfg.data.audio_mode, cfg.data.audio_features)
     from avsa.train.checkpoint import resolve_init
 
     state, uri = resolve_init(ref, tracking_uri)
@@ -104,7 +106,8 @@ def load_pretrained(cfg: Config, tracking_uri: str | None) -> Pretrained:
         reason = " ".join(str(e).split())[:300]
         raise CheckpointError(uri, f"weights do not fit the checkpoint's model: {reason}") from None
     label = pretext_label(pre.loss.kind, pre.train.curriculum)
-    return Pretrained(model, label, ref if _RUN_ID.match(ref) else uri, pre.data.audio_mode)
+    return Pretrained(model, label, ref if _RUN_ID.match(ref) else uri, pre.data.audio_mode,
+                      pre.data.audio_features)
 
 
 def effective_seed(cfg: Config) -> int:
@@ -117,7 +120,8 @@ def _task_metrics(cfg: Config, pre: Pretrained, log_metrics,
     """The task's test metrics; per-example test results go to `examples` when given."""
     ds = cfg.downstream
     seed = effective_seed(cfg)
-    data = dataclasses.replace(cfg.data, audio_mode=pre.audio_mode, seed=seed)
+    data = dataclasses.replace(cfg.data, audio_mode=pre.audio_mode,
+                               audio_features=pre.audio_features, seed=seed)
     device = pick_device()
     common = dict(epochs=ds.epochs, lr=ds.lr, batch_size=ds.batch_size, max_steps=ds.max_steps,
                   val_fraction=ds.val_fraction, patience=ds.patience,
@@ -175,7 +179,8 @@ def run_transfer(cfg: Config) -> TransferResult:
     mode = ds.mode if ds.task == "action" else None
     name = "-".join(p for p in (ds.task, context, mode, pre.pretext, f"s{seed}") if p)
     tags = {tracking.KIND: "transfer", tracking.TASK: ds.task, tracking.PRETRAIN_RUN: pre.ref,
-            PRETEXT: pre.pretext, CONTEXT: context or "", MODE: mode or "", SEED: str(seed)}
+            PRETEXT: pre.pretext, CONTEXT: context or "", MODE: mode or "", SEED: str(seed),
+            ROW: ds.row or pre.pretext}
     params = tracking.flatten_config({"downstream": dataclasses.replace(ds, seed=seed),
                                       "data": cfg.data, "model": dataclasses.asdict(cfg.model)})
     logger = tracking.RunLogger.start(uri, ds.experiment, name, tags=tags, params=params)

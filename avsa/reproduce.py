@@ -1,0 +1,308 @@
+"""`avsa reproduce`: the paper's comparisons regenerated on synthetic scenes, in one command.
+
+Synthesises the data sets, pretrains every variant the tables need, transfers each of them
+(several head seeds per cell), and writes three tables with 95% bootstrap intervals beside the
+paper's published numbers (METHOD.md §8):
+
+- pretext: scratch, AVC, AVTS, AVSA and AVSA with an AVC curriculum x AVC-Bin, AVSA-Bin, action
+  recognition and segmentation (video / +audio / +context), all from frozen encoders;
+- viewpoints: AVSA-Bin of AVSA pretrained with V in --viewpoints;
+- audio: AVSA pretrained on the paper's log-mel against the sign-preserving inputs, dry and
+  with room reverberation (RT60 --rt60).
+
+Every pretext sees the same (view, audio) pairs per step: the one-viewpoint baselines take
+V times the batch. Action recognition runs on a second set of single-class clips (one label
+per clip). Everything lands under --out: data/, runs/ (checkpoints), mlruns/ (the MLflow store
+unless --tracking-uri is given) and tables/{pretext,viewpoints,audio,pretraining}.{md,csv,png};
+the MLflow run `reproduce` (experiment avsa-reproduce) carries the tables too. Re-running the
+same command skips what is done (clips, finished pretrainings, transfer cells already in
+MLflow). Extra arguments are Hydra overrides for every pretraining and transfer, e.g.
+`model=full train.use_gpu=true` to scale up on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from avsa.downstream.compare import COLUMNS, Column
+
+log = logging.getLogger("avsa.reproduce")
+
+PRESET = "experiment=demo_local"
+TRANSFERS: list[tuple[str, list[str]]] = [
+    ("avc_bin", []),
+    ("avsa_bin", []),
+    ("action", ["downstream.mode=linear"]),
+    ("segmentation", ["downstream.context=video"]),
+    ("segmentation", ["downstream.context=audio"]),
+    ("segmentation", ["downstream.context=context"]),
+]
+BIN_COLUMNS = tuple(c for c in COLUMNS if c.task in ("avc_bin", "avsa_bin"))
+PRETEXT_COLUMNS = tuple(c for c in COLUMNS if c.metric != "test/video_acc"
+                        and "mIoU (" not in c.label)
+PRETRAIN_COLUMNS = ("val/avsa_acc", "val/avc_acc")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One pretraining: the row it fills, its overrides, and the data it trains on."""
+
+    row: str
+    overrides: tuple[str, ...] = ()
+    data: str = "dry"  # "dry" or "wet" (reverberant copies of the same scenes)
+
+
+@dataclass
+class Table:
+    name: str
+    columns: tuple[Column, ...]
+    rows: list[tuple[Variant | None, list[tuple[str, list[str]]]]] = field(default_factory=list)
+
+
+def baseline(batch: int, v: int) -> tuple[str, ...]:
+    """A one-viewpoint pretext without viewpoint context, as many pairs per step as AVSA."""
+    return ("data.num_viewpoints=1", "model.use_transformer=false", f"train.batch_size={batch * v}")
+
+
+def plan(args: argparse.Namespace, batch: int, v: int) -> list[Table]:
+    """The tables asked for, each row a pretraining variant (None: scratch) and its transfers."""
+    tables = []
+    if "pretext" in args.tables:
+        t = Table("pretext", PRETEXT_COLUMNS)
+        t.rows.append((None, TRANSFERS))
+        for row, extra in (("avc", ("loss=avc", *baseline(batch, v))),
+                           ("avts", ("loss=avts", *baseline(batch, v))),
+                           ("avsa", ()),
+                           ("avsa_cur", ("train.curriculum=true",
+                                         f"train.curriculum_avc_steps={args.steps // 2}"))):
+            t.rows.append((Variant(row, extra), TRANSFERS))
+        tables.append(t)
+    bins = [("avsa_bin", []), ("avc_bin", [])]
+    if "viewpoints" in args.tables:
+        t = Table("viewpoints", BIN_COLUMNS)
+        for n in args.viewpoints:
+            over = () if n == v else (f"data.num_viewpoints={n}",)
+            t.rows.append((Variant("avsa" if n == v else f"avsa-v{n}", over), bins))
+        tables.append(t)
+    if "audio" in args.tables:
+        t = Table("audio", BIN_COLUMNS)
+        for feat in args.features:
+            t.rows.append((Variant(feat, (f"data.audio_features={feat}",)), bins))
+        if args.rt60 > 0:
+            for feat in args.features:
+                t.rows.append((Variant(f"{feat}-rt60", (f"data.audio_features={feat}",), "wet"),
+                               bins))
+        tables.append(t)
+    return tables
+
+
+TABLES = ("pretext", "viewpoints", "audio")
+FEATURES = ("logmel", "cardioid", "intensity")
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return values
+
+
+def _names(allowed: tuple[str, ...]):
+    def parse(text: str) -> list[str]:
+        names = text.split(",")
+        if bad := [n for n in names if n not in allowed]:
+            raise argparse.ArgumentTypeError(f"unknown {bad[0]!r}; choose from {','.join(allowed)}")
+        return names
+    return parse
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="avsa reproduce", description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path("outputs/reproduce"))
+    p.add_argument("--clips", type=int, default=192, help="training clips (pretraining, "
+                   "binary and segmentation heads)")
+    p.add_argument("--test-clips", type=int, default=48)
+    p.add_argument("--action-clips", type=int, default=96, help="single-class clips for action "
+                   "recognition (a quarter held out)")
+    p.add_argument("--seconds", type=float, default=3.0, help="clip length (AVTS needs >= 2 s)")
+    p.add_argument("--steps", type=int, default=300, help="pretraining steps of every variant")
+    p.add_argument("--seeds", type=int, default=2, help="head seeds per transfer cell")
+    p.add_argument("--tables", type=_names(TABLES), default=list(TABLES),
+                   help="comma-separated, of " + ",".join(TABLES))
+    p.add_argument("--viewpoints", type=_ints, default=[1, 2, 4, 8],
+                   help="comma-separated V of the viewpoints table")
+    p.add_argument("--features", type=_names(FEATURES), default=list(FEATURES),
+                   help="comma-separated audio inputs of the audio table, of " + ",".join(FEATURES))
+    p.add_argument("--rt60", type=float, default=0.4,
+                   help="reverberation time of the wet rows of the audio table (0: none)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow URI (default: a store in --out)")
+    p.add_argument("--workers", type=int, default=2, help="processes for synthesis")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
+    args = p.parse_args(argv)
+    if args.clips < 8 or args.test_clips < 2 or args.action_clips < 8:
+        p.error("need --clips >= 8, --test-clips >= 2 and --action-clips >= 8")
+    if args.steps < 2 or args.seeds < 1 or args.seconds <= 0:
+        p.error("need --steps >= 2, --seeds >= 1 and --seconds > 0")
+    return args
+
+
+def make_data(args: argparse.Namespace, tables: list[Table]) -> dict[str, tuple[str, str]]:
+    """Shard URIs (train, test) of each data set: dry scenes, single-class (action) clips and,
+    when a table asks, reverberant copies of the dry scenes."""
+    from avsa import synth
+    from avsa.data.shards import write_shards
+
+    sets = {"dry": {}, "action": {"single_class": True}}
+    if any(v is not None and v.data == "wet" for t in tables for v, _ in t.rows):
+        sets["wet"] = {"rt60_s": args.rt60}
+    out = {}
+    for name, kw in sets.items():
+        n_train = args.action_clips * 3 // 4 if name == "action" else args.clips
+        n_test = args.action_clips - n_train if name == "action" else args.test_clips
+        uris = []
+        for split, n, seed in (("train", n_train, args.seed), ("test", n_test, args.seed + 1)):
+            clips = args.out / "data" / name / "clips" / split
+            log.info("synthesising %d %s %s clips", n, name, split)
+            synth.write_dataset(clips, n, args.seconds, seed + (10 if name == "action" else 0),
+                                workers=args.workers, progress=False, **kw)
+            uri = str((args.out / "data" / name / "shards" / split).resolve())
+            write_shards(clips, uri, samples_per_shard=16, split=split)
+            uris.append(uri)
+        out[name] = (uris[0], uris[1])
+    return out
+
+
+def _common(args: argparse.Namespace, uri: str) -> list[str]:
+    return [PRESET, f"tracking.uri={uri}", f"data.seed={args.seed}", *args.overrides]
+
+
+def pretrain_all(args, tables, data, uri) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
+    """Pretrain each distinct variant once (rows with the same config share a run): row ->
+    checkpoint reference, row -> its final validation metrics."""
+    import json
+
+    from avsa.config import compose
+    from avsa.train.driver import pretrain
+
+    variants = {v.row: v for t in tables for v, _ in t.rows if v is not None}
+    configs = {}
+    for row, v in variants.items():
+        train, test = data[v.data]
+        configs[row] = compose([
+            *_common(args, uri), f"data.shards={train}", f"data.val_shards={test}",
+            *v.overrides, f"train.max_steps={args.steps}", f"train.seed={args.seed}",
+            f"storage.path={(args.out / 'runs').resolve()}",
+            "tracking.experiment=avsa-reproduce-pretrain"])
+    runs: dict[str, object] = {}  # config digest -> result
+    refs, metrics = {}, {}
+    for i, (row, cfg) in enumerate(configs.items(), 1):
+        key = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+        if key not in runs:
+            cfg.storage.run_name = f"reproduce-{row}-{args.steps}-s{args.seed}"
+            print(f"[avsa reproduce] pretraining {i}/{len(configs)}: {row}", flush=True)
+            runs[key] = pretrain(cfg)
+        res = runs[key]
+        refs[row] = res.run_id or res.checkpoint_uri or res.run_uri
+        metrics[row] = {k: float(res.metrics[k]) for k in PRETRAIN_COLUMNS
+                        if isinstance(res.metrics.get(k), (int, float))}
+    return refs, metrics
+
+
+def _done(uri: str, experiment: str) -> set[tuple[str, str, str, str]]:
+    """(row, task, context, seed) of the finished transfer runs already in `experiment`."""
+    from avsa.downstream.compare import fetch_records
+    from avsa.errors import TrackingError
+
+    try:
+        return {(r.pretext, r.task, r.context or "", r.seed or "")
+                for r in fetch_records(uri, experiment, with_examples=False)}
+    except TrackingError:  # no such experiment yet
+        return set()
+
+
+def transfer_all(args, tables, data, refs, uri) -> None:
+    """Every (row, transfer, seed) cell of every table that MLflow does not hold yet."""
+    from avsa.config import compose
+    from avsa.downstream.run import run_transfer
+
+    for t in tables:
+        experiment = f"avsa-reproduce-{t.name}"
+        done = _done(uri, experiment)
+        jobs = [(v, task, extra, seed) for v, transfers in t.rows for task, extra in transfers
+                for seed in range(args.seeds)]
+        for i, (v, task, extra, seed) in enumerate(jobs, 1):
+            row = "scratch" if v is None else v.row
+            context = next((e.split("=", 1)[1] for e in extra if "context=" in e), "")
+            if (row, task, context if task == "segmentation" else "", str(seed)) in done:
+                continue
+            train, test = data["action" if task == "action" else
+                               ("dry" if v is None else v.data)]
+            cfg = compose([*_common(args, uri), *(() if v is None else v.overrides), *extra,
+                           f"data.shards={train}", f"data.val_shards={test}",
+                           f"downstream.task={task}", f"downstream.seed={seed}",
+                           f"downstream.pretrain={'scratch' if v is None else refs[v.row]}",
+                           f"downstream.row={row}", f"downstream.experiment={experiment}"])
+            print(f"[avsa reproduce] {t.name} {i}/{len(jobs)}: {row} {task} "
+                  f"{context} seed {seed}", flush=True)
+            print(run_transfer(cfg).summary().splitlines()[0], flush=True)
+
+
+def write_tables(args, tables, metrics, uri) -> list[Path]:
+    """tables/NAME.{md,csv,png} per table, plus pretraining.md with the pretexts' own scores."""
+    from avsa.downstream import compare
+
+    out = args.out / "tables"
+    paths = []
+    for t in tables:
+        records = compare.fetch_records(uri, f"avsa-reproduce-{t.name}")
+        table = compare.build_table(records, t.columns)
+        order = ["scratch"] + [v.row for v, _ in t.rows if v is not None]
+        table = compare.reorder(table, [r for r in order if r in table.rows])
+        paths += compare.write_outputs(table, out, t.name)
+        print(f"\n## {t.name}\n\n{table.to_markdown()}", flush=True)
+    lines = ["| variant | " + " | ".join(PRETRAIN_COLUMNS) + " |",
+             "|---|" + "---:|" * len(PRETRAIN_COLUMNS)]
+    for row, m in metrics.items():
+        lines.append(f"| {row} | " + " | ".join(
+            f"{100 * m[k]:.1f}" if k in m else "–" for k in PRETRAIN_COLUMNS) + " |")
+    (out / "pretraining.md").write_text("\n".join(lines) + "\n")
+    print("\n## pretraining (validation, %)\n\n" + "\n".join(lines), flush=True)
+    return [*paths, out / "pretraining.md"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from avsa import tracking
+    from avsa.config import compose
+
+    start = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    uri = tracking.resolve_tracking_uri(
+        args.tracking_uri or f"sqlite:///{(args.out / 'mlruns' / 'mlflow.db').resolve()}")
+    cfg = compose([PRESET, *args.overrides])  # bad overrides fail here, before any work
+    tables = plan(args, cfg.train.batch_size, cfg.data.num_viewpoints)
+    data = make_data(args, tables)
+    refs, metrics = pretrain_all(args, tables, data, uri)
+    transfer_all(args, tables, data, refs, uri)
+    paths = write_tables(args, tables, metrics, uri)
+    params = {k: " ".join(map(str, v)) if isinstance(v, list) else str(v)
+              for k, v in vars(args).items()}
+    with tracking.RunLogger.start(uri, "avsa-reproduce", "reproduce", params=params,
+                                  tags={tracking.KIND: "reproduce"}) as logger:
+        for p in paths:
+            logger.log_artifact(p, "tables")
+        logger.log_metrics({"minutes": (time.perf_counter() - start) / 60}, step=0)
+    print(f"[avsa reproduce] done in {(time.perf_counter() - start) / 60:.1f} min; tables in "
+          f"{args.out / 'tables'}; runs in MLflow at {tracking.redact(uri)}")
+    return 0
