@@ -283,3 +283,15 @@ def test_no_plaintext_credentials_in_manifests():
         text = path.read_text()
         for pattern in patterns:
             assert not pattern.search(text), f"{path}: {pattern.pattern}"
+
+
+def test_stock_ray_runtime_env_installs_the_package_dependencies():
+    """The runtime_env for stock Ray images: working_dir for the code, pip for pyproject's
+    dependencies (ray itself comes with the image)."""
+    import tomllib
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    runtime_env = yaml.safe_load((K8S / "runtime_env.stock-ray.yaml").read_text())
+    assert runtime_env["working_dir"] == "."
+    assert runtime_env["pip"] == [d for d in deps if not d.startswith("ray")]
+    assert {".git", ".venv", "outputs", "mlruns"} <= set(runtime_env["excludes"])
