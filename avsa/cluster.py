@@ -56,7 +56,7 @@ _SECRET_ENV = re.compile(
 
 POD_SECURITY_CONTEXT: dict[str, Any] = {
     "runAsNonRoot": True,
-    "runAsUser": 1000,  # the `ray` user of the rayproject/ray images
+    "runAsUser": 1000,  # the `ray` user of the avsa and rayproject/ray images
     "runAsGroup": 100,
     "fsGroup": 100,
     "seccompProfile": {"type": "RuntimeDefault"},

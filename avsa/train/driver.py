@@ -224,12 +224,12 @@ def pretrain(cfg: Config) -> PretrainResult:
     """Run (or resume) one pretraining run end to end; returns where its results are.
     Relative local paths in cfg are taken against the current directory."""
     cfg = with_absolute_paths(cfg)
+    tracking.resolve_tracking_uri(cfg.tracking.uri)  # refused here inside a job with no server
     read_manifest(cfg.data.shards)  # a clear error now, not inside a worker
     if cfg.data.val_shards:
         read_manifest(cfg.data.val_shards)
     run_name = cfg.run_name()
     claim_run_dir(cfg, storage.join(cfg.storage.path, run_name))
-    tracking.resolve_tracking_uri(cfg.tracking.uri)  # refused here inside a job with no server
     ensure_ray(cfg)
     waiting = resources.check_and_watch(cfg, f"pretraining {run_name}")
     uri, run_id = start_tracking(cfg)
