@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("avsa.sweep", "Ray Tune sweep over config keys, tracked in MLflow [overrides]"),
     "transfer": ("avsa.downstream.run", "downstream transfer TASK pretrain=RUN|URI|scratch"),
     "compare": ("avsa.downstream.compare", "paper-style table of transfer results from MLflow"),
-    "submit": ("avsa.cluster", "build (and create) a KubeRay RayJob for pretraining or a sweep"),
+    "submit": ("avsa.cluster", "print a KubeRay RayJob sized by flags, for kubectl create -f -"),
     "reproduce": ("avsa.reproduce", "the paper's tables regenerated on synthetic scenes"),
     "demo": ("avsa.demo", "synthesise, shard, pretrain, transfer: the whole loop on one machine"),
 }

@@ -1,37 +1,49 @@
-"""KubeRay RayJob manifests built from parameters, and their submission to a Kubernetes cluster.
+"""KubeRay RayJob manifests built from flags: what `kubectl apply -k k8s/...` cannot do is size a
+one-off job (GPU workers, CPU workers, deadlines) without editing YAML.
 
-`build_rayjob` returns a plain dict (a `ray.io/v1` RayJob) that `to_yaml` prints for
-`kubectl apply -f -`; `submit_rayjob` creates it through the Kubernetes API and follows it. The
-`kubernetes` package is imported only on submission, so building and printing need no cluster.
+`build_rayjob` returns a plain dict (a `ray.io/v1` RayJob); `avsa submit` prints it for
+`kubectl create -f -`, and kubectl follows it (`kubectl logs -f job/NAME`):
 
-    python -m avsa.cluster avsa-pretrain --gpu-workers 4 --s3-secret avsa-s3 --dry-run -- \
-        python jobs/pretrain.py experiment=avsa_yt360 storage=s3 storage.path=s3://b/runs
+    avsa submit avsa-pretrain -n avsa --gpu-workers 4 --s3-secret avsa-s3 -- \
+        python jobs/pretrain.py experiment=avsa_yt360 storage=s3 storage.path=s3://b/runs \
+      | kubectl create -n avsa -f -
+
+Without `--mlflow-uri` the pods read MLFLOW_TRACKING_URI (and the S3 settings) from the Helm
+release's ConfigMap `<release>-env`, the same one the chart's RayCluster reads.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import os
 import re
 import shlex
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any, TextIO
 
 import yaml
 
-from avsa.errors import AvsaError, ConfigError
+from avsa.errors import ConfigError
 
 RAY_VERSION = "2.60.0"
-DEFAULT_IMAGE = f"rayproject/ray:{RAY_VERSION}-py311"
-GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
+try:
+    AVSA_VERSION = version("avsa")
+except PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+    AVSA_VERSION = "0.1.0"
+# The image the repository's Dockerfile builds (`-gpu`: its CUDA build), as in the chart and k8s/.
+DEFAULT_IMAGE = f"avsa:{AVSA_VERSION}"
+GPU_SUFFIX = "-gpu"
+GROUP, VERSION = "ray.io", "v1"
 SUBMITTER_CONTAINER = "ray-job-submitter"
 # KubeRay appends 6 characters to a RayJob name to name its RayCluster, which may have 53.
 MAX_RAYJOB_NAME = 47
-TERMINAL_DEPLOYMENT_STATES = ("Complete", "Failed")
+# A job that cannot get its pods (no GPU node, quota) fails after this instead of holding its
+# head forever; a running job is stopped after ACTIVE_DEADLINE_S.
+PRE_RUNNING_DEADLINE_S = 1800
+ACTIVE_DEADLINE_S = 7 * 24 * 3600
 
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -44,7 +56,7 @@ _SECRET_ENV = re.compile(
 
 POD_SECURITY_CONTEXT: dict[str, Any] = {
     "runAsNonRoot": True,
-    "runAsUser": 1000,  # the `ray` user of the rayproject/ray images
+    "runAsUser": 1000,  # the `ray` user of the avsa and rayproject/ray images
     "runAsGroup": 100,
     "fsGroup": 100,
     "seccompProfile": {"type": "RuntimeDefault"},
@@ -60,7 +72,7 @@ class PodResources:
     """CPU and memory of one Ray pod (requests = limits) and its memory-backed /dev/shm.
 
     cpu: Kubernetes CPU quantity ("8", "500m"); memory and shm: byte quantities ("32Gi").
-    The shm volume counts against the memory limit, so keep it well below `memory`.
+    The shm volume counts against the memory limit: keep it well below `memory`.
     """
 
     cpu: str
@@ -98,6 +110,18 @@ def _entrypoint(args: Sequence[str]) -> str:
     if argv[0].endswith(".py"):
         argv.insert(0, "python")
     return shlex.join(argv)
+
+
+def _env_from(release: str, s3_secret: str | None, mlflow_uri: str | None) -> list[dict[str, Any]]:
+    """The release's ConfigMap (tracking URI, S3 settings) unless the URI is given, then the S3
+    Secret. The ConfigMap reference is not optional: a missing one stops the pod with an error
+    instead of letting a job run with nowhere to record it."""
+    out: list[dict[str, Any]] = []
+    if not mlflow_uri:
+        out.append({"configMapRef": {"name": f"{release}-env"}})
+    if s3_secret:
+        out.append({"secretRef": {"name": s3_secret}})
+    return out
 
 
 def _env(mlflow_uri: str | None, env: Mapping[str, str] | None) -> list[dict[str, str]]:
@@ -159,11 +183,12 @@ def build_rayjob(
     name: str,
     entrypoint_args: Sequence[str],
     *,
-    image: str,
-    num_gpu_workers: int,
-    gpus_per_worker: int,
-    cpu_workers: int,
     namespace: str,
+    image: str = DEFAULT_IMAGE,
+    num_gpu_workers: int = 0,
+    gpus_per_worker: int = 1,
+    cpu_workers: int = 1,
+    release: str = "avsa",
     s3_secret: str | None = None,
     mlflow_uri: str | None = None,
     working_dir: str | None = None,
@@ -176,6 +201,8 @@ def build_rayjob(
     gpu_worker: PodResources = GPU_WORKER,
     backoff_limit: int = 0,
     ttl_seconds_after_finished: int = 600,
+    pre_running_deadline_s: int = PRE_RUNNING_DEADLINE_S,
+    active_deadline_s: int = ACTIVE_DEADLINE_S,
 ) -> dict[str, Any]:
     """A `ray.io/v1` RayJob that starts its own cluster, runs one command and shuts down.
 
@@ -185,8 +212,11 @@ def build_rayjob(
     pods form the `cpu` group for decoding (omitted when 0). With no worker at all the head
     advertises its CPUs, otherwise it keeps `num-cpus: 0` and only hosts the driver.
     s3_secret: name of a Secret whose keys become environment variables (envFrom).
-    mlflow_uri: MLFLOW_TRACKING_URI of every Ray container; env: more plain variables (names
-    that look like credentials are refused). working_dir: runtime-env working_dir, a URI Ray can
+    mlflow_uri: MLFLOW_TRACKING_URI of every Ray container; without it they read the Helm
+    release's ConfigMap `<release>-env`. env: more plain variables (names that look like
+    credentials are refused). gpu_image defaults to `image` + "-gpu" for the default image.
+    The cluster runs with Ray token auth (KubeRay makes the token Secret); the job must reach
+    Running within pre_running_deadline_s and end within active_deadline_s. working_dir: runtime-env working_dir, a URI Ray can
     fetch (s3://bucket/avsa.zip) or a path inside the image.
     Raises ConfigError naming the first bad argument.
     """
@@ -195,9 +225,13 @@ def build_rayjob(
     _check(isinstance(namespace, str) and bool(_DNS1123_LABEL.match(namespace))
            and len(namespace) <= 63, "namespace", f"must be a DNS-1123 label, got {namespace!r}")
     _check(bool(image), "image", "must not be empty")
+    _check(isinstance(release, str) and bool(_DNS1123_LABEL.match(release)), "release",
+           f"must be the name of a Helm release (DNS-1123 label), got {release!r}")
     for key, value in (("num_gpu_workers", num_gpu_workers), ("cpu_workers", cpu_workers),
                        ("backoff_limit", backoff_limit),
-                       ("ttl_seconds_after_finished", ttl_seconds_after_finished)):
+                       ("ttl_seconds_after_finished", ttl_seconds_after_finished),
+                       ("pre_running_deadline_s", pre_running_deadline_s),
+                       ("active_deadline_s", active_deadline_s)):
         _check(isinstance(value, int) and not isinstance(value, bool) and value >= 0, key,
                f"must be an integer >= 0, got {value!r}")
     _check(isinstance(gpus_per_worker, int) and gpus_per_worker >= (1 if num_gpu_workers else 0),
@@ -212,7 +246,9 @@ def build_rayjob(
         _check(bool(working_dir.strip()), "working_dir", "must not be empty")
 
     container_env = _env(mlflow_uri, env)
-    env_from = [{"secretRef": {"name": s3_secret}}] if s3_secret else []
+    env_from = _env_from(release, s3_secret, mlflow_uri)
+    if gpu_image is None:
+        gpu_image = image + GPU_SUFFIX if image == DEFAULT_IMAGE else image
 
     head_params = {"dashboard-host": "0.0.0.0"}
     if num_gpu_workers or cpu_workers:
@@ -227,7 +263,7 @@ def build_rayjob(
         groups.append(_worker_group("cpu", cpu_workers, _pod_template(
             "ray-worker-cpu", container, cpu_worker, service_account)))
     if num_gpu_workers:
-        container = _container("ray-worker", gpu_image or image, gpu_worker, gpus_per_worker,
+        container = _container("ray-worker", gpu_image, gpu_worker, gpus_per_worker,
                                container_env, env_from, False)
         gpu_taint = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
         groups.append(_worker_group("gpu", num_gpu_workers, _pod_template(
@@ -254,6 +290,7 @@ def build_rayjob(
 
     cluster: dict[str, Any] = {
         "rayVersion": RAY_VERSION,
+        "authOptions": {"mode": "token"},
         "headGroupSpec": {"rayStartParams": head_params, "template": head_template},
     }
     if groups:
@@ -272,6 +309,8 @@ def build_rayjob(
             "shutdownAfterJobFinishes": True,
             "ttlSecondsAfterFinished": ttl_seconds_after_finished,
             "backoffLimit": backoff_limit,
+            "preRunningDeadlineSeconds": pre_running_deadline_s,
+            "activeDeadlineSeconds": active_deadline_s,
             "submitterPodTemplate": submitter,
             "rayClusterSpec": cluster,
         },
@@ -280,7 +319,6 @@ def build_rayjob(
 
 class _Dumper(yaml.SafeDumper):
     """Safe YAML with multi-line strings (the runtime env) written as `|` blocks."""
-
 
 def _str_presenter(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
     style = "|" if "\n" in data else None
@@ -297,101 +335,6 @@ def to_yaml(obj: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> str:
                          default_flow_style=False)
 
 
-def _clients() -> tuple[Any, Any, type[Exception]]:
-    """(CustomObjectsApi, CoreV1Api, ApiException) from the kubeconfig or in-cluster config."""
-    try:
-        from kubernetes import client, config
-    except ImportError as e:
-        raise AvsaError("kubernetes: the python package is not installed") from e
-    where = os.environ.get("KUBECONFIG") or "~/.kube/config"
-    try:
-        config.load_kube_config(config_file=where)
-    except Exception as kube_error:
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            reason = str(kube_error).replace("\n", " ")
-            raise AvsaError(f"{where}: no usable kubeconfig and not inside a cluster ({reason})"
-                            ) from kube_error
-    return client.CustomObjectsApi(), client.CoreV1Api(), client.ApiException
-
-
-def _api_error(error: Any, namespace: str, name: str) -> AvsaError:
-    where = f"rayjobs.{GROUP}/{VERSION} {namespace}/{name}"
-    if error.status == 404:
-        return AvsaError(f"{where}: not found (is the KubeRay operator installed?)")
-    if error.status == 409:
-        return AvsaError(f"{where}: already exists; delete it or pick another name")
-    return AvsaError(f"{where}: {error.status} {error.reason}")
-
-
-def _stream_submitter_logs(core: Any, namespace: str, name: str, out: TextIO) -> bool:
-    """Copy the submitter pod's log (the job's output) to `out` until it ends; False while the
-    pod has not started yet."""
-    pods = core.list_namespaced_pod(namespace, label_selector=f"job-name={name}").items
-    started = [p for p in pods if p.status.phase in ("Running", "Succeeded", "Failed")]
-    if not started:
-        return False
-    stream = core.read_namespaced_pod_log(started[-1].metadata.name, namespace, follow=True,
-                                          _preload_content=False)
-    for chunk in stream.stream():
-        out.write(chunk.decode("utf-8", errors="replace"))
-        out.flush()
-    return True
-
-
-def submit_rayjob(obj: Mapping[str, Any], namespace: str, follow: bool = True, *,
-                  poll_s: float = 5.0, timeout_s: float | None = None,
-                  out: TextIO | None = None) -> dict[str, Any]:
-    """Create the RayJob in `namespace`; with `follow`, print status changes and the job's log
-    until KubeRay reports it Complete or Failed.
-
-    Returns the RayJob's `status` (empty right after creation when not following). Raises
-    AvsaError without a usable kubeconfig, when the API refuses the object, when the job fails,
-    or after `timeout_s` seconds.
-    """
-    out = out or sys.stdout
-    name = obj["metadata"]["name"]
-    custom, core, api_exception = _clients()
-    body = copy.deepcopy(dict(obj))
-    body["metadata"]["namespace"] = namespace
-    try:
-        created = custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
-    except api_exception as e:
-        raise _api_error(e, namespace, name) from e
-    print(f"rayjob {namespace}/{name}: created", file=out)
-    if not follow:
-        return dict(created.get("status") or {})
-
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    last: tuple[Any, Any] | None = None
-    logs_done = False
-    while True:
-        try:
-            current = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-        except api_exception as e:
-            raise _api_error(e, namespace, name) from e
-        status = dict(current.get("status") or {})
-        state = (status.get("jobDeploymentStatus"), status.get("jobStatus"))
-        if state != last:
-            print(f"rayjob {namespace}/{name}: deployment={state[0]} job={state[1]}", file=out)
-            last = state
-        if not logs_done:
-            try:
-                logs_done = _stream_submitter_logs(core, namespace, name, out)
-            except api_exception as e:
-                print(f"rayjob {namespace}/{name}: log stream interrupted ({e.status})", file=out)
-        if state[0] in TERMINAL_DEPLOYMENT_STATES:
-            break
-        if deadline is not None and time.monotonic() > deadline:
-            raise AvsaError(f"rayjob {namespace}/{name}: still {state[0]} after {timeout_s} s")
-        time.sleep(poll_s)
-    if state[0] == "Failed" or state[1] != "SUCCEEDED":
-        message = str(status.get("message", "")).replace("\n", " ")
-        raise AvsaError(f"rayjob {namespace}/{name}: {state[1]} ({state[0]}) {message}".rstrip())
-    return status
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `submit`: the parameters of `build_rayjob`, then `--` and the job's argv."""
     parser.add_argument("name", help="RayJob name (DNS label, at most 47 characters)")
@@ -401,19 +344,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu-workers", type=int, default=0)
     parser.add_argument("--gpus-per-worker", type=int, default=1)
     parser.add_argument("--cpu-workers", type=int, default=1)
+    parser.add_argument("--release", default="avsa",
+                        help="Helm release whose ConfigMap <release>-env gives MLFLOW_TRACKING_URI")
     parser.add_argument("--s3-secret", default=None, help="Secret with AWS_* keys (envFrom)")
-    parser.add_argument("--mlflow-uri", default=None, help="MLFLOW_TRACKING_URI of the pods")
+    parser.add_argument("--mlflow-uri", default=None,
+                        help="MLFLOW_TRACKING_URI of the pods (default: the release's ConfigMap)")
     parser.add_argument("--working-dir", default=None, help="runtime-env working_dir URI")
     parser.add_argument("--service-account", default=None)
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--dry-run", action="store_true", help="print the RayJob YAML and exit")
-    parser.add_argument("--no-follow", action="store_true", help="return once created")
+    parser.add_argument("--pre-running-deadline", type=int, default=PRE_RUNNING_DEADLINE_S,
+                        metavar="S", help="fail when not running after S seconds")
+    parser.add_argument("--active-deadline", type=int, default=ACTIVE_DEADLINE_S, metavar="S",
+                        help="stop the job after S seconds")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="accepted for old scripts: the YAML is always printed")
     parser.add_argument("entrypoint", nargs="*",
                         help="-- then the job command, e.g. python jobs/pretrain.py k=v")
 
 
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
-    """Build the RayJob from parsed `args`, then print it (--dry-run) or submit it."""
+    """Build the RayJob from parsed `args` and print it as YAML."""
     out = out or sys.stdout
     argv = list(args.entrypoint)
     if argv and argv[0] == "--":
@@ -428,11 +378,9 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         num_gpu_workers=args.gpu_workers, gpus_per_worker=args.gpus_per_worker,
         cpu_workers=args.cpu_workers, namespace=args.namespace, s3_secret=args.s3_secret,
         mlflow_uri=args.mlflow_uri, working_dir=args.working_dir, env=env,
-        service_account=args.service_account)
-    if args.dry_run:
-        out.write(to_yaml(obj))
-        return 0
-    submit_rayjob(obj, args.namespace, follow=not args.no_follow, out=out)
+        service_account=args.service_account, release=args.release,
+        pre_running_deadline_s=args.pre_running_deadline, active_deadline_s=args.active_deadline)
+    out.write(to_yaml(obj))
     return 0
 
 
@@ -447,6 +395,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":
     try:
         raise SystemExit(main())
-    except AvsaError as error:
+    except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

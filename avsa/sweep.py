@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from avsa import storage, sweep_report, tracking
+from avsa import resources, storage, sweep_report, tracking
 from avsa.config import Config, compose, with_absolute_paths
 from avsa.errors import ConfigError
 from avsa.sweep_space import (
@@ -277,17 +277,19 @@ def run_sweep(cfg: Config) -> SweepResult:
     base = prepare_base(cfg)
     name = sweep_run_name(base)
     sweep_uri = storage.join(base.storage.path, "sweeps", name)
+    ensure_ray_with_state_api(base)
+    waiting = resources.check_and_watch(base, f"one trial of sweep {name}", TRIAL_DRIVER_CPU)
     uri, parent_id = start_tracking(
         base, kind="sweep", run_name=name,
         extra_tags={"avsa.run_uri": sweep_uri, "avsa.sweep": s.name, "avsa.metric": metric},
     )
-    ensure_ray_with_state_api(base)
     spec = TrialSpec(base.to_dict(), name, parent_id, storage.join(sweep_uri, "trials"), metric,
                      keyed_by_id=s.search != "grid" or s.num_samples > 1)
     tuner = make_tuner(base, space, spec)
     parent = tracking.RunLogger.start(uri, base.tracking.experiment, None, resume_run_id=parent_id)
     try:
-        grid = tuner.fit()
+        with waiting:
+            grid = tuner.fit()
     except BaseException:
         parent.end("FAILED")
         raise

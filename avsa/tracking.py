@@ -75,10 +75,14 @@ T = TypeVar("T")
 
 def default_tracking_uri() -> str:
     """``$MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<cwd>/mlruns/mlflow.db`` (absolute, so
-    Ray workers with another working directory write to the same store)."""
+    Ray workers with another working directory write to the same store). Inside a submitted Ray
+    job, where that store would be lost, raises TrackingError instead."""
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return resolve_tracking_uri(env)
+    from avsa.ray_job import refuse_untracked_job
+
+    refuse_untracked_job()
     return f"sqlite:///{Path.cwd() / DEFAULT_LOCAL_DIR / 'mlflow.db'}"
 
 

@@ -1,10 +1,10 @@
-"""avsa.cluster: the RayJob builder, its YAML (`--dry-run`), and the error without a cluster.
-No Kubernetes API server is faked: submission itself is exercised only up to the kubeconfig."""
+"""avsa.cluster: the RayJob builder and the YAML `avsa submit` prints for `kubectl create -f -`.
+No Kubernetes API server here: the objects are checked against the KubeRay and Kubernetes
+schemas."""
 
 from __future__ import annotations
 
 import copy
-import io
 import shlex
 import subprocess
 import sys
@@ -14,9 +14,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from avsa.cluster import DEFAULT_IMAGE, RAY_VERSION, build_rayjob, main, submit_rayjob, to_yaml
+from avsa.cluster import DEFAULT_IMAGE, RAY_VERSION, build_rayjob, main, to_yaml
 from avsa.crd import crd_spec_schema, pod_templates, validate_spec
-from avsa.errors import AvsaError, ConfigError
+from avsa.errors import ConfigError
 
 pytestmark = pytest.mark.cluster
 
@@ -98,6 +98,7 @@ def test_entrypoint_env_secret_and_runtime_env():
         assert container["env"] == [{"name": "MLFLOW_TRACKING_URI",
                                      "value": "http://avsa-mlflow.ml.svc:5000"}]
         assert container["envFrom"] == [{"secretRef": {"name": "avsa-s3"}}]
+        assert container["image"] in (DEFAULT_IMAGE, f"{DEFAULT_IMAGE}-gpu")
     assert obj["metadata"] == {"name": "avsa-pretrain", "namespace": "ml",
                                "labels": {"app.kubernetes.io/name": "avsa",
                                           "app.kubernetes.io/part-of": "avsa"}}
@@ -168,25 +169,6 @@ def test_cli_bad_input_is_one_line(tmp_path):
     assert result.stderr.startswith("error: name: ") and result.stderr.count("\n") == 1
 
 
-@pytest.mark.parametrize("kubeconfig", ["missing", "garbage"])
-def test_submit_without_a_cluster_names_the_kubeconfig(tmp_path, monkeypatch, kubeconfig):
-    path = tmp_path / "kubeconfig"
-    if kubeconfig == "garbage":
-        path.write_text("this: is: not a kubeconfig\n")
-    monkeypatch.setenv("KUBECONFIG", str(path))
-    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    with pytest.raises(AvsaError) as info:
-        submit_rayjob(job(), "ml", follow=False, out=io.StringIO())
-    assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)
-
-
-def test_importing_the_module_does_not_import_kubernetes():
-    code = "import sys, avsa.cluster; print('kubernetes' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=60, check=True)
-    assert result.stdout.strip() == "False"
-
-
 @needs_crds
 def test_crd_validation_names_the_bad_field():
     obj = job()
@@ -200,3 +182,34 @@ def test_crd_validation_names_the_bad_field():
         validate_spec(wrong_type, RAYJOB_CRD)
     with pytest.raises(ConfigError, match="v9"):
         crd_spec_schema(RAYJOB_CRD, "v9")
+
+
+def test_without_a_uri_the_pods_read_the_release_config_map():
+    obj = job(mlflow_uri=None)
+    for where, template in pod_templates(obj):
+        container = template["spec"]["containers"][0]
+        if "submitter" in where:
+            continue
+        assert "env" not in container
+        assert container["envFrom"] == [{"configMapRef": {"name": "avsa-env"}},
+                                        {"secretRef": {"name": "avsa-s3"}}]
+    other = job(mlflow_uri=None, release="ml-team")
+    head = other["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert head["envFrom"][0] == {"configMapRef": {"name": "ml-team-env"}}
+    with pytest.raises(ConfigError, match=r"^release: "):
+        job(release="Not A Release")
+
+
+def test_token_auth_deadlines_and_the_projects_images():
+    spec = job()["spec"]
+    assert spec["rayClusterSpec"]["authOptions"] == {"mode": "token"}
+    assert spec["preRunningDeadlineSeconds"] == 1800
+    assert spec["activeDeadlineSeconds"] > spec["preRunningDeadlineSeconds"]
+    assert DEFAULT_IMAGE.startswith("avsa:")
+    images = {w: t["spec"]["containers"][0]["image"] for w, t in pod_templates(job())}
+    assert images["spec.rayClusterSpec.workerGroupSpecs[gpu].template"] == f"{DEFAULT_IMAGE}-gpu"
+    assert images["spec.rayClusterSpec.workerGroupSpecs[cpu].template"] == DEFAULT_IMAGE
+    mine = {w: t["spec"]["containers"][0]["image"] for w, t in pod_templates(job(image="r/x:1"))}
+    assert set(mine.values()) == {"r/x:1"}  # the suffix extends only the default image
+    short = job(pre_running_deadline_s=60)["spec"]
+    assert short["preRunningDeadlineSeconds"] == 60

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import helm_python as helm
@@ -19,6 +21,7 @@ pytestmark = pytest.mark.cluster
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "helm" / "avsa"
+APP_VERSION = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
 CRDS = Path(__file__).resolve().parents[2] / "shared" / "schemas" / "kuberay"
 K8S_VERSION = "1.30.0"
 RELEASE, NAMESPACE = "avsa", "ml"
@@ -119,6 +122,8 @@ def test_default_cluster_layout(chart):
     assert head["rayStartParams"]["num-cpus"] == "0"
     ports = {p["name"]: p["containerPort"] for p in head["template"]["spec"]["containers"][0]["ports"]}
     assert ports == {"gcs": 6379, "dashboard": 8265, "client": 10001, "metrics": 8080}
+    assert head["rayStartParams"]["dashboard-port"] == "8265"
+    assert spec["authOptions"] == {"mode": "token"}
     g = groups(rc)
     assert set(g) == {"cpu", "gpu"}
     assert (g["cpu"]["replicas"], g["cpu"]["minReplicas"], g["cpu"]["maxReplicas"]) == (2, 1, 8)
@@ -127,8 +132,9 @@ def test_default_cluster_layout(chart):
     gpu_ctr = g["gpu"]["template"]["spec"]["containers"][0]
     assert gpu_ctr["resources"]["requests"]["nvidia.com/gpu"] == 1
     assert gpu_ctr["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert gpu_ctr["image"] == "rayproject/ray:2.60.0-py311-gpu"
-    assert head["template"]["spec"]["containers"][0]["image"] == "rayproject/ray:2.60.0-py311"
+    # The project's image (the root Dockerfile), CUDA build on GPU workers.
+    assert gpu_ctr["image"] == f"avsa:{APP_VERSION}-gpu"
+    assert head["template"]["spec"]["containers"][0]["image"] == f"avsa:{APP_VERSION}"
 
 
 def test_ray_version_is_set_in_one_place(chart):
@@ -145,10 +151,9 @@ def test_ray_version_is_set_in_one_place(chart):
     defaults = yaml.safe_load((CHART / "values.yaml").read_text())
     assert [v for v in leaves(defaults) if "2.60" in str(v)] == ["2.60.0"]
     docs, _, _ = render(chart, {"ray": {"version": "2.61.1"}})
-    rc = only(docs, "RayCluster")
-    assert rc["spec"]["rayVersion"] == "2.61.1"
-    images = {c["image"] for _, s in all_pod_specs([rc]) for c in s["containers"]}
-    assert images == {"rayproject/ray:2.61.1-py311", "rayproject/ray:2.61.1-py311-gpu"}
+    assert only(docs, "RayCluster")["spec"]["rayVersion"] == "2.61.1"
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert re.search(r"^ARG RAY_VERSION=2\.60\.0$", dockerfile, re.M), "image and chart disagree"
 
 
 def test_gpu_autoscaling_values(chart):
@@ -196,7 +201,9 @@ def test_ray_nodes_share_one_environment_and_shm(chart, case):
     envs = [t["spec"]["containers"][0].get("env") for t in templates]
     env_froms = [t["spec"]["containers"][0].get("envFrom") for t in templates]
     assert all(e == envs[0] for e in envs) and all(e == env_froms[0] for e in env_froms)
-    env = {e["name"]: e.get("value") for e in envs[0]}
+    config_map = only(docs, "ConfigMap")
+    assert env_froms[0][0] == {"configMapRef": {"name": config_map["metadata"]["name"]}}
+    env = config_map["data"]
     service = only(docs, "Service")
     expected_uri = f"http://{service['metadata']['name']}.{NAMESPACE}.svc:{service['spec']['ports'][0]['port']}"
     assert env["MLFLOW_TRACKING_URI"] == expected_uri
@@ -253,7 +260,8 @@ def test_networkpolicy_only_when_enabled(chart):
     def ports(policy):
         return {p["port"] for rule in policy["spec"]["ingress"] for p in rule.get("ports", [])}
 
-    assert ports(policies["avsa-ray"]) == {6379, 8265, 10001}
+    # Every head port, metrics included, so a Prometheus in extraFrom can scrape 8080.
+    assert ports(policies["avsa-ray"]) == {6379, 8265, 10001, 8080}
     assert ports(policies["avsa-mlflow"]) == {5000}
     ray_selector = policies["avsa-ray"]["spec"]["podSelector"]["matchLabels"].items()
     for _, template in pod_templates(only(docs, "RayCluster")):
@@ -271,9 +279,12 @@ def test_notes_explain_port_forward_and_first_job(chart):
     assert f"kubectl port-forward --namespace {NAMESPACE} svc/avsa-head-svc 8265:8265" in notes
     assert f"kubectl port-forward --namespace {NAMESPACE} svc/avsa-mlflow 5000:5000" in notes
     assert "ray job submit --address http://localhost:8265 --working-dir ." in notes
+    assert "export RAY_AUTH_MODE=token" in notes
+    assert "kubectl get secret --namespace ml avsa -o jsonpath='{.data.auth_token}'" in notes
     assert "python jobs/pretrain.py experiment=avsa_yt360 storage=s3" in notes
     assert "kuberay-operator" in notes
-    _, notes, _ = render(chart, {"mlflow": {"enabled": False}, "s3": {"existingSecret": "avsa-s3"}})
+    _, notes, _ = render(chart, {"mlflow": {"enabled": False, "externalTrackingUri": "http://m:5000"},
+                                 "s3": {"existingSecret": "avsa-s3"}})
     assert "svc/avsa-mlflow" not in notes and "no S3" not in notes
 
 
@@ -396,3 +407,140 @@ def test_chart_metadata(chart):
     assert chart.schema is not None
     readme = (CHART / "README.md").read_text()
     assert "kuberay-operator" in readme
+
+
+# ----------------------------------------------------------------------------- one test per defect
+
+
+def test_user_ray_start_params_win_over_the_charts(chart):
+    user = {"dashboard-host": "127.0.0.1", "num-cpus": "3", "metrics-export-port": "9090"}
+    docs, _, _ = render(chart, {"head": {"rayStartParams": user}})
+    params = only(docs, "RayCluster")["spec"]["headGroupSpec"]["rayStartParams"]
+    assert {k: params[k] for k in user} == user
+    assert params["dashboard-port"] == "8265"  # the chart's own, where the user said nothing
+
+
+@pytest.mark.parametrize(
+    ("image", "head", "gpu"),
+    [
+        ({}, f"avsa:{APP_VERSION}", f"avsa:{APP_VERSION}-gpu"),
+        ({"repository": "reg.example/t/avsa"}, f"reg.example/t/avsa:{APP_VERSION}",
+         f"reg.example/t/avsa:{APP_VERSION}-gpu"),
+        ({"tag": "0.2.0-cuda"}, "avsa:0.2.0-cuda", "avsa:0.2.0-cuda"),
+        ({"tag": "0.2.0", "gpuTag": "0.2.0-gpu"}, "avsa:0.2.0", "avsa:0.2.0-gpu"),
+    ],
+    ids=["default", "registry", "explicit-tag", "explicit-gpu-tag"],
+)
+def test_gpu_suffix_only_extends_the_default_tag(chart, image, head, gpu):
+    docs, _, _ = render(chart, {"image": image})
+    images = {where: t["spec"]["containers"][0]["image"]
+              for where, t in pod_templates(only(docs, "RayCluster"))}
+    assert images["spec.headGroupSpec.template"] == head
+    assert images["spec.workerGroupSpecs[cpu].template"] == head
+    assert images["spec.workerGroupSpecs[gpu].template"] == gpu
+
+
+def test_networkpolicy_ports_follow_the_values(chart):
+    values = {"networkPolicy": {"enabled": True},
+              "head": {"ports": {"gcs": 6380, "dashboard": 8266, "client": 10002, "metrics": 9090}},
+              "mlflow": {"port": 5001}}
+    docs, _, _ = render(chart, values)
+    policies = {d["metadata"]["name"]: d for d in docs if d["kind"] == "NetworkPolicy"}
+    opened = {p["port"] for r in policies["avsa-ray"]["spec"]["ingress"] for p in r.get("ports", [])}
+    assert opened == {6380, 8266, 10002, 9090}
+    head = only(docs, "RayCluster")["spec"]["headGroupSpec"]
+    assert {p["containerPort"] for p in head["template"]["spec"]["containers"][0]["ports"]} == opened
+    assert head["rayStartParams"]["metrics-export-port"] == "9090"
+    assert head["rayStartParams"]["port"] == "6380"
+    ml = {p["port"] for r in policies["avsa-mlflow"]["spec"]["ingress"] for p in r["ports"]}
+    assert ml == {5001}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_mlflow_has_its_own_service_account_without_a_token(chart, case):
+    docs, _, _ = render(chart, case_values(case))
+    accounts = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ServiceAccount"}
+    pod = only(docs, "Deployment")["spec"]["template"]["spec"]
+    ray_accounts = {t["spec"]["serviceAccountName"] for _, t in pod_templates(only(docs, "RayCluster"))}
+    assert pod["serviceAccountName"] in accounts
+    assert pod["serviceAccountName"] not in ray_accounts
+    assert pod["automountServiceAccountToken"] is False
+    assert accounts[pod["serviceAccountName"]]["automountServiceAccountToken"] is False
+
+
+@pytest.mark.parametrize("case", ["default", "external-db"])
+def test_mlflow_database_is_upgraded_before_the_server_starts(chart, case):
+    docs, _, _ = render(chart, case_values(case))
+    pod = only(docs, "Deployment")["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    assert init["image"] == pod["containers"][0]["image"]
+    assert init["command"][:3] == ["mlflow", "db", "upgrade"]
+    if case == "default":
+        assert init["command"][3] == "sqlite:////mlflow/mlflow.db"
+        assert {"name": "data", "mountPath": "/mlflow"} in init["volumeMounts"]
+    else:  # the URI stays in its Secret; Kubernetes expands $(VAR) in the command
+        assert init["command"][3] == "$(MLFLOW_BACKEND_STORE_URI)"
+        env = {e["name"]: e for e in init["env"]}
+        assert env["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]["secretKeyRef"]["name"] == "avsa-mlflow-db"
+    docs, _, _ = render(chart, {"mlflow": {"dbUpgrade": False}})
+    assert "initContainers" not in only(docs, "Deployment")["spec"]["template"]["spec"]
+
+
+def test_the_rendered_db_upgrade_command_runs(chart, tmp_path):
+    """The init container's command, run here on an empty SQLite file at the same path shape."""
+    docs, _, _ = render(chart)
+    command = only(docs, "Deployment")["spec"]["template"]["spec"]["initContainers"][0]["command"]
+    db = tmp_path / "mlflow.db"
+    argv = [str(Path(sys.executable).parent / command[0]), *command[1:3],
+            command[3].replace("/mlflow/mlflow.db", str(db))]
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=180, check=False)
+    assert res.returncode == 0, res.stderr[-2000:]
+    again = subprocess.run(argv, capture_output=True, text=True, timeout=180, check=False)
+    assert again.returncode == 0 and db.stat().st_size > 0
+
+
+def test_tracking_uri_is_required_without_the_in_cluster_mlflow(chart):
+    with pytest.raises(helm.HelmRenderError, match=r"mlflow\.externalTrackingUri is required"):
+        chart.render({"mlflow": {"enabled": False}}, name=RELEASE, namespace=NAMESPACE)
+    docs, _, _ = render(chart, {"mlflow": {"enabled": False,
+                                           "externalTrackingUri": "https://mlflow.example"}})
+    assert only(docs, "ConfigMap")["data"]["MLFLOW_TRACKING_URI"] == "https://mlflow.example"
+    assert [d for d in docs if d["kind"] in ("Deployment", "Service")
+            and "mlflow" in d["metadata"]["name"]] == []
+
+
+def test_ray_token_auth_is_on_by_default_with_the_token_in_a_secret(chart):
+    docs, _, _ = render(chart)
+    assert only(docs, "RayCluster")["spec"]["authOptions"] == {"mode": "token"}
+    docs, notes, _ = render(chart, {"ray": {"auth": {"existingSecret": "avsa-ray-token"}}})
+    assert only(docs, "RayCluster")["spec"]["authOptions"] == {"mode": "token",
+                                                               "secretName": "avsa-ray-token"}
+    assert "secret --namespace ml avsa-ray-token" in notes
+    docs, notes, _ = render(chart, {"ray": {"auth": {"mode": "disabled"}}})
+    assert only(docs, "RayCluster")["spec"]["authOptions"] == {"mode": "disabled"}
+    assert "RAY_AUTH_MODE" not in notes
+    with pytest.raises(helm.HelmValuesError):
+        chart.render({"ray": {"auth": {"existingSecret": "x" * 20 + "/token=abc"}}},
+                     name=RELEASE, namespace=NAMESPACE)
+
+
+def test_release_config_map_is_what_avsa_submit_references(chart):
+    """`avsa submit` without --mlflow-uri points its RayJob at `<release>-env`: the chart must
+    make that ConfigMap, with the tracking URI in it."""
+    from avsa.cluster import build_rayjob
+
+    docs, _, _ = render(chart)
+    config_map = only(docs, "ConfigMap")
+    job = build_rayjob("avsa-pretrain", ["jobs/pretrain.py"], namespace=NAMESPACE, release=RELEASE)
+    for _, template in pod_templates(job):
+        for container in template["spec"]["containers"]:
+            if container["name"] != "ray-job-submitter":
+                assert {"configMapRef": {"name": config_map["metadata"]["name"]}} in container["envFrom"]
+    assert config_map["data"]["MLFLOW_TRACKING_URI"].startswith("http://")
+
+
+def test_values_default_image_is_the_projects_image():
+    pyproject = (REPO / "pyproject.toml").read_text()
+    version = re.search(r'^version = "([^"]+)"', pyproject, re.M).group(1)
+    assert version == APP_VERSION
+    assert yaml.safe_load((CHART / "values.yaml").read_text())["image"]["repository"] == "avsa"

@@ -1,6 +1,8 @@
 """jobs/*.py, the entry points for `ray job submit`: their --help, their one-line errors before
-any Ray or MLflow work, and one real submission to a local Ray head started with `ray start`,
-tracked in a real MLflow server."""
+any Ray or MLflow work, and real submissions of pretrain, sweep and transfer, with the working
+directory uploaded, to a 2-CPU local head started with `ray start` as docs/cluster.md shows:
+Ray's token auth on (a token in ~/.ray, as any earlier `ray.init()` leaves), shards and
+checkpoints on a loopback S3 endpoint (moto), metrics in a real MLflow server."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -29,6 +32,7 @@ JOBS = ("pretrain", "sweep", "transfer", "submit")
 HEAD_START_TIMEOUT_S = 150.0
 HEAD_STOP_TIMEOUT_S = 60.0
 JOB_TIMEOUT_S = 420.0
+HEAD_CPUS = 2  # the machine this runs on, and the head of the issue that hung
 
 
 def run_job_script(name: str, *args: str, env: dict[str, str] | None = None, timeout: float = 120):
@@ -69,6 +73,18 @@ def test_bad_override_is_one_line_before_ray(override, key):
     assert time.monotonic() - start < 60
 
 
+def test_a_job_without_a_tracking_server_is_refused_before_ray():
+    """Inside a submitted job (Ray's job env var set) an unset tracking URI would mean SQLite in
+    a temporary directory: refused with one line, before any Ray work."""
+    env = {k: v for k, v in unreachable_env().items() if k != "MLFLOW_TRACKING_URI"}
+    env["RAY_JOB_CONFIG_JSON_ENV_VAR"] = "{}"
+    res = run_job_script("pretrain", "experiment=demo_local", env=env, timeout=60)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("avsa pretrain: error: tracking.uri: not set "
+                                                   "inside a Ray job"), res.stderr
+
+
 def test_transfer_unknown_task_names_the_key():
     res = run_job_script("transfer", "no_such_task", env=unreachable_env(), timeout=60)
     assert res.returncode == 2
@@ -88,7 +104,7 @@ class RayHead:
     proc: subprocess.Popen
     temp_dir: str
     log: Path
-    env: dict[str, str]
+    env: dict[str, str]  # a client's environment: RAY_AUTH_MODE=token, the token in HOME/.ray
 
     def log_tail(self, n: int = 40) -> str:
         lines = self.log.read_text(errors="replace").splitlines() if self.log.exists() else []
@@ -107,53 +123,60 @@ class RayHead:
             self.proc.wait(10)
 
 
-def _http_ok(url: str, timeout_s: float = 2.0) -> bool:
+def _http_status(url: str, timeout_s: float = 2.0, headers: dict[str, str] | None = None) -> int:
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
-            return resp.status == 200
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}),
+                                    timeout=timeout_s) as resp:
+            return resp.status
+    except urllib.error.HTTPError as e:
+        return e.code
     except (urllib.error.URLError, OSError):
-        return False
+        return 0
 
 
-def head_env() -> dict[str, str]:
+def head_env(home: Path) -> dict[str, str]:
+    """The environment of the head and of its clients. HOME is the test's own, so the token
+    file is the test's; RAY_AUTH_MODE is left unset on the head, so Ray's default applies:
+    token auth turns on because ~/.ray/auth_token exists. The S3 settings (moto) are inherited
+    by every Ray worker, as pods get them from the chart's ConfigMap and Secret."""
     env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)
+    for key in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH",
+                "MLFLOW_TRACKING_URI"):
+        env.pop(key, None)
     env.update(
         # `python` in a job's entrypoint is resolved through the PATH the head was started with.
         PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
+        HOME=str(home),
         RAY_USAGE_STATS_ENABLED="0",
-        # A throwaway head bound to loopback: no token, so the test never reads ~/.ray.
-        RAY_AUTH_MODE="disabled",
         PYTHONUNBUFFERED="1",
     )
     return env
 
 
-def start_head(log: Path) -> RayHead:
-    """`ray start --head` on free loopback ports with its own temp dir, so neither the
-    session's in-process Ray nor any other Ray on the machine is in the way. The temp dir is
-    short because Ray puts Unix sockets in it (108-byte limit). Ready means: `ray start` has
-    logged that the runtime started, is still alive a moment later, and the job API answers."""
-    temp_dir = tempfile.mkdtemp(prefix="avsa-ray-", dir="/tmp")
+def start_head(log: Path, home: Path, num_cpus: int) -> RayHead:
+    """Ready means: `ray start` has logged that the runtime started, is still alive a moment
+    later, and the job API answers an authenticated request and refuses an anonymous one."""
+    temp_dir = tempfile.mkdtemp(prefix="avsa-ray-", dir="/tmp")  # short: Unix sockets live there
     port, dash, agent, client = (free_port() for _ in range(4))
-    env = head_env()
+    env = head_env(home)
     cmd = [
         str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={port}",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
         f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}",
-        "--num-cpus=4", "--include-dashboard=true", f"--temp-dir={temp_dir}",
+        f"--num-cpus={num_cpus}", "--include-dashboard=true", f"--temp-dir={temp_dir}",
         "--disable-usage-stats",
     ]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=temp_dir,
                                 start_new_session=True)
-    head = RayHead(f"http://127.0.0.1:{dash}", proc, temp_dir, log, env)
+    head = RayHead(f"http://127.0.0.1:{dash}", proc, temp_dir, log,
+                   {**env, "RAY_AUTH_MODE": "token"})
     deadline = time.monotonic() + HEAD_START_TIMEOUT_S
     while time.monotonic() < deadline and proc.poll() is None:
         if "Ray runtime started" in log.read_text(errors="replace"):
             time.sleep(3.0)  # `--block` reports a subprocess that died during startup here
-            if proc.poll() is None and _http_ok(f"{head.dashboard}/api/version") \
-                    and _http_ok(f"{head.dashboard}/api/jobs/"):
+            if proc.poll() is None and _http_status(f"{head.dashboard}/api/jobs/",
+                                                    headers=_auth_header(head)) == 200:
                 return head
             break
         time.sleep(1.0)
@@ -163,12 +186,18 @@ def start_head(log: Path) -> RayHead:
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
+def ray_head(tmp_path_factory, s3_endpoint):
+    """The single-node steps of docs/cluster.md: `ray get-auth-token --generate` (what any
+    earlier `ray.init()`, e.g. `make demo`, leaves behind), then `ray start --head` on 2 CPUs."""
     logs = tmp_path_factory.mktemp("ray-head")
+    home = tmp_path_factory.mktemp("home")
+    res = subprocess.run([str(VENV_BIN / "ray"), "get-auth-token", "--generate"],
+                         env=head_env(home), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and (home / ".ray" / "auth_token").is_file(), res.stderr
     try:
-        head = start_head(logs / "ray-start-1.log")
+        head = start_head(logs / "ray-start-1.log", home, HEAD_CPUS)
     except RuntimeError:  # on a loaded machine the raylet can miss Ray's fixed 30 s; once more
-        head = start_head(logs / "ray-start-2.log")
+        head = start_head(logs / "ray-start-2.log", home, HEAD_CPUS)
     try:
         yield head
     finally:
@@ -177,91 +206,195 @@ def ray_head(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_shards(tmp_path_factory):
-    """Six 2 s synthetic clips at 128x64, sharded as train and val."""
-    from avsa.data.shards import write_shards
+def s3_shards(s3_endpoint, tmp_path_factory):
+    """Six 2 s synthetic clips at 128x64, sharded as train and val into a fresh bucket with
+    `avsa shard` (the docs' command); returns (bucket URI, {split: shards URI})."""
+    import boto3
+
     from avsa.synth import write_dataset
 
     root = tmp_path_factory.mktemp("job-data")
     write_dataset(root / "clips", 6, 2.0, seed=0, width=128, height=64, progress=False)
+    bucket = f"avsa-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
     out = {}
     for split in ("train", "val"):
-        out[split] = str(root / "shards" / split)
-        write_shards(str(root / "clips"), out[split], samples_per_shard=3, split=split,
-                     progress=False)
-    return out
+        out[split] = f"s3://{bucket}/shards/{split}"
+        res = subprocess.run([str(VENV_BIN / "avsa"), "shard", str(root / "clips"), out[split],
+                              "--samples-per-shard", "3", "--split", split],
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+    return f"s3://{bucket}", out
 
 
-def runtime_env(mlflow_uri: str) -> dict:
-    """k8s/runtime_env.yaml (the documented one) with the tracking server added; the working
-    dir is given to `ray job submit --working-dir`."""
-    env = yaml.safe_load((REPO / "k8s" / "runtime_env.yaml").read_text())
-    env.pop("working_dir", None)
-    env["env_vars"] = {**env.get("env_vars", {}), "MLFLOW_TRACKING_URI": str(mlflow_uri)}
-    return env
+def submit(head: RayHead, cwd: Path, *entrypoint: str, mlflow_uri: str | None,
+           env: dict[str, str] | None = None, timeout: float = JOB_TIMEOUT_S):
+    """`ray job submit --working-dir REPO --runtime-env k8s/runtime_env.yaml` as documented,
+    plus the tracking URI; returns (completed process, job id, job log)."""
+    from ray.job_submission import JobSubmissionClient
+
+    job_id = f"avsa-test-{uuid.uuid4().hex[:8]}"
+    runtime_env = yaml.safe_load((REPO / "k8s" / "runtime_env.yaml").read_text())
+    runtime_env.pop("working_dir")
+    if mlflow_uri:
+        runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] = str(mlflow_uri)
+    cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", head.dashboard,
+           "--submission-id", job_id, "--working-dir", str(REPO),
+           "--runtime-env-json", json.dumps(runtime_env), "--", *entrypoint]
+    client_env = env or head.env
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                             env=client_env)
+    except subprocess.TimeoutExpired:
+        logs = ""
+        with contextlib.suppress(Exception):
+            os.environ.update(RAY_AUTH_MODE="token")
+            client = JobSubmissionClient(head.dashboard, headers=_auth_header(head))
+            client.stop_job(job_id)
+            logs = client.get_job_logs(job_id)[-4000:]
+        pytest.fail(f"ray job submit still running after {timeout:.0f} s:\n{logs}")
+    assert head.proc.poll() is None, f"the Ray head died:\n{head.log_tail()}"
+    logs = _job_logs(head, job_id)
+    (cwd / f"{job_id}.log").write_text(logs)
+    return res, job_id, logs
+
+
+def _auth_header(head: RayHead) -> dict[str, str]:
+    token = (Path(head.env["HOME"]) / ".ray" / "auth_token").read_text().strip()
+    return {"Authorization": f"Bearer {token}"}
+
+
+def _job_logs(head: RayHead, job_id: str) -> str:
+    req = urllib.request.Request(f"{head.dashboard}/api/jobs/{job_id}/logs",
+                                 headers=_auth_header(head))
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())["logs"]
+
+
+def _explain(res, logs: str, head: RayHead) -> str:
+    return (f"{res.stderr[-3000:]}\n--- job log ---\n{logs[-5000:]}\n--- head ---\n"
+            f"{head.log_tail()}")
+
+
+TINY = ["experiment=demo_local", "model=tiny", "data.crop_size=32", "data.frames=4",
+        "data.n_mels=32", "train.num_workers=1", "train.batch_size=2", "train.val_batches=1",
+        "train.log_every=2", "train.checkpoint_every=2"]
 
 
 @pytest.mark.slow
 @pytest.mark.cluster
-@pytest.mark.timeout(900)  # two head starts at most, then the job
-def test_ray_job_submit_pretrain_tracked_in_mlflow(ray_head, tiny_shards, mlflow_uri, tmp_path):
-    from mlflow.tracking import MlflowClient
-    from ray.job_submission import JobStatus, JobSubmissionClient
+def test_the_head_refuses_clients_without_the_token(ray_head):
+    assert _http_status(f"{ray_head.dashboard}/api/jobs/") == 401
+    anonymous = {k: v for k, v in ray_head.env.items() if k != "RAY_AUTH_MODE"}
+    res = subprocess.run([str(VENV_BIN / "ray"), "job", "list", "--address", ray_head.dashboard],
+                         capture_output=True, text=True, timeout=120, env=anonymous)
+    assert res.returncode != 0 and "Authentication required" in res.stdout + res.stderr
+    res = subprocess.run([str(VENV_BIN / "ray"), "job", "list", "--address", ray_head.dashboard],
+                         capture_output=True, text=True, timeout=120, env=ray_head.env)
+    assert res.returncode == 0, res.stderr[-2000:]
 
+
+@pytest.fixture(scope="module")
+def pretrained(ray_head, s3_shards, mlflow_uri, tmp_path_factory):
+    """`ray job submit ... python jobs/pretrain.py` with S3 shards and S3 checkpoints."""
+    bucket, shards = s3_shards
+    tmp = tmp_path_factory.mktemp("pretrain-job")
     experiment = f"jobs-{uuid.uuid4().hex[:8]}"
-    job_id = f"avsa-test-{uuid.uuid4().hex[:8]}"
-    runs_dir = tmp_path / "runs"
-    overrides = [
-        "experiment=demo_local", "model=tiny",
-        f"data.shards={tiny_shards['train']}", f"data.val_shards={tiny_shards['val']}",
-        "data.crop_size=32", "data.frames=4", "data.n_mels=32",
-        "train.max_steps=4", "train.num_workers=1", "train.batch_size=2", "train.val_every=4",
-        "train.val_batches=1", "train.log_every=2", "train.checkpoint_every=2",
-        f"storage.path={runs_dir}", f"tracking.experiment={experiment}",
-    ]
-    cmd = [
-        str(VENV_BIN / "ray"), "job", "submit", "--address", ray_head.dashboard,
-        "--submission-id", job_id, "--working-dir", str(REPO),
-        "--runtime-env-json", json.dumps(runtime_env(mlflow_uri)),
-        "--", "python", "jobs/pretrain.py", *overrides,
-    ]
-    try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=JOB_TIMEOUT_S,
-                             cwd=tmp_path, env=ray_head.env)
-    except subprocess.TimeoutExpired:
-        logs = ""
-        with contextlib.suppress(Exception):
-            client = JobSubmissionClient(ray_head.dashboard)
-            client.stop_job(job_id)
-            logs = client.get_job_logs(job_id)[-4000:]
-        pytest.fail(f"ray job submit still running after {JOB_TIMEOUT_S:.0f} s:\n{logs}")
+    res, job_id, logs = submit(
+        ray_head, tmp, "python", "jobs/pretrain.py", *TINY,
+        f"data.shards={shards['train']}", f"data.val_shards={shards['val']}",
+        "train.max_steps=4", "train.val_every=4", f"storage.path={bucket}/runs",
+        f"tracking.experiment={experiment}", mlflow_uri=mlflow_uri)
+    return SimpleNamespace(res=res, job_id=job_id, logs=logs, experiment=experiment,
+                           bucket=bucket, shards=shards)
 
-    assert ray_head.proc.poll() is None, f"the Ray head died:\n{ray_head.log_tail()}"
-    client = JobSubmissionClient(ray_head.dashboard)
-    logs = client.get_job_logs(job_id)
-    (tmp_path / "job.log").write_text(logs)
-    assert res.returncode == 0, (
-        f"{res.stderr[-3000:]}\n--- job log ---\n{logs[-4000:]}\n--- head ---\n"
-        f"{ray_head.log_tail()}"
-    )
-    assert client.get_job_status(job_id) == JobStatus.SUCCEEDED
-    assert "[avsa] step 2/4" in logs
-    assert "[avsa] step 4/4" in logs
-    assert "[avsa] finished" in logs
 
+@pytest.mark.slow
+@pytest.mark.cluster
+@pytest.mark.timeout(900)
+def test_ray_job_submit_pretrain_on_s3_tracked_in_mlflow(pretrained, ray_head, mlflow_uri):
+    import boto3
+    from mlflow.tracking import MlflowClient
+
+    p = pretrained
+    assert p.res.returncode == 0, _explain(p.res, p.logs, ray_head)
+    assert "[avsa] step 4/4" in p.logs and "[avsa] finished" in p.logs
     ml = MlflowClient(str(mlflow_uri))
-    exp = ml.get_experiment_by_name(experiment)
-    assert exp is not None, f"no experiment {experiment!r} in {mlflow_uri}"
-    runs = ml.search_runs([exp.experiment_id])
-    assert len(runs) == 1
-    run = runs[0]
-    assert run.info.status == "FINISHED"
-    assert run.data.tags["avsa.kind"] == "pretrain"
-    assert run.data.params["data.num_viewpoints"] == "4"
-    loss = ml.get_metric_history(run.info.run_id, "train/loss")
-    assert sorted(m.step for m in loss) == [2, 4]
-    assert "val/avsa_acc" in run.data.metrics
+    (run,) = ml.search_runs([ml.get_experiment_by_name(p.experiment).experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["avsa.kind"] == "pretrain"
+    assert sorted(m.step for m in ml.get_metric_history(run.info.run_id, "train/loss")) == [2, 4]
     checkpoint = run.data.tags["avsa.checkpoint_uri"]
-    assert Path(checkpoint).name == "checkpoint-00000004"
-    assert Path(checkpoint).is_relative_to(runs_dir)
-    assert any(Path(checkpoint).iterdir())
+    assert checkpoint.startswith(f"{p.bucket}/runs/") and checkpoint.endswith("checkpoint-00000004")
+    bucket, _, prefix = checkpoint.removeprefix("s3://").partition("/")
+    listed = boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix=prefix)
+    assert listed.get("KeyCount", 0) > 0
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+@pytest.mark.timeout(900)
+def test_ray_job_submit_transfer_from_the_pretrained_run(pretrained, ray_head, mlflow_uri,
+                                                        tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    assert pretrained.res.returncode == 0, "pretraining failed: see the test above"
+    ml = MlflowClient(str(mlflow_uri))
+    (run,) = ml.search_runs([ml.get_experiment_by_name(pretrained.experiment).experiment_id])
+    shards = pretrained.shards
+    res, _, logs = submit(
+        ray_head, tmp_path, "python", "jobs/transfer.py", "avsa_bin",
+        f"pretrain={run.info.run_id}", *TINY[1:], f"data.shards={shards['train']}",
+        f"data.val_shards={shards['val']}", "downstream.epochs=1", "downstream.batch_size=2",
+        f"downstream.experiment={pretrained.experiment}-transfer", mlflow_uri=mlflow_uri)
+    assert res.returncode == 0, _explain(res, logs, ray_head)
+    exp = ml.get_experiment_by_name(f"{pretrained.experiment}-transfer")
+    (transfer,) = ml.search_runs([exp.experiment_id])
+    assert transfer.info.status == "FINISHED"
+    assert transfer.data.tags["avsa.pretrain_run_id"] == run.info.run_id
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+@pytest.mark.timeout(900)
+def test_ray_job_submit_sweep_too_big_for_the_head_fails_within_a_minute(ray_head, s3_shards,
+                                                                        tmp_path, mlflow_uri):
+    """One trial of one worker needs its worker's CPU, a decoding CPU and the trial driver's
+    0.01: more than a 2-CPU head. It used to sit at 0 rows for 8 minutes in silence."""
+    bucket, shards = s3_shards
+    start = time.monotonic()
+    res, _, logs = submit(
+        ray_head, tmp_path, "python", "jobs/sweep.py", *TINY, "sweep=temperature_random",
+        "sweep.num_samples=1", f"data.shards={shards['train']}",
+        f"data.val_shards={shards['val']}", "train.max_steps=2", "sweep.report_every=2",
+        f"storage.path={bucket}/sweeps-too-big", f"tracking.experiment=big-{uuid.uuid4().hex[:6]}",
+        mlflow_uri=mlflow_uri, timeout=300)
+    assert time.monotonic() - start < 120, "the refusal took too long"
+    assert res.returncode != 0
+    line = next(ln for ln in logs.splitlines() if "error:" in ln)
+    assert "one trial of sweep" in line and "needs 2.01 CPU" in line, logs[-3000:]
+    assert "the cluster has 2 CPU, 0 GPU" in line
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+@pytest.mark.timeout(900)
+def test_ray_job_submit_sweep_sized_to_fit_runs_one_trial(ray_head, s3_shards, tmp_path,
+                                                          mlflow_uri):
+    from mlflow.tracking import MlflowClient
+
+    bucket, shards = s3_shards
+    experiment = f"jobs-sweep-{uuid.uuid4().hex[:8]}"
+    res, _, logs = submit(
+        ray_head, tmp_path, "python", "jobs/sweep.py", *TINY, "sweep=temperature_random",
+        "sweep.num_samples=1", "data.decode_cpus=0.5", f"data.shards={shards['train']}",
+        f"data.val_shards={shards['val']}", "train.max_steps=2", "sweep.report_every=2",
+        "sweep.scheduler=fifo", f"storage.path={bucket}/sweeps",
+        f"tracking.experiment={experiment}", mlflow_uri=mlflow_uri)
+    assert res.returncode == 0, _explain(res, logs, ray_head)
+    assert "[avsa] best: " in logs
+    ml = MlflowClient(str(mlflow_uri))
+    runs = ml.search_runs([ml.get_experiment_by_name(experiment).experiment_id])
+    kinds = sorted(r.data.tags["avsa.kind"] for r in runs)
+    assert kinds == ["sweep", "trial"]
+    trial = next(r for r in runs if r.data.tags["avsa.kind"] == "trial")
+    assert trial.data.tags["avsa.checkpoint_uri"].startswith(f"{bucket}/sweeps/")

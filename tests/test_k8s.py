@@ -1,6 +1,7 @@
-"""Plain manifests in k8s/: the kustomize base and overlays, built here with the small subset of
-kustomize they use (resources, configMapGenerator, labels, JSON 6902 patches) and, where kubectl
-is installed, checked against `kubectl kustomize`."""
+"""Plain manifests in k8s/: the kustomize base, jobs, components and overlays, built here with the
+small subset of kustomize they use (resources, components, configMapGenerator, labels, JSON 6902
+patches from files or inline) and, where kubectl is installed, checked against
+`kubectl kustomize`."""
 
 from __future__ import annotations
 
@@ -23,7 +24,10 @@ REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
 CRDS = Path(__file__).resolve().parents[2] / "shared" / "schemas" / "kuberay"
 K8S_VERSION = "1.30.0"
-LAYERS = ["base", "overlays/local", "overlays/gpu-cloud"]
+OVERLAYS = ["overlays/local/pretrain", "overlays/local/sweep", "overlays/gpu-cloud/pretrain",
+            "overlays/gpu-cloud/sweep"]
+LAYERS = ["jobs/pretrain", "jobs/sweep", *OVERLAYS]
+APP_VERSION = yaml.safe_load((REPO / "helm/avsa/Chart.yaml").read_text())["appVersion"]
 needs_crds = pytest.mark.skipif(not CRDS.is_dir(), reason=f"KubeRay CRD schemas absent: {CRDS}")
 
 
@@ -63,16 +67,20 @@ def _matches(doc: dict, target: dict) -> bool:
     return all(wanted[k] == v for k, v in target.items())
 
 
-def build(layer: Path) -> list[dict]:
-    """The objects `kustomize build layer` emits, for the features k8s/ uses."""
+def build(layer: Path, docs: list[dict] | None = None) -> list[dict]:
+    """The objects `kustomize build layer` emits, for the features k8s/ uses; a Component
+    (`docs` given) edits the objects of the kustomization that includes it."""
     kustomization = yaml.safe_load((layer / "kustomization.yaml").read_text())
-    allowed = {"apiVersion", "kind", "resources", "configMapGenerator", "generatorOptions",
-               "labels", "patches"}
+    allowed = {"apiVersion", "kind", "resources", "components", "configMapGenerator",
+               "generatorOptions", "labels", "patches"}
     assert set(kustomization) <= allowed, set(kustomization) - allowed
-    docs: list[dict] = []
+    assert (kustomization["kind"] == "Component") == (docs is not None)
+    docs = [] if docs is None else docs
     for resource in kustomization.get("resources", []):
         path = layer / resource
         docs += build(path) if path.is_dir() else [d for d in yaml.safe_load_all(path.read_text()) if d]
+    for component in kustomization.get("components", []):
+        docs = build(layer / component, docs)
     for generator in kustomization.get("configMapGenerator", []):
         data = dict(item.split("=", 1) for item in generator.get("literals", []))
         if generator.get("behavior") == "merge":
@@ -87,10 +95,10 @@ def build(layer: Path) -> list[dict]:
         for doc in docs:
             doc["metadata"].setdefault("labels", {}).update(label_set["pairs"])
     for patch in kustomization.get("patches", []):
-        ops = yaml.safe_load((layer / patch["path"]).read_text())
+        ops = yaml.safe_load(patch["patch"] if "patch" in patch else (layer / patch["path"]).read_text())
         assert isinstance(ops, list), "overlays use JSON 6902 patches only"
         hits = [i for i, d in enumerate(docs) if _matches(d, patch["target"])]
-        assert hits, f"patch {patch['path']} matches nothing"
+        assert hits, f"patch {patch.get('path', 'inline')} matches nothing"
         for i in hits:
             docs[i] = json_patch(docs[i], ops)
     return docs
@@ -109,15 +117,39 @@ def rayjobs(objects: dict) -> dict[str, dict]:
     return {name: d for (kind, name), d in objects.items() if kind == "RayJob"}
 
 
-def test_layers_hold_both_jobs_and_the_env(layer):
-    _, objects = layer
-    assert set(objects) == {("RayJob", "avsa-pretrain"), ("RayJob", "avsa-sweep"),
-                            ("ConfigMap", "avsa-env")}
+def test_each_layer_creates_one_job_with_mlflow_and_the_env(layer):
+    name, objects = layer
+    job = name.rsplit("/", 1)[-1]
+    assert set(rayjobs(objects)) == {f"avsa-{job}"}, "an overlay must create one job, not all"
+    assert {("ConfigMap", "avsa-env"), ("Service", "avsa-mlflow"), ("Deployment", "avsa-mlflow"),
+            ("ServiceAccount", "avsa-mlflow"), ("PersistentVolumeClaim", "avsa-mlflow")} <= set(objects)
     env = objects[("ConfigMap", "avsa-env")]["data"]
-    assert env["MLFLOW_TRACKING_URI"].startswith("http://")
+    # The tracking URI names the Service that k8s/ itself brings.
+    port = objects[("Service", "avsa-mlflow")]["spec"]["ports"][0]["port"]
+    assert env["MLFLOW_TRACKING_URI"] == f"http://avsa-mlflow:{port}"
     assert env["AWS_REGION"] == env["AWS_DEFAULT_REGION"]
     for obj in objects.values():
         assert obj["metadata"]["labels"]["app.kubernetes.io/part-of"] == "avsa"
+
+
+def test_mlflow_manifest_is_rendered_from_the_chart():
+    from k8s_mlflow import render
+
+    assert (K8S / "base" / "mlflow.yaml").read_text() == render(), \
+        "regenerate: .venv/bin/python tests/k8s_mlflow.py > k8s/base/mlflow.yaml"
+    objects = by_name(build(K8S / "jobs/pretrain"))
+    pod = objects[("Deployment", "avsa-mlflow")]["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["serviceAccountName"] == "avsa-mlflow"
+    assert pod["initContainers"][0]["command"][:3] == ["mlflow", "db", "upgrade"]
+
+
+def test_rayjobs_have_deadlines_and_token_auth(layer):
+    _, objects = layer
+    for job in rayjobs(objects).values():
+        spec = job["spec"]
+        assert 0 < spec["preRunningDeadlineSeconds"] < spec["activeDeadlineSeconds"]
+        assert spec["rayClusterSpec"]["authOptions"] == {"mode": "token"}
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
@@ -153,9 +185,11 @@ def test_rayjob_specs_match_kuberay_crd(layer):
 def test_rayjobs_run_the_entry_points_and_shut_down(layer):
     _, objects = layer
     jobs = rayjobs(objects)
-    assert jobs["avsa-pretrain"]["spec"]["entrypoint"].startswith("python jobs/pretrain.py experiment=")
-    assert jobs["avsa-sweep"]["spec"]["entrypoint"].startswith(
-        "python jobs/sweep.py sweep=viewpoints_temperature experiment=")
+    if "avsa-pretrain" in jobs:
+        assert jobs["avsa-pretrain"]["spec"]["entrypoint"].startswith("python jobs/pretrain.py experiment=")
+    if "avsa-sweep" in jobs:
+        assert jobs["avsa-sweep"]["spec"]["entrypoint"].startswith(
+            "python jobs/sweep.py sweep=viewpoints_temperature experiment=")
     for job in jobs.values():
         spec = job["spec"]
         assert "storage=s3 storage.path=s3://" in spec["entrypoint"]
@@ -176,7 +210,8 @@ def test_every_pod_is_non_root_with_requests_limits_and_shared_env(layer):
             assert spec["securityContext"]["runAsNonRoot"] is True, where
             assert spec["securityContext"]["runAsUser"] == 1000, where
             for container in spec["containers"]:
-                assert container["image"].startswith(f"rayproject/ray:{RAY_VERSION}-py311"), where
+                # The project's image, the chart's default (its CUDA build on GPU workers).
+                assert container["image"] in (f"avsa:{APP_VERSION}", f"avsa:{APP_VERSION}-gpu"), where
                 for part in ("requests", "limits"):
                     assert {"cpu", "memory"} <= set(container["resources"][part]), where
                 assert container["securityContext"]["allowPrivilegeEscalation"] is False
@@ -189,8 +224,9 @@ def test_every_pod_is_non_root_with_requests_limits_and_shared_env(layer):
                     assert volumes["shm"]["emptyDir"]["medium"] == "Memory"
 
 
-def test_local_overlay_is_a_small_cpu_cluster():
-    objects = by_name(build(K8S / "overlays/local"))
+@pytest.mark.parametrize("job", ["pretrain", "sweep"])
+def test_local_overlay_is_a_small_cpu_cluster(job):
+    objects = by_name(build(K8S / "overlays/local" / job))
     assert objects[("ConfigMap", "avsa-env")]["data"]["AWS_ENDPOINT_URL"].startswith("http://")
     for job in rayjobs(objects).values():
         assert "experiment=demo_local" in job["spec"]["entrypoint"]
@@ -201,9 +237,10 @@ def test_local_overlay_is_a_small_cpu_cluster():
             assert float(limits["cpu"]) <= 2 and "nvidia.com/gpu" not in limits
 
 
-def test_gpu_cloud_overlay_adds_a_tolerating_gpu_group_to_every_job():
-    base = by_name(build(K8S / "base"))
-    objects = by_name(build(K8S / "overlays/gpu-cloud"))
+@pytest.mark.parametrize("job", ["pretrain", "sweep"])
+def test_gpu_cloud_overlay_adds_a_tolerating_gpu_group(job):
+    base = by_name(build(K8S / "jobs" / job))
+    objects = by_name(build(K8S / "overlays/gpu-cloud" / job))
     for name, job in rayjobs(objects).items():
         workers = {g["groupName"]: g for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]}
         assert set(workers) == {"cpu", "gpu"}
@@ -241,8 +278,20 @@ def test_ray_version_matches_the_package_pin():
 
 def test_no_plaintext_credentials_in_manifests():
     patterns = [re.compile(r"AKIA[0-9A-Z]{16}"), re.compile(r"://[^/\s:@]+:[^/\s@]+@"),
-                re.compile(r"(?i)(secret_access_key|password|token)\s*[:=]\s*\S")]
+                re.compile(r"(?i)(secret_access_key|password|(?<!automountServiceAccount)token)\s*[:=]\s*\S")]
     for path in sorted(K8S.rglob("*.yaml")):
         text = path.read_text()
         for pattern in patterns:
             assert not pattern.search(text), f"{path}: {pattern.pattern}"
+
+
+def test_stock_ray_runtime_env_installs_the_package_dependencies():
+    """The runtime_env for stock Ray images: working_dir for the code, pip for pyproject's
+    dependencies (ray itself comes with the image)."""
+    import tomllib
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    runtime_env = yaml.safe_load((K8S / "runtime_env.stock-ray.yaml").read_text())
+    assert runtime_env["working_dir"] == "."
+    assert runtime_env["pip"] == [d for d in deps if not d.startswith("ray")]
+    assert {".git", ".venv", "outputs", "mlruns"} <= set(runtime_env["excludes"])

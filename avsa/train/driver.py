@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from avsa import storage, tracking
+from avsa import resources, storage, tracking
 from avsa.config import Config, compose, with_absolute_paths
 from avsa.data.manifest import read_manifest
 from avsa.errors import AvsaError, CheckpointError, StorageError
@@ -224,17 +224,20 @@ def pretrain(cfg: Config) -> PretrainResult:
     """Run (or resume) one pretraining run end to end; returns where its results are.
     Relative local paths in cfg are taken against the current directory."""
     cfg = with_absolute_paths(cfg)
+    tracking.resolve_tracking_uri(cfg.tracking.uri)  # refused here inside a job with no server
     read_manifest(cfg.data.shards)  # a clear error now, not inside a worker
     if cfg.data.val_shards:
         read_manifest(cfg.data.val_shards)
     run_name = cfg.run_name()
     claim_run_dir(cfg, storage.join(cfg.storage.path, run_name))
-    uri, run_id = start_tracking(cfg)
     ensure_ray(cfg)
+    waiting = resources.check_and_watch(cfg, f"pretraining {run_name}")
+    uri, run_id = start_tracking(cfg)
     trainer = build_trainer(cfg, run_id=run_id, tracking_uri=uri)
     logger = tracking.RunLogger.start(uri, cfg.tracking.experiment, None, resume_run_id=run_id)
     try:
-        result = trainer.fit()
+        with waiting:
+            result = trainer.fit()
     except Exception as e:
         logger.end("FAILED")
         cause = project_error(e)

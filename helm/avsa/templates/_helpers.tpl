@@ -25,6 +25,18 @@
 {{- printf "%s-mlflow" (include "avsa.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
+{{- define "avsa.envName" -}}
+{{- printf "%s-env" (include "avsa.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "avsa.mlflowServiceAccountName" -}}
+{{- if .Values.mlflow.serviceAccount.create }}
+{{- default (include "avsa.mlflowName" .) .Values.mlflow.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.mlflow.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
 {{- define "avsa.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "avsa.fullname" .) .Values.serviceAccount.name }}
@@ -49,20 +61,29 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
-{{/* In-cluster MLflow URI, or the external one, or empty. */}}
+{{/* In-cluster MLflow URI or the external one; never empty: runs must be recorded somewhere. */}}
 {{- define "avsa.trackingUri" -}}
 {{- if .Values.mlflow.enabled }}
 {{- printf "http://%s.%s.svc:%v" (include "avsa.mlflowName" .) .Release.Namespace .Values.mlflow.port }}
-{{- else }}
+{{- else if .Values.mlflow.externalTrackingUri }}
 {{- .Values.mlflow.externalTrackingUri }}
+{{- else }}
+{{- fail "mlflow.externalTrackingUri is required when mlflow.enabled is false: without a tracking server every run's metrics would be lost with the job" }}
 {{- end }}
 {{- end }}
 
-{{/* Ray image; GPU workers add image.gpuSuffix. Args: (dict "root" $ "gpu" bool). */}}
+{{/* Ray image. GPU workers get image.gpuTag, else image.tag, else appVersion + gpuSuffix: the
+suffix only ever extends the default tag. Args: (dict "root" $ "gpu" bool). */}}
 {{- define "avsa.rayImage" -}}
 {{- $img := .root.Values.image }}
-{{- $tag := default (printf "%s-%s" .root.Values.ray.version $img.flavor) $img.tag }}
-{{- if .gpu }}{{ $tag = printf "%s%s" $tag $img.gpuSuffix }}{{ end }}
+{{- $tag := default .root.Chart.AppVersion $img.tag }}
+{{- if .gpu }}
+{{- if $img.gpuTag }}
+{{- $tag = $img.gpuTag }}
+{{- else if not $img.tag }}
+{{- $tag = printf "%s%s" $tag $img.gpuSuffix }}
+{{- end }}
+{{- end }}
 {{- printf "%s:%s" $img.repository $tag }}
 {{- end }}
 
@@ -85,13 +106,26 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end }}
 
-{{/* Environment of every Ray container (head and all worker groups), defined once. */}}
-{{- define "avsa.rayEnv" -}}
-{{- with (include "avsa.trackingUri" .) }}
-- name: MLFLOW_TRACKING_URI
-  value: {{ . | quote }}
+{{/* Data of the release's ConfigMap `<fullname>-env`: what every Ray container (and a RayJob
+made by `avsa submit`) reads with envFrom. */}}
+{{- define "avsa.envData" -}}
+MLFLOW_TRACKING_URI: {{ include "avsa.trackingUri" . | quote }}
+{{- with .Values.s3.region }}
+AWS_REGION: {{ . | quote }}
+AWS_DEFAULT_REGION: {{ . | quote }}
 {{- end }}
-{{- include "avsa.s3Env" . }}
+{{- with .Values.s3.endpointUrl }}
+AWS_ENDPOINT_URL: {{ . | quote }}
+MLFLOW_S3_ENDPOINT_URL: {{ . | quote }}
+{{- end }}
+PYTHONUNBUFFERED: "1"
+{{- end }}
+
+{{/* envFrom of Ray containers: the release's ConfigMap, then the S3 Secret. */}}
+{{- define "avsa.rayEnvFrom" -}}
+- configMapRef:
+    name: {{ include "avsa.envName" . }}
+{{ include "avsa.envFrom" . }}
 {{- end }}
 
 {{/* envFrom: the S3 credentials Secret, referenced by name only. */}}
@@ -152,23 +186,17 @@ spec:
       imagePullPolicy: {{ $root.Values.image.pullPolicy }}
       {{- if .head }}
       ports:
-        - name: gcs
-          containerPort: 6379
-        - name: dashboard
-          containerPort: 8265
-        - name: client
-          containerPort: 10001
-        - name: metrics
-          containerPort: 8080
+        {{- range $name, $port := $root.Values.head.ports }}
+        - name: {{ $name }}
+          containerPort: {{ int $port }}
+        {{- end }}
       {{- end }}
-      {{- with (include "avsa.rayEnv" $root | trim) }}
+      {{- with $root.Values.extraEnv }}
       env:
-        {{- . | nindent 8 }}
+        {{- toYaml . | nindent 8 }}
       {{- end }}
-      {{- with (include "avsa.envFrom" $root | trim) }}
       envFrom:
-        {{- . | nindent 8 }}
-      {{- end }}
+        {{- include "avsa.rayEnvFrom" $root | trim | nindent 8 }}
       resources:
         {{- include "avsa.resources" (dict "resources" $g.resources "gpus" $gpus) | nindent 8 }}
       securityContext:

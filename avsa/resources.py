@@ -1,0 +1,139 @@
+"""What one run (or one sweep trial) needs from Ray, against what the cluster can ever offer.
+
+Checked before anything waits: a trial that needs more CPUs or GPUs than the cluster has, or
+than its autoscaler may ever add, would otherwise sit in Ray's queue in silence (Ray Data's
+decode tasks at 0 CPUs behind the train workers). A run that only waits for the autoscaler says
+so every minute.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from avsa.config import Config
+from avsa.errors import AvsaError
+
+log = logging.getLogger("avsa.resources")
+WAIT_REPORT_S = 60.0
+
+
+@dataclass(frozen=True)
+class Needs:
+    """Logical resources one run holds at once: its trial driver (sweeps), its Ray Train workers
+    and at least one decoding task (Ray Data)."""
+
+    driver_cpu: float
+    workers: int
+    cpu_per_worker: float
+    gpu_per_worker: float
+    decode_cpu: float
+
+    @property
+    def cpu(self) -> float:
+        return self.driver_cpu + self.workers * self.cpu_per_worker + self.decode_cpu
+
+    @property
+    def gpu(self) -> float:
+        return self.workers * self.gpu_per_worker
+
+    def describe(self) -> str:
+        parts = [f"{self.workers} train worker(s) x {self.cpu_per_worker:g} CPU",
+                 f"decoding {self.decode_cpu:g} CPU"]
+        if self.driver_cpu:
+            parts.insert(0, f"trial driver {self.driver_cpu:g} CPU")
+        text = f"{self.cpu:g} CPU ({', '.join(parts)})"
+        return text + (f" and {self.gpu:g} GPU" if self.gpu else "")
+
+
+def needs(cfg: Config, driver_cpu: float = 0.0) -> Needs:
+    t = cfg.train
+    return Needs(driver_cpu, t.num_workers, t.cpus_per_worker, 1.0 if t.use_gpu else 0.0,
+                 cfg.data.decode_cpus)
+
+
+def _fmt(res: Mapping[str, float]) -> str:
+    return f"{res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU"
+
+
+def cluster_capacity() -> tuple[dict[str, float], dict[str, float]]:
+    """(resources now, the most the cluster can ever have): the autoscaler's maximum from the
+    cluster config where one runs (KubeRay with autoscaling), else what is there now."""
+    import ray
+    from ray._private.state import state
+
+    now = {k: float(v) for k, v in ray.cluster_resources().items()}
+    most = dict(now)
+    try:
+        limits = state.get_max_resources_from_cluster_config() or {}
+    except Exception as e:  # an older GCS without the autoscaler's config: what is there now
+        log.debug("no autoscaler limits (%s)", e)
+        limits = {}
+    for key, value in limits.items():
+        most[key] = max(most.get(key, 0.0), float(value))
+    return now, most
+
+
+def shortfall(need: Needs, res: Mapping[str, float]) -> list[str]:
+    """Resource names of which `res` holds less than `need`."""
+    short = []
+    if res.get("CPU", 0.0) + 1e-9 < need.cpu:
+        short.append("CPU")
+    if need.gpu and res.get("GPU", 0.0) + 1e-9 < need.gpu:
+        short.append("GPU")
+    return short
+
+
+def check_fits(need: Needs, what: str, now: Mapping[str, float], most: Mapping[str, float]) -> None:
+    """Raise AvsaError when `need` exceeds what the cluster can ever offer."""
+    if shortfall(need, most):
+        grows = "" if most == now else f" (up to {_fmt(most)} with its autoscaler)"
+        raise AvsaError(
+            f"{what} needs {need.describe()}, but the cluster has {_fmt(now)}{grows}: it would "
+            f"wait forever; lower train.num_workers, train.cpus_per_worker or data.decode_cpus, "
+            f"or give the cluster more")
+
+
+class WaitReporter:
+    """While the run is short of resources the autoscaler may still add, log so every
+    `interval_s`. `probe` returns (now, most), as `cluster_capacity`."""
+
+    def __init__(self, need: Needs, what: str, probe: Callable = cluster_capacity,
+                 interval_s: float = WAIT_REPORT_S):
+        self.need, self.what, self.probe, self.interval_s = need, what, probe, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="avsa-wait-reporter", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                now, most = self.probe()
+            except Exception as e:  # the report is advisory: never let it end the run
+                log.debug("resource probe failed: %s", e)
+                continue
+            missing = shortfall(self.need, now)
+            if missing:
+                log.warning("%s is waiting for the autoscaler: it needs %s; the cluster has %s "
+                            "now, up to %s", self.what, self.need.describe(), _fmt(now),
+                            _fmt(most))
+
+    def __enter__(self) -> WaitReporter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def check_and_watch(cfg: Config, what: str, driver_cpu: float = 0.0) -> WaitReporter:
+    """Refuse a run that can never fit the joined cluster; else a WaitReporter to wrap fit() in."""
+    need = needs(cfg, driver_cpu)
+    now, most = cluster_capacity()
+    check_fits(need, what, now, most)
+    if shortfall(need, now):
+        log.warning("%s needs %s; the cluster has %s now: waiting for the autoscaler (up to %s)",
+                    what, need.describe(), _fmt(now), _fmt(most))
+    return WaitReporter(need, what)
