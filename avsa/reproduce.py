@@ -234,6 +234,7 @@ def transfer_all(args, tables, data, refs, uri) -> None:
     from avsa.config import compose
     from avsa.downstream.run import run_transfer
 
+    memo: dict = {}  # decoded clips, shared by every head that reads the same data
     for t in tables:
         experiment = f"avsa-reproduce-{t.name}"
         done = _done(uri, experiment)
@@ -246,14 +247,16 @@ def transfer_all(args, tables, data, refs, uri) -> None:
                 continue
             train, test = data["action" if task == "action" else
                                ("dry" if v is None else v.data)]
-            cfg = compose([*_common(args, uri), *(() if v is None else v.overrides), *extra,
+            # every row is read through the same clips and viewpoints (the preset's V); the
+            # network brings its own audio input (see avsa.downstream.run)
+            cfg = compose([*_common(args, uri), *extra,
                            f"data.shards={train}", f"data.val_shards={test}",
                            f"downstream.task={task}", f"downstream.seed={seed}",
                            f"downstream.pretrain={'scratch' if v is None else refs[v.row]}",
                            f"downstream.row={row}", f"downstream.experiment={experiment}"])
             print(f"[avsa reproduce] {t.name} {i}/{len(jobs)}: {row} {task} "
                   f"{context} seed {seed}", flush=True)
-            print(run_transfer(cfg).summary().splitlines()[0], flush=True)
+            print(run_transfer(cfg, memo).summary().splitlines()[0], flush=True)
 
 
 def write_tables(args, tables, metrics, uri) -> list[Path]:

@@ -24,8 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from avsa import synth, tracking
+from avsa import tracking
 from avsa.config import TASKS, Config, compose, from_dict
+from avsa.data.labels import NUM_CLASSES
 from avsa.downstream.heads import pick_device
 from avsa.downstream.sources import ShardSource
 from avsa.errors import CheckpointError, ConfigError
@@ -116,12 +117,16 @@ def effective_seed(cfg: Config) -> int:
 
 
 def _task_metrics(cfg: Config, pre: Pretrained, log_metrics,
-                  examples: dict[str, np.ndarray] | None = None) -> dict[str, float]:
-    """The task's test metrics; per-example test results go to `examples` when given."""
+                  examples: dict[str, np.ndarray] | None = None,
+                  memo: dict | None = None) -> dict[str, float]:
+    """The task's test metrics; per-example test results go to `examples` when given.
+    The seed of a replicate seeds the head (initialisation, minibatch order); the clips'
+    windows and viewpoints follow data.seed, so replicates can share decoded batches (`memo`,
+    see ShardSource)."""
     ds = cfg.downstream
     seed = effective_seed(cfg)
     data = dataclasses.replace(cfg.data, audio_mode=pre.audio_mode,
-                               audio_features=pre.audio_features, seed=seed)
+                               audio_features=pre.audio_features)
     device = pick_device()
     common = dict(epochs=ds.epochs, lr=ds.lr, batch_size=ds.batch_size, max_steps=ds.max_steps,
                   val_fraction=ds.val_fraction, patience=ds.patience,
@@ -131,7 +136,7 @@ def _task_metrics(cfg: Config, pre: Pretrained, log_metrics,
         from avsa.downstream.binary import MISALIGN_PROB, run_binary
 
         prob = MISALIGN_PROB if ds.task == "avsa_bin" else 0.0
-        source = ShardSource.from_config(data, ds.batch_size, misalign_prob=prob)
+        source = ShardSource.from_config(data, ds.batch_size, misalign_prob=prob, memo=memo)
         return run_binary(ds.task, pre.model, source, **common)
     if ds.task == "action":
         from avsa.downstream import ucf
@@ -143,14 +148,15 @@ def _task_metrics(cfg: Config, pre: Pretrained, log_metrics,
                                       eval_clips=ds.eval_clips)
             classes = len(layout.classes)
         else:
-            source, classes = ShardSource.from_config(data, ds.batch_size), len(synth.CLASSES)
+            source = ShardSource.from_config(data, ds.batch_size, memo=memo)
+            classes = NUM_CLASSES
         return run_action(pre.model.video_encoder, source, num_classes=classes, mode=ds.mode,
                           eval_clips=ds.eval_clips, **common)
     if ds.task == "segmentation":
         from avsa.downstream.segmentation import run_segmentation
 
-        source = ShardSource.from_config(data, ds.batch_size, with_masks=True)
-        return run_segmentation(pre.model, source, num_classes=len(synth.CLASSES) + 1,
+        source = ShardSource.from_config(data, ds.batch_size, with_masks=True, memo=memo)
+        return run_segmentation(pre.model, source, num_classes=NUM_CLASSES + 1,
                                 context=ds.context, weights=ds.seg_class_weights, **common)
     raise ConfigError("downstream.task", f"must be one of {TASKS}, got {ds.task!r}")
 
@@ -165,8 +171,9 @@ def _log_examples(logger: tracking.RunLogger, examples: dict[str, np.ndarray]) -
         logger.log_artifact(path)
 
 
-def run_transfer(cfg: Config) -> TransferResult:
-    """Run `cfg.downstream.task` from `cfg.downstream.pretrain`; log and return the metrics."""
+def run_transfer(cfg: Config, memo: dict | None = None) -> TransferResult:
+    """Run `cfg.downstream.task` from `cfg.downstream.pretrain`; log and return the metrics.
+    `memo`: a dict the caller keeps to reuse decoded clips across transfers (ShardSource)."""
     ds = cfg.downstream
     if ds.task != "action" and ds.mode == "finetune":
         log.warning("downstream.mode=finetune applies to action only; %s keeps the pretrained "
@@ -186,7 +193,7 @@ def run_transfer(cfg: Config) -> TransferResult:
     logger = tracking.RunLogger.start(uri, ds.experiment, name, tags=tags, params=params)
     try:
         examples: dict[str, np.ndarray] = {}
-        metrics = _task_metrics(cfg, pre, logger.log_metrics, examples)
+        metrics = _task_metrics(cfg, pre, logger.log_metrics, examples, memo)
         logger.log_metrics(metrics, step=ds.epochs)
         _log_examples(logger, examples)
     except BaseException as e:
