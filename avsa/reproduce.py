@@ -69,7 +69,8 @@ def baseline(batch: int, v: int) -> tuple[str, ...]:
     return ("data.num_viewpoints=1", "model.use_transformer=false", f"train.batch_size={batch * v}")
 
 
-def plan(args: argparse.Namespace, batch: int, v: int) -> list[Table]:
+def plan(args: argparse.Namespace, batch: int, v: int,
+         preset_features: str = "intensity") -> list[Table]:
     """The tables asked for, each row a pretraining variant (None: scratch) and its transfers."""
     tables = []
     if "pretext" in args.tables:
@@ -93,10 +94,10 @@ def plan(args: argparse.Namespace, batch: int, v: int) -> list[Table]:
         t = Table("audio", BIN_COLUMNS)
         for feat in args.features:
             t.rows.append((Variant(feat, (f"data.audio_features={feat}",)), bins))
-        if args.rt60 > 0:
-            for feat in args.features:
-                t.rows.append((Variant(f"{feat}-rt60", (f"data.audio_features={feat}",), "wet"),
-                               bins))
+        if args.rt60 > 0:  # the preset's input, dry (above) against reverberant
+            feat = preset_features
+            t.rows.append((Variant(f"{feat}-rt60", (f"data.audio_features={feat}",), "wet"),
+                           bins))
         tables.append(t)
     return tables
 
@@ -139,7 +140,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated, of " + ",".join(TABLES))
     p.add_argument("--viewpoints", type=_ints, default=[1, 2, 4, 8],
                    help="comma-separated V of the viewpoints table")
-    p.add_argument("--features", type=_names(FEATURES), default=list(FEATURES),
+    p.add_argument("--features", type=_names(FEATURES), default=["logmel", "intensity"],
                    help="comma-separated audio inputs of the audio table, of " + ",".join(FEATURES))
     p.add_argument("--rt60", type=float, default=0.4,
                    help="reverberation time of the wet rows of the audio table (0: none)")
@@ -294,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     uri = tracking.resolve_tracking_uri(
         args.tracking_uri or f"sqlite:///{(args.out / 'mlruns' / 'mlflow.db').resolve()}")
     cfg = compose([PRESET, *args.overrides])  # bad overrides fail here, before any work
-    tables = plan(args, cfg.train.batch_size, cfg.data.num_viewpoints)
+    tables = plan(args, cfg.train.batch_size, cfg.data.num_viewpoints, cfg.data.audio_features)
     data = make_data(args, tables)
     refs, metrics = pretrain_all(args, tables, data, uri)
     transfer_all(args, tables, data, refs, uri)
