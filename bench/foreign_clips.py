@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -38,25 +39,25 @@ def make_clip(seed: int, seconds: float, width: int, height: int, fps: int, sr: 
     u = (np.arange(width) + 0.5) / width
     v = (np.arange(height) + 0.5) / height
     az, el = geometry.pixel_to_direction(torch.tensor(u)[None, :], torch.tensor(v)[:, None])
-    dirs = geometry.direction_vector(az, el).numpy()  # (H, W, 3)
+    dirs = geometry.direction_vector(az, el).numpy().reshape(-1, 3)  # (H W, 3)
     sky = np.stack([_smooth_noise(rng, height, width, 6) for _ in range(3)], -1)
-    base = (0.25 + 0.5 * sky * rng.uniform(0.5, 1.0, 3)).astype(np.float32)
-    frames = np.repeat(base[None], round(seconds * fps), axis=0)
+    base = (0.25 + 0.5 * sky * rng.uniform(0.5, 1.0, 3)).astype(np.float32).reshape(-1, 3)
+    frames = np.repeat(base[None], round(seconds * fps), axis=0)  # (T, H W, 3)
     t = np.arange(round(seconds * sr)) / sr
     foa = np.zeros((4, t.size), np.float32)
+    hz = np.fft.rfftfreq(t.size, 1 / sr)
     for _ in range(n):
         a0, e0 = rng.uniform(-np.pi, np.pi), rng.uniform(-0.45, 0.45)
         speed, radius = rng.uniform(-0.3, 0.3), rng.uniform(0.25, 0.4)
         colour = rng.uniform(0.1, 1.0, 3)
         freq = rng.uniform(2, 7)
-        # sound: band-passed noise around a random centre, gliding, in bursts
+        # sound: band-passed noise around a random centre plus a gliding tone, in bursts
         centre, glide = rng.uniform(250, 3500), rng.uniform(-0.3, 0.3)
         spec = np.fft.rfft(rng.standard_normal(t.size))
-        hz = np.fft.rfftfreq(t.size, 1 / sr)
         spec *= np.exp(-0.5 * (np.log(np.maximum(hz, 1) / centre) / 0.15) ** 2)
         noise = np.fft.irfft(spec, t.size)
         tone = np.sin(2 * np.pi * centre * (t + glide * t**2 / 2)) * 0.3
-        burst = (np.sin(2 * np.pi * rng.uniform(0.3, 0.8) * t + rng.uniform(0, 6)) > -0.2)
+        burst = np.sin(2 * np.pi * rng.uniform(0.3, 0.8) * t + rng.uniform(0, 6)) > -0.2
         env = np.convolve(burst.astype(float), np.ones(480) / 480, mode="same")
         wave = (noise / (np.abs(noise).max() + 1e-9) + tone) * env
         foa += geometry.encode_foa(torch.from_numpy(wave).float(),
@@ -64,13 +65,14 @@ def make_clip(seed: int, seconds: float, width: int, height: int, fps: int, sr: 
         for k in range(len(frames)):
             tk = k / fps
             on = float(env[min(int(tk * sr), t.size - 1)])
-            centre_dir = geometry.direction_vector(torch.tensor(a0 + speed * tk),
-                                                   torch.tensor(e0)).numpy()
-            ang = np.arccos(np.clip(dirs @ centre_dir, -1, 1))
+            c = geometry.direction_vector(torch.tensor(a0 + speed * tk), torch.tensor(e0)).numpy()
+            idx = np.flatnonzero(dirs @ c > math.cos(radius))
+            ang = np.arccos(np.clip(dirs[idx] @ c, -1, 1))
             blob = np.clip(1 - ang / radius, 0, 1) ** 0.5
             texture = 0.75 + 0.25 * np.sin(freq * 10 * ang - 6 * tk)
-            alpha = (blob * (0.5 + 0.5 * on))[..., None]
-            frames[k] = frames[k] * (1 - alpha) + alpha * colour * texture[..., None]
+            alpha = (blob * (0.5 + 0.5 * on))[:, None]
+            frames[k, idx] = frames[k, idx] * (1 - alpha) + alpha * colour * texture[:, None]
+    frames = frames.reshape(len(frames), height, width, 3)
     foa += rng.standard_normal(foa.shape).astype(np.float32) * 0.01
     foa *= 0.5 / np.abs(foa).max()
     return (np.clip(frames, 0, 1) * 255).astype(np.uint8), foa
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clips", type=int, default=160)
     p.add_argument("--val-clips", type=int, default=40)
     p.add_argument("--seconds", type=float, default=3.0)
-    p.add_argument("--width", type=int, default=768)
+    p.add_argument("--width", type=int, default=640)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--out", type=Path, default=Path("outputs/foreign"))
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for pretraining")
