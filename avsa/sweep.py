@@ -308,7 +308,8 @@ def _sweep(base: Config, space: dict[str, Any], flat: dict[str, Any], metric: st
         with waiting:
             grid = tuner.fit()
         return _report(base, grid, spec, flat, uri, parent, sweep_uri)
-    except interrupt.Interrupted as e:
+    except KeyboardInterrupt as k:  # a signal (see avsa.train.interrupt)
+        e = interrupt.as_interrupted(k)
         interrupt.shutdown_ray()  # the trials' actors and their Train runs end with it
         interrupt.kill_children(uri, base.tracking.experiment, parent_id, e.name)
         parent.set_tags({interrupt.STOPPED_BY: e.name})
@@ -360,7 +361,8 @@ def main(argv: list[str]) -> int:
     cfg = compose(argv)
     try:
         res = run_sweep(cfg)
-    except interrupt.Interrupted as e:
+    except KeyboardInterrupt as k:
+        e = interrupt.as_interrupted(k)
         print(interrupt.resume_line("sweep", argv, e), file=sys.stderr)
         return e.exit_code
     counts = {k: sum(r["status"] == k for r in res.rows) for k in ("done", "stopped", "error")}

@@ -271,8 +271,9 @@ def _run(cfg: Config, run_name: str, run_uri: str) -> PretrainResult:
         checkpoint_uri = _checkpoint_uri(cfg, result)
         if checkpoint_uri:
             logger.set_tags({tracking.CHECKPOINT: checkpoint_uri})
-    except interrupt.Interrupted as e:
+    except KeyboardInterrupt as k:  # a signal (see avsa.train.interrupt)
         interrupt.stop_controller(controller)
+        e = interrupt.as_interrupted(k)
         raise interrupt.record_killed(logger, uri, run_id, run_uri, e) from None
     except BaseException as e:
         logger.end("FAILED")
@@ -302,7 +303,8 @@ def main(argv: list[str]) -> int:
     cfg = compose(argv)
     try:
         res = pretrain(cfg)
-    except interrupt.Interrupted as e:
+    except KeyboardInterrupt as k:
+        e = interrupt.as_interrupted(k)
         interrupt.shutdown_ray()
         print(interrupt.resume_line("pretrain", argv, e), file=sys.stderr)
         return e.exit_code

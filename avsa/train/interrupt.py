@@ -26,9 +26,10 @@ STOPPED_AT = "avsa.stopped_at_step"
 STOPPED_BY = "avsa.stopped_by"
 
 
-class Interrupted(BaseException):
-    """A run stopped by a signal (a BaseException, like KeyboardInterrupt: no `except
-    Exception` on the way may swallow it)."""
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by a signal. A KeyboardInterrupt: no `except Exception` on the way may
+    swallow it, and Ray's blocking calls, which turn a KeyboardInterrupt raised by a signal
+    handler into a fresh one, still stop (`as_interrupted` recovers the signal)."""
 
     def __init__(self, signum: int, step: int | None = None, resume_step: int | None = None):
         super().__init__(signal.Signals(signum).name)
@@ -43,6 +44,16 @@ class Interrupted(BaseException):
         return signal.Signals(self.signum).name
 
 
+_received: list[int] = []  # the signal that stopped the current run, once one has
+
+
+def as_interrupted(e: KeyboardInterrupt) -> Interrupted:
+    """`e` as an Interrupted carrying the signal received (SIGINT when none was recorded)."""
+    if isinstance(e, Interrupted):
+        return e
+    return Interrupted(_received[0] if _received else signal.SIGINT)
+
+
 @contextlib.contextmanager
 def signals_raise() -> Iterator[None]:
     """Within the block (main thread only), the first SIGINT/SIGTERM raises Interrupted."""
@@ -50,7 +61,8 @@ def signals_raise() -> Iterator[None]:
         yield
         return
     previous = {s: signal.getsignal(s) for s in SIGNALS}
-    hit: list[int] = []
+    hit = _received
+    hit.clear()
 
     def handler(signum, _frame):
         if hit:
