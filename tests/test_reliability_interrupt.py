@@ -44,7 +44,8 @@ def shards(tmp_path_factory) -> Path:
 
 def _command(shards: Path, store: Path, uri: str) -> list[str]:
     return ["pretrain", "experiment=demo_local", "model=tiny", f"data.shards={shards}",
-            "data.crop_size=32", "data.frames=4", "data.n_mels=32", "data.num_viewpoints=2",
+            "data.val_shards=null", "data.crop_size=32", "data.frames=4", "data.n_mels=32",
+            "data.num_viewpoints=2",
             f"train.max_steps={STEPS}", "train.batch_size=2", "train.num_workers=1",
             "train.log_every=1", "train.checkpoint_every=2", "train.val_batches=0",
             "data.decode_cpus=0.5", f"storage.path={store}", f"tracking.uri={uri}",
