@@ -21,6 +21,7 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -56,6 +57,7 @@ class Pretrained:
     ref: str  # the MLflow run id, the checkpoint URI, or "scratch"
     audio_mode: str
     audio_features: str = "logmel"
+    model_config: dict[str, Any] = field(default_factory=dict)  # what built `model`
 
 
 @dataclass
@@ -91,7 +93,8 @@ def load_pretrained(cfg: Config, tracking_uri: str | None) -> Pretrained:
     ref = cfg.downstream.pretrain
     if ref == SCRATCH:
         model = model_from_config(cfg.model, audio_channels(cfg))
-        return Pretrained(model, SCRATCH, SCRATCH, cfg.data.audio_mode, cfg.data.audio_features)
+        return Pretrained(model, SCRATCH, SCRATCH, cfg.data.audio_mode, cfg.data.audio_features,
+                          dataclasses.asdict(cfg.model))
     from avsa.train.checkpoint import resolve_init
 
     state, uri = resolve_init(ref, tracking_uri)
@@ -108,7 +111,7 @@ def load_pretrained(cfg: Config, tracking_uri: str | None) -> Pretrained:
         raise CheckpointError(uri, f"weights do not fit the checkpoint's model: {reason}") from None
     label = pretext_label(pre.loss.kind, pre.train.curriculum)
     return Pretrained(model, label, ref if _RUN_ID.match(ref) else uri, pre.data.audio_mode,
-                      pre.data.audio_features)
+                      pre.data.audio_features, dataclasses.asdict(pre.model))
 
 
 def effective_seed(cfg: Config) -> int:
@@ -188,8 +191,11 @@ def run_transfer(cfg: Config, memo: dict | None = None) -> TransferResult:
     tags = {tracking.KIND: "transfer", tracking.TASK: ds.task, tracking.PRETRAIN_RUN: pre.ref,
             PRETEXT: pre.pretext, CONTEXT: context or "", MODE: mode or "", SEED: str(seed),
             ROW: ds.row or pre.pretext}
+    # What the transfer ran with: the checkpoint's model and audio input, this command's rest.
+    data = dataclasses.replace(cfg.data, audio_mode=pre.audio_mode,
+                               audio_features=pre.audio_features)
     params = tracking.flatten_config({"downstream": dataclasses.replace(ds, seed=seed),
-                                      "data": cfg.data, "model": dataclasses.asdict(cfg.model)})
+                                      "data": data, "model": pre.model_config})
     logger = tracking.RunLogger.start(uri, ds.experiment, name, tags=tags, params=params)
     try:
         examples: dict[str, np.ndarray] = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from avsa import storage
 from avsa.config import Config, from_dict
 from avsa.errors import CheckpointError
 from avsa.train import checkpoint as ckpt
+from avsa.train import resume
 from avsa.train.objective import (
     audio_channels,
     compute_objective,
@@ -204,6 +206,36 @@ def _report(metrics: dict[str, float], state_fn=None, step: int = 0, run_uri: st
             reason = " ".join(str(e.strerror or e).split())[:300]
             raise CheckpointError(storage.join(run_uri, name) if run_uri else name,
                                   f"cannot write checkpoint ({reason})") from None
+    if run_uri:  # the upload has returned: the checkpoint is complete
+        resume.commit(storage.join(run_uri, name), step)
+
+
+def _resume_state(run_uri: str) -> tuple[int, dict[str, Any] | None]:
+    """(step, state) of the newest complete checkpoint: on storage, or Ray's if newer (a
+    restart inside this run whose commit marker is not written yet)."""
+    import ray.train
+
+    found = resume.newest_loadable(run_uri, set_aside=False) if run_uri else None
+    step, state = (found[0], found[2]) if found else (0, None)
+    theirs = ray.train.get_checkpoint()
+    if theirs is not None:
+        m = re.search(r"checkpoint-(\d+)$", theirs.path.rstrip("/"))
+        if m is None or int(m.group(1)) > step:
+            with theirs.as_directory() as d:
+                state = ckpt.load(d)
+            step = int(state["step"])
+    return step, state
+
+
+def _logged_through(loop_config: dict[str, Any]) -> int:
+    """The last step already in the MLflow run (an earlier attempt logged it): 0 if none."""
+    from avsa.tracking import last_logged_step
+
+    try:
+        return last_logged_step(loop_config["tracking_uri"], loop_config["run_id"])
+    except Exception as e:  # tracking never fails training: log everything then
+        log.warning("cannot read the steps already logged (%s); logging every step", e)
+        return 0
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -225,14 +257,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model = model_from_config(cfg.model, audio_channels(cfg))
     if use_channels_last(device):
         to_channels_last(model)  # before DDP: its gradient buckets follow the weights' layout
-    step = 0
-    resume = ray.train.get_checkpoint()
-    state = None
-    if resume is not None:
-        with resume.as_directory() as d:
-            state = ckpt.load(d)
+    step, state = _resume_state(loop_config.get("run_uri", ""))
+    if state is not None:
         model.load_state_dict(state["model"])
-        step = int(state["step"])
     elif cfg.model.init_from:
         init_state, _ = ckpt.resolve_init(cfg.model.init_from, loop_config.get("tracking_uri"))
         model.load_encoders(init_state["model"])
@@ -252,7 +279,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         ckpt.set_rng_state(state["rng"])
         log.info("rank %d resumed from step %d", rank, step)
 
-    logger = None
+    logger, logged_through = None, 0
     if rank == 0 and loop_config.get("run_id"):
         from avsa.tracking import RunLogger
 
@@ -260,6 +287,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             loop_config["tracking_uri"], cfg.tracking.experiment, None,
             resume_run_id=loop_config["run_id"],
         )
+        logged_through = _logged_through(loop_config)
     val = _val_batches(cfg) if rank == 0 else []
     gather = _gather()
     meter, skipped = Meter(), 0
@@ -319,7 +347,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             metrics_out.update(validate(raw_model, val, cfg, device))
         if rank == 0 and do_log:
             _progress(step, cfg.train.max_steps, metrics_out, eta)
-            if logger is not None:
+            if logger is not None and step > logged_through:  # never one step twice
                 logger.log_metrics({k: v for k, v in metrics_out.items() if k != "step"}, step)
         _report(metrics_out, save_fn if (do_ckpt and rank == 0) else None, step, run_uri)
     if step < cfg.train.max_steps and step % cfg.train.checkpoint_every != 0:
