@@ -118,14 +118,18 @@ def clip_duration(raw) -> float:
     return min(info.video.duration, sound.duration)
 
 
-def _decode_audio(raw, cfg, starts: list[float], n: int, duration: float) -> list[np.ndarray]:
-    """One decode spanning all windows (clipped to the clip) -> [(4, n) float32 per start]."""
-    src, name = _audio_source(raw)
+def _audio_span(cfg, starts: list[float], n: int, duration: float) -> tuple[float, float]:
+    """(start, seconds) of one audio decode spanning all windows, clipped to the clip."""
     lo = min(starts)
-    span = min(max(starts) - lo + n / cfg.sample_rate, duration - lo)
-    wave = media.decode_audio(src, sample_rate=cfg.sample_rate, start=lo, duration=span, name=name)
+    return lo, min(max(starts) - lo + n / cfg.sample_rate, duration - lo)
+
+
+def _split_audio(wave: np.ndarray, name: str, cfg, starts: list[float],
+                 n: int) -> list[np.ndarray]:
+    """The decoded span -> [(4, n) float32 per start]."""
     if wave.ndim != 2 or wave.shape[0] != 4 or wave.shape[1] == 0:
         raise MediaError(name, f"expected 4 ambisonic channels, got shape {wave.shape}")
+    lo = min(starts)
     wave = _fit(wave, round((max(starts) - lo) * cfg.sample_rate) + n, axis=1, pad_edge=False)
     offsets = [round((s - lo) * cfg.sample_rate) for s in starts]
     return [np.ascontiguousarray(wave[:, i:i + n]) for i in offsets]
@@ -149,16 +153,22 @@ def sample_duration(raw) -> float:
 
 
 def _decode_windows(raw, cfg, plan, duration: float) -> tuple[np.ndarray, list[np.ndarray]]:
-    """The plan's video window (T, H, W, 3) uint8 and audio windows [(4, n) float32]."""
+    """The plan's video window (T, H, W, 3) uint8 and audio windows [(4, n) float32], from one
+    open of the mp4 (two when the audio is a separate member)."""
     win, video_s = plan.windows, cfg.frames / cfg.fps
     size = (cfg.equirect_height, 2 * cfg.equirect_height) if cfg.equirect_height else None
-    frames = media.decode_video(raw.members[VIDEO_MEMBER], fps=cfg.fps, start=win.video,
-                                duration=min(video_s, duration - win.video), size=size,
-                                name=f"{raw.key}.{VIDEO_MEMBER}")
-    frames = _fit(frames, cfg.frames, axis=0, pad_edge=True)  # decode_video returns >= 1 frame
     n = round(cfg.audio_seconds * cfg.sample_rate)
     starts = [win.audio] if win.other is None else [win.audio, win.other]
-    return frames, _decode_audio(raw, cfg, starts, n, duration)
+    a_start, a_span = _audio_span(cfg, starts, n, duration)
+    src, a_name = _audio_source(raw)
+    video = raw.members[VIDEO_MEMBER]
+    frames, wave = media.decode_clip(
+        video, audio_src=None if src is video else src, fps=cfg.fps, start=win.video,
+        duration=min(video_s, duration - win.video), size=size, sample_rate=cfg.sample_rate,
+        audio_start=a_start, audio_duration=a_span, threads=cfg.decode_threads,
+        name=f"{raw.key}.{VIDEO_MEMBER}")
+    frames = _fit(frames, cfg.frames, axis=0, pad_edge=True)  # decode_video returns >= 1 frame
+    return frames, _split_audio(wave, a_name, cfg, starts, n)
 
 
 def _labels(meta: dict, name: str) -> np.ndarray | None:
