@@ -101,39 +101,36 @@ def remap_crops(frames: np.ndarray, vp: geometry.Viewpoints, size: int) -> np.nd
     every frame)."""
     frames = np.ascontiguousarray(frames)
     t, h, w = frames.shape[:3]
-    n_vp = len(vp)
     map_x, map_y = geometry.nfov_maps(vp, size, h, w)
-    fixed, frac = cv2.convertMaps(map_x, map_y, cv2.CV_16SC2)
-    out = np.empty((t, n_vp * size, size, 3), np.uint8)
-    for k in range(t):
-        cv2.remap(frames[k], fixed, frac, cv2.INTER_LINEAR, dst=out[k],
-                  borderMode=cv2.BORDER_WRAP)
-    return out.reshape(t, n_vp, size, size, 3).transpose(1, 0, 2, 3, 4)
-
-
-def jitter_crops(crops: np.ndarray, factors) -> np.ndarray:
-    """crops (V, T, S, S, 3) uint8 -> the same, each crop through its colour jitter x -> A x +
-    u m (jitter_maps; m its mean grey) with cv2.transform, rounded and saturated to uint8."""
-    n_vp, t, s = crops.shape[:3]
-    a, u = jitter_maps(factors)
-    mean_rgb = crops.reshape(n_vp, -1, 3).mean(axis=1, dtype=np.float64)  # (V, 3) in 0..255
-    shift = u.numpy().astype(np.float64) * (mean_rgb @ np.array(_GRAY))[:, None]
-    out = np.empty((n_vp, t, s, s, 3), np.uint8)
-    for v in range(n_vp):
-        m = np.concatenate((a[v].numpy().astype(np.float64), shift[v][:, None]), axis=1)
-        src = np.ascontiguousarray(crops[v]).reshape(t * s, s, 3)
-        cv2.transform(src, m, dst=out[v].reshape(t * s, s, 3))
+    out = np.empty((len(vp), t, size, size, 3), np.uint8)
+    for v in range(len(vp)):
+        rows = slice(v * size, (v + 1) * size)
+        fixed, frac = cv2.convertMaps(map_x[rows], map_y[rows], cv2.CV_16SC2)
+        for k in range(t):
+            cv2.remap(frames[k], fixed, frac, cv2.INTER_LINEAR, dst=out[v, k],
+                      borderMode=cv2.BORDER_WRAP)
     return out
 
 
 def view_crops(frames, vp: geometry.Viewpoints, size: int, *, jitter=None,
                flip: bool = False) -> Tensor:
     """frames (T, H, W, 3) uint8 -> (V, 3, T, S, S) uint8: NFOV crops, colour jitter when
-    jitter (V, 4) factors are given, mirrored left/right when flip. Within the module's stated
-    tolerance of to_uint8(geometry.nfov_crop(frames, vp, size), jitter), flipped the same way."""
+    jitter (V, 4) factors are given (each crop through x -> A x + u m, jitter_maps, with m its
+    mean grey, by cv2.transform: rounded and saturated), mirrored left/right when flip. Within
+    the module's stated tolerance of to_uint8(geometry.nfov_crop(frames, vp, size), jitter),
+    flipped the same way."""
     crops = remap_crops(np.asarray(frames), vp, size)  # (V, T, S, S, 3)
+    n_vp, t = crops.shape[:2]
     if jitter is not None:
-        crops = jitter_crops(crops, jitter)
-    if flip:
-        crops = crops[:, :, :, ::-1]
-    return torch.from_numpy(np.ascontiguousarray(crops.transpose(0, 4, 1, 2, 3)))
+        a, u = (m.numpy().astype(np.float64) for m in jitter_maps(jitter))
+    out = np.empty((n_vp, 3, t * size, size), np.uint8)
+    for v in range(n_vp):
+        img = crops[v].reshape(t * size, size, 3)  # frames stacked vertically
+        if jitter is not None:
+            shift = u[v] * (np.array(cv2.mean(img)[:3]) @ np.array(_GRAY))
+            img = cv2.transform(img, np.concatenate((a[v], shift[:, None]), axis=1))
+        if flip:
+            img = cv2.flip(img, 1)  # about the vertical axis: every frame mirrored
+        for c, plane in enumerate(cv2.split(img)):
+            out[v, c] = plane
+    return torch.from_numpy(out).view(n_vp, 3, t, size, size)
