@@ -24,7 +24,9 @@ all rows and drop rows with valid=0 (`split_valid`), so no count is lost and no 
 reaches the model. `iter_local` folds placeholders away itself.
 
 Ray Train: pass the dataset as `TorchTrainer(datasets={"train": ds}, dataset_config=
-ray.train.DataConfig(datasets_to_split=["train"]))`; each worker reads
+ray.train.DataConfig(datasets_to_split=["train"], execution_options={"train":
+ds.context.execution_options}))` (Train replaces a dataset's options with its DataConfig's, so
+the read-ahead bound of build_dataset(batch_size=...) must be passed there); each worker reads
 `ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=..., local_shuffle_buffer_size=
 cfg.shuffle_buffer)` and calls `split_valid` on every batch. The split is equal: a pass whose row
 count is not a multiple of the worker count drops the remainder rows.
