@@ -62,6 +62,9 @@ class DataConfig:
     shuffle_buffer: int = 16
     skip_missing_shards: bool = False
     decode_cpus: float = 1.0
+    decode_threads: int = 1
+    decode_tasks: int = 0
+    read_ahead_batches: int = 4
     seed: int = 0
 
 
@@ -300,6 +303,9 @@ def validate(cfg: Config) -> Config:
     _in_range("data.equirect_height", d.equirect_height, 0, 8192)
     _in_range("data.shuffle_buffer", d.shuffle_buffer, 0, 1_000_000)
     _in_range("data.decode_cpus", d.decode_cpus, 0, 64, lo_open=True)
+    _in_range("data.decode_threads", d.decode_threads, 0, 64)
+    _in_range("data.decode_tasks", d.decode_tasks, 0, 1_000_000)
+    _in_range("data.read_ahead_batches", d.read_ahead_batches, 1, 10_000)
 
     _in_range("model.video_width", m.video_width, 1, 1024)
     _in_range("model.audio_width", m.audio_width, 1, 1024)

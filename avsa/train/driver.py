@@ -15,7 +15,7 @@ import math
 import os
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -27,6 +27,7 @@ from avsa.errors import AvsaError, CheckpointError, StorageError
 from avsa.train import interrupt, resume
 
 log = logging.getLogger("avsa.train")
+VAL_SEED = 12345  # the validation set's windows and viewpoints, the same in every run
 RUN_MARKER = "avsa_run.json"  # in every run directory: the digest of the config it belongs to
 
 
@@ -159,17 +160,20 @@ def build_trainer(
     from ray.train.torch import TorchTrainer
 
     from avsa.data.pipeline import build_dataset
-    from avsa.train.loop import train_loop_per_worker
+    from avsa.train.loop import has_validation, train_loop_per_worker
 
     run_name = run_name or cfg.run_name()
     manifest = read_manifest(cfg.data.shards)
-    ds = build_dataset(
-        cfg.data.shards,
-        cfg.data,
-        epochs=epochs_needed(cfg, manifest.total_samples),
-        seed=cfg.data.seed,
-        other_time=cfg.loss.kind == "avts",
-    )
+    other_time = cfg.loss.kind == "avts"
+    batch = cfg.train.batch_size
+    datasets = {"train": build_dataset(
+        cfg.data.shards, cfg.data, epochs=epochs_needed(cfg, manifest.total_samples),
+        seed=cfg.data.seed, other_time=other_time, batch_size=batch)}
+    if has_validation(cfg):  # decoded by Ray Data when rank 0 first validates
+        datasets["val"] = build_dataset(
+            cfg.data.val_shards, replace(cfg.data, augment=False), epochs=1, seed=VAL_SEED,
+            other_time=other_time, shuffle=False, batch_size=batch,
+            limit=cfg.train.val_batches * batch)
     fs, path = storage.pyarrow_filesystem(cfg.storage.path)
     loop_config = {
         "cfg": cfg.to_dict(),
@@ -193,8 +197,11 @@ def build_trainer(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=3),
             callbacks=callbacks,
         ),
-        datasets={"train": ds},
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        datasets=datasets,
+        # Ray Train replaces each dataset's execution options with these: the bounded ones
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=["train"],
+            execution_options={k: d.context.execution_options for k, d in datasets.items()}),
     )
 
 

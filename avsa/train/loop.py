@@ -119,28 +119,23 @@ def _batches(cfg: Config, world: int) -> Iterator[tuple[dict[str, torch.Tensor],
 
 
 def _val_batches(cfg: Config) -> list[dict[str, torch.Tensor]]:
-    """A fixed validation set (no augmentation, fixed seed), decoded once per worker."""
-    if not cfg.data.val_shards or cfg.train.val_batches == 0:
-        return []
-    from dataclasses import replace
+    """The fixed validation set (no augmentation, fixed seed, manifest order): the driver's
+    "val" dataset, decoded by Ray Data tasks when first read (not before step 1), kept."""
+    import ray.train
 
-    from avsa.data.pipeline import iter_local
-
-    data = replace(cfg.data, augment=False)
     out = []
-    for batch in iter_local(
-        cfg.data.val_shards,
-        data,
-        epochs=1,
-        seed=12345,
-        batch_size=cfg.train.batch_size,
-        shuffle=False,
-        other_time=cfg.loss.kind == "avts",
-    ):
-        out.append(batch)
+    it = ray.train.get_dataset_shard("val").iter_torch_batches(
+        batch_size=cfg.train.batch_size, drop_last=False, device="cpu")
+    for batch in it:
+        valid = batch["valid"] == 1
+        out.append({k: v[valid] for k, v in batch.items() if k not in BOOKKEEPING})
         if len(out) >= cfg.train.val_batches:
             break
-    return out
+    return [b for b in out if len(b["video"])]
+
+
+def has_validation(cfg: Config) -> bool:
+    return bool(cfg.data.val_shards) and cfg.train.val_batches > 0
 
 
 @torch.no_grad()
@@ -288,7 +283,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             resume_run_id=loop_config["run_id"],
         )
         logged_through = _logged_through(loop_config)
-    val = _val_batches(cfg) if rank == 0 else []
+    val_on, val = rank == 0 and has_validation(cfg), None  # val: read at the first validation
     gather = _gather()
     meter, skipped = Meter(), 0
     t_last, clips_since, t_start, step_start = time.perf_counter(), 0, time.perf_counter(), step
@@ -326,7 +321,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
         last = step >= cfg.train.max_steps
         do_log = step % cfg.train.log_every == 0 or last
-        do_val = bool(val) and (
+        do_val = val_on and bool(
             last or (cfg.train.val_every and step % cfg.train.val_every == 0)
         )
         do_ckpt = step % cfg.train.checkpoint_every == 0 or last
@@ -344,6 +339,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if do_val:
             # The unwrapped module: only rank 0 validates, and a DDP forward would wait for
             # the other ranks in its buffer broadcast (a deadlock with num_workers > 1).
+            val = _val_batches(cfg) if val is None else val
             metrics_out.update(validate(raw_model, val, cfg, device))
         if rank == 0 and do_log:
             _progress(step, cfg.train.max_steps, metrics_out, eta)
