@@ -88,6 +88,8 @@ def plan(args: argparse.Namespace, batch: int, v: int,
         t = Table("viewpoints", BIN_COLUMNS)
         for n in args.viewpoints:
             over = () if n == v else (f"data.num_viewpoints={n}",)
+            if n > v:  # more views than the preset's separation fits: the paper's 36 deg
+                over += ("data.min_separation_deg=36",)
             t.rows.append((Variant("avsa" if n == v else f"avsa-v{n}", over), bins))
         tables.append(t)
     if "audio" in args.tables:
