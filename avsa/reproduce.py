@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -294,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
+    # The per-step [avsa] lines show progress; Ray Data's bars would bury them.
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     uri = tracking.resolve_tracking_uri(
         args.tracking_uri or f"sqlite:///{(args.out / 'mlruns' / 'mlflow.db').resolve()}")
     cfg = compose([PRESET, *args.overrides])  # bad overrides fail here, before any work
