@@ -118,7 +118,7 @@ def test_iter_local_skips_and_counts_corrupt_samples(corrupt_set):
 
 def test_placeholder_row_matches_real_rows(shard_set):
     uri, _ = shard_set
-    cfg = tiny_cfg()
+    cfg = tiny_cfg(audio_seconds=0.5)  # AVTS needs clips of 2 x audio_seconds: these are 1.5 s
     opts = dict(other_time=True, misalign_prob=0.5, with_masks=True)
     item = pipeline.shard_items(uri, epochs=1, seed=0, shuffle=False)[2]
     real = next(pipeline.decode_shard(item, cfg=cfg, seed=0, **opts))
