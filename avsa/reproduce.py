@@ -211,7 +211,9 @@ def pretrain_all(args, tables, data, uri) -> tuple[dict[str, str], dict[str, dic
     for i, (row, cfg) in enumerate(configs.items(), 1):
         key = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
         if key not in runs:
-            cfg.storage.run_name = f"reproduce-{row}-{args.steps}-s{args.seed}"
+            # named by the config's digest: another invocation (other --tables) that needs the
+            # same pretraining finds it
+            cfg.storage.run_name = f"reproduce-{cfg.run_name()}"
             print(f"[avsa reproduce] pretraining {i}/{len(configs)}: {row}", flush=True)
             runs[key] = pretrain(cfg)
         res = runs[key]
