@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from avsa import resources, storage, tracking
+from avsa import resources, run_outputs, storage, tracking
 from avsa.config import Config, compose, with_absolute_paths
 from avsa.data.manifest import read_manifest
 from avsa.errors import AvsaError, CheckpointError, StorageError
@@ -216,6 +216,7 @@ def start_tracking(
         from omegaconf import OmegaConf
 
         logger.log_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)), "config.yaml")
+        run_outputs.log_pretraining_inputs(logger, cfg)
     logger.flush()
     return uri, logger.run_id
 
@@ -247,6 +248,8 @@ def pretrain(cfg: Config) -> PretrainResult:
     checkpoint_uri = _checkpoint_uri(cfg, result)
     if checkpoint_uri:
         logger.set_tags({tracking.CHECKPOINT: checkpoint_uri})
+    run_outputs.finish_pretraining(logger, cfg, checkpoint_uri, register=True,
+                                   step=int((result.metrics or {}).get("step", 0)))
     logger.end("FINISHED")
     metrics = dict(result.metrics or {})
     return PretrainResult(run_id, run_name, storage.join(cfg.storage.path, run_name),
