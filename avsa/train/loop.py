@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from avsa import storage
+from avsa import storage, system_metrics
 from avsa.config import Config, from_dict
 from avsa.errors import CheckpointError
 from avsa.train import checkpoint as ckpt
@@ -260,6 +260,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             loop_config["tracking_uri"], cfg.tracking.experiment, None,
             resume_run_id=loop_config["run_id"],
         )
+    monitor = system_metrics.start(logger, cfg.tracking)  # None unless rank 0 logs
     val = _val_batches(cfg) if rank == 0 else []
     gather = _gather()
     meter, skipped = Meter(), 0
@@ -324,6 +325,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         _report(metrics_out, save_fn if (do_ckpt and rank == 0) else None, step, run_uri)
     if step < cfg.train.max_steps and step % cfg.train.checkpoint_every != 0:
         _report({"step": step}, save_fn if rank == 0 else None, step, run_uri)
+    if monitor is not None:
+        monitor.stop()
     if logger is not None:
         logger.drain()  # what the server missed while down, before this process exits
     if step < cfg.train.max_steps:
