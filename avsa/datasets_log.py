@@ -52,6 +52,9 @@ def shard_dataset(uri: str, manifest: Manifest):
             return {"num_samples": manifest.total_samples, "num_shards": len(manifest.shards),
                     "num_bytes": sum(s.bytes for s in manifest.shards)}
 
+        def to_dict(self) -> dict[str, str]:  # MetaDataset leaves the profile out
+            return {**super().to_dict(), "profile": json.dumps(self.profile)}
+
     with warnings.catch_warnings():  # "can be interpreted in multiple ways" for local paths
         warnings.simplefilter("ignore", UserWarning)
         source = resolve_dataset_source(shard_dir(uri))

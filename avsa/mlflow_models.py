@@ -212,7 +212,10 @@ def resolve(ref: str, tracking_uri: str) -> ModelRef:
     except Exception as e:
         raise CheckpointError(ref, f"no such registered model version ({tracking._one_line(e)})"
                               ) from None
-    return ModelRef(name, str(mv.version), mv.run_id, getattr(mv, "model_id", None))
+    model_id = getattr(mv, "model_id", None)
+    if not model_id and (mv.source or "").startswith("models:/m-"):  # servers that omit it
+        model_id = mv.source[len("models:/"):]
+    return ModelRef(name, str(mv.version), mv.run_id, model_id)
 
 
 def load_state(ref: str, tracking_uri: str) -> tuple[dict[str, Any], ModelRef]:
@@ -231,8 +234,9 @@ def load_state(ref: str, tracking_uri: str) -> tuple[dict[str, Any], ModelRef]:
             location = client.get_logged_model(version.model_id).artifact_location
             local = Path(mlflow.artifacts.download_artifacts(
                 artifact_uri=location, dst_path=tmp, tracking_uri=tracking_uri))
-            weights = torch.load(local / WEIGHTS, map_location="cpu", weights_only=True)
-            config = OmegaConf.to_container(OmegaConf.load(local / CONFIG), resolve=True)
+            extra = local / "extra_files"  # where mlflow.pytorch keeps extra_files
+            weights = torch.load(extra / WEIGHTS, map_location="cpu", weights_only=True)
+            config = OmegaConf.to_container(OmegaConf.load(extra / CONFIG), resolve=True)
         except Exception as e:
             raise CheckpointError(version.uri, f"cannot load the model "
                                                f"({tracking._one_line(e)})") from None
