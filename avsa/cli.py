@@ -47,8 +47,10 @@ def config_main(argv: list[str]) -> int:
     if argv[:1] in (["-h"], ["--help"]):
         print("usage: avsa config [hydra overrides...]")
         return 0
+    from avsa.tracking import redact
+
     cfg = compose(argv)
-    print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="")
+    print(redact(OmegaConf.to_yaml(OmegaConf.structured(cfg))), end="")
     print(f"# run name: {cfg.run_name()}")
     return 0
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from avsa.config_checks import check_combinations, check_known_keys
 from avsa.errors import ConfigError
 
 CONFIG_DIR_ENV = "AVSA_CONFIG_DIR"
@@ -62,6 +63,9 @@ class DataConfig:
     shuffle_buffer: int = 16
     skip_missing_shards: bool = False
     decode_cpus: float = 1.0
+    decode_threads: int = 1
+    decode_tasks: int = 0
+    read_ahead_batches: int = 4
     seed: int = 0
 
 
@@ -112,6 +116,7 @@ class TrainConfig:
 class StorageConfig:
     path: str = "outputs/runs"
     run_name: str | None = None
+    lease_wait_s: float = 0.0  # another run holds the run directory: wait this long (0: refuse)
 
 
 @dataclass
@@ -185,6 +190,7 @@ class Config:
         for volatile in ("sweep", "downstream", "tracking"):
             d.pop(volatile)
         d["train"].pop("fail_at_step")
+        d["storage"].pop("lease_wait_s")
         digest = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
         return f"{self.loss.kind}-v{self.data.num_viewpoints}-{digest}"
 
@@ -225,6 +231,7 @@ def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "pre
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
             cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+        check_known_keys(cfg, Config)
         obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "override"
@@ -307,6 +314,9 @@ def validate(cfg: Config) -> Config:
     _in_range("data.equirect_height", d.equirect_height, 0, 8192)
     _in_range("data.shuffle_buffer", d.shuffle_buffer, 0, 1_000_000)
     _in_range("data.decode_cpus", d.decode_cpus, 0, 64, lo_open=True)
+    _in_range("data.decode_threads", d.decode_threads, 0, 64)
+    _in_range("data.decode_tasks", d.decode_tasks, 0, 1_000_000)
+    _in_range("data.read_ahead_batches", d.read_ahead_batches, 1, 10_000)
 
     _in_range("model.video_width", m.video_width, 1, 1024)
     _in_range("model.audio_width", m.audio_width, 1, 1024)
@@ -345,6 +355,7 @@ def validate(cfg: Config) -> Config:
         _in_range("train.fail_at_step", t.fail_at_step, 1, t.max_steps)
 
     _check(bool(cfg.storage.path), "storage.path", "a local path or s3:// URI", cfg.storage.path)
+    _in_range("storage.lease_wait_s", cfg.storage.lease_wait_s, 0, 7 * 86400)
     _check(bool(cfg.tracking.experiment), "tracking.experiment", "a non-empty name",
            cfg.tracking.experiment)
     _check_tracking(cfg.tracking)
@@ -372,6 +383,7 @@ def validate(cfg: Config) -> Config:
         _in_range("downstream.seed", ds.seed, 0, 2**31 - 1)
     _check(ds.seg_class_weights in ("median", "inverse", "none"), "downstream.seg_class_weights",
            "one of ('median', 'inverse', 'none')", ds.seg_class_weights)
+    check_combinations(cfg)
     return cfg
 
 

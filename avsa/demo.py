@@ -71,12 +71,12 @@ def main(argv: list[str]) -> int:
 
         # A frozen random network through the same head is the floor the pretraining must beat.
         pretrained = res.run_id or res.checkpoint_uri or res.run_uri
-        accs = {}
+        accs, memo = {}, {}  # memo: both heads read the same decoded clips
         for label, ref in (("pretrained", pretrained), ("scratch", "scratch")):
             epochs = [f"downstream.epochs={args.transfer_epochs}"] if args.transfer_epochs else []
             tcfg = compose([*overrides, "downstream.task=avsa_bin", f"downstream.pretrain={ref}",
                             *epochs])
-            t = run_transfer(tcfg)
+            t = run_transfer(tcfg, memo)
             print(t.summary(), flush=True)
             accs[label] = t.metrics.get("test/acc", float("nan"))
         print(f"[avsa demo] AVSA-Bin test/acc (frozen encoders + trained head): pretrained "

@@ -40,3 +40,7 @@ class TrackingError(_WhereError):
 
 class CheckpointError(_WhereError):
     """A checkpoint that cannot be written or read: (uri, reason)."""
+
+
+class LeaseError(_WhereError):
+    """A directory another process writes to (its lease is held): (uri, reason)."""

@@ -10,14 +10,12 @@ Conventions (see DESIGN.md), radians throughout:
 
 from __future__ import annotations
 
-import itertools
+import functools
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from avsa.errors import ConfigError
@@ -268,7 +266,7 @@ def nfov_grid(vp: Viewpoints, size: int) -> Tensor:
     return torch.stack((2.0 * u - 1.0, 2.0 * v - 1.0), dim=-1)
 
 
-def _nfov_pixels(vp: Viewpoints, size: int, h: int, w: int) -> tuple[Tensor, Tensor]:
+def nfov_pixels(vp: Viewpoints, size: int, h: int, w: int) -> tuple[Tensor, Tensor]:
     """Equirect pixel coordinates (x column, y row; pixel centres at integers) of the points
     nfov_grid samples: (V, size, size) each, x in [0, w) (wrapped), y clamped to [0, h - 1] as
     grid_sample's border padding clamps it.
@@ -289,6 +287,30 @@ def _nfov_pixels(vp: Viewpoints, size: int, h: int, w: int) -> tuple[Tensor, Ten
     return torch.where(x >= w, x - w, x), y.clamp_(0.0, h - 1.0)  # x + w may round up to w
 
 
+@functools.lru_cache(maxsize=256)
+def _cached_maps(key: tuple[float, ...], size: int, h: int, w: int) -> tuple[np.ndarray, ...]:
+    n = len(key) // 4
+    vp = Viewpoints(*(torch.tensor(key[i * n:(i + 1) * n], dtype=torch.float64)
+                      for i in range(4)))
+    maps = tuple(m.numpy().reshape(n * size, size) for m in nfov_pixels(vp, size, h, w))
+    for m in maps:
+        m.flags.writeable = False  # shared by every caller of the cache
+    return maps
+
+
+def nfov_maps(vp: Viewpoints, size: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """nfov_pixels as cv2.remap maps: (map_x, map_y) float32 (V * size, size), the crops
+    stacked vertically, read-only. Use with INTER_LINEAR and BORDER_WRAP: columns wrap around
+    the seam as they should; rows never leave [0, h - 1], so the wrap never reaches them (a
+    row at h - 1 has weight 0 on the row below).
+
+    Cached per (viewpoints, size, frame size): a fixed plan (validation, evaluation, the same
+    key and epoch) builds its maps once; a training stream's random viewpoints miss and pay
+    about 1 ms per 4 crops of 112 px."""
+    key = tuple(float(v) for t in (vp.az, vp.el, vp.hfov, vp.aspect) for v in t.cpu().tolist())
+    return _cached_maps(key, int(size), int(h), int(w))
+
+
 def _thwc(frames) -> tuple[Tensor, float]:
     """Frames as a (T, H, W, 3) view (no copy) and the factor mapping values to [0, 1]."""
     x = torch.as_tensor(frames)
@@ -301,123 +323,27 @@ def _thwc(frames) -> tuple[Tensor, float]:
     )
 
 
-def _source_windows(
-    x0: Tensor, y0: Tensor, h: int, w: int
-) -> tuple[list[tuple[int, int, int, int]], Tensor]:
-    """The smallest window of source pixels holding every bilinear tap of each crop.
-
-    x0, y0: (V, S, S) top-left tap columns in [0, w) and rows in [0, h - 1]. Returns
-    (windows, col) with windows a list of (row0, rows, col0, cols) per crop, columns counted
-    from col0 around the seam, and col (V, S, S) the tap column inside its window. A crop
-    spreading over more than half the azimuths (near a pole) takes every column, plus column 0
-    again at the end so that the right tap never wraps."""
-    size = x0.shape[1]
-    ref = x0[:, size // 2, size // 2].reshape(-1, 1, 1)
-    d = x0 - ref
-    d = torch.where(d >= w / 2, d - w, torch.where(d < -w / 2, d + w, d))  # in [-w/2, w/2)
-    d_min, d_max = d.amin(dim=(1, 2)), d.amax(dim=(1, 2))
-    full = (d_min < -w / 4) | (d_max > w / 4)
-    col = torch.where(full.view(-1, 1, 1), x0, d - d_min.view(-1, 1, 1))
-    col0 = torch.where(full, 0.0, torch.remainder(ref.view(-1) + d_min, w))
-    cols = torch.where(full, float(w + 1), d_max - d_min + 2)
-    row0 = y0.amin(dim=(1, 2))
-    rows = (y0.amax(dim=(1, 2)) + 1).clamp_(max=h - 1) - row0 + 1
-    params = torch.stack((row0, rows, col0, cols), dim=1).long().tolist()
-    return [tuple(p) for p in params], col
-
-
-def _window_table(x: Tensor, windows) -> Tensor:
-    """Stack the source windows of (T, H, W, 3) frames into one gather table
-    (sum of rows * cols, T * 3) float32, one row per pixel, columns ordered (frame, channel)."""
-    t, _, w, _ = x.shape
-    table = torch.empty(sum(r * c for _, r, _, c in windows), 3 * t, dtype=torch.float32,
-                        device=x.device)
-    start = 0
-    for row0, rows, col0, cols in windows:
-        dst = table[start : start + rows * cols].view(rows, cols, t, 3)
-        src = x[:, row0 : row0 + rows].permute(1, 2, 0, 3)  # (rows, W, T, 3)
-        done = 0
-        while done < cols:  # at most three pieces: up to the seam, after it, column 0 again
-            c = (col0 + done) % w
-            n = min(cols - done, w - c)
-            dst[:, done : done + n].copy_(src[:, c : c + n])
-            done += n
-        start += rows * cols
-    return table
-
-
-def _window_rows(windows) -> list[tuple[int, int]]:
-    """(start, stop) rows of each window in the table of _window_table."""
-    stops = list(itertools.accumulate(rows * cols for _, rows, _, cols in windows))
-    return list(zip([0, *stops[:-1]], stops))
-
-
-def _columns(*vectors: Tensor) -> Tensor:
-    """(N,) vectors -> (N, len(vectors)); numpy interleaves CPU data several times faster."""
-    if vectors[0].device.type == "cpu":
-        return torch.from_numpy(np.stack([v.numpy() for v in vectors], axis=1))
-    return torch.stack(vectors, dim=1)
-
-
-class _Taps(NamedTuple):
-    """Bilinear taps of NFOV crops into a table of the source pixels they touch: idx and weights
-    (V * S * S, 4) (neighbours ordered top left, top right, bottom left, bottom right), table
-    (R, T * 3) float32 in the frames' units (one row per pixel, columns ordered (frame,
-    channel)), the table rows (start, stop) of each crop's window, and the factor mapping
-    table values to [0, 1]. The samples are embedding_bag(idx, table, weights) (sum)."""
-
-    idx: Tensor
-    weights: Tensor
-    table: Tensor
-    segments: list[tuple[int, int]]
-    scale: float
-
-
-def _nfov_taps(frames, vp: Viewpoints, size: int) -> _Taps:
-    """Taps and source table of the NFOV crops of frames (see nfov_crop)."""
-    x, scale = _thwc(frames)
-    h, w = x.shape[1], x.shape[2]
-    px, py = _nfov_pixels(vp.to(x.device), size, h, w)
-    x0, y0 = px.floor(), py.floor()
-    windows, col = _source_windows(x0, y0, h, w)
-    table = _window_table(x, windows)
-    segments = _window_rows(windows)
-    row0, cols, start = (
-        torch.tensor(v, device=x.device).view(-1, 1, 1)
-        for v in ([p[0] for p in windows], [p[3] for p in windows], [a for a, _ in segments])
-    )
-    top = (y0.long() - row0).mul_(cols).add_(col.long()).add_(start).reshape(-1)
-    step = torch.where(y0 < h - 1, cols, 0).reshape(-1)  # the last row has fy = 0
-    fx, fy = (px - x0).reshape(-1), (py - y0).reshape(-1)
-    gx, gy = 1.0 - fx, 1.0 - fy
-    bottom = top + step
-    idx = _columns(top, top + 1, bottom, bottom + 1)
-    weights = _columns(gy * gx, gy * fx, fy * gx, fy * fx)
-    return _Taps(idx, weights, table, segments, scale)
-
-
-def _gather(taps: _Taps, table: Tensor | None = None, crop: int | None = None) -> Tensor:
-    """Bilinear samples (V * S * S, C) of taps.table, or of another table with the same rows;
-    only those (S * S, C) of one crop when crop is given."""
-    table = taps.table if table is None else table
-    idx, weights = taps.idx, taps.weights
-    if crop is not None:
-        n = idx.shape[0] // len(taps.segments)
-        idx, weights = idx[crop * n : (crop + 1) * n], weights[crop * n : (crop + 1) * n]
-    return F.embedding_bag(idx, table, per_sample_weights=weights, mode="sum")
-
-
 def nfov_crop(frames, vp: Viewpoints, size: int) -> Tensor:
     """Gnomonic (NFOV) crops of equirect frames, the same crop for every frame.
 
-    frames: (T, H, W, 3) uint8 or (T, 3, H, W) float in [0, 1] (tensor or numpy array).
-    Returns (V, 3, T, size, size) float32 on the frames' device, bilinear at the points of
-    nfov_grid (as grid_sample with border padding would sample them). Columns wrap around the
-    ±180° seam, so interpolation across it is exact; rows clamp at the poles. All frames and
-    viewpoints come from one weighted gather of a (pixel, frame x channel) table.
+    frames: (T, H, W, 3) uint8 or (T, 3, H, W) float in [0, 1] (tensor or numpy array, any
+    device). Returns (V, 3, T, size, size) float32 on the frames' device, bilinear at the
+    points of nfov_pixels in float32. Columns wrap around the ±180° seam, so interpolation
+    across it is exact; rows clamp at the poles. The reference for the uint8 cv2.remap path
+    of the data pipeline (avsa.data.crops), which samples the same nfov_maps.
     """
-    taps = _nfov_taps(frames, vp, size)
-    n_vp, t = len(vp), taps.table.shape[1] // 3
-    samples = _gather(taps).view(n_vp, size, size, t, 3).permute(0, 4, 3, 1, 2)
-    out = torch.empty(n_vp, 3, t, size, size, dtype=torch.float32, device=samples.device)
-    return torch.mul(samples, taps.scale, out=out)
+    x, scale = _thwc(frames)
+    h, w = x.shape[1], x.shape[2]
+    px, py = nfov_pixels(vp.to(x.device), size, h, w)
+    x0, y0 = px.floor(), py.floor()
+    fx, fy = (px - x0)[..., None], (py - y0)[..., None]  # (V, S, S, 1)
+    c0, r0 = x0.long(), y0.long()
+    c1, r1 = (c0 + 1) % w, (r0 + 1).clamp_(max=h - 1)
+
+    def tap(r: Tensor, c: Tensor) -> Tensor:  # (T, V, S, S, 3) float, gathered before converting
+        return x[:, r, c].float()
+
+    top = tap(r0, c0) * (1 - fx) + tap(r0, c1) * fx
+    bottom = tap(r1, c0) * (1 - fx) + tap(r1, c1) * fx
+    out = (top * (1 - fy) + bottom * fy).permute(1, 4, 0, 2, 3)  # (V, 3, T, S, S)
+    return out.mul(scale).contiguous()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -69,7 +70,8 @@ def baseline(batch: int, v: int) -> tuple[str, ...]:
     return ("data.num_viewpoints=1", "model.use_transformer=false", f"train.batch_size={batch * v}")
 
 
-def plan(args: argparse.Namespace, batch: int, v: int) -> list[Table]:
+def plan(args: argparse.Namespace, batch: int, v: int,
+         preset_features: str = "intensity") -> list[Table]:
     """The tables asked for, each row a pretraining variant (None: scratch) and its transfers."""
     tables = []
     if "pretext" in args.tables:
@@ -87,16 +89,18 @@ def plan(args: argparse.Namespace, batch: int, v: int) -> list[Table]:
         t = Table("viewpoints", BIN_COLUMNS)
         for n in args.viewpoints:
             over = () if n == v else (f"data.num_viewpoints={n}",)
+            if n > v:  # more views than the preset's separation fits: the paper's 36 deg
+                over += ("data.min_separation_deg=36",)
             t.rows.append((Variant("avsa" if n == v else f"avsa-v{n}", over), bins))
         tables.append(t)
     if "audio" in args.tables:
         t = Table("audio", BIN_COLUMNS)
         for feat in args.features:
             t.rows.append((Variant(feat, (f"data.audio_features={feat}",)), bins))
-        if args.rt60 > 0:
-            for feat in args.features:
-                t.rows.append((Variant(f"{feat}-rt60", (f"data.audio_features={feat}",), "wet"),
-                               bins))
+        if args.rt60 > 0:  # the preset's input, dry (above) against reverberant
+            feat = preset_features
+            t.rows.append((Variant(f"{feat}-rt60", (f"data.audio_features={feat}",), "wet"),
+                           bins))
         tables.append(t)
     return tables
 
@@ -139,7 +143,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated, of " + ",".join(TABLES))
     p.add_argument("--viewpoints", type=_ints, default=[1, 2, 4, 8],
                    help="comma-separated V of the viewpoints table")
-    p.add_argument("--features", type=_names(FEATURES), default=list(FEATURES),
+    p.add_argument("--features", type=_names(FEATURES), default=["logmel", "intensity"],
                    help="comma-separated audio inputs of the audio table, of " + ",".join(FEATURES))
     p.add_argument("--rt60", type=float, default=0.4,
                    help="reverberation time of the wet rows of the audio table (0: none)")
@@ -234,6 +238,7 @@ def transfer_all(args, tables, data, refs, uri) -> None:
     from avsa.config import compose
     from avsa.downstream.run import run_transfer
 
+    memo: dict = {}  # decoded clips, shared by every head that reads the same data
     for t in tables:
         experiment = f"avsa-reproduce-{t.name}"
         done = _done(uri, experiment)
@@ -246,14 +251,16 @@ def transfer_all(args, tables, data, refs, uri) -> None:
                 continue
             train, test = data["action" if task == "action" else
                                ("dry" if v is None else v.data)]
-            cfg = compose([*_common(args, uri), *(() if v is None else v.overrides), *extra,
+            # every row is read through the same clips and viewpoints (the preset's V); the
+            # network brings its own audio input (see avsa.downstream.run)
+            cfg = compose([*_common(args, uri), *extra,
                            f"data.shards={train}", f"data.val_shards={test}",
                            f"downstream.task={task}", f"downstream.seed={seed}",
                            f"downstream.pretrain={'scratch' if v is None else refs[v.row]}",
                            f"downstream.row={row}", f"downstream.experiment={experiment}"])
             print(f"[avsa reproduce] {t.name} {i}/{len(jobs)}: {row} {task} "
                   f"{context} seed {seed}", flush=True)
-            print(run_transfer(cfg).summary().splitlines()[0], flush=True)
+            print(run_transfer(cfg, memo).summary().splitlines()[0], flush=True)
 
 
 def write_tables(args, tables, metrics, uri) -> list[Path]:
@@ -288,10 +295,12 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
+    # The per-step [avsa] lines show progress; Ray Data's bars would bury them.
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     uri = tracking.resolve_tracking_uri(
         args.tracking_uri or f"sqlite:///{(args.out / 'mlruns' / 'mlflow.db').resolve()}")
     cfg = compose([PRESET, *args.overrides])  # bad overrides fail here, before any work
-    tables = plan(args, cfg.train.batch_size, cfg.data.num_viewpoints)
+    tables = plan(args, cfg.train.batch_size, cfg.data.num_viewpoints, cfg.data.audio_features)
     data = make_data(args, tables)
     refs, metrics = pretrain_all(args, tables, data, uri)
     transfer_all(args, tables, data, refs, uri)

@@ -19,9 +19,27 @@ from urllib.parse import unquote, urlparse
 from avsa.errors import StorageError
 from avsa.s3 import S3Reader, S3Session, session, split_s3
 
-__all__ = ["S3Session", "copy_tree", "delete", "download_file", "exists", "is_s3", "join",
-           "list_prefix", "local_path", "open_input_stream", "pyarrow_filesystem", "read_bytes",
-           "session", "size", "split_s3", "upload_file", "write_bytes"]
+__all__ = [
+    "S3Session",
+    "copy_tree",
+    "create_exclusive",
+    "delete",
+    "download_file",
+    "exists",
+    "is_s3",
+    "join",
+    "list_prefix",
+    "local_path",
+    "move_tree",
+    "open_input_stream",
+    "pyarrow_filesystem",
+    "read_bytes",
+    "session",
+    "size",
+    "split_s3",
+    "upload_file",
+    "write_bytes",
+]
 
 
 def is_s3(uri: str | os.PathLike) -> bool:
@@ -79,6 +97,47 @@ def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
         return _local(uri, lambda p: _atomic_write(p, lambda f: f.write(data)))
     bucket, key = split_s3(uri)
     session().call(uri, lambda c: c.put_object(Bucket=bucket, Key=key, Body=data))
+
+
+def create_exclusive(uri: str | os.PathLike, data: bytes) -> bool:
+    """Write ``data`` to ``uri`` only if nothing is there yet, atomically; False if something is.
+
+    Locally the bytes go to a temporary file that is then hard-linked into place (``link``
+    fails on an existing name, like ``O_EXCL``, and readers never see a partial file); on S3 a
+    conditional put (``If-None-Match: *``) that the store refuses with 412 when the key exists.
+    """
+    uri = str(uri)
+    if not is_s3(uri):
+        def create(p: Path) -> bool:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.link(tmp, p)
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+
+        return _local(uri, create)
+    bucket, key = split_s3(uri)
+    from botocore.exceptions import ClientError
+
+    def put(c: Any) -> bool:
+        try:
+            c.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+            return True
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                return False
+            raise
+
+    return session().call(uri, put)
 
 
 def exists(uri: str | os.PathLike) -> bool:
@@ -207,3 +266,17 @@ def pyarrow_filesystem(uri: str | os.PathLike) -> tuple[Any, str]:
     retry = pafs.AwsStandardS3RetryStrategy(max_attempts=10)
     fs = pafs.S3FileSystem(connect_timeout=5, request_timeout=60, retry_strategy=retry, **kwargs)
     return fs, uri[len("s3://"):].rstrip("/")
+
+
+def move_tree(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Rename the directory/prefix ``src`` to ``dst`` (a rename locally; copy then delete on
+    S3, where a prefix has no rename)."""
+    src, dst = str(src), str(dst)
+    if not is_s3(src):
+        return _local(src, lambda p: p.rename(local_path(dst)))
+    for uri in list_prefix(src):
+        bucket, key = split_s3(uri)
+        target_bucket, target = split_s3(join(dst, uri[len(src.rstrip("/")) + 1:]))
+        session().call(uri, lambda c, b=bucket, k=key, tb=target_bucket, t=target: c.copy_object(
+            Bucket=tb, Key=t, CopySource={"Bucket": b, "Key": k}))
+        delete(uri)

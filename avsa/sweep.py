@@ -24,6 +24,7 @@ import math
 import os
 import posixpath
 import socket
+import sys
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from typing import Any
 
 from avsa import resources, run_outputs, storage, sweep_report, tracking
 from avsa.config import Config, compose, with_absolute_paths
+from avsa.config_checks import temperature_warning
 from avsa.errors import ConfigError
 from avsa.sweep_space import (
     apply_params,
@@ -42,6 +44,7 @@ from avsa.sweep_space import (
     trial_run_name,
     tune_space,
 )
+from avsa.train import interrupt
 
 log = logging.getLogger("avsa.sweep")
 
@@ -276,7 +279,7 @@ def _register_best(uri: str, cfg: Config, best: Mapping[str, Any]) -> None:
 def run_sweep(cfg: Config) -> SweepResult:
     """Run (or resume) the sweep `cfg.sweep` end to end; returns its table and best trial."""
     from avsa.data.manifest import read_manifest
-    from avsa.train.driver import start_tracking
+    from avsa.train.driver import hold_run_dir
 
     s = cfg.sweep
     flat = flatten_space(s.space)
@@ -289,22 +292,50 @@ def run_sweep(cfg: Config) -> SweepResult:
     base = prepare_base(cfg)
     name = sweep_run_name(base)
     sweep_uri = storage.join(base.storage.path, "sweeps", name)
-    ensure_ray_with_state_api(base)
+    if warning := temperature_warning(base.loss.temperature):
+        log.warning(warning)
+    with hold_run_dir(sweep_uri, "avsa sweep", base.storage.lease_wait_s):
+        ensure_ray_with_state_api(base)
+        with interrupt.signals_raise():
+            return _sweep(base, space, flat, metric, name, sweep_uri)
+
+
+def _sweep(base: Config, space: dict[str, Any], flat: dict[str, Any], metric: str, name: str,
+           sweep_uri: str) -> SweepResult:
+    """From the parent MLflow run's start to its end (FINISHED, FAILED, or KILLED by a signal,
+    its RUNNING trials with it)."""
+    from avsa.train.driver import start_tracking
+
+    s = base.sweep
     waiting = resources.check_and_watch(base, f"one trial of sweep {name}", TRIAL_DRIVER_CPU)
     uri, parent_id = start_tracking(
         base, kind="sweep", run_name=name,
         extra_tags={"avsa.run_uri": sweep_uri, "avsa.sweep": s.name, "avsa.metric": metric},
     )
-    spec = TrialSpec(base.to_dict(), name, parent_id, storage.join(sweep_uri, "trials"), metric,
-                     keyed_by_id=s.search != "grid" or s.num_samples > 1)
-    tuner = make_tuner(base, space, spec)
     parent = tracking.RunLogger.start(uri, base.tracking.experiment, None, resume_run_id=parent_id)
     try:
+        spec = TrialSpec(base.to_dict(), name, parent_id, storage.join(sweep_uri, "trials"),
+                         metric, keyed_by_id=s.search != "grid" or s.num_samples > 1)
+        tuner = make_tuner(base, space, spec)
         with waiting:
             grid = tuner.fit()
+        return _report(base, grid, spec, flat, uri, parent, sweep_uri)
+    except KeyboardInterrupt as k:  # a signal (see avsa.train.interrupt)
+        e = interrupt.as_interrupted(k)
+        interrupt.shutdown_ray()  # the trials' actors and their Train runs end with it
+        interrupt.kill_children(uri, base.tracking.experiment, parent_id, e.name)
+        parent.set_tags({interrupt.STOPPED_BY: e.name})
+        parent.end("KILLED")
+        raise
     except BaseException:
         parent.end("FAILED")
         raise
+
+
+def _report(base: Config, grid: Any, spec: TrialSpec, flat: dict[str, Any], uri: str,
+            parent: tracking.RunLogger, sweep_uri: str) -> SweepResult:
+    """The sweep's table, plot and best trial, recorded on the parent run, which it ends."""
+    s, name, metric = base.sweep, spec.sweep_name, spec.metric
     keys = list(flat)
     rows = []
     for result in grid:
@@ -333,7 +364,7 @@ def run_sweep(cfg: Config) -> SweepResult:
         parent.log_metrics({f"best/{metric}": best[metric]}, step=int(best["step"] or 0))
         _register_best(uri, base, best)
     parent.end("FINISHED" if best is not None else "FAILED")
-    return SweepResult(name, sweep_uri, parent_id, metric, rows, best and dict(best), table)
+    return SweepResult(name, sweep_uri, parent.run_id, metric, rows, best and dict(best), table)
 
 
 def main(argv: list[str]) -> int:
@@ -341,7 +372,12 @@ def main(argv: list[str]) -> int:
         print(USAGE)
         return 0
     cfg = compose(argv)
-    res = run_sweep(cfg)
+    try:
+        res = run_sweep(cfg)
+    except KeyboardInterrupt as k:
+        e = interrupt.as_interrupted(k)
+        print(interrupt.resume_line("sweep", argv, e), file=sys.stderr)
+        return e.exit_code
     counts = {k: sum(r["status"] == k for r in res.rows) for k in ("done", "stopped", "error")}
     print(f"[avsa] sweep {res.name}: {len(res.rows)} trials ({counts['done']} done, "
           f"{counts['stopped']} stopped early, {counts['error']} failed)")

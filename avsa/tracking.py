@@ -19,6 +19,7 @@ module retries with its own bounded policy.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import enum
 import logging
@@ -158,9 +159,16 @@ def _ssl_context() -> ssl.SSLContext | None:
 
 def _health(uri: str, timeout_s: float) -> None:
     """GET ``uri/health``; raises OSError (incl. URLError) or ValueError when not OK."""
-    url = f"{uri.rstrip('/')}/health"
+    parts = urllib.parse.urlsplit(uri)
+    request = urllib.request.Request(f"{uri.rstrip('/')}/health")
+    if parts.username is not None:  # user:password@ as MLflow's client (requests) takes it
+        host = parts.hostname + (f":{parts.port}" if parts.port else "")
+        request = urllib.request.Request(f"{parts._replace(netloc=host).geturl().rstrip('/')}"
+                                         f"/health")
+        pair = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+        request.add_header("Authorization", "Basic " + base64.b64encode(pair.encode()).decode())
     context = _ssl_context() if uri.startswith("https") else None
-    with urllib.request.urlopen(url, timeout=timeout_s, context=context) as resp:
+    with urllib.request.urlopen(request, timeout=timeout_s, context=context) as resp:
         if resp.status != 200:
             raise ValueError(f"/health answered HTTP {resp.status}")
 
@@ -818,3 +826,29 @@ class RunLogger:
             self.end("KILLED")
         else:
             self.end("FAILED")
+
+
+# ----------------------------------------------------------------------------- resume, interrupt
+
+
+def last_logged_step(uri: str, run_id: str) -> int:
+    """The largest step any metric of the run was logged at (0 for none): a resumed attempt
+    logs only the steps after it, so every metric key keeps one value per step."""
+    client = _client(str(uri))
+    run = get_run(uri, run_id)
+    last = 0
+    for key in run.data.metrics:
+        history = _with_retries(lambda k=key: client.get_metric_history(run_id, k), 3, 0.5)
+        last = max([last, *(int(m.step) for m in history)])
+    return last
+
+
+def running_children(uri: str, parent_run_id: str) -> list[str]:
+    """Ids of the RUNNING runs whose parent is ``parent_run_id`` (a sweep's trials)."""
+    client = _client(str(uri))
+    parent = get_run(uri, parent_run_id)
+    runs = _with_retries(lambda: client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and "
+                      f"attributes.status = 'RUNNING'", max_results=1000), 3, 0.5)
+    return [r.info.run_id for r in runs]

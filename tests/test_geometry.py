@@ -360,6 +360,18 @@ def test_nfov_crop_accepts_uint8_thwc_and_numpy():
         nfov_crop(torch.zeros(3, 24, 48), vp, 8)
 
 
+def test_nfov_maps_are_the_crop_points_cached_and_read_only():
+    vp = sample_viewpoints(torch.Generator().manual_seed(5), 3)
+    map_x, map_y = geometry.nfov_maps(vp, 10, 40, 80)
+    px, py = geometry.nfov_pixels(vp, 10, 40, 80)
+    assert map_x.shape == map_y.shape == (30, 10) and map_x.dtype == np.float32
+    np.testing.assert_array_equal(map_x, px.reshape(30, 10).numpy())
+    np.testing.assert_array_equal(map_y, py.reshape(30, 10).numpy())
+    assert geometry.nfov_maps(vp, 10, 40, 80)[0] is map_x  # the same plan builds them once
+    assert not map_x.flags.writeable
+    assert float(map_x.min()) >= 0 and float(map_x.max()) < 80 and float(map_y.max()) <= 39
+
+
 # ---------------------------------------------------------------- flips
 
 

@@ -128,6 +128,40 @@ def test_bytes_source_equals_path(clip30):
     assert media.probe(data, name="shard/KEY.mp4").path == "shard/KEY.mp4"
 
 
+def test_window_mid_gop_equals_a_full_decode_with_any_threads(clip30):
+    """A window starting mid-GOP, where the frames before it that nothing refers to are not
+    decoded, gives the frames of a decode from the start; so do other decoder thread counts."""
+    full = media.decode_video(clip30, fps=16)  # from 0: nothing before the window
+    for start, threads in ((11 / 16, 1), (21 / 16, 1), (11 / 16, 2), (11 / 16, 0)):
+        k = round(start * 16)
+        window = media.decode_video(clip30, fps=16, start=start, duration=0.5, threads=threads)
+        np.testing.assert_array_equal(window, full[k:k + 8])
+
+
+def test_rgb_is_pyavs_own_conversion(clip30):
+    """The reused reformatter converts exactly as frame.to_ndarray(format="rgb24") (tolerance
+    0 grey levels)."""
+    with av.open(str(clip30)) as c:
+        ref = np.stack([f.to_ndarray(format="rgb24") for _, f in zip(range(3), c.decode(video=0))])
+    np.testing.assert_array_equal(media.decode_video(clip30, fps=30, duration=0.1), ref)
+
+
+def test_decode_clip_opens_the_container_once(clip30, monkeypatch):
+    """Video and an audio window elsewhere in the clip (here before the video's, so the audio
+    stream is rewound) from one open, equal to separate decodes."""
+    opened = []
+    real_open = av.open
+    monkeypatch.setattr(av, "open", lambda *a, **k: opened.append(1) or real_open(*a, **k))
+    video, foa = media.decode_clip(clip30.read_bytes(), fps=16, start=1.25, duration=0.5,
+                                   audio_start=0.0, audio_duration=1.5, sample_rate=24000)
+    assert len(opened) == 1
+    monkeypatch.setattr(av, "open", real_open)
+    np.testing.assert_array_equal(video, media.decode_video(clip30, fps=16, start=1.25,
+                                                            duration=0.5))
+    np.testing.assert_array_equal(foa, media.decode_audio(clip30, sample_rate=24000, start=0.0,
+                                                          duration=1.5))
+
+
 def test_decode_clip_defaults_to_whole_clip(clip30):
     video, foa = media.decode_clip(clip30, fps=16, sample_rate=24000, size=(32, 64))
     assert video.shape == (32, 32, 64, 3) and foa.shape == (4, 48000)

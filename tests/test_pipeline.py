@@ -118,7 +118,7 @@ def test_iter_local_skips_and_counts_corrupt_samples(corrupt_set):
 
 def test_placeholder_row_matches_real_rows(shard_set):
     uri, _ = shard_set
-    cfg = tiny_cfg()
+    cfg = tiny_cfg(audio_seconds=0.5)  # AVTS needs clips of 2 x audio_seconds: these are 1.5 s
     opts = dict(other_time=True, misalign_prob=0.5, with_masks=True)
     item = pipeline.shard_items(uri, epochs=1, seed=0, shuffle=False)[2]
     real = next(pipeline.decode_shard(item, cfg=cfg, seed=0, **opts))
@@ -142,6 +142,37 @@ def test_missing_shard_is_named_or_skipped_and_counted(shard_set, tmp_path):
     assert sorted(k for b in batches for k in b["key"]) == keys[:PER_SHARD] + keys[2 * PER_SHARD:]
     assert sum(int(b["skipped"].sum()) for b in batches) == PER_SHARD
     assert sum(int(b["missing_shards"].sum()) for b in batches) == 1
+
+
+def test_read_ahead_is_bounded_by_batches_and_shards(shard_set):
+    """The object store may hold read_ahead_batches global batches of rows (at least one
+    shard's), and decoding decode_tasks * decode_cpus CPUs (no cap with 0 tasks)."""
+    cfg = tiny_cfg(read_ahead_batches=2, decode_tasks=3, decode_cpus=0.5)
+    row = pipeline.row_bytes(cfg)
+    assert row == sum(np.asarray(v).nbytes for v in pipeline.placeholder_row(
+        cfg, epoch=0, skipped=0).values())
+    opts = pipeline.ingest_options(cfg, batch_size=4, shard_samples=3, row_size=row)
+    assert opts.resource_limits.object_store_memory == 8 * row
+    assert opts.resource_limits.cpu == 1.5
+    small = pipeline.ingest_options(tiny_cfg(read_ahead_batches=1), batch_size=1,
+                                    shard_samples=3, row_size=row)
+    assert small.resource_limits.object_store_memory == 3 * row  # one task's output
+    assert small.resource_limits.cpu == float("inf")  # None: no cap
+
+
+def test_bounded_ray_dataset_yields_every_row(ray_session, shard_set):
+    """Backpressure at the smallest budget (one shard's rows) still delivers every sample,
+    and a limited, unshuffled stream (the validation set) is the manifest's first rows."""
+    uri, keys = shard_set
+    cfg = tiny_cfg(read_ahead_batches=1)
+    ds = pipeline.build_dataset(uri, cfg, epochs=2, seed=0, batch_size=1, keys=True)
+    assert ds.context.execution_options.resource_limits.object_store_memory == (
+        PER_SHARD * pipeline.row_bytes(cfg))
+    rows = list(ds.iter_rows())
+    assert sorted(r["key"] for r in rows) == sorted(keys * 2)
+    val = pipeline.build_dataset(uri, cfg, epochs=1, seed=0, batch_size=2, keys=True,
+                                 shuffle=False, limit=4)
+    assert [r["key"] for r in val.iter_rows()] == keys[:4]
 
 
 def test_ray_dataset_skips_corrupt_samples_without_ending_the_epoch(ray_session, corrupt_set):

@@ -39,6 +39,21 @@ CASES = [
     ("sweep", "sweep.space.loss.temperature=[0.07,-1]",
      "loss.temperature: must be in (0, 10], got -1"),
     ("sweep", "data.fov_max_deg=180", "data.fov_max_deg: must be in [25, 180), got 180.0"),
+    # keys added with + or ++ are checked against the schema like any other
+    ("pretrain", "+trian.max_steps=5", "trian: no such key in the config"),
+    ("pretrain", "++train.max_stepz=5", "train.max_stepz: no such key in 'train'"),
+    ("sweep", "+sweep.space.train.lr=[0.1,0.2] ++data.seedz=1",
+     "data.seedz: no such key in 'data'"),
+    # the run name is one safe path segment
+    ("pretrain", "storage.run_name=../escaped", "storage.run_name: must be one path segment"),
+    ("pretrain", "storage.run_name=/abs/name", "storage.run_name: must be one path segment"),
+    ("pretrain", "storage.run_name='naïve'", "storage.run_name: must be one path segment"),
+    # combinations that cannot work
+    ("pretrain", "data.num_viewpoints=8 data.min_separation_deg=170",
+     "data.num_viewpoints, data.min_separation_deg: 8 viewpoints 170 deg apart do not fit"),
+    ("pretrain", "data.n_fft=48000", "data.n_fft: must be in [16, 24000] (the audio window"),
+    ("pretrain", "data.seed=-1", "data.seed: must be in [0, 2**32), got -1"),
+    ("sweep", "train.seed=-3", "train.seed: must be in [0, 2**32), got -3"),
 ]
 
 
@@ -62,7 +77,7 @@ def no_services(monkeypatch):
                          ids=[f"{c}-{o}" for c, o, _ in CASES])
 def test_bad_value_is_one_line_naming_key_and_range(command, override, says, no_services,
                                                     capsys):
-    rc = cli.main([command, override])
+    rc = cli.main([command, *override.split()])
     out, err = capsys.readouterr()
     assert rc == 2
     assert out == ""
@@ -94,3 +109,59 @@ def test_cli_process_fails_fast_without_starting_ray(tmp_path):
         assert elapsed < 30, f"took {elapsed:.0f} s"  # imports only: about 5 s on a CI runner
     assert list(ray_tmp.iterdir()) == []
     assert not (tmp_path / "mlruns").exists()
+
+
+def _manifest(root: Path, samples: int) -> Path:
+    from avsa.data.manifest import Manifest, write_manifest
+    from avsa.data.shards import RawSample, pack_shard, shard_info, shard_name
+
+    blob = pack_shard([RawSample(f"k{i}", {"mp4": b"x"}) for i in range(samples)])
+    (root / shard_name(0)).parent.mkdir(parents=True, exist_ok=True)
+    (root / shard_name(0)).write_bytes(blob)
+    write_manifest(str(root), Manifest("train", [shard_info(shard_name(0), blob, samples)],
+                                       samples))
+    return root
+
+
+def test_batch_larger_than_the_data_is_refused_before_ray(tmp_path, no_services, capsys):
+    shards = _manifest(tmp_path / "shards", 3)
+    rc = cli.main(["pretrain", f"data.shards={shards}", "train.batch_size=4",
+                   f"storage.path={tmp_path / 'runs'}"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "train.batch_size: must be at most the 3 samples in data.shards, got 4" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_tiny_temperature_warns_once(tmp_path, no_services, caplog):
+    from avsa.config_checks import temperature_warning
+
+    assert temperature_warning(0.07) is None
+    assert "logits reach 1e+09" in temperature_warning(1e-9)
+    shards = _manifest(tmp_path / "shards", 3)
+    with pytest.raises(AssertionError, match="reached MLflow or Ray"):
+        driver.pretrain(cli_compose([f"data.shards={shards}", "loss.temperature=1e-9",
+                                     "train.batch_size=2", f"storage.path={tmp_path}"]))
+    assert caplog.text.count("loss.temperature=1e-09: logits reach 1e+09") == 1
+
+
+def cli_compose(overrides):
+    from avsa.config import compose
+
+    return compose(overrides)
+
+
+def test_config_masks_credentials_in_uris(capsys):
+    rc = cli.main(["config", "tracking.uri=http://alice:s3cr3t@127.0.0.1:5000"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "s3cr3t" not in out and "http://***@127.0.0.1:5000" in out
+
+
+@pytest.mark.slow
+def test_tracking_uri_with_credentials_is_accepted(mlflow_uri):
+    """`user:password@` in an http URI, as MLflow's client takes it (Basic auth)."""
+    from avsa import tracking
+
+    authed = mlflow_uri.replace("http://", "http://alice:s3cr3t@")
+    tracking.check_reachable(authed)

@@ -78,7 +78,82 @@ def test_shapes_units_and_placement():
     for i in range(3):
         for j in range(i):
             a, b = srcs[i], srcs[j]
-            assert angle_deg(a["az_deg"][0], a["el_deg"][0], b["az_deg"][0], b["el_deg"][0]) >= 40
+            assert angle_deg(a["az_deg"][0], a["el_deg"][0], b["az_deg"][0], b["el_deg"][0]) >= 45
+    counts = [len(synth.make_scene(seed, 0.25, **SMALL).meta["sources"]) for seed in range(20)]
+    assert min(counts) >= synth.SOURCES_RANGE[0] and max(counts) <= synth.SOURCES_RANGE[1]
+    single = synth.make_scene(5, 0.5, single_class=True, **SMALL).meta
+    assert len(single["sources"]) >= 4 and len(single["classes"]) == 1  # a single-label clip
+
+
+def test_dense_scenes_fill_most_sampled_crops():
+    """The default viewpoint sampler sees a source in at least 70% of its crops (>= 2% of the
+    crop's pixels): an AVSA learner is not capped by empty views."""
+    from avsa import coverage
+
+    masks = [synth.make_scene(synth.clip_seed(0, i), 0.5, **SMALL).masks for i in range(12)]
+    stats = coverage.coverage_stats(masks, draws=8)
+    assert stats["crops"] == 12 * 8 * 4
+    assert stats["share_with_source"] >= 0.7, stats
+    empty = np.zeros((1, 96, 192), np.uint8)
+    assert coverage.coverage_stats([empty], draws=2)["share_with_source"] == 0.0
+
+
+def test_no_two_classes_share_a_partial():
+    """Even with the per-clip detune (+-1%) pulling two classes together, every partial of one
+    class stays more than 2% from every partial of another."""
+    classes = synth.SOURCE_CLASSES
+    for a in range(len(classes)):
+        for b in range(a):
+            for da, db in ((1.01, 0.99), (0.99, 1.01)):
+                for p in synth.partials(classes[a], da):
+                    for q in synth.partials(classes[b], db):
+                        assert abs(p - q) / min(p, q) > 0.02, (classes[a].name, classes[b].name)
+
+
+def test_sources_sound_as_events_and_look_it():
+    """A random source is silent between its on-intervals and drawn dim and grey there."""
+    scene = synth.make_scene(8, 4.0, num_sources=1, **SMALL)
+    src = scene.meta["sources"][0]
+    spans = np.array(src["on"])
+    assert len(spans) >= 2 and np.all(np.diff(spans, axis=1) > 0.5)
+    t = np.arange(scene.foa.shape[1]) / 24000
+    on = synth.gate(spans, t) > 0.99
+    off = synth.gate(spans, t) < 0.01
+    assert on.mean() > 0.3 and off.mean() > 0.1
+    w = scene.foa[0]
+    assert np.sqrt((w[off] ** 2).mean()) < 0.2 * np.sqrt((w[on] ** 2).mean())
+    frames = np.arange(len(scene.video)) / 16
+    bright = [scene.video[k][scene.masks[min(int(tk * 4), len(scene.masks) - 1)] > 0].mean()
+              for k, tk in enumerate(frames)]
+    lit = synth.gate(spans, frames)
+    assert np.corrcoef(bright, lit)[0, 1] > 0.7
+
+
+def test_diffuse_noise_is_decorrelated_on_all_four_channels():
+    noise = synth.diffuse_noise(np.random.default_rng(0), 200_000, std=1.0)
+    cov = np.cov(noise)
+    assert np.allclose(np.diag(cov), [1, 1 / 3, 1 / 3, 1 / 3], rtol=0.02)
+    off = cov - np.diag(np.diag(cov))
+    assert np.abs(off).max() < 0.01
+
+
+def test_room_adds_a_reverberant_tail_with_the_asked_decay():
+    from avsa import room
+
+    tails = room.bformat_tails([(0.0, 0.0)], 0.4, 24000, np.random.default_rng(0))
+    w = tails[0, 0]
+    assert tails.shape == (1, 4, int(1.2 * 0.4 * 24000) + 1)
+    edc = np.cumsum(w[::-1] ** 2)[::-1]
+    db = 10 * np.log10(edc / edc[0] + 1e-12)
+    t20 = (np.argmax(db < -25) - np.argmax(db < -5)) / 24000 * 3  # Schroeder, T20 -> RT60
+    assert 0.3 < t20 < 0.65
+    assert (tails[0] ** 2).sum(axis=1)[1:].sum() > 0.3 * (w**2).sum()  # reflections have direction
+    dry = synth.make_scene(4, 1.0, num_sources=2, **SMALL)
+    wet = synth.make_scene(4, 1.0, num_sources=2, rt60_s=0.4, **SMALL)
+    assert wet.meta["rt60_s"] == 0.4 and wet.video.tobytes() == dry.video.tobytes()
+    assert not np.allclose(wet.foa, dry.foa)
+    with pytest.raises(ConfigError, match="rt60_s"):
+        synth.make_scene(4, 1.0, rt60_s=-1.0, **SMALL)
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3, 4])
@@ -170,3 +245,7 @@ def test_cli_with_workers_matches_in_process(tmp_path, capsys):
     assert synth.main([str(tmp_path / "a"), "--clips", "2", "--seconds", "0.5", "--seed", "9",
                        "--width", "128", "--height", "64"]) == 0
     assert "0 written, 2 already there" in capsys.readouterr().out
+    assert synth.main([str(tmp_path / "a"), "--clips", "2", "--seconds", "0.5", "--seed", "9",
+                       "--width", "128", "--height", "64", "--stats"]) == 0
+    stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert stats["name"] == "synth_coverage" and stats["crops"] == 2 * 8 * 4

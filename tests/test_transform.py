@@ -214,19 +214,6 @@ def test_avts_refuses_a_clip_too_short_for_a_disjoint_negative():
     assert w.other is None
 
 
-def test_color_jitter_identity_and_known_factors():
-    x = torch.rand(2, 3, 2, 4, 4, generator=torch.Generator().manual_seed(0))
-    ident = torch.tensor([[1.0, 1.0, 1.0, 0.0]] * 2)
-    torch.testing.assert_close(transform.color_jitter(x, ident), x, atol=1e-5, rtol=0)
-    half = transform.color_jitter(x, torch.tensor([[0.5, 1.0, 1.0, 0.0]] * 2))
-    torch.testing.assert_close(half, x * 0.5, atol=1e-5, rtol=0)
-    gray = torch.full((1, 3, 1, 2, 2), 0.4)
-    hue = transform.color_jitter(gray, torch.tensor([[1.0, 1.0, 1.0, 0.25]]))
-    torch.testing.assert_close(hue, gray, atol=1e-5, rtol=0)  # hue leaves grey alone
-    desat = transform.color_jitter(x[:1], torch.tensor([[1.0, 1.0, 0.0, 0.0]]))
-    assert desat.std(dim=1).max() < 1e-5  # saturation 0 -> grey
-
-
 def test_sidecar_audio_member_is_used(tmp_path, generic):
     cfg = small_cfg()
     epoch, plan = find_epoch("side", cfg, _perpendicular_pair)
@@ -272,27 +259,6 @@ def test_collate_stacks_samples(generic):
     assert batch["directions"].shape == (3, 2, 2)
     with pytest.raises(ValueError, match="disagree"):
         transform.collate([samples[0], {"video": samples[1]["video"]}])
-
-
-def test_view_crops_equal_jittered_nfov_crops():
-    """The fused crop path (colour map before the gather) gives the numbers of nfov_crop
-    followed by to_uint8 with the same jitter, up to rounding ties."""
-    cfg = small_cfg(num_viewpoints=3, augment=True, crop_size=24)
-    gen = torch.Generator().manual_seed(0)
-    frames = torch.randint(0, 256, (4, 48, 96, 3), generator=gen, dtype=torch.uint8).numpy()
-    for flip in (False, True):
-        plan = replace(plan_for("crops", cfg, epoch=2), flip=flip)
-        out = transform.view_crops(frames, plan, cfg.crop_size)
-        assert out.shape == (3, 3, 4, 24, 24) and out.dtype == torch.uint8
-        ref = transform.to_uint8(geometry.nfov_crop(frames, plan.vp, cfg.crop_size),
-                                 torch.from_numpy(plan.jitter))
-        ref = geometry.flip_video(ref) if flip else ref
-        diff = (out.int() - ref.int()).abs()
-        assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 1e-3
-    plain = replace(plan_for("crops", small_cfg(crop_size=24), epoch=2), flip=False)
-    assert plain.jitter is None
-    ref = transform.to_uint8(geometry.nfov_crop(frames, plain.vp, 24))
-    assert int((transform.view_crops(frames, plain, 24).int() - ref.int()).abs().max()) <= 1
 
 
 def test_view_mix_and_audio_features_equal_the_mixed_waves():

@@ -24,7 +24,9 @@ all rows and drop rows with valid=0 (`split_valid`), so no count is lost and no 
 reaches the model. `iter_local` folds placeholders away itself.
 
 Ray Train: pass the dataset as `TorchTrainer(datasets={"train": ds}, dataset_config=
-ray.train.DataConfig(datasets_to_split=["train"]))`; each worker reads
+ray.train.DataConfig(datasets_to_split=["train"], execution_options={"train":
+ds.context.execution_options}))` (Train replaces a dataset's options with its DataConfig's, so
+the read-ahead bound of build_dataset(batch_size=...) must be passed there); each worker reads
 `ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=..., local_shuffle_buffer_size=
 cfg.shuffle_buffer)` and calls `split_valid` on every batch. The split is equal: a pass whose row
 count is not a multiple of the worker count drops the remainder rows.
@@ -37,6 +39,7 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 
@@ -125,6 +128,7 @@ def decode_shard(item: dict[str, Any], *, cfg, seed: int, other_time: bool = Fal
     """One work item -> rows of its shard's samples (see the module docstring for the fields)."""
     if torch_threads:
         torch.set_num_threads(torch_threads)
+        cv2.setNumThreads(torch_threads)  # the crops' remap: no pool wider than the task
     uri, epoch = str(item["uri"]), int(item["epoch"])
     opts = dict(other_time=other_time, misalign_prob=misalign_prob, with_masks=with_masks)
     info = ShardInfo(name=uri.rsplit("/", 1)[-1], samples=int(item["samples"]),
@@ -177,25 +181,65 @@ def _placeholder(cfg, epoch: int, skipped: int, missing: int, keys: bool, opts: 
     return row
 
 
+def row_bytes(cfg, *, other_time: bool = False, misalign_prob: float = 0.0,
+              with_masks: bool = False) -> int:
+    """Bytes of one row as make_sample produces it (the arrays of placeholder_row)."""
+    row = placeholder_row(cfg, epoch=0, skipped=0, other_time=other_time,
+                          misalign_prob=misalign_prob, with_masks=with_masks)
+    return sum(np.asarray(v).nbytes for v in row.values())
+
+
+def ingest_options(cfg, *, batch_size: int, shard_samples: int, row_size: int,
+                   preserve_order: bool = False):
+    """Ray Data ExecutionOptions that keep decoding at the consumer's pace: the object store
+    may hold cfg.read_ahead_batches global batches of decoded rows (at least one shard's rows,
+    the output of one task) before backpressure stops new decode tasks, and decoding uses at
+    most cfg.decode_tasks * cfg.decode_cpus CPUs (0 tasks: whatever Ray Train leaves).
+    Without a bound Ray Data decoded the demo's 11 epochs ahead (1.8 GB), its tasks taking
+    the trainers' cores until the stream was mostly decoded."""
+    from ray.data import ExecutionOptions, ExecutionResources
+
+    rows = max(cfg.read_ahead_batches * batch_size, shard_samples, 1)
+    cpu = cfg.decode_tasks * cfg.decode_cpus if cfg.decode_tasks else None
+    return ExecutionOptions(preserve_order=preserve_order, resource_limits=ExecutionResources(
+        cpu=cpu, object_store_memory=rows * row_size))
+
+
 def build_dataset(uri: str, cfg, *, epochs: int, seed: int, other_time: bool = False,
                   misalign_prob: float = 0.0, with_masks: bool = False,
                   skip_missing_shards: bool | None = None, start_epoch: int = 0,
-                  keys: bool = False):
+                  keys: bool = False, shuffle: bool = True, batch_size: int | None = None,
+                  limit: int | None = None):
     """Ray Data dataset of transformed samples for `epochs` epochs from `start_epoch`.
 
     A missing shard fails here, before anything runs, with a ShardError naming it, unless
     skip_missing_shards (default cfg.skip_missing_shards) is set; then its samples are counted
-    as skipped at run time. Shards are decoded by tasks of cfg.decode_cpus CPUs each.
+    as skipped at run time. Shards are decoded by tasks of cfg.decode_cpus CPUs each. With
+    batch_size (the consumer's global batch), the dataset's context bounds its read-ahead
+    (ingest_options; Ray Train replaces the context's options with those passed to its
+    DataConfig, so the driver passes the same there). Without shuffle, rows come in the
+    manifest's order (preserve_order). limit keeps the first rows only.
     """
     import ray.data
 
     items, skip = _work(uri, cfg, skip_missing_shards, epochs=epochs, seed=seed,
-                        start_epoch=start_epoch)
+                        start_epoch=start_epoch, shuffle=shuffle)
     kwargs = dict(cfg=cfg, seed=seed, other_time=other_time, misalign_prob=misalign_prob,
                   with_masks=with_masks, skip_missing_shards=skip, keys=keys,
                   torch_threads=max(1, int(cfg.decode_cpus)))
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    return ds.flat_map(decode_shard, fn_kwargs=kwargs, num_cpus=cfg.decode_cpus)
+    ds = ds.flat_map(decode_shard, fn_kwargs=kwargs, num_cpus=cfg.decode_cpus)
+    if limit is not None:
+        ds = ds.limit(limit)
+    if batch_size is not None:
+        size = row_bytes(cfg, other_time=other_time, misalign_prob=misalign_prob,
+                         with_masks=with_masks)
+        ds.context.execution_options = ingest_options(
+            cfg, batch_size=batch_size, shard_samples=max(int(i["samples"]) for i in items),
+            row_size=size, preserve_order=not shuffle)
+    elif not shuffle:
+        ds.context.execution_options.preserve_order = True
+    return ds
 
 
 def check_shards_present(uri: str, manifest: manifest_mod.Manifest | None = None) -> None:

@@ -29,12 +29,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from avsa import lease
     from avsa.data.shards import write_shards
 
     try:
-        summary = write_shards(args.input_dir, args.output_uri,
-                               samples_per_shard=args.samples_per_shard, split=args.split,
-                               workers=args.workers, progress=not args.no_progress)
+        # One writer per output: a second `avsa shard` to it is refused, naming the first.
+        with lease.hold(args.output_uri, "avsa shard"):
+            summary = write_shards(args.input_dir, args.output_uri,
+                                   samples_per_shard=args.samples_per_shard, split=args.split,
+                                   workers=args.workers, progress=not args.no_progress)
     except AvsaError as e:
         print(f"avsa shard: error: {e}", file=sys.stderr)
         return 2

@@ -11,10 +11,8 @@ the length is probed from the container headers and the windows drawn again.
 
 Augmentation (cfg.augment): one flip decision mirrors the whole scene (every crop mirrored,
 FOA Y negated, viewpoint azimuths negated), a volume gain scales the FOA, and each crop gets
-its own colour jitter (brightness, contrast, saturation, hue; torchvision ColorJitter ranges,
-applied in that fixed order and fused into one affine RGB map per crop, clamped once; contrast
-uses the crop's mean grey over all its frames; hue rotates the (I, Q) chroma plane of YIQ, a
-cheap stand-in for an HSV hue shift).
+its own colour jitter (avsa.data.crops: torchvision ColorJitter ranges fused into one affine
+RGB map per crop).
 """
 
 from __future__ import annotations
@@ -32,19 +30,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from avsa import audio, geometry, media
+from avsa.data import crops
+from avsa.data.crops import jitter_factors
 from avsa.data.labels import CLASSES
 from avsa.errors import MediaError
 
 VIDEO_MEMBER = "mp4"
 AUDIO_MEMBERS = ("m4a", "wav", "flac", "aac")  # separate FOA audio, preferred over the mp4's
 MASK_MEMBER = "masks.npz"
-
-_GRAY = (0.2989, 0.587, 0.114)  # torchvision rgb_to_grayscale weights
-_RGB_TO_YIQ = np.array(
-    [[0.299, 0.587, 0.114], [0.5959, -0.2746, -0.3213], [0.2115, -0.5227, 0.3112]]
-)
-_YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ)
-
 
 def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
     """Generator seeded by sha256 of (seed, epoch, key): stable across processes and runs."""
@@ -109,65 +102,6 @@ def _merge(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return out
 
 
-def jitter_factors(rng: np.random.Generator, n: int, jitter) -> np.ndarray:
-    """(n, 4) per-crop factors (brightness, contrast, saturation, hue) in ColorJitter ranges."""
-    b, c, s, h = (float(x) for x in jitter)
-    lo = [max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -h]
-    hi = [1 + b, 1 + c, 1 + s, h]
-    return rng.uniform(lo, hi, size=(n, 4)).astype(np.float32)
-
-
-def color_affine(crops: Tensor, factors: Tensor) -> tuple[Tensor, Tensor]:
-    """Colour jitter of each crop as one affine RGB map x -> A x + t: brightness b, contrast c
-    (blend with the crop's mean grey after brightness), saturation s (blend with the pixel's
-    grey), hue h (rotation by 2 pi h of the YIQ chroma plane), composed in that order.
-    crops (V, 3, T, S, S); factors (V, 4) -> A (V, 3, 3), t (V, 3)."""
-    return affine_from_gray(crops.float().mean(dim=(2, 3, 4)) @ torch.tensor(_GRAY), factors)
-
-
-def affine_from_gray(mean_gray: Tensor, factors: Tensor) -> tuple[Tensor, Tensor]:
-    """color_affine given each crop's mean grey level (V,) in the crops' units."""
-    a, u = jitter_maps(factors)
-    return a, u * mean_gray.float()[:, None]
-
-
-def jitter_maps(factors) -> tuple[Tensor, Tensor]:
-    """The colour jitter of color_affine as x -> A x + u m, with m the crop's mean grey level:
-    factors (V, 4) (tensor or array) -> A (V, 3, 3), u (V, 3) float32. A does not depend on
-    the crop; only the contrast step blends with its mean. (Small: numpy, float64 inside.)"""
-    b, c, s, h = np.asarray(factors, dtype=np.float64).T
-    sat = s[:, None, None] * np.eye(3) + (1 - s)[:, None, None] * np.array(_GRAY)
-    rot = np.zeros((len(b), 3, 3))
-    rot[:, 0, 0] = 1.0
-    rot[:, 1, 1] = rot[:, 2, 2] = np.cos(2 * math.pi * h)
-    rot[:, 2, 1] = np.sin(2 * math.pi * h)
-    rot[:, 1, 2] = -rot[:, 2, 1]
-    mix = _YIQ_TO_RGB @ rot @ _RGB_TO_YIQ @ sat  # (V, 3, 3)
-    a = mix * (b * c)[:, None, None]
-    u = mix.sum(-1) * ((1 - c) * b)[:, None]
-    return torch.from_numpy(a.astype(np.float32)), torch.from_numpy(u.astype(np.float32))
-
-
-def _apply_affine(crops: Tensor, a: Tensor, t: Tensor) -> Tensor:
-    x = crops.reshape(crops.shape[0], 3, -1)
-    return torch.baddbmm(t[..., None], a.to(x.dtype), x).view(crops.shape)
-
-
-def color_jitter(crops: Tensor, factors: Tensor) -> Tensor:
-    """crops (V, 3, T, S, S) float in [0, 1]; factors (V, 4) from jitter_factors -> same shape,
-    clamped once at the end (torchvision clamps after every step; only saturated pixels differ)."""
-    return _apply_affine(crops, *color_affine(crops, factors)).clamp_(0.0, 1.0)
-
-
-def to_uint8(crops: Tensor, factors: Tensor | None = None) -> Tensor:
-    """crops (V, 3, T, S, S) float in [0, 1] -> uint8, colour-jittered on the way when factors
-    are given (one pass over the pixels)."""
-    if factors is None:
-        return crops.mul(255.0).add_(0.5).clamp_(0.0, 255.0).to(torch.uint8)
-    a, t = color_affine(crops, factors)
-    return _apply_affine(crops, a * 255.0, t * 255.0 + 0.5).clamp_(0.0, 255.0).to(torch.uint8)
-
-
 def _fit(x: np.ndarray, n: int, axis: int, pad_edge: bool) -> np.ndarray:
     """Truncate or pad x along axis to length n (edge repeat or zeros)."""
     if x.shape[axis] >= n:
@@ -207,14 +141,18 @@ def clip_duration(raw) -> float:
     return min(info.video.duration, sound.duration)
 
 
-def _decode_audio(raw, cfg, starts: list[float], n: int, duration: float) -> list[np.ndarray]:
-    """One decode spanning all windows (clipped to the clip) -> [(4, n) float32 per start]."""
-    src, name = _audio_source(raw)
+def _audio_span(cfg, starts: list[float], n: int, duration: float) -> tuple[float, float]:
+    """(start, seconds) of one audio decode spanning all windows, clipped to the clip."""
     lo = min(starts)
-    span = min(max(starts) - lo + n / cfg.sample_rate, duration - lo)
-    wave = media.decode_audio(src, sample_rate=cfg.sample_rate, start=lo, duration=span, name=name)
+    return lo, min(max(starts) - lo + n / cfg.sample_rate, duration - lo)
+
+
+def _split_audio(wave: np.ndarray, name: str, cfg, starts: list[float],
+                 n: int) -> list[np.ndarray]:
+    """The decoded span -> [(4, n) float32 per start]."""
     if wave.ndim != 2 or wave.shape[0] != 4 or wave.shape[1] == 0:
         raise MediaError(name, f"expected 4 ambisonic channels, got shape {wave.shape}")
+    lo = min(starts)
     wave = _fit(wave, round((max(starts) - lo) * cfg.sample_rate) + n, axis=1, pad_edge=False)
     offsets = [round((s - lo) * cfg.sample_rate) for s in starts]
     return [np.ascontiguousarray(wave[:, i:i + n]) for i in offsets]
@@ -238,16 +176,22 @@ def sample_duration(raw) -> float:
 
 
 def _decode_windows(raw, cfg, plan, duration: float) -> tuple[np.ndarray, list[np.ndarray]]:
-    """The plan's video window (T, H, W, 3) uint8 and audio windows [(4, n) float32]."""
+    """The plan's video window (T, H, W, 3) uint8 and audio windows [(4, n) float32], from one
+    open of the mp4 (two when the audio is a separate member)."""
     win, video_s = plan.windows, cfg.frames / cfg.fps
     size = (cfg.equirect_height, 2 * cfg.equirect_height) if cfg.equirect_height else None
-    frames = media.decode_video(raw.members[VIDEO_MEMBER], fps=cfg.fps, start=win.video,
-                                duration=min(video_s, duration - win.video), size=size,
-                                name=f"{raw.key}.{VIDEO_MEMBER}")
-    frames = _fit(frames, cfg.frames, axis=0, pad_edge=True)  # decode_video returns >= 1 frame
     n = round(cfg.audio_seconds * cfg.sample_rate)
     starts = [win.audio] if win.other is None else [win.audio, win.other]
-    return frames, _decode_audio(raw, cfg, starts, n, duration)
+    a_start, a_span = _audio_span(cfg, starts, n, duration)
+    src, a_name = _audio_source(raw)
+    video = raw.members[VIDEO_MEMBER]
+    frames, wave = media.decode_clip(
+        video, audio_src=None if src is video else src, fps=cfg.fps, start=win.video,
+        duration=min(video_s, duration - win.video), size=size, sample_rate=cfg.sample_rate,
+        audio_start=a_start, audio_duration=a_span, threads=cfg.decode_threads,
+        name=f"{raw.key}.{VIDEO_MEMBER}")
+    frames = _fit(frames, cfg.frames, axis=0, pad_edge=True)  # decode_video returns >= 1 frame
+    return frames, _split_audio(wave, a_name, cfg, starts, n)
 
 
 def _labels(meta: dict, name: str) -> np.ndarray | None:
@@ -347,36 +291,9 @@ def plan_sample(key: str, cfg, *, seed: int, epoch: int, duration: float,
 
 
 def view_crops(frames, plan: SamplePlan, size: int) -> Tensor:
-    """frames (T, H, W, 3) uint8 -> (V, 3, T, S, S) uint8: NFOV crops, colour jitter,
-    mirrored when the plan flips.
-
-    The same numbers as to_uint8(geometry.nfov_crop(...), jitter) up to float rounding, with
-    the colour map moved before the interpolation (bilinear weights sum to 1, so an affine map
-    commutes with it): each crop's mean grey comes from the bilinear taps, the source window
-    of each crop is mapped by its own x -> A x + t (in 0..255, + 1/2 for rounding), a weighted
-    gather samples the crops pixel-major, and the clamped, truncated uint8 values are
-    transposed to (colour, frame, pixel) once."""
-    taps = geometry._nfov_taps(frames, plan.vp, size)
-    n_vp, t = len(plan.vp), taps.table.shape[1] // 3
-    identity = np.array([[1.0, 1.0, 1.0, 0.0]] * n_vp)
-    a, u = jitter_maps(identity if plan.jitter is None else plan.jitter)
-    # mean grey of each crop: the grey of every table row (averaged over frames), sampled
-    gray = torch.tensor(_GRAY).repeat(t).div_(t)
-    tap_gray = torch.take(taps.table @ gray, taps.idx).view(n_vp, -1)
-    mean_gray = torch.linalg.vecdot(tap_gray, taps.weights.view(n_vp, -1)) / (size * size)
-    shift = u * (mean_gray * taps.scale)[:, None]
-    # table columns (frame, colour) -> (colour', frame), mixed by A, offset by 255 t + 1/2
-    mix = torch.einsum("vdc,ts->vtcds", a, torch.eye(t)).reshape(n_vp, 3 * t, 3 * t)
-    offset = shift.mul(255.0).add_(0.5).repeat_interleave(t, dim=1)  # (V, 3 * T)
-    table = torch.empty_like(taps.table)
-    for v, (start, stop) in enumerate(taps.segments):
-        torch.addmm(offset[v], taps.table[start:stop], mix[v], out=table[start:stop])
-    pixels = np.empty((n_vp, size * size, 3 * t), dtype=np.uint8)
-    for v in range(n_vp):  # crop by crop: a quarter of the float memory, reused
-        samples = geometry._gather(taps, table, v).clamp_(0.0, 255.0)  # (S * S, 3 * T)
-        np.copyto(pixels[v], samples.numpy(), casting="unsafe")  # truncates: +1/2 rounds
-    crops = torch.from_numpy(pixels).transpose(1, 2).contiguous().view(n_vp, 3, t, size, size)
-    return geometry.flip_video(crops) if plan.flip else crops
+    """frames (T, H, W, 3) uint8 -> (V, 3, T, S, S) uint8: the plan's NFOV crops, colour
+    jitter and mirroring (avsa.data.crops.view_crops)."""
+    return crops.view_crops(frames, plan.vp, size, jitter=plan.jitter, flip=plan.flip)
 
 
 def _scene_foa(foa: Tensor, plan: SamplePlan) -> Tensor:

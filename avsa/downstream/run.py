@@ -22,11 +22,13 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from avsa import mlflow_models, synth, system_metrics, tracking
+from avsa import mlflow_models, system_metrics, tracking
 from avsa.config import TASKS, Config, compose, from_dict
+from avsa.data.labels import CLASSES, NUM_CLASSES
 from avsa.datasets_log import log_datasets
 from avsa.downstream import report
 from avsa.downstream.heads import pick_device
@@ -58,6 +60,7 @@ class Pretrained:
     ref: str  # the MLflow run id, the checkpoint URI, or "scratch"
     audio_mode: str
     audio_features: str = "logmel"
+    model_config: dict[str, Any] = field(default_factory=dict)  # what built `model`
     version: mlflow_models.ModelRef | None = None  # for a models:/ reference
 
 
@@ -94,7 +97,8 @@ def load_pretrained(cfg: Config, tracking_uri: str | None) -> Pretrained:
     ref = cfg.downstream.pretrain
     if ref == SCRATCH:
         model = model_from_config(cfg.model, audio_channels(cfg))
-        return Pretrained(model, SCRATCH, SCRATCH, cfg.data.audio_mode, cfg.data.audio_features)
+        return Pretrained(model, SCRATCH, SCRATCH, cfg.data.audio_mode, cfg.data.audio_features,
+                          dataclasses.asdict(cfg.model))
     from avsa.train.checkpoint import resolve_init
 
     version = mlflow_models.resolve(ref, tracking_uri) if mlflow_models.is_models_uri(ref) else None
@@ -114,7 +118,7 @@ def load_pretrained(cfg: Config, tracking_uri: str | None) -> Pretrained:
     if version is not None:  # the pretraining run behind the registered version
         ref = version.run_id or version.uri
     return Pretrained(model, label, ref if _RUN_ID.match(ref) else uri, pre.data.audio_mode,
-                      pre.data.audio_features, version)
+                      pre.data.audio_features, dataclasses.asdict(pre.model), version)
 
 
 def effective_seed(cfg: Config) -> int:
@@ -123,12 +127,16 @@ def effective_seed(cfg: Config) -> int:
 
 
 def _task_metrics(cfg: Config, pre: Pretrained, log_metrics,
-                  examples: dict[str, np.ndarray] | None = None) -> dict[str, float]:
-    """The task's test metrics; per-example test results go to `examples` when given."""
+                  examples: dict[str, np.ndarray] | None = None,
+                  memo: dict | None = None) -> dict[str, float]:
+    """The task's test metrics; per-example test results go to `examples` when given.
+    The seed of a replicate seeds the head (initialisation, minibatch order); the clips'
+    windows and viewpoints follow data.seed, so replicates can share decoded batches (`memo`,
+    see ShardSource)."""
     ds = cfg.downstream
     seed = effective_seed(cfg)
     data = dataclasses.replace(cfg.data, audio_mode=pre.audio_mode,
-                               audio_features=pre.audio_features, seed=seed)
+                               audio_features=pre.audio_features)
     device = pick_device()
     common = dict(epochs=ds.epochs, lr=ds.lr, batch_size=ds.batch_size, max_steps=ds.max_steps,
                   val_fraction=ds.val_fraction, patience=ds.patience,
@@ -138,7 +146,7 @@ def _task_metrics(cfg: Config, pre: Pretrained, log_metrics,
         from avsa.downstream.binary import MISALIGN_PROB, run_binary
 
         prob = MISALIGN_PROB if ds.task == "avsa_bin" else 0.0
-        source = ShardSource.from_config(data, ds.batch_size, misalign_prob=prob)
+        source = ShardSource.from_config(data, ds.batch_size, misalign_prob=prob, memo=memo)
         return run_binary(ds.task, pre.model, source, **common)
     if ds.task == "action":
         from avsa.downstream import ucf
@@ -150,14 +158,15 @@ def _task_metrics(cfg: Config, pre: Pretrained, log_metrics,
                                       eval_clips=ds.eval_clips)
             classes = len(layout.classes)
         else:
-            source, classes = ShardSource.from_config(data, ds.batch_size), len(synth.CLASSES)
+            source = ShardSource.from_config(data, ds.batch_size, memo=memo)
+            classes = NUM_CLASSES
         return run_action(pre.model.video_encoder, source, num_classes=classes, mode=ds.mode,
                           eval_clips=ds.eval_clips, **common)
     if ds.task == "segmentation":
         from avsa.downstream.segmentation import run_segmentation
 
-        source = ShardSource.from_config(data, ds.batch_size, with_masks=True)
-        return run_segmentation(pre.model, source, num_classes=len(synth.CLASSES) + 1,
+        source = ShardSource.from_config(data, ds.batch_size, with_masks=True, memo=memo)
+        return run_segmentation(pre.model, source, num_classes=NUM_CLASSES + 1,
                                 context=ds.context, weights=ds.seg_class_weights, **common)
     raise ConfigError("downstream.task", f"must be one of {TASKS}, got {ds.task!r}")
 
@@ -187,14 +196,15 @@ def _log_inputs(logger: tracking.RunLogger, cfg: Config, pre: Pretrained) -> Non
 def _log_report(logger: tracking.RunLogger, task: str, examples: dict[str, np.ndarray]) -> None:
     """Confusion matrix, per-class table and (segmentation) overlays as the run's artifacts."""
     with tempfile.TemporaryDirectory() as tmp:
-        written = report.write_report(task, examples, Path(tmp), labels=synth.CLASSES,
-                                      num_classes=len(synth.CLASSES) + (task == "segmentation"))
+        written = report.write_report(task, examples, Path(tmp), labels=list(CLASSES),
+                                      num_classes=NUM_CLASSES + (task == "segmentation"))
         if written:
             logger.log_artifact(tmp, "report")
 
 
-def run_transfer(cfg: Config) -> TransferResult:
-    """Run `cfg.downstream.task` from `cfg.downstream.pretrain`; log and return the metrics."""
+def run_transfer(cfg: Config, memo: dict | None = None) -> TransferResult:
+    """Run `cfg.downstream.task` from `cfg.downstream.pretrain`; log and return the metrics.
+    `memo`: a dict the caller keeps to reuse decoded clips across transfers (ShardSource)."""
     ds = cfg.downstream
     if ds.task != "action" and ds.mode == "finetune":
         log.warning("downstream.mode=finetune applies to action only; %s keeps the pretrained "
@@ -209,8 +219,11 @@ def run_transfer(cfg: Config) -> TransferResult:
     tags = {tracking.KIND: "transfer", tracking.TASK: ds.task, tracking.PRETRAIN_RUN: pre.ref,
             PRETEXT: pre.pretext, CONTEXT: context or "", MODE: mode or "", SEED: str(seed),
             ROW: ds.row or pre.pretext}
+    # What the transfer ran with: the checkpoint's model and audio input, this command's rest.
+    data = dataclasses.replace(cfg.data, audio_mode=pre.audio_mode,
+                               audio_features=pre.audio_features)
     params = tracking.flatten_config({"downstream": dataclasses.replace(ds, seed=seed),
-                                      "data": cfg.data, "model": dataclasses.asdict(cfg.model)})
+                                      "data": data, "model": pre.model_config})
     if pre.version is not None:
         tags[mlflow_models.MODEL_VERSION_TAG] = f"{pre.version.name}/{pre.version.version}"
     logger = tracking.RunLogger.start(uri, ds.experiment, name, tags=tags, params=params)
@@ -218,7 +231,7 @@ def run_transfer(cfg: Config) -> TransferResult:
     monitor = system_metrics.start(logger, cfg.tracking)
     try:
         examples: dict[str, np.ndarray] = {}
-        metrics = _task_metrics(cfg, pre, logger.log_metrics, examples)
+        metrics = _task_metrics(cfg, pre, logger.log_metrics, examples, memo)
         logger.log_metrics(metrics, step=ds.epochs)
         _log_examples(logger, examples)
         _log_report(logger, ds.task, examples)

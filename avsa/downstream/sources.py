@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from avsa.config import DataConfig
@@ -36,6 +36,9 @@ class ShardSource:
     misalign_prob: float = 0.0
     with_masks: bool = False
     single_label: bool = False  # synthetic labels are multi-hot (every class present)
+    # Decoded batches kept by the caller across transfers of the same clips (several heads,
+    # seeds or pretrained networks): key -> list of batches. None decodes every time.
+    memo: dict | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_config(cls, data: DataConfig, batch_size: int, **kw: Any) -> ShardSource:
@@ -50,10 +53,17 @@ class ShardSource:
     def _iter(self, uri: str, data: DataConfig, *, epoch: int, seed: int, shuffle: bool):
         from avsa.data.pipeline import iter_local
 
-        return iter_local(
+        batches = iter_local(
             uri, data, epochs=1, start_epoch=epoch, seed=seed, batch_size=self.batch_size,
             shuffle=shuffle, misalign_prob=self.misalign_prob, with_masks=self.with_masks,
         )
+        if self.memo is None:
+            return batches
+        key = (uri, repr(data), epoch, seed, shuffle, self.batch_size, self.misalign_prob,
+               self.with_masks)
+        if key not in self.memo:
+            self.memo[key] = list(batches)
+        return iter(self.memo[key])
 
     def train(self, epoch: int) -> Iterator[dict[str, Any]]:
         return self._iter(self.train_uri, self.data, epoch=epoch, seed=self.seed, shuffle=True)

@@ -7,21 +7,27 @@ checkpoints and its own MLflow run and resumes both.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
-from dataclasses import dataclass
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
-from avsa import resources, run_outputs, storage, tracking
+from avsa import lease, resources, run_outputs, storage, tracking
 from avsa.config import Config, compose, with_absolute_paths
+from avsa.config_checks import check_batch_fits_data, temperature_warning
 from avsa.data.manifest import read_manifest
 from avsa.errors import AvsaError, CheckpointError, StorageError
+from avsa.train import interrupt, resume
 
 log = logging.getLogger("avsa.train")
+VAL_SEED = 12345  # the validation set's windows and viewpoints, the same in every run
 RUN_MARKER = "avsa_run.json"  # in every run directory: the digest of the config it belongs to
 
 
@@ -95,8 +101,7 @@ def claim_run_dir(cfg: Config, run_uri: str) -> None:
     `storage.path`) gets a CheckpointError instead of resuming from, and overwriting, the
     other's checkpoints. The same config resubmitted finds its own digest and resumes. This is
     also the run's first write, so an unwritable storage path fails here, before Ray starts.
-    (Two runs that start at the same instant can both miss the marker: S3 has no create-if-
-    absent here.)
+    It runs under the run directory's lease, so two runs cannot both miss the marker.
     """
     marker = storage.join(run_uri, RUN_MARKER)
     digest = config_digest(cfg)
@@ -155,17 +160,20 @@ def build_trainer(
     from ray.train.torch import TorchTrainer
 
     from avsa.data.pipeline import build_dataset
-    from avsa.train.loop import train_loop_per_worker
+    from avsa.train.loop import has_validation, train_loop_per_worker
 
     run_name = run_name or cfg.run_name()
     manifest = read_manifest(cfg.data.shards)
-    ds = build_dataset(
-        cfg.data.shards,
-        cfg.data,
-        epochs=epochs_needed(cfg, manifest.total_samples),
-        seed=cfg.data.seed,
-        other_time=cfg.loss.kind == "avts",
-    )
+    other_time = cfg.loss.kind == "avts"
+    batch = cfg.train.batch_size
+    datasets = {"train": build_dataset(
+        cfg.data.shards, cfg.data, epochs=epochs_needed(cfg, manifest.total_samples),
+        seed=cfg.data.seed, other_time=other_time, batch_size=batch)}
+    if has_validation(cfg):  # decoded by Ray Data when rank 0 first validates
+        datasets["val"] = build_dataset(
+            cfg.data.val_shards, replace(cfg.data, augment=False), epochs=1, seed=VAL_SEED,
+            other_time=other_time, shuffle=False, batch_size=batch,
+            limit=cfg.train.val_batches * batch)
     fs, path = storage.pyarrow_filesystem(cfg.storage.path)
     loop_config = {
         "cfg": cfg.to_dict(),
@@ -189,8 +197,11 @@ def build_trainer(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=3),
             callbacks=callbacks,
         ),
-        datasets={"train": ds},
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        datasets=datasets,
+        # Ray Train replaces each dataset's execution options with these: the bounded ones
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=["train"],
+            execution_options={k: d.context.execution_options for k, d in datasets.items()}),
     )
 
 
@@ -226,34 +237,63 @@ def pretrain(cfg: Config) -> PretrainResult:
     Relative local paths in cfg are taken against the current directory."""
     cfg = with_absolute_paths(cfg)
     tracking.resolve_tracking_uri(cfg.tracking.uri)  # refused here inside a job with no server
-    read_manifest(cfg.data.shards)  # a clear error now, not inside a worker
+    manifest = read_manifest(cfg.data.shards)  # a clear error now, not inside a worker
+    check_batch_fits_data(cfg, manifest.total_samples)
     if cfg.data.val_shards:
         read_manifest(cfg.data.val_shards)
+    if warning := temperature_warning(cfg.loss.temperature):
+        log.warning(warning)
     run_name = cfg.run_name()
-    claim_run_dir(cfg, storage.join(cfg.storage.path, run_name))
-    ensure_ray(cfg)
+    run_uri = storage.join(cfg.storage.path, run_name)
+    with hold_run_dir(run_uri, "avsa pretrain", cfg.storage.lease_wait_s):
+        claim_run_dir(cfg, run_uri)
+        resume.prepare(run_uri)
+        ensure_ray(cfg)
+        with interrupt.signals_raise():
+            return _run(cfg, run_name, run_uri)
+
+
+@contextlib.contextmanager
+def hold_run_dir(run_uri: str, what: str, wait_s: float) -> Iterator[None]:
+    """The run directory's lease (one writer per directory) for the block."""
+    try:
+        me = lease.acquire(run_uri, what, wait_s)
+    except StorageError as e:
+        raise CheckpointError(run_uri, f"cannot use the run directory ({e.reason})") from None
+    with lease.kept(run_uri, me):
+        yield
+
+
+def _run(cfg: Config, run_name: str, run_uri: str) -> PretrainResult:
+    """From the MLflow run's start to its end: every way out ends the run (FINISHED, FAILED,
+    or KILLED by a signal)."""
     waiting = resources.check_and_watch(cfg, f"pretraining {run_name}")
     uri, run_id = start_tracking(cfg)
-    trainer = build_trainer(cfg, run_id=run_id, tracking_uri=uri)
     logger = tracking.RunLogger.start(uri, cfg.tracking.experiment, None, resume_run_id=run_id)
+    controller: dict = {}
     try:
+        trainer = build_trainer(cfg, run_id=run_id, tracking_uri=uri)
+        controller = interrupt.keep_controller(trainer)
         with waiting:
             result = trainer.fit()
-    except Exception as e:
+        checkpoint_uri = _checkpoint_uri(cfg, result)
+        if checkpoint_uri:
+            logger.set_tags({tracking.CHECKPOINT: checkpoint_uri})
+        run_outputs.finish_pretraining(logger, cfg, checkpoint_uri, register=True,
+                                       step=int((result.metrics or {}).get("step", 0)))
+    except KeyboardInterrupt as k:  # a signal (see avsa.train.interrupt)
+        interrupt.stop_controller(controller)
+        e = interrupt.as_interrupted(k)
+        raise interrupt.record_killed(logger, uri, run_id, run_uri, e) from None
+    except BaseException as e:
         logger.end("FAILED")
-        cause = project_error(e)
+        cause = project_error(e) if isinstance(e, Exception) else None
         if cause is not None:
             raise cause from None
         raise
-    checkpoint_uri = _checkpoint_uri(cfg, result)
-    if checkpoint_uri:
-        logger.set_tags({tracking.CHECKPOINT: checkpoint_uri})
-    run_outputs.finish_pretraining(logger, cfg, checkpoint_uri, register=True,
-                                   step=int((result.metrics or {}).get("step", 0)))
     logger.end("FINISHED")
     metrics = dict(result.metrics or {})
-    return PretrainResult(run_id, run_name, storage.join(cfg.storage.path, run_name),
-                          checkpoint_uri, metrics)
+    return PretrainResult(run_id, run_name, run_uri, checkpoint_uri, metrics)
 
 
 def _checkpoint_uri(cfg: Config, result) -> str | None:
@@ -273,8 +313,11 @@ def main(argv: list[str]) -> int:
     cfg = compose(argv)
     try:
         res = pretrain(cfg)
-    except AvsaError:
-        raise
+    except KeyboardInterrupt as k:
+        e = interrupt.as_interrupted(k)
+        interrupt.shutdown_ray()
+        print(interrupt.resume_line("pretrain", argv, e), file=sys.stderr)
+        return e.exit_code
     print_summary(res, cfg)
     return 0
 
@@ -286,4 +329,4 @@ def print_summary(res: PretrainResult, cfg: Config) -> None:
     print(f"[avsa] finished {res.run_name} at step {m.get('step', '?')}: {shown}")
     print(f"[avsa] checkpoints: {res.checkpoint_uri or res.run_uri}")
     print(f"[avsa] MLflow run {res.run_id} in experiment {cfg.tracking.experiment!r} at "
-          f"{tracking.resolve_tracking_uri(cfg.tracking.uri)}")
+          f"{tracking.redact(tracking.resolve_tracking_uri(cfg.tracking.uri))}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from avsa import storage, system_metrics
 from avsa.config import Config, from_dict
 from avsa.errors import CheckpointError
 from avsa.train import checkpoint as ckpt
+from avsa.train import resume
 from avsa.train.objective import (
     audio_channels,
     compute_objective,
@@ -117,28 +119,23 @@ def _batches(cfg: Config, world: int) -> Iterator[tuple[dict[str, torch.Tensor],
 
 
 def _val_batches(cfg: Config) -> list[dict[str, torch.Tensor]]:
-    """A fixed validation set (no augmentation, fixed seed), decoded once per worker."""
-    if not cfg.data.val_shards or cfg.train.val_batches == 0:
-        return []
-    from dataclasses import replace
+    """The fixed validation set (no augmentation, fixed seed, manifest order): the driver's
+    "val" dataset, decoded by Ray Data tasks when first read (not before step 1), kept."""
+    import ray.train
 
-    from avsa.data.pipeline import iter_local
-
-    data = replace(cfg.data, augment=False)
     out = []
-    for batch in iter_local(
-        cfg.data.val_shards,
-        data,
-        epochs=1,
-        seed=12345,
-        batch_size=cfg.train.batch_size,
-        shuffle=False,
-        other_time=cfg.loss.kind == "avts",
-    ):
-        out.append(batch)
+    it = ray.train.get_dataset_shard("val").iter_torch_batches(
+        batch_size=cfg.train.batch_size, drop_last=False, device="cpu")
+    for batch in it:
+        valid = batch["valid"] == 1
+        out.append({k: v[valid] for k, v in batch.items() if k not in BOOKKEEPING})
         if len(out) >= cfg.train.val_batches:
             break
-    return out
+    return [b for b in out if len(b["video"])]
+
+
+def has_validation(cfg: Config) -> bool:
+    return bool(cfg.data.val_shards) and cfg.train.val_batches > 0
 
 
 @torch.no_grad()
@@ -204,6 +201,36 @@ def _report(metrics: dict[str, float], state_fn=None, step: int = 0, run_uri: st
             reason = " ".join(str(e.strerror or e).split())[:300]
             raise CheckpointError(storage.join(run_uri, name) if run_uri else name,
                                   f"cannot write checkpoint ({reason})") from None
+    if run_uri:  # the upload has returned: the checkpoint is complete
+        resume.commit(storage.join(run_uri, name), step)
+
+
+def _resume_state(run_uri: str) -> tuple[int, dict[str, Any] | None]:
+    """(step, state) of the newest complete checkpoint: on storage, or Ray's if newer (a
+    restart inside this run whose commit marker is not written yet)."""
+    import ray.train
+
+    found = resume.newest_loadable(run_uri, set_aside=False) if run_uri else None
+    step, state = (found[0], found[2]) if found else (0, None)
+    theirs = ray.train.get_checkpoint()
+    if theirs is not None:
+        m = re.search(r"checkpoint-(\d+)$", theirs.path.rstrip("/"))
+        if m is None or int(m.group(1)) > step:
+            with theirs.as_directory() as d:
+                state = ckpt.load(d)
+            step = int(state["step"])
+    return step, state
+
+
+def _logged_through(loop_config: dict[str, Any]) -> int:
+    """The last step already in the MLflow run (an earlier attempt logged it): 0 if none."""
+    from avsa.tracking import last_logged_step
+
+    try:
+        return last_logged_step(loop_config["tracking_uri"], loop_config["run_id"])
+    except Exception as e:  # tracking never fails training: log everything then
+        log.warning("cannot read the steps already logged (%s); logging every step", e)
+        return 0
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -225,14 +252,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model = model_from_config(cfg.model, audio_channels(cfg))
     if use_channels_last(device):
         to_channels_last(model)  # before DDP: its gradient buckets follow the weights' layout
-    step = 0
-    resume = ray.train.get_checkpoint()
-    state = None
-    if resume is not None:
-        with resume.as_directory() as d:
-            state = ckpt.load(d)
+    step, state = _resume_state(loop_config.get("run_uri", ""))
+    if state is not None:
         model.load_state_dict(state["model"])
-        step = int(state["step"])
     elif cfg.model.init_from:
         init_state, _ = ckpt.resolve_init(cfg.model.init_from, loop_config.get("tracking_uri"))
         model.load_encoders(init_state["model"])
@@ -252,7 +274,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         ckpt.set_rng_state(state["rng"])
         log.info("rank %d resumed from step %d", rank, step)
 
-    logger = None
+    logger, logged_through = None, 0
     if rank == 0 and loop_config.get("run_id"):
         from avsa.tracking import RunLogger
 
@@ -260,8 +282,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             loop_config["tracking_uri"], cfg.tracking.experiment, None,
             resume_run_id=loop_config["run_id"],
         )
+        logged_through = _logged_through(loop_config)
+    val_on, val = rank == 0 and has_validation(cfg), None  # val: read at the first validation
     monitor = system_metrics.start(logger, cfg.tracking)  # None unless rank 0 logs
-    val = _val_batches(cfg) if rank == 0 else []
     gather = _gather()
     meter, skipped = Meter(), 0
     t_last, clips_since, t_start, step_start = time.perf_counter(), 0, time.perf_counter(), step
@@ -299,7 +322,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
         last = step >= cfg.train.max_steps
         do_log = step % cfg.train.log_every == 0 or last
-        do_val = bool(val) and (
+        do_val = val_on and bool(
             last or (cfg.train.val_every and step % cfg.train.val_every == 0)
         )
         do_ckpt = step % cfg.train.checkpoint_every == 0 or last
@@ -317,10 +340,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if do_val:
             # The unwrapped module: only rank 0 validates, and a DDP forward would wait for
             # the other ranks in its buffer broadcast (a deadlock with num_workers > 1).
+            val = _val_batches(cfg) if val is None else val
             metrics_out.update(validate(raw_model, val, cfg, device))
         if rank == 0 and do_log:
             _progress(step, cfg.train.max_steps, metrics_out, eta)
-            if logger is not None:
+            if logger is not None and step > logged_through:  # never one step twice
                 logger.log_metrics({k: v for k, v in metrics_out.items() if k != "step"}, step)
         _report(metrics_out, save_fn if (do_ckpt and rank == 0) else None, step, run_uri)
     if step < cfg.train.max_steps and step % cfg.train.checkpoint_every != 0:

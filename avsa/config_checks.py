@@ -1,0 +1,134 @@
+"""Checks on a config as a whole, before Ray starts: keys that are not in the schema however
+they were written (`+key=`, `++key=`), a run name that must stay one safe path segment, and
+combinations of keys that cannot work together.
+
+Each check raises `ConfigError` naming the key(s), in one line; `temperature_warning` returns
+a warning line instead (the run can go on, but will not learn much).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from typing import Any
+
+from avsa.errors import ConfigError
+
+# Keys whose value is an open mapping: adding keys there is the point (a sweep's search space).
+OPEN_KEYS = ("sweep.space",)
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+MAX_N_FFT = 65536
+# Tries of the viewpoint sampler per check: each must place every viewpoint.
+VIEWPOINT_DRAWS = 8
+# Logits of the contrastive losses are cosine similarities / temperature: beyond this size the
+# softmax is saturated (float32 exp overflows at 88; bf16 has 3 significant digits).
+MAX_LOGIT = 100.0
+
+
+def unknown_keys(node: Any, schema: type, prefix: str = "") -> list[str]:
+    """Dotted keys in a composed DictConfig `node` that the dataclass `schema` does not have
+    (keys below OPEN_KEYS excepted)."""
+    from omegaconf import DictConfig
+
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    hints = typing.get_type_hints(schema)
+    out = []
+    for key in node.keys() if isinstance(node, DictConfig) else ():
+        path = f"{prefix}{key}"
+        if key not in fields:
+            out.append(path)
+            continue
+        if path in OPEN_KEYS:
+            continue
+        child_type = hints.get(str(key))
+        if dataclasses.is_dataclass(child_type):
+            out.extend(unknown_keys(node._get_node(key), child_type, f"{path}."))
+    return out
+
+
+def check_known_keys(node: Any, schema: type) -> None:
+    """Refuse keys the schema does not have (a typo added with `+` or `++` would else be
+    ignored without a word)."""
+    bad = unknown_keys(node, schema)
+    if bad:
+        parent = bad[0].rpartition(".")[0]
+        where = f"{parent!r}" if parent else "the config"
+        raise ConfigError(bad[0], f"no such key in {where} (a typo? `+`/`++` add keys only "
+                                  f"under sweep.space)")
+
+
+def check_run_name(name: str | None) -> None:
+    if name is None:
+        return
+    if not RUN_NAME.match(name):
+        raise ConfigError("storage.run_name", f"must be one path segment of ASCII letters, "
+                                              f"digits, '.', '_' or '-' (at most 128, starting "
+                                              f"with a letter or digit), got {name!r}")
+
+
+def check_viewpoints_fit(data: Any) -> None:
+    """`data.num_viewpoints` centres at `data.min_separation_deg` must fit between
+    `data.el_min_deg` and `data.el_max_deg`, every time the sampler draws them."""
+    if data.min_separation_deg <= 0 or data.num_viewpoints < 2:
+        return
+    import torch
+
+    from avsa.geometry import sample_viewpoints
+
+    gen = torch.Generator().manual_seed(0)
+    failed = 0
+    for _ in range(VIEWPOINT_DRAWS):
+        try:
+            sample_viewpoints(gen, data.num_viewpoints,
+                              el_range_deg=(data.el_min_deg, data.el_max_deg),
+                              min_separation_deg=data.min_separation_deg)
+        except ConfigError:
+            failed += 1
+    if failed:
+        raise ConfigError(
+            "data.num_viewpoints, data.min_separation_deg",
+            f"{data.num_viewpoints} viewpoints {data.min_separation_deg:g} deg apart do not fit "
+            f"with elevation in [{data.el_min_deg:g}, {data.el_max_deg:g}] deg ({failed} of "
+            f"{VIEWPOINT_DRAWS} draws failed); use fewer viewpoints or a smaller separation")
+
+
+def check_audio_window(data: Any) -> None:
+    window = round(data.audio_seconds * data.sample_rate)
+    if not 16 <= data.n_fft <= min(window, MAX_N_FFT):
+        raise ConfigError(
+            "data.n_fft", f"must be in [16, {min(window, MAX_N_FFT)}] (the audio window "
+                          f"data.audio_seconds x data.sample_rate = {window} samples, at most "
+                          f"{MAX_N_FFT}), got {data.n_fft}")
+
+
+def check_seeds(cfg: Any) -> None:
+    for key, value in (("data.seed", cfg.data.seed), ("train.seed", cfg.train.seed)):
+        if not 0 <= value < 2**32:
+            raise ConfigError(key, f"must be in [0, 2**32), got {value}")
+
+
+def check_combinations(cfg: Any) -> None:
+    """The cross-field checks that need no data: run name, seeds, audio window, viewpoints."""
+    check_run_name(cfg.storage.run_name)
+    check_seeds(cfg)
+    check_audio_window(cfg.data)
+    check_viewpoints_fit(cfg.data)
+
+
+def check_batch_fits_data(cfg: Any, total_samples: int) -> None:
+    """One step needs `train.batch_size` samples: a larger batch than the data would end the
+    run before its first step."""
+    if cfg.train.batch_size > total_samples:
+        raise ConfigError("train.batch_size", f"must be at most the {total_samples} samples in "
+                                              f"data.shards, got {cfg.train.batch_size}")
+
+
+def temperature_warning(temperature: float) -> str | None:
+    """A warning line when logits (cosine / temperature) grow so large the softmax saturates."""
+    largest = 1.0 / temperature
+    if largest <= MAX_LOGIT:
+        return None
+    return (f"loss.temperature={temperature:g}: logits reach {largest:.3g}, far beyond "
+            f"{MAX_LOGIT:g}, so the softmax saturates (float32 exp overflows at 88): the loss "
+            f"will be huge and its gradients mostly zero; the paper uses 0.07")

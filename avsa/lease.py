@@ -1,0 +1,175 @@
+"""One writer per directory: an exclusive lease file created atomically next to what it guards.
+
+`hold(dir_uri, what)` creates `<dir>/avsa_lease.json` if nothing is there (locally by a
+hard link, which fails on an existing name like O_EXCL; on S3 by a conditional put,
+`If-None-Match: *`), renews it while the holder runs and removes it at the end. A second
+holder is refused at once with the first one's host, pid and start time, or waits up to
+`wait_s` seconds for it to end.
+
+A lease is stale when its holder is gone: on the same host, its pid no longer runs; anywhere,
+it has not been renewed for `TTL_S` seconds. A stale lease is taken over under a second
+exclusive file (`avsa_lease.json.break`), so two processes that both find it stale cannot both
+remove it: only the one that creates the break file removes the lease, and only if it is still
+the stale one it read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+
+from avsa import storage
+from avsa.errors import LeaseError, StorageError
+
+log = logging.getLogger("avsa.lease")
+LEASE = "avsa_lease.json"
+TTL_S = 120.0  # a lease not renewed for this long is stale, wherever its holder ran
+RENEW_S = 20.0
+POLL_S = 1.0
+
+
+@dataclass(frozen=True)
+class Holder:
+    host: str
+    pid: int
+    started: str  # ISO 8601, UTC
+    token: str
+    what: str
+    renewed: float = 0.0  # time.time() of the last renewal
+
+    def describe(self) -> str:
+        return f"host {self.host}, pid {self.pid}, started {self.started}"
+
+
+def _me(what: str) -> Holder:
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return Holder(socket.gethostname(), os.getpid(), started, uuid.uuid4().hex, what, time.time())
+
+
+def _encode(h: Holder) -> bytes:
+    return json.dumps(asdict(h), indent=1).encode()
+
+
+def read_holder(uri: str) -> Holder | None:
+    """The lease at `uri`, None if there is none; a lease that cannot be parsed (a holder
+    that died mid-write cannot leave one: it is written whole) counts as a foreign holder."""
+    try:
+        body = json.loads(storage.read_bytes(uri))
+        return Holder(**body)
+    except StorageError:
+        return None if not storage.exists(uri) else Holder("?", 0, "?", "?", "?", 0.0)
+    except (ValueError, TypeError):
+        return Holder("?", 0, "?", "unparseable", "?", 0.0)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def is_stale(h: Holder, now: float | None = None) -> bool:
+    now = time.time() if now is None else now
+    if h.host == socket.gethostname() and h.pid > 0 and not _pid_alive(h.pid):
+        return True
+    return h.renewed > 0 and now - h.renewed > TTL_S
+
+
+def _break_stale(uri: str, seen: Holder) -> None:
+    """Remove the stale lease `seen` at `uri`, unless another process is doing it or has
+    already replaced it."""
+    breaker = f"{uri}.break"
+    if not storage.create_exclusive(breaker, _encode(_me("break"))):
+        held = read_holder(breaker)
+        if held is not None and held.renewed and time.time() - held.renewed > TTL_S:
+            storage.delete(breaker)  # a breaker that died in the middle
+        return
+    try:
+        now = read_holder(uri)
+        if now is not None and now.token == seen.token:
+            log.warning("%s: taking over a stale lease (%s, %s)", uri, seen.what, seen.describe())
+            storage.delete(uri)
+    finally:
+        storage.delete(breaker)
+
+
+def acquire(dir_uri: str, what: str, wait_s: float = 0.0) -> Holder:
+    """Create the lease in `dir_uri` for this process, or raise LeaseError naming the holder
+    (after up to `wait_s` seconds of waiting for it to go)."""
+    uri = storage.join(dir_uri, LEASE)
+    me = _me(what)
+    deadline = time.monotonic() + wait_s
+    announced = False
+    while True:
+        if storage.create_exclusive(uri, _encode(me)):
+            return me
+        held = read_holder(uri)
+        if held is None:
+            continue  # released between the two calls
+        if is_stale(held):
+            _break_stale(uri, held)
+            continue
+        if time.monotonic() >= deadline:
+            hint = ("; wait for it to end, or set storage.lease_wait_s=SECONDS to wait"
+                    if what != "avsa shard" else "; wait for it to end or choose another output")
+            raise LeaseError(dir_uri, f"in use by another {held.what} ({held.describe()}){hint}")
+        if not announced:
+            log.warning("%s: in use by another %s (%s); waiting up to %.0f s", dir_uri,
+                        held.what, held.describe(), wait_s)
+            announced = True
+        time.sleep(min(POLL_S, max(deadline - time.monotonic(), 0.01)))
+
+
+def release(dir_uri: str, me: Holder) -> None:
+    """Remove the lease if it is still ours."""
+    uri = storage.join(dir_uri, LEASE)
+    with contextlib.suppress(StorageError):
+        held = read_holder(uri)
+        if held is not None and held.token == me.token:
+            storage.delete(uri)
+
+
+def _renew(dir_uri: str, me: Holder, stop: threading.Event) -> None:
+    uri = storage.join(dir_uri, LEASE)
+    while not stop.wait(RENEW_S):
+        with contextlib.suppress(StorageError):
+            held = read_holder(uri)
+            if held is None or held.token != me.token:
+                log.warning("%s: the lease is no longer this process's (%s)", dir_uri,
+                            held.describe() if held else "removed")
+                return
+            storage.write_bytes(uri, _encode(Holder(**{**asdict(me), "renewed": time.time()})))
+
+
+@contextlib.contextmanager
+def kept(dir_uri: str, me: Holder) -> Iterator[Holder]:
+    """Renew the acquired lease `me` in a daemon thread for the block; release it at the end."""
+    stop = threading.Event()
+    renewer = threading.Thread(target=_renew, args=(dir_uri, me, stop), daemon=True,
+                               name="avsa-lease")
+    renewer.start()
+    try:
+        yield me
+    finally:
+        stop.set()
+        release(dir_uri, me)
+
+
+@contextlib.contextmanager
+def hold(dir_uri: str, what: str, wait_s: float = 0.0) -> Iterator[Holder]:
+    """The lease on `dir_uri` for the duration of the block (see `acquire`)."""
+    with kept(dir_uri, acquire(dir_uri, what, wait_s)) as me:
+        yield me

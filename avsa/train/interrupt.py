@@ -1,0 +1,162 @@
+"""SIGINT and SIGTERM during `avsa pretrain` and `avsa sweep`: stop the run, record it, exit.
+
+While a run is under way, the first SIGINT or SIGTERM raises `Interrupted` in the main thread
+(Ray Train's own SIGINT handler, which calls `sys.exit` from inside `fit()`, is not installed;
+Ray Tune's is turned off). The driver then aborts the Ray Train controller (its workers stop),
+marks the MLflow run KILLED with the step it reached, shuts down the local Ray it started, and
+the command exits 130 (SIGINT) or 143 (SIGTERM) with one line saying how to resume. Further
+signals while this happens are logged and ignored, so the records are always written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shlex
+import signal
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+log = logging.getLogger("avsa.train")
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOP_TIMEOUT_S = 30.0
+STOPPED_AT = "avsa.stopped_at_step"
+STOPPED_BY = "avsa.stopped_by"
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by a signal. A KeyboardInterrupt: no `except Exception` on the way may
+    swallow it, and Ray's blocking calls, which turn a KeyboardInterrupt raised by a signal
+    handler into a fresh one, still stop (`as_interrupted` recovers the signal)."""
+
+    def __init__(self, signum: int, step: int | None = None, resume_step: int | None = None):
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.step, self.resume_step = signum, step, resume_step
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+
+_received: list[int] = []  # the signal that stopped the current run, once one has
+
+
+def as_interrupted(e: KeyboardInterrupt) -> Interrupted:
+    """`e` as an Interrupted carrying the signal received (SIGINT when none was recorded)."""
+    if isinstance(e, Interrupted):
+        return e
+    return Interrupted(_received[0] if _received else signal.SIGINT)
+
+
+@contextlib.contextmanager
+def signals_raise() -> Iterator[None]:
+    """Within the block (main thread only), the first SIGINT/SIGTERM raises Interrupted."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in SIGNALS}
+    hit = _received
+    hit.clear()
+
+    def handler(signum, _frame):
+        if hit:
+            log.warning("%s: already stopping after %s; the run is being recorded",
+                        signal.Signals(signum).name, signal.Signals(hit[0]).name)
+            return
+        hit.append(signum)
+        raise Interrupted(signum)
+
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # Tune would stop quietly and return
+    for s in SIGNALS:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def keep_controller(trainer: Any) -> dict[str, Any]:
+    """Keep the Ray Train controller's handle instead of letting `fit()` install Ray's SIGINT
+    handler (which ends the process with `sys.exit`, past avsa's cleanup)."""
+    box: dict[str, Any] = {}
+    if hasattr(trainer, "_register_sigint_handler"):
+        trainer._register_sigint_handler = lambda controller: box.__setitem__("controller",
+                                                                              controller)
+    return box
+
+
+def stop_controller(box: dict[str, Any]) -> None:
+    """Abort the Ray Train run (its workers stop, then the controller) and wait for it."""
+    import ray
+
+    controller = box.get("controller")
+    if controller is None or not ray.is_initialized():
+        return
+    try:
+        ray.get(controller.abort.remote(), timeout=STOP_TIMEOUT_S)
+    except Exception as e:  # already gone, or slow: killed below either way
+        log.info("Ray Train controller abort: %s", " ".join(str(e).split())[:200])
+    with contextlib.suppress(Exception):
+        ray.kill(controller)
+
+
+def shutdown_ray() -> None:
+    """Stop the local Ray this process started (its workers with it); on a joined cluster,
+    disconnect, which ends the actors this driver owns."""
+    import ray
+
+    if ray.is_initialized():
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+
+
+def record_killed(logger: Any, uri: str, run_id: str, run_uri: str, e: Interrupted) -> Interrupted:
+    """Mark the MLflow run KILLED with the step it reached; returns `e` with the step reached
+    and the step a rerun resumes from."""
+    from avsa import tracking
+    from avsa.train.resume import committed
+
+    try:
+        e.step = tracking.last_logged_step(uri, run_id)
+    except Exception:  # the server is away: the run is still ended below (with a warning)
+        e.step = None
+    try:
+        found = committed(run_uri)
+        e.resume_step = found[0][0] if found else 0
+    except Exception:
+        e.resume_step = None
+    logger.set_tags({STOPPED_BY: e.name, STOPPED_AT: "?" if e.step is None else e.step})
+    logger.end("KILLED")
+    return e
+
+
+def kill_children(uri: str, experiment: str, parent_run_id: str, signame: str) -> int:
+    """Mark every RUNNING child of a sweep's parent run KILLED; returns how many."""
+    from avsa import tracking
+
+    ids = tracking.running_children(uri, parent_run_id)
+    for run_id in ids:
+        child = tracking.RunLogger.start(uri, experiment, None, resume_run_id=run_id)
+        child.set_tags({STOPPED_BY: signame})
+        child.end("KILLED")
+    return len(ids)
+
+
+def resume_line(command: str, argv: list[str], e: Interrupted) -> str:
+    """The one line a stopped command prints: what stopped it, where, and what to run."""
+    at = f" at step {e.step}" if e.step else ""
+    if e.resume_step:
+        saved = f"; the newest checkpoint is step {e.resume_step}"
+    elif e.resume_step == 0:
+        saved = "; no checkpoint yet"
+    else:
+        saved = ""
+    again = shlex.join(["avsa", command, *argv])
+    return f"avsa {command}: stopped by {e.name}{at}{saved}; to resume, run again: {again}"

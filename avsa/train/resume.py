@@ -1,0 +1,128 @@
+"""Which checkpoint a run resumes from: the newest complete one on storage.
+
+Ray Train keeps its own list of a run's checkpoints (`checkpoint_manager_snapshot.json`),
+saved after the fact: after an interrupt it can lag the directories on storage, and a
+checkpoint removed or damaged since breaks it. avsa decides from storage instead:
+
+- rank 0 writes `avsa_committed.json` into `checkpoint-<step>/` once Ray's upload of that
+  checkpoint has returned; a checkpoint is complete when its marker is there;
+- before a run starts, the driver (holding the run directory's lease) loads the newest complete
+  checkpoint; one that cannot be read is reported once and set aside as `damaged-<name>`
+  (renamed, not deleted), and the one before it is tried. Ray's snapshot is then moved aside
+  whenever it names a checkpoint that is no longer there, so Ray starts its bookkeeping afresh
+  instead of refusing the run;
+- every worker resumes from the newest complete checkpoint it finds (or Ray's, if newer).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import time
+from typing import Any
+
+from avsa import storage
+from avsa.errors import AvsaError, CheckpointError
+
+log = logging.getLogger("avsa.train")
+COMMITTED = "avsa_committed.json"
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def commit(checkpoint_uri: str, step: int) -> None:
+    """Mark the checkpoint at `checkpoint_uri` complete (after its upload has returned)."""
+    body = {"step": step, "committed": time.time()}
+    storage.write_bytes(storage.join(checkpoint_uri, COMMITTED), json.dumps(body).encode())
+
+
+def _children(run_uri: str) -> dict[str, set[str]]:
+    """Immediate sub-directories of `run_uri` -> the relative paths of the files inside."""
+    out: dict[str, set[str]] = {}
+    base = run_uri.rstrip("/") + "/"
+    for uri in storage.list_prefix(run_uri):
+        rel = uri[len(base):] if uri.startswith(base) else uri[len(run_uri):].lstrip("/")
+        head, _, tail = rel.partition("/")
+        if tail:
+            out.setdefault(head, set()).add(tail)
+    return out
+
+
+def committed(run_uri: str) -> list[tuple[int, str]]:
+    """(step, URI) of every complete checkpoint under `run_uri`, newest first."""
+    found = []
+    for name, files in _children(run_uri).items():
+        m = _NAME.match(name)
+        if m and COMMITTED in files:
+            found.append((int(m.group(1)), storage.join(run_uri, name)))
+    return sorted(found, reverse=True)
+
+
+def load_state(checkpoint_uri: str) -> dict[str, Any]:
+    """The state dict in `checkpoint_uri/state.pt`; CheckpointError when it cannot be read."""
+    import torch
+
+    from avsa.train.checkpoint import STATE, load
+
+    if not storage.is_s3(checkpoint_uri):
+        return load(storage.local_path(checkpoint_uri))
+    uri = storage.join(checkpoint_uri, STATE)
+    try:
+        data = storage.read_bytes(uri)
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    except AvsaError as e:
+        raise CheckpointError(uri, f"unreadable checkpoint ({e})") from None
+    except Exception as e:  # torch's unpickler on damaged bytes
+        raise CheckpointError(uri, f"unreadable checkpoint ({' '.join(str(e).split())[:200]})") \
+            from None
+
+
+def newest_loadable(run_uri: str, *, set_aside: bool) -> tuple[int, str, dict[str, Any]] | None:
+    """(step, URI, state) of the newest complete checkpoint that loads. Damaged ones are
+    reported, and with `set_aside` renamed to `damaged-<name>`."""
+    for step, uri in committed(run_uri):
+        try:
+            return step, uri, load_state(uri)
+        except CheckpointError as e:
+            if not set_aside:
+                log.warning("skipping a damaged checkpoint: %s", e)
+                continue
+            name = uri.rstrip("/").rsplit("/", 1)[-1]
+            aside = storage.join(run_uri, f"damaged-{name}")
+            log.warning("damaged checkpoint %s: %s; moved aside to %s, resuming from the one "
+                        "before it", name, e.reason, aside)
+            storage.move_tree(uri, aside)
+    return None
+
+
+def _snapshot_names(run_uri: str) -> set[str] | None:
+    uri = storage.join(run_uri, RAY_SNAPSHOT)
+    if not storage.exists(uri):
+        return None
+    try:
+        snap = json.loads(storage.read_bytes(uri))
+        return {r["checkpoint_dir_name"] for r in snap.get("checkpoint_results", [])}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return {"<unreadable>"}
+
+
+def prepare(run_uri: str) -> int:
+    """Before a (re)start: set damaged checkpoints aside, and Ray's snapshot too when it names
+    checkpoints that are gone. Returns the step the run will resume from (0: a fresh start)."""
+    found = newest_loadable(run_uri, set_aside=True)
+    names = _snapshot_names(run_uri)
+    if names is not None:
+        present = set(_children(run_uri))
+        if not names <= present:
+            snap = storage.join(run_uri, RAY_SNAPSHOT)
+            aside = storage.join(run_uri, f"stale-{int(time.time())}-{RAY_SNAPSHOT}")
+            storage.write_bytes(aside, storage.read_bytes(snap))
+            storage.delete(snap)
+            log.info("Ray's checkpoint list names checkpoints no longer there; kept as %s",
+                     aside)
+    if found is None:
+        return 0
+    log.info("resuming from %s (step %d)", found[1], found[0])
+    return found[0]
