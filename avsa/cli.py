@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 
+from avsa.code_version import ENTRY_ENV
 from avsa.errors import AvsaError
 
 # name -> (module with `main(argv) -> int`, one-line help)
@@ -63,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"avsa: error: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault(ENTRY_ENV, f"avsa {name}")  # the MLflow source tag, Ray workers too
     try:
         if name == "config":
             return config_main(rest)

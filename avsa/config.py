@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,10 @@ class StorageConfig:
 class TrackingConfig:
     uri: str | None = None
     experiment: str = "avsa-pretrain"
+    log_model: bool = True  # the final network as an MLflow model on the pretraining run
+    model_name: str = "avsa-encoders"  # registered model for pretraining (and a sweep's best)
+    system_metrics: bool = True  # CPU/GPU/memory/disk/network as system/* metrics
+    system_metrics_interval_s: float = 10.0
 
 
 @dataclass
@@ -269,6 +274,12 @@ def _in_range(key: str, value: float, lo: float, hi: float, *, lo_open=False, hi
     _check(ok, key, f"in {lb}{lo:g}, {hi:g}{rb}", value)
 
 
+def _check_tracking(tr: TrackingConfig) -> None:
+    _check(bool(re.fullmatch(r"[\w.-]+", tr.model_name or "")), "tracking.model_name",
+           "a registered model name (letters, digits, '_', '.', '-')", tr.model_name)
+    _in_range("tracking.system_metrics_interval_s", tr.system_metrics_interval_s, 1, 3600)
+
+
 def validate(cfg: Config) -> Config:
     """Check every user-settable value; raise `ConfigError('key', 'must be ..., got ...')`."""
     d, m, lo, t = cfg.data, cfg.model, cfg.loss, cfg.train
@@ -347,6 +358,7 @@ def validate(cfg: Config) -> Config:
     _in_range("storage.lease_wait_s", cfg.storage.lease_wait_s, 0, 7 * 86400)
     _check(bool(cfg.tracking.experiment), "tracking.experiment", "a non-empty name",
            cfg.tracking.experiment)
+    _check_tracking(cfg.tracking)
 
     s = cfg.sweep
     _check(s.search in SEARCHES, "sweep.search", f"one of {SEARCHES}", s.search)

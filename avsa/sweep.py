@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from avsa import resources, storage, sweep_report, tracking
+from avsa import resources, run_outputs, storage, sweep_report, tracking
 from avsa.config import Config, compose, with_absolute_paths
 from avsa.config_checks import temperature_warning
 from avsa.errors import ConfigError
@@ -124,6 +124,8 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
         if storage.is_s3(cfg.storage.path) and not path.startswith("s3://"):
             path = "s3://" + path.lstrip("/")
         logger.set_tags({tracking.CHECKPOINT: path})
+        run_outputs.finish_pretraining(logger, cfg, path, register=False,
+                                       step=int((result.metrics or {}).get("step", 0)))
     logger.end("FINISHED")
 
 
@@ -264,6 +266,16 @@ def _finish_children(uri: str, experiment: str, rows: list[dict[str, Any]],
             child.flush()
 
 
+def _register_best(uri: str, cfg: Config, best: Mapping[str, Any]) -> None:
+    """The best trial's model as a version of `tracking.model_name`, aliased `best`."""
+    if best.get("run_id"):
+        run = tracking.get_run(uri, best["run_id"])
+        child = tracking.RunLogger(uri, best["run_id"], run.info.experiment_id,
+                                   tracking.RetryPolicy())
+        run_outputs.register_best(child, cfg)
+        child.flush()
+
+
 def run_sweep(cfg: Config) -> SweepResult:
     """Run (or resume) the sweep `cfg.sweep` end to end; returns its table and best trial."""
     from avsa.data.manifest import read_manifest
@@ -350,6 +362,7 @@ def _report(base: Config, grid: Any, spec: TrialSpec, flat: dict[str, Any], uri:
                          "avsa.best_run_id": best["run_id"],
                          "avsa.best_params": json.dumps({k: best[k] for k in keys})})
         parent.log_metrics({f"best/{metric}": best[metric]}, step=int(best["step"] or 0))
+        _register_best(uri, base, best)
     parent.end("FINISHED" if best is not None else "FAILED")
     return SweepResult(name, sweep_uri, parent.run_id, metric, rows, best and dict(best), table)
 

@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from avsa.code_version import code_version_tags
 from avsa.errors import TrackingError
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,10 @@ PARENT = "mlflow.parentRunId"
 KINDS = ("pretrain", "sweep", "trial", "transfer")
 
 _NOTE = "mlflow.note.content"  # the run description shown by the MLflow UI
+# The experiment tag MLflow 3's UI reads to open an experiment on its runs table ("Model
+# training") instead of the GenAI views (traces).
+EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND_VALUE = "custom_model_development"
 
 DEFAULT_LOCAL_DIR = "mlruns"
 _SECRET_MARKERS = ("secret", "password", "token", "key_id", "access_key")
@@ -325,6 +330,8 @@ def _experiment_id(client, uri: str, name: str, *, create: bool) -> str | None:
             return None
         client.restore_experiment(exp.experiment_id)
     if exp is not None:
+        if create and EXPERIMENT_KIND not in exp.tags:  # a kind someone chose is kept
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, EXPERIMENT_KIND_VALUE)
         return exp.experiment_id
     if not create:
         return None
@@ -335,7 +342,8 @@ def _experiment_id(client, uri: str, name: str, *, create: bool) -> str | None:
     from mlflow.exceptions import MlflowException
 
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location,
+                                        tags={EXPERIMENT_KIND: EXPERIMENT_KIND_VALUE})
     except MlflowException as e:  # another process created it first
         exp = client.get_experiment_by_name(name)
         if exp is None:
@@ -525,6 +533,8 @@ class RunLogger:
         policy = policy or RetryPolicy()
         client = _client(uri)
         all_tags = {str(k): str(v) for k, v in (tags or {}).items()}
+        if not resume_run_id:
+            all_tags = {**code_version_tags(), **all_tags}
         if parent_run_id:
             all_tags[PARENT] = parent_run_id
         if description:
@@ -721,6 +731,10 @@ class RunLogger:
                 _one_line(e, 200),
             )
             return False
+
+    def attempt(self, what: str, fn: Callable[[Any], None]) -> bool:
+        """``fn(client)`` with this run's retries; warns and returns False on failure."""
+        return self._artifact(what, lambda: fn(self._client))
 
     def log_artifact(self, local_path: str | os.PathLike, artifact_path: str | None = None) -> bool:
         """Upload a file or a folder (its contents) under ``artifact_path``; False on failure."""

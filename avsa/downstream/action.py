@@ -139,6 +139,8 @@ def score(keys: list[str], logits: torch.Tensor, targets: torch.Tensor, majority
     if examples is not None:
         examples["clip_acc"] = clip.numpy().astype(np.uint8)
         examples["video_acc"] = video.numpy().astype(np.uint8)
+        examples["target"] = targets.argmax(-1).numpy().astype(np.int16)  # first label
+        examples["pred"] = logits.argmax(-1).numpy().astype(np.int16)
     return {"test/clip_acc": float(clip.double().mean()),
             "test/video_acc": float(video.double().mean()),
             "test/majority_clip_acc": float(m_clip.double().mean()),

@@ -156,9 +156,12 @@ def run_binary(
     if test is None or (task == "avc_bin" and len(test) < 2):
         raise ShardError(source.test_uri, f"{task}: the test split needs at least 2 clips")
     x, y = make_pairs(task, *(test.tensors[k] for k in ("video", "audio", "aligned")))
-    hits = predict(head, x).argmax(-1) == y
+    guess = predict(head, x).argmax(-1)
+    hits = guess == y
     if examples is not None:
         examples["acc"] = hits.cpu().numpy().astype(np.uint8)
+        examples["target"] = y.cpu().numpy().astype(np.int16)  # for the confusion matrix
+        examples["pred"] = guess.cpu().numpy().astype(np.int16)
     fx, fy = make_pairs(task, *(fit.tensors[k] for k in ("video", "audio", "aligned")))
     return {"test/acc": float(hits.float().mean()), "test/examples": float(len(y)),
             "train/acc": accuracy(predict(head, fx), fy),

@@ -1,4 +1,5 @@
-"""`avsa transfer TASK pretrain=RUN|URI|scratch [overrides]`: one transfer run, tracked in MLflow.
+"""`avsa transfer TASK pretrain=RUN|URI|models:/NAME/VERSION|models:/NAME@ALIAS|scratch`: one
+transfer run, tracked in MLflow.
 
 The pretrained network is rebuilt from the checkpoint's own config (so the architecture always
 matches its weights) and loaded whole: encoders and viewpoint transformers. Each transfer is an
@@ -25,9 +26,11 @@ from typing import Any
 
 import numpy as np
 
-from avsa import tracking
+from avsa import mlflow_models, system_metrics, tracking
 from avsa.config import TASKS, Config, compose, from_dict
-from avsa.data.labels import NUM_CLASSES
+from avsa.data.labels import CLASSES, NUM_CLASSES
+from avsa.datasets_log import log_datasets
+from avsa.downstream import report
 from avsa.downstream.heads import pick_device
 from avsa.downstream.sources import ShardSource
 from avsa.errors import CheckpointError, ConfigError
@@ -58,6 +61,7 @@ class Pretrained:
     audio_mode: str
     audio_features: str = "logmel"
     model_config: dict[str, Any] = field(default_factory=dict)  # what built `model`
+    version: mlflow_models.ModelRef | None = None  # for a models:/ reference
 
 
 @dataclass
@@ -97,7 +101,8 @@ def load_pretrained(cfg: Config, tracking_uri: str | None) -> Pretrained:
                           dataclasses.asdict(cfg.model))
     from avsa.train.checkpoint import resolve_init
 
-    state, uri = resolve_init(ref, tracking_uri)
+    version = mlflow_models.resolve(ref, tracking_uri) if mlflow_models.is_models_uri(ref) else None
+    state, uri = resolve_init(version.uri if version else ref, tracking_uri)
     try:
         pre = from_dict(state["config"])
     except Exception as e:  # an old or foreign config: name the checkpoint
@@ -110,8 +115,10 @@ def load_pretrained(cfg: Config, tracking_uri: str | None) -> Pretrained:
         reason = " ".join(str(e).split())[:300]
         raise CheckpointError(uri, f"weights do not fit the checkpoint's model: {reason}") from None
     label = pretext_label(pre.loss.kind, pre.train.curriculum)
+    if version is not None:  # the pretraining run behind the registered version
+        ref = version.run_id or version.uri
     return Pretrained(model, label, ref if _RUN_ID.match(ref) else uri, pre.data.audio_mode,
-                      pre.data.audio_features, dataclasses.asdict(pre.model))
+                      pre.data.audio_features, dataclasses.asdict(pre.model), version)
 
 
 def effective_seed(cfg: Config) -> int:
@@ -170,8 +177,29 @@ def _log_examples(logger: tracking.RunLogger, examples: dict[str, np.ndarray]) -
         return
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / EXAMPLES
-        np.savez_compressed(path, **examples)
+        np.savez_compressed(path, **{k: v for k, v in examples.items()
+                                     if k not in report.OVERLAY_KEYS})
         logger.log_artifact(path)
+
+
+def _log_inputs(logger: tracking.RunLogger, cfg: Config, pre: Pretrained) -> None:
+    """The shard sets (train, test) and the registered model the run started from."""
+    log_datasets(logger, [(cfg.data.shards, "train"), (cfg.data.val_shards, "test")])
+    if pre.version is not None and pre.version.model_id:
+        from mlflow.entities import LoggedModelInput
+
+        model = LoggedModelInput(pre.version.model_id)
+        logger.attempt(f"the input model {pre.version.uri}",
+                       lambda client: client.log_inputs(logger.run_id, models=[model]))
+
+
+def _log_report(logger: tracking.RunLogger, task: str, examples: dict[str, np.ndarray]) -> None:
+    """Confusion matrix, per-class table and (segmentation) overlays as the run's artifacts."""
+    with tempfile.TemporaryDirectory() as tmp:
+        written = report.write_report(task, examples, Path(tmp), labels=list(CLASSES),
+                                      num_classes=NUM_CLASSES + (task == "segmentation"))
+        if written:
+            logger.log_artifact(tmp, "report")
 
 
 def run_transfer(cfg: Config, memo: dict | None = None) -> TransferResult:
@@ -196,15 +224,24 @@ def run_transfer(cfg: Config, memo: dict | None = None) -> TransferResult:
                                audio_features=pre.audio_features)
     params = tracking.flatten_config({"downstream": dataclasses.replace(ds, seed=seed),
                                       "data": data, "model": pre.model_config})
+    if pre.version is not None:
+        tags[mlflow_models.MODEL_VERSION_TAG] = f"{pre.version.name}/{pre.version.version}"
     logger = tracking.RunLogger.start(uri, ds.experiment, name, tags=tags, params=params)
+    _log_inputs(logger, cfg, pre)
+    monitor = system_metrics.start(logger, cfg.tracking)
     try:
         examples: dict[str, np.ndarray] = {}
         metrics = _task_metrics(cfg, pre, logger.log_metrics, examples, memo)
         logger.log_metrics(metrics, step=ds.epochs)
         _log_examples(logger, examples)
+        _log_report(logger, ds.task, examples)
     except BaseException as e:
+        if monitor is not None:
+            monitor.stop()
         logger.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
+    if monitor is not None:
+        monitor.stop()
     logger.end("FINISHED")
     return TransferResult(ds.task, pre.pretext, pre.ref, logger.run_id, uri, ds.experiment,
                           context, mode, metrics)
@@ -219,7 +256,8 @@ def expand_overrides(args: list[str]) -> list[str]:
     return out
 
 
-USAGE = (f"usage: avsa transfer TASK pretrain=RUN_ID|CHECKPOINT_URI|scratch [overrides...]\n"
+USAGE = (f"usage: avsa transfer TASK pretrain=RUN_ID|CHECKPOINT_URI|models:/NAME/VERSION|"
+         f"models:/NAME@ALIAS|scratch [overrides...]\n"
          f"  TASK: one of {', '.join(TASKS)}\n"
          f"  e.g. avsa transfer segmentation pretrain=<run id> context=audio "
          f"data.val_shards=outputs/demo/shards/val")

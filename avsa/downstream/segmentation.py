@@ -44,6 +44,7 @@ from avsa.train.objective import normalize_video, to_device
 CONTEXTS = ("video", "audio", "context")
 SEG_WEIGHTS = ("median", "inverse", "none")
 EVAL_CHUNK = 64  # crops per forward pass when scoring held-out crops
+OVERLAYS = 4  # test crops kept for the overlay figures of a transfer run
 
 
 def stage_maps(encoder: VideoEncoder, video: torch.Tensor) -> list[torch.Tensor]:
@@ -114,6 +115,20 @@ def encode_crops(model: AVSANet, batch: dict, context: str) -> dict[str, torch.T
         rows["cond"] = cond
     rows["masks"] = batch["masks"].flatten(0, 1).long()
     return rows
+
+
+def overlay_examples(batch: dict, pred: torch.Tensor, masks: torch.Tensor,
+                     n: int = OVERLAYS) -> dict[str, np.ndarray]:
+    """The first `n` test crops for overlay figures: mid-frame RGB (n, S, S, 3) uint8 and the
+    predicted and true masks (n, S, S) int16. pred, masks: (B V, S, S)."""
+    video = batch["video"].flatten(0, 1)[:n].float()  # (n, 3, T, S, S)
+    frame = video[:, :, video.shape[2] // 2].permute(0, 2, 3, 1)
+    lo = frame.amin(dim=(1, 2, 3), keepdim=True)
+    hi = frame.amax(dim=(1, 2, 3), keepdim=True)
+    rgb = ((frame - lo) / (hi - lo).clamp_min(1e-6) * 255).round().to(torch.uint8)
+    return {"overlay_image": rgb.cpu().numpy(),
+            "overlay_pred": pred[:n].cpu().numpy().astype(np.int16),
+            "overlay_mask": masks[:n].cpu().numpy().astype(np.int16)}
 
 
 def _logits(head: FPNHead, rows: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -245,6 +260,8 @@ def run_segmentation(
             rows = encode(batch)
             pred = _logits(head, rows).argmax(1)
             confs.append(crop_confusions(pred, rows["masks"], num_classes))
+            if examples is not None and not confs[1:]:
+                examples.update(overlay_examples(batch, pred, rows["masks"]))
     if not confs:
         raise ShardError(source.test_uri, "segmentation: no test clips")
     per_crop = torch.cat(confs)

@@ -119,12 +119,18 @@ def _fetch_state(uri: str) -> dict[str, Any]:
 
 
 def resolve_init(ref: str, tracking_uri: str | None = None) -> tuple[dict[str, Any], str]:
-    """Load the state behind `ref`: an MLflow run id (its `avsa.checkpoint_uri` tag), a
+    """Load the state behind `ref`: a registered model (`models:/NAME/VERSION`,
+    `models:/NAME@ALIAS`), an MLflow run id (its `avsa.checkpoint_uri` tag), a
     checkpoint directory URI, a run directory (newest checkpoint inside) or a `state.pt` URI.
 
     Returns (state dict, the checkpoint URI it came from).
     """
     uri = ref
+    if ref.startswith("models:/"):  # a registered version: its weights and config
+        from avsa import mlflow_models, tracking
+
+        state, version = mlflow_models.load_state(ref, tracking.resolve_tracking_uri(tracking_uri))
+        return state, version.uri
     if _RUN_ID.match(ref):
         from avsa import tracking
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
-from avsa import lease, resources, storage, tracking
+from avsa import lease, resources, run_outputs, storage, tracking
 from avsa.config import Config, compose, with_absolute_paths
 from avsa.config_checks import check_batch_fits_data, temperature_warning
 from avsa.data.manifest import read_manifest
@@ -227,6 +227,7 @@ def start_tracking(
         from omegaconf import OmegaConf
 
         logger.log_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)), "config.yaml")
+        run_outputs.log_pretraining_inputs(logger, cfg)
     logger.flush()
     return uri, logger.run_id
 
@@ -278,6 +279,8 @@ def _run(cfg: Config, run_name: str, run_uri: str) -> PretrainResult:
         checkpoint_uri = _checkpoint_uri(cfg, result)
         if checkpoint_uri:
             logger.set_tags({tracking.CHECKPOINT: checkpoint_uri})
+        run_outputs.finish_pretraining(logger, cfg, checkpoint_uri, register=True,
+                                       step=int((result.metrics or {}).get("step", 0)))
     except KeyboardInterrupt as k:  # a signal (see avsa.train.interrupt)
         interrupt.stop_controller(controller)
         e = interrupt.as_interrupted(k)

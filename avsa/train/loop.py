@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from avsa import storage
+from avsa import storage, system_metrics
 from avsa.config import Config, from_dict
 from avsa.errors import CheckpointError
 from avsa.train import checkpoint as ckpt
@@ -284,6 +284,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         )
         logged_through = _logged_through(loop_config)
     val_on, val = rank == 0 and has_validation(cfg), None  # val: read at the first validation
+    monitor = system_metrics.start(logger, cfg.tracking)  # None unless rank 0 logs
     gather = _gather()
     meter, skipped = Meter(), 0
     t_last, clips_since, t_start, step_start = time.perf_counter(), 0, time.perf_counter(), step
@@ -348,6 +349,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         _report(metrics_out, save_fn if (do_ckpt and rank == 0) else None, step, run_uri)
     if step < cfg.train.max_steps and step % cfg.train.checkpoint_every != 0:
         _report({"step": step}, save_fn if rank == 0 else None, step, run_uri)
+    if monitor is not None:
+        monitor.stop()
     if logger is not None:
         logger.drain()  # what the server missed while down, before this process exits
     if step < cfg.train.max_steps:

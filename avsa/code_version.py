@@ -1,0 +1,88 @@
+"""Which code produced a run: git commit, dirty flag and entry point, as MLflow tags.
+
+Runs go through :class:`mlflow.tracking.MlflowClient`, which sets none of the
+``mlflow.source.*`` tags a fluent run gets, so avsa sets them itself on every run it creates.
+The git facts come from the checkout holding the ``avsa`` package (not the working directory:
+Ray workers run elsewhere). Without git (an image build, ``ray job submit --working-dir``) the
+commit comes from ``$AVSA_GIT_COMMIT`` when the build set it, and the tags say ``unknown``
+otherwise; the package version is always there.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+# MLflow's own tag names (mlflow.utils.mlflow_tags), shown by the UI as "Source" and "Version".
+SOURCE_NAME = "mlflow.source.name"
+SOURCE_TYPE = "mlflow.source.type"
+GIT_COMMIT = "mlflow.source.git.commit"
+GIT_BRANCH = "mlflow.source.git.branch"
+GIT_REPO = "mlflow.source.git.repoURL"
+GIT_DIRTY = "avsa.git.dirty"  # "true" | "false" | "unknown"
+CODE_VERSION = "avsa.code_version"  # "<package version>+g<commit>[.dirty]" or "<version>"
+ENTRY_ENV = "AVSA_ENTRY_POINT"  # set by `avsa` and jobs/*.py so Ray workers name the command
+COMMIT_ENV = "AVSA_GIT_COMMIT"  # set by image builds that have no .git
+
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(_ROOT), *args], capture_output=True, text=True,
+                             timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("avsa")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def entry_point() -> str:
+    """The command that started this run: ``$AVSA_ENTRY_POINT``, else this process's script."""
+    env = os.environ.get(ENTRY_ENV)
+    if env:
+        return env
+    script = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
+    return script or "python"
+
+
+@functools.lru_cache(maxsize=1)
+def _git_facts() -> dict[str, str]:
+    commit = _git("rev-parse", "HEAD") if (_ROOT / ".git").exists() else None
+    if not commit:
+        env = os.environ.get(COMMIT_ENV, "").strip()
+        return {GIT_COMMIT: env} if env else {}
+    facts = {GIT_COMMIT: commit}
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    facts[GIT_DIRTY] = "unknown" if status is None else ("true" if status else "false")
+    branch = _git("rev-parse", "--abbrev-ref", "HEAD")
+    if branch and branch != "HEAD":
+        facts[GIT_BRANCH] = branch
+    remote = _git("config", "--get", "remote.origin.url")
+    if remote and "@" not in remote:  # never a URL with credentials in it
+        facts[GIT_REPO] = remote
+    return facts
+
+
+def code_version_tags() -> dict[str, str]:
+    """The tags for a new run: source name and type, git commit, branch and dirty flag, and
+    ``avsa.code_version``. Never raises; without git the commit tag is absent (or taken from
+    ``$AVSA_GIT_COMMIT``) and the dirty flag is ``unknown``."""
+    facts = dict(_git_facts())
+    facts.setdefault(GIT_DIRTY, "unknown")
+    version = _package_version()
+    commit = facts.get(GIT_COMMIT)
+    if commit:
+        version += f"+g{commit[:12]}" + (".dirty" if facts[GIT_DIRTY] == "true" else "")
+    return {SOURCE_NAME: entry_point(), SOURCE_TYPE: "LOCAL", CODE_VERSION: version, **facts}

@@ -1,0 +1,84 @@
+"""System metrics (CPU, memory, disk, network, GPU) on a run, through MLflow's own collectors.
+
+MLflow's :class:`~mlflow.system_metrics.system_metrics_monitor.SystemMetricsMonitor` samples
+with psutil (and pynvml on NVIDIA GPUs) in a daemon thread. Its own loop asks the server for
+the run's status after every sample and stops for good at the first failed request, so a
+tracking outage would end the figures for the rest of the run. Here the same collectors
+publish through the run's :class:`~avsa.tracking.RunLogger` instead, whose buffer carries an
+outage; the thread stops when told to, nothing else. One sample every
+``tracking.system_metrics_interval_s`` (10 s) costs well under a millisecond of CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from avsa.config import TrackingConfig
+    from avsa.tracking import RunLogger
+
+log = logging.getLogger("avsa.tracking")
+
+
+class _Monitor:
+    def __init__(self, logger: RunLogger, interval_s: float, prefix: str):
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        # Only its collectors are used: __init__ makes no request (resume_logging=False).
+        self._mlflow = SystemMetricsMonitor(logger.run_id, sampling_interval=interval_s,
+                                            tracking_uri=logger.uri)
+        self.logger = logger
+        self.interval_s = float(self._mlflow.sampling_interval)
+        self.prefix = prefix
+        self.step = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="avsa-system-metrics")
+
+    def _sample(self) -> None:
+        self._mlflow.collect_metrics()
+        metrics = self._mlflow.aggregate_metrics()
+        for monitor in self._mlflow.monitors:
+            monitor.clear_metrics()
+        if metrics:
+            self.logger.log_metrics({self.prefix + k: v for k, v in metrics.items()}, self.step)
+            self.step += 1
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self._sample()
+            except Exception as e:  # a collector failing must not end training
+                log.warning("system metrics: %s; no more samples for run %s", e,
+                            self.logger.run_id)
+                return
+
+    def start(self) -> _Monitor:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop sampling (the last sample goes to the run's buffer first)."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._thread.join(timeout=self.interval_s + 5)
+        try:
+            self._sample()
+        except Exception as e:
+            log.debug("system metrics: last sample failed: %s", e)
+
+
+def start(logger: RunLogger | None, tracking: TrackingConfig, node: str = "") -> _Monitor | None:
+    """Sample system metrics onto ``logger``'s run as ``system/[node/]<name>`` until
+    ``stop()``; None when ``tracking.system_metrics`` is off or MLflow cannot sample here."""
+    if logger is None or not tracking.system_metrics:
+        return None
+    try:
+        monitor = _Monitor(logger, tracking.system_metrics_interval_s,
+                           "system/" + (f"{node}/" if node else ""))
+    except Exception as e:  # e.g. psutil missing
+        log.warning("system metrics off for run %s: %s", logger.run_id, e)
+        return None
+    return monitor.start()

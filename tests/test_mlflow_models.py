@@ -1,0 +1,145 @@
+"""Datasets, code version, experiment kind, the registered encoders and transfer from
+`models:/`, against a real `mlflow server` (no Ray: the checkpoint is written directly)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from avsa import code_version, mlflow_models, synth, tracking
+from avsa.config import compose
+from avsa.data.manifest import read_manifest
+from avsa.data.shards import write_shards
+from avsa.datasets_log import log_datasets, manifest_digest
+from avsa.downstream import run
+from avsa.errors import CheckpointError
+from avsa.train import checkpoint as ckpt
+from avsa.train.objective import audio_channels, model_from_config
+
+TINY = ["model=tiny", "data.crop_size=32", "data.frames=4", "data.num_viewpoints=2",
+        "data.n_mels=32", "data.audio_seconds=0.5", "data.shuffle_buffer=0",
+        "downstream.epochs=1", "downstream.batch_size=4", "tracking.system_metrics_interval_s=1"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mm")
+    synth.write_dataset(root / "clips", 8, 2.0, 3, width=128, height=64, progress=False)
+    write_shards(str(root / "clips"), str(root / "shards" / "train"), samples_per_shard=4,
+                 progress=False)
+    write_shards(str(root / "clips"), str(root / "shards" / "val"), samples_per_shard=8,
+                 split="val", progress=False)
+    return str(root / "shards" / "train"), str(root / "shards" / "val")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    cfg = compose(TINY)
+    torch.manual_seed(0)
+    model = model_from_config(cfg.model, audio_channels(cfg))
+    d = tmp_path_factory.mktemp("ckpt") / "checkpoint-00000005"
+    ckpt.save(d, model=model, optimizer=None, step=5, config=cfg.to_dict())
+    return str(d), model.state_dict()
+
+
+def _client(uri):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def test_pretraining_run_gets_kind_code_datasets_and_registered_model(
+        mlflow_uri, shards, checkpoint, tmp_path):
+    exp, name = f"mm-{uuid.uuid4().hex[:8]}", f"enc-{uuid.uuid4().hex[:6]}"
+    logger = tracking.RunLogger.start(mlflow_uri, exp, "pre", tags={tracking.KIND: "pretrain"})
+    client = _client(mlflow_uri)
+    assert client.get_experiment_by_name(exp).tags["mlflow.experimentKind"] == \
+        "custom_model_development"
+
+    assert log_datasets(logger, [(shards[0], "train"), (shards[1], "val"), (None, "x")])
+    ref = mlflow_models.log_encoders(logger, checkpoint[0], register_as=name, step=5)
+    logger.end()
+    assert isinstance(ref, mlflow_models.ModelRef) and ref.version == "1"
+
+    r = client.get_run(logger.run_id)
+    tags = r.data.tags
+    assert tags[code_version.GIT_COMMIT] and len(tags[code_version.GIT_COMMIT]) == 40
+    assert tags[code_version.GIT_DIRTY] in ("true", "false")
+    assert tags[code_version.SOURCE_NAME] and tags[code_version.CODE_VERSION].startswith("0.1.0")
+    assert tags[mlflow_models.MODEL_VERSION_TAG] == f"{name}/1"
+    inputs = {i.tags[0].value: i.dataset for i in r.inputs.dataset_inputs}
+    assert set(inputs) == {"train", "val"}
+    assert inputs["train"].name == "shards/train" and inputs["val"].name == "shards/val"
+    assert inputs["train"].digest == manifest_digest(read_manifest(shards[0]))
+    assert json.loads(inputs["train"].source)["uri"] == shards[0]
+    assert '"num_samples": 8' in inputs["train"].profile
+    assert [o.step for o in r.outputs.model_outputs] == [5]
+
+    mv = client.get_model_version(name, "1")
+    assert mv.run_id == logger.run_id
+    assert mv.source == f"models:/{r.outputs.model_outputs[0].model_id}"
+    model = client.get_logged_model(r.outputs.model_outputs[0].model_id)
+    assert model.source_run_id == logger.run_id and model.name == "encoders"
+    # the files are in the artifact store, the signature in the MLmodel file
+    import mlflow.artifacts
+
+    local = mlflow.artifacts.download_artifacts(artifact_uri=model.artifact_location,
+                                                dst_path=str(tmp_path), tracking_uri=mlflow_uri)
+    mlmodel = (Path(local) / "MLmodel").read_text()
+    assert "signature" in mlmodel and '"name": "video"' in mlmodel
+
+    # an alias, and both reference forms load the same weights
+    best = mlflow_models.register(logger, name, alias="best")
+    assert best.version == "1"  # the version this run already has, not a new one
+    for ref_text in (f"models:/{name}/1", f"models:/{name}@best"):
+        state, uri = ckpt.resolve_init(ref_text, mlflow_uri)
+        assert uri == f"models:/{name}/1"
+        for k, v in checkpoint[1].items():
+            assert torch.equal(state["model"][k], v)
+    with pytest.raises(CheckpointError, match="no such registered model version"):
+        ckpt.resolve_init(f"models:/{name}@nosuch", mlflow_uri)
+
+
+def test_transfer_from_a_registered_version(mlflow_uri, shards, checkpoint):
+    exp, name = f"mm-{uuid.uuid4().hex[:8]}", f"enc-{uuid.uuid4().hex[:6]}"
+    logger = tracking.RunLogger.start(mlflow_uri, exp, "pre")
+    mlflow_models.log_encoders(logger, checkpoint[0], register_as=name)
+    mlflow_models.register(logger, name, alias="best")
+    logger.end()
+    cfg = compose([*TINY, f"data.shards={shards[0]}", f"data.val_shards={shards[1]}",
+                   f"tracking.uri={mlflow_uri}", f"downstream.experiment={exp}-t",
+                   "downstream.task=avsa_bin", f"downstream.pretrain=models:/{name}@best"])
+    res = run.run_transfer(cfg)
+    client = _client(mlflow_uri)
+    r = client.get_run(res.run_id)
+    assert r.data.tags["avsa.pretrain_run_id"] == logger.run_id
+    assert r.data.tags[mlflow_models.MODEL_VERSION_TAG] == f"{name}/1"
+    assert client.get_experiment_by_name(f"{exp}-t").tags["mlflow.experimentKind"] == \
+        "custom_model_development"
+    assert {i.tags[0].value for i in r.inputs.dataset_inputs} == {"train", "test"}
+    assert f"models:/{r.inputs.model_inputs[0].model_id}" == \
+        client.get_model_version(name, "1").source
+    assert any(k.startswith("system/cpu_utilization") for k in r.data.metrics)
+    report = {f.path for f in client.list_artifacts(res.run_id, "report")}
+    assert report == {"report/confusion_matrix.png", "report/per_class.csv"}
+
+
+def test_model_logging_with_the_server_down_warns_and_returns(
+        tmp_path, checkpoint, caplog):
+    from mlflowserver import mlflow_server
+
+    with mlflow_server(tmp_path / "srv") as uri:
+        logger = tracking.RunLogger.start(uri, "down", "pre", policy=tracking.RetryPolicy(
+            attempts=1, end_timeout_s=1))
+        uri.stop()
+        with caplog.at_level(logging.WARNING, logger="avsa.tracking"):
+            assert mlflow_models.log_encoders(logger, checkpoint[0], register_as="x") is None
+        logger.end()
+    text = caplog.text
+    assert "could not log artifact the encoders model" in text
+    assert f"transfer can still start from pretrain={logger.run_id}" in text
