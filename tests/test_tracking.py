@@ -7,7 +7,6 @@ import enum
 import logging
 import pickle
 import time
-from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -15,11 +14,11 @@ from mlflowserver import free_port
 
 from avsa import tracking
 from avsa.errors import TrackingError
-from avsa.tracking import RetryPolicy, RunLogger, flatten_config
+from avsa.tracking import BufferPolicy, RunLogger, flatten_config
 
 pytestmark = pytest.mark.slow
 
-FAST = RetryPolicy(attempts=2, backoff_s=0.05, retry_interval_s=0.0, end_timeout_s=5.0)
+FAST = BufferPolicy(retry_interval_s=0.0, end_timeout_s=5.0)
 
 
 @pytest.fixture
@@ -315,16 +314,11 @@ def test_resume_continues_the_same_run(server, client, caplog):
     assert _steps(client, run_id, "loss") == [(0, 3.0), (1, 2.0), (2, 1.0)]
 
 
-def test_resolve_run_artifact_and_get_run(server, tmp_path):
+def test_get_run(server):
     run = RunLogger.start(server, "resolve", "r", tags={tracking.CHECKPOINT: "s3://b/c"}, params={})
-    run.log_text("weights", "model/readme.txt")
     run.end()
-    assert tracking.resolve_run_artifact(server, run.run_id, tracking.CHECKPOINT) == "s3://b/c"
-    local = tracking.resolve_run_artifact(server, run.run_id, "model/readme.txt", tmp_path)
-    assert Path(local).read_text() == "weights"
-    with pytest.raises(TrackingError, match=r"no tag or artifact 'missing\.bin'"):
-        tracking.resolve_run_artifact(server, run.run_id, "missing.bin")
-    assert tracking.get_run(server, run.run_id).info.run_name == "r"
+    got = tracking.get_run(server, run.run_id)
+    assert got.info.run_name == "r" and got.data.tags[tracking.CHECKPOINT] == "s3://b/c"
     with pytest.raises(TrackingError, match=f"^{server}: no run 0123456789abcdef"):
         tracking.get_run(server, "0123456789abcdef")
 
@@ -351,7 +345,7 @@ def test_local_sqlite_store(local_store):
 
 def test_end_with_server_gone_warns_and_returns(caplog):
     dead = f"http://127.0.0.1:{free_port()}"
-    run = RunLogger(dead, "feedc0de", "0", RetryPolicy(attempts=1, end_timeout_s=0.5))
+    run = RunLogger(dead, "feedc0de", "0", BufferPolicy(end_timeout_s=0.5))
     t0 = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="avsa.tracking"):
         run.log_metrics({"loss": 1.0, "acc": 0.5}, step=0)
@@ -366,12 +360,12 @@ def test_end_with_server_gone_warns_and_returns(caplog):
 
 def test_buffer_is_bounded():
     dead = f"http://127.0.0.1:{free_port()}"
-    policy = RetryPolicy(attempts=1, retry_interval_s=3600, max_buffer=10, end_timeout_s=0)
+    policy = BufferPolicy(retry_interval_s=3600, max_buffer=10, end_timeout_s=0)
     run = RunLogger(dead, "feedc0de", "0", policy)
     for step in range(25):
         run.log_metrics({"loss": float(step)}, step=step)
     assert run.pending == 10
-    assert [m.step for m in run._metrics] == list(range(15, 25))
+    assert [m.step for m in run._buffer.metrics] == list(range(15, 25))
 
 
 # ----------------------------------------------------------------------------- outage

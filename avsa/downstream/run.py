@@ -26,15 +26,17 @@ from typing import Any
 
 import numpy as np
 
-from avsa import mlflow_models, system_metrics, tracking
+from avsa import tracking
 from avsa.config import TASKS, Config, compose, from_dict
 from avsa.data.labels import CLASSES, NUM_CLASSES
-from avsa.datasets_log import log_datasets
 from avsa.downstream import report
 from avsa.downstream.heads import pick_device
 from avsa.downstream.sources import ShardSource
 from avsa.errors import CheckpointError, ConfigError
 from avsa.models import AVSANet
+from avsa.tracking import models as registry
+from avsa.tracking import system_metrics
+from avsa.tracking.datasets import log_datasets
 from avsa.train.objective import audio_channels, model_from_config
 
 log = logging.getLogger("avsa.transfer")
@@ -61,7 +63,7 @@ class Pretrained:
     audio_mode: str
     audio_features: str = "logmel"
     model_config: dict[str, Any] = field(default_factory=dict)  # what built `model`
-    version: mlflow_models.ModelRef | None = None  # for a models:/ reference
+    version: registry.ModelRef | None = None  # for a models:/ reference
 
 
 @dataclass
@@ -101,7 +103,7 @@ def load_pretrained(cfg: Config, tracking_uri: str | None) -> Pretrained:
                           dataclasses.asdict(cfg.model))
     from avsa.train.checkpoint import resolve_init
 
-    version = mlflow_models.resolve(ref, tracking_uri) if mlflow_models.is_models_uri(ref) else None
+    version = registry.resolve(ref, tracking_uri) if registry.is_models_uri(ref) else None
     state, uri = resolve_init(version.uri if version else ref, tracking_uri)
     try:
         pre = from_dict(state["config"])
@@ -225,24 +227,15 @@ def run_transfer(cfg: Config, memo: dict | None = None) -> TransferResult:
     params = tracking.flatten_config({"downstream": dataclasses.replace(ds, seed=seed),
                                       "data": data, "model": pre.model_config})
     if pre.version is not None:
-        tags[mlflow_models.MODEL_VERSION_TAG] = f"{pre.version.name}/{pre.version.version}"
-    logger = tracking.RunLogger.start(uri, ds.experiment, name, tags=tags, params=params)
-    _log_inputs(logger, cfg, pre)
-    monitor = system_metrics.start(logger, cfg.tracking)
-    try:
+        tags[registry.MODEL_VERSION_TAG] = f"{pre.version.name}/{pre.version.version}"
+    with (tracking.RunLogger.start(uri, ds.experiment, name, tags=tags, params=params) as logger,
+          system_metrics.sampling(logger, cfg.tracking)):
+        _log_inputs(logger, cfg, pre)
         examples: dict[str, np.ndarray] = {}
         metrics = _task_metrics(cfg, pre, logger.log_metrics, examples, memo)
         logger.log_metrics(metrics, step=ds.epochs)
         _log_examples(logger, examples)
         _log_report(logger, ds.task, examples)
-    except BaseException as e:
-        if monitor is not None:
-            monitor.stop()
-        logger.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
-        raise
-    if monitor is not None:
-        monitor.stop()
-    logger.end("FINISHED")
     return TransferResult(ds.task, pre.pretext, pre.ref, logger.run_id, uri, ds.experiment,
                           context, mode, metrics)
 
