@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
+import os
 import pickle
 import time
 
@@ -15,6 +16,7 @@ from mlflowserver import free_port
 from avsa import tracking
 from avsa.errors import TrackingError
 from avsa.tracking import BufferPolicy, RunLogger, flatten_config
+from avsa.tracking.client import HTTP_DEFAULTS, connect
 
 pytestmark = pytest.mark.slow
 
@@ -132,6 +134,16 @@ def test_default_tracking_uri_is_absolute_sqlite_under_mlruns(monkeypatch, tmp_p
     assert tracking.default_tracking_uri() == "http://mlflow:5000"
 
 
+def test_mlflow_http_settings_default_but_yield_to_the_environment(monkeypatch):
+    for name in HTTP_DEFAULTS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "99")
+    connect(f"http://127.0.0.1:{free_port()}")
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == HTTP_DEFAULTS[
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "99"
+
+
 def test_check_reachable_closed_port_fails_fast_naming_uri():
     uri = f"http://127.0.0.1:{free_port()}"
     t0 = time.monotonic()
@@ -198,7 +210,6 @@ def test_run_roundtrip(server, client, tmp_path):
     with pytest.raises(TrackingError, match="no such file"):
         run.log_artifact(tmp_path / "missing.txt")
     assert run.log_text("abc", "text/a.txt")
-    assert run.log_dict({"k": 1}, "cfg/config.json")
     run.set_tags({tracking.CHECKPOINT: "s3://bucket/ckpt/3"})
     run.end()
 
@@ -213,7 +224,7 @@ def test_run_roundtrip(server, client, tmp_path):
     assert _steps(client, run.run_id, "loss") == [(s, 1.0 / (s + 1)) for s in range(5)]
     assert [m.step for m in client.get_metric_history(run.run_id, "train/acc")] == [0, 1, 2, 3, 4]
     top = {f.path for f in client.list_artifacts(run.run_id)}
-    assert top == {"reports", "text", "cfg"}
+    assert top == {"reports", "text"}
     reports = [f.path for f in client.list_artifacts(run.run_id, "reports")]
     assert sorted(reports) == ["reports/notes.txt", "reports/plots"]
     assert [f.path for f in client.list_artifacts(run.run_id, "reports/plots")] == [

@@ -205,18 +205,13 @@ class RunLogger:
         path = Path(local_path)
         if not path.exists():
             raise TrackingError(str(path), "no such file or folder to log as an artifact")
-        return self.attempt(str(path), lambda c: (c.log_artifacts if path.is_dir() else
-                                                  c.log_artifact)(self.run_id, str(path),
-                                                                  artifact_path))
+        upload = "log_artifacts" if path.is_dir() else "log_artifact"
+        return self.attempt(str(path),
+                            lambda c: getattr(c, upload)(self.run_id, str(path), artifact_path))
 
     def log_text(self, text: str, artifact_file: str) -> bool:
         """Write ``text`` to the run artifact ``artifact_file``; False on failure."""
         return self.attempt(artifact_file, lambda c: c.log_text(self.run_id, text, artifact_file))
-
-    def log_dict(self, d: Mapping[str, Any], artifact_file: str) -> bool:
-        """Write ``d`` as JSON (or YAML for .yaml/.yml) to ``artifact_file``; False on failure."""
-        return self.attempt(artifact_file,
-                            lambda c: c.log_dict(self.run_id, dict(d), artifact_file))
 
     # -- the end
 
