@@ -1,17 +1,7 @@
-"""MLflow tracking, kept small by using MLflow's own retries and batching.
-
-- :mod:`~avsa.tracking.client`: tracking URIs, the MlflowClient and MLflow's HTTP settings,
-  the reachability check.
-- :mod:`~avsa.tracking.store`: the tags linking runs, finding and reading runs.
-- :mod:`~avsa.tracking.params`: configs flattened into params, secrets left out.
-- :mod:`~avsa.tracking.run`: :class:`RunLogger`, one run from start to end (a ``with`` block).
-- :mod:`~avsa.tracking.buffer`: what a run logged while the server was away.
-- :mod:`~avsa.tracking.code_version`, :mod:`~avsa.tracking.datasets`,
-  :mod:`~avsa.tracking.models`, :mod:`~avsa.tracking.system_metrics`,
-  :mod:`~avsa.tracking.outputs`, :mod:`~avsa.tracking.ui`: the code version, input shard
-  sets, the model registry, system metrics, what a finished run leaves, UI addresses.
-
-Importing this package imports no MLflow; each function imports it when called.
+"""MLflow tracking, kept small by using MLflow's own retries and batching: the connection
+(client), runs and their tags (store), params, one run's lifecycle (run: RunLogger, a ``with``
+block) and its outage buffer, and the extras (code_version, datasets, models, system_metrics,
+outputs, ui). Importing it imports no MLflow; each function imports it when called.
 """
 
 from avsa.tracking.buffer import BufferPolicy

@@ -83,9 +83,6 @@ class OutageBuffer:
                 logger.warning("MLflow run %s: param %r already %r; not changing it to %r",
                                self.run_id, key, old, value)
 
-    def add_tags(self, tags: Mapping[str, str]) -> None:
-        self.tags.update(tags)
-
     def reachable(self, force: bool = False) -> bool:
         """Whether to talk to the server now: always while it is up; while it is down, once
         per ``retry_interval_s`` (any time with ``force``) and only if ``/health`` answers."""

@@ -160,7 +160,7 @@ class RunLogger:
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set (or overwrite) tags; values stringified and truncated to 8000 chars."""
         with self._lock:
-            self._buffer.add_tags({str(k): str(v)[:MAX_TAG_VALUE] for k, v in tags.items()})
+            self._buffer.tags.update({str(k): str(v)[:MAX_TAG_VALUE] for k, v in tags.items()})
             self._buffer.deliver(self._client)
 
     @property
