@@ -146,16 +146,14 @@ def log_mel_mixed(
         raise ValueError(f"mix (..., D, {mix.shape[-1]}) does not match {c} wave channels")
     spec = stft(wave, n_fft, hop) if spec is None else spec  # (C, K, F)
     k, frames = spec.shape[1:]
-    # real and imaginary parts of each bin as its own (C, F) matrix, re first: (2K, C, F)
-    planes = torch.view_as_real(spec).permute(3, 1, 0, 2).reshape(2 * k, c, frames)
+    planes = torch.view_as_real(spec).permute(3, 0, 1, 2).reshape(2, c, k * frames)  # re, im
     lead, d = mix.shape[:-2], mix.shape[-2]
     rows = mix.reshape(-1, c).to(planes)  # (B * D, C)
-    # one batched matmul mixes every bin, leaving bins first as the mel sum wants them
-    mixed = torch.bmm(rows.expand(2 * k, -1, -1), planes)  # (2K, B * D, F)
-    re, im = mixed[:k], mixed[k:]
-    mag = re.mul_(re).addcmul_(im, im).sqrt_().view(k, -1)  # (K, B * D * F)
+    re, im = rows @ planes[0], rows @ planes[1]  # (B * D, K * F) each
+    mag = re.mul_(re).addcmul_(im, im).sqrt_()
+    mag_k = mag.view(-1, k, frames).transpose(0, 1).reshape(k, -1)  # (K, B * D * F)
     bins, offsets, weights = (t.to(spec.device) for t in _mel_taps(sr, n_fft, n_mels))
-    mel = F.embedding_bag(bins, mag, offsets, mode="sum", per_sample_weights=weights)
+    mel = F.embedding_bag(bins, mag_k, offsets, mode="sum", per_sample_weights=weights)
     b = rows.shape[0] // d
     logs = mel.add_(eps).log_().view(n_mels, b, d * frames)  # natural log
     out = torch.empty(b, d * frames, n_mels, dtype=logs.dtype, device=logs.device)
