@@ -166,7 +166,7 @@ def test_log_mel_mixed_normalized_matches_normalize_log_mel():
 
 
 def test_log_mel_mixed_equals_the_mixed_spectra_directly():
-    """The batched mixing and sparse mel sum against the plain formula on the same STFT:
+    """The matmul mixing and sparse mel sum against the plain formula on the same STFT:
     |mix @ spec| through the dense filterbank, 10 log10 (within 1e-4 dB, float32 sums in
     another order)."""
     foa = _foa_scene()
