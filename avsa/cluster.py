@@ -204,8 +204,9 @@ def build_rayjob(
         if count:
             group.update(replicas=count, minReplicas=count, maxReplicas=count)
             groups.append(group)
-    cluster["workerGroupSpecs"] = groups
-    if not groups:
+    if groups:
+        cluster["workerGroupSpecs"] = groups
+    else:  # the head runs the tasks itself
         del cluster["workerGroupSpecs"]
         head["rayStartParams"].pop("num-cpus", None)
 
