@@ -46,10 +46,10 @@ class S3Settings:
     endpoint: str | None = None
     region: str | None = None
     retry_mode: str = "standard"
-    max_attempts: int = 12
-    stream_max_attempts: int = 8
-    connect_timeout: float = 5.0
-    read_timeout: float = 60.0
+    max_attempts: int = 12  # botocore, first attempt included
+    stream_max_attempts: int = 8  # pyarrow, first attempt included
+    connect_timeout: float = 5.0  # seconds per attempt
+    read_timeout: float = 60.0  # seconds without data per attempt
 
     @classmethod
     def from_env(cls) -> S3Settings:
