@@ -246,6 +246,8 @@ def pyarrow_filesystem(uri: str | os.PathLike) -> tuple[Any, str]:
 
     For S3 the path is ``bucket/key`` and the filesystem is the one streaming reads use: the same
     endpoint, region and credentials as boto3 here, with the retries of :class:`S3Settings`.
+    A pickled copy (Ray sends one to each worker) has pyarrow's default retries instead: pyarrow
+    25 leaves the retry strategy out of the pickle (apache/arrow GH-47348).
     """
     import pyarrow.fs as pafs
 
