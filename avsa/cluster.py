@@ -1,8 +1,10 @@
-"""KubeRay RayJob manifests built from flags: what `kubectl apply -k k8s/...` cannot do is size a
-one-off job (GPU workers, CPU workers, deadlines) without editing YAML.
+"""`avsa submit`: one KubeRay RayJob sized by flags, printed for `kubectl create -f -`.
 
-`build_rayjob` returns a plain dict (a `ray.io/v1` RayJob); `avsa submit` prints it for
-`kubectl create -f -`, and kubectl follows it (`kubectl logs -f job/NAME`):
+`kubectl apply -k k8s/overlays/...` runs the project's jobs as written; `ray job submit` needs a
+running cluster. Sizing a one-off job (worker counts, GPUs per worker, image, S3 Secret,
+tracking URI, deadlines) with either means editing YAML. This module does not write a RayJob of
+its own: it loads the one k8s/ applies (`k8s/jobs/rayjob/rayjob.yaml`, with the `gpu` worker
+group of `k8s/components/gpu-cloud`) and patches what the flags set:
 
     avsa submit avsa-pretrain -n avsa --gpu-workers 4 --s3-secret avsa-s3 -- \
         python jobs/pretrain.py experiment=avsa_yt360 storage=s3 storage.path=s3://b/runs \
@@ -16,34 +18,23 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import re
 import shlex
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any, TextIO
 
 import yaml
 
 from avsa.errors import ConfigError
 
-RAY_VERSION = "2.60.0"
-try:
-    AVSA_VERSION = version("avsa")
-except PackageNotFoundError:  # pragma: no cover - running from a bare checkout
-    AVSA_VERSION = "0.1.0"
-# The image the repository's Dockerfile builds (`-gpu`: its CUDA build), as in the chart and k8s/.
-DEFAULT_IMAGE = f"avsa:{AVSA_VERSION}"
-GPU_SUFFIX = "-gpu"
-GROUP, VERSION = "ray.io", "v1"
-SUBMITTER_CONTAINER = "ray-job-submitter"
+# Inside k8s/: the shared RayJob, and the JSON 6902 patch whose `add` brings the `gpu` group.
+RAYJOB = Path("jobs/rayjob/rayjob.yaml")
+GPU_WORKERS = Path("components/gpu-cloud/gpu-workers.yaml")
 # KubeRay appends 6 characters to a RayJob name to name its RayCluster, which may have 53.
 MAX_RAYJOB_NAME = 47
-# A job that cannot get its pods (no GPU node, quota) fails after this instead of holding its
-# head forever; a running job is stopped after ACTIVE_DEADLINE_S.
-PRE_RUNNING_DEADLINE_S = 1800
-ACTIVE_DEADLINE_S = 7 * 24 * 3600
 
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -54,52 +45,35 @@ _SECRET_ENV = re.compile(
     r"SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|CREDENTIAL|PRIVATE_KEY|_KEY$", re.IGNORECASE
 )
 
-POD_SECURITY_CONTEXT: dict[str, Any] = {
-    "runAsNonRoot": True,
-    "runAsUser": 1000,  # the `ray` user of the avsa and rayproject/ray images
-    "runAsGroup": 100,
-    "fsGroup": 100,
-    "seccompProfile": {"type": "RuntimeDefault"},
-}
-CONTAINER_SECURITY_CONTEXT: dict[str, Any] = {
-    "allowPrivilegeEscalation": False,
-    "capabilities": {"drop": ["ALL"]},
-}
-
-
-@dataclass(frozen=True)
-class PodResources:
-    """CPU and memory of one Ray pod (requests = limits) and its memory-backed /dev/shm.
-
-    cpu: Kubernetes CPU quantity ("8", "500m"); memory and shm: byte quantities ("32Gi").
-    The shm volume counts against the memory limit: keep it well below `memory`.
-    """
-
-    cpu: str
-    memory: str
-    shm: str
-
-    def resources(self, gpus: int = 0) -> dict[str, dict[str, Any]]:
-        """Kubernetes ResourceRequirements with `nvidia.com/gpu: gpus` when gpus > 0."""
-        amounts: dict[str, Any] = {"cpu": self.cpu, "memory": self.memory}
-        if gpus > 0:
-            amounts["nvidia.com/gpu"] = gpus
-        return {"requests": dict(amounts), "limits": dict(amounts)}
-
-
-HEAD = PodResources(cpu="2", memory="8Gi", shm="2Gi")
-CPU_WORKER = PodResources(cpu="8", memory="32Gi", shm="8Gi")
-GPU_WORKER = PodResources(cpu="8", memory="64Gi", shm="16Gi")
-# The submitter pod only runs `ray job submit` and tails the log.
-SUBMITTER_RESOURCES: dict[str, dict[str, str]] = {
-    "requests": {"cpu": "500m", "memory": "512Mi"},
-    "limits": {"cpu": "1", "memory": "1Gi"},
-}
-
 
 def _check(ok: bool, key: str, reason: str) -> None:
     if not ok:
         raise ConfigError(key, reason)
+
+
+def k8s_dir() -> Path:
+    """The `k8s/` tree beside the package (a checkout and its editable install), else the one in
+    the working directory. Raises ConfigError when neither holds the shared RayJob."""
+    candidates = [Path(__file__).resolve().parent.parent / "k8s", Path.cwd() / "k8s"]
+    for root in candidates:
+        if (root / RAYJOB).is_file():
+            return root
+    raise ConfigError("k8s", f"no {RAYJOB} in {' or '.join(map(str, candidates))}")
+
+
+def _load_yaml(path: Path) -> Any:
+    # Through JSON: YAML anchors (`&podSecurity`) would otherwise share one dict between pods,
+    # so a patch of one pod would change them all.
+    return json.loads(json.dumps(yaml.safe_load(path.read_text())))
+
+
+def load_sources(root: Path | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the shared RayJob, the `gpu` worker group) as k8s/ writes them, fresh dicts each call."""
+    root = root or k8s_dir()
+    ops = _load_yaml(root / GPU_WORKERS)
+    (gpu,) = [op["value"] for op in ops
+              if op["op"] == "add" and op["path"].endswith("/workerGroupSpecs/-")]
+    return _load_yaml(root / RAYJOB), gpu
 
 
 def _entrypoint(args: Sequence[str]) -> str:
@@ -114,8 +88,8 @@ def _entrypoint(args: Sequence[str]) -> str:
 
 def _env_from(release: str, s3_secret: str | None, mlflow_uri: str | None) -> list[dict[str, Any]]:
     """The release's ConfigMap (tracking URI, S3 settings) unless the URI is given, then the S3
-    Secret. The ConfigMap reference is not optional: a missing one stops the pod with an error
-    instead of letting a job run with nowhere to record it."""
+    Secret. Neither is optional: a missing one stops the pod with an error instead of letting a
+    job run with nowhere to record it, or without the credentials it was given."""
     out: list[dict[str, Any]] = []
     if not mlflow_uri:
         out.append({"configMapRef": {"name": f"{release}-env"}})
@@ -138,103 +112,20 @@ def _env(mlflow_uri: str | None, env: Mapping[str, str] | None) -> list[dict[str
     return out
 
 
-def _container(name: str, image: str, res: PodResources, gpus: int, env: list[dict[str, str]],
-               env_from: list[dict[str, Any]], head: bool) -> dict[str, Any]:
-    container: dict[str, Any] = {"name": name, "image": image, "imagePullPolicy": "IfNotPresent"}
-    if head:
-        container["ports"] = [
-            {"name": "gcs", "containerPort": 6379},
-            {"name": "dashboard", "containerPort": 8265},
-            {"name": "client", "containerPort": 10001},
-        ]
-    if env:
-        container["env"] = copy.deepcopy(env)
-    if env_from:
-        container["envFrom"] = copy.deepcopy(env_from)
-    container["resources"] = res.resources(gpus)
-    container["securityContext"] = copy.deepcopy(CONTAINER_SECURITY_CONTEXT)
-    container["volumeMounts"] = [{"name": "shm", "mountPath": "/dev/shm"}]
-    return container
-
-
-def _pod_template(component: str, container: dict[str, Any], res: PodResources,
-                  service_account: str | None, tolerations: list[dict[str, str]] | None = None,
-                  node_selector: Mapping[str, str] | None = None) -> dict[str, Any]:
-    spec: dict[str, Any] = {}
-    if service_account:
-        spec["serviceAccountName"] = service_account
-    spec["securityContext"] = copy.deepcopy(POD_SECURITY_CONTEXT)
-    if node_selector:
-        spec["nodeSelector"] = dict(node_selector)
-    if tolerations:
-        spec["tolerations"] = copy.deepcopy(tolerations)
-    spec["containers"] = [container]
-    spec["volumes"] = [{"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": res.shm}}]
-    labels = {"app.kubernetes.io/name": "avsa", "app.kubernetes.io/component": component}
-    return {"metadata": {"labels": labels}, "spec": spec}
-
-
-def _worker_group(name: str, replicas: int, template: dict[str, Any]) -> dict[str, Any]:
-    return {"groupName": name, "replicas": replicas, "minReplicas": replicas,
-            "maxReplicas": replicas, "rayStartParams": {}, "template": template}
-
-
-def build_rayjob(
-    name: str,
-    entrypoint_args: Sequence[str],
-    *,
-    namespace: str,
-    image: str = DEFAULT_IMAGE,
-    num_gpu_workers: int = 0,
-    gpus_per_worker: int = 1,
-    cpu_workers: int = 1,
-    release: str = "avsa",
-    s3_secret: str | None = None,
-    mlflow_uri: str | None = None,
-    working_dir: str | None = None,
-    gpu_image: str | None = None,
-    env: Mapping[str, str] | None = None,
-    service_account: str | None = None,
-    gpu_node_selector: Mapping[str, str] | None = None,
-    head: PodResources = HEAD,
-    cpu_worker: PodResources = CPU_WORKER,
-    gpu_worker: PodResources = GPU_WORKER,
-    backoff_limit: int = 0,
-    ttl_seconds_after_finished: int = 600,
-    pre_running_deadline_s: int = PRE_RUNNING_DEADLINE_S,
-    active_deadline_s: int = ACTIVE_DEADLINE_S,
-) -> dict[str, Any]:
-    """A `ray.io/v1` RayJob that starts its own cluster, runs one command and shuts down.
-
-    entrypoint_args: the job's argv, e.g. ["python", "jobs/pretrain.py", "experiment=avsa_yt360"]
-        (a leading "*.py" gets "python" prepended); arguments are shell-quoted.
-    num_gpu_workers x gpus_per_worker GPUs go to the `gpu` group (omitted when 0); `cpu_workers`
-    pods form the `cpu` group for decoding (omitted when 0). With no worker at all the head
-    advertises its CPUs, otherwise it keeps `num-cpus: 0` and only hosts the driver.
-    s3_secret: name of a Secret whose keys become environment variables (envFrom).
-    mlflow_uri: MLFLOW_TRACKING_URI of every Ray container; without it they read the Helm
-    release's ConfigMap `<release>-env`. env: more plain variables (names that look like
-    credentials are refused). gpu_image defaults to `image` + "-gpu" for the default image.
-    The cluster runs with Ray token auth (KubeRay makes the token Secret); the job must reach
-    Running within pre_running_deadline_s and end within active_deadline_s. working_dir: runtime-env working_dir, a URI Ray can
-    fetch (s3://bucket/avsa.zip) or a path inside the image.
-    Raises ConfigError naming the first bad argument.
-    """
+def _validate(name: str, namespace: str, image: str | None, release: str,
+              counts: Mapping[str, Any], gpus_per_worker: int, s3_secret: str | None,
+              service_account: str | None, working_dir: str | None) -> None:
     _check(isinstance(name, str) and bool(_DNS1035.match(name)) and len(name) <= MAX_RAYJOB_NAME,
            "name", f"must be a DNS-1035 label of at most {MAX_RAYJOB_NAME} characters, got {name!r}")
     _check(isinstance(namespace, str) and bool(_DNS1123_LABEL.match(namespace))
            and len(namespace) <= 63, "namespace", f"must be a DNS-1123 label, got {namespace!r}")
-    _check(bool(image), "image", "must not be empty")
+    _check(image is None or bool(image), "image", "must not be empty")
     _check(isinstance(release, str) and bool(_DNS1123_LABEL.match(release)), "release",
            f"must be the name of a Helm release (DNS-1123 label), got {release!r}")
-    for key, value in (("num_gpu_workers", num_gpu_workers), ("cpu_workers", cpu_workers),
-                       ("backoff_limit", backoff_limit),
-                       ("ttl_seconds_after_finished", ttl_seconds_after_finished),
-                       ("pre_running_deadline_s", pre_running_deadline_s),
-                       ("active_deadline_s", active_deadline_s)):
-        _check(isinstance(value, int) and not isinstance(value, bool) and value >= 0, key,
-               f"must be an integer >= 0, got {value!r}")
-    _check(isinstance(gpus_per_worker, int) and gpus_per_worker >= (1 if num_gpu_workers else 0),
+    for key, value in counts.items():
+        _check(value is None or (isinstance(value, int) and not isinstance(value, bool)
+                                 and value >= 0), key, f"must be an integer >= 0, got {value!r}")
+    _check(isinstance(gpus_per_worker, int) and gpus_per_worker >= (1 if counts["num_gpu_workers"] else 0),
            "gpus_per_worker", f"must be an integer >= 1 with GPU workers, got {gpus_per_worker!r}")
     if s3_secret is not None:
         _check(bool(_DNS1123_SUBDOMAIN.match(s3_secret)) and len(s3_secret) <= 253, "s3_secret",
@@ -245,80 +136,113 @@ def build_rayjob(
     if working_dir is not None:
         _check(bool(working_dir.strip()), "working_dir", "must not be empty")
 
-    container_env = _env(mlflow_uri, env)
-    env_from = _env_from(release, s3_secret, mlflow_uri)
-    if gpu_image is None:
-        gpu_image = image + GPU_SUFFIX if image == DEFAULT_IMAGE else image
 
-    head_params = {"dashboard-host": "0.0.0.0"}
-    if num_gpu_workers or cpu_workers:
-        head_params["num-cpus"] = "0"
-    head_template = _pod_template(
-        "ray-head", _container("ray-head", image, head, 0, container_env, env_from, head=True),
-        head, service_account)
+def build_rayjob(
+    name: str,
+    entrypoint_args: Sequence[str],
+    *,
+    namespace: str,
+    image: str | None = None,
+    gpu_image: str | None = None,
+    num_gpu_workers: int = 0,
+    gpus_per_worker: int = 1,
+    cpu_workers: int = 1,
+    release: str = "avsa",
+    s3_secret: str | None = None,
+    mlflow_uri: str | None = None,
+    working_dir: str | None = None,
+    env: Mapping[str, str] | None = None,
+    service_account: str | None = None,
+    gpu_node_selector: Mapping[str, str] | None = None,
+    backoff_limit: int | None = None,
+    ttl_seconds_after_finished: int | None = None,
+    pre_running_deadline_s: int | None = None,
+    active_deadline_s: int | None = None,
+) -> dict[str, Any]:
+    """The RayJob of k8s/ (it starts its own cluster, runs one command and shuts down), renamed
+    and patched by the arguments; pod resources, security contexts, token auth and the Ray
+    version are k8s/'s. A None argument keeps k8s/'s value.
+
+    entrypoint_args: the job's argv, e.g. ["python", "jobs/pretrain.py", "experiment=avsa_yt360"]
+        (a leading "*.py" gets "python" prepended); arguments are shell-quoted.
+    num_gpu_workers pods of k8s/'s `gpu` group, gpus_per_worker GPUs each (the group is omitted
+    when 0); cpu_workers pods of its `cpu` group (omitted when 0). With no worker at all the head
+    advertises its CPUs, otherwise it keeps `num-cpus: 0` and only hosts the driver.
+    image: head, CPU workers and submitter; gpu_image defaults to k8s/'s GPU image while `image`
+    is k8s/'s, else to `image`. s3_secret: a Secret whose keys become environment variables.
+    mlflow_uri: MLFLOW_TRACKING_URI of every Ray container; without it they read the Helm
+    release's ConfigMap `<release>-env`. env: more plain variables (names that look like
+    credentials are refused). working_dir: runtime-env working_dir, a URI Ray can fetch
+    (s3://bucket/avsa.zip); without it the job runs the code in the image.
+    Raises ConfigError naming the first bad argument.
+    """
+    _validate(name, namespace, image, release,
+              {"num_gpu_workers": num_gpu_workers, "cpu_workers": cpu_workers,
+               "backoff_limit": backoff_limit,
+               "ttl_seconds_after_finished": ttl_seconds_after_finished,
+               "pre_running_deadline_s": pre_running_deadline_s,
+               "active_deadline_s": active_deadline_s},
+              gpus_per_worker, s3_secret, service_account, working_dir)
+    ray_env, env_from = _env(mlflow_uri, env), _env_from(release, s3_secret, mlflow_uri)
+    job, gpu = load_sources()
+    spec = job["spec"]
+    cluster = spec["rayClusterSpec"]
+    head = cluster["headGroupSpec"]
+    (cpu,) = cluster["workerGroupSpecs"]
+
+    default_image = head["template"]["spec"]["containers"][0]["image"]
+    image = image or default_image
+    if gpu_image is None:
+        gpu_image = gpu["template"]["spec"]["containers"][0]["image"] if image == default_image else image
+    for part in gpu["template"]["spec"]["containers"][0]["resources"].values():
+        part["nvidia.com/gpu"] = gpus_per_worker
+    if gpu_node_selector:
+        gpu["template"]["spec"]["nodeSelector"] = dict(gpu_node_selector)
 
     groups = []
-    if cpu_workers:
-        container = _container("ray-worker", image, cpu_worker, 0, container_env, env_from, False)
-        groups.append(_worker_group("cpu", cpu_workers, _pod_template(
-            "ray-worker-cpu", container, cpu_worker, service_account)))
-    if num_gpu_workers:
-        container = _container("ray-worker", gpu_image, gpu_worker, gpus_per_worker,
-                               container_env, env_from, False)
-        gpu_taint = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-        groups.append(_worker_group("gpu", num_gpu_workers, _pod_template(
-            "ray-worker-gpu", container, gpu_worker, service_account, gpu_taint,
-            gpu_node_selector)))
-
-    runtime_env: dict[str, Any] = {}
-    if working_dir:
-        runtime_env["working_dir"] = working_dir
-    runtime_env["env_vars"] = {"PYTHONUNBUFFERED": "1"}
-
-    submitter = {"spec": {
-        "restartPolicy": "Never",
-        "securityContext": copy.deepcopy(POD_SECURITY_CONTEXT),
-        "containers": [{
-            "name": SUBMITTER_CONTAINER,
-            "image": image,
-            "resources": copy.deepcopy(SUBMITTER_RESOURCES),
-            "securityContext": copy.deepcopy(CONTAINER_SECURITY_CONTEXT),
-        }],
-    }}
-    if service_account:
-        submitter["spec"]["serviceAccountName"] = service_account
-
-    cluster: dict[str, Any] = {
-        "rayVersion": RAY_VERSION,
-        "authOptions": {"mode": "token"},
-        "headGroupSpec": {"rayStartParams": head_params, "template": head_template},
-    }
+    for group, count in ((cpu, cpu_workers), (gpu, num_gpu_workers)):
+        if count:
+            group.update(replicas=count, minReplicas=count, maxReplicas=count)
+            groups.append(group)
     if groups:
         cluster["workerGroupSpecs"] = groups
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "RayJob",
-        "metadata": {
-            "name": name,
-            "namespace": namespace,
-            "labels": {"app.kubernetes.io/name": "avsa", "app.kubernetes.io/part-of": "avsa"},
-        },
-        "spec": {
-            "entrypoint": _entrypoint(entrypoint_args),
-            "runtimeEnvYAML": yaml.safe_dump(runtime_env, sort_keys=False),
-            "shutdownAfterJobFinishes": True,
-            "ttlSecondsAfterFinished": ttl_seconds_after_finished,
-            "backoffLimit": backoff_limit,
-            "preRunningDeadlineSeconds": pre_running_deadline_s,
-            "activeDeadlineSeconds": active_deadline_s,
-            "submitterPodTemplate": submitter,
-            "rayClusterSpec": cluster,
-        },
-    }
+    else:  # the head runs the tasks itself
+        del cluster["workerGroupSpecs"]
+        head["rayStartParams"].pop("num-cpus", None)
+
+    for group, group_image in ((head, image), (cpu, image), (gpu, gpu_image)):
+        (container,) = group["template"]["spec"]["containers"]
+        container["image"] = group_image
+        if env_from:
+            container["envFrom"] = copy.deepcopy(env_from)
+        else:
+            container.pop("envFrom", None)
+        if ray_env:
+            container["env"] = copy.deepcopy(ray_env)
+    spec["submitterPodTemplate"]["spec"]["containers"][0]["image"] = image
+    if service_account:
+        for pod in (spec["submitterPodTemplate"], head["template"], cpu["template"], gpu["template"]):
+            pod["spec"]["serviceAccountName"] = service_account
+
+    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
+    runtime_env.pop("working_dir", None)
+    if working_dir:
+        runtime_env = {"working_dir": working_dir, **runtime_env}
+    spec["runtimeEnvYAML"] = yaml.safe_dump(runtime_env, sort_keys=False)
+    for key, value in (("backoffLimit", backoff_limit),
+                       ("ttlSecondsAfterFinished", ttl_seconds_after_finished),
+                       ("preRunningDeadlineSeconds", pre_running_deadline_s),
+                       ("activeDeadlineSeconds", active_deadline_s)):
+        if value is not None:
+            spec[key] = value
+    job["metadata"] = {"name": name, "namespace": namespace, "labels": job["metadata"]["labels"]}
+    job["spec"] = {"entrypoint": _entrypoint(entrypoint_args), **spec}
+    return job
 
 
 class _Dumper(yaml.SafeDumper):
     """Safe YAML with multi-line strings (the runtime env) written as `|` blocks."""
+
 
 def _str_presenter(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
     style = "|" if "\n" in data else None
@@ -335,12 +259,16 @@ def to_yaml(obj: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> str:
                          default_flow_style=False)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `submit`: the parameters of `build_rayjob`, then `--` and the job's argv."""
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    """`avsa submit NAME [options] -- COMMAND...` (also `python -m avsa.cluster ...`): print the
+    RayJob that `build_rayjob` makes of the options as YAML."""
+    parser = argparse.ArgumentParser(prog="avsa submit", description=__doc__.split("\n")[0])
     parser.add_argument("name", help="RayJob name (DNS label, at most 47 characters)")
     parser.add_argument("-n", "--namespace", default="default")
-    parser.add_argument("--image", default=DEFAULT_IMAGE)
-    parser.add_argument("--gpu-image", default=None, help="image of GPU workers (default --image)")
+    parser.add_argument("--image", default=None, help="image of the head, CPU workers and "
+                        "submitter (default: k8s/'s, the image the Dockerfile builds)")
+    parser.add_argument("--gpu-image", default=None,
+                        help="image of GPU workers (default: k8s/'s GPU image, or --image)")
     parser.add_argument("--gpu-workers", type=int, default=0)
     parser.add_argument("--gpus-per-worker", type=int, default=1)
     parser.add_argument("--cpu-workers", type=int, default=1)
@@ -352,44 +280,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--working-dir", default=None, help="runtime-env working_dir URI")
     parser.add_argument("--service-account", default=None)
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--pre-running-deadline", type=int, default=PRE_RUNNING_DEADLINE_S,
-                        metavar="S", help="fail when not running after S seconds")
-    parser.add_argument("--active-deadline", type=int, default=ACTIVE_DEADLINE_S, metavar="S",
-                        help="stop the job after S seconds")
+    parser.add_argument("--pre-running-deadline", type=int, default=None, metavar="S",
+                        help="fail when not running after S seconds (default: k8s/'s)")
+    parser.add_argument("--active-deadline", type=int, default=None, metavar="S",
+                        help="stop the job after S seconds (default: k8s/'s)")
     parser.add_argument("--dry-run", action="store_true",
                         help="accepted for old scripts: the YAML is always printed")
     parser.add_argument("entrypoint", nargs="*",
                         help="-- then the job command, e.g. python jobs/pretrain.py k=v")
-
-
-def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
-    """Build the RayJob from parsed `args` and print it as YAML."""
-    out = out or sys.stdout
-    argv = list(args.entrypoint)
-    if argv and argv[0] == "--":
-        argv = argv[1:]
+    # Intermixed parsing lets options follow NAME and keeps everything after `--` as the command.
+    args = parser.parse_intermixed_args(argv)
+    command = args.entrypoint[1:] if args.entrypoint[:1] == ["--"] else args.entrypoint
     env = {}
     for item in args.env:
         key, sep, value = item.partition("=")
         _check(bool(sep), "--env", f"expects KEY=VALUE, got {item!r}")
         env[key] = value
     obj = build_rayjob(
-        args.name, argv, image=args.image, gpu_image=args.gpu_image,
+        args.name, command, image=args.image, gpu_image=args.gpu_image,
         num_gpu_workers=args.gpu_workers, gpus_per_worker=args.gpus_per_worker,
         cpu_workers=args.cpu_workers, namespace=args.namespace, s3_secret=args.s3_secret,
         mlflow_uri=args.mlflow_uri, working_dir=args.working_dir, env=env,
         service_account=args.service_account, release=args.release,
         pre_running_deadline_s=args.pre_running_deadline, active_deadline_s=args.active_deadline)
-    out.write(to_yaml(obj))
+    (out or sys.stdout).write(to_yaml(obj))
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`avsa submit NAME [options] -- COMMAND...` (also `python -m avsa.cluster ...`)."""
-    parser = argparse.ArgumentParser(prog="avsa submit", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    # Intermixed parsing lets options follow NAME and keeps everything after `--` as the command.
-    return run(parser.parse_intermixed_args(argv))
 
 
 if __name__ == "__main__":

@@ -63,9 +63,9 @@ class DataConfig:
     shuffle_buffer: int = 16
     skip_missing_shards: bool = False
     decode_cpus: float = 1.0
-    decode_threads: int = 1
-    decode_tasks: int = 0
-    read_ahead_batches: int = 4
+    decode_threads: int = 1  # per decode task; 0 lets FFmpeg choose (up to one per core)
+    decode_tasks: int = 0  # decode tasks at once at most (0: the CPUs Ray Train leaves free)
+    read_ahead_batches: int = 4  # global batches Ray Data may hold ahead of the trainers
     seed: int = 0
 
 

@@ -1,11 +1,11 @@
-"""Build (and create) a KubeRay RayJob that runs one of the jobs/ entry points.
+"""Print a KubeRay RayJob (k8s/'s, sized by flags) that runs one of the jobs/ entry points.
 
     python jobs/submit.py avsa-pretrain -n avsa --gpu-workers 4 --s3-secret avsa-s3 \
         --working-dir s3://BUCKET/code/avsa.zip --dry-run -- \
         python jobs/pretrain.py experiment=avsa_yt360 storage=s3 storage.path=s3://BUCKET/runs
 
-Same arguments as `avsa submit` (`avsa.cluster.main`); `--dry-run` prints the manifest for
-`kubectl apply -f -`. Exit status: 0 created/complete, 2 bad input or failed job.
+Same arguments as `avsa submit` (`avsa.cluster.main`); pipe the manifest to
+`kubectl create -f -`. Exit status: 0 printed, 2 bad input.
 """
 
 import logging

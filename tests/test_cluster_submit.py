@@ -1,6 +1,6 @@
-"""avsa.cluster: the RayJob builder and the YAML `avsa submit` prints for `kubectl create -f -`.
-No Kubernetes API server here: the objects are checked against the KubeRay and Kubernetes
-schemas."""
+"""avsa.cluster: the RayJob `avsa submit` prints for `kubectl create -f -`, k8s/'s RayJob patched
+by flags. No Kubernetes API server here: the objects are checked against the KubeRay and
+Kubernetes schemas, and against what `kubectl apply -k` would create."""
 
 from __future__ import annotations
 
@@ -8,22 +8,26 @@ import copy
 import shlex
 import subprocess
 import sys
-from pathlib import Path
 
-import kubernetes_validate
 import pytest
 import yaml
+from crd import (
+    RAYJOB_CRD,
+    crd_spec_schema,
+    needs_crds,
+    pod_templates,
+    validate_pod_templates,
+    validate_spec,
+)
+from test_k8s import APP_VERSION, K8S, RAY_VERSION, build
 
-from avsa.cluster import DEFAULT_IMAGE, RAY_VERSION, build_rayjob, main, to_yaml
-from avsa.crd import crd_spec_schema, pod_templates, validate_spec
+from avsa.cluster import build_rayjob, main, to_yaml
 from avsa.errors import ConfigError
 
 pytestmark = pytest.mark.cluster
 
-CRDS = Path(__file__).resolve().parents[2] / "shared" / "schemas" / "kuberay"
-RAYJOB_CRD = CRDS / "ray.io_rayjobs.yaml"
-K8S_VERSION = "1.30.0"
-needs_crds = pytest.mark.skipif(not CRDS.is_dir(), reason=f"KubeRay CRD schemas absent: {CRDS}")
+# The image the Dockerfile builds, as the chart and k8s/ name it.
+DEFAULT_IMAGE = f"avsa:{APP_VERSION}"
 
 ARGV = ["python", "jobs/pretrain.py", "experiment=avsa_yt360", "storage=s3",
         "storage.path=s3://bucket/runs", "data.shards=s3://bucket/shards/train/manifest.json"]
@@ -54,10 +58,8 @@ def workers(obj: dict) -> dict[str, dict]:
 def test_built_rayjob_passes_the_crd_and_pod_schemas(overrides):
     obj = job(**overrides)
     validate_spec(obj, RAYJOB_CRD)
+    validate_pod_templates(obj)
     for where, template in pod_templates(obj):
-        wrapped = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"},
-                   "template": template}
-        kubernetes_validate.validate(wrapped, K8S_VERSION, strict=True)
         spec = template["spec"]
         assert spec["securityContext"]["runAsNonRoot"] is True, where
         for container in spec["containers"]:
@@ -213,3 +215,31 @@ def test_token_auth_deadlines_and_the_projects_images():
     assert set(mine.values()) == {"r/x:1"}  # the suffix extends only the default image
     short = job(pre_running_deadline_s=60)["spec"]
     assert short["preRunningDeadlineSeconds"] == 60
+    assert job(image=None) == job()  # no --image: k8s/'s images
+
+
+def _runtime_env(obj: dict) -> dict:
+    return yaml.safe_load(obj["spec"]["runtimeEnvYAML"])
+
+
+@pytest.mark.parametrize("job_name", ["pretrain", "sweep"])
+def test_submit_prints_the_k8s_rayjob_patched_only_where_flags_say(job_name):
+    """No copy of the cluster in Python: given the flags that say what k8s/ says, `avsa submit`
+    prints the RayJob `kubectl apply -k k8s/overlays/gpu-cloud/<job>` creates, but for what a
+    flag owns: the namespace, the component label, and a named Secret being required."""
+    (applied,) = [d for d in build(K8S / "overlays/gpu-cloud" / job_name) if d["kind"] == "RayJob"]
+    groups = {g["groupName"]: g for g in applied["spec"]["rayClusterSpec"]["workerGroupSpecs"]}
+    gpus = groups["gpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+    printed = build_rayjob(applied["metadata"]["name"], shlex.split(applied["spec"]["entrypoint"]),
+                           namespace="avsa", num_gpu_workers=groups["gpu"]["replicas"],
+                           gpus_per_worker=gpus, cpu_workers=groups["cpu"]["replicas"],
+                           s3_secret="avsa-s3", working_dir=_runtime_env(applied)["working_dir"])
+    expected = copy.deepcopy(applied)
+    expected["metadata"]["namespace"] = "avsa"
+    del expected["metadata"]["labels"]["app.kubernetes.io/component"]
+    for _, template in pod_templates(expected):
+        for ref in template["spec"]["containers"][0].get("envFrom", []):
+            ref.get("secretRef", {}).pop("optional", None)
+    assert _runtime_env(printed) == _runtime_env(expected)  # the same, quoted differently
+    printed["spec"]["runtimeEnvYAML"] = expected["spec"]["runtimeEnvYAML"]
+    assert printed == expected

@@ -79,3 +79,16 @@ def test_seam_wraps_and_flip_mirrors():
     vp = geometry.Viewpoints(*(torch.tensor([v]) for v in (0.3, 0.1, 1.0, 1.0)))
     torch.testing.assert_close(crops.view_crops(ramp, vp, 16, flip=True),
                                torch.flip(crops.view_crops(ramp, vp, 16), dims=(-1,)))
+
+
+def test_flipped_maps_equal_mirrored_crops_exactly():
+    """Flipping reverses the maps' columns: the same bytes as mirroring the finished crops,
+    colour jitter included (a crop's mean grey does not change when it is mirrored)."""
+    rng = np.random.default_rng(3)
+    frames = rng.integers(0, 256, (3, 64, 128, 3), dtype=np.uint8)
+    cfg = replace(DataConfig(), num_viewpoints=3, crop_size=20, fov_min_deg=40, fov_max_deg=90)
+    for plan in _plans(cfg, 4):
+        jitter = plan.jitter if plan.jitter is not None else np.ones((3, 4), np.float32)
+        flipped = crops.view_crops(frames, plan.vp, 20, jitter=jitter, flip=True)
+        plain = crops.view_crops(frames, plan.vp, 20, jitter=jitter)
+        assert torch.equal(flipped, torch.flip(plain, dims=(-1,)))

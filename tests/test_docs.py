@@ -15,15 +15,14 @@ from pathlib import Path
 import helm_python as helm
 import pytest
 import yaml
+from crd import RAYJOB_CRD, needs_crds, validate_spec
 
 from avsa.config import compose
-from avsa.crd import validate_spec
 
 pytestmark = pytest.mark.cluster
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = (REPO / "docs" / "cluster.md").read_text()
-CRDS = REPO.parent / "shared" / "schemas" / "kuberay"
 PLACEHOLDERS = {"RUN_ID": "scratch", "$task": "avc_bin", "REGISTRY": "registry.example"}
 
 
@@ -100,14 +99,14 @@ def test_every_kubectl_apply_builds_one_job():
         assert len(jobs) == 1, path
 
 
-@pytest.mark.skipif(not CRDS.is_dir(), reason="KubeRay CRD schemas absent")
+@needs_crds
 def test_avsa_submit_prints_a_valid_rayjob():
     (cmd,) = [c for c in commands() if c.startswith("avsa submit ")]
     res = subprocess.run([sys.executable, "-m", "avsa.cluster", *argv_after(cmd, "submit")],
                          capture_output=True, text=True, timeout=60, check=False)
     assert res.returncode == 0, res.stderr
     job = yaml.safe_load(res.stdout)
-    validate_spec(job, CRDS / "ray.io_rayjobs.yaml")
+    validate_spec(job, RAYJOB_CRD)
     head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert {"configMapRef": {"name": "avsa-env"}} in head["envFrom"]
 

@@ -11,7 +11,7 @@ from torch.nn import functional as F
 from avsa.downstream.binary import encode_clips, pair_loss
 from avsa.downstream.fit import fit_head, holdout, minibatches
 from avsa.downstream.heads import PairHead, encode_passes, freeze
-from avsa.downstream.segmentation import FPNHead, _logits, cond_dim, encode_crops
+from avsa.downstream.segmentation import FPNHead, cond_dim, crop_logits, encode_crops
 from avsa.models import build_model
 
 
@@ -83,13 +83,13 @@ def test_cached_segmentation_head_matches_end_to_end_frozen_training(context):
         rows = encode_crops(model, clips, context)
         pick = torch.arange(len(idx)) * views + idx % views
         rows = {k: v[pick] for k, v in rows.items()}
-        return F.cross_entropy(_logits(head, rows), rows["masks"])
+        return F.cross_entropy(crop_logits(head, rows), rows["masks"])
 
     def make():
         return FPNHead([8, 16, 32, 64], 4, dim=8, cond_dim=cond_dim(model, context))
 
     a, b = _train_twice(make, lambda head, idx: F.cross_entropy(
-        _logits(head, cached.take(idx)), cached.take(idx)["masks"]), e2e, 18, batch=5)
+        crop_logits(head, cached.take(idx)), cached.take(idx)["masks"]), e2e, 18, batch=5)
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.allclose(p, q, atol=1e-5), name
 

@@ -7,9 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from avsa.downstream.binary import avc_pairs, avsa_pairs, pair_loss, run_binary
+from avsa.config import DownstreamConfig
+from avsa.downstream.binary import avc_pairs, avsa_pairs, pair_loss
 from avsa.downstream.fit import fit_head, minibatches
 from avsa.downstream.heads import PairHead, accuracy, encode_passes, freeze, predict
+from avsa.downstream.run import run_task
 from avsa.models import build_model
 
 
@@ -122,12 +124,19 @@ class _StubSource:
         return self._batches()
 
 
+def run_binary(task, model, source, *, log=None, examples=None, **settings):
+    """The task through the registry, without held-out clips unless `settings` hold some."""
+    ds = DownstreamConfig(task=task, **{"val_fraction": 0.0, "patience": 0, **settings})
+    return run_task(ds, model, source, seed=0, device=torch.device("cpu"), log=log,
+                    examples=examples)
+
+
 @pytest.mark.parametrize("task", ["avc_bin", "avsa_bin"])
 def test_binary_head_learns_a_relation_carried_by_the_features(task):
     torch.manual_seed(0)
     logged = []
-    metrics = run_binary(task, _StubNet(), _StubSource(misalign=task == "avsa_bin"), epochs=60, lr=3e-3,
-                         device=torch.device("cpu"), log_metrics=lambda m, s: logged.append(s))
+    metrics = run_binary(task, _StubNet(), _StubSource(misalign=task == "avsa_bin"), epochs=60,
+                         lr=3e-3, log=lambda m, s: logged.append(s))
     assert metrics["test/acc"] == 1.0
     # AVC-Bin: 8 clips x 2 viewpoints, positives and rolled negatives; AVSA-Bin: one each
     assert metrics["test/examples"] == (32 if task == "avc_bin" else 16)
@@ -137,8 +146,7 @@ def test_binary_head_learns_a_relation_carried_by_the_features(task):
 def test_max_steps_caps_training():
     logged = []
     run_binary("avc_bin", _StubNet(), _StubSource(batch=4), epochs=5, lr=1e-3, max_steps=3,
-               batch_size=4, device=torch.device("cpu"),
-               log_metrics=lambda m, s: logged.append(s))
+               batch_size=4, log=lambda m, s: logged.append(s))
     assert logged == [0, 1]  # 2 steps in epoch 0, the third ends epoch 1
 
 
@@ -146,7 +154,7 @@ def test_held_out_clips_stop_training_early_and_results_are_per_example():
     examples = {}
     metrics = run_binary("avsa_bin", _StubNet(), _StubSource(clips=16, misalign=True),
                          epochs=500, lr=3e-3, batch_size=4, val_fraction=0.25, patience=5,
-                         device=torch.device("cpu"), examples=examples)
+                         examples=examples)
     assert metrics["test/acc"] == 1.0
     assert 5 < metrics["train/epochs"] < 500  # the held-out loss stopped improving
     assert metrics["train/best_epoch"] == metrics["train/epochs"] - 6

@@ -7,30 +7,40 @@ import math
 import pytest
 import torch
 
+from avsa.config import DownstreamConfig
 from avsa.downstream.action import (
     ActionNet,
     action_loss,
-    clip_video_accuracy,
     clip_video_hits,
     is_single_label,
     majority_class,
     milestones,
-    run_action,
     score,
     top1_hits,
 )
+from avsa.downstream.run import run_task
 from avsa.downstream.segmentation import (
     FPNHead,
     background_only,
     class_weights,
     cond_dim,
-    confusion_matrix,
     crop_confusions,
     frozen_inputs,
     mean_iou,
     pixel_accuracy,
 )
 from avsa.models import build_model
+
+
+def clip_video_accuracy(keys, logits, targets) -> tuple[float, float]:
+    """(clip@1, video@1): the mean hits of `clip_video_hits`."""
+    clip, video = clip_video_hits(keys, logits, targets)
+    return float(clip.double().mean()), float(video.double().mean())
+
+
+def confusion_matrix(pred, target, num_classes):
+    """The (C, C) confusion matrix of all pixels, as one crop's."""
+    return crop_confusions(pred[None], target[None], num_classes)[0]
 
 
 def test_clip_and_video_accuracy_on_known_logits():
@@ -79,6 +89,7 @@ class _ActionSource:
     """Single-label clips: 10 training clips (class 2 six times), 4 test clips (one class 2)."""
 
     train_uri = test_uri = "stub"
+    num_classes = 3
 
     def __init__(self):
         gen = torch.Generator().manual_seed(0)
@@ -102,9 +113,10 @@ class _ActionSource:
 @pytest.mark.parametrize("mode", ["linear", "finetune"])
 def test_action_reports_the_majority_class_beside_its_accuracy(mode):
     examples = {}
-    m = run_action(build_model("tiny").video_encoder, _ActionSource(), num_classes=3, mode=mode,
-                   epochs=3, lr=1e-3, eval_clips=2, val_fraction=0.2, patience=2,
-                   device=torch.device("cpu"), examples=examples)
+    ds = DownstreamConfig(task="action", mode=mode, epochs=3, lr=1e-3, eval_clips=2,
+                          val_fraction=0.2, patience=2)
+    m = run_task(ds, build_model("tiny"), _ActionSource(), seed=0, device=torch.device("cpu"),
+                 examples=examples)
     assert m["test/majority_clip_acc"] == 0.25 and m["test/majority_video_acc"] == 0.25
     assert m["test/single_label"] == float(mode == "linear")  # finetune: as the source says
     assert m["test/videos"] == 4 and examples["clip_acc"].shape == (8,)

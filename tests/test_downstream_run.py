@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import uuid
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from avsa import synth
-from avsa.config import compose
+from avsa.config import audio_channels, compose
 from avsa.data.shards import write_shards
 from avsa.downstream import run
 from avsa.errors import CheckpointError, ConfigError, ShardError
@@ -178,3 +179,21 @@ def test_missing_shards_fail_the_run(tmp_path, mlflow_uri):
     client = MlflowClient(mlflow_uri)
     runs = client.search_runs([client.get_experiment_by_name(exp).experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def test_transfer_params_are_the_checkpoints_model(shards, mlflow_uri, experiment, tmp_path):
+    """The command line says model=full; the run records the tiny network it really used."""
+    from mlflow.tracking import MlflowClient
+
+    pre_cfg = compose(["model=tiny", "data.audio_features=intensity"])
+    uri = _save(tmp_path, model_from_config(pre_cfg.model, audio_channels(pre_cfg.data)), ["data.audio_features=intensity"])
+    args = [a for a in overrides(shards, mlflow_uri, experiment) if a != "model=tiny"]
+    cfg = compose([*args, "downstream.task=avsa_bin", f"downstream.pretrain={uri}"])
+    assert cfg.model.name == "full"
+    res = run.run_transfer(cfg)
+    params = MlflowClient(mlflow_uri).get_run(res.run_id).data.params
+    for key, value in dataclasses.asdict(pre_cfg.model).items():
+        assert params[f"model.{key}"] == str(value), key
+    assert params["model.name"] == "tiny"
+    assert params["data.audio_features"] == "intensity"
+    assert params["data.crop_size"] == "32"  # the command line's, where it overrides

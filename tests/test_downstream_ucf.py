@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from avsa import media
-from avsa.config import DataConfig
+from avsa.config import DataConfig, DownstreamConfig
 from avsa.downstream import ucf
-from avsa.downstream.action import run_action
+from avsa.downstream.run import run_task
 from avsa.errors import MediaError
 from avsa.models import build_model
 
@@ -140,9 +140,9 @@ def test_action_transfer_on_a_ucf_fold(ucf_root):
     layout = ucf.load_layout(ucf_root, 2)
     src = ucf.LayoutSource(layout, CFG, batch_size=6, eval_clips=2)
     logged = []
-    m = run_action(build_model("tiny").video_encoder, src, num_classes=3, mode="finetune",
-                   epochs=2, lr=1e-3, eval_clips=2, device=torch.device("cpu"),
-                   log_metrics=lambda metrics, s: logged.append(s))
+    ds = DownstreamConfig(task="action", mode="finetune", epochs=2, lr=1e-3, eval_clips=2)
+    m = run_task(ds, build_model("tiny"), src, seed=0, device=torch.device("cpu"),
+                 log=lambda metrics, s: logged.append(s))
     assert logged == [0, 1]
     assert m["test/videos"] == 3
     for k in ("test/clip_acc", "test/video_acc"):

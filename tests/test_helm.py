@@ -14,18 +14,21 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-
-from avsa.crd import pod_templates, validate_spec
+from crd import (
+    K8S_VERSION,
+    RAYCLUSTER_CRD,
+    needs_crds,
+    pod_templates,
+    validate_pod_templates,
+    validate_spec,
+)
 
 pytestmark = pytest.mark.cluster
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "helm" / "avsa"
 APP_VERSION = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
-CRDS = Path(__file__).resolve().parents[2] / "shared" / "schemas" / "kuberay"
-K8S_VERSION = "1.30.0"
 RELEASE, NAMESPACE = "avsa", "ml"
-needs_crds = pytest.mark.skipif(not CRDS.is_dir(), reason=f"KubeRay CRD schemas absent: {CRDS}")
 
 CASES = ["default", "local", "gpu-autoscaling", "external-db"]
 # Strings shaped like credentials: none may ever reach a rendered manifest.
@@ -94,11 +97,7 @@ def test_core_objects_and_pod_templates_pass_kubernetes_schemas(chart, case):
     assert {d["kind"] for d in docs} >= {"RayCluster", "ServiceAccount", "Service", "Deployment"}
     for doc in docs:
         if doc["apiVersion"] == "ray.io/v1":
-            for where, template in pod_templates(doc):
-                wrapped = {"apiVersion": "v1", "kind": "PodTemplate",
-                           "metadata": {"name": where[:63].lower().replace(".", "-")},
-                           "template": template}
-                kubernetes_validate.validate(wrapped, K8S_VERSION, strict=True)
+            validate_pod_templates(doc)
         else:
             kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
 
@@ -107,7 +106,7 @@ def test_core_objects_and_pod_templates_pass_kubernetes_schemas(chart, case):
 @pytest.mark.parametrize("case", CASES)
 def test_raycluster_spec_matches_kuberay_crd(chart, case):
     docs, _, _ = render(chart, case_values(case))
-    validate_spec(only(docs, "RayCluster"), CRDS / "ray.io_rayclusters.yaml")
+    validate_spec(only(docs, "RayCluster"), RAYCLUSTER_CRD)
 
 
 def test_default_cluster_layout(chart):

@@ -5,13 +5,15 @@ A two-trial sweep (each trial a Ray Train pretraining) and an AVSA-Bin transfer 
 Playwright over the DevTools protocol: no browser is downloaded) then opens the experiment
 and reads the page: it opens on the runs table, whose Dataset and Model columns are filled,
 and the compare view of the two trials shows `val/avsa_score` beside the swept parameter.
-The runs table is saved as `docs/mlflow_runs.png` for the README, the compare view
-as `docs/mlflow_compare.png`. Skipped without Chromium.
+Both pages are screenshotted into the test's temporary folder; with
+`AVSA_SCREENSHOT_DIR=docs` they refresh the README's `docs/mlflow_runs.png` and
+`docs/mlflow_compare.png`. Skipped without Chromium.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import urllib.parse
 import uuid
@@ -27,7 +29,6 @@ from avsa.tracking import ui as mlflow_ui
 CHROMIUM = next((p for p in ("/usr/bin/chromium", shutil.which("chromium") or "",
                              shutil.which("chromium-browser") or "") if p and Path(p).exists()),
                 None)
-DOCS = Path(__file__).resolve().parent.parent / "docs"
 TINY = ["experiment=demo_local", "model=tiny", "data.crop_size=32", "data.frames=4",
         "data.n_mels=32", "data.audio_seconds=0.5", "data.num_viewpoints=2",
         "train.num_workers=1", "train.batch_size=2", "train.val_batches=1",
@@ -86,7 +87,8 @@ def _experiment_id(uri: str, name: str) -> str:
 
 
 @pytest.mark.timeout(1800)
-def test_runs_table_opens_with_datasets_models_and_compare_view(runs, page, mlflow_uri):
+def test_runs_table_opens_with_datasets_models_and_compare_view(runs, page, mlflow_uri,
+                                                                tmp_path):
     from mlflow.tracking import MlflowClient
 
     sweep = runs["sweep"]
@@ -109,8 +111,9 @@ def test_runs_table_opens_with_datasets_models_and_compare_view(runs, page, mlfl
     assert "Traces" not in body.split("Run Name", 1)[1], body[:3000]
     assert "Dataset" in body and "shards/train" in body, body[:3000]
     assert "Models" in body and "encoders" in body, body[:3000]
-    DOCS.mkdir(exist_ok=True)
-    page.screenshot(path=str(DOCS / "mlflow_runs.png"))
+    shots = Path(os.environ.get("AVSA_SCREENSHOT_DIR") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(shots / "mlflow_runs.png"))
 
     ids = json.dumps([t["run_id"] for t in trials])
     query = urllib.parse.urlencode({"runs": ids, "experiments": json.dumps([exp_id])})
@@ -119,4 +122,4 @@ def test_runs_table_opens_with_datasets_models_and_compare_view(runs, page, mlfl
     text = page.inner_text("body")
     assert "loss.temperature" in text and "val/avsa_score" in text
     assert "0.1" in text and "0.2" in text
-    page.screenshot(path=str(DOCS / "mlflow_compare.png"))
+    page.screenshot(path=str(shots / "mlflow_compare.png"))

@@ -45,7 +45,7 @@ def flaky_s3(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("AWS_ENDPOINT_URL", server.url)
-    monkeypatch.setenv("AVSA_S3_RETRY_SECONDS", "60")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "20")
     yield server
     server.stop()
 

@@ -311,8 +311,8 @@ def _trial_runs(client, experiment: str) -> dict[str, object]:
 
 @pytest.fixture(scope="module")
 def interrupted_then_resumed(ray_session, mlflow_uri, shards, tmp_path_factory):
-    """Start the sweep in a subprocess driver, SIGKILL it once two trials are TERMINATED,
-    note what they left, then run the same command here to the end."""
+    """Start the sweep in a subprocess driver, Ctrl-C it (SIGINT to its process group) once two
+    trials are TERMINATED, note what it left, then run the same command here to the end."""
     from mlflow.tracking import MlflowClient
 
     tmp = tmp_path_factory.mktemp("sweep")
@@ -334,13 +334,22 @@ def interrupted_then_resumed(ray_session, mlflow_uri, shards, tmp_path_factory):
             assert time.monotonic() < deadline, log_path.read_text()[-3000:]
             time.sleep(0.5)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            pytest.fail(f"the sweep did not stop on SIGINT:\n{log_path.read_text()[-3000:]}")
+    stopped = {"rc": proc.returncode, "log": log_path.read_text(errors="replace"),
+               "left": _group_alive(proc.pid)}
     before = _trial_states(exp_dir)
     finished = [t for t, s in before.items() if s == "TERMINATED"]
     client = MlflowClient(mlflow_uri)
     runs = _trial_runs(client, experiment)
     snapshot = {
+        "statuses": {r.info.run_name: r.info.status for r in client.search_runs(
+            [client.get_experiment_by_name(experiment).experiment_id])},
         "lines": {t: _result_lines(exp_dir, t) for t in finished},
         "runs": {n: (r.info.run_id, r.info.end_time,
                      len(client.get_metric_history(r.info.run_id, "train/loss")))
@@ -349,7 +358,41 @@ def interrupted_then_resumed(ray_session, mlflow_uri, shards, tmp_path_factory):
     time.sleep(2)  # the killed driver's actors go with it
     assert sweep.main(argv) == 0
     return SimpleNamespace(before=before, finished=finished, snapshot=snapshot, client=client,
-                           experiment=experiment, exp_dir=exp_dir, name=name)
+                           experiment=experiment, exp_dir=exp_dir, name=name, stopped=stopped)
+
+
+def _group_alive(pgid: int) -> list[str]:
+    """Processes still in the process group `pgid` a moment after its leader exited."""
+    deadline = time.monotonic() + 30
+    while True:
+        left = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                if os.getpgid(int(pid)) == pgid:
+                    left.append(Path(f"/proc/{pid}/cmdline").read_bytes()[:120].decode(
+                        errors="replace"))
+            except (OSError, ProcessLookupError):
+                continue
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_ctrl_c_ends_every_run_of_the_sweep_and_says_how_to_resume(interrupted_then_resumed):
+    stopped = interrupted_then_resumed.stopped
+    assert stopped["rc"] == 130, stopped["log"][-3000:]
+    said = [line[line.index("avsa sweep: "):] for line in stopped["log"].splitlines()
+            if "avsa sweep: " in line]  # one line, among Ray's progress bars and worker output
+    assert len(said) == 1, stopped["log"][-3000:]
+    assert said[0].startswith("avsa sweep: stopped by SIGINT"), said
+    assert "to resume, run again: avsa sweep " in said[0], said
+    statuses = interrupted_then_resumed.snapshot["statuses"]
+    assert statuses[interrupted_then_resumed.name] == "KILLED"
+    assert "RUNNING" not in statuses.values(), statuses
+    assert "FINISHED" in statuses.values()  # the trials that had ended kept their end
+    assert not stopped["left"], stopped["left"]
 
 
 @pytest.mark.slow

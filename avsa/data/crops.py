@@ -95,13 +95,17 @@ def to_uint8(crops: Tensor, factors: Tensor | None = None) -> Tensor:
 
 
 
-def remap_crops(frames: np.ndarray, vp: geometry.Viewpoints, size: int) -> np.ndarray:
+def remap_crops(frames: np.ndarray, vp: geometry.Viewpoints, size: int,
+                flip: bool = False) -> np.ndarray:
     """frames (T, H, W, 3) uint8 -> (V, T, S, S, 3) uint8 bilinear NFOV crops (cv2.remap with
     the maps of geometry.nfov_maps, converted once to OpenCV's fixed-point form and reused for
-    every frame)."""
+    every frame). flip mirrors each crop left/right by reversing the maps' columns: the same
+    samples as mirroring the crops afterwards, without a pass over them."""
     frames = np.ascontiguousarray(frames)
     t, h, w = frames.shape[:3]
     map_x, map_y = geometry.nfov_maps(vp, size, h, w)
+    if flip:
+        map_x, map_y = (np.ascontiguousarray(m[:, ::-1]) for m in (map_x, map_y))
     out = np.empty((len(vp), t, size, size, 3), np.uint8)
     for v in range(len(vp)):
         rows = slice(v * size, (v + 1) * size)
@@ -119,18 +123,16 @@ def view_crops(frames, vp: geometry.Viewpoints, size: int, *, jitter=None,
     mean grey, by cv2.transform: rounded and saturated), mirrored left/right when flip. Within
     the module's stated tolerance of to_uint8(geometry.nfov_crop(frames, vp, size), jitter),
     flipped the same way."""
-    crops = remap_crops(np.asarray(frames), vp, size)  # (V, T, S, S, 3)
+    crops = remap_crops(np.asarray(frames), vp, size, flip=flip)  # (V, T, S, S, 3)
     n_vp, t = crops.shape[:2]
     if jitter is not None:
         a, u = (m.numpy().astype(np.float64) for m in jitter_maps(jitter))
+        gray = np.array(_GRAY)
     out = np.empty((n_vp, 3, t * size, size), np.uint8)
     for v in range(n_vp):
         img = crops[v].reshape(t * size, size, 3)  # frames stacked vertically
         if jitter is not None:
-            shift = u[v] * (np.array(cv2.mean(img)[:3]) @ np.array(_GRAY))
-            img = cv2.transform(img, np.concatenate((a[v], shift[:, None]), axis=1))
-        if flip:
-            img = cv2.flip(img, 1)  # about the vertical axis: every frame mirrored
-        for c, plane in enumerate(cv2.split(img)):
-            out[v, c] = plane
+            shift = u[v] * (np.array(cv2.mean(img)[:3]) @ gray)
+            cv2.transform(img, np.concatenate((a[v], shift[:, None]), axis=1), dst=img)
+        cv2.split(img, list(out[v]))  # straight into the planes
     return torch.from_numpy(out).view(n_vp, 3, t, size, size)

@@ -20,15 +20,15 @@ shard and key) and counted in "skipped" on a row of the same shard: the task hol
 latest good row and adds later failures to it, so every count lands on a real sample. Only a
 shard with no decodable sample at all (or an unreadable shard under skip_missing_shards)
 yields a placeholder row: zeros of the right shapes with valid=0. Consumers sum "skipped" over
-all rows and drop rows with valid=0 (`split_valid`), so no count is lost and no placeholder
-reaches the model. `iter_local` folds placeholders away itself.
+all rows and drop rows with valid=0 (as avsa.train.loop does), so no count is lost and no
+placeholder reaches the model. `iter_local` folds placeholders away itself.
 
 Ray Train: pass the dataset as `TorchTrainer(datasets={"train": ds}, dataset_config=
 ray.train.DataConfig(datasets_to_split=["train"], execution_options={"train":
 ds.context.execution_options}))` (Train replaces a dataset's options with its DataConfig's, so
 the read-ahead bound of build_dataset(batch_size=...) must be passed there); each worker reads
 `ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=..., local_shuffle_buffer_size=
-cfg.shuffle_buffer)` and calls `split_valid` on every batch. The split is equal: a pass whose row
+cfg.shuffle_buffer)` and drops the valid=0 rows of every batch. The split is equal: a pass whose row
 count is not a multiple of the worker count drops the remainder rows.
 """
 
@@ -85,17 +85,6 @@ def _work(uri: str, cfg, skip: bool | None, **kw) -> tuple[list[dict[str, Any]],
     if not skip:
         check_shards_present(uri, man)
     return shard_items(uri, manifest=man, **kw), skip
-
-
-def count_samples(uri: str) -> int:
-    """Samples in the split whose manifest is at (or in) uri."""
-    return manifest_mod.read_manifest(uri).total_samples
-
-
-def steps_per_epoch(manifest: manifest_mod.Manifest, batch_size: int, world_size: int) -> int:
-    """Full batches each of world_size workers gets per epoch (the split is equal, remainders
-    dropped); at least 1 so schedules stay defined on tiny data."""
-    return max(1, manifest.total_samples // max(1, world_size) // max(1, batch_size))
 
 
 def placeholder_row(cfg, *, epoch: int, skipped: int, missing: int = 0, other_time: bool = False,
@@ -256,19 +245,6 @@ def _list(folder: str) -> list[str]:
         return storage.list_prefix(folder)
     except StorageError as exc:
         raise ShardError(folder, f"cannot list shards: {exc.reason}") from None
-
-
-def split_valid(batch: dict[str, Any]) -> tuple[dict[str, Any], int]:
-    """(batch without placeholder rows, samples skipped as counted on all rows of the batch).
-    Works on numpy and torch batches (any device); list fields are filtered too."""
-    skipped = int(batch["skipped"].sum())
-    keep = batch["valid"] == 1
-    if bool(keep.all()):
-        return batch, skipped
-    idx = torch.nonzero(keep).squeeze(1) if isinstance(keep, torch.Tensor) else np.flatnonzero(keep)
-    pos = idx.tolist()
-    return {k: ([v[i] for i in pos] if isinstance(v, list) else v[idx])
-            for k, v in batch.items()}, skipped
 
 
 def _fold_placeholders(rows: Iterator[dict[str, Any]], uri: str) -> Iterator[dict[str, Any]]:

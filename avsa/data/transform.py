@@ -103,9 +103,9 @@ def _merge(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
 
 
 def _fit(x: np.ndarray, n: int, axis: int, pad_edge: bool) -> np.ndarray:
-    """Truncate or pad x along axis to length n (edge repeat or zeros)."""
+    """Truncate (a view, no copy) or pad x along axis to length n (edge repeat or zeros)."""
     if x.shape[axis] >= n:
-        return np.take(x, np.arange(n), axis=axis)
+        return x[(slice(None),) * (axis % x.ndim) + (slice(0, n),)]
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, n - x.shape[axis])
     return np.pad(x, widths, mode="edge" if pad_edge else "constant")

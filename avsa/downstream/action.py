@@ -31,9 +31,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from avsa.downstream.fit import EpochLog, fit_head, holdout, minibatches
+from avsa.config import DataConfig, DownstreamConfig
+from avsa.downstream import ucf
+from avsa.downstream.fit import EpochLog, FitResult, HeadSettings, TransferHead, fit_head
 from avsa.downstream.heads import Cached, encode_passes, freeze
 from avsa.errors import ShardError
+from avsa.models import AVSANet
 from avsa.models.video import VideoEncoder
 from avsa.train.objective import normalize_video, to_device
 
@@ -118,18 +121,6 @@ def clip_video_hits(
     return clip, top1_hits(probs, targets[first])
 
 
-def clip_video_accuracy(
-    keys: Sequence[str], logits: torch.Tensor, targets: torch.Tensor
-) -> tuple[float, float]:
-    """(clip@1, video@1): the mean hits of `clip_video_hits`; nan, nan for no windows."""
-    if not len(keys):
-        if len(logits) or len(targets):
-            raise ValueError("keys, logits and targets must have the same length")
-        return float("nan"), float("nan")
-    clip, video = clip_video_hits(keys, logits, targets)
-    return float(clip.double().mean()), float(video.double().mean())
-
-
 def score(keys: list[str], logits: torch.Tensor, targets: torch.Tensor, majority: int,
           examples: dict[str, np.ndarray] | None = None) -> dict[str, float]:
     """Test metrics of the head and of always predicting the `majority` training class."""
@@ -148,94 +139,79 @@ def score(keys: list[str], logits: torch.Tensor, targets: torch.Tensor, majority
             "test/videos": float(len(video))}
 
 
-@torch.no_grad()
-def encode_features(net: ActionNet, batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
-    """One row per clip: the frozen encoder's features (B, D), max over viewpoints, and labels."""
-    batch = to_device(batch, device)
-    return {"x": net.features(batch["video"]).float(), "labels": batch["labels"].float()}
+class ActionTask(TransferHead):
+    """Action recognition: `ActionNet`'s head on the frozen encoder's cached features, or the
+    whole net end to end (finetune). Metrics: see `score`, plus test/single_label."""
 
+    name = "action"
 
-def _test_rows(net: ActionNet, source, passes: int, device: torch.device) -> Cached:
-    """The encoded windows of `passes` test passes (the net is left in eval mode)."""
-    net.eval()
-    test = encode_passes(source.test, passes, lambda b: encode_features(net, b, device))
-    if test is None:
-        raise ShardError(getattr(source, "test_uri", "test split"), "action: no test clips")
-    return test
+    def __init__(self, encoder: VideoEncoder, num_classes: int, *, mode: str, eval_clips: int,
+                 single_label: bool, device: torch.device):
+        self.net = ActionNet(encoder, num_classes, finetune=mode == "finetune").to(device)
+        self.module, self.device = self.net.head, device
+        self.eval_clips, self.declared = max(1, eval_clips), single_label
+        self.single, self.majority = single_label, 0
 
+    @classmethod
+    def source(cls, data: DataConfig, ds: DownstreamConfig, memo: dict | None):
+        """A UCF101 / HMDB51 folder (fold downstream.fold) when data.shards is one, else
+        shards."""
+        if ucf.is_layout(data.shards):
+            return ucf.LayoutSource(ucf.load_layout(data.shards, ds.fold), data, ds.batch_size,
+                                    seed=data.seed, eval_clips=ds.eval_clips)
+        return super().source(data, ds, memo)
 
-def run_action(
-    encoder: VideoEncoder,
-    source,
-    *,
-    num_classes: int,
-    mode: str,
-    epochs: int,
-    lr: float,
-    eval_clips: int,
-    batch_size: int = 16,
-    max_steps: int = 0,
-    val_fraction: float = 0.0,
-    patience: int = 0,
-    feature_passes: int = 1,
-    device: torch.device,
-    log_metrics: EpochLog | None = None,
-    seed: int = 0,
-    examples: dict[str, np.ndarray] | None = None,
-) -> dict[str, float]:
-    """Train, then report clip@1 / video@1 over `eval_clips` test passes beside the majority
-    class's. finetune trains end to end on `source.train(epoch)` for `epochs` epochs; linear /
-    frozen train the head on `feature_passes` cached passes, early-stopped on `val_fraction`
-    of the training clips as in avsa.downstream.binary.
-    """
-    torch.manual_seed(seed)
-    net = ActionNet(encoder, num_classes, finetune=mode == "finetune").to(device)
-    declared = bool(getattr(source, "single_label", False))
-    passes = max(1, eval_clips)
-    if mode == "finetune":
+    @classmethod
+    def build(cls, model: AVSANet, source, ds: DownstreamConfig,
+              device: torch.device) -> ActionTask:
+        return cls(model.video_encoder, source.num_classes, mode=ds.mode,
+                   eval_clips=ds.eval_clips, device=device,
+                   single_label=bool(getattr(source, "single_label", False)))
+
+    @torch.no_grad()
+    def encode(self, batch: dict) -> dict[str, torch.Tensor]:
+        """One row per clip: the frozen encoder's features (B, D), max over viewpoints."""
+        batch = to_device(batch, self.device)
+        return {"x": self.net.features(batch["video"]).float(), "labels": batch["labels"].float()}
+
+    def prepare(self, train: Cached, fit: Cached, val: Cached) -> None:
+        labels = train.tensors["labels"]
+        self.single = self.declared or is_single_label(labels)
+        self.majority = majority_class(labels)
+
+    def loss(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+        return action_loss(self.net.head(rows["x"]), rows["labels"], self.single)
+
+    def fit(self, source, s: HeadSettings, log: EpochLog | None) -> FitResult:
+        if not self.net.finetune:
+            self.net.eval()
+            return super().fit(source, s, log)
         seen: list[torch.Tensor] = []
 
         def batches(epoch):
             for batch in source.train(epoch):
                 if epoch == 0:
                     seen.append(batch["labels"].float())
-                yield to_device(batch, device)
+                yield to_device(batch, self.device)
 
         result = fit_head(
-            net, lambda b: action_loss(net(b["video"]), b["labels"], declared), batches,
-            epochs=epochs, lr=lr, max_steps=max_steps, lr_milestones=milestones(epochs),
-            lr_gamma=LR_GAMMA, log=log_metrics)
+            self.net, lambda b: action_loss(self.net(b["video"]), b["labels"], self.declared),
+            batches, epochs=s.epochs, lr=s.lr, max_steps=s.max_steps,
+            lr_milestones=milestones(s.epochs), lr_gamma=LR_GAMMA, log=log)
         if result.steps == 0:
             raise ShardError(getattr(source, "train_uri", "train split"),
                              "action: no training clips")
-        train_labels, single = torch.cat(seen), declared
-    else:
-        net.eval()
-        train = encode_passes(source.train, feature_passes,
-                              lambda b: encode_features(net, b, device))
-        if train is None:
-            raise ShardError(getattr(source, "train_uri", "train split"),
-                             "action: no training clips")
-        single = declared or is_single_label(train.tensors["labels"])
-        held = holdout(train.keys, val_fraction)
-        fit, val = train.subset(~held), train.subset(held)
-        train_labels = train.tensors["labels"]
+        self.majority = majority_class(torch.cat(seen))
+        return result
 
-        def loss(rows):
-            return action_loss(net.head(rows["x"]), rows["labels"], single)
-
-        gen = torch.Generator().manual_seed(seed)
-        result = fit_head(
-            net.head, lambda idx: loss(fit.take(idx)),
-            lambda epoch: minibatches(len(fit), batch_size, gen),
-            epochs=epochs, lr=lr, max_steps=max_steps, patience=patience, log=log_metrics,
-            validate=(lambda: float(loss(val.tensors))) if len(val) else None)
-    test = _test_rows(net, source, passes, device)  # leaves the net in eval mode
-    with torch.no_grad():
-        logits = net.head(test.tensors["x"])
-    metrics = score(test.keys, logits.float().cpu(), test.tensors["labels"].cpu(),
-                    majority_class(train_labels), examples)
-    metrics.update({"test/single_label": float(single),
-                    "train/best_epoch": float(result.best_epoch),
-                    "train/epochs": float(result.epochs)})
-    return metrics
+    def score(self, source, examples: dict | None) -> dict[str, float]:
+        """clip@1 / video@1 over `eval_clips` test passes beside the majority class's."""
+        self.net.eval()
+        test = encode_passes(source.test, self.eval_clips, self.encode)
+        if test is None:
+            raise ShardError(getattr(source, "test_uri", "test split"), "action: no test clips")
+        with torch.no_grad():
+            logits = self.net.head(test.tensors["x"])
+        metrics = score(test.keys, logits.float().cpu(), test.tensors["labels"].cpu(),
+                        self.majority, examples)
+        return {**metrics, "test/single_label": float(self.single)}

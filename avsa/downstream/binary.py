@@ -21,15 +21,15 @@ roll over the whole test set, so no clip is paired with itself), clips x viewpoi
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from avsa.downstream.fit import EpochLog, fit_head, holdout, minibatches
+from avsa.config import DataConfig, DownstreamConfig
+from avsa.downstream.fit import TransferHead
 from avsa.downstream.heads import (
+    Cached,
     PairHead,
     accuracy,
     encode_passes,
@@ -37,11 +37,10 @@ from avsa.downstream.heads import (
     frozen_features,
     predict,
 )
+from avsa.downstream.sources import ShardSource
 from avsa.errors import ShardError
 from avsa.models import AVSANet
 from avsa.train.objective import to_device
-
-log = logging.getLogger(__name__)
 
 TASKS = ("avc_bin", "avsa_bin")
 MISALIGN_PROB = 0.5
@@ -100,69 +99,61 @@ def pair_loss(task: str, head: nn.Module, rows: dict[str, torch.Tensor]) -> torc
     return F.cross_entropy(head(x), y)
 
 
-def run_binary(
-    task: str,
-    model: AVSANet,
-    source,
-    *,
-    epochs: int,
-    lr: float,
-    batch_size: int = 16,
-    max_steps: int = 0,
-    val_fraction: float = 0.0,
-    patience: int = 0,
-    feature_passes: int = 1,
-    device: torch.device,
-    log_metrics: EpochLog | None = None,
-    seed: int = 0,
-    examples: dict[str, np.ndarray] | None = None,
-) -> dict[str, float]:
-    """Encode `feature_passes` passes of `source.train(p)` and `source.test(0)` once, train the
-    pair head on the cached training clips (minibatches of `batch_size` clips, shuffled by
-    `seed`) and score it on the test clips.
+class BinaryTask(TransferHead):
+    """AVC-Bin or AVSA-Bin: the pair head on the frozen model's per-viewpoint features.
 
-    `val_fraction` of the training clips (by key) are held out: the head keeps its epoch of
-    lowest loss on them, stopping after `patience` epochs without improvement. Returns
-    {"test/acc", "test/examples", "train/acc", "train/best_epoch", "train/epochs"}; the test
-    hit of every example goes to examples["acc"] when `examples` is given.
+    test/acc is over every test example, with test/examples their count; train/acc over the
+    training rows; examples gets the test hit ("acc"), target and prediction of each.
     """
-    if task not in TASKS:
-        raise ValueError(f"not a binary task: {task!r}")
-    torch.manual_seed(seed)
-    model = freeze(model.to(device))
-    use_context = model.video_transformer is not None
-    head = PairHead(model.video_dim + model.audio_dim).to(device)
 
-    def encode(batch):
-        return encode_clips(model, to_device(batch, device), use_context)
+    def __init__(self, task: str, model: AVSANet, device: torch.device):
+        if task not in TASKS:
+            raise ValueError(f"not a binary task: {task!r}")
+        self.name, self.device = task, device
+        self.model = freeze(model.to(device))
+        self.use_context = model.video_transformer is not None
+        self.module = PairHead(model.video_dim + model.audio_dim).to(device)
+        self.min_rows = self.min_keys = 2 if task == "avc_bin" else 1
+        self.fit_rows: Cached | None = None
 
-    train = encode_passes(source.train, feature_passes, encode)
-    if train is None or (task == "avc_bin" and len(train) < 2):
-        raise ShardError(source.train_uri, f"{task}: no training batch (need >= 2 clips)")
-    ids = {k: i for i, k in enumerate(dict.fromkeys(train.keys))}
-    train.tensors["clip"] = torch.tensor([ids[k] for k in train.keys], device=device)
-    held = holdout(train.keys, val_fraction, min_keys=2 if task == "avc_bin" else 1)
-    fit, val = train.subset(~held), train.subset(held)
-    gen = torch.Generator().manual_seed(seed)
-    result = fit_head(
-        head, lambda idx: pair_loss(task, head, fit.take(idx)),
-        lambda epoch: minibatches(len(fit), batch_size, gen),
-        epochs=epochs, lr=lr, max_steps=max_steps, patience=patience, log=log_metrics,
-        validate=(lambda: float(pair_loss(task, head, val.tensors))) if len(val) else None)
-    if result.steps == 0:
-        raise ShardError(source.train_uri, f"{task}: no training batch (need >= 2 clips)")
+    @classmethod
+    def source(cls, data: DataConfig, ds: DownstreamConfig, memo: dict | None) -> ShardSource:
+        """AVSA-Bin's clips have their sound field yawed with probability MISALIGN_PROB."""
+        prob = MISALIGN_PROB if ds.task == "avsa_bin" else 0.0
+        return ShardSource.from_config(data, ds.batch_size, misalign_prob=prob, memo=memo)
 
-    test = encode_passes(lambda p: source.test(0), 1, encode)
-    if test is None or (task == "avc_bin" and len(test) < 2):
-        raise ShardError(source.test_uri, f"{task}: the test split needs at least 2 clips")
-    x, y = make_pairs(task, *(test.tensors[k] for k in ("video", "audio", "aligned")))
-    guess = predict(head, x).argmax(-1)
-    hits = guess == y
-    if examples is not None:
-        examples["acc"] = hits.cpu().numpy().astype(np.uint8)
-        examples["target"] = y.cpu().numpy().astype(np.int16)  # for the confusion matrix
-        examples["pred"] = guess.cpu().numpy().astype(np.int16)
-    fx, fy = make_pairs(task, *(fit.tensors[k] for k in ("video", "audio", "aligned")))
-    return {"test/acc": float(hits.float().mean()), "test/examples": float(len(y)),
-            "train/acc": accuracy(predict(head, fx), fy),
-            "train/best_epoch": float(result.best_epoch), "train/epochs": float(result.epochs)}
+    @classmethod
+    def build(cls, model: AVSANet, source, ds: DownstreamConfig,
+              device: torch.device) -> BinaryTask:
+        return cls(ds.task, model, device)
+
+    def encode(self, batch: dict) -> dict[str, torch.Tensor]:
+        return encode_clips(self.model, to_device(batch, self.device), self.use_context)
+
+    def prepare(self, train: Cached, fit: Cached, val: Cached) -> None:
+        ids = {k: i for i, k in enumerate(dict.fromkeys(train.keys))}
+        for part in (fit, val):
+            part.tensors["clip"] = torch.tensor([ids[k] for k in part.keys], device=self.device)
+        self.fit_rows = fit
+
+    def loss(self, rows: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        return pair_loss(self.name, self.module, rows)
+
+    def _pairs(self, rows: Cached) -> tuple[torch.Tensor, torch.Tensor]:
+        return make_pairs(self.name, *(rows.tensors[k] for k in ("video", "audio", "aligned")))
+
+    def score(self, source, examples: dict | None) -> dict[str, float]:
+        test = encode_passes(lambda p: source.test(0), 1, self.encode)
+        if test is None or len(test) < self.min_rows:
+            raise ShardError(source.test_uri, f"{self.name}: too few test clips "
+                                              f"(need >= {self.min_rows})")
+        x, y = self._pairs(test)
+        guess = predict(self.module, x).argmax(-1)
+        hits = guess == y
+        if examples is not None:
+            examples["acc"] = hits.cpu().numpy().astype(np.uint8)
+            examples["target"] = y.cpu().numpy().astype(np.int16)  # for the confusion matrix
+            examples["pred"] = guess.cpu().numpy().astype(np.int16)
+        fx, fy = self._pairs(self.fit_rows)
+        return {"test/acc": float(hits.float().mean()), "test/examples": float(len(y)),
+                "train/acc": accuracy(predict(self.module, fx), fy)}

@@ -9,6 +9,10 @@ fine-tuning feeds it the source's decoded batches.
 `holdout` picks those held-out clips: a fixed fraction of the training split's clip keys,
 chosen by the keys' hashes, so the choice does not depend on order, pass or seed, and every
 augmented pass of a held-out clip stays out of training.
+
+`TransferHead` is what a task adds to that loop (its head, batch adapter, loss and metrics);
+`fit_and_score` is the one path every task's head takes: encode the training split once,
+hold out clips, `fit_head`, then score on the test split.
 """
 
 from __future__ import annotations
@@ -22,6 +26,12 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from avsa.config import DataConfig, DownstreamConfig
+from avsa.downstream.heads import Cached, encode_passes
+from avsa.downstream.sources import ShardSource
+from avsa.errors import ShardError
+from avsa.models import AVSANet
 
 # log(metrics, step): per-epoch training metrics go to the tracking run through this.
 EpochLog = Callable[[dict[str, float], int], None]
@@ -126,3 +136,96 @@ def holdout(keys: Sequence[str], fraction: float, *, min_keys: int = 1) -> torch
     count = min(max(min_keys, round(fraction * len(distinct))), len(distinct) - min_keys)
     chosen = set(distinct[:count])
     return torch.tensor([k in chosen for k in keys], dtype=torch.bool)
+
+
+@dataclass(frozen=True)
+class HeadSettings:
+    """How a head trains, the same for every task (the downstream.* keys of that name)."""
+
+    epochs: int
+    lr: float
+    batch_size: int = 16  # cached rows' minibatches: clips (binary, action) or crops
+    max_steps: int = 0
+    val_fraction: float = 0.0
+    patience: int = 0
+    feature_passes: int = 1
+    seed: int = 0  # head initialisation (seeded by the caller) and minibatch order
+
+    @classmethod
+    def from_config(cls, ds: DownstreamConfig, seed: int) -> HeadSettings:
+        return cls(ds.epochs, ds.lr, ds.batch_size, ds.max_steps, ds.val_fraction, ds.patience,
+                   ds.feature_passes, seed)
+
+
+class TransferHead:
+    """One transfer task: what it adds to head training on frozen features (`fit_and_score`).
+
+    The class is the task's entry in the registry (avsa.downstream.run.TASKS): `source` says
+    where its clips come from (shards by default) and `build` makes the head from the config
+    after the caller seeded torch. The instance sets `name` and `module` (the trainable head,
+    on its device) and defines `encode` (the batch adapter: a source batch -> cached rows, one
+    per clip or per crop), `loss` on a minibatch of rows (None skips it) and `score` on the
+    test split. `prepare` sees the encoded training split before training (for labels, class
+    weights, clip ids); `val_loss` scores the held-out rows; `fit` is the training itself,
+    overridden where a task trains end to end.
+    """
+
+    name: str
+    module: nn.Module
+    min_rows = 1  # fewer encoded training rows than this is no training split (AVC-Bin: 2)
+    min_keys = 1  # clips held out and left for training, at least
+
+    @classmethod
+    def source(cls, data: DataConfig, ds: DownstreamConfig, memo: dict | None):
+        """Train and test batches (avsa.downstream.sources): data.shards and data.val_shards."""
+        return ShardSource.from_config(data, ds.batch_size, memo=memo)
+
+    @classmethod
+    def build(cls, model: AVSANet, source, ds: DownstreamConfig,
+              device: torch.device) -> TransferHead:
+        raise NotImplementedError
+
+    def encode(self, batch: dict) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def loss(self, rows: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def score(self, source, examples: dict | None) -> dict[str, float]:
+        raise NotImplementedError
+
+    def prepare(self, train: Cached, fit: Cached, val: Cached) -> None:
+        """train = fit + val, the encoded training rows and their split."""
+
+    def val_loss(self, val: Cached) -> float:
+        return float(self.loss(val.tensors))
+
+    def fit(self, source, s: HeadSettings, log: EpochLog | None) -> FitResult:
+        """Encode `s.feature_passes` passes of `source.train(p)` once and train `module` on
+        the cached rows, early-stopped on `s.val_fraction` of the training clips."""
+        where = getattr(source, "train_uri", "train split")
+        train = encode_passes(source.train, s.feature_passes, self.encode)
+        if train is None or len(train) < self.min_rows:
+            raise ShardError(where, f"{self.name}: no training clips"
+                                    + (f" (need >= {self.min_rows})" if self.min_rows > 1 else ""))
+        held = holdout(train.keys, s.val_fraction, min_keys=self.min_keys)
+        fit, val = train.subset(~held), train.subset(held)
+        self.prepare(train, fit, val)
+        gen = torch.Generator().manual_seed(s.seed)
+        result = fit_head(
+            self.module, lambda idx: self.loss(fit.take(idx)),
+            lambda epoch: minibatches(len(fit), s.batch_size, gen),
+            epochs=s.epochs, lr=s.lr, max_steps=s.max_steps, patience=s.patience, log=log,
+            validate=(lambda: self.val_loss(val)) if len(val) else None)
+        if result.steps == 0:
+            raise ShardError(where, f"{self.name}: no training batch")
+        return result
+
+
+def fit_and_score(head: TransferHead, source, s: HeadSettings, *, log: EpochLog | None = None,
+                  examples: dict | None = None) -> dict[str, float]:
+    """Train `head` on `source` and return its test metrics with train/best_epoch and
+    train/epochs; per-example test results go to `examples` when given."""
+    result = head.fit(source, s, log)
+    return {**head.score(source, examples), "train/best_epoch": float(result.best_epoch),
+            "train/epochs": float(result.epochs)}

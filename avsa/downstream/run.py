@@ -25,16 +25,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from avsa import tracking
-from avsa.config import TASKS, Config, compose, from_dict
+from avsa.config import Config, DownstreamConfig, compose, from_dict
 from avsa.data.labels import CLASSES, NUM_CLASSES
 from avsa.downstream import report
+from avsa.downstream.action import ActionTask
+from avsa.downstream.binary import BinaryTask
+from avsa.downstream.fit import EpochLog, HeadSettings, TransferHead, fit_and_score
 from avsa.downstream.heads import pick_device
-from avsa.downstream.sources import ShardSource
+from avsa.downstream.segmentation import SegmentationTask
 from avsa.errors import CheckpointError, ConfigError
 from avsa.models import AVSANet
-from avsa.tracking import models as registry
+from avsa.tracking import models as mlflow_models
 from avsa.tracking import system_metrics
 from avsa.tracking.datasets import log_datasets
 from avsa.train.objective import audio_channels, model_from_config
@@ -50,6 +54,12 @@ ROW = "avsa.row"  # the row a transfer run fills in `avsa compare` (default: its
 EXAMPLES = "test_examples.npz"
 SCRATCH = "scratch"
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+# The registry: each task's class says where its clips come from, builds its head and
+# defines its batch adapter, loss and metrics (avsa.downstream.fit.TransferHead).
+TASKS: dict[str, type[TransferHead]] = {
+    "avc_bin": BinaryTask, "avsa_bin": BinaryTask, "action": ActionTask,
+    "segmentation": SegmentationTask,
+}
 # `avsa transfer` shorthands: `pretrain=...` means `downstream.pretrain=...`.
 SHORT_KEYS = ("pretrain", "mode", "context", "epochs", "lr", "batch_size", "max_steps",
               "eval_clips", "fold", "seed", "patience", "val_fraction", "feature_passes")
@@ -63,7 +73,7 @@ class Pretrained:
     audio_mode: str
     audio_features: str = "logmel"
     model_config: dict[str, Any] = field(default_factory=dict)  # what built `model`
-    version: registry.ModelRef | None = None  # for a models:/ reference
+    version: mlflow_models.ModelRef | None = None  # for a models:/ reference
 
 
 @dataclass
@@ -103,7 +113,7 @@ def load_pretrained(cfg: Config, tracking_uri: str | None) -> Pretrained:
                           dataclasses.asdict(cfg.model))
     from avsa.train.checkpoint import resolve_init
 
-    version = registry.resolve(ref, tracking_uri) if registry.is_models_uri(ref) else None
+    version = mlflow_models.resolve(ref, tracking_uri) if mlflow_models.is_models_uri(ref) else None
     state, uri = resolve_init(version.uri if version else ref, tracking_uri)
     try:
         pre = from_dict(state["config"])
@@ -128,6 +138,24 @@ def effective_seed(cfg: Config) -> int:
     return cfg.data.seed if cfg.downstream.seed is None else cfg.downstream.seed
 
 
+def task_class(task: str) -> type[TransferHead]:
+    if task not in TASKS:
+        raise ConfigError("downstream.task", f"must be one of {tuple(TASKS)}, got {task!r}")
+    return TASKS[task]
+
+
+def run_task(ds: DownstreamConfig, model: AVSANet, source, *, seed: int, device: torch.device,
+             log: EpochLog | None = None,
+             examples: dict[str, np.ndarray] | None = None) -> dict[str, float]:
+    """Train `ds.task`'s head on `source` (settings from `ds`; `seed` seeds the head and the
+    minibatch order) and return its test metrics (see the task's class for which)."""
+    cls = task_class(ds.task)
+    torch.manual_seed(seed)
+    head = cls.build(model, source, ds, device)
+    return fit_and_score(head, source, HeadSettings.from_config(ds, seed), log=log,
+                         examples=examples)
+
+
 def _task_metrics(cfg: Config, pre: Pretrained, log_metrics,
                   examples: dict[str, np.ndarray] | None = None,
                   memo: dict | None = None) -> dict[str, float]:
@@ -136,41 +164,11 @@ def _task_metrics(cfg: Config, pre: Pretrained, log_metrics,
     windows and viewpoints follow data.seed, so replicates can share decoded batches (`memo`,
     see ShardSource)."""
     ds = cfg.downstream
-    seed = effective_seed(cfg)
     data = dataclasses.replace(cfg.data, audio_mode=pre.audio_mode,
                                audio_features=pre.audio_features)
-    device = pick_device()
-    common = dict(epochs=ds.epochs, lr=ds.lr, batch_size=ds.batch_size, max_steps=ds.max_steps,
-                  val_fraction=ds.val_fraction, patience=ds.patience,
-                  feature_passes=ds.feature_passes, device=device, log_metrics=log_metrics,
-                  seed=seed, examples=examples)
-    if ds.task in ("avc_bin", "avsa_bin"):
-        from avsa.downstream.binary import MISALIGN_PROB, run_binary
-
-        prob = MISALIGN_PROB if ds.task == "avsa_bin" else 0.0
-        source = ShardSource.from_config(data, ds.batch_size, misalign_prob=prob, memo=memo)
-        return run_binary(ds.task, pre.model, source, **common)
-    if ds.task == "action":
-        from avsa.downstream import ucf
-        from avsa.downstream.action import run_action
-
-        if ucf.is_layout(data.shards):
-            layout = ucf.load_layout(data.shards, int(getattr(ds, "fold", 1)))
-            source = ucf.LayoutSource(layout, data, ds.batch_size, seed=data.seed,
-                                      eval_clips=ds.eval_clips)
-            classes = len(layout.classes)
-        else:
-            source = ShardSource.from_config(data, ds.batch_size, memo=memo)
-            classes = NUM_CLASSES
-        return run_action(pre.model.video_encoder, source, num_classes=classes, mode=ds.mode,
-                          eval_clips=ds.eval_clips, **common)
-    if ds.task == "segmentation":
-        from avsa.downstream.segmentation import run_segmentation
-
-        source = ShardSource.from_config(data, ds.batch_size, with_masks=True, memo=memo)
-        return run_segmentation(pre.model, source, num_classes=NUM_CLASSES + 1,
-                                context=ds.context, weights=ds.seg_class_weights, **common)
-    raise ConfigError("downstream.task", f"must be one of {TASKS}, got {ds.task!r}")
+    source = task_class(ds.task).source(data, ds, memo)
+    return run_task(ds, pre.model, source, seed=effective_seed(cfg), device=pick_device(),
+                    log=log_metrics, examples=examples)
 
 
 def _log_examples(logger: tracking.RunLogger, examples: dict[str, np.ndarray]) -> None:
@@ -227,7 +225,7 @@ def run_transfer(cfg: Config, memo: dict | None = None) -> TransferResult:
     params = tracking.flatten_config({"downstream": dataclasses.replace(ds, seed=seed),
                                       "data": data, "model": pre.model_config})
     if pre.version is not None:
-        tags[registry.MODEL_VERSION_TAG] = f"{pre.version.name}/{pre.version.version}"
+        tags[mlflow_models.MODEL_VERSION_TAG] = f"{pre.version.name}/{pre.version.version}"
     with (tracking.RunLogger.start(uri, ds.experiment, name, tags=tags, params=params) as logger,
           system_metrics.sampling(logger, cfg.tracking)):
         _log_inputs(logger, cfg, pre)
@@ -261,8 +259,7 @@ def main(argv: list[str]) -> int:
         print(USAGE)
         return 0
     task, rest = argv[0], argv[1:]
-    if task not in TASKS:
-        raise ConfigError("downstream.task", f"must be one of {TASKS}, got {task!r}")
+    task_class(task)  # an unknown task fails before composing
     cfg = compose([*expand_overrides(rest), f"downstream.task={task}"])
     print(run_transfer(cfg).summary())
     return 0

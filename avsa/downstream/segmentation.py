@@ -33,8 +33,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from avsa.downstream.fit import EpochLog, fit_head, holdout, minibatches
-from avsa.downstream.heads import encode_passes, freeze
+from avsa.config import DataConfig, DownstreamConfig
+from avsa.downstream.fit import TransferHead
+from avsa.downstream.heads import Cached, freeze
+from avsa.downstream.sources import ShardSource
 from avsa.downstream.stats import iou
 from avsa.errors import ShardError
 from avsa.models import AVSANet
@@ -131,7 +133,8 @@ def overlay_examples(batch: dict, pred: torch.Tensor, masks: torch.Tensor,
             "overlay_mask": masks[:n].cpu().numpy().astype(np.int16)}
 
 
-def _logits(head: FPNHead, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+def crop_logits(head: FPNHead, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(N, K+1, S, S) logits of the rows of `encode_crops`."""
     maps = [rows[f"m{i}"] for i in range(len(head.lateral))]
     return head(maps, rows["masks"].shape[-1], rows.get("cond"))
 
@@ -164,13 +167,6 @@ def crop_confusions(pred: torch.Tensor, target: torch.Tensor, num_classes: int) 
     return torch.bincount(idx.reshape(-1).cpu(), minlength=n * c * c).view(n, c, c)
 
 
-def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(C, C) int64 counts, rows = ground truth, columns = prediction; pred/target any shape."""
-    idx = target.reshape(-1).long() * num_classes + pred.reshape(-1).long()
-    counts = torch.bincount(idx.cpu(), minlength=num_classes * num_classes)
-    return counts.view(num_classes, num_classes)
-
-
 def pixel_accuracy(conf: torch.Tensor) -> float:
     total = int(conf.sum())
     return float(conf.diag().sum()) / total if total else float("nan")
@@ -189,89 +185,78 @@ def background_only(conf: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def run_segmentation(
-    model: AVSANet,
-    source,
-    *,
-    num_classes: int,
-    context: str,
-    epochs: int,
-    lr: float,
-    batch_size: int = 16,
-    max_steps: int = 0,
-    val_fraction: float = 0.0,
-    patience: int = 0,
-    feature_passes: int = 1,
-    weights: str = "median",
-    device: torch.device,
-    log_metrics: EpochLog | None = None,
-    seed: int = 0,
-    examples: dict[str, np.ndarray] | None = None,
-) -> dict[str, float]:
-    """Train the FPN head on cached frozen features (minibatches of `batch_size` crops, early
-    stopping on `val_fraction` of the training clips as in avsa.downstream.binary) with a
-    cross-entropy weighted by `class_weights(kind=weights)`.
+class SegmentationTask(TransferHead):
+    """The FPN head on cached frozen crop features, trained with a cross-entropy weighted by
+    `class_weights(kind=weights)` of the training crops (not the held-out ones).
 
     num_classes counts the background: K + 1. Batches must hold masks (B, V, S, S) int64.
-    Returns test/pixel_acc, test/miou, test/miou_fg and the all-background prediction's
-    test/miou_bg_only and test/miou_fg_bg_only; examples["confusion"] gets the (N, C, C)
-    confusion matrix of every test crop.
+    Scores test/pixel_acc, test/miou, test/miou_fg, test/classes_present and the
+    all-background prediction's test/miou_bg_only and test/miou_fg_bg_only; examples gets the
+    (N, C, C) confusion matrix of every test crop and the overlays of the first test batch.
     """
-    if context not in CONTEXTS:
-        raise ValueError(f"context must be one of {CONTEXTS}, got {context!r}")
-    torch.manual_seed(seed)
-    model = freeze(model.to(device))
-    enc = model.video_encoder
-    channels = [stage[-1].out_bn.num_features for stage in enc.stages]
-    head = FPNHead(channels, num_classes, dim=min(64, enc.out_dim), cond_dim=cond_dim(model, context))
-    head = head.to(device)
 
-    def encode(batch):
-        return encode_crops(model, to_device(batch, device), context)
+    name = "segmentation"
 
-    train = encode_passes(source.train, feature_passes, encode)
-    if train is None:
-        raise ShardError(source.train_uri, "segmentation: no training clips")
-    held = holdout(train.keys, val_fraction)
-    fit, val = train.subset(~held), train.subset(held)
-    w = class_weights(fit.tensors["masks"], num_classes, weights).to(device)
+    def __init__(self, model: AVSANet, num_classes: int, *, context: str, weights: str,
+                 device: torch.device):
+        if context not in CONTEXTS:
+            raise ValueError(f"context must be one of {CONTEXTS}, got {context!r}")
+        self.model = freeze(model.to(device))
+        enc = model.video_encoder
+        channels = [stage[-1].out_bn.num_features for stage in enc.stages]
+        self.module = FPNHead(channels, num_classes, dim=min(64, enc.out_dim),
+                              cond_dim=cond_dim(model, context)).to(device)
+        self.num_classes, self.context, self.weights = num_classes, context, weights
+        self.device = device
+        self.w = torch.ones(num_classes, device=device)
 
-    def loss(rows):
-        return F.cross_entropy(_logits(head, rows), rows["masks"], weight=w)
+    @classmethod
+    def source(cls, data: DataConfig, ds: DownstreamConfig, memo: dict | None) -> ShardSource:
+        return ShardSource.from_config(data, ds.batch_size, with_masks=True, memo=memo)
 
-    def val_loss() -> float:  # pixel-weighted over the held-out crops, in chunks
+    @classmethod
+    def build(cls, model: AVSANet, source, ds: DownstreamConfig,
+              device: torch.device) -> SegmentationTask:
+        return cls(model, source.num_classes + 1, context=ds.context,
+                   weights=ds.seg_class_weights, device=device)
+
+    def encode(self, batch: dict) -> dict[str, torch.Tensor]:
+        return encode_crops(self.model, to_device(batch, self.device), self.context)
+
+    def prepare(self, train: Cached, fit: Cached, val: Cached) -> None:
+        self.w = class_weights(fit.tensors["masks"], self.num_classes, self.weights).to(self.device)
+
+    def loss(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+        return F.cross_entropy(crop_logits(self.module, rows), rows["masks"], weight=self.w)
+
+    def val_loss(self, val: Cached) -> float:
+        """Pixel-weighted over the held-out crops, in chunks of EVAL_CHUNK."""
         num = den = 0.0
         for i in range(0, len(val), EVAL_CHUNK):
             rows = val.take(torch.arange(i, min(i + EVAL_CHUNK, len(val))))
-            part = w[rows["masks"]].sum()
-            num, den = num + float(loss(rows) * part), den + float(part)
+            part = self.w[rows["masks"]].sum()
+            num, den = num + float(self.loss(rows) * part), den + float(part)
         return num / den if den else float("nan")
 
-    gen = torch.Generator().manual_seed(seed)
-    result = fit_head(
-        head, lambda idx: loss(fit.take(idx)), lambda epoch: minibatches(len(fit), batch_size, gen),
-        epochs=epochs, lr=lr, max_steps=max_steps, patience=patience, log=log_metrics,
-        validate=val_loss if len(val) else None)
-
-    head.eval()
-    confs = []
-    with torch.no_grad():
-        for batch in source.test(0):
-            rows = encode(batch)
-            pred = _logits(head, rows).argmax(1)
-            confs.append(crop_confusions(pred, rows["masks"], num_classes))
-            if examples is not None and not confs[1:]:
-                examples.update(overlay_examples(batch, pred, rows["masks"]))
-    if not confs:
-        raise ShardError(source.test_uri, "segmentation: no test clips")
-    per_crop = torch.cat(confs)
-    conf = per_crop.sum(0)
-    if examples is not None:
-        examples["confusion"] = per_crop.numpy().astype(np.int32)
-    bg = background_only(conf)
-    return {"test/pixel_acc": pixel_accuracy(conf), "test/miou": mean_iou(conf),
-            "test/miou_fg": mean_iou(conf, foreground=True),
-            "test/miou_bg_only": mean_iou(bg),
-            "test/miou_fg_bg_only": mean_iou(bg, foreground=True),
-            "test/classes_present": float(((conf.sum(0) + conf.sum(1)) > 0).sum()),
-            "train/best_epoch": float(result.best_epoch), "train/epochs": float(result.epochs)}
+    def score(self, source, examples: dict | None) -> dict[str, float]:
+        self.module.eval()
+        confs = []
+        with torch.no_grad():
+            for batch in source.test(0):
+                rows = self.encode(batch)
+                pred = crop_logits(self.module, rows).argmax(1)
+                confs.append(crop_confusions(pred, rows["masks"], self.num_classes))
+                if examples is not None and not confs[1:]:
+                    examples.update(overlay_examples(batch, pred, rows["masks"]))
+        if not confs:
+            raise ShardError(source.test_uri, "segmentation: no test clips")
+        per_crop = torch.cat(confs)
+        conf = per_crop.sum(0)
+        if examples is not None:
+            examples["confusion"] = per_crop.numpy().astype(np.int32)
+        bg = background_only(conf)
+        return {"test/pixel_acc": pixel_accuracy(conf), "test/miou": mean_iou(conf),
+                "test/miou_fg": mean_iou(conf, foreground=True),
+                "test/miou_bg_only": mean_iou(bg),
+                "test/miou_fg_bg_only": mean_iou(bg, foreground=True),
+                "test/classes_present": float(((conf.sum(0) + conf.sum(1)) > 0).sum())}

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from avsa.config import DataConfig
+from avsa.data.labels import NUM_CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class ShardSource:
     misalign_prob: float = 0.0
     with_masks: bool = False
     single_label: bool = False  # synthetic labels are multi-hot (every class present)
+    num_classes: int = NUM_CLASSES  # the synthetic classes, without background
     # Decoded batches kept by the caller across transfers of the same clips (several heads,
     # seeds or pretrained networks): key -> list of batches. None decodes every time.
     memo: dict | None = field(default=None, repr=False, compare=False)

@@ -196,6 +196,10 @@ class LayoutSource:
 
     test_uri = train_uri
 
+    @property
+    def num_classes(self) -> int:
+        return len(self.layout.classes)
+
     def _duration(self, item: VideoItem) -> float:
         if item.key not in self._durations:
             with warnings.catch_warnings():

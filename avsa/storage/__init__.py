@@ -1,8 +1,9 @@
 """One place for URIs: plain paths, ``file://...`` and ``s3://bucket/key``.
 
-S3 calls go through :mod:`avsa.s3` (env/AWS-config endpoint, standard credential chain, bounded
-retries, :class:`StorageError` naming the URI). Local writes are atomic (temporary file in the
-same directory, fsync, ``os.replace``) and create parent directories.
+S3 goes through the libraries' own clients and retries (:mod:`avsa.storage.clients`); a failure
+that outlasts the retries is a one-line :class:`StorageError` naming the URI. Local writes are
+atomic (temporary file in the same directory, fsync, ``os.replace``) and create parent
+directories.
 """
 
 from __future__ import annotations
@@ -17,29 +18,11 @@ from typing import Any, BinaryIO
 from urllib.parse import unquote, urlparse
 
 from avsa.errors import StorageError
-from avsa.s3 import S3Reader, S3Session, session, split_s3
+from avsa.storage.clients import S3Settings, S3Stream, cached, call, split_s3
 
-__all__ = [
-    "S3Session",
-    "copy_tree",
-    "create_exclusive",
-    "delete",
-    "download_file",
-    "exists",
-    "is_s3",
-    "join",
-    "list_prefix",
-    "local_path",
-    "move_tree",
-    "open_input_stream",
-    "pyarrow_filesystem",
-    "read_bytes",
-    "session",
-    "size",
-    "split_s3",
-    "upload_file",
-    "write_bytes",
-]
+__all__ = ["S3Settings", "copy_tree", "create_exclusive", "delete", "download_file", "exists",
+           "is_s3", "join", "list_prefix", "local_path", "move_tree", "open_input_stream",
+           "pyarrow_filesystem", "read_bytes", "size", "split_s3", "upload_file", "write_bytes"]
 
 
 def is_s3(uri: str | os.PathLike) -> bool:
@@ -84,11 +67,19 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
 
 
 def read_bytes(uri: str | os.PathLike) -> bytes:
+    """The whole file/object; on S3 through s3transfer, which also retries a body cut short."""
     uri = str(uri)
     if not is_s3(uri):
         return _local(uri, Path.read_bytes)
     bucket, key = split_s3(uri)
-    return session().call(uri, lambda c: c.get_object(Bucket=bucket, Key=key)["Body"].read())
+    from boto3.s3.transfer import TransferConfig
+
+    def get(c: Any) -> bytes:
+        out = io.BytesIO()
+        c.download_fileobj(bucket, key, out, Config=TransferConfig(use_threads=False))
+        return out.getvalue()
+
+    return call(uri, get)
 
 
 def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
@@ -96,7 +87,7 @@ def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
     if not is_s3(uri):
         return _local(uri, lambda p: _atomic_write(p, lambda f: f.write(data)))
     bucket, key = split_s3(uri)
-    session().call(uri, lambda c: c.put_object(Bucket=bucket, Key=key, Body=data))
+    call(uri, lambda c: c.put_object(Bucket=bucket, Key=key, Body=data))
 
 
 def create_exclusive(uri: str | os.PathLike, data: bytes) -> bool:
@@ -137,7 +128,7 @@ def create_exclusive(uri: str | os.PathLike, data: bytes) -> bool:
                 return False
             raise
 
-    return session().call(uri, put)
+    return call(uri, put)
 
 
 def exists(uri: str | os.PathLike) -> bool:
@@ -159,7 +150,7 @@ def exists(uri: str | os.PathLike) -> bool:
         prefix = f"{key.rstrip('/')}/" if key else ""
         return c.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)["KeyCount"] > 0
 
-    return session().call(uri, probe)
+    return call(uri, probe)
 
 
 def size(uri: str | os.PathLike) -> int:
@@ -168,7 +159,7 @@ def size(uri: str | os.PathLike) -> int:
     if not is_s3(uri):
         return _local(uri, lambda p: p.stat().st_size)
     bucket, key = split_s3(uri)
-    return session().call(uri, lambda c: c.head_object(Bucket=bucket, Key=key)["ContentLength"])
+    return call(uri, lambda c: c.head_object(Bucket=bucket, Key=key)["ContentLength"])
 
 
 def delete(uri: str | os.PathLike) -> None:
@@ -177,7 +168,7 @@ def delete(uri: str | os.PathLike) -> None:
     if not is_s3(uri):
         return _local(uri, lambda p: p.unlink(missing_ok=True))
     bucket, key = split_s3(uri)
-    session().call(uri, lambda c: c.delete_object(Bucket=bucket, Key=key))
+    call(uri, lambda c: c.delete_object(Bucket=bucket, Key=key))
 
 
 def list_prefix(uri: str | os.PathLike, page_size: int = 1000) -> list[str]:
@@ -198,7 +189,7 @@ def list_prefix(uri: str | os.PathLike, page_size: int = 1000) -> list[str]:
             Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": page_size})
         return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
-    return sorted(f"s3://{bucket}/{k}" for k in session().call(uri, keys))
+    return sorted(f"s3://{bucket}/{k}" for k in call(uri, keys))
 
 
 def upload_file(local: str | os.PathLike, uri: str | os.PathLike) -> None:
@@ -208,7 +199,7 @@ def upload_file(local: str | os.PathLike, uri: str | os.PathLike) -> None:
     if not is_s3(uri):
         return _local(uri, lambda p: _atomic_write(p, lambda f: _copy(local, f)))
     bucket, key = split_s3(uri)
-    session().call(uri, lambda c: c.upload_file(str(local), bucket, key))
+    call(uri, lambda c: c.upload_file(str(local), bucket, key))
 
 
 def _copy(src: Path, dst: BinaryIO) -> None:
@@ -223,7 +214,7 @@ def download_file(uri: str | os.PathLike, local: str | os.PathLike) -> None:
     bucket, key = split_s3(uri)
     local.parent.mkdir(parents=True, exist_ok=True)
     # s3transfer writes to a temporary name and renames, so the target appears atomically.
-    session().call(uri, lambda c: c.download_file(bucket, key, str(local)))
+    call(uri, lambda c: c.download_file(bucket, key, str(local)))
 
 
 def copy_tree(local_dir: str | os.PathLike, uri: str | os.PathLike) -> list[str]:
@@ -238,19 +229,25 @@ def copy_tree(local_dir: str | os.PathLike, uri: str | os.PathLike) -> list[str]
     return out
 
 
-def open_input_stream(uri: str | os.PathLike, buffer_size: int = 1 << 20) -> BinaryIO:
-    """A buffered, seekable binary file object for streaming reads (caller closes it)."""
+def open_input_stream(uri: str | os.PathLike, buffer_size: int = 8 << 20) -> BinaryIO:
+    """A buffered binary file object for reading ``uri`` front to back (caller closes it).
+
+    On S3 each ``buffer_size`` bytes are one ranged GET through ``pyarrow.fs``.
+    """
     uri = str(uri)
     if not is_s3(uri):
         return _local(uri, lambda p: open(p, "rb"))
-    return io.BufferedReader(S3Reader(uri, session()), buffer_size)
+    split_s3(uri)
+    return io.BufferedReader(S3Stream(uri), buffer_size)
 
 
 def pyarrow_filesystem(uri: str | os.PathLike) -> tuple[Any, str]:
     """``(pyarrow.fs.FileSystem, path)`` for ``uri``, e.g. Ray's ``storage_filesystem``/``storage_path``.
 
-    For S3 the path is ``bucket/key`` and the filesystem uses the same endpoint and region as
-    boto3 here, with credentials from the standard AWS chain.
+    For S3 the path is ``bucket/key`` and the filesystem is the one streaming reads use: the same
+    endpoint, region and credentials as boto3 here, with the retries of :class:`S3Settings`.
+    A pickled copy (Ray sends one to each worker) has pyarrow's default retries instead: pyarrow
+    25 leaves the retry strategy out of the pickle (apache/arrow GH-47348).
     """
     import pyarrow.fs as pafs
 
@@ -258,14 +255,7 @@ def pyarrow_filesystem(uri: str | os.PathLike) -> tuple[Any, str]:
     if not is_s3(uri):
         return pafs.LocalFileSystem(), str(local_path(uri).absolute())
     split_s3(uri)
-    s3 = session()
-    kwargs: dict[str, Any] = {"region": s3.region or ("us-east-1" if s3.endpoint else None)}
-    if s3.endpoint:
-        parsed = urlparse(s3.endpoint)
-        kwargs.update(scheme=parsed.scheme or "https", endpoint_override=parsed.netloc or s3.endpoint)
-    retry = pafs.AwsStandardS3RetryStrategy(max_attempts=10)
-    fs = pafs.S3FileSystem(connect_timeout=5, request_timeout=60, retry_strategy=retry, **kwargs)
-    return fs, uri[len("s3://"):].rstrip("/")
+    return cached("pyarrow")[1], uri[len("s3://"):].rstrip("/")
 
 
 def move_tree(src: str | os.PathLike, dst: str | os.PathLike) -> None:
@@ -277,6 +267,6 @@ def move_tree(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     for uri in list_prefix(src):
         bucket, key = split_s3(uri)
         target_bucket, target = split_s3(join(dst, uri[len(src.rstrip("/")) + 1:]))
-        session().call(uri, lambda c, b=bucket, k=key, tb=target_bucket, t=target: c.copy_object(
+        call(uri, lambda c, b=bucket, k=key, tb=target_bucket, t=target: c.copy_object(
             Bucket=tb, Key=t, CopySource={"Bucket": b, "Key": k}))
         delete(uri)

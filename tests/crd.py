@@ -1,21 +1,32 @@
-"""Checks of KubeRay objects against the operator's CustomResourceDefinitions.
+"""Checks of KubeRay objects (RayCluster, RayJob) without an API server, for the tests of the
+chart, k8s/ and `avsa submit`.
 
 The API server validates a custom resource against the `openAPIV3Schema` of its CRD; these
-functions apply the same schema with `jsonschema` before anything reaches a cluster, closed to
-unknown fields as the server's strict field validation is (a typo such as `replica` fails here
-instead of being dropped silently).
+functions apply the same schema with `jsonschema`, closed to unknown fields as the server's
+strict field validation is (a typo such as `replica` fails here instead of being dropped
+silently). The pod templates inside are checked against the Kubernetes schemas.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import jsonschema
+import kubernetes_validate
+import pytest
 import yaml
 
 from avsa.errors import ConfigError
+
+CRDS = Path(__file__).resolve().parents[2] / "shared" / "schemas" / "kuberay"
+RAYCLUSTER_CRD = CRDS / "ray.io_rayclusters.yaml"
+RAYJOB_CRD = CRDS / "ray.io_rayjobs.yaml"
+K8S_VERSION = "1.30.0"
+needs_crds = pytest.mark.skipif(not CRDS.is_dir(), reason=f"KubeRay CRD schemas absent: {CRDS}")
 
 
 def pod_templates(obj: Mapping[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -31,6 +42,16 @@ def pod_templates(obj: Mapping[str, Any]) -> Iterator[tuple[str, dict[str, Any]]
         yield f"{prefix}.headGroupSpec.template", spec["headGroupSpec"]["template"]
     for group in spec.get("workerGroupSpecs") or []:
         yield f"{prefix}.workerGroupSpecs[{group['groupName']}].template", group["template"]
+
+
+def validate_pod_templates(obj: Mapping[str, Any]) -> None:
+    """Check every pod template of a RayCluster or RayJob dict against the Kubernetes schema
+    (strict: unknown fields fail), wrapped in a PodTemplate named after where it sits."""
+    for where, template in pod_templates(obj):
+        wrapped = {"apiVersion": "v1", "kind": "PodTemplate",
+                   "metadata": {"name": re.sub(r"[^a-z0-9-]", "-", where.lower())[:63]},
+                   "template": template}
+        kubernetes_validate.validate(wrapped, K8S_VERSION, strict=True)
 
 
 def _closed(schema: Any) -> Any:
@@ -51,21 +72,17 @@ def crd_spec_schema(crd_path: str | Path, version: str = "v1") -> dict[str, Any]
     """JSON schema of `spec` of one version of a CustomResourceDefinition file, closed to
     unknown fields. Raises ConfigError when the file holds no such version."""
     path = Path(crd_path).resolve()
-    try:
-        stamp = path.stat().st_mtime_ns
-    except OSError as e:
-        raise ConfigError(path, f"cannot read the CRD: {e.strerror}") from e
-    schemas = _crd_spec_schemas(path, stamp)
+    schemas = _crd_spec_schemas(path)
     if version not in schemas:
         raise ConfigError(path, f"no openAPIV3Schema for spec of version {version}; "
                                 f"the file has {sorted(schemas)}")
     return schemas[version]
 
 
-@functools.lru_cache(maxsize=8)
-def _crd_spec_schemas(path: Path, stamp: int) -> dict[str, dict[str, Any]]:
+@functools.cache
+def _crd_spec_schemas(path: Path) -> dict[str, dict[str, Any]]:
     """version -> closed spec schema. CRDs are megabytes of YAML: parsed with libyaml when
-    present, once per file version (`stamp` is its mtime)."""
+    present, once per file."""
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
         crd = yaml.load(path.read_text(), Loader=loader)
@@ -80,8 +97,6 @@ def validate_spec(obj: Mapping[str, Any], crd_path: str | Path) -> None:
 
     Raises ConfigError naming the CRD file and the first offending field path.
     """
-    import jsonschema  # a Ray dependency; imported here to keep module import light
-
     schema = crd_spec_schema(crd_path, obj["apiVersion"].split("/")[-1])
     error = jsonschema.exceptions.best_match(jsonschema.Draft7Validator(schema).iter_errors(obj["spec"]))
     if error is not None:
