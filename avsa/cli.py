@@ -11,8 +11,8 @@ import logging
 import os
 import sys
 
-from avsa.code_version import ENTRY_ENV
 from avsa.errors import AvsaError
+from avsa.tracking.code_version import ENTRY_ENV
 
 # name -> (module with `main(argv) -> int`, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {

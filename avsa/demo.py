@@ -56,7 +56,8 @@ def main(argv: list[str]) -> int:
     cfg = compose(overrides)
     # The per-step [avsa] lines already show progress; Ray Data's bars would bury them.
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    from avsa import mlflow_ui, tracking
+    from avsa import tracking
+    from avsa.tracking import ui
     from avsa.train.driver import pretrain, print_summary
 
     res = pretrain(cfg)
@@ -86,5 +87,5 @@ def main(argv: list[str]) -> int:
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     print(f"[avsa demo] done in {time.perf_counter() - t0:.0f}s. Look at the runs with:")
     print(f"    .venv/bin/mlflow ui --backend-store-uri {uri}")
-    print(f"  then open {mlflow_ui.runs_page(uri, cfg.tracking.experiment)}")
+    print(f"  then open {ui.runs_page(uri, cfg.tracking.experiment)}")
     return 0

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from avsa import resources, run_outputs, storage, sweep_report, tracking
+from avsa import resources, storage, sweep_report, tracking
 from avsa.config import Config, compose, with_absolute_paths
 from avsa.config_checks import temperature_warning
 from avsa.errors import ConfigError
@@ -44,6 +44,7 @@ from avsa.sweep_space import (
     trial_run_name,
     tune_space,
 )
+from avsa.tracking import outputs as run_outputs
 from avsa.train import interrupt
 
 log = logging.getLogger("avsa.sweep")

@@ -6,8 +6,8 @@ import csv
 
 import numpy as np
 
-from avsa import code_version
 from avsa.downstream import report
+from avsa.tracking import code_version
 
 
 def test_binary_confusion_and_per_class_table(tmp_path):

@@ -11,13 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from avsa import code_version, mlflow_models, synth, tracking
+from avsa import synth, tracking
 from avsa.config import compose
 from avsa.data.manifest import read_manifest
 from avsa.data.shards import write_shards
-from avsa.datasets_log import log_datasets, manifest_digest
 from avsa.downstream import run
 from avsa.errors import CheckpointError
+from avsa.tracking import code_version
+from avsa.tracking import models as mlflow_models
+from avsa.tracking.datasets import log_datasets, manifest_digest
 from avsa.train import checkpoint as ckpt
 from avsa.train.objective import audio_channels, model_from_config
 
@@ -134,8 +136,8 @@ def test_model_logging_with_the_server_down_warns_and_returns(
     from mlflowserver import mlflow_server
 
     with mlflow_server(tmp_path / "srv") as uri:
-        logger = tracking.RunLogger.start(uri, "down", "pre", policy=tracking.RetryPolicy(
-            attempts=1, end_timeout_s=1))
+        logger = tracking.RunLogger.start(uri, "down", "pre", policy=tracking.BufferPolicy(
+            end_timeout_s=1))
         uri.stop()
         with caplog.at_level(logging.WARNING, logger="avsa.tracking"):
             assert mlflow_models.log_encoders(logger, checkpoint[0], register_as="x") is None

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from avsa import mlflow_ui, synth
+from avsa import synth
 from avsa.config import compose
 from avsa.data.shards import write_shards
+from avsa.tracking import ui as mlflow_ui
 
 CHROMIUM = next((p for p in ("/usr/bin/chromium", shutil.which("chromium") or "",
                              shutil.which("chromium-browser") or "") if p and Path(p).exists()),

@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
+import os
 import pickle
 import time
-from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -15,11 +15,12 @@ from mlflowserver import free_port
 
 from avsa import tracking
 from avsa.errors import TrackingError
-from avsa.tracking import RetryPolicy, RunLogger, flatten_config
+from avsa.tracking import BufferPolicy, RunLogger, flatten_config
+from avsa.tracking.client import HTTP_DEFAULTS, connect
 
 pytestmark = pytest.mark.slow
 
-FAST = RetryPolicy(attempts=2, backoff_s=0.05, retry_interval_s=0.0, end_timeout_s=5.0)
+FAST = BufferPolicy(retry_interval_s=0.0, end_timeout_s=5.0)
 
 
 @pytest.fixture
@@ -133,6 +134,16 @@ def test_default_tracking_uri_is_absolute_sqlite_under_mlruns(monkeypatch, tmp_p
     assert tracking.default_tracking_uri() == "http://mlflow:5000"
 
 
+def test_mlflow_http_settings_default_but_yield_to_the_environment(monkeypatch):
+    for name in HTTP_DEFAULTS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "99")
+    connect(f"http://127.0.0.1:{free_port()}")
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == HTTP_DEFAULTS[
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "99"
+
+
 def test_check_reachable_closed_port_fails_fast_naming_uri():
     uri = f"http://127.0.0.1:{free_port()}"
     t0 = time.monotonic()
@@ -199,7 +210,6 @@ def test_run_roundtrip(server, client, tmp_path):
     with pytest.raises(TrackingError, match="no such file"):
         run.log_artifact(tmp_path / "missing.txt")
     assert run.log_text("abc", "text/a.txt")
-    assert run.log_dict({"k": 1}, "cfg/config.json")
     run.set_tags({tracking.CHECKPOINT: "s3://bucket/ckpt/3"})
     run.end()
 
@@ -214,7 +224,7 @@ def test_run_roundtrip(server, client, tmp_path):
     assert _steps(client, run.run_id, "loss") == [(s, 1.0 / (s + 1)) for s in range(5)]
     assert [m.step for m in client.get_metric_history(run.run_id, "train/acc")] == [0, 1, 2, 3, 4]
     top = {f.path for f in client.list_artifacts(run.run_id)}
-    assert top == {"reports", "text", "cfg"}
+    assert top == {"reports", "text"}
     reports = [f.path for f in client.list_artifacts(run.run_id, "reports")]
     assert sorted(reports) == ["reports/notes.txt", "reports/plots"]
     assert [f.path for f in client.list_artifacts(run.run_id, "reports/plots")] == [
@@ -315,16 +325,11 @@ def test_resume_continues_the_same_run(server, client, caplog):
     assert _steps(client, run_id, "loss") == [(0, 3.0), (1, 2.0), (2, 1.0)]
 
 
-def test_resolve_run_artifact_and_get_run(server, tmp_path):
+def test_get_run(server):
     run = RunLogger.start(server, "resolve", "r", tags={tracking.CHECKPOINT: "s3://b/c"}, params={})
-    run.log_text("weights", "model/readme.txt")
     run.end()
-    assert tracking.resolve_run_artifact(server, run.run_id, tracking.CHECKPOINT) == "s3://b/c"
-    local = tracking.resolve_run_artifact(server, run.run_id, "model/readme.txt", tmp_path)
-    assert Path(local).read_text() == "weights"
-    with pytest.raises(TrackingError, match=r"no tag or artifact 'missing\.bin'"):
-        tracking.resolve_run_artifact(server, run.run_id, "missing.bin")
-    assert tracking.get_run(server, run.run_id).info.run_name == "r"
+    got = tracking.get_run(server, run.run_id)
+    assert got.info.run_name == "r" and got.data.tags[tracking.CHECKPOINT] == "s3://b/c"
     with pytest.raises(TrackingError, match=f"^{server}: no run 0123456789abcdef"):
         tracking.get_run(server, "0123456789abcdef")
 
@@ -351,7 +356,7 @@ def test_local_sqlite_store(local_store):
 
 def test_end_with_server_gone_warns_and_returns(caplog):
     dead = f"http://127.0.0.1:{free_port()}"
-    run = RunLogger(dead, "feedc0de", "0", RetryPolicy(attempts=1, end_timeout_s=0.5))
+    run = RunLogger(dead, "feedc0de", "0", BufferPolicy(end_timeout_s=0.5))
     t0 = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="avsa.tracking"):
         run.log_metrics({"loss": 1.0, "acc": 0.5}, step=0)
@@ -366,12 +371,12 @@ def test_end_with_server_gone_warns_and_returns(caplog):
 
 def test_buffer_is_bounded():
     dead = f"http://127.0.0.1:{free_port()}"
-    policy = RetryPolicy(attempts=1, retry_interval_s=3600, max_buffer=10, end_timeout_s=0)
+    policy = BufferPolicy(retry_interval_s=3600, max_buffer=10, end_timeout_s=0)
     run = RunLogger(dead, "feedc0de", "0", policy)
     for step in range(25):
         run.log_metrics({"loss": float(step)}, step=step)
     assert run.pending == 10
-    assert [m.step for m in run._metrics] == list(range(15, 25))
+    assert [m.step for m in run._buffer.metrics] == list(range(15, 25))
 
 
 # ----------------------------------------------------------------------------- outage

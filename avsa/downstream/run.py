@@ -27,10 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from avsa import mlflow_models, system_metrics, tracking
+from avsa import tracking
 from avsa.config import Config, DownstreamConfig, compose, from_dict
 from avsa.data.labels import CLASSES, NUM_CLASSES
-from avsa.datasets_log import log_datasets
 from avsa.downstream import report
 from avsa.downstream.action import ActionTask
 from avsa.downstream.binary import BinaryTask
@@ -39,6 +38,9 @@ from avsa.downstream.heads import pick_device
 from avsa.downstream.segmentation import SegmentationTask
 from avsa.errors import CheckpointError, ConfigError
 from avsa.models import AVSANet
+from avsa.tracking import models as mlflow_models
+from avsa.tracking import system_metrics
+from avsa.tracking.datasets import log_datasets
 from avsa.train.objective import audio_channels, model_from_config
 
 log = logging.getLogger("avsa.transfer")
@@ -224,23 +226,14 @@ def run_transfer(cfg: Config, memo: dict | None = None) -> TransferResult:
                                       "data": data, "model": pre.model_config})
     if pre.version is not None:
         tags[mlflow_models.MODEL_VERSION_TAG] = f"{pre.version.name}/{pre.version.version}"
-    logger = tracking.RunLogger.start(uri, ds.experiment, name, tags=tags, params=params)
-    _log_inputs(logger, cfg, pre)
-    monitor = system_metrics.start(logger, cfg.tracking)
-    try:
+    with (tracking.RunLogger.start(uri, ds.experiment, name, tags=tags, params=params) as logger,
+          system_metrics.sampling(logger, cfg.tracking)):
+        _log_inputs(logger, cfg, pre)
         examples: dict[str, np.ndarray] = {}
         metrics = _task_metrics(cfg, pre, logger.log_metrics, examples, memo)
         logger.log_metrics(metrics, step=ds.epochs)
         _log_examples(logger, examples)
         _log_report(logger, ds.task, examples)
-    except BaseException as e:
-        if monitor is not None:
-            monitor.stop()
-        logger.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
-        raise
-    if monitor is not None:
-        monitor.stop()
-    logger.end("FINISHED")
     return TransferResult(ds.task, pre.pretext, pre.ref, logger.run_id, uri, ds.experiment,
                           context, mode, metrics)
 

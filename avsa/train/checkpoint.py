@@ -127,9 +127,10 @@ def resolve_init(ref: str, tracking_uri: str | None = None) -> tuple[dict[str, A
     """
     uri = ref
     if ref.startswith("models:/"):  # a registered version: its weights and config
-        from avsa import mlflow_models, tracking
+        from avsa import tracking
+        from avsa.tracking import models
 
-        state, version = mlflow_models.load_state(ref, tracking.resolve_tracking_uri(tracking_uri))
+        state, version = models.load_state(ref, tracking.resolve_tracking_uri(tracking_uri))
         return state, version.uri
     if _RUN_ID.match(ref):
         from avsa import tracking

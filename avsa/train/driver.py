@@ -19,11 +19,12 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
-from avsa import lease, resources, run_outputs, storage, tracking
+from avsa import lease, resources, storage, tracking
 from avsa.config import Config, compose, with_absolute_paths
 from avsa.config_checks import check_batch_fits_data, temperature_warning
 from avsa.data.manifest import read_manifest
 from avsa.errors import AvsaError, CheckpointError, StorageError
+from avsa.tracking import outputs as run_outputs
 from avsa.train import interrupt, resume
 
 log = logging.getLogger("avsa.train")

@@ -143,9 +143,8 @@ def kill_children(uri: str, experiment: str, parent_run_id: str, signame: str) -
 
     ids = tracking.running_children(uri, parent_run_id)
     for run_id in ids:
-        child = tracking.RunLogger.start(uri, experiment, None, resume_run_id=run_id)
-        child.set_tags({STOPPED_BY: signame})
-        child.end("KILLED")
+        tracking.RunLogger.start(uri, experiment, None, resume_run_id=run_id,
+                                 tags={STOPPED_BY: signame}).end("KILLED")
     return len(ids)
 
 

@@ -19,9 +19,10 @@ from typing import Any
 
 import torch
 
-from avsa import storage, system_metrics
+from avsa import storage
 from avsa.config import Config, from_dict
 from avsa.errors import CheckpointError
+from avsa.tracking import system_metrics
 from avsa.train import checkpoint as ckpt
 from avsa.train import resume
 from avsa.train.objective import (

@@ -10,12 +10,12 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from avsa import mlflow_models
-from avsa.datasets_log import log_datasets
+from avsa.tracking import models
+from avsa.tracking.datasets import log_datasets
 
 if TYPE_CHECKING:
     from avsa.config import Config
-    from avsa.tracking import RunLogger
+    from avsa.tracking.run import RunLogger
 
 log = logging.getLogger("avsa.tracking")
 
@@ -33,7 +33,7 @@ def finish_pretraining(logger: RunLogger, cfg: Config, checkpoint_uri: str | Non
     if not checkpoint_uri:
         return
     if cfg.tracking.log_model and not _has_model(logger):
-        mlflow_models.log_encoders(logger, checkpoint_uri, step=step,
+        models.log_encoders(logger, checkpoint_uri, step=step,
                                    register_as=cfg.tracking.model_name if register else None)
     try:
         from avsa.pretrain_figure import log_figure
@@ -43,12 +43,12 @@ def finish_pretraining(logger: RunLogger, cfg: Config, checkpoint_uri: str | Non
         log.warning("no prediction figure for run %s: %s", logger.run_id, e)
 
 
-def register_best(logger: RunLogger, cfg: Config) -> mlflow_models.ModelRef | None:
+def register_best(logger: RunLogger, cfg: Config) -> models.ModelRef | None:
     """Register the best trial's model as a version of ``tracking.model_name`` with the
     alias ``best``."""
     if not cfg.tracking.log_model:
         return None
-    return mlflow_models.register(logger, cfg.tracking.model_name, alias=mlflow_models.BEST_ALIAS)
+    return models.register(logger, cfg.tracking.model_name, alias=models.BEST_ALIAS)
 
 
 def _has_model(logger: RunLogger) -> bool:

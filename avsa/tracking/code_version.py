@@ -27,7 +27,7 @@ CODE_VERSION = "avsa.code_version"  # "<package version>+g<commit>[.dirty]" or "
 ENTRY_ENV = "AVSA_ENTRY_POINT"  # set by `avsa` and jobs/*.py so Ray workers name the command
 COMMIT_ENV = "AVSA_GIT_COMMIT"  # set by image builds that have no .git
 
-_ROOT = Path(__file__).resolve().parent.parent
+_ROOT = Path(__file__).resolve().parents[2]  # the checkout holding avsa/
 
 
 def _git(*args: str) -> str | None:

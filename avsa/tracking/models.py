@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from avsa.errors import CheckpointError, TrackingError
+from avsa.tracking.client import connect, one_line
 
 if TYPE_CHECKING:
     from avsa.config import Config
-    from avsa.tracking import RunLogger
+    from avsa.tracking.run import RunLogger
 
 log = logging.getLogger("avsa.tracking")
 
@@ -194,24 +195,17 @@ def register(logger: RunLogger, name: str, alias: str | None = None) -> ModelRef
 
 def resolve(ref: str, tracking_uri: str) -> ModelRef:
     """The registered version behind ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``."""
-    from avsa import tracking
-
     m = _MODELS_URI.match(ref)
     if m is None:
         raise CheckpointError(ref, "expected models:/NAME/VERSION or models:/NAME@ALIAS")
-    client = tracking._client(tracking_uri)
-    name = m["name"]
-
-    def get():
-        if m["version"]:
-            return client.get_model_version(name, m["version"])
-        return client.get_model_version_by_alias(name, m["alias"])
-
+    registry, name = connect(tracking_uri), m["name"]
     try:
-        mv = tracking._with_retries(get, 3, 0.5)
+        if m["version"]:
+            mv = registry.get_model_version(name, m["version"])
+        else:
+            mv = registry.get_model_version_by_alias(name, m["alias"])
     except Exception as e:
-        raise CheckpointError(ref, f"no such registered model version ({tracking._one_line(e)})"
-                              ) from None
+        raise CheckpointError(ref, f"no such registered model version ({one_line(e)})") from None
     model_id = getattr(mv, "model_id", None)
     if not model_id and (mv.source or "").startswith("models:/m-"):  # servers that omit it
         model_id = mv.source[len("models:/"):]
@@ -225,19 +219,15 @@ def load_state(ref: str, tracking_uri: str) -> tuple[dict[str, Any], ModelRef]:
     import torch
     from omegaconf import OmegaConf
 
-    from avsa import tracking
-
     version = resolve(ref, tracking_uri)
     with tempfile.TemporaryDirectory(prefix="avsa-model-") as tmp:
         try:
-            client = tracking._client(tracking_uri)
-            location = client.get_logged_model(version.model_id).artifact_location
+            location = connect(tracking_uri).get_logged_model(version.model_id).artifact_location
             local = Path(mlflow.artifacts.download_artifacts(
                 artifact_uri=location, dst_path=tmp, tracking_uri=tracking_uri))
             extra = local / "extra_files"  # where mlflow.pytorch keeps extra_files
             weights = torch.load(extra / WEIGHTS, map_location="cpu", weights_only=True)
             config = OmegaConf.to_container(OmegaConf.load(extra / CONFIG), resolve=True)
         except Exception as e:
-            raise CheckpointError(version.uri, f"cannot load the model "
-                                               f"({tracking._one_line(e)})") from None
+            raise CheckpointError(version.uri, f"cannot load the model ({one_line(e)})") from None
     return {"model": weights, "config": config}, version

@@ -4,20 +4,22 @@ MLflow's :class:`~mlflow.system_metrics.system_metrics_monitor.SystemMetricsMoni
 with psutil (and pynvml on NVIDIA GPUs) in a daemon thread. Its own loop asks the server for
 the run's status after every sample and stops for good at the first failed request, so a
 tracking outage would end the figures for the rest of the run. Here the same collectors
-publish through the run's :class:`~avsa.tracking.RunLogger` instead, whose buffer carries an
+publish through the run's :class:`~avsa.tracking.run.RunLogger` instead, whose buffer carries an
 outage; the thread stops when told to, nothing else. One sample every
 ``tracking.system_metrics_interval_s`` (10 s) costs well under a millisecond of CPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from avsa.config import TrackingConfig
-    from avsa.tracking import RunLogger
+    from avsa.tracking.run import RunLogger
 
 log = logging.getLogger("avsa.tracking")
 
@@ -82,3 +84,15 @@ def start(logger: RunLogger | None, tracking: TrackingConfig, node: str = "") ->
         log.warning("system metrics off for run %s: %s", logger.run_id, e)
         return None
     return monitor.start()
+
+
+@contextlib.contextmanager
+def sampling(logger: RunLogger | None, tracking: TrackingConfig,
+             node: str = "") -> Iterator[_Monitor | None]:
+    """:func:`start` for the block, stopped at its end however the block ends."""
+    monitor = start(logger, tracking, node)
+    try:
+        yield monitor
+    finally:
+        if monitor is not None:
+            monitor.stop()

@@ -22,11 +22,11 @@ def experiment_page(ui: str, experiment_id: str | None) -> str:
 def runs_page(tracking_uri: str, experiment: str, ui: str = "http://127.0.0.1:5000") -> str:
     """The runs table of the experiment named ``experiment`` in the store ``tracking_uri``,
     served at ``ui``; the experiment list if it does not exist (or cannot be read)."""
-    from avsa import tracking
+    from avsa.tracking.client import connect
+    from avsa.tracking.store import experiment_id
 
     try:
-        exp_id = tracking._experiment_id(tracking._client(tracking_uri), tracking_uri,
-                                         experiment, create=False)
+        exp_id = experiment_id(connect(tracking_uri), tracking_uri, experiment, create=False)
     except Exception:
         exp_id = None
     return experiment_page(ui, exp_id)

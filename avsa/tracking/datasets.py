@@ -19,7 +19,7 @@ from avsa.data.manifest import Manifest, read_manifest, shard_dir
 from avsa.errors import AvsaError
 
 if TYPE_CHECKING:
-    from avsa.tracking import RunLogger
+    from avsa.tracking.run import RunLogger
 
 log = logging.getLogger("avsa.tracking")
 DIGEST_CHARS = 16  # MLflow stores at most 36

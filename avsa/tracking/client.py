@@ -1,0 +1,182 @@
+"""The connection to MLflow: tracking URIs, the client, its HTTP settings, reachability.
+
+Tracking URIs: ``http(s)://HOST:PORT`` (a tracking server), ``sqlite:///PATH`` (a local
+database). MLflow 3 refuses the old ``./mlruns`` file store unless
+``MLFLOW_ALLOW_FILE_STORE=true``, so the local default is ``sqlite:///<cwd>/mlruns/mlflow.db``
+with artifacts in ``<cwd>/mlruns/artifacts``; browse it with
+``mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db``.
+
+Retries are MLflow's own (urllib3 under ``requests``): every REST call retries connection
+errors, timeouts, 429 and 5xx. MLflow's defaults retry for minutes, which would stall a
+training step; unless the environment sets them, this process uses 2 retries (about 2.5 s in
+all) and a 15 s timeout, and an outage longer than that is carried by the run's buffer
+(:mod:`avsa.tracking.buffer`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import urllib.parse
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from avsa.errors import TrackingError
+
+DEFAULT_LOCAL_DIR = "mlruns"
+# Bounded scheme length keeps the scan linear on long values.
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]{0,30}://)[^/@\s]{1,512}@")
+
+# MLflow's HTTP settings (mlflow.environment_variables), applied where the environment does
+# not set them. Backoff: 0 s before the first retry, FACTOR * 2 s (+ up to JITTER s) before
+# the second.
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
+}
+
+T = TypeVar("T")
+
+
+# ----------------------------------------------------------------------------- URIs
+
+
+def default_tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<cwd>/mlruns/mlflow.db`` (absolute, so
+    Ray workers with another working directory write to the same store). Inside a submitted Ray
+    job, where that store would be lost, raises TrackingError instead."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return resolve_tracking_uri(env)
+    from avsa.ray_job import refuse_untracked_job
+
+    refuse_untracked_job()
+    return f"sqlite:///{Path.cwd() / DEFAULT_LOCAL_DIR / 'mlflow.db'}"
+
+
+def resolve_tracking_uri(uri: str | None) -> str:
+    """The URI to use: the default for None/empty, relative local paths made absolute."""
+    if not uri:
+        return default_tracking_uri()
+    uri = str(uri)
+    scheme = urllib.parse.urlparse(uri).scheme
+    if scheme == "sqlite" and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        rel = uri[len("sqlite:///") :]
+        if rel and rel != ":memory:":
+            return f"sqlite:///{Path(rel).resolve()}"
+    if scheme == "" and uri not in ("databricks",):
+        return Path(uri).resolve().as_uri()
+    return uri
+
+
+def is_remote(uri: str) -> bool:
+    """True for ``http://`` and ``https://`` tracking URIs."""
+    return urllib.parse.urlparse(str(uri)).scheme in ("http", "https")
+
+
+def redact(text: str) -> str:
+    """``text`` with the ``user:password@`` part of any URI in it replaced by ``***@``."""
+    text = str(text)
+    if "@" not in text or "://" not in text:
+        return text
+    return _USERINFO.sub(r"\g<scheme>***@", text)
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI; None for other stores."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///") :]
+    return None if not path or path == ":memory:" else Path(path)
+
+
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """An error as one redacted line of at most ``limit`` characters."""
+    text = redact(" ".join(str(e).split()) or type(e).__name__)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ----------------------------------------------------------------------------- the client
+
+
+def connect(uri: str):
+    """An MlflowClient for ``uri`` with this process's HTTP settings; prepares the local
+    folder of a SQLite store."""
+    from mlflow.tracking import MlflowClient
+
+    if is_remote(uri):
+        for name, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(name, value)
+    db = sqlite_path(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri=uri)
+
+
+def is_transient(e: BaseException) -> bool:
+    """Worth trying again later: connection trouble, timeouts, HTTP 5xx and 429 (MLflow
+    reports a failed connection as an INTERNAL_ERROR, HTTP 500)."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(e, MlflowException):
+        status = e.get_http_status_code()
+        return status >= 500 or status == 429
+    return isinstance(e, OSError)
+
+
+def health(uri: str, timeout_s: float) -> None:
+    """One ``GET /health`` through MLflow's own request helper (its credentials, TLS
+    settings and ``user:password@`` handling), without retries. Raises when not OK."""
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    resp = http_request(get_default_host_creds(uri), "/health", "GET", max_retries=0,
+                        timeout=timeout_s)
+    if resp.status_code != 200:
+        raise TrackingError(redact(uri), f"MLflow tracking server unhealthy "
+                                         f"(HTTP {resp.status_code})")
+
+
+def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
+    """Fail fast, before any compute, when the tracking store cannot be used.
+
+    http(s): ``/health`` must answer within ``timeout_s`` and the REST API must list
+    experiments (this catches bad credentials too). Local stores: the store must open.
+    Raises TrackingError("URI: reason") on failure.
+    """
+    uri = str(uri)
+    where = redact(uri)
+    if is_remote(uri):
+        try:
+            health(uri, timeout_s)
+        except TrackingError:
+            raise
+        except Exception as e:
+            raise TrackingError(where, f"MLflow tracking server unreachable ({one_line(e)})"
+                                ) from e
+    scheme = urllib.parse.urlparse(uri).scheme
+    file_store = uri != "databricks" and scheme in ("", "file")
+    if file_store and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":
+        raise TrackingError(
+            where,
+            "MLflow 3 refuses the file store; use sqlite:///mlruns/mlflow.db "
+            "(or set MLFLOW_ALLOW_FILE_STORE=true)",
+        )
+    try:
+        connect(uri).search_experiments(max_results=1)
+    except Exception as e:
+        kind = "MLflow tracking server unusable" if is_remote(uri) else "MLflow store unusable"
+        raise TrackingError(where, f"{kind} ({one_line(e)})") from e
+
+
+def reading(uri: str, what: str, fn: Callable[[], T]) -> T:
+    """``fn()``; any failure (after MLflow's retries) as TrackingError("URI: what failed")."""
+    try:
+        return fn()
+    except TrackingError:
+        raise
+    except Exception as e:
+        raise TrackingError(redact(uri), f"{what} failed ({one_line(e)})") from e
