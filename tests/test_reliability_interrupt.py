@@ -2,7 +2,7 @@
 its own local Ray, as a user's command does) that track to a real `mlflow server`:
 
 1. SIGINT once checkpoint 4 is complete: exit 130, one line saying how to resume, the MLflow
-   run KILLED with the step reached, no process of that Ray left behind. Meanwhile the same
+   run KILLED with the step reached, no process of that Ray left behind. Before that, the same
    command started again is refused at once, naming the holder.
 2. The newest checkpoint's `state.pt` truncated, then the command run again: one message, the
    checkpoint set aside, the run resumes from the one before; SIGTERM once it has committed a
@@ -31,7 +31,7 @@ from avsa.train.resume import COMMITTED
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parent.parent
-STEPS = 12
+STEPS = 16  # room for the stops below to land before the end on a slow machine
 
 
 @pytest.fixture(scope="module")
@@ -101,9 +101,10 @@ def test_interrupt_damage_and_resume(shards, tmp_path, mlflow_uri):
     client = MlflowClient(mlflow_uri)
     ray_tmp = tempfile.mkdtemp(prefix="/tmp/ri")  # short: Ray's socket paths live in it
 
-    # 1. SIGINT once checkpoint 4 is complete; a second identical command meanwhile.
+    # 1. A second identical command while the first holds the run directory; SIGINT to the
+    # first once checkpoint 4 is complete.
     first = _start(args, ray_tmp)
-    _wait_for(_ckpt(run, 4) / COMMITTED, first)
+    _wait_for(run / "avsa_lease.json", first)
     t0 = time.monotonic()
     second = subprocess.run([sys.executable, "-m", "avsa.cli", *args], cwd=REPO,
                             env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
@@ -114,6 +115,7 @@ def test_interrupt_damage_and_resume(shards, tmp_path, mlflow_uri):
     assert f"{run}: in use by another avsa pretrain (host " in line, line
     assert f"pid {first.pid}, started " in line
     assert refused_s < 30, refused_s  # a fresh interpreter's imports, then one file create
+    _wait_for(_ckpt(run, 4) / COMMITTED, first)
     os.kill(first.pid, signal.SIGINT)
     _, err = first.communicate(timeout=180)
     assert first.returncode == 130, err[-3000:]

@@ -429,3 +429,22 @@ def test_outage_buffers_then_delivers_with_original_steps(server, client, caplog
     assert client.get_run(lazy.run_id).info.status == "FINISHED"
     run.end()
     assert client.get_run(run.run_id).info.status == "FINISHED"
+
+
+def test_system_metrics_of_a_resumed_run_continue_their_steps(server, client):
+    """Each attempt samples on from the last one's step; training steps ignore the samples."""
+    from avsa.config import TrackingConfig
+    from avsa.tracking import system_metrics
+
+    cfg = TrackingConfig(system_metrics=True, system_metrics_interval_s=0.2)
+    run = RunLogger.start(server, "sysmetrics", "resumed", tags={}, params={})
+    run.log_metrics({"train/loss": 1.0}, step=3)
+    for _attempt in range(2):
+        with system_metrics.sampling(run, cfg):
+            time.sleep(0.7)
+        run.flush()
+    key = next(k for k in client.get_run(run.run_id).data.metrics if k.startswith("system/"))
+    steps = [s for s, _ in _steps(client, run.run_id, key)]
+    assert len(steps) >= 4 and steps == list(range(1, len(steps) + 1)), steps
+    assert tracking.last_logged_step(server, run.run_id) == 3
+    run.end()

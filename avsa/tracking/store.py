@@ -19,6 +19,7 @@ PARENT = "mlflow.parentRunId"
 NOTE = "mlflow.note.content"  # the run description shown by the MLflow UI
 # The experiment tag MLflow 3's UI reads to open an experiment on its runs table ("Model
 # training") instead of the GenAI views (traces).
+SYSTEM = "system/"  # the prefix of system-metric keys, sampled on their own steps from 1
 EXPERIMENT_KIND = "mlflow.experimentKind"
 EXPERIMENT_KIND_VALUE = "custom_model_development"
 
@@ -96,15 +97,18 @@ def get_run(uri: str, run_id: str):
         raise TrackingError(redact(uri), f"reading run {run_id} failed ({one_line(e)})") from e
 
 
-def last_logged_step(uri: str, run_id: str) -> int:
-    """The largest step any metric of the run was logged at (0 for none): a resumed attempt
-    logs only the steps after it, so every metric key keeps one value per step."""
+def last_logged_step(uri: str, run_id: str, system: bool = False) -> int:
+    """The largest step a metric of the run was logged at (0 for none): a resumed attempt
+    logs only the steps after it, so every metric key keeps one value per step. Training
+    steps and system-metric samples (keys under SYSTEM, `system=True`) count apart."""
     mlflow_client = connect(str(uri))
     run = get_run(uri, run_id)
+    keys = [k for k in run.data.metrics if k.startswith(SYSTEM) == system]
+    if system:
+        keys = keys[:1]  # every system metric is sampled at the same steps
 
     def last() -> int:
-        steps = [int(m.step) for key in run.data.metrics
-                 for m in mlflow_client.get_metric_history(run_id, key)]
+        steps = [int(m.step) for key in keys for m in mlflow_client.get_metric_history(run_id, key)]
         return max([0, *steps])
 
     return reading(uri, f"reading the metric history of run {run_id}", last)

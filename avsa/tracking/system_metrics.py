@@ -21,11 +21,14 @@ if TYPE_CHECKING:
     from avsa.config import TrackingConfig
     from avsa.tracking.run import RunLogger
 
+from avsa.errors import TrackingError
+from avsa.tracking.store import SYSTEM, last_logged_step
+
 log = logging.getLogger("avsa.tracking")
 
 
 class _Monitor:
-    def __init__(self, logger: RunLogger, interval_s: float, prefix: str):
+    def __init__(self, logger: RunLogger, interval_s: float, prefix: str, first_step: int):
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
         # Only its collectors are used: __init__ makes no request (resume_logging=False).
@@ -34,7 +37,7 @@ class _Monitor:
         self.logger = logger
         self.interval_s = float(self._mlflow.sampling_interval)
         self.prefix = prefix
-        self.step = 0
+        self.step = first_step
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="avsa-system-metrics")
 
@@ -79,11 +82,21 @@ def start(logger: RunLogger | None, tracking: TrackingConfig, node: str = "") ->
         return None
     try:
         monitor = _Monitor(logger, tracking.system_metrics_interval_s,
-                           "system/" + (f"{node}/" if node else ""))
+                           SYSTEM + (f"{node}/" if node else ""), _first_step(logger))
     except Exception as e:  # e.g. psutil missing
         log.warning("system metrics off for run %s: %s", logger.run_id, e)
         return None
     return monitor.start()
+
+
+def _first_step(logger: RunLogger) -> int:
+    """1 for a new run; one past the samples a resumed run already holds, so each system
+    metric keeps one value per step across attempts (1 too when the server cannot say)."""
+    try:
+        return last_logged_step(logger.uri, logger.run_id, system=True) + 1
+    except TrackingError as e:
+        log.debug("system metrics: no earlier samples read (%s)", e)
+        return 1
 
 
 @contextlib.contextmanager
