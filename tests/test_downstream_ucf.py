@@ -9,13 +9,13 @@ import av
 import numpy as np
 import pytest
 import torch
+from presets import tiny_model
 
 from avsa import media
 from avsa.config import DataConfig
 from avsa.downstream import ucf
 from avsa.downstream.action import run_action
 from avsa.errors import MediaError
-from avsa.models import build_model
 
 CLASSES = ["Jump", "Run", "Swim"]
 CFG = DataConfig(fps=8.0, frames=4, crop_size=16)
@@ -140,7 +140,7 @@ def test_action_transfer_on_a_ucf_fold(ucf_root):
     layout = ucf.load_layout(ucf_root, 2)
     src = ucf.LayoutSource(layout, CFG, batch_size=6, eval_clips=2)
     logged = []
-    m = run_action(build_model("tiny").video_encoder, src, num_classes=3, mode="finetune",
+    m = run_action(tiny_model().video_encoder, src, num_classes=3, mode="finetune",
                    epochs=2, lr=1e-3, eval_clips=2, device=torch.device("cpu"),
                    log_metrics=lambda metrics, s: logged.append(s))
     assert logged == [0, 1]

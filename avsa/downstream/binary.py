@@ -39,7 +39,7 @@ from avsa.downstream.heads import (
 )
 from avsa.errors import ShardError
 from avsa.models import AVSANet
-from avsa.train.objective import to_device
+from avsa.models.inputs import to_device
 
 log = logging.getLogger(__name__)
 

@@ -38,8 +38,8 @@ from avsa.downstream.heads import encode_passes, freeze
 from avsa.downstream.stats import iou
 from avsa.errors import ShardError
 from avsa.models import AVSANet
+from avsa.models.inputs import normalize_video, to_device
 from avsa.models.video import VideoEncoder
-from avsa.train.objective import normalize_video, to_device
 
 CONTEXTS = ("video", "audio", "context")
 SEG_WEIGHTS = ("median", "inverse", "none")
