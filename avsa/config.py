@@ -71,8 +71,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """The network `avsa.models.build_model` builds; the presets are `configs/model/*.yaml`
-    (`model=tiny`), these defaults are the paper's network."""
+    """What `avsa.models.build_model` builds; presets: configs/model/*.yaml (`model=tiny`)."""
 
     name: str = "full"  # the preset these values came from: a label in MLflow and reports
     video_width: int = 64
@@ -191,23 +190,17 @@ class Config:
         return f"{self.loss.kind}-v{self.data.num_viewpoints}-{config_digest(self)[:10]}"
 
 
-# Groups that never change what a run computes: where it is stored and tracked, and what
-# transfer does with it afterwards.
+# Groups that never change what a run computes: where it is stored and tracked, and transfer.
 _NOT_IN_DIGEST = ("storage", "tracking", "downstream")
-# Sweep keys that change only how fast a sweep runs.
-_NOT_IN_SWEEP_DIGEST = ("max_concurrent_trials",)
 
 
 def config_digest(cfg: Config, *, sweep: bool = False) -> str:
-    """16 hex digits of sha256 over what shapes a run's checkpoints: the config without where
-    it is stored and tracked and the downstream settings. The sweep settings count only with
-    `sweep` (a sweep's identity), all but `sweep.max_concurrent_trials`."""
-    d = cfg.to_dict()
-    for group in _NOT_IN_DIGEST:
-        d.pop(group)
+    """16 hex digits of sha256 over what shapes a run's checkpoints (all but storage, tracking
+    and downstream). The sweep settings count only with `sweep` (a sweep's identity), all but
+    `sweep.max_concurrent_trials`, which changes only how fast it runs."""
+    d = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_IN_DIGEST}
     if sweep:
-        for key in _NOT_IN_SWEEP_DIGEST:
-            d["sweep"].pop(key)
+        d["sweep"].pop("max_concurrent_trials")
     else:
         d.pop("sweep")
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
