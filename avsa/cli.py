@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "shard": ("avsa.data.shard_cli", "validate clips and write tar shards + manifest (local or s3://)"),
     "config": ("avsa.cli", "print the composed, validated config for some overrides"),
     "pretrain": ("avsa.train.driver", "pretrain with Ray Train (AVSA, AVC or AVTS) [overrides]"),
-    "sweep": ("avsa.sweep", "Ray Tune sweep over config keys, tracked in MLflow [overrides]"),
+    "sweep": ("avsa.sweep.driver", "Ray Tune sweep over config keys, tracked in MLflow [overrides]"),
     "transfer": ("avsa.downstream.run", "downstream transfer TASK pretrain=RUN|URI|scratch"),
     "compare": ("avsa.downstream.compare", "paper-style table of transfer results from MLflow"),
     "submit": ("avsa.cluster", "print a KubeRay RayJob sized by flags, for kubectl create -f -"),

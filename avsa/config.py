@@ -71,7 +71,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "full"
+    """What `avsa.models.build_model` builds; presets: configs/model/*.yaml (`model=tiny`)."""
+
+    name: str = "full"  # the preset these values came from: a label in MLflow and reports
     video_width: int = 64
     audio_width: int = 64
     embed_dim: int = 128
@@ -108,7 +110,6 @@ class TrainConfig:
     val_every: int = 0
     val_batches: int = 4
     max_failures: int = 3
-    fail_at_step: int | None = None
     seed: int = 0
 
 
@@ -186,13 +187,23 @@ class Config:
         """Deterministic run name: the same config resubmitted finds (and resumes) its run."""
         if self.storage.run_name:
             return self.storage.run_name
-        d = self.to_dict()
-        for volatile in ("sweep", "downstream", "tracking"):
-            d.pop(volatile)
-        d["train"].pop("fail_at_step")
-        d["storage"].pop("lease_wait_s")
-        digest = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
-        return f"{self.loss.kind}-v{self.data.num_viewpoints}-{digest}"
+        return f"{self.loss.kind}-v{self.data.num_viewpoints}-{config_digest(self)[:10]}"
+
+
+# Groups that never change what a run computes: where it is stored and tracked, and transfer.
+_NOT_IN_DIGEST = ("storage", "tracking", "downstream")
+
+
+def config_digest(cfg: Config, *, sweep: bool = False) -> str:
+    """16 hex digits of sha256 over what shapes a run's checkpoints (all but storage, tracking
+    and downstream). The sweep settings count only with `sweep` (a sweep's identity), all but
+    `sweep.max_concurrent_trials`, which changes only how fast it runs."""
+    d = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_IN_DIGEST}
+    if sweep:
+        d["sweep"].pop("max_concurrent_trials")
+    else:
+        d.pop("sweep")
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def audio_channels(data: DataConfig) -> int:
@@ -351,8 +362,6 @@ def validate(cfg: Config) -> Config:
     _in_range("train.curriculum_avc_steps", t.curriculum_avc_steps, 0, t.max_steps)
     _check(not t.curriculum or t.curriculum_avc_steps > 0, "train.curriculum_avc_steps",
            "> 0 when train.curriculum=true", t.curriculum_avc_steps)
-    if t.fail_at_step is not None:
-        _in_range("train.fail_at_step", t.fail_at_step, 1, t.max_steps)
 
     _check(bool(cfg.storage.path), "storage.path", "a local path or s3:// URI", cfg.storage.path)
     _in_range("storage.lease_wait_s", cfg.storage.lease_wait_s, 0, 7 * 86400)

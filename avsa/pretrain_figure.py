@@ -26,7 +26,7 @@ FIGURE = "viewpoint_matches.png"
 def predicted_matches(model, batch: dict) -> torch.Tensor:
     """(B, V) index of the audio viewpoint whose embedding is closest to each crop's
     predicted audio embedding (the AVSA objective's choice)."""
-    from avsa.train.objective import normalize_video
+    from avsa.models.inputs import normalize_video
 
     model.eval()
     out = model(normalize_video(batch["video"], None), batch["audio"], batch.get("directions"))
@@ -67,14 +67,15 @@ def render(batch: dict, matches: torch.Tensor, path: Path, clip: int = 0) -> Non
 def log_figure(logger: RunLogger, cfg: Config, checkpoint_uri: str) -> bool:
     """Render the figure for the network at ``checkpoint_uri`` on the first validation clip
     (training shards when there are none) and log it; False when there is nothing to show."""
+    from avsa.config import audio_channels
     from avsa.data.pipeline import iter_local
+    from avsa.models import build_model
     from avsa.train.checkpoint import resolve_init
-    from avsa.train.objective import audio_channels, model_from_config
 
     if cfg.loss.kind != "avsa" or cfg.data.num_viewpoints < 2:
         return False
     state, _ = resolve_init(checkpoint_uri)
-    model = model_from_config(cfg.model, audio_channels(cfg))
+    model = build_model(cfg.model, audio_channels(cfg.data))
     model.load_state_dict(state["model"])
     data = replace(cfg.data, augment=False)
     batch = next(iter(iter_local(cfg.data.val_shards or cfg.data.shards, data, epochs=1, seed=0,

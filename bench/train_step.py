@@ -9,8 +9,9 @@ Prints ONE JSON line on stdout (everything else goes to stderr):
 The batches are synthetic tensors of the pipeline's shapes and dtypes (no decoding): video uint8
 (B, V, 3, T, S, S), audio float32 log-mel (B, V, 4, F, M), directions (B, V, 2) radians. A few
 batches are made once in host memory (pinned on CUDA) and copied to the device every step, as
-the training loop does. `step_fn` is shared by the bare PyTorch loop (this process) and the Ray
-Train worker (a 1-worker `TorchTrainer`): same model, same batches, same torch thread count.
+the training loop does. The step is the training loop's own (`avsa.train.loop.train_step`),
+run by the bare PyTorch loop (this process) and by the Ray Train worker (a 1-worker
+`TorchTrainer`): same model, same batches, same torch thread count.
 The two alternate round by round (the worker waits on a file while the bare loop runs, and the
 other way round); `ray_over_bare` is the ratio of their medians, `ray_over_bare_best` of their
 best rounds. Ray starts its workers at nice 15; here they run at the bare loop's priority unless
@@ -53,14 +54,10 @@ from typing import Any
 import torch
 
 from avsa.config import Config, compose
-from avsa.train.loop import _autocast
-from avsa.train.objective import (
-    compute_objective,
-    model_from_config,
-    to_channels_last,
-    to_device,
-    use_channels_last,
-)
+from avsa.models import build_model
+from avsa.models.inputs import to_channels_last, use_channels_last
+from avsa.train.loop import train_step
+from avsa.train.objective import compute_objective
 
 log = logging.getLogger("bench.train_step")
 REPO = Path(__file__).resolve().parent.parent
@@ -133,7 +130,7 @@ def build(cfg: Config, spec: Spec, device: torch.device, prepare=None):
     """Model and optimiser as training builds them; `prepare` wraps the model (Ray Train's
     `prepare_model`), else it is moved to `device`."""
     torch.manual_seed(spec.seed)
-    model = model_from_config(cfg.model, 4)
+    model = build_model(cfg.model)
     if _channels_last(spec, device):
         to_channels_last(model)
     model = prepare(model) if prepare else model.to(device)
@@ -146,20 +143,6 @@ def build(cfg: Config, spec: Spec, device: torch.device, prepare=None):
 
 def _channels_last(spec: Spec, device: torch.device) -> bool:
     return use_channels_last(device) if spec.channels_last is None else spec.channels_last
-
-
-def step_fn(model, opt, batch: dict[str, torch.Tensor], cfg: Config, device: torch.device,
-            channels_last: bool) -> torch.Tensor:
-    """One AVSA training step from a host batch; returns the loss on the device (no sync)."""
-    b = to_device(batch, device)
-    with _autocast(cfg, device):
-        loss, _ = compute_objective(model, b, kind="avsa", temperature=cfg.loss.temperature,
-                                    easy_negatives=cfg.loss.easy_negatives,
-                                    channels_last=channels_last)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return loss.detach()
 
 
 def _sync(device: torch.device) -> None:
@@ -191,13 +174,13 @@ def timed(model, opt, batches, cfg, spec: Spec, device, *, warmup: int, steps: i
         return batch
 
     for _ in range(warmup):
-        step_fn(model, opt, next_batch(False), cfg, device, cl)
+        train_step(model, opt, next_batch(False), cfg, device, kind="avsa", channels_last=cl)
     _sync(device)
     if steps == 0:
         return {}
     t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(steps):
-        step_fn(model, opt, next_batch(True), cfg, device, cl)
+        train_step(model, opt, next_batch(True), cfg, device, kind="avsa", channels_last=cl)
     _sync(device)
     wall = time.perf_counter() - t0
     cpu = time.process_time() - c0
@@ -213,7 +196,8 @@ def host_syncs_per_step(model, opt, batches, cfg, spec: Spec, device) -> int | N
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            step_fn(model, opt, batches[0], cfg, device, _channels_last(spec, device))
+            train_step(model, opt, batches[0], cfg, device, kind="avsa",
+                       channels_last=_channels_last(spec, device))
         finally:
             torch.cuda.set_sync_debug_mode("default")
     found = [str(w.message).splitlines()[0] for w in caught if "synchron" in str(w.message)]
@@ -231,7 +215,7 @@ def count_flops(cfg: Config, spec: Spec) -> int:
 
     b, v = spec.batch, spec.views
     with torch.device("meta"):
-        model = model_from_config(cfg.model, 4).train()
+        model = build_model(cfg.model).train()
         batch = {
             "video": torch.empty(b, v, 3, spec.frames, spec.size, spec.size, dtype=torch.uint8),
             "audio": torch.empty(b, v, 4, spec.audio_frames, spec.mels),

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from presets import tiny_model
 
-from avsa.models import build_model
-from avsa.train.objective import compute_objective, normalize_video, to_channels_last
+from avsa.models.inputs import normalize_video, to_channels_last
+from avsa.train.objective import compute_objective
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -41,7 +42,7 @@ def test_train_step_quick_prints_one_json_line():
 
 def test_channels_last_video_path_matches_default_layout():
     torch.manual_seed(0)
-    model = build_model("tiny", transformer_dropout=0.0)
+    model = tiny_model(transformer_dropout=0.0)
     model_cl = to_channels_last(copy.deepcopy(model))
     assert model_cl.video_encoder.stem[0].weight.is_contiguous(
         memory_format=torch.channels_last_3d)

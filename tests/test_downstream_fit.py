@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from presets import tiny_model
 from torch import nn
 from torch.nn import functional as F
 
@@ -12,7 +13,6 @@ from avsa.downstream.binary import encode_clips, pair_loss
 from avsa.downstream.fit import fit_head, holdout, minibatches
 from avsa.downstream.heads import PairHead, encode_passes, freeze
 from avsa.downstream.segmentation import FPNHead, cond_dim, crop_logits, encode_crops
-from avsa.models import build_model
 
 
 class _Clips:
@@ -52,7 +52,7 @@ def _train_twice(make_head, cached_loss, e2e_loss, n, *, epochs=3, batch=2, seed
 
 @pytest.mark.parametrize("task", ["avc_bin", "avsa_bin"])
 def test_cached_pair_head_matches_end_to_end_frozen_training(task):
-    model = freeze(build_model("tiny"))
+    model = freeze(tiny_model())
     use_context = model.video_transformer is not None
     source = _Clips()
     cached = encode_passes(source.train, 1, lambda b: encode_clips(model, b, use_context))
@@ -72,7 +72,7 @@ def test_cached_pair_head_matches_end_to_end_frozen_training(task):
 
 @pytest.mark.parametrize("context", ["video", "context"])
 def test_cached_segmentation_head_matches_end_to_end_frozen_training(context):
-    model = freeze(build_model("tiny"))
+    model = freeze(tiny_model())
     source = _Clips()
     cached = encode_passes(source.train, 1, lambda b: encode_crops(model, b, context))
     assert len(cached) == 18 and cached.keys[:4] == ["c0", "c0", "c0", "c1"]

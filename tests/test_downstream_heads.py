@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from presets import tiny_model
 from torch import nn
 
 from avsa.config import DownstreamConfig
@@ -12,7 +13,6 @@ from avsa.downstream.binary import avc_pairs, avsa_pairs, pair_loss
 from avsa.downstream.fit import fit_head, minibatches
 from avsa.downstream.heads import PairHead, accuracy, encode_passes, freeze, predict
 from avsa.downstream.run import run_task
-from avsa.models import build_model
 
 
 def test_pair_head_matches_the_paper_shape():
@@ -64,7 +64,7 @@ def test_avsa_pairs_label_every_viewpoint_with_its_clip():
 
 
 def test_freeze_stops_gradients_and_batchnorm_updates():
-    model = freeze(build_model("tiny"))
+    model = freeze(tiny_model())
     assert not model.training
     assert not any(p.requires_grad for p in model.parameters())
 

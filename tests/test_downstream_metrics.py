@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from presets import tiny_model
 
 from avsa.config import DownstreamConfig
 from avsa.downstream.action import (
@@ -29,7 +30,6 @@ from avsa.downstream.segmentation import (
     mean_iou,
     pixel_accuracy,
 )
-from avsa.models import build_model
 
 
 def clip_video_accuracy(keys, logits, targets) -> tuple[float, float]:
@@ -115,7 +115,7 @@ def test_action_reports_the_majority_class_beside_its_accuracy(mode):
     examples = {}
     ds = DownstreamConfig(task="action", mode=mode, epochs=3, lr=1e-3, eval_clips=2,
                           val_fraction=0.2, patience=2)
-    m = run_task(ds, build_model("tiny"), _ActionSource(), seed=0, device=torch.device("cpu"),
+    m = run_task(ds, tiny_model(), _ActionSource(), seed=0, device=torch.device("cpu"),
                  examples=examples)
     assert m["test/majority_clip_acc"] == 0.25 and m["test/majority_video_acc"] == 0.25
     assert m["test/single_label"] == float(mode == "linear")  # finetune: as the source says
@@ -159,7 +159,7 @@ def test_lr_milestones_follow_the_paper_schedule():
 def test_linear_mode_freezes_the_encoder_and_finetune_trains_it():
     video = torch.randint(0, 255, (2, 3, 3, 2, 16, 16), dtype=torch.uint8)
     for finetune in (False, True):
-        net = ActionNet(build_model("tiny").video_encoder, 5, finetune=finetune).train()
+        net = ActionNet(tiny_model().video_encoder, 5, finetune=finetune).train()
         logits = net(video)
         assert logits.shape == (2, 5)
         logits.sum().backward()
@@ -217,7 +217,7 @@ def test_miou_counts_a_class_that_only_the_prediction_has():
 @pytest.mark.parametrize("context", ["video", "audio", "context"])
 def test_fpn_head_predicts_every_pixel_of_the_crop(context):
     torch.manual_seed(0)
-    model = build_model("tiny").eval()
+    model = tiny_model().eval()
     batch = {"video": torch.randint(0, 255, (2, 3, 3, 2, 16, 16), dtype=torch.uint8),
              "audio": torch.randn(2, 3, 4, 16, 16), "directions": torch.zeros(2, 3, 2)}
     maps, cond = frozen_inputs(model, batch, context)

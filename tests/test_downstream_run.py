@@ -9,6 +9,7 @@ import uuid
 import numpy as np
 import pytest
 import torch
+from presets import tiny_model
 
 from avsa import synth
 from avsa.config import audio_channels, compose
@@ -17,7 +18,6 @@ from avsa.downstream import run
 from avsa.errors import CheckpointError, ConfigError, ShardError
 from avsa.models import build_model
 from avsa.train import checkpoint as ckpt
-from avsa.train.objective import model_from_config
 
 TINY = ["model=tiny", "data.crop_size=32", "data.frames=4", "data.num_viewpoints=2",
         "data.n_mels=32", "data.audio_seconds=0.5", "data.shuffle_buffer=0",
@@ -141,7 +141,7 @@ def _save(tmp_path, model, overrides):
 def test_checkpoint_config_decides_the_architecture(tmp_path, pretext, pre_overrides,
                                                     transformer):
     pre_cfg = compose(["model=tiny", *pre_overrides])
-    model = model_from_config(pre_cfg.model)
+    model = build_model(pre_cfg.model)
     uri = _save(tmp_path, model, pre_overrides)
     cfg = compose([f"downstream.pretrain={uri}"])  # model=full here: the checkpoint wins
     pre = run.load_pretrained(cfg, None)
@@ -152,7 +152,7 @@ def test_checkpoint_config_decides_the_architecture(tmp_path, pretext, pre_overr
 
 
 def test_weights_that_do_not_fit_raise_checkpoint_error(tmp_path):
-    uri = _save(tmp_path, build_model("tiny", video_width=4), [])
+    uri = _save(tmp_path, tiny_model(video_width=4), [])
     with pytest.raises(CheckpointError, match="do not fit"):
         run.load_pretrained(compose([f"downstream.pretrain={uri}"]), None)
 
@@ -186,7 +186,8 @@ def test_transfer_params_are_the_checkpoints_model(shards, mlflow_uri, experimen
     from mlflow.tracking import MlflowClient
 
     pre_cfg = compose(["model=tiny", "data.audio_features=intensity"])
-    uri = _save(tmp_path, model_from_config(pre_cfg.model, audio_channels(pre_cfg.data)), ["data.audio_features=intensity"])
+    model = build_model(pre_cfg.model, audio_channels(pre_cfg.data))
+    uri = _save(tmp_path, model, ["data.audio_features=intensity"])
     args = [a for a in overrides(shards, mlflow_uri, experiment) if a != "model=tiny"]
     cfg = compose([*args, "downstream.task=avsa_bin", f"downstream.pretrain={uri}"])
     assert cfg.model.name == "full"

@@ -9,13 +9,13 @@ import av
 import numpy as np
 import pytest
 import torch
+from presets import tiny_model
 
 from avsa import media
 from avsa.config import DataConfig, DownstreamConfig
 from avsa.downstream import ucf
 from avsa.downstream.run import run_task
 from avsa.errors import MediaError
-from avsa.models import build_model
 
 CLASSES = ["Jump", "Run", "Swim"]
 CFG = DataConfig(fps=8.0, frames=4, crop_size=16)
@@ -141,7 +141,7 @@ def test_action_transfer_on_a_ucf_fold(ucf_root):
     src = ucf.LayoutSource(layout, CFG, batch_size=6, eval_clips=2)
     logged = []
     ds = DownstreamConfig(task="action", mode="finetune", epochs=2, lr=1e-3, eval_clips=2)
-    m = run_task(ds, build_model("tiny"), src, seed=0, device=torch.device("cpu"),
+    m = run_task(ds, tiny_model(), src, seed=0, device=torch.device("cpu"),
                  log=lambda metrics, s: logged.append(s))
     assert logged == [0, 1]
     assert m["test/videos"] == 3

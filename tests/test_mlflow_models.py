@@ -12,16 +12,16 @@ import pytest
 import torch
 
 from avsa import synth, tracking
-from avsa.config import compose
+from avsa.config import audio_channels, compose
 from avsa.data.manifest import read_manifest
 from avsa.data.shards import write_shards
 from avsa.downstream import run
 from avsa.errors import CheckpointError
+from avsa.models import build_model
 from avsa.tracking import code_version
 from avsa.tracking import models as mlflow_models
 from avsa.tracking.datasets import log_datasets, manifest_digest
 from avsa.train import checkpoint as ckpt
-from avsa.train.objective import audio_channels, model_from_config
 
 TINY = ["model=tiny", "data.crop_size=32", "data.frames=4", "data.num_viewpoints=2",
         "data.n_mels=32", "data.audio_seconds=0.5", "data.shuffle_buffer=0",
@@ -43,7 +43,7 @@ def shards(tmp_path_factory):
 def checkpoint(tmp_path_factory):
     cfg = compose(TINY)
     torch.manual_seed(0)
-    model = model_from_config(cfg.model, audio_channels(cfg))
+    model = build_model(cfg.model, audio_channels(cfg.data))
     d = tmp_path_factory.mktemp("ckpt") / "checkpoint-00000005"
     ckpt.save(d, model=model, optimizer=None, step=5, config=cfg.to_dict())
     return str(d), model.state_dict()

@@ -45,7 +45,7 @@ pytestmark = [
 def runs(ray_session, mlflow_uri, tmp_path_factory):
     """A two-trial sweep over loss.temperature and a transfer from its best model."""
     from avsa.downstream.run import run_transfer
-    from avsa.sweep import run_sweep
+    from avsa.sweep.driver import run_sweep
 
     root = tmp_path_factory.mktemp("ui")
     synth.write_dataset(root / "clips", 8, 2.0, 3, width=128, height=64, progress=False)

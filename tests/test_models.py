@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from presets import preset, tiny_model
 
+from avsa.config import compose
 from avsa.errors import CheckpointError, ConfigError
 from avsa.losses import avsa_objective
-from avsa.models import (
-    PRESETS,
-    AudioEncoder,
-    AVSANet,
-    VideoEncoder,
-    ViewpointTransformer,
-    build_model,
-    model_spec,
-)
+from avsa.models import AudioEncoder, AVSANet, VideoEncoder, ViewpointTransformer, build_model
 from avsa.models.transformer import direction_features
 
 
@@ -61,20 +55,20 @@ def test_encoder_output_is_global_max_of_last_map():
 
 
 def test_tiny_forward_shapes_and_heads():
-    model = build_model("tiny")
+    model = tiny_model()
     video, audio, _ = tiny_batch()
     out = model(video, audio)
-    d = 8 * PRESETS["tiny"].video_width
+    d = 8 * preset("tiny").video_width
     assert out["video_feat"].shape == (2, 3, d) and out["audio_feat"].shape == (2, 3, d)
     for key in ("video_target", "audio_target", "video_pred", "audio_pred"):
-        assert out[key].shape == (2, 3, PRESETS["tiny"].embed_dim), key
+        assert out[key].shape == (2, 3, preset("tiny").embed_dim), key
     heads = [model.video_head, model.audio_head, model.video_pred_head, model.audio_pred_head]
     assert all(isinstance(h, torch.nn.Linear) for h in heads)
     assert torch.allclose(out["video_target"], model.video_head(out["video_feat"]))
 
 
 def test_predictions_come_from_the_other_modality():
-    model = build_model("tiny").eval()
+    model = tiny_model().eval()
     video, audio, _ = tiny_batch()
     with torch.no_grad():
         out = model(video, audio)
@@ -85,7 +79,7 @@ def test_predictions_come_from_the_other_modality():
 
 
 def test_without_transformer_predictions_are_heads_of_features():
-    model = build_model("tiny", use_transformer=False).eval()
+    model = tiny_model(use_transformer=False).eval()
     assert model.video_transformer is None and model.audio_transformer is None
     video, audio, _ = tiny_batch(v=1)
     with torch.no_grad():
@@ -130,7 +124,7 @@ def test_direction_features_follow_the_axis_convention():
 
 
 def test_model_with_positional_encoding_needs_and_uses_directions():
-    model = build_model("tiny", spherical_pos_enc=True, transformer_heads=2).eval()
+    model = tiny_model(spherical_pos_enc=True, transformer_heads=2).eval()
     video, audio, directions = tiny_batch()
     with torch.no_grad():
         a = model(video, audio, directions)["video_pred"]
@@ -142,9 +136,9 @@ def test_model_with_positional_encoding_needs_and_uses_directions():
 
 def test_encoder_transfer_keeps_heads_fresh():
     torch.manual_seed(0)
-    src = build_model("tiny")
+    src = tiny_model()
     torch.manual_seed(1)
-    dst = build_model("tiny")
+    dst = tiny_model()
     state = src.encoder_state_dict()
     assert state and all(k.startswith(("video_encoder.", "audio_encoder.")) for k in state)
     dst.load_encoders(state)
@@ -158,8 +152,8 @@ def test_encoder_transfer_keeps_heads_fresh():
 
 
 def test_load_encoders_rejects_mismatched_state():
-    model = build_model("tiny")
-    state = build_model("tiny", video_width=16).encoder_state_dict()
+    model = tiny_model()
+    state = tiny_model(video_width=16).encoder_state_dict()
     with pytest.raises(CheckpointError, match="video_encoder") as err:
         model.load_encoders(state)
     assert "\n" not in str(err.value)
@@ -168,23 +162,26 @@ def test_load_encoders_rejects_mismatched_state():
 
 
 def test_presets_and_bad_config():
-    assert model_spec("full").video_width == 64 and model_spec("full").transformer_heads == 1
-    assert isinstance(build_model("tiny"), AVSANet)
-    assert model_spec("tiny", video_layers=[1, 1, 1, 1]).video_layers == (1, 1, 1, 1)
-    with pytest.raises(ConfigError, match=r"model\.preset"):
-        model_spec("huge")
+    full, tiny = preset("full"), preset("tiny")
+    assert full.video_width == 64 and full.transformer_heads == 1 and full.name == "full"
+    assert (tiny.name, tiny.video_width, tiny.embed_dim, tiny.transformer_dropout) == \
+        ("tiny", 8, 32, 0.0)
+    assert isinstance(build_model(tiny), AVSANet)
+    assert build_model(tiny, audio_channels=1).audio_encoder.body[0].in_channels == 1
+    with pytest.raises(ConfigError, match=r"model"):
+        compose(["model=huge"])
     with pytest.raises(ConfigError, match=r"model\.depth"):
-        model_spec("tiny", depth=3)
+        compose(["model=tiny", "model.depth=3"])
 
 
 def test_full_model_builds_with_paper_sizes():
-    model = build_model("full")
+    model = build_model(preset("full"))
     assert model.video_dim == 512 and model.audio_dim == 512 and model.embed_dim == 128
     assert model.video_transformer.layers[0].linear1.out_features == 2048
 
 
 def test_loss_gradients_reach_all_trained_parts():
-    model = build_model("tiny")
+    model = tiny_model()
     video, audio, _ = tiny_batch()
     loss, metrics = avsa_objective(model(video, audio), temperature=0.07)
     loss.backward()

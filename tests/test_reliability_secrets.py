@@ -33,7 +33,8 @@ CHART = REPO / "helm" / "avsa"
 SCRIPT = r"""
 import hashlib, json, os, sys
 import ray
-from avsa import cluster, sweep
+from avsa import cluster
+from avsa.sweep import driver as sweep
 from avsa.config import compose
 from avsa.train.driver import pretrain
 

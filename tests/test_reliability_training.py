@@ -1,5 +1,5 @@
 """Faults injected into real pretraining runs (Ray Train on the session's local Ray, a real
-`mlflow server`): train workers that die (the `train.fail_at_step` knob, then a SIGKILL from
+`mlflow server`): train workers that die (a test callback's `os._exit`, then a SIGKILL from
 outside, in one run), the tracking server going away mid-run, a checkpoint target that refuses the write,
 an unwritable storage path, and two runs sharing one storage path.
 
@@ -18,11 +18,12 @@ import time
 from pathlib import Path
 
 import pytest
+from faults import LastRankExits
 from mlflow.tracking import MlflowClient
 from mlflowserver import MlflowServer
 
 from avsa import storage, synth
-from avsa.config import compose, from_dict
+from avsa.config import compose, config_digest, from_dict
 from avsa.data.manifest import Manifest, write_manifest
 from avsa.data.shards import RawSample, pack_shard, shard_info, shard_name, write_shards
 from avsa.errors import CheckpointError
@@ -32,6 +33,7 @@ from avsa.train import driver
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
 RUN_TIMEOUT_S = 540
+FAULT_MARKER = "worker_exit.done"  # in the run directory once the first worker has exited
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +68,12 @@ def overrides(data: Path, store: Path, uri: str, experiment: str, *extra: str) -
     ]
 
 
-def _run_in_thread(cfg) -> tuple[threading.Thread, dict]:
+def _run_in_thread(cfg, callbacks=()) -> tuple[threading.Thread, dict]:
     box: dict = {}
 
     def target():
         try:
-            box["result"] = driver.pretrain(cfg)
+            box["result"] = driver.pretrain(cfg, callbacks)
         except BaseException as e:  # handed to the test thread
             box["error"] = e
 
@@ -102,7 +104,7 @@ def _checkpoint_steps(run_dir: Path, cfg) -> list[int]:
     for d in sorted(p for p in run_dir.glob("checkpoint-*") if p.is_dir()):
         state = ckpt.load(d)
         assert state["step"] == int(d.name.split("-")[1]), d
-        assert driver.config_digest(from_dict(state["config"])) == driver.config_digest(cfg), \
+        assert config_digest(from_dict(state["config"])) == config_digest(cfg), \
             f"{d} holds another run's checkpoint"
         steps.append(state["step"])
     return steps
@@ -161,16 +163,16 @@ def shared_store(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def death_run(ray_session, mlflow_uri, data, shared_store):
-    """One run on 2 workers that loses a worker twice: `train.fail_at_step=5` makes the last
-    rank `os._exit(1)` once (after its step-4 report, so checkpoint 2 is registered), and once
-    the restarted group has written checkpoint 8 one of its processes gets a SIGKILL from
+    """One run on 2 workers that loses a worker twice: a callback makes the last rank
+    `os._exit(1)` once (after its step-4 report, the second: so checkpoint 2 is registered), and
+    once the restarted group has written checkpoint 8 one of its processes gets a SIGKILL from
     outside. Returns (cfg, result, killed pid)."""
-    cfg = compose(overrides(data, shared_store, mlflow_uri, "rel-death", "train.fail_at_step=5",
-                            "train.max_steps=12"))
+    cfg = compose(overrides(data, shared_store, mlflow_uri, "rel-death", "train.max_steps=12"))
     run_dir = shared_store / cfg.run_name()
     raylet = _raylet_pid()
-    thread, box = _run_in_thread(cfg)
-    _wait_for(run_dir / "fail_at_step.done", thread)
+    exits = LastRankExits(after_report=2, marker=run_dir / FAULT_MARKER)  # log_every=2
+    thread, box = _run_in_thread(cfg, [exits])
+    _wait_for(run_dir / FAULT_MARKER, thread)
     _wait_for(run_dir / "checkpoint-00000008", thread)
     victims = _train_workers(raylet)
     assert len(victims) == 2, victims
@@ -184,7 +186,7 @@ def test_worker_deaths_mid_epoch_resume_from_checkpoints(death_run, mlflow_uri, 
     train.max_steps, and every kept checkpoint loads with its own step and config."""
     cfg, res, victim = death_run
     run_dir = shared_store / cfg.run_name()
-    assert (run_dir / "fail_at_step.done").is_file()  # the first fault fired
+    assert (run_dir / FAULT_MARKER).is_file()  # the first fault fired
     assert not _alive(victim)  # and so did the second
     assert res.metrics["step"] == 12
     assert res.checkpoint_uri == str(run_dir / "checkpoint-00000012")
@@ -216,8 +218,8 @@ def test_same_run_name_for_another_config_is_refused(death_run, mlflow_uri, data
     assert sorted(p.name for p in (shared_store / cfg.run_name()).iterdir()) == before
     assert MlflowClient(mlflow_uri).get_experiment_by_name("rel-clash") is None
     # The same config under its pinned name is accepted (resubmission resumes).
-    same = compose(overrides(data, shared_store, mlflow_uri, "rel-death", "train.fail_at_step=5",
-                             "train.max_steps=12", f"storage.run_name={cfg.run_name()}"))
+    same = compose(overrides(data, shared_store, mlflow_uri, "rel-death", "train.max_steps=12",
+                             f"storage.run_name={cfg.run_name()}"))
     driver.claim_run_dir(same, str(shared_store / cfg.run_name()))
 
 

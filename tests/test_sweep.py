@@ -1,4 +1,4 @@
-"""avsa.sweep, avsa.sweep_space and avsa.sweep_report.
+"""avsa.sweep: the driver, the search space and the report.
 
 Unit tests check the space, names, table and plot with known answers. The integration tests
 run one real 4-trial sweep on the session's local Ray and `mlflow server`: its driver (a
@@ -24,9 +24,11 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
-from avsa import sweep, sweep_report, sweep_space
 from avsa.config import compose
 from avsa.errors import ConfigError
+from avsa.sweep import driver as sweep
+from avsa.sweep import report as sweep_report
+from avsa.sweep import space as sweep_space
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -7,14 +7,11 @@ import torch
 
 from avsa.config import compose
 from avsa.errors import CheckpointError
+from avsa.models import build_model
+from avsa.models.inputs import normalize_video
 from avsa.train import checkpoint as ckpt
 from avsa.train.loop import Meter, chance_score, phase_kind
-from avsa.train.objective import (
-    compute_objective,
-    model_from_config,
-    normalize_video,
-    reset_context_and_heads,
-)
+from avsa.train.objective import compute_objective, reset_context_and_heads
 
 
 def _batch(b=4, v=2, seed=0):
@@ -34,7 +31,7 @@ def cfg():
 
 @pytest.mark.parametrize("kind", ["avsa", "avc", "avts"])
 def test_each_objective_trains_the_encoders(cfg, kind):
-    model = model_from_config(cfg.model)
+    model = build_model(cfg.model)
     loss, metrics = compute_objective(model, _batch(), kind=kind, temperature=0.07)
     loss.backward()
     assert torch.isfinite(loss)
@@ -47,7 +44,7 @@ def test_each_objective_trains_the_encoders(cfg, kind):
 
 def test_avts_hard_negative_changes_the_loss(cfg):
     torch.manual_seed(0)
-    model = model_from_config(cfg.model).train()  # batch statistics: embeddings differ
+    model = build_model(cfg.model).train()  # batch statistics: embeddings differ
     b = _batch()
     same = dict(b, audio_other=b["audio"].clone())  # the "other time" equals the positive
     l_other, _ = compute_objective(model, b, kind="avts", temperature=0.07)
@@ -64,7 +61,7 @@ def test_curriculum_avc_phase_sees_b_times_v_pairs():
 
     cfg = compose(["model=tiny", "data.num_viewpoints=4"])
     torch.manual_seed(0)
-    model = model_from_config(cfg.model).train()  # batch statistics: embeddings differ
+    model = build_model(cfg.model).train()  # batch statistics: embeddings differ
     b = _batch(b=3, v=4)
     loss, _ = compute_objective(model, b, kind="avc", temperature=0.1)
     last_view = dict(b, audio=b["audio"].clone())
@@ -99,7 +96,7 @@ def test_curriculum_phases():
 
 
 def test_reset_keeps_encoders_and_renews_heads(cfg):
-    model = model_from_config(cfg.model)
+    model = build_model(cfg.model)
     enc = {k: v.clone() for k, v in model.encoder_state_dict().items()}
     head = model.video_head.weight.detach().clone()
     attn = model.video_transformer.layers[0].self_attn.in_proj_weight.detach().clone()
@@ -108,7 +105,7 @@ def test_reset_keeps_encoders_and_renews_heads(cfg):
     assert not torch.equal(head, model.video_head.weight)
     assert not torch.equal(attn, model.video_transformer.layers[0].self_attn.in_proj_weight)
     # same seed, same fresh weights: DDP replicas stay identical
-    other = model_from_config(cfg.model)
+    other = build_model(cfg.model)
     reset_context_and_heads(other, seed=123)
     assert torch.equal(other.video_head.weight, model.video_head.weight)
 
@@ -124,7 +121,7 @@ def test_chance_score_and_meter():
 
 
 def test_checkpoint_round_trip_and_resolve(cfg, tmp_path):
-    model = model_from_config(cfg.model)
+    model = build_model(cfg.model)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     run = tmp_path / "run"
     ckpt.save(run / "checkpoint-00000002", model=model, optimizer=opt, step=2, config=cfg.to_dict())
@@ -136,7 +133,7 @@ def test_checkpoint_round_trip_and_resolve(cfg, tmp_path):
     # a run directory resolves to its newest checkpoint
     resolved, uri = ckpt.resolve_init(str(run))
     assert resolved["step"] == 10 and uri == str(run)
-    fresh = model_from_config(cfg.model)
+    fresh = build_model(cfg.model)
     fresh.load_encoders(resolved["model"])
     assert torch.equal(fresh.video_encoder.stem[0].weight if hasattr(fresh.video_encoder, "stem")
                        else next(fresh.video_encoder.parameters()),

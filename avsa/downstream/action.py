@@ -37,8 +37,8 @@ from avsa.downstream.fit import EpochLog, FitResult, HeadSettings, TransferHead,
 from avsa.downstream.heads import Cached, encode_passes, freeze
 from avsa.errors import ShardError
 from avsa.models import AVSANet
+from avsa.models.inputs import normalize_video, to_device
 from avsa.models.video import VideoEncoder
-from avsa.train.objective import normalize_video, to_device
 
 LR_MILESTONES = (0.4, 0.6, 0.8)
 LR_GAMMA = 0.3

@@ -40,7 +40,7 @@ from avsa.downstream.heads import (
 from avsa.downstream.sources import ShardSource
 from avsa.errors import ShardError
 from avsa.models import AVSANet
-from avsa.train.objective import to_device
+from avsa.models.inputs import to_device
 
 TASKS = ("avc_bin", "avsa_bin")
 MISALIGN_PROB = 0.5

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from avsa.models import AVSANet
-from avsa.train.objective import normalize_video
+from avsa.models.inputs import normalize_video
 
 
 def pick_device() -> torch.device:

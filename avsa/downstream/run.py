@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from avsa import tracking
-from avsa.config import Config, DownstreamConfig, compose, from_dict
+from avsa.config import Config, DownstreamConfig, audio_channels, compose, from_dict
 from avsa.data.labels import CLASSES, NUM_CLASSES
 from avsa.downstream import report
 from avsa.downstream.action import ActionTask
@@ -37,11 +37,10 @@ from avsa.downstream.fit import EpochLog, HeadSettings, TransferHead, fit_and_sc
 from avsa.downstream.heads import pick_device
 from avsa.downstream.segmentation import SegmentationTask
 from avsa.errors import CheckpointError, ConfigError
-from avsa.models import AVSANet
+from avsa.models import AVSANet, build_model
 from avsa.tracking import models as mlflow_models
 from avsa.tracking import system_metrics
 from avsa.tracking.datasets import log_datasets
-from avsa.train.objective import audio_channels, model_from_config
 
 log = logging.getLogger("avsa.transfer")
 
@@ -108,7 +107,7 @@ def load_pretrained(cfg: Config, tracking_uri: str | None) -> Pretrained:
     checkpoint's (run id or URI) architecture and weights."""
     ref = cfg.downstream.pretrain
     if ref == SCRATCH:
-        model = model_from_config(cfg.model, audio_channels(cfg))
+        model = build_model(cfg.model, audio_channels(cfg.data))
         return Pretrained(model, SCRATCH, SCRATCH, cfg.data.audio_mode, cfg.data.audio_features,
                           dataclasses.asdict(cfg.model))
     from avsa.train.checkpoint import resolve_init
@@ -120,7 +119,7 @@ def load_pretrained(cfg: Config, tracking_uri: str | None) -> Pretrained:
     except Exception as e:  # an old or foreign config: name the checkpoint
         raise CheckpointError(uri, f"checkpoint config unreadable ({type(e).__name__}: {e})"
                               .splitlines()[0]) from None
-    model = model_from_config(pre.model, audio_channels(pre))
+    model = build_model(pre.model, audio_channels(pre.data))
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, KeyError) as e:

@@ -40,8 +40,8 @@ from avsa.downstream.sources import ShardSource
 from avsa.downstream.stats import iou
 from avsa.errors import ShardError
 from avsa.models import AVSANet
+from avsa.models.inputs import normalize_video, to_device
 from avsa.models.video import VideoEncoder
-from avsa.train.objective import normalize_video, to_device
 
 CONTEXTS = ("video", "audio", "context")
 SEG_WEIGHTS = ("median", "inverse", "none")

@@ -25,11 +25,9 @@ from avsa.tracking.store import (
     running_children,
 )
 
-RetryPolicy = BufferPolicy  # the name avsa/sweep.py still uses
-
 __all__ = [
     "CHECKPOINT", "KIND", "MAX_PARAM_VALUE", "PARENT", "PRETRAIN_RUN", "TASK",
-    "BufferPolicy", "RetryPolicy", "RunLogger", "check_reachable", "default_tracking_uri",
+    "BufferPolicy", "RunLogger", "check_reachable", "default_tracking_uri",
     "find_run", "flatten_config", "get_run", "last_logged_step", "redact",
     "resolve_tracking_uri", "running_children",
 ]

@@ -81,11 +81,11 @@ def signature(cfg: Config):
 
 def _network(state: dict[str, Any]):
     """(the network, its config) rebuilt from a checkpoint state."""
-    from avsa.config import from_dict
-    from avsa.train.objective import audio_channels, model_from_config
+    from avsa.config import audio_channels, from_dict
+    from avsa.models import build_model
 
     cfg = from_dict(state["config"])
-    model = model_from_config(cfg.model, audio_channels(cfg))
+    model = build_model(cfg.model, audio_channels(cfg.data))
     model.load_state_dict(state["model"])
     return model.eval(), cfg
 

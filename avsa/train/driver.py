@@ -1,4 +1,6 @@
-"""`avsa pretrain`: validate, check services, then run a Ray Train `TorchTrainer`.
+"""The run driver: `run` takes one Ray Train run (a pretraining, or one trial of a sweep) from
+its MLflow run's start to its end; `pretrain` (`avsa pretrain`) validates, checks services and
+holds the run directory around it.
 
 Everything that can fail cheaply (config, manifest, tracking server) is checked before a worker
 starts. The run name and storage path are deterministic, so a resubmitted job finds its own
@@ -8,19 +10,19 @@ checkpoints and its own MLflow run and resumes both.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
 import os
+import socket
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
 from avsa import lease, resources, storage, tracking
-from avsa.config import Config, compose, with_absolute_paths
+from avsa.config import Config, compose, config_digest, with_absolute_paths
 from avsa.config_checks import check_batch_fits_data, temperature_warning
 from avsa.data.manifest import read_manifest
 from avsa.errors import AvsaError, CheckpointError, StorageError
@@ -33,12 +35,20 @@ RUN_MARKER = "avsa_run.json"  # in every run directory: the digest of the config
 
 
 @dataclass
-class PretrainResult:
-    run_id: str | None
+class RunResult:
+    run_id: str
     run_name: str
     run_uri: str
     checkpoint_uri: str | None
     metrics: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Parent:
+    """Where a sweep trial belongs: its sweep's MLflow run, and the tags its child run gets."""
+
+    run_id: str
+    tags: Mapping[str, str] = field(default_factory=dict)
 
 
 # Credentials Ray Tune would copy from the driver's environment into every trial actor's
@@ -60,9 +70,17 @@ def keep_credentials_out_of_runtime_envs() -> None:
         class_cache.ENV_VARS_TO_PROPAGATE = set(propagated) - _CREDENTIAL_ENV
 
 
-def ensure_ray(cfg: Config) -> None:
+def ensure_ray(cfg: Config, *, state_api: bool = False) -> None:
     """Join the cluster in `RAY_ADDRESS` (as under `ray job submit`), or start a local Ray
-    with enough logical CPUs for the train workers plus decoding tasks."""
+    with enough logical CPUs for the train workers plus decoding tasks.
+
+    state_api (sweeps): the local Ray also serves the state API (its dashboard, on loopback).
+    When ASHA stops a trial, Tune ends the trial's actor and its Train controller dies with it;
+    Ray Train then frees the stopped run's worker placement group through the state API.
+    Without it every stopped trial keeps its workers' CPUs and later trials starve. The API
+    address goes to every worker, so the lookup also works when other Ray instances run on
+    the same machine.
+    """
     import ray
 
     keep_credentials_out_of_runtime_envs()
@@ -75,7 +93,8 @@ def ensure_ray(cfg: Config) -> None:
     num_cpus = max(os.cpu_count() or 1, math.ceil(need))
     for attempt in (1, 2):
         try:
-            ray.init(num_cpus=num_cpus, include_dashboard=False)
+            ray.init(num_cpus=num_cpus, **(_state_api_options() if state_api else
+                                           {"include_dashboard": False}))
             return
         except Exception as e:  # Ray raises a bare Exception when its raylet starts too slowly
             if "timed out during startup" not in str(e) or attempt == 2:
@@ -84,14 +103,13 @@ def ensure_ray(cfg: Config) -> None:
             ray.shutdown()
 
 
-def config_digest(cfg: Config) -> str:
-    """16 hex digits of sha256 over what shapes a run's checkpoints: the config without where
-    it is stored and tracked, the sweep and downstream settings, and `train.fail_at_step`."""
-    d = cfg.to_dict()
-    for volatile in ("sweep", "downstream", "tracking", "storage"):
-        d.pop(volatile)
-    d["train"].pop("fail_at_step")
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+def _state_api_options() -> dict[str, Any]:
+    """`ray.init` options for a dashboard on a free loopback port, named to every worker."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port,
+            "runtime_env": {"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}}
 
 
 def claim_run_dir(cfg: Config, run_uri: str) -> None:
@@ -148,22 +166,16 @@ def epochs_needed(cfg: Config, total_samples: int) -> int:
     return max(1, math.ceil(cfg.train.max_steps / per_epoch) + 1)
 
 
-def build_trainer(
-    cfg: Config,
-    *,
-    run_id: str | None,
-    tracking_uri: str | None,
-    callbacks: list | None = None,
-    run_name: str | None = None,
-):
-    """The `TorchTrainer` for one pretraining run (also what each sweep trial runs)."""
+def build_trainer(cfg: Config, logger: tracking.RunLogger | None,
+                  callbacks: Sequence[Any] = ()):
+    """The `TorchTrainer` of one run; its rank 0 logs through `logger`'s run."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from avsa.data.pipeline import build_dataset
     from avsa.train.loop import has_validation, train_loop_per_worker
 
-    run_name = run_name or cfg.run_name()
+    run_name = cfg.run_name()
     manifest = read_manifest(cfg.data.shards)
     other_time = cfg.loss.kind == "avts"
     batch = cfg.train.batch_size
@@ -178,8 +190,7 @@ def build_trainer(
     fs, path = storage.pyarrow_filesystem(cfg.storage.path)
     loop_config = {
         "cfg": cfg.to_dict(),
-        "run_id": run_id,
-        "tracking_uri": tracking_uri,
+        "logger": logger,  # a pickled copy: the same run, opened once, here
         "run_uri": storage.join(cfg.storage.path, run_name),
     }
     return TorchTrainer(
@@ -196,7 +207,7 @@ def build_trainer(
             storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=3),
-            callbacks=callbacks,
+            callbacks=list(callbacks),
         ),
         datasets=datasets,
         # Ray Train replaces each dataset's execution options with these: the bounded ones
@@ -208,9 +219,10 @@ def build_trainer(
 
 def start_tracking(
     cfg: Config, *, kind: str = "pretrain", parent_run_id: str | None = None,
-    run_name: str | None = None, extra_tags: dict[str, str] | None = None,
-) -> tuple[str, str]:
-    """Create (or find again, for a resubmitted job) the MLflow run. Returns (uri, run id)."""
+    run_name: str | None = None, extra_tags: Mapping[str, str] | None = None,
+) -> tracking.RunLogger:
+    """Create (or find again, for a resubmitted job) the MLflow run of `cfg.run_name()` (or
+    `run_name`) and open its logger: the one logger of the run, which the caller ends."""
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     tracking.check_reachable(uri)
     run_name = run_name or cfg.run_name()
@@ -230,12 +242,52 @@ def start_tracking(
         logger.log_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)), "config.yaml")
         run_outputs.log_pretraining_inputs(logger, cfg)
     logger.flush()
-    return uri, logger.run_id
+    return logger
 
 
-def pretrain(cfg: Config) -> PretrainResult:
+def run(cfg: Config, parent: Parent | None = None, callbacks: Sequence[Any] = ()) -> RunResult:
+    """One Ray Train run from its MLflow run's start to its end: a pretraining, or with
+    `parent` a sweep trial (a child run whose model is logged, not registered: the sweep
+    registers its best). Every way out ends the MLflow run: FINISHED, FAILED, or KILLED by a
+    signal (see avsa.train.interrupt). `callbacks`: Ray Train callbacks (a trial's reports to
+    Tune). Expects local paths absolute and Ray started (see `pretrain`).
+    """
+    run_name = cfg.run_name()
+    run_uri = storage.join(cfg.storage.path, run_name)
+    if parent is None:
+        logger = start_tracking(cfg)
+    else:
+        logger = start_tracking(cfg, kind="trial", parent_run_id=parent.run_id,
+                                extra_tags=parent.tags)
+    controller: dict = {}
+    with logger:  # FINISHED, or FAILED on an error (a signal ends it KILLED below)
+        try:
+            trainer = build_trainer(cfg, logger, callbacks)
+            controller = interrupt.keep_controller(trainer)
+            result = trainer.fit()
+            metrics = dict(result.metrics or {})
+            checkpoint_uri = _checkpoint_uri(cfg, result)
+            if checkpoint_uri:
+                logger.set_tags({tracking.CHECKPOINT: checkpoint_uri})
+            run_outputs.finish_pretraining(logger, cfg, checkpoint_uri, register=parent is None,
+                                           step=int(metrics.get("step", 0)))
+        except KeyboardInterrupt as k:
+            interrupt.stop_controller(controller)
+            e = interrupt.as_interrupted(k)
+            raise interrupt.record_killed(logger, logger.uri, logger.run_id, run_uri,
+                                          e) from None
+        except Exception as e:
+            cause = project_error(e)
+            if cause is not None:
+                raise cause from None
+            raise
+    return RunResult(logger.run_id, run_name, run_uri, checkpoint_uri, metrics)
+
+
+def pretrain(cfg: Config, callbacks: Sequence[Any] = ()) -> RunResult:
     """Run (or resume) one pretraining run end to end; returns where its results are.
-    Relative local paths in cfg are taken against the current directory."""
+    Relative local paths in cfg are taken against the current directory. Everything that can
+    fail cheaply is checked first; the run directory is held for the run's whole length."""
     cfg = with_absolute_paths(cfg)
     tracking.resolve_tracking_uri(cfg.tracking.uri)  # refused here inside a job with no server
     manifest = read_manifest(cfg.data.shards)  # a clear error now, not inside a worker
@@ -250,8 +302,8 @@ def pretrain(cfg: Config) -> PretrainResult:
         claim_run_dir(cfg, run_uri)
         resume.prepare(run_uri)
         ensure_ray(cfg)
-        with interrupt.signals_raise():
-            return _run(cfg, run_name, run_uri)
+        with interrupt.signals_raise(), resources.check_and_watch(cfg, f"pretraining {run_name}"):
+            return run(cfg, callbacks=callbacks)
 
 
 @contextlib.contextmanager
@@ -263,38 +315,6 @@ def hold_run_dir(run_uri: str, what: str, wait_s: float) -> Iterator[None]:
         raise CheckpointError(run_uri, f"cannot use the run directory ({e.reason})") from None
     with lease.kept(run_uri, me):
         yield
-
-
-def _run(cfg: Config, run_name: str, run_uri: str) -> PretrainResult:
-    """From the MLflow run's start to its end: every way out ends the run (FINISHED, FAILED,
-    or KILLED by a signal)."""
-    waiting = resources.check_and_watch(cfg, f"pretraining {run_name}")
-    uri, run_id = start_tracking(cfg)
-    logger = tracking.RunLogger.start(uri, cfg.tracking.experiment, None, resume_run_id=run_id)
-    controller: dict = {}
-    try:
-        trainer = build_trainer(cfg, run_id=run_id, tracking_uri=uri)
-        controller = interrupt.keep_controller(trainer)
-        with waiting:
-            result = trainer.fit()
-        checkpoint_uri = _checkpoint_uri(cfg, result)
-        if checkpoint_uri:
-            logger.set_tags({tracking.CHECKPOINT: checkpoint_uri})
-        run_outputs.finish_pretraining(logger, cfg, checkpoint_uri, register=True,
-                                       step=int((result.metrics or {}).get("step", 0)))
-    except KeyboardInterrupt as k:  # a signal (see avsa.train.interrupt)
-        interrupt.stop_controller(controller)
-        e = interrupt.as_interrupted(k)
-        raise interrupt.record_killed(logger, uri, run_id, run_uri, e) from None
-    except BaseException as e:
-        logger.end("FAILED")
-        cause = project_error(e) if isinstance(e, Exception) else None
-        if cause is not None:
-            raise cause from None
-        raise
-    logger.end("FINISHED")
-    metrics = dict(result.metrics or {})
-    return PretrainResult(run_id, run_name, run_uri, checkpoint_uri, metrics)
 
 
 def _checkpoint_uri(cfg: Config, result) -> str | None:
@@ -323,7 +343,7 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def print_summary(res: PretrainResult, cfg: Config) -> None:
+def print_summary(res: RunResult, cfg: Config) -> None:
     m = res.metrics
     keys = ("val/avsa_acc", "val/avc_acc", "train/avsa_acc", "train/avc_acc", "train/loss")
     shown = "  ".join(f"{k} {m[k]:.3f}" for k in keys if isinstance(m.get(k), float))

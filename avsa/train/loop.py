@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
 import sys
 import time
@@ -20,20 +19,14 @@ from typing import Any
 import torch
 
 from avsa import storage
-from avsa.config import Config, from_dict
+from avsa.config import Config, audio_channels, from_dict
 from avsa.errors import CheckpointError
+from avsa.models import build_model
+from avsa.models.inputs import to_channels_last, to_device, use_channels_last
 from avsa.tracking import system_metrics
 from avsa.train import checkpoint as ckpt
 from avsa.train import resume
-from avsa.train.objective import (
-    audio_channels,
-    compute_objective,
-    model_from_config,
-    reset_context_and_heads,
-    to_channels_last,
-    to_device,
-    use_channels_last,
-)
+from avsa.train.objective import compute_objective, reset_context_and_heads
 
 log = logging.getLogger("avsa.train")
 # Row fields the pipeline adds for accounting (see avsa/data/pipeline.py), not model inputs.
@@ -139,6 +132,40 @@ def has_validation(cfg: Config) -> bool:
     return bool(cfg.data.val_shards) and cfg.train.val_batches > 0
 
 
+def autocast(cfg: Config, device: torch.device):
+    """bf16 autocast on CUDA when `train.bf16`; a no-op elsewhere."""
+    enabled = cfg.train.bf16 and device.type == "cuda"
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def _objective(model, batch, cfg: Config, device: torch.device, kind: str, gather=None,
+               channels_last: bool | None = None):
+    """(loss, metrics) of `kind` on a host batch: copied to `device`, run under autocast."""
+    b = to_device(batch, device)
+    with autocast(cfg, device):
+        return compute_objective(
+            model, b, kind=kind, temperature=cfg.loss.temperature,
+            easy_negatives=cfg.loss.easy_negatives, gather=gather, channels_last=channels_last,
+        )
+
+
+def train_step(model, optimizer, batch: dict[str, torch.Tensor], cfg: Config,
+               device: torch.device, *, kind: str | None = None, gather=None,
+               channels_last: bool | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One optimiser step on a host batch (see `avsa.train.objective` for its keys and shapes).
+
+    kind: the objective (default `loss.kind`); gather: the cross-rank gather of embeddings
+    (None: this rank's only); channels_last: the video layout (None: on CUDA). Returns the
+    loss and metrics as 0-d device tensors: nothing here waits for the device.
+    """
+    loss, metrics = _objective(model, batch, cfg, device, kind or cfg.loss.kind, gather,
+                               channels_last)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss, metrics
+
+
 @torch.no_grad()
 def validate(model, batches, cfg: Config, device) -> dict[str, float]:
     if not batches:
@@ -147,12 +174,7 @@ def validate(model, batches, cfg: Config, device) -> dict[str, float]:
     meter = Meter()
     kind = cfg.loss.kind
     for batch in batches:
-        b = to_device(batch, device)
-        with _autocast(cfg, device):
-            loss, metrics = compute_objective(
-                model, b, kind=kind, temperature=cfg.loss.temperature,
-                easy_negatives=cfg.loss.easy_negatives,
-            )
+        loss, metrics = _objective(model, batch, cfg, device, kind)
         meter.add({"loss": loss, **metrics})
     model.train()
     out = meter.mean("val")
@@ -162,27 +184,6 @@ def validate(model, batches, cfg: Config, device) -> dict[str, float]:
     else:
         out["val/avsa_score"] = chance_score(out.get("val/avc_acc", float("nan")), n)
     return out
-
-
-def _autocast(cfg: Config, device: torch.device):
-    enabled = cfg.train.bf16 and device.type == "cuda"
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
-
-
-def _fail_marker(cfg_dict: dict[str, Any]) -> str:
-    return storage.join(cfg_dict["run_uri"], "fail_at_step.done")
-
-
-def _maybe_fail(cfg: Config, cfg_dict: dict[str, Any], step: int, rank: int, world: int) -> None:
-    """Testing knob: the last rank dies once, hard, at `train.fail_at_step`."""
-    if cfg.train.fail_at_step != step or rank != world - 1:
-        return
-    marker = _fail_marker(cfg_dict)
-    if storage.exists(marker):
-        return
-    ckpt.write_marker(marker, {"step": step, "rank": rank})
-    log.warning("train.fail_at_step=%d: rank %d exits now to exercise recovery", step, rank)
-    os._exit(1)
 
 
 def _report(metrics: dict[str, float], state_fn=None, step: int = 0, run_uri: str = "") -> None:
@@ -223,24 +224,25 @@ def _resume_state(run_uri: str) -> tuple[int, dict[str, Any] | None]:
     return step, state
 
 
-def _logged_through(loop_config: dict[str, Any]) -> int:
+def _logged_through(logger) -> int:
     """The last step already in the MLflow run (an earlier attempt logged it): 0 if none."""
     from avsa.tracking import last_logged_step
 
     try:
-        return last_logged_step(loop_config["tracking_uri"], loop_config["run_id"])
+        return last_logged_step(logger.uri, logger.run_id)
     except Exception as e:  # tracking never fails training: log everything then
         log.warning("cannot read the steps already logged (%s); logging every step", e)
         return 0
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train entry: `loop_config` = {"cfg": Config.to_dict(), "run_id", "tracking_uri",
-    "run_uri"}."""
+    """Ray Train entry: `loop_config` = {"cfg": Config.to_dict(), "logger": the run's
+    `tracking.RunLogger` (rank 0 logs through its copy; None: no tracking), "run_uri"}."""
     import ray.train
     import ray.train.torch
 
     cfg: Config = from_dict(loop_config["cfg"])
+    tracker = loop_config.get("logger")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -250,14 +252,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 leftovers outside autocast
         torch.backends.cudnn.allow_tf32 = True
 
-    model = model_from_config(cfg.model, audio_channels(cfg))
+    model = build_model(cfg.model, audio_channels(cfg.data))
     if use_channels_last(device):
         to_channels_last(model)  # before DDP: its gradient buckets follow the weights' layout
     step, state = _resume_state(loop_config.get("run_uri", ""))
     if state is not None:
         model.load_state_dict(state["model"])
     elif cfg.model.init_from:
-        init_state, _ = ckpt.resolve_init(cfg.model.init_from, loop_config.get("tracking_uri"))
+        tracking_uri = tracker.uri if tracker is not None else None
+        init_state, _ = ckpt.resolve_init(cfg.model.init_from, tracking_uri)
         model.load_encoders(init_state["model"])
     find_unused = cfg.train.curriculum or cfg.loss.kind != "avsa"
     model = ray.train.torch.prepare_model(
@@ -275,15 +278,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         ckpt.set_rng_state(state["rng"])
         log.info("rank %d resumed from step %d", rank, step)
 
-    logger, logged_through = None, 0
-    if rank == 0 and loop_config.get("run_id"):
-        from avsa.tracking import RunLogger
-
-        logger = RunLogger.start(
-            loop_config["tracking_uri"], cfg.tracking.experiment, None,
-            resume_run_id=loop_config["run_id"],
-        )
-        logged_through = _logged_through(loop_config)
+    logger = tracker if rank == 0 else None
+    logged_through = _logged_through(logger) if logger is not None else 0
     val_on, val = rank == 0 and has_validation(cfg), None  # val: read at the first validation
     monitor = system_metrics.start(logger, cfg.tracking)  # None unless rank 0 logs
     gather = _gather()
@@ -300,7 +296,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if step >= cfg.train.max_steps:
             break
         step += 1
-        _maybe_fail(cfg, loop_config, step, rank, world)
         kind = phase_kind(cfg, step)
         if cfg.train.curriculum and step == cfg.train.curriculum_avc_steps + 1:
             reset_context_and_heads(raw_model, cfg.train.seed + step)
@@ -309,15 +304,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             )
             log.info("curriculum: AVC -> %s at step %d (fresh transformers and heads)", kind, step)
         skipped += skipped_here
-        b = to_device(batch, device)
-        with _autocast(cfg, device):
-            loss, metrics = compute_objective(
-                model, b, kind=kind, temperature=cfg.loss.temperature,
-                easy_negatives=cfg.loss.easy_negatives, gather=gather,
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss, metrics = train_step(model, optimizer, batch, cfg, device, kind=kind, gather=gather)
         meter.add({"loss": loss, **metrics})
         clips_since += per_worker * world
 

@@ -21,9 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import posixpath
-import socket
 import sys
 import tempfile
 from collections.abc import Mapping
@@ -31,11 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from avsa import resources, storage, sweep_report, tracking
+from avsa import resources, storage, tracking
 from avsa.config import Config, compose, with_absolute_paths
 from avsa.config_checks import temperature_warning
 from avsa.errors import ConfigError
-from avsa.sweep_space import (
+from avsa.sweep import report as sweep_report
+from avsa.sweep.space import (
     apply_params,
     check_space,
     flatten_space,
@@ -45,6 +44,7 @@ from avsa.sweep_space import (
     tune_space,
 )
 from avsa.tracking import outputs as run_outputs
+from avsa.train import driver as train_driver
 from avsa.train import interrupt
 
 log = logging.getLogger("avsa.sweep")
@@ -98,36 +98,18 @@ def _validation_report(metric: str):
 
 
 def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
-    """The Tune trainable: a child MLflow run and one Ray Train run with the trial's values."""
+    """The Tune trainable: one run of the run driver with the trial's values, a child of the
+    sweep's MLflow run."""
     import ray.tune
-
-    from avsa.train.driver import build_trainer, start_tracking
 
     params = {k: config[k] for k in sorted(config)}
     trial_id = ray.tune.get_context().get_trial_id()
     name = trial_run_name(spec.sweep_name, params, trial_id if spec.keyed_by_id else None)
     cfg = apply_params(spec.base, params)
     cfg.storage.path, cfg.storage.run_name = spec.trials_uri, name
-    uri, run_id = start_tracking(
-        cfg, kind="trial", parent_run_id=spec.parent_run_id, run_name=name,
-        extra_tags={"avsa.sweep": spec.sweep_name, "avsa.trial_id": trial_id},
-    )
-    trainer = build_trainer(cfg, run_id=run_id, tracking_uri=uri, run_name=name,
-                            callbacks=[_validation_report(spec.metric)])
-    logger = tracking.RunLogger.start(uri, cfg.tracking.experiment, None, resume_run_id=run_id)
-    try:
-        result = trainer.fit()
-    except BaseException:
-        logger.end("FAILED")
-        raise
-    if result.checkpoint is not None:
-        path = result.checkpoint.path
-        if storage.is_s3(cfg.storage.path) and not path.startswith("s3://"):
-            path = "s3://" + path.lstrip("/")
-        logger.set_tags({tracking.CHECKPOINT: path})
-        run_outputs.finish_pretraining(logger, cfg, path, register=False,
-                                       step=int((result.metrics or {}).get("step", 0)))
-    logger.end("FINISHED")
+    parent = train_driver.Parent(spec.parent_run_id, {"avsa.sweep": spec.sweep_name,
+                                                      "avsa.trial_id": trial_id})
+    train_driver.run(cfg, parent, callbacks=[_validation_report(spec.metric)])
 
 
 # ----------------------------------------------------------------------------- the sweep
@@ -171,33 +153,6 @@ def max_concurrent(cfg: Config, cluster: Mapping[str, float]) -> int:
     if t.use_gpu:
         fits.append(cluster.get("GPU", 0.0) // t.num_workers)
     return max(1, int(min(fits)))
-
-
-def ensure_ray_with_state_api(cfg: Config) -> None:
-    """Join `RAY_ADDRESS`'s cluster, or start a local Ray with its dashboard on.
-
-    When ASHA stops a trial, Tune ends the trial's actor and its Train controller dies with it;
-    Ray Train then frees the stopped run's worker placement group through the state API, which
-    the dashboard serves. Without it every stopped trial keeps its workers' CPUs and later
-    trials starve. The API address goes to every worker, so the lookup also works when other
-    Ray instances run on the same machine.
-    """
-    import ray
-
-    from avsa.train.driver import ensure_ray, keep_credentials_out_of_runtime_envs
-
-    keep_credentials_out_of_runtime_envs()  # Tune would copy AWS keys into trial runtime_envs
-    if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
-        ensure_ray(cfg)
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    t = cfg.train
-    need = math.ceil(t.num_workers * t.cpus_per_worker + 2 * cfg.data.decode_cpus)
-    ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=True,
-             dashboard_host="127.0.0.1", dashboard_port=port,
-             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
 
 
 def make_tuner(cfg: Config, space: dict[str, Any], spec: TrialSpec):
@@ -262,7 +217,7 @@ def _finish_children(uri: str, experiment: str, rows: list[dict[str, Any]],
             child.set_tags(tags)
             child.end(status)
         elif any(run.data.tags.get(k) != v for k, v in tags.items()):  # tags only: status kept
-            child = tracking.RunLogger(uri, run_id, run.info.experiment_id, tracking.RetryPolicy())
+            child = tracking.RunLogger(uri, run_id, run.info.experiment_id)
             child.set_tags(tags)
             child.flush()
 
@@ -271,8 +226,7 @@ def _register_best(uri: str, cfg: Config, best: Mapping[str, Any]) -> None:
     """The best trial's model as a version of `tracking.model_name`, aliased `best`."""
     if best.get("run_id"):
         run = tracking.get_run(uri, best["run_id"])
-        child = tracking.RunLogger(uri, best["run_id"], run.info.experiment_id,
-                                   tracking.RetryPolicy())
+        child = tracking.RunLogger(uri, best["run_id"], run.info.experiment_id)
         run_outputs.register_best(child, cfg)
         child.flush()
 
@@ -280,7 +234,6 @@ def _register_best(uri: str, cfg: Config, best: Mapping[str, Any]) -> None:
 def run_sweep(cfg: Config) -> SweepResult:
     """Run (or resume) the sweep `cfg.sweep` end to end; returns its table and best trial."""
     from avsa.data.manifest import read_manifest
-    from avsa.train.driver import hold_run_dir
 
     s = cfg.sweep
     flat = flatten_space(s.space)
@@ -295,8 +248,8 @@ def run_sweep(cfg: Config) -> SweepResult:
     sweep_uri = storage.join(base.storage.path, "sweeps", name)
     if warning := temperature_warning(base.loss.temperature):
         log.warning(warning)
-    with hold_run_dir(sweep_uri, "avsa sweep", base.storage.lease_wait_s):
-        ensure_ray_with_state_api(base)
+    with train_driver.hold_run_dir(sweep_uri, "avsa sweep", base.storage.lease_wait_s):
+        train_driver.ensure_ray(base, state_api=True)
         with interrupt.signals_raise():
             return _sweep(base, space, flat, metric, name, sweep_uri)
 
@@ -305,15 +258,13 @@ def _sweep(base: Config, space: dict[str, Any], flat: dict[str, Any], metric: st
            sweep_uri: str) -> SweepResult:
     """From the parent MLflow run's start to its end (FINISHED, FAILED, or KILLED by a signal,
     its RUNNING trials with it)."""
-    from avsa.train.driver import start_tracking
-
     s = base.sweep
     waiting = resources.check_and_watch(base, f"one trial of sweep {name}", TRIAL_DRIVER_CPU)
-    uri, parent_id = start_tracking(
+    parent = train_driver.start_tracking(
         base, kind="sweep", run_name=name,
         extra_tags={"avsa.run_uri": sweep_uri, "avsa.sweep": s.name, "avsa.metric": metric},
     )
-    parent = tracking.RunLogger.start(uri, base.tracking.experiment, None, resume_run_id=parent_id)
+    uri, parent_id = parent.uri, parent.run_id
     try:
         spec = TrialSpec(base.to_dict(), name, parent_id, storage.join(sweep_uri, "trials"),
                          metric, keyed_by_id=s.search != "grid" or s.num_samples > 1)

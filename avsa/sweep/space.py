@@ -9,21 +9,19 @@ starts, and sweeps and trials get deterministic names (the same command finds th
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 from collections.abc import Mapping
 from typing import Any
 
-from avsa.config import Config, validate
+from avsa.config import Config, config_digest, validate
 from avsa.errors import ConfigError
-from avsa.sweep_report import VIEWPOINTS_KEY
+from avsa.sweep.report import VIEWPOINTS_KEY
 
 log = logging.getLogger("avsa.sweep")
 
 DISTRIBUTIONS = ("loguniform", "uniform")
 SCORE = "val/avsa_score"
-
 
 
 def flatten_space(space: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -118,13 +116,7 @@ def sweep_run_name(cfg: Config) -> str:
     command finds the same sweep again."""
     if cfg.storage.run_name:
         return cfg.storage.run_name
-    d = cfg.to_dict()
-    for volatile in ("tracking", "downstream"):
-        d.pop(volatile)
-    d["train"].pop("fail_at_step")
-    d["sweep"].pop("max_concurrent_trials")
-    digest = hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    return f"{cfg.sweep.name}-{digest}"
+    return f"{cfg.sweep.name}-{config_digest(cfg, sweep=True)[:10]}"
 
 
 def _short(value: Any) -> str:
