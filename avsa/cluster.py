@@ -35,6 +35,7 @@ RAYJOB = Path("jobs/rayjob/rayjob.yaml")
 GPU_WORKERS = Path("components/gpu-cloud/gpu-workers.yaml")
 # KubeRay appends 6 characters to a RayJob name to name its RayCluster, which may have 53.
 MAX_RAYJOB_NAME = 47
+GPU_TAG_SUFFIX = "-gpu"  # REGISTRY/avsa:TAG-gpu: the CUDA build of REGISTRY/avsa:TAG
 
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -169,7 +170,7 @@ def build_rayjob(
     when 0); cpu_workers pods of its `cpu` group (omitted when 0). With no worker at all the head
     advertises its CPUs, otherwise it keeps `num-cpus: 0` and only hosts the driver.
     image: head, CPU workers and submitter; gpu_image defaults to k8s/'s GPU image while `image`
-    is k8s/'s, else to `image`. s3_secret: a Secret whose keys become environment variables.
+    is k8s/'s, else to `image` + "-gpu" (the tag docs/cluster.md builds the CUDA image under). s3_secret: a Secret whose keys become environment variables.
     mlflow_uri: MLFLOW_TRACKING_URI of every Ray container; without it they read the Helm
     release's ConfigMap `<release>-env`. env: more plain variables (names that look like
     credentials are refused). working_dir: runtime-env working_dir, a URI Ray can fetch
@@ -193,7 +194,8 @@ def build_rayjob(
     default_image = head["template"]["spec"]["containers"][0]["image"]
     image = image or default_image
     if gpu_image is None:
-        gpu_image = gpu["template"]["spec"]["containers"][0]["image"] if image == default_image else image
+        gpu_image = (gpu["template"]["spec"]["containers"][0]["image"] if image == default_image
+                     else f"{image}{GPU_TAG_SUFFIX}")
     for part in gpu["template"]["spec"]["containers"][0]["resources"].values():
         part["nvidia.com/gpu"] = gpus_per_worker
     if gpu_node_selector:
@@ -268,7 +270,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     parser.add_argument("--image", default=None, help="image of the head, CPU workers and "
                         "submitter (default: k8s/'s, the image the Dockerfile builds)")
     parser.add_argument("--gpu-image", default=None,
-                        help="image of GPU workers (default: k8s/'s GPU image, or --image)")
+                        help="image of GPU workers (default: k8s/'s GPU image, or --image "
+                        "with -gpu appended)")
     parser.add_argument("--gpu-workers", type=int, default=0)
     parser.add_argument("--gpus-per-worker", type=int, default=1)
     parser.add_argument("--cpu-workers", type=int, default=1)

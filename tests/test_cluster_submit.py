@@ -212,7 +212,8 @@ def test_token_auth_deadlines_and_the_projects_images():
     assert images["spec.rayClusterSpec.workerGroupSpecs[gpu].template"] == f"{DEFAULT_IMAGE}-gpu"
     assert images["spec.rayClusterSpec.workerGroupSpecs[cpu].template"] == DEFAULT_IMAGE
     mine = {w: t["spec"]["containers"][0]["image"] for w, t in pod_templates(job(image="r/x:1"))}
-    assert set(mine.values()) == {"r/x:1"}  # the suffix extends only the default image
+    gpu = mine.pop("spec.rayClusterSpec.workerGroupSpecs[gpu].template")
+    assert gpu == "r/x:1-gpu" and set(mine.values()) == {"r/x:1"}  # docs/cluster.md's tags
     short = job(pre_running_deadline_s=60)["spec"]
     assert short["preRunningDeadlineSeconds"] == 60
     assert job(image=None) == job()  # no --image: k8s/'s images

@@ -309,3 +309,21 @@ def test_unwritable_storage_path_fails_before_ray(mlflow_uri, data, tmp_path, mo
                                               r"use the run directory \(.+\)$"):
         driver.pretrain(cfg)
     assert MlflowClient(mlflow_uri).get_experiment_by_name("rel-unwritable") is None
+
+
+def test_a_failure_between_the_runs_start_and_fit_ends_it_failed(ray_session, mlflow_uri, data,
+                                                                 tmp_path, monkeypatch):
+    """Once the MLflow run has started, an error before training (here: building the trainer)
+    ends it FAILED and gives the run directory back."""
+    cfg = compose(overrides(data, tmp_path / "runs", mlflow_uri, "rel-before-fit"))
+
+    def broken(*_a, **_k):
+        raise RuntimeError("the trainer could not be built")
+
+    monkeypatch.setattr(driver, "build_trainer", broken)
+    with pytest.raises(RuntimeError, match="could not be built"):
+        driver.pretrain(cfg)
+    client = MlflowClient(mlflow_uri)
+    runs = client.search_runs([client.get_experiment_by_name("rel-before-fit").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert not (tmp_path / "runs" / cfg.run_name() / "avsa_lease.json").exists()

@@ -14,7 +14,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from avsa.config import Config, config_digest, validate
+from avsa.config import Config, config_digest
+from avsa.config_checks import validate
 from avsa.errors import ConfigError
 from avsa.sweep.report import VIEWPOINTS_KEY
 
