@@ -26,6 +26,7 @@ COPY --chown=1000:100 pyproject.toml README.md ./
 COPY --chown=1000:100 avsa ./avsa
 COPY --chown=1000:100 configs ./configs
 COPY --chown=1000:100 jobs ./jobs
+COPY --chown=1000:100 k8s ./k8s
 RUN pip install --no-cache-dir -e . \
     && python -c "import avsa.cli, av, mlflow, hydra, torch, ray; print('avsa image ok', ray.__version__, torch.__version__)"
 
