@@ -13,6 +13,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 REPO = Path(__file__).resolve().parent.parent
+# Ray Train's controller polls its workers every 2 s by default, and a run's start and end each
+# wait for a poll; tiny test runs spend much of their time there. Every Ray the suite starts
+# (the session's, a command's own, a `ray start` head) inherits this environment.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
