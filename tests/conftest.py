@@ -12,6 +12,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from sweeprun import interrupted_sweep, sweep_shards  # noqa: F401  (session fixtures)
+
 REPO = Path(__file__).resolve().parent.parent
 # Ray Train's controller polls its workers every 2 s by default, and a run's start and end each
 # wait for a poll; tiny test runs spend much of their time there. Every Ray the suite starts

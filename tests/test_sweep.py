@@ -1,28 +1,22 @@
 """avsa.sweep: the driver, the search space and the report.
 
 Unit tests check the space, names, table and plot with known answers. The integration tests
-run one real 4-trial sweep on the session's local Ray and `mlflow server`: its driver (a
-subprocess, `python -m avsa.cli sweep`) is killed once two trials have finished, the same
-command then finishes it in this process, and the tests check the MLflow runs, the artifacts
-and that the finished trials were not run again.
+read the session's one real 4-trial sweep (tests/sweeprun.py) on the local Ray and `mlflow
+server`: its driver (a subprocess, `python -m avsa.cli sweep`) is killed once two trials have
+finished, the same command then finishes it in this process, and the tests check the MLflow
+runs, the artifacts and that the finished trials were not run again.
 """
 
 from __future__ import annotations
 
 import csv
-import glob
-import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
 import pytest
+from sweeprun import result_lines, trial_runs, trial_states
 
 from avsa.config import compose
 from avsa.errors import ConfigError
@@ -259,139 +253,18 @@ def test_plot_draws_one_line_per_temperature(tmp_path):
 # ----------------------------------------------------------------------------- integration
 
 
-def _overrides(data: Path, storage: Path, uri: str, experiment: str) -> list[str]:
-    return [
-        "model=tiny", "data=synthetic_small", f"data.shards={data / 'train'}",
-        f"data.val_shards={data / 'val'}", "data.crop_size=32", "data.frames=4", "data.n_mels=32",
-        "data.equirect_height=0", "train.max_steps=4", "train.batch_size=4",
-        "train.num_workers=1", "train.val_every=2", "train.val_batches=1", "train.log_every=2",
-        "train.checkpoint_every=2", "sweep.space.data.num_viewpoints=[2,4]",
-        "sweep.space.loss.temperature=[0.07,0.2]", "sweep.scheduler=fifo",
-        f"tracking.uri={uri}", f"tracking.experiment={experiment}", f"storage.path={storage}",
-    ]
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from avsa.data.shards import write_shards
-    from avsa.synth import write_dataset
-
-    root = tmp_path_factory.mktemp("sweepdata")
-    write_dataset(root / "clips", 8, 2.0, seed=0, width=128, height=64, progress=False)
-    write_shards(str(root / "clips"), str(root / "train"), samples_per_shard=4, progress=False)
-    write_shards(str(root / "clips"), str(root / "val"), samples_per_shard=8, split="val",
-                 progress=False)
-    return root
-
-
-def _trial_states(exp_dir: Path) -> dict[str, str]:
-    """{trial id: status} from the newest Tune experiment state on disk."""
-    states = sorted(exp_dir.glob("experiment_state-*.json"))
-    if not states:
-        return {}
-    try:
-        data = json.loads(states[-1].read_text())
-    except (json.JSONDecodeError, OSError):
-        return {}  # being replaced
-    out = {}
-    for trial_json, _meta in data["trial_data"]:
-        t = json.loads(trial_json)
-        out[t["trial_id"]] = t["status"]
-    return out
-
-
-def _result_lines(exp_dir: Path, trial_id: str) -> int:
-    (path,) = glob.glob(str(exp_dir / f"*_{trial_id}_*" / "result.json"))
-    return len(Path(path).read_text().splitlines())
-
-
-def _trial_runs(client, experiment: str) -> dict[str, object]:
-    exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id], "tags.`avsa.kind` = 'trial'")
-    return {r.info.run_name: r for r in runs}
-
-
-@pytest.fixture(scope="module")
-def interrupted_then_resumed(ray_session, mlflow_uri, shards, tmp_path_factory):
-    """Start the sweep in a subprocess driver, Ctrl-C it (SIGINT to its process group) once two
-    trials are TERMINATED, note what it left, then run the same command here to the end."""
-    from mlflow.tracking import MlflowClient
-
-    tmp = tmp_path_factory.mktemp("sweep")
-    experiment = f"sweep-{tmp.name}"
-    argv = _overrides(shards, tmp / "store", mlflow_uri, experiment)
-    name = sweep_space.sweep_run_name(sweep.prepare_base(compose(argv)))
-    exp_dir = tmp / "store" / "sweeps" / name
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
-           "TUNE_GLOBAL_CHECKPOINT_S": "1", "PYTHONPATH": str(REPO)}
-    log_path = tmp / "driver.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "avsa.cli", "sweep", *argv], cwd=tmp,
-                                env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    deadline = time.monotonic() + 600
-    try:
-        while sum(s == "TERMINATED" for s in _trial_states(exp_dir).values()) < 2:
-            assert proc.poll() is None, log_path.read_text()[-3000:]
-            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
-            time.sleep(0.5)
-    finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=180)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            pytest.fail(f"the sweep did not stop on SIGINT:\n{log_path.read_text()[-3000:]}")
-    stopped = {"rc": proc.returncode, "log": log_path.read_text(errors="replace"),
-               "left": _group_alive(proc.pid)}
-    before = _trial_states(exp_dir)
-    finished = [t for t, s in before.items() if s == "TERMINATED"]
-    client = MlflowClient(mlflow_uri)
-    runs = _trial_runs(client, experiment)
-    snapshot = {
-        "statuses": {r.info.run_name: r.info.status for r in client.search_runs(
-            [client.get_experiment_by_name(experiment).experiment_id])},
-        "lines": {t: _result_lines(exp_dir, t) for t in finished},
-        "runs": {n: (r.info.run_id, r.info.end_time,
-                     len(client.get_metric_history(r.info.run_id, "train/loss")))
-                 for n, r in runs.items() if r.info.status == "FINISHED"},
-    }
-    time.sleep(2)  # the killed driver's actors go with it
-    assert sweep.main(argv) == 0
-    return SimpleNamespace(before=before, finished=finished, snapshot=snapshot, client=client,
-                           experiment=experiment, exp_dir=exp_dir, name=name, stopped=stopped)
-
-
-def _group_alive(pgid: int) -> list[str]:
-    """Processes still in the process group `pgid` a moment after its leader exited."""
-    deadline = time.monotonic() + 30
-    while True:
-        left = []
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                if os.getpgid(int(pid)) == pgid:
-                    left.append(Path(f"/proc/{pid}/cmdline").read_bytes()[:120].decode(
-                        errors="replace"))
-            except (OSError, ProcessLookupError):
-                continue
-        if not left or time.monotonic() > deadline:
-            return left
-        time.sleep(0.5)
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_ctrl_c_ends_every_run_of_the_sweep_and_says_how_to_resume(interrupted_then_resumed):
-    stopped = interrupted_then_resumed.stopped
+def test_ctrl_c_ends_every_run_of_the_sweep_and_says_how_to_resume(interrupted_sweep):
+    stopped = interrupted_sweep.stopped
     assert stopped["rc"] == 130, stopped["log"][-3000:]
     said = [line[line.index("avsa sweep: "):] for line in stopped["log"].splitlines()
             if "avsa sweep: " in line]  # one line, among Ray's progress bars and worker output
     assert len(said) == 1, stopped["log"][-3000:]
     assert said[0].startswith("avsa sweep: stopped by SIGINT"), said
     assert "to resume, run again: avsa sweep " in said[0], said
-    statuses = interrupted_then_resumed.snapshot["statuses"]
-    assert statuses[interrupted_then_resumed.name] == "KILLED"
+    statuses = interrupted_sweep.snapshot["statuses"]
+    assert statuses[interrupted_sweep.name] == "KILLED"
     assert "RUNNING" not in statuses.values(), statuses
     assert "FINISHED" in statuses.values()  # the trials that had ended kept their end
     assert not stopped["left"], stopped["left"]
@@ -399,32 +272,32 @@ def test_ctrl_c_ends_every_run_of_the_sweep_and_says_how_to_resume(interrupted_t
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # the shared fixture runs a whole sweep, twice started
-def test_interrupted_sweep_resumes_without_rerunning_finished_trials(interrupted_then_resumed):
-    r = interrupted_then_resumed
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(interrupted_sweep):
+    r = interrupted_sweep
     assert len(r.finished) >= 2
     assert len(r.finished) < 4, "the driver was killed only after every trial had finished"
     for trial_id, lines in r.snapshot["lines"].items():
-        assert _result_lines(r.exp_dir, trial_id) == lines  # Tune did not run it again
+        assert result_lines(r.exp_dir, trial_id) == lines  # Tune did not run it again
     assert len(r.snapshot["runs"]) >= 2
-    after = _trial_runs(r.client, r.experiment)
+    after = trial_runs(r.client, r.experiment)
     for name, (run_id, end_time, points) in r.snapshot["runs"].items():
         run = after[name]
         assert run.info.run_id == run_id and run.info.end_time == end_time
         assert len(r.client.get_metric_history(run_id, "train/loss")) == points
-    assert list(_trial_states(r.exp_dir).values()) == ["TERMINATED"] * 4
+    assert list(trial_states(r.exp_dir).values()) == ["TERMINATED"] * 4
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_sweep_tracks_parent_children_table_plot_and_best(interrupted_then_resumed):
-    r = interrupted_then_resumed
+def test_sweep_tracks_parent_children_table_plot_and_best(interrupted_sweep):
+    r = interrupted_sweep
     client = r.client
     exp = client.get_experiment_by_name(r.experiment)
     parents = client.search_runs([exp.experiment_id], "tags.`avsa.kind` = 'sweep'")
     assert [p.info.run_name for p in parents] == [r.name]  # the resumed driver reused it
     parent = parents[0]
     assert parent.info.status == "FINISHED"
-    children = _trial_runs(client, r.experiment)
+    children = trial_runs(client, r.experiment)
     assert len(children) == 4
     assert {c.data.tags["mlflow.parentRunId"] for c in children.values()} == {parent.info.run_id}
     assert {c.info.status for c in children.values()} == {"FINISHED"}
