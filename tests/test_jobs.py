@@ -2,13 +2,23 @@
 any Ray or MLflow work, and real submissions of pretrain, sweep and transfer, with the working
 directory uploaded, to a 2-CPU local head started with `ray start` as docs/cluster.md shows:
 Ray's token auth on (a token in ~/.ray, as any earlier `ray.init()` leaves), shards and
-checkpoints on a loopback S3 endpoint (moto), metrics in a real MLflow server."""
+checkpoints on a loopback S3 endpoint (moto), metrics in a real MLflow server.
+
+Secrets stay secret: the head and every `ray job submit` run with AWS credentials and an MLflow
+token set to random values, so every process of these jobs holds them. After the jobs, every
+log line (the submit commands' output, every file of the head's Ray session, the MLflow
+server's log), every MLflow param, tag, metric key and artifact of the runs, every object the
+runs stored, the rendered Helm chart and an `avsa submit --dry-run` RayJob are searched for
+the values. None may appear anywhere."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -27,6 +37,7 @@ import yaml
 from mlflowserver import free_port
 
 REPO = Path(__file__).resolve().parent.parent
+CHART = REPO / "helm" / "avsa"
 VENV_BIN = Path(sys.executable).parent
 JOBS = ("pretrain", "sweep", "transfer", "submit")
 HEAD_START_TIMEOUT_S = 150.0
@@ -134,12 +145,13 @@ def _http_status(url: str, timeout_s: float = 2.0, headers: dict[str, str] | Non
         return 0
 
 
-def head_env(home: Path) -> dict[str, str]:
+def head_env(home: Path, secret_values: dict[str, str]) -> dict[str, str]:
     """The environment of the head and of its clients. HOME is the test's own, so the token
     file is the test's; RAY_AUTH_MODE is left unset on the head, so Ray's default applies:
-    token auth turns on because ~/.ray/auth_token exists. The S3 settings (moto) are inherited
-    by every Ray worker, as pods get them from the chart's ConfigMap and Secret."""
-    env = dict(os.environ)
+    token auth turns on because ~/.ray/auth_token exists. The S3 settings (moto, which takes
+    any key) and `secret_values` are inherited by every Ray worker, as pods get them from the
+    chart's ConfigMap and Secret."""
+    env = {**os.environ, **secret_values}
     for key in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH",
                 "MLFLOW_TRACKING_URI"):
         env.pop(key, None)
@@ -149,16 +161,18 @@ def head_env(home: Path) -> dict[str, str]:
         HOME=str(home),
         RAY_USAGE_STATS_ENABLED="0",
         PYTHONUNBUFFERED="1",
+        # On SIGTERM a node first drains for up to 30 s, for Serve proxies to finish their
+        # requests; this head serves none, so it stops at once.
+        RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
     )
     return env
 
 
-def start_head(log: Path, home: Path, num_cpus: int) -> RayHead:
+def start_head(log: Path, env: dict[str, str], num_cpus: int) -> RayHead:
     """Ready means: `ray start` has logged that the runtime started, is still alive a moment
     later, and the job API answers an authenticated request and refuses an anonymous one."""
     temp_dir = tempfile.mkdtemp(prefix="avsa-ray-", dir="/tmp")  # short: Unix sockets live there
     port, dash, agent, client = (free_port() for _ in range(4))
-    env = head_env(home)
     cmd = [
         str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={port}",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
@@ -186,18 +200,29 @@ def start_head(log: Path, home: Path, num_cpus: int) -> RayHead:
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory, s3_endpoint):
+def secret_values() -> dict[str, str]:
+    """Credentials no log, run or stored object may show, fresh per module."""
+    return {
+        "AWS_SECRET_ACCESS_KEY": "avsaSecretKey" + secrets.token_hex(16),
+        "AWS_SESSION_TOKEN": "avsaSessionToken" + secrets.token_hex(24),
+        "MLFLOW_TRACKING_TOKEN": "avsaMlflowToken" + secrets.token_hex(16),
+    }
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory, s3_endpoint, secret_values):
     """The single-node steps of docs/cluster.md: `ray get-auth-token --generate` (what any
     earlier `ray.init()`, e.g. `make demo`, leaves behind), then `ray start --head` on 2 CPUs."""
     logs = tmp_path_factory.mktemp("ray-head")
     home = tmp_path_factory.mktemp("home")
+    env = head_env(home, secret_values)
     res = subprocess.run([str(VENV_BIN / "ray"), "get-auth-token", "--generate"],
-                         env=head_env(home), capture_output=True, text=True, timeout=120)
+                         env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and (home / ".ray" / "auth_token").is_file(), res.stderr
     try:
-        head = start_head(logs / "ray-start-1.log", home, HEAD_CPUS)
+        head = start_head(logs / "ray-start-1.log", env, HEAD_CPUS)
     except RuntimeError:  # on a loaded machine the raylet can miss Ray's fixed 30 s; once more
-        head = start_head(logs / "ray-start-2.log", home, HEAD_CPUS)
+        head = start_head(logs / "ray-start-2.log", env, HEAD_CPUS)
     try:
         yield head
     finally:
@@ -375,26 +400,146 @@ def test_ray_job_submit_sweep_too_big_for_the_head_fails_within_a_minute(ray_hea
     assert "the cluster has 2 CPU, 0 GPU" in line
 
 
-@pytest.mark.slow
-@pytest.mark.cluster
-@pytest.mark.timeout(900)
-def test_ray_job_submit_sweep_sized_to_fit_runs_one_trial(ray_head, s3_shards, tmp_path,
-                                                          mlflow_uri):
-    from mlflow.tracking import MlflowClient
-
+@pytest.fixture(scope="module")
+def fitted_sweep(ray_head, s3_shards, mlflow_uri, tmp_path_factory):
+    """`ray job submit ... python jobs/sweep.py`: one trial that fits the head, on S3."""
     bucket, shards = s3_shards
+    tmp = tmp_path_factory.mktemp("sweep-job")
     experiment = f"jobs-sweep-{uuid.uuid4().hex[:8]}"
     res, _, logs = submit(
-        ray_head, tmp_path, "python", "jobs/sweep.py", *TINY, "sweep=temperature_random",
+        ray_head, tmp, "python", "jobs/sweep.py", *TINY, "sweep=temperature_random",
         "sweep.num_samples=1", "data.decode_cpus=0.5", f"data.shards={shards['train']}",
         f"data.val_shards={shards['val']}", "train.max_steps=2", "sweep.report_every=2",
         "sweep.scheduler=fifo", f"storage.path={bucket}/sweeps",
         f"tracking.experiment={experiment}", mlflow_uri=mlflow_uri)
+    return SimpleNamespace(res=res, logs=logs, experiment=experiment, bucket=bucket)
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+@pytest.mark.timeout(900)
+def test_ray_job_submit_sweep_sized_to_fit_runs_one_trial(fitted_sweep, ray_head, mlflow_uri):
+    from mlflow.tracking import MlflowClient
+
+    res, logs, bucket = fitted_sweep.res, fitted_sweep.logs, fitted_sweep.bucket
     assert res.returncode == 0, _explain(res, logs, ray_head)
     assert "[avsa] best: " in logs
     ml = MlflowClient(str(mlflow_uri))
-    runs = ml.search_runs([ml.get_experiment_by_name(experiment).experiment_id])
+    runs = ml.search_runs([ml.get_experiment_by_name(fitted_sweep.experiment).experiment_id])
     kinds = sorted(r.data.tags["avsa.kind"] for r in runs)
     assert kinds == ["sweep", "trial"]
     trial = next(r for r in runs if r.data.tags["avsa.kind"] == "trial")
     assert trial.data.tags["avsa.checkpoint_uri"].startswith(f"{bucket}/sweeps/")
+
+
+# ----------------------------------------------------------------------------- secrets
+
+SEEN = """
+import hashlib, json, os, sys
+import ray
+
+@ray.remote
+def seen(names):  # proves the workers had the secrets, without printing them
+    return {n: hashlib.sha256(os.environ.get(n, "").encode()).hexdigest() for n in names}
+
+print("WORKER_ENV", json.dumps(ray.get(seen.remote(sys.argv[1:]))), flush=True)
+"""
+
+
+def _files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and not p.is_symlink()]
+
+
+def _mlflow_corpus(client, experiments: list[str], dst: Path) -> dict[str, bytes]:
+    """Every param, tag and metric key, and every artifact file, of the experiments' runs."""
+    out: dict[str, bytes] = {}
+    for name in experiments:
+        exp = client.get_experiment_by_name(name)
+        assert exp is not None, name
+        for run in client.search_runs([exp.experiment_id]):
+            rid = run.info.run_id
+            out[f"mlflow:{name}:{rid}:params"] = json.dumps(run.data.params).encode()
+            out[f"mlflow:{name}:{rid}:tags"] = json.dumps(run.data.tags).encode()
+            out[f"mlflow:{name}:{rid}:metrics"] = json.dumps(run.data.metrics).encode()
+            local = Path(client.download_artifacts(rid, "", str(dst / rid)))
+            for f in _files(local):
+                out[f"mlflow:{name}:{rid}:artifact:{f.relative_to(local)}"] = f.read_bytes()
+    return out
+
+
+def _helm_corpus() -> dict[str, bytes]:
+    import helm_python as helm
+
+    out = {}
+    cases = [None, *sorted((CHART / "ci").glob("*-values.yaml"))]
+    with helm.Chart.load(CHART) as chart:
+        for case in cases:
+            values = None if case is None else helm.values_from_yaml(case.read_text())
+            rendered = chart.render(values, name="avsa", namespace="ml", is_install=True)
+            for path, text in rendered.items():
+                out[f"helm:{case and case.name}:{path}"] = text.encode()
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+@pytest.mark.reliability
+@pytest.mark.timeout(900)
+def test_secret_values_appear_nowhere(pretrained, fitted_sweep, ray_head, secret_values,
+                                      mlflow_uri, s3_endpoint, tmp_path, monkeypatch):
+    """Runs last in this module, so the transfer and the refused sweep are searched too."""
+    import boto3
+    from mlflow.tracking import MlflowClient
+
+    from avsa import cluster
+
+    for job in (pretrained, fitted_sweep):  # a secret-free failure would prove nothing
+        assert job.res.returncode == 0, _explain(job.res, job.logs, ray_head)
+    # The secrets really were in every process: a job's Ray worker saw them.
+    names = sorted(secret_values)
+    res, _, logs = submit(ray_head, tmp_path, "python", "-c", SEEN, *names, mlflow_uri=None)
+    assert res.returncode == 0, _explain(res, logs, ray_head)
+    line = next(ln for ln in logs.splitlines() if ln.startswith("WORKER_ENV "))
+    assert json.loads(line.split(" ", 1)[1]) == {
+        k: hashlib.sha256(v.encode()).hexdigest() for k, v in secret_values.items()}
+
+    corpus: dict[str, bytes] = {}
+    for i, job in enumerate((pretrained, fitted_sweep)):
+        corpus[f"submit{i}:stdout"] = job.res.stdout.encode()
+        corpus[f"submit{i}:stderr"] = job.res.stderr.encode()
+    ray_tmp = Path(ray_head.temp_dir)
+    ray_files = _files(ray_tmp)
+    assert any(p.name.startswith("worker-") for p in ray_files)
+    assert any(p.name.startswith("job-driver-") for p in ray_files)
+    corpus |= {f"ray:{p.relative_to(ray_tmp)}": p.read_bytes() for p in ray_files}
+    corpus["ray-start.log"] = ray_head.log.read_bytes()
+    corpus["mlflow-server.log"] = Path(mlflow_uri.log_path).read_bytes()
+    client = MlflowClient(mlflow_uri)
+    experiments = [pretrained.experiment, fitted_sweep.experiment]
+    if client.get_experiment_by_name(f"{pretrained.experiment}-transfer") is not None:
+        experiments.append(f"{pretrained.experiment}-transfer")
+    mlflow_files = _mlflow_corpus(client, experiments, tmp_path / "artifacts")
+    assert any(k.endswith("config.yaml") for k in mlflow_files)
+    (pre,) = client.search_runs(
+        [client.get_experiment_by_name(pretrained.experiment).experiment_id])
+    assert any(pre.info.run_id in k for k in mlflow_files)
+    corpus |= mlflow_files
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    bucket = pretrained.bucket.removeprefix("s3://")
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
+    assert any(k.startswith("runs/") and k.endswith("state.pt") for k in keys)
+    assert any(k.startswith("sweeps/") and k.endswith("state.pt") for k in keys)
+    corpus |= {f"s3:{k}": s3.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
+    for name, value in secret_values.items():
+        monkeypatch.setenv(name, value)
+    corpus |= _helm_corpus()
+    dry_run = io.StringIO()
+    assert cluster.main(["avsa-secrets", "--dry-run", "--s3-secret", "avsa-s3", "--mlflow-uri",
+                         str(mlflow_uri), "--", "jobs/pretrain.py", "experiment=demo_local"],
+                        out=dry_run) == 0
+    assert "RayJob" in dry_run.getvalue()
+    corpus["avsa submit --dry-run"] = dry_run.getvalue().encode()
+
+    leaks = [(where, name) for where, blob in corpus.items()
+             for name, value in secret_values.items() if value.encode() in blob]
+    assert leaks == [], f"secret values found in: {leaks[:10]}"
