@@ -275,7 +275,7 @@ def write_tables(args, tables, metrics, uri) -> list[Path]:
         records = compare.fetch_records(uri, f"avsa-reproduce-{t.name}")
         table = compare.build_table(records, t.columns)
         order = ["scratch"] + [v.row for v, _ in t.rows if v is not None]
-        table = compare.reorder(table, [r for r in order if r in table.rows])
+        table.rows = [r for r in order if r in table.rows]
         paths += compare.write_outputs(table, out, t.name)
         print(f"\n## {t.name}\n\n{table.to_markdown()}", flush=True)
     lines = ["| variant | " + " | ".join(PRETRAIN_COLUMNS) + " |",
