@@ -58,9 +58,9 @@ RESAMPLED: dict[str, tuple[str, stats.Statistic]] = {
     "test/acc": ("acc", stats.mean_statistic),
     "test/clip_acc": ("clip_acc", stats.mean_statistic),
     "test/video_acc": ("video_acc", stats.mean_statistic),
-    "test/pixel_acc": ("confusion", stats.pixel_accuracy_statistic),
-    "test/miou": ("confusion", stats.iou_statistic()),
-    "test/miou_fg": ("confusion", stats.iou_statistic(foreground=True)),
+    "test/pixel_acc": ("confusion", stats.of_sums(stats.pixel_accuracy)),
+    "test/miou": ("confusion", stats.of_sums(stats.iou)),
+    "test/miou_fg": ("confusion", stats.of_sums(stats.iou, foreground=True)),
 }
 RESAMPLES = 2000
 CI_SEED = 0

@@ -34,10 +34,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from avsa.config import DataConfig, DownstreamConfig
+from avsa.downstream import stats
 from avsa.downstream.fit import TransferHead
 from avsa.downstream.heads import Cached, freeze
 from avsa.downstream.sources import ShardSource
-from avsa.downstream.stats import iou
 from avsa.errors import ShardError
 from avsa.models import AVSANet
 from avsa.models.inputs import normalize_video, to_device
@@ -167,22 +167,18 @@ def crop_confusions(pred: torch.Tensor, target: torch.Tensor, num_classes: int) 
     return torch.bincount(idx.reshape(-1).cpu(), minlength=n * c * c).view(n, c, c)
 
 
-def pixel_accuracy(conf: torch.Tensor) -> float:
-    total = int(conf.sum())
-    return float(conf.diag().sum()) / total if total else float("nan")
-
-
-def mean_iou(conf: torch.Tensor, *, foreground: bool = False) -> float:
-    """Mean IoU over classes present in the ground truth or the prediction (union > 0);
-    with `foreground`, over those classes except 0 (background)."""
-    return float(iou(conf.cpu().numpy(), foreground=foreground))
-
-
-def background_only(conf: torch.Tensor) -> torch.Tensor:
-    """The confusion matrix of predicting background (class 0) for every pixel of `conf`."""
-    out = torch.zeros_like(conf)
-    out[:, 0] = conf.sum(1)
-    return out
+def segmentation_metrics(conf: torch.Tensor) -> dict[str, float]:
+    """The test metrics of a confusion matrix (C, C) summed over every test pixel (rows the
+    truth), beside those of predicting background (class 0) everywhere (*_bg_only)."""
+    conf = conf.cpu().numpy()
+    bg = np.zeros_like(conf)
+    bg[:, 0] = conf.sum(1)
+    return {"test/pixel_acc": float(stats.pixel_accuracy(conf)),
+            "test/miou": float(stats.iou(conf)),
+            "test/miou_fg": float(stats.iou(conf, foreground=True)),
+            "test/miou_bg_only": float(stats.iou(bg)),
+            "test/miou_fg_bg_only": float(stats.iou(bg, foreground=True)),
+            "test/classes_present": float(((conf.sum(0) + conf.sum(1)) > 0).sum())}
 
 
 class SegmentationTask(TransferHead):
@@ -254,9 +250,4 @@ class SegmentationTask(TransferHead):
         conf = per_crop.sum(0)
         if examples is not None:
             examples["confusion"] = per_crop.numpy().astype(np.int32)
-        bg = background_only(conf)
-        return {"test/pixel_acc": pixel_accuracy(conf), "test/miou": mean_iou(conf),
-                "test/miou_fg": mean_iou(conf, foreground=True),
-                "test/miou_bg_only": mean_iou(bg),
-                "test/miou_fg_bg_only": mean_iou(bg, foreground=True),
-                "test/classes_present": float(((conf.sum(0) + conf.sum(1)) > 0).sum())}
+        return segmentation_metrics(conf)
