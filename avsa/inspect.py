@@ -66,15 +66,13 @@ def peak_direction(sig: torch.Tensor) -> tuple[float, float, float]:
     return math.remainder(az, 2 * math.pi), el_best, contrast
 
 
-def inspect_clip(path: str | Path, *, view: tuple[float, float] | None = None) -> dict:
+def inspect_clip(path: str | Path, view: tuple[float, float] | None = None
+                 ) -> tuple[dict, torch.Tensor]:
     """Facts of one clip: "video", "audio" (stream info), "equirect", "audio_peak" (az_deg,
     el_deg, peak_to_mean_db) and, for view = (az_deg, el_deg), "view" with the beam energy
-    toward it relative to the peak (energy_db <= 0)."""
-    return _inspect(str(path), view)[0]
-
-
-def _inspect(path: str, view: tuple[float, float] | None) -> tuple[dict, torch.Tensor]:
-    """The report and the clip's moment signal (for the energy map)."""
+    toward it relative to the peak (energy_db <= 0); and the clip's moment signal (for the
+    energy map)."""
+    path = str(path)
     info = media.probe(path)
     audio = info.audio or media.probe_audio(path)  # raises when there is none
     sig = _moment_signal(path, audio.duration or info.video.duration, audio.sample_rate)
@@ -193,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            report, sig = _inspect(args.clip, args.view)
+            report, sig = inspect_clip(args.clip, args.view)
             if args.map:
                 write_map(args.clip, report, sig, args.map)
             if args.crop:

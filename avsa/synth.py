@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from avsa import geometry, media, shapes
+from avsa import geometry, media, shapes, storage
 from avsa.data.labels import CLASSES as CLASS_NAMES
 from avsa.errors import AvsaError, ConfigError
 
@@ -297,12 +297,6 @@ def _complete(out_dir: Path, key: str) -> bool:
     return all((out_dir / f"{key}{ext}").is_file() for ext in (".mp4", ".masks.npz", ".json"))
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _write_clip(job: tuple) -> bool:
     """Write clip `index` unless it is complete already; True when it was written."""
     out_dir, index, seconds, seed, kwargs = job
@@ -314,9 +308,9 @@ def _write_clip(job: tuple) -> bool:
                       scene.meta["sample_rate"])
     npz = io.BytesIO()
     np.savez_compressed(npz, masks=scene.masks)
-    _write_atomic(out_dir / f"{key}.masks.npz", npz.getvalue())
+    storage.write_bytes(out_dir / f"{key}.masks.npz", npz.getvalue())
     meta = {**scene.meta, "key": key, "index": index, "dataset_seed": int(seed)}
-    _write_atomic(out_dir / f"{key}.json", json.dumps(meta, indent=1).encode())  # commit point
+    storage.write_bytes(out_dir / f"{key}.json", json.dumps(meta, indent=1).encode())  # commit point
     return True
 
 

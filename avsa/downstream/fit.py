@@ -1,18 +1,8 @@
-"""One training loop for every transfer head, with early stopping on held-out clips.
+"""One training loop for every transfer head (`fit_head`), with early stopping on held-out
+clips (`holdout`), and what a task adds to it (`TransferHead`).
 
-`fit_head` runs Adam over a module's trainable parameters for at most `epochs` epochs. With a
-`validate` function it scores the module after every epoch (lower is better, e.g. the loss on
-held-out training clips), stops after `patience` epochs without improvement and restores the
-best epoch's weights. Cached-feature heads feed it index minibatches (`minibatches`); action
-fine-tuning feeds it the source's decoded batches.
-
-`holdout` picks those held-out clips: a fixed fraction of the training split's clip keys,
-chosen by the keys' hashes, so the choice does not depend on order, pass or seed, and every
-augmented pass of a held-out clip stays out of training.
-
-`TransferHead` is what a task adds to that loop (its head, batch adapter, loss and metrics);
-`fit_and_score` is the one path every task's head takes: encode the training split once,
-hold out clips, `fit_head`, then score on the test split.
+Held-out clips are chosen by their keys' hashes, so the choice does not depend on order, pass
+or seed, and every augmented pass of a held-out clip stays out of training.
 """
 
 from __future__ import annotations
@@ -138,27 +128,8 @@ def holdout(keys: Sequence[str], fraction: float, *, min_keys: int = 1) -> torch
     return torch.tensor([k in chosen for k in keys], dtype=torch.bool)
 
 
-@dataclass(frozen=True)
-class HeadSettings:
-    """How a head trains, the same for every task (the downstream.* keys of that name)."""
-
-    epochs: int
-    lr: float
-    batch_size: int = 16  # cached rows' minibatches: clips (binary, action) or crops
-    max_steps: int = 0
-    val_fraction: float = 0.0
-    patience: int = 0
-    feature_passes: int = 1
-    seed: int = 0  # head initialisation (seeded by the caller) and minibatch order
-
-    @classmethod
-    def from_config(cls, ds: DownstreamConfig, seed: int) -> HeadSettings:
-        return cls(ds.epochs, ds.lr, ds.batch_size, ds.max_steps, ds.val_fraction, ds.patience,
-                   ds.feature_passes, seed)
-
-
 class TransferHead:
-    """One transfer task: what it adds to head training on frozen features (`fit_and_score`).
+    """One transfer task: what it adds to head training on frozen features.
 
     The class is the task's entry in the registry (avsa.downstream.run.TASKS): `source` says
     where its clips come from (shards by default) and `build` makes the head from the config
@@ -200,32 +171,25 @@ class TransferHead:
     def val_loss(self, val: Cached) -> float:
         return float(self.loss(val.tensors))
 
-    def fit(self, source, s: HeadSettings, log: EpochLog | None) -> FitResult:
-        """Encode `s.feature_passes` passes of `source.train(p)` once and train `module` on
-        the cached rows, early-stopped on `s.val_fraction` of the training clips."""
+    def fit(self, source, ds: DownstreamConfig, seed: int, log: EpochLog | None) -> FitResult:
+        """Encode `ds.feature_passes` passes of `source.train(p)` once and train `module` on
+        the cached rows (minibatch order from `seed`), early-stopped on `ds.val_fraction` of
+        the training clips."""
         where = getattr(source, "train_uri", "train split")
-        train = encode_passes(source.train, s.feature_passes, self.encode)
+        train = encode_passes(source.train, ds.feature_passes, self.encode)
         if train is None or len(train) < self.min_rows:
             raise ShardError(where, f"{self.name}: no training clips"
                                     + (f" (need >= {self.min_rows})" if self.min_rows > 1 else ""))
-        held = holdout(train.keys, s.val_fraction, min_keys=self.min_keys)
+        held = holdout(train.keys, ds.val_fraction, min_keys=self.min_keys)
         fit, val = train.subset(~held), train.subset(held)
         self.prepare(train, fit, val)
-        gen = torch.Generator().manual_seed(s.seed)
+        gen = torch.Generator().manual_seed(seed)
         result = fit_head(
             self.module, lambda idx: self.loss(fit.take(idx)),
-            lambda epoch: minibatches(len(fit), s.batch_size, gen),
-            epochs=s.epochs, lr=s.lr, max_steps=s.max_steps, patience=s.patience, log=log,
+            lambda epoch: minibatches(len(fit), ds.batch_size, gen),
+            epochs=ds.epochs, lr=ds.lr, max_steps=ds.max_steps, patience=ds.patience, log=log,
             validate=(lambda: self.val_loss(val)) if len(val) else None)
         if result.steps == 0:
             raise ShardError(where, f"{self.name}: no training batch")
         return result
 
-
-def fit_and_score(head: TransferHead, source, s: HeadSettings, *, log: EpochLog | None = None,
-                  examples: dict | None = None) -> dict[str, float]:
-    """Train `head` on `source` and return its test metrics with train/best_epoch and
-    train/epochs; per-example test results go to `examples` when given."""
-    result = head.fit(source, s, log)
-    return {**head.score(source, examples), "train/best_epoch": float(result.best_epoch),
-            "train/epochs": float(result.epochs)}

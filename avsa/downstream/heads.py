@@ -16,10 +16,6 @@ from avsa.models import AVSANet
 from avsa.models.inputs import normalize_video
 
 
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 class PairHead(nn.Module):
     """METHOD.md §6 binary head: Dropout 0.5 -> Linear(in_dim, 512) -> ReLU -> Linear(512, 2).
 
