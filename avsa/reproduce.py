@@ -158,7 +158,6 @@ def make_data(args: argparse.Namespace, tables: list[Table]) -> dict[str, tuple[
     """Shard URIs (train, test) of each data set: dry scenes, single-class (action) clips and,
     when a table asks, reverberant copies of the dry scenes."""
     from avsa import synth
-    from avsa.data.shards import write_shards
 
     sets = {"dry": {}, "action": {"single_class": True}}
     if any(v is not None and v.data == "wet" for t in tables for v, _ in t.rows):
@@ -167,16 +166,12 @@ def make_data(args: argparse.Namespace, tables: list[Table]) -> dict[str, tuple[
     for name, kw in sets.items():
         n_train = args.action_clips * 3 // 4 if name == "action" else args.clips
         n_test = args.action_clips - n_train if name == "action" else args.test_clips
-        uris = []
-        for split, n, seed in (("train", n_train, args.seed), ("test", n_test, args.seed + 1)):
-            clips = args.out / "data" / name / "clips" / split
-            log.info("synthesising %d %s %s clips", n, name, split)
-            synth.write_dataset(clips, n, args.seconds, seed + (10 if name == "action" else 0),
-                                workers=args.workers, progress=False, **kw)
-            uri = str((args.out / "data" / name / "shards" / split).resolve())
-            write_shards(clips, uri, samples_per_shard=16, split=split)
-            uris.append(uri)
-        out[name] = (uris[0], uris[1])
+        seed = args.seed + (10 if name == "action" else 0)
+        log.info("synthesising %d + %d %s clips", n_train, n_test, name)
+        root = (args.out / "data" / name).resolve()
+        out[name] = tuple(synth.write_split(root, split, n, args.seconds, s, args.workers,
+                                            progress=False, **kw)
+                          for split, n, s in (("train", n_train, seed), ("test", n_test, seed + 1)))
     return out
 
 

@@ -209,9 +209,8 @@ def _place(rng, gen, n: int, sources: Sequence[SourceSpec] | None, seconds: floa
 
 def _sound(src: _Source, t: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     c = SOURCE_CLASSES[src.cls]
-    tone = sum(a * np.sin(2 * np.pi * (h + 1) * c.f0_hz * src.detune * t
-                          + rng.uniform(0, 2 * np.pi))
-               for h, a in enumerate(c.harmonics) if a)
+    tone = sum(a * np.sin(2 * np.pi * f * t + rng.uniform(0, 2 * np.pi))
+               for f, a in zip(partials(c, src.detune), filter(None, c.harmonics)))
     return gate(src.events, t) * (0.3 + 0.7 * src.envelope(t)) * tone / sum(c.harmonics)
 
 
@@ -309,8 +308,9 @@ def _write_clip(job: tuple) -> bool:
     npz = io.BytesIO()
     np.savez_compressed(npz, masks=scene.masks)
     storage.write_bytes(out_dir / f"{key}.masks.npz", npz.getvalue())
+    # the JSON, written last, commits the clip
     meta = {**scene.meta, "key": key, "index": index, "dataset_seed": int(seed)}
-    storage.write_bytes(out_dir / f"{key}.json", json.dumps(meta, indent=1).encode())  # commit point
+    storage.write_bytes(out_dir / f"{key}.json", json.dumps(meta, indent=1).encode())
     return True
 
 
@@ -340,6 +340,18 @@ def write_dataset(out_dir: str | os.PathLike, clips: int, seconds: float, seed: 
     return [out / f"clip-{i:06d}.mp4" for i in range(clips)]
 
 
+def write_split(out: Path, split: str, clips: int, seconds: float, seed: int, workers: int = 1,
+                **kwargs) -> str:
+    """Synthesise `clips` clips into out/clips/SPLIT (see write_dataset) and shard them into
+    out/shards/SPLIT, 16 clips a shard; returns that shard folder."""
+    from avsa.data.shards import write_shards
+
+    write_dataset(out / "clips" / split, clips, seconds, seed, workers, **kwargs)
+    uri = str(out / "shards" / split)
+    write_shards(out / "clips" / split, uri, samples_per_shard=16, split=split)
+    return uri
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="avsa synth", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", metavar="OUT_DIR")
@@ -351,11 +363,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--height", type=int, default=192)
     parser.add_argument("--fps", type=float, default=16.0)
     parser.add_argument("--sample-rate", type=int, default=24000)
-    parser.add_argument("--sources", type=int, choices=range(1, len(CLASSES) + 1), default=None,
-                        metavar="N", help="sources per clip (default: random {}-{})".format(*SOURCES_RANGE))
+    parser.add_argument("--sources", dest="num_sources", type=int, metavar="N",
+                        choices=range(1, len(CLASSES) + 1),
+                        help="sources per clip (default: random {}-{})".format(*SOURCES_RANGE))
     parser.add_argument("--single-class", action="store_true",
                         help="every source of a clip of one class (single-label clips)")
-    parser.add_argument("--rt60", type=float, default=0.0, metavar="SECONDS",
+    parser.add_argument("--rt60", dest="rt60_s", type=float, default=0.0, metavar="SECONDS",
                         help="add a simulated room with this reverberation time (0: dry)")
     parser.add_argument("--stats", action="store_true",
                         help="print how many sampled crops show a source (default sampler)")
@@ -365,10 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     before = sum(_complete(Path(args.out_dir), f"clip-{i:06d}") for i in range(args.clips))
     start = time.perf_counter()
     try:
-        write_dataset(args.out_dir, args.clips, args.seconds, args.seed, args.workers,
-                      width=args.width, height=args.height, fps=args.fps,
-                      sample_rate=args.sample_rate, num_sources=args.sources,
-                      single_class=args.single_class, rt60_s=args.rt60)
+        scene = {k: getattr(args, k) for k in ("width", "height", "fps", "sample_rate",
+                                                "num_sources", "single_class", "rt60_s")}
+        write_dataset(args.out_dir, args.clips, args.seconds, args.seed, args.workers, **scene)
     except AvsaError as e:
         print(f"avsa synth: error: {e}", file=sys.stderr)
         return 2

@@ -21,11 +21,11 @@ from avsa.config import DataConfig, DownstreamConfig
 from avsa.downstream.fit import TransferHead
 from avsa.downstream.heads import (
     Cached,
-    PairHead,
     accuracy,
     encode_passes,
     freeze,
     frozen_features,
+    pair_head,
     predict,
 )
 from avsa.downstream.sources import ShardSource
@@ -103,7 +103,7 @@ class BinaryTask(TransferHead):
         self.name, self.device = task, device
         self.model = freeze(model.to(device))
         self.use_context = model.video_transformer is not None
-        self.module = PairHead(model.video_dim + model.audio_dim).to(device)
+        self.module = pair_head(model.video_dim + model.audio_dim).to(device)
         self.min_rows = self.min_keys = 2 if task == "avc_bin" else 1
         self.fit_rows: Cached | None = None
 

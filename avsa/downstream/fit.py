@@ -64,49 +64,44 @@ def fit_head(
     > 0 caps the optimiser steps over all epochs; the learning rate is multiplied by lr_gamma
     after each epoch in lr_milestones. `log` gets train/loss (and val/loss) per epoch.
     """
-    params = [p for p in module.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr)
+    opt = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=lr)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(lr_milestones), gamma=lr_gamma)
     result = FitResult(epochs=0, steps=0, best_epoch=-1)
     best, best_state, since_best = math.inf, None, 0
     for epoch in range(epochs):
         module.train()
-        total, n = 0.0, 0
+        losses = []
         for batch in batches(epoch):
-            loss = loss_fn(batch)
-            if loss is None:
+            if (loss := loss_fn(batch)) is None:
                 continue
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total, n = total + float(loss.detach()), n + 1
+            losses.append(float(loss.detach()))
             result.steps += 1
-            if max_steps and result.steps >= max_steps:
+            if result.steps == max_steps:
                 break
         result.epochs = epoch + 1
-        if n == 0:
+        if not losses:
             break
         sched.step()
-        result.train_loss.append(total / n)
-        metrics = {"train/loss": total / n}
-        if validate is not None:
+        metrics = {"train/loss": sum(losses) / len(losses)}
+        result.train_loss.append(metrics["train/loss"])
+        if validate is None:
+            result.best_epoch = epoch
+        else:
             module.eval()
             with torch.no_grad():
-                val = float(validate())
+                metrics["val/loss"] = val = float(validate())
             result.val_loss.append(val)
-            metrics["val/loss"] = val
+            since_best += 1
             if val < best:  # nan never improves
                 best, best_state, since_best = val, copy.deepcopy(module.state_dict()), 0
                 result.best_epoch = epoch
-            else:
-                since_best += 1
-        else:
-            result.best_epoch = epoch
         if log is not None:
             log(metrics, epoch)
-        if max_steps and result.steps >= max_steps:
-            break
-        if validate is not None and patience and since_best >= patience:
+        if result.steps == max_steps or (validate is not None and patience
+                                          and since_best >= patience):
             break
     if best_state is not None:
         module.load_state_dict(best_state)

@@ -1,17 +1,13 @@
 """`avsa transfer TASK pretrain=RUN|URI|models:/NAME/VERSION|models:/NAME@ALIAS|scratch`: one
 transfer run, tracked in MLflow.
 
-The pretrained network is rebuilt from the checkpoint's own config (so the architecture always
-matches its weights) and loaded whole: encoders and viewpoint transformers. Each transfer is an
-MLflow run in `downstream.experiment`, tagged with the task, the pretraining run (its MLflow id,
-the checkpoint URI, or "scratch"), the pretext ("avsa", "avsa_cur" for the curriculum,
-"avc", "avts", "scratch") and the seed (`downstream.seed`, else `data.seed`), so `avsa compare`
-can tabulate them: run a cell with several seeds for a confidence interval. Each run stores its
-per-example test results as the artifact test_examples.npz, which `avsa compare` resamples.
-
-Data: `data.shards` trains and `data.val_shards` tests (see avsa.downstream.sources). For
-`action`, `data.shards` may instead name a local UCF101 / HMDB51 folder (avsa.downstream.ucf);
-its split is `downstream.fold` when the config has that key, else fold 1.
+The network is rebuilt from the checkpoint's own config (so the architecture matches its
+weights) and loaded whole. The run, in `downstream.experiment`, is tagged with the task, the
+pretraining run, the pretext ("avsa", "avsa_cur" after an AVC curriculum, "avc", "avts",
+"scratch") and the seed (`downstream.seed`, else `data.seed`), so `avsa compare` can pool a
+cell's seeds; it stores its per-example test results (EXAMPLES), which `avsa compare`
+resamples. `data.shards` trains and `data.val_shards` tests; for `action`, `data.shards` may
+name a local UCF101 / HMDB51 folder (avsa.downstream.ucf, split `downstream.fold`).
 """
 
 from __future__ import annotations
@@ -146,8 +142,9 @@ def run_task(ds: DownstreamConfig, model: AVSANet, source, *, seed: int, device:
             "train/epochs": float(result.epochs)}
 
 
-def _log_examples(logger: tracking.RunLogger, examples: dict[str, np.ndarray]) -> None:
-    """Store the per-example test results as the run's EXAMPLES artifact (for `avsa compare`)."""
+def _log_results(logger: tracking.RunLogger, task: str, examples: dict[str, np.ndarray]) -> None:
+    """The per-example test results as the run's EXAMPLES artifact (for `avsa compare`) and
+    the report made from them (confusion matrix, per-class table, overlays) under report/."""
     if not examples:
         return
     with tempfile.TemporaryDirectory() as tmp:
@@ -155,6 +152,9 @@ def _log_examples(logger: tracking.RunLogger, examples: dict[str, np.ndarray]) -
         np.savez_compressed(path, **{k: v for k, v in examples.items()
                                      if k not in report.OVERLAY_KEYS})
         logger.log_artifact(path)
+        if report.write_report(task, examples, Path(tmp) / "report", labels=list(CLASSES),
+                               num_classes=NUM_CLASSES + (task == "segmentation")):
+            logger.log_artifact(Path(tmp) / "report", "report")
 
 
 def _log_inputs(logger: tracking.RunLogger, cfg: Config, pre: Pretrained) -> None:
@@ -166,15 +166,6 @@ def _log_inputs(logger: tracking.RunLogger, cfg: Config, pre: Pretrained) -> Non
         model = LoggedModelInput(pre.version.model_id)
         logger.attempt(f"the input model {pre.version.uri}",
                        lambda client: client.log_inputs(logger.run_id, models=[model]))
-
-
-def _log_report(logger: tracking.RunLogger, task: str, examples: dict[str, np.ndarray]) -> None:
-    """Confusion matrix, per-class table and (segmentation) overlays as the run's artifacts."""
-    with tempfile.TemporaryDirectory() as tmp:
-        written = report.write_report(task, examples, Path(tmp), labels=list(CLASSES),
-                                      num_classes=NUM_CLASSES + (task == "segmentation"))
-        if written:
-            logger.log_artifact(tmp, "report")
 
 
 def run_transfer(cfg: Config, memo: dict | None = None) -> TransferResult:
@@ -211,8 +202,7 @@ def run_transfer(cfg: Config, memo: dict | None = None) -> TransferResult:
         metrics = run_task(ds, pre.model, task_class(ds.task).source(data, ds, memo), seed=seed,
                            device=device, log=logger.log_metrics, examples=examples)
         logger.log_metrics(metrics, step=ds.epochs)
-        _log_examples(logger, examples)
-        _log_report(logger, ds.task, examples)
+        _log_results(logger, ds.task, examples)
     return TransferResult(ds.task, pre.pretext, pre.ref, logger.run_id, uri, ds.experiment,
                           context, mode, metrics)
 

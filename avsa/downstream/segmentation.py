@@ -70,7 +70,8 @@ class FPNHead(nn.Module):
 
 def cond_dim(model: AVSANet, context: str) -> int:
     """Width of the conditioning of `frozen_inputs` for `context`."""
-    return {"video": 0, "audio": model.audio_dim}.get(context, 2 * model.audio_dim + model.video_dim)
+    extra = {"video": 0, "audio": model.audio_dim}
+    return extra.get(context, 2 * model.audio_dim + model.video_dim)
 
 
 @torch.no_grad()
