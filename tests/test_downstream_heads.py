@@ -17,7 +17,7 @@ from avsa.downstream.run import run_task
 
 def test_pair_head_matches_the_paper_shape():
     head = pair_head(1024)
-    kinds = [type(m).__name__ for m in head.net]
+    kinds = [type(m).__name__ for m in head]
     assert kinds == ["Dropout", "Linear", "ReLU", "Linear"]
     assert head[0].p == 0.5
     assert (head[1].in_features, head[1].out_features) == (1024, 512)

@@ -93,7 +93,7 @@ def clip_video_hits(
     keys: Sequence[str], logits: torch.Tensor, targets: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-window and per-video hits of N clip windows: keys (N,) video ids, logits (N, K),
-    targets (N, K) -> (clip (N,) bool, video (G,) bool, videos in order of first appearance).
+    targets (N, K) -> (clip (N,) bool, video (G,) bool, videos in key order).
 
     A video's prediction is the softmax averaged over its windows; its targets are its first
     window's.
@@ -101,13 +101,11 @@ def clip_video_hits(
     if len(keys) != len(logits) or len(logits) != len(targets):
         raise ValueError("keys, logits and targets must have the same length")
     clip = top1_hits(logits, targets)
-    index: dict[str, int] = {}
-    group = torch.tensor([index.setdefault(k, len(index)) for k in keys], dtype=torch.long)
-    probs = torch.zeros(len(index), logits.shape[1], dtype=torch.float64)
-    probs.index_add_(0, group, logits.double().softmax(-1))
-    first = torch.full((len(index),), len(keys), dtype=torch.long)
-    first.scatter_reduce_(0, group, torch.arange(len(keys)), reduce="amin")
-    return clip, top1_hits(probs, targets[first])
+    _, first, group = np.unique(np.asarray(keys, dtype=str), return_index=True,
+                                return_inverse=True)
+    probs = torch.zeros(len(first), logits.shape[1], dtype=torch.float64)
+    probs.index_add_(0, torch.from_numpy(group.reshape(-1)), logits.double().softmax(-1))
+    return clip, top1_hits(probs, targets[torch.from_numpy(first)])
 
 
 def score(keys: list[str], logits: torch.Tensor, targets: torch.Tensor, majority: int,

@@ -19,6 +19,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import fmean
 
 import numpy as np
 
@@ -90,19 +91,17 @@ def cell_of(runs: list[RunRecord], metric: str, *, resamples: int = RESAMPLES,
             seed: int = CI_SEED) -> Cell | None:
     """Mean over `runs` (one per seed) of `metric`, with a 95% bootstrap interval resampling
     seeds and test examples (stats.bootstrap_ci) when every run stored its examples."""
-    vals = [(r, r.metrics.get(metric)) for r in runs]
-    vals = [(r, float(v)) for r, v in vals if v is not None and not math.isnan(v)]
-    if not vals:
+    runs = [r for r in runs if not math.isnan(r.metrics.get(metric, math.nan))]
+    if not runs:
         return None
-    mean = sum(v for _, v in vals) / len(vals)
-    name, statistic = RESAMPLED.get(metric, (None, None))
-    arrays = [r.examples.get(name) if r.examples and name else None for r, _ in vals]
+    name, statistic = RESAMPLED.get(metric, ("", None))
+    arrays = [(r.examples or {}).get(name) for r in runs]
     lo = hi = None
     if statistic is not None and all(a is not None and len(a) for a in arrays):
         lo, hi = stats.bootstrap_ci(arrays, n=resamples, seed=seed, statistic=statistic)
         if math.isnan(lo):
             lo = hi = None
-    return Cell(mean, lo, hi, len(vals))
+    return Cell(fmean(float(r.metrics[metric]) for r in runs), lo, hi, len(runs))
 
 
 @dataclass

@@ -41,10 +41,8 @@ def per_class_rows(conf: np.ndarray, names: Sequence[str]) -> list[dict[str, obj
 def class_names(task: str, classes: int, labels: Sequence[str] = ()) -> list[str]:
     if task in ("avc_bin", "avsa_bin"):
         return list(BINARY_CLASSES)
-    if task == "segmentation":
-        return ["background", *labels][:classes] + [str(i) for i in range(len(labels) + 1,
-                                                                          classes)]
-    return [*labels][:classes] + [str(i) for i in range(len(labels), classes)]
+    names = ["background", *labels] if task == "segmentation" else list(labels)
+    return names[:classes] + [str(i) for i in range(len(names), classes)]
 
 
 def _plot_confusion(conf: np.ndarray, names: Sequence[str], title: str, path: Path) -> None:
