@@ -137,14 +137,12 @@ class Table:
 
     def plot(self, path: str | Path) -> None:
         """Grouped bars: one group per column, one bar per pretext, heights in %, 95% CIs."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
 
         n = max(len(self.rows), 1)
         width = 0.8 / n
-        fig, ax = plt.subplots(figsize=(1.6 * len(self.columns) + 2, 4.5))
+        fig = Figure(figsize=(1.6 * len(self.columns) + 2, 4.5))
+        ax = fig.subplots()
         for i, name in enumerate(self.rows):
             cells = [c or Cell(math.nan, None, None, 0) for c in self._row_cells(name)]
             xs = [j + (i - (n - 1) / 2) * width for j in range(len(self.columns))]
@@ -159,7 +157,6 @@ class Table:
         ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()
         fig.savefig(path, dpi=120)
-        plt.close(fig)
 
 
 def _md(c: Cell | None) -> str:
