@@ -314,10 +314,6 @@ def _write_clip(job: tuple) -> bool:
     return True
 
 
-def _init_worker() -> None:
-    torch.set_num_threads(1)
-
-
 def write_dataset(out_dir: str | os.PathLike, clips: int, seconds: float, seed: int,
                   workers: int = 1, *, progress: bool = True, **scene_kwargs) -> list[Path]:
     """Write `clips` clips `clip-000000.mp4` ... (+ .json, .masks.npz) into out_dir; clips
@@ -330,7 +326,7 @@ def write_dataset(out_dir: str | os.PathLike, clips: int, seconds: float, seed: 
     with bar:
         if workers > 1:
             ctx = multiprocessing.get_context("spawn")  # no fork of a process holding threads
-            with ctx.Pool(workers, initializer=_init_worker) as pool:
+            with ctx.Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
                 for _ in pool.imap_unordered(_write_clip, jobs):
                     bar.update()
         else:
