@@ -8,7 +8,6 @@ that belong to a source; `coverage_stats` summarises it over clips (`avsa synth 
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -61,5 +60,5 @@ def coverage_stats(masks: Iterable[np.ndarray], data=None, draws: int = 8,
 def load_masks(paths: Iterable[Path]) -> Iterable[np.ndarray]:
     """The `masks` arrays of `KEY.masks.npz` files, one at a time."""
     for p in paths:
-        with np.load(io.BytesIO(Path(p).read_bytes())) as npz:
+        with np.load(p) as npz:
             yield npz["masks"]

@@ -14,7 +14,6 @@ from pathlib import Path
 
 from avsa import synth
 from avsa.config import compose
-from avsa.data.shards import write_shards
 
 
 def parser() -> argparse.ArgumentParser:
@@ -39,11 +38,9 @@ def main(argv: list[str]) -> int:
     t0 = time.perf_counter()
     shard_uris = {}
     for split, clips, seed in (("train", args.train_clips, 0), ("val", args.val_clips, 1)):
-        clip_dir = out / "clips" / split
-        print(f"[avsa demo] synthesising {clips} {split} clips into {clip_dir}", flush=True)
-        synth.write_dataset(clip_dir, clips, args.seconds, seed=seed, workers=args.workers)
-        shard_uris[split] = str(out / "shards" / split)
-        write_shards(clip_dir, shard_uris[split], samples_per_shard=16, split=split)
+        print(f"[avsa demo] synthesising {clips} {split} clips into {out / 'clips' / split}",
+              flush=True)
+        shard_uris[split] = synth.write_split(out, split, clips, args.seconds, seed, args.workers)
 
     overrides = [
         "experiment=demo_local",

@@ -24,7 +24,6 @@ from avsa.errors import AvsaError, MediaError
 
 CHUNK_S = 30.0  # seconds of audio decoded at a time
 MAP_GRID = (90, 180)  # (n_el, n_az) of the coarse energy map: 2° cells
-REFINE_DEG, REFINE_STEP_DEG = 2.0, 0.1
 CROP_HFOV_DEG, CROP_SIZE = 90.0, 256
 HEAT_RANGE_DB = 12.0  # the --map colours span this far below the peak
 
@@ -50,31 +49,27 @@ def _beam_energy(sig: torch.Tensor, az: torch.Tensor, el: torch.Tensor) -> torch
 
 
 def peak_direction(sig: torch.Tensor) -> tuple[float, float, float]:
-    """(az, el) radians of greatest beam energy and its peak-to-mean ratio in dB."""
+    """(az, el) radians of greatest beam energy and its peak-to-mean ratio in dB: the 2° energy
+    map's maximum, refined by Nelder-Mead."""
+    from scipy.optimize import minimize
+
     energy, az_grid, el_grid = geometry.energy_map(sig, n_az=MAP_GRID[1], n_el=MAP_GRID[0])
     i, j = divmod(int(energy.argmax()), energy.shape[1])
-    span, step = math.radians(REFINE_DEG), math.radians(REFINE_STEP_DEG)
-    offsets = torch.arange(-span, span + step / 2, step, dtype=sig.dtype)
-    el = (el_grid[i].double() + offsets).clamp(-math.pi / 2, math.pi / 2)
-    el_f, off = torch.meshgrid(el, offsets, indexing="ij")
-    # azimuth steps widen toward the poles so the search covers the same angular span
-    az_f = az_grid[j].double() + off / torch.cos(el_f).clamp(min=math.radians(REFINE_DEG))
-    fine = _beam_energy(sig, az_f.reshape(-1), el_f.reshape(-1))
-    k = int(fine.argmax())
-    az, el_best = float(az_f.reshape(-1)[k]), float(el_f.reshape(-1)[k])
-    contrast = 10 * math.log10(float(fine[k]) / max(float(energy.mean()), 1e-20))
-    return math.remainder(az, 2 * math.pi), el_best, contrast
+    fit = minimize(lambda p: -float(_beam_energy(sig, *torch.tensor(p).to(sig)[:, None])),
+                   [float(az_grid[j]), float(el_grid[i])], method="Nelder-Mead",
+                   bounds=[(None, None), (-math.pi / 2, math.pi / 2)],
+                   options={"xatol": 1e-6, "fatol": 0.0})
+    contrast = 10 * math.log10(-fit.fun / max(float(energy.mean()), 1e-20))
+    return math.remainder(float(fit.x[0]), 2 * math.pi), float(fit.x[1]), contrast
 
 
-def inspect_clip(path: str | Path, *, view: tuple[float, float] | None = None) -> dict:
+def inspect_clip(path: str | Path, view: tuple[float, float] | None = None
+                 ) -> tuple[dict, torch.Tensor]:
     """Facts of one clip: "video", "audio" (stream info), "equirect", "audio_peak" (az_deg,
     el_deg, peak_to_mean_db) and, for view = (az_deg, el_deg), "view" with the beam energy
-    toward it relative to the peak (energy_db <= 0)."""
-    return _inspect(str(path), view)[0]
-
-
-def _inspect(path: str, view: tuple[float, float] | None) -> tuple[dict, torch.Tensor]:
-    """The report and the clip's moment signal (for the energy map)."""
+    toward it relative to the peak (energy_db <= 0); and the clip's moment signal (for the
+    energy map)."""
+    path = str(path)
     info = media.probe(path)
     audio = info.audio or media.probe_audio(path)  # raises when there is none
     sig = _moment_signal(path, audio.duration or info.video.duration, audio.sample_rate)
@@ -193,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            report, sig = _inspect(args.clip, args.view)
+            report, sig = inspect_clip(args.clip, args.view)
             if args.map:
                 write_map(args.clip, report, sig, args.map)
             if args.crop:

@@ -36,15 +36,13 @@ def predicted_matches(model, batch: dict) -> torch.Tensor:
 
 
 def render(batch: dict, matches: torch.Tensor, path: Path, clip: int = 0) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     video = batch["video"][clip].float()  # (V, 3, T, S, S)
     audio = batch["audio"][clip].float()  # (V, C, F, M)
     v = video.shape[0]
-    fig, axes = plt.subplots(2, v, figsize=(2.2 * v, 4.4), squeeze=False)
+    fig = Figure(figsize=(2.2 * v, 4.4))
+    axes = fig.subplots(2, v, squeeze=False)
     for j in range(v):
         frame = video[j, :, video.shape[2] // 2].permute(1, 2, 0).numpy()
         frame = (frame - frame.min()) / max(float(frame.max() - frame.min()), 1e-6)
@@ -61,7 +59,6 @@ def render(batch: dict, matches: torch.Tensor, path: Path, clip: int = 0) -> Non
                  f"viewpoint per crop", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 def log_figure(logger: RunLogger, cfg: Config, checkpoint_uri: str) -> bool:

@@ -1,23 +1,18 @@
 """`avsa reproduce`: the paper's comparisons regenerated on synthetic scenes, in one command.
 
-Synthesises the data sets, pretrains every variant the tables need, transfers each of them
-(several head seeds per cell), and writes three tables with 95% bootstrap intervals beside the
-paper's published numbers (METHOD.md §8):
+Synthesises the data sets, pretrains every variant the tables need, transfers each (several
+head seeds per cell) and writes the tables with 95% bootstrap intervals, to set beside the
+paper's numbers (METHOD.md §8):
+- pretext: scratch, AVC, AVTS, AVSA and AVSA after an AVC curriculum x every transfer task,
+  all from frozen encoders (action recognition on a second set of single-class clips);
+- viewpoints: AVSA-Bin and AVC-Bin of AVSA pretrained with V in --viewpoints;
+- audio: the same for each audio input in --features, dry and in a room (RT60 --rt60).
 
-- pretext: scratch, AVC, AVTS, AVSA and AVSA with an AVC curriculum x AVC-Bin, AVSA-Bin, action
-  recognition and segmentation (video / +audio / +context), all from frozen encoders;
-- viewpoints: AVSA-Bin of AVSA pretrained with V in --viewpoints;
-- audio: AVSA pretrained on the paper's log-mel against the sign-preserving inputs, dry and
-  with room reverberation (RT60 --rt60).
-
-Every pretext sees the same (view, audio) pairs per step: the one-viewpoint baselines take
-V times the batch. Action recognition runs on a second set of single-class clips (one label
-per clip). Everything lands under --out: data/, runs/ (checkpoints), mlruns/ (the MLflow store
-unless --tracking-uri is given) and tables/{pretext,viewpoints,audio,pretraining}.{md,csv,png};
-the MLflow run `reproduce` (experiment avsa-reproduce) carries the tables too. Re-running the
-same command skips what is done (clips, finished pretrainings, transfer cells already in
-MLflow). Extra arguments are Hydra overrides for every pretraining and transfer, e.g.
-`model=full train.use_gpu=true` to scale up on a GPU.
+Every pretext sees the same (view, audio) pairs per step: the one-viewpoint baselines take V
+times the batch. Everything lands under --out: data/, runs/ (checkpoints), mlruns/ (unless
+--tracking-uri) and tables/NAME.{md,csv,png}, also on the MLflow run `reproduce`. Re-running
+skips what is done (clips, pretrainings, transfer cells in MLflow). Extra arguments are Hydra
+overrides for every run, e.g. `model=full train.use_gpu=true` on a GPU.
 """
 
 from __future__ import annotations
@@ -163,7 +158,6 @@ def make_data(args: argparse.Namespace, tables: list[Table]) -> dict[str, tuple[
     """Shard URIs (train, test) of each data set: dry scenes, single-class (action) clips and,
     when a table asks, reverberant copies of the dry scenes."""
     from avsa import synth
-    from avsa.data.shards import write_shards
 
     sets = {"dry": {}, "action": {"single_class": True}}
     if any(v is not None and v.data == "wet" for t in tables for v, _ in t.rows):
@@ -172,16 +166,12 @@ def make_data(args: argparse.Namespace, tables: list[Table]) -> dict[str, tuple[
     for name, kw in sets.items():
         n_train = args.action_clips * 3 // 4 if name == "action" else args.clips
         n_test = args.action_clips - n_train if name == "action" else args.test_clips
-        uris = []
-        for split, n, seed in (("train", n_train, args.seed), ("test", n_test, args.seed + 1)):
-            clips = args.out / "data" / name / "clips" / split
-            log.info("synthesising %d %s %s clips", n, name, split)
-            synth.write_dataset(clips, n, args.seconds, seed + (10 if name == "action" else 0),
-                                workers=args.workers, progress=False, **kw)
-            uri = str((args.out / "data" / name / "shards" / split).resolve())
-            write_shards(clips, uri, samples_per_shard=16, split=split)
-            uris.append(uri)
-        out[name] = (uris[0], uris[1])
+        seed = args.seed + (10 if name == "action" else 0)
+        log.info("synthesising %d + %d %s clips", n_train, n_test, name)
+        root = (args.out / "data" / name).resolve()
+        out[name] = tuple(synth.write_split(root, split, n, args.seconds, s, args.workers,
+                                            progress=False, **kw)
+                          for split, n, s in (("train", n_train, seed), ("test", n_test, seed + 1)))
     return out
 
 
@@ -192,8 +182,6 @@ def _common(args: argparse.Namespace, uri: str) -> list[str]:
 def pretrain_all(args, tables, data, uri) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
     """Pretrain each distinct variant once (rows with the same config share a run): row ->
     checkpoint reference, row -> its final validation metrics."""
-    import json
-
     from avsa.config import compose
     from avsa.train.driver import pretrain
 
@@ -206,14 +194,12 @@ def pretrain_all(args, tables, data, uri) -> tuple[dict[str, str], dict[str, dic
             *v.overrides, f"train.max_steps={args.steps}", f"train.seed={args.seed}",
             f"storage.path={(args.out / 'runs').resolve()}",
             "tracking.experiment=avsa-reproduce-pretrain"])
-    runs: dict[str, object] = {}  # config digest -> result
+    runs: dict[str, object] = {}  # run name (the config's digest) -> result
     refs, metrics = {}, {}
     for i, (row, cfg) in enumerate(configs.items(), 1):
-        key = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+        # named by the digest: another invocation (other --tables) finds the same pretraining
+        key = cfg.storage.run_name = f"reproduce-{cfg.run_name()}"
         if key not in runs:
-            # named by the config's digest: another invocation (other --tables) that needs the
-            # same pretraining finds it
-            cfg.storage.run_name = f"reproduce-{cfg.run_name()}"
             print(f"[avsa reproduce] pretraining {i}/{len(configs)}: {row}", flush=True)
             runs[key] = pretrain(cfg)
         res = runs[key]
@@ -266,7 +252,7 @@ def transfer_all(args, tables, data, refs, uri) -> None:
 
 
 def write_tables(args, tables, metrics, uri) -> list[Path]:
-    """tables/NAME.{md,csv,png} per table, plus pretraining.md with the pretexts' own scores."""
+    """tables/NAME.{md,csv,png} per table, and pretraining.* with the variants' own scores."""
     from avsa.downstream import compare
 
     out = args.out / "tables"
@@ -275,17 +261,15 @@ def write_tables(args, tables, metrics, uri) -> list[Path]:
         records = compare.fetch_records(uri, f"avsa-reproduce-{t.name}")
         table = compare.build_table(records, t.columns)
         order = ["scratch"] + [v.row for v, _ in t.rows if v is not None]
-        table = compare.reorder(table, [r for r in order if r in table.rows])
+        table.rows = [r for r in order if r in table.rows]
         paths += compare.write_outputs(table, out, t.name)
         print(f"\n## {t.name}\n\n{table.to_markdown()}", flush=True)
-    lines = ["| variant | " + " | ".join(PRETRAIN_COLUMNS) + " |",
-             "|---|" + "---:|" * len(PRETRAIN_COLUMNS)]
-    for row, m in metrics.items():
-        lines.append(f"| {row} | " + " | ".join(
-            f"{100 * m[k]:.1f}" if k in m else "–" for k in PRETRAIN_COLUMNS) + " |")
-    (out / "pretraining.md").write_text("\n".join(lines) + "\n")
-    print("\n## pretraining (validation, %)\n\n" + "\n".join(lines), flush=True)
-    return [*paths, out / "pretraining.md"]
+    columns = tuple(Column(k, "", None, k) for k in PRETRAIN_COLUMNS)
+    cells = {row: {k: compare.Cell(m[k], None, None, 1) if k in m else None
+                   for k in PRETRAIN_COLUMNS} for row, m in metrics.items()}
+    table = compare.Table(list(metrics), columns, cells)
+    print(f"\n## pretraining (validation, %)\n\n{table.to_markdown()}", flush=True)
+    return [*paths, *compare.write_outputs(table, out, "pretraining")]
 
 
 def main(argv: list[str] | None = None) -> int:

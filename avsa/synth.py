@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from avsa import geometry, media, shapes
+from avsa import geometry, media, shapes, storage
 from avsa.data.labels import CLASSES as CLASS_NAMES
 from avsa.errors import AvsaError, ConfigError
 
@@ -209,9 +209,8 @@ def _place(rng, gen, n: int, sources: Sequence[SourceSpec] | None, seconds: floa
 
 def _sound(src: _Source, t: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     c = SOURCE_CLASSES[src.cls]
-    tone = sum(a * np.sin(2 * np.pi * (h + 1) * c.f0_hz * src.detune * t
-                          + rng.uniform(0, 2 * np.pi))
-               for h, a in enumerate(c.harmonics) if a)
+    tone = sum(a * np.sin(2 * np.pi * f * t + rng.uniform(0, 2 * np.pi))
+               for f, a in zip(partials(c, src.detune), filter(None, c.harmonics)))
     return gate(src.events, t) * (0.3 + 0.7 * src.envelope(t)) * tone / sum(c.harmonics)
 
 
@@ -297,12 +296,6 @@ def _complete(out_dir: Path, key: str) -> bool:
     return all((out_dir / f"{key}{ext}").is_file() for ext in (".mp4", ".masks.npz", ".json"))
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _write_clip(job: tuple) -> bool:
     """Write clip `index` unless it is complete already; True when it was written."""
     out_dir, index, seconds, seed, kwargs = job
@@ -314,14 +307,11 @@ def _write_clip(job: tuple) -> bool:
                       scene.meta["sample_rate"])
     npz = io.BytesIO()
     np.savez_compressed(npz, masks=scene.masks)
-    _write_atomic(out_dir / f"{key}.masks.npz", npz.getvalue())
+    storage.write_bytes(out_dir / f"{key}.masks.npz", npz.getvalue())
+    # the JSON, written last, commits the clip
     meta = {**scene.meta, "key": key, "index": index, "dataset_seed": int(seed)}
-    _write_atomic(out_dir / f"{key}.json", json.dumps(meta, indent=1).encode())  # commit point
+    storage.write_bytes(out_dir / f"{key}.json", json.dumps(meta, indent=1).encode())
     return True
-
-
-def _init_worker() -> None:
-    torch.set_num_threads(1)
 
 
 def write_dataset(out_dir: str | os.PathLike, clips: int, seconds: float, seed: int,
@@ -336,7 +326,7 @@ def write_dataset(out_dir: str | os.PathLike, clips: int, seconds: float, seed: 
     with bar:
         if workers > 1:
             ctx = multiprocessing.get_context("spawn")  # no fork of a process holding threads
-            with ctx.Pool(workers, initializer=_init_worker) as pool:
+            with ctx.Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
                 for _ in pool.imap_unordered(_write_clip, jobs):
                     bar.update()
         else:
@@ -344,6 +334,18 @@ def write_dataset(out_dir: str | os.PathLike, clips: int, seconds: float, seed: 
                 _write_clip(job)
                 bar.update()
     return [out / f"clip-{i:06d}.mp4" for i in range(clips)]
+
+
+def write_split(out: Path, split: str, clips: int, seconds: float, seed: int, workers: int = 1,
+                **kwargs) -> str:
+    """Synthesise `clips` clips into out/clips/SPLIT (see write_dataset) and shard them into
+    out/shards/SPLIT, 16 clips a shard; returns that shard folder."""
+    from avsa.data.shards import write_shards
+
+    write_dataset(out / "clips" / split, clips, seconds, seed, workers, **kwargs)
+    uri = str(out / "shards" / split)
+    write_shards(out / "clips" / split, uri, samples_per_shard=16, split=split)
+    return uri
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -357,11 +359,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--height", type=int, default=192)
     parser.add_argument("--fps", type=float, default=16.0)
     parser.add_argument("--sample-rate", type=int, default=24000)
-    parser.add_argument("--sources", type=int, choices=range(1, len(CLASSES) + 1), default=None,
-                        metavar="N", help="sources per clip (default: random {}-{})".format(*SOURCES_RANGE))
+    parser.add_argument("--sources", dest="num_sources", type=int, metavar="N",
+                        choices=range(1, len(CLASSES) + 1),
+                        help="sources per clip (default: random {}-{})".format(*SOURCES_RANGE))
     parser.add_argument("--single-class", action="store_true",
                         help="every source of a clip of one class (single-label clips)")
-    parser.add_argument("--rt60", type=float, default=0.0, metavar="SECONDS",
+    parser.add_argument("--rt60", dest="rt60_s", type=float, default=0.0, metavar="SECONDS",
                         help="add a simulated room with this reverberation time (0: dry)")
     parser.add_argument("--stats", action="store_true",
                         help="print how many sampled crops show a source (default sampler)")
@@ -371,10 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     before = sum(_complete(Path(args.out_dir), f"clip-{i:06d}") for i in range(args.clips))
     start = time.perf_counter()
     try:
-        write_dataset(args.out_dir, args.clips, args.seconds, args.seed, args.workers,
-                      width=args.width, height=args.height, fps=args.fps,
-                      sample_rate=args.sample_rate, num_sources=args.sources,
-                      single_class=args.single_class, rt60_s=args.rt60)
+        scene = {k: getattr(args, k) for k in ("width", "height", "fps", "sample_rate",
+                                                "num_sources", "single_class", "rt60_s")}
+        write_dataset(args.out_dir, args.clips, args.seconds, args.seed, args.workers, **scene)
     except AvsaError as e:
         print(f"avsa synth: error: {e}", file=sys.stderr)
         return 2

@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from avsa.downstream.binary import encode_clips, pair_loss
 from avsa.downstream.fit import fit_head, holdout, minibatches
-from avsa.downstream.heads import PairHead, encode_passes, freeze
+from avsa.downstream.heads import encode_passes, freeze, pair_head
 from avsa.downstream.segmentation import FPNHead, cond_dim, crop_logits, encode_crops
 
 
@@ -62,7 +62,7 @@ def test_cached_pair_head_matches_end_to_end_frozen_training(task):
         return pair_loss(task, head, encode_clips(
             model, {k: v[idx] for k, v in source.data.items()}, use_context))
 
-    a, b = _train_twice(lambda: PairHead(model.video_dim + model.audio_dim),
+    a, b = _train_twice(lambda: pair_head(model.video_dim + model.audio_dim),
                         lambda head, idx: pair_loss(task, head, cached.take(idx)), e2e, 6)
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.allclose(p, q, atol=1e-5), name

@@ -11,17 +11,17 @@ from torch import nn
 from avsa.config import DownstreamConfig
 from avsa.downstream.binary import avc_pairs, avsa_pairs, pair_loss
 from avsa.downstream.fit import fit_head, minibatches
-from avsa.downstream.heads import PairHead, accuracy, encode_passes, freeze, predict
+from avsa.downstream.heads import accuracy, encode_passes, freeze, pair_head, predict
 from avsa.downstream.run import run_task
 
 
 def test_pair_head_matches_the_paper_shape():
-    head = PairHead(1024)
-    kinds = [type(m).__name__ for m in head.net]
+    head = pair_head(1024)
+    kinds = [type(m).__name__ for m in head]
     assert kinds == ["Dropout", "Linear", "ReLU", "Linear"]
-    assert head.net[0].p == 0.5
-    assert (head.net[1].in_features, head.net[1].out_features) == (1024, 512)
-    assert head.net[3].out_features == 2
+    assert head[0].p == 0.5
+    assert (head[1].in_features, head[1].out_features) == (1024, 512)
+    assert head[3].out_features == 2
 
 
 def test_head_reaches_accuracy_one_on_separable_features():
@@ -30,7 +30,7 @@ def test_head_reaches_accuracy_one_on_separable_features():
     y = torch.arange(n) % 2
     direction = torch.randn(d, generator=gen)
     x = torch.randn(n, d, generator=gen) * 0.3 + (2 * y[:, None] - 1) * direction
-    head = PairHead(d)
+    head = pair_head(d)
     logged = []
     gen = torch.Generator().manual_seed(0)
     res = fit_head(head, lambda i: nn.functional.cross_entropy(head(x[i]), y[i]),
@@ -179,7 +179,7 @@ def test_avc_negatives_from_another_pass_of_the_same_clip_are_dropped():
     torch.manual_seed(0)
     rows = {"video": torch.randn(3, 2, 4), "audio": torch.randn(3, 2, 4),
             "aligned": torch.ones(3, dtype=torch.long), "clip": torch.tensor([0, 1, 0])}
-    head = PairHead(8).eval()
+    head = pair_head(8).eval()
     x, y = avc_pairs(rows["video"], rows["audio"])
     # clip 2 is clip 0 again: its "negative" (audio of the next row, clip 0) is dropped
     expected = nn.functional.cross_entropy(head(x[:10]), y[:10])

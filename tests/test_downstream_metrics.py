@@ -9,6 +9,7 @@ import torch
 from presets import tiny_model
 
 from avsa.config import DownstreamConfig
+from avsa.downstream import stats
 from avsa.downstream.action import (
     ActionNet,
     action_loss,
@@ -22,13 +23,11 @@ from avsa.downstream.action import (
 from avsa.downstream.run import run_task
 from avsa.downstream.segmentation import (
     FPNHead,
-    background_only,
     class_weights,
     cond_dim,
     crop_confusions,
     frozen_inputs,
-    mean_iou,
-    pixel_accuracy,
+    segmentation_metrics,
 )
 
 
@@ -174,9 +173,9 @@ def test_pixel_accuracy_and_miou_by_hand():
     pred = torch.tensor([[0, 1, 1], [1, 2, 0]])
     conf = confusion_matrix(pred, target, 4)
     assert conf.tolist() == [[1, 1, 0, 0], [0, 2, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0]]
-    assert pixel_accuracy(conf) == pytest.approx(4 / 6)
+    assert stats.pixel_accuracy(conf) == pytest.approx(4 / 6)
     # IoU: class 0 1/3, class 1 2/3, class 2 1/2; class 3 occurs nowhere and is left out
-    assert mean_iou(conf) == pytest.approx((1 / 3 + 2 / 3 + 1 / 2) / 3)
+    assert stats.iou(conf) == pytest.approx((1 / 3 + 2 / 3 + 1 / 2) / 3)
 
 
 def test_class_weights_from_known_masks():
@@ -195,11 +194,13 @@ def test_foreground_miou_and_the_all_background_level():
     target = torch.tensor([[0, 0, 1], [1, 2, 2]])
     pred = torch.tensor([[0, 1, 1], [1, 2, 0]])
     conf = confusion_matrix(pred, target, 4)
-    assert mean_iou(conf, foreground=True) == pytest.approx((2 / 3 + 1 / 2) / 2)
-    bg = background_only(conf)
-    assert bg.tolist() == [[2, 0, 0, 0], [2, 0, 0, 0], [2, 0, 0, 0], [0, 0, 0, 0]]
-    assert mean_iou(bg) == pytest.approx((2 / 6 + 0 + 0) / 3)
-    assert mean_iou(bg, foreground=True) == 0.0
+    assert stats.iou(conf, foreground=True) == pytest.approx((2 / 3 + 1 / 2) / 2)
+    # predicting background everywhere: [[2, 0, 0, 0], [2, 0, 0, 0], [2, 0, 0, 0], [0] * 4]
+    m = segmentation_metrics(conf)
+    assert m["test/miou_bg_only"] == pytest.approx((2 / 6 + 0 + 0) / 3)
+    assert m["test/miou_fg_bg_only"] == 0.0
+    assert m["test/miou_fg"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+    assert m["test/classes_present"] == 3 and m["test/pixel_acc"] == pytest.approx(4 / 6)
     per_crop = crop_confusions(pred.view(2, 1, 3), target.view(2, 1, 3), 4)
     assert per_crop.shape == (2, 4, 4) and torch.equal(per_crop.sum(0), conf)
     assert per_crop[0].tolist() == [[1, 1, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
@@ -209,9 +210,9 @@ def test_miou_counts_a_class_that_only_the_prediction_has():
     target = torch.zeros(4, dtype=torch.long)
     pred = torch.tensor([0, 0, 0, 3])
     conf = confusion_matrix(pred, target, 5)
-    assert mean_iou(conf) == pytest.approx((3 / 4 + 0.0) / 2)
-    assert pixel_accuracy(conf) == pytest.approx(3 / 4)
-    assert math.isnan(mean_iou(torch.zeros(3, 3, dtype=torch.long)))
+    assert stats.iou(conf) == pytest.approx((3 / 4 + 0.0) / 2)
+    assert stats.pixel_accuracy(conf) == pytest.approx(3 / 4)
+    assert math.isnan(stats.iou(torch.zeros(3, 3, dtype=torch.long)))
 
 
 @pytest.mark.parametrize("context", ["video", "audio", "context"])

@@ -52,11 +52,11 @@ def test_miou_interval_resamples_crops():
     # every crop alike: the interval has no width; crops that differ give a real one
     crop = np.array([[8, 1], [1, 2]])
     same = np.repeat(crop[None], 20, axis=0)
-    stat = stats.iou_statistic()
+    stat = stats.of_sums(stats.iou)
     lo, hi = stats.bootstrap_ci(same, statistic=stat)
     assert lo == pytest.approx(hi) and lo == pytest.approx(stats.iou(crop))
     mixed = np.stack([crop, np.array([[10, 0], [0, 0]]), np.array([[2, 3], [3, 4]])] * 10)
     lo, hi = stats.bootstrap_ci(mixed, statistic=stat)
     assert lo < stats.iou(mixed.sum(0)) < hi
-    acc = stats.bootstrap_ci(same, statistic=stats.pixel_accuracy_statistic)
+    acc = stats.bootstrap_ci(same, statistic=stats.of_sums(stats.pixel_accuracy))
     assert acc == pytest.approx((10 / 12, 10 / 12))

@@ -49,8 +49,8 @@ def test_json_reports_the_source_direction(tmp_path, capsys, az, el):
 def test_view_energy_and_summary(tmp_path, capsys):
     path = tmp_path / "one.mp4"
     one_source_clip(path, 60, 0)
-    toward = inspect.inspect_clip(path, view=(60.0, 0.0))["view"]["energy_db"]
-    away = inspect.inspect_clip(path, view=(-120.0, 0.0))["view"]["energy_db"]
+    toward = inspect.inspect_clip(path, view=(60.0, 0.0))[0]["view"]["energy_db"]
+    away = inspect.inspect_clip(path, view=(-120.0, 0.0))[0]["view"]["energy_db"]
     assert -1 < toward <= 0 and away < -12
     rc, out, _ = run([path, "--view", "-120,0"], capsys)
     assert rc == 0

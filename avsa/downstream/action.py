@@ -1,25 +1,14 @@
 """Action recognition transfer (METHOD.md §6): clip classification with the video encoder.
 
-The network encodes each viewpoint crop, max-pools the features over the V viewpoints (V = 1
-for UCF101 / HMDB51 clips) and classifies with Dropout 0.5 + Linear. Modes:
-- finetune: the video encoder trains too (the paper's protocol), Adam with the learning rate
-  cut by 0.3 at 40 %, 60 % and 80 % of the epochs ([8, 12, 16] of 20 in the paper);
-- linear / frozen: the encoder is frozen (eval mode), a plain Linear is trained on its features.
+The encoder's features of each viewpoint crop are max-pooled over the V viewpoints (V = 1 for
+UCF101 / HMDB51) and classified by Dropout 0.5 + Linear. finetune trains the encoder too (the
+paper's protocol, the learning rate cut by 0.3 at 40, 60 and 80 % of the epochs) and decodes
+every epoch; linear / frozen trains a Linear on cached features of the frozen encoder.
 
-In linear / frozen mode the encoder's features are computed once per pass (`feature_passes`
-augmented passes of the training split, `eval_clips` of the test split) and the head trains on
-the cached rows with early stopping (avsa.downstream.fit); finetune decodes every epoch.
-
-Labels: single-label data (UCF101, HMDB51, or synthetic clips that each carry exactly one class)
-trains with cross-entropy; multi-label synthetic clips (a multi-hot of the classes present)
-train with per-class binary cross-entropy. finetune decides from the source alone.
-
-Metrics (`clip_video_hits`): a prediction is the top-scoring class and counts as correct when
-that class is among the clip's labels; on single-label data that is top-1 accuracy. clip@1
-averages over every evaluated clip window; video@1 averages the softmax over the `eval_clips`
-windows of each video (grouped by sample key) and scores that once per video. Beside them,
-test/majority_clip_acc and test/majority_video_acc score always predicting the class most
-often labelled in training with the same metric: the level a head must beat.
+Single-label data trains with cross-entropy, multi-hot synthetic labels with per-class binary
+cross-entropy. A prediction (the top class) is correct when the clip has that label: clip@1
+over every evaluated window, video@1 on the softmax averaged over a video's `eval_clips`
+windows; the majority training class, scored alike, is the level a head must beat.
 """
 
 from __future__ import annotations
@@ -33,7 +22,7 @@ from torch.nn import functional as F
 
 from avsa.config import DataConfig, DownstreamConfig
 from avsa.downstream import ucf
-from avsa.downstream.fit import EpochLog, FitResult, HeadSettings, TransferHead, fit_head
+from avsa.downstream.fit import EpochLog, FitResult, TransferHead, fit_head
 from avsa.downstream.heads import Cached, encode_passes, freeze
 from avsa.errors import ShardError
 from avsa.models import AVSANet
@@ -104,7 +93,7 @@ def clip_video_hits(
     keys: Sequence[str], logits: torch.Tensor, targets: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-window and per-video hits of N clip windows: keys (N,) video ids, logits (N, K),
-    targets (N, K) -> (clip (N,) bool, video (G,) bool, videos in order of first appearance).
+    targets (N, K) -> (clip (N,) bool, video (G,) bool, videos in key order).
 
     A video's prediction is the softmax averaged over its windows; its targets are its first
     window's.
@@ -112,13 +101,11 @@ def clip_video_hits(
     if len(keys) != len(logits) or len(logits) != len(targets):
         raise ValueError("keys, logits and targets must have the same length")
     clip = top1_hits(logits, targets)
-    index: dict[str, int] = {}
-    group = torch.tensor([index.setdefault(k, len(index)) for k in keys], dtype=torch.long)
-    probs = torch.zeros(len(index), logits.shape[1], dtype=torch.float64)
-    probs.index_add_(0, group, logits.double().softmax(-1))
-    first = torch.full((len(index),), len(keys), dtype=torch.long)
-    first.scatter_reduce_(0, group, torch.arange(len(keys)), reduce="amin")
-    return clip, top1_hits(probs, targets[first])
+    _, first, group = np.unique(np.asarray(keys, dtype=str), return_index=True,
+                                return_inverse=True)
+    probs = torch.zeros(len(first), logits.shape[1], dtype=torch.float64)
+    probs.index_add_(0, torch.from_numpy(group.reshape(-1)), logits.double().softmax(-1))
+    return clip, top1_hits(probs, targets[torch.from_numpy(first)])
 
 
 def score(keys: list[str], logits: torch.Tensor, targets: torch.Tensor, majority: int,
@@ -182,10 +169,10 @@ class ActionTask(TransferHead):
     def loss(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
         return action_loss(self.net.head(rows["x"]), rows["labels"], self.single)
 
-    def fit(self, source, s: HeadSettings, log: EpochLog | None) -> FitResult:
+    def fit(self, source, ds: DownstreamConfig, seed: int, log: EpochLog | None) -> FitResult:
         if not self.net.finetune:
             self.net.eval()
-            return super().fit(source, s, log)
+            return super().fit(source, ds, seed, log)
         seen: list[torch.Tensor] = []
 
         def batches(epoch):
@@ -196,8 +183,8 @@ class ActionTask(TransferHead):
 
         result = fit_head(
             self.net, lambda b: action_loss(self.net(b["video"]), b["labels"], self.declared),
-            batches, epochs=s.epochs, lr=s.lr, max_steps=s.max_steps,
-            lr_milestones=milestones(s.epochs), lr_gamma=LR_GAMMA, log=log)
+            batches, epochs=ds.epochs, lr=ds.lr, max_steps=ds.max_steps,
+            lr_milestones=milestones(ds.epochs), lr_gamma=LR_GAMMA, log=log)
         if result.steps == 0:
             raise ShardError(getattr(source, "train_uri", "train split"),
                              "action: no training clips")

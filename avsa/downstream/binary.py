@@ -1,22 +1,13 @@
 """AVC-Bin and AVSA-Bin (METHOD.md §6): does this audio belong with this viewpoint's video?
 
-Both tasks freeze the pretrained network (encoders and viewpoint transformers) and train the
-same head on concatenated per-viewpoint (video, audio) features (the transformers' context when
-the model has them). One example is one viewpoint of one clip.
-
-- AVC-Bin (which clip?): positives pair each viewpoint's video with its own audio, negatives
-  with the audio of the next clip in the batch at the same viewpoint (audio rolled by one), so
-  every batch is balanced.
+Both train the same head on the frozen network's concatenated per-viewpoint (video, audio)
+features (the transformers' context when the model has them); one example is one viewpoint
+of one clip, and a minibatch is a set of clips.
+- AVC-Bin (which clip?): negatives pair each viewpoint's video with the audio of the next clip
+  of the batch at the same viewpoint, so every batch is balanced.
 - AVSA-Bin (which direction?): the pipeline yaws the sound field of half the clips
-  (misalign_prob 0.5) before it is rotated toward the viewpoints; every viewpoint of a clip
-  carries that clip's `aligned` label.
-
-Each split is encoded once (the training split over `feature_passes` augmented passes, each
-with its own windows, viewpoints and misalignments) and the head trains on the cached features;
-a minibatch is a set of clips, and AVC-Bin pairs each with the next clip of its minibatch.
-
-test/acc is the accuracy over all test examples: 2 x clips x viewpoints for AVC-Bin (negatives
-roll over the whole test set, so no clip is paired with itself), clips x viewpoints for AVSA-Bin.
+  (MISALIGN_PROB) before rotating it toward the viewpoints; every viewpoint carries its clip's
+  `aligned` label.
 """
 
 from __future__ import annotations
@@ -30,11 +21,11 @@ from avsa.config import DataConfig, DownstreamConfig
 from avsa.downstream.fit import TransferHead
 from avsa.downstream.heads import (
     Cached,
-    PairHead,
     accuracy,
     encode_passes,
     freeze,
     frozen_features,
+    pair_head,
     predict,
 )
 from avsa.downstream.sources import ShardSource
@@ -66,12 +57,11 @@ def avsa_pairs(
     return x, y
 
 
-def make_pairs(task: str, video, audio, aligned=None) -> tuple[torch.Tensor, torch.Tensor]:
+def make_pairs(task: str, rows: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The examples (x, y) of the clips in `rows` (see `encode_clips`)."""
     if task == "avc_bin":
-        return avc_pairs(video, audio)
-    if task == "avsa_bin":
-        return avsa_pairs(video, audio, aligned)
-    raise ValueError(f"not a binary task: {task!r}")
+        return avc_pairs(rows["video"], rows["audio"])
+    return avsa_pairs(rows["video"], rows["audio"], rows["aligned"])
 
 
 def encode_clips(model: AVSANet, batch: dict, use_context: bool) -> dict[str, torch.Tensor]:
@@ -91,7 +81,7 @@ def pair_loss(task: str, head: nn.Module, rows: dict[str, torch.Tensor]) -> torc
     """
     if task == "avc_bin" and len(rows["video"]) < 2:
         return None  # a lone clip has no other clip's audio to pair with
-    x, y = make_pairs(task, rows["video"], rows["audio"], rows["aligned"])
+    x, y = make_pairs(task, rows)
     if task == "avc_bin" and "clip" in rows:
         other = rows["clip"] != rows["clip"].roll(-1)
         keep = torch.cat((torch.ones_like(other), other)).repeat_interleave(rows["video"].shape[1])
@@ -102,8 +92,9 @@ def pair_loss(task: str, head: nn.Module, rows: dict[str, torch.Tensor]) -> torc
 class BinaryTask(TransferHead):
     """AVC-Bin or AVSA-Bin: the pair head on the frozen model's per-viewpoint features.
 
-    test/acc is over every test example, with test/examples their count; train/acc over the
-    training rows; examples gets the test hit ("acc"), target and prediction of each.
+    test/acc is over every test example (2 x clips x viewpoints for AVC-Bin, whose negatives roll
+    over the whole test set; clips x viewpoints for AVSA-Bin), with test/examples their count;
+    train/acc over the training rows; examples gets each test hit ("acc"), target and prediction.
     """
 
     def __init__(self, task: str, model: AVSANet, device: torch.device):
@@ -112,7 +103,7 @@ class BinaryTask(TransferHead):
         self.name, self.device = task, device
         self.model = freeze(model.to(device))
         self.use_context = model.video_transformer is not None
-        self.module = PairHead(model.video_dim + model.audio_dim).to(device)
+        self.module = pair_head(model.video_dim + model.audio_dim).to(device)
         self.min_rows = self.min_keys = 2 if task == "avc_bin" else 1
         self.fit_rows: Cached | None = None
 
@@ -139,21 +130,18 @@ class BinaryTask(TransferHead):
     def loss(self, rows: dict[str, torch.Tensor]) -> torch.Tensor | None:
         return pair_loss(self.name, self.module, rows)
 
-    def _pairs(self, rows: Cached) -> tuple[torch.Tensor, torch.Tensor]:
-        return make_pairs(self.name, *(rows.tensors[k] for k in ("video", "audio", "aligned")))
-
     def score(self, source, examples: dict | None) -> dict[str, float]:
         test = encode_passes(lambda p: source.test(0), 1, self.encode)
         if test is None or len(test) < self.min_rows:
             raise ShardError(source.test_uri, f"{self.name}: too few test clips "
                                               f"(need >= {self.min_rows})")
-        x, y = self._pairs(test)
+        x, y = make_pairs(self.name, test.tensors)
         guess = predict(self.module, x).argmax(-1)
         hits = guess == y
         if examples is not None:
             examples["acc"] = hits.cpu().numpy().astype(np.uint8)
             examples["target"] = y.cpu().numpy().astype(np.int16)  # for the confusion matrix
             examples["pred"] = guess.cpu().numpy().astype(np.int16)
-        fx, fy = self._pairs(self.fit_rows)
+        fx, fy = make_pairs(self.name, self.fit_rows.tensors)
         return {"test/acc": float(hits.float().mean()), "test/examples": float(len(y)),
                 "train/acc": accuracy(predict(self.module, fx), fy)}

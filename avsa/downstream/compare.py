@@ -19,12 +19,14 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import fmean
 
 import numpy as np
 
 from avsa import tracking
 from avsa.downstream import stats
 from avsa.errors import TrackingError
+from avsa.tracking.client import one_line, reading
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +59,9 @@ RESAMPLED: dict[str, tuple[str, stats.Statistic]] = {
     "test/acc": ("acc", stats.mean_statistic),
     "test/clip_acc": ("clip_acc", stats.mean_statistic),
     "test/video_acc": ("video_acc", stats.mean_statistic),
-    "test/pixel_acc": ("confusion", stats.pixel_accuracy_statistic),
-    "test/miou": ("confusion", stats.iou_statistic()),
-    "test/miou_fg": ("confusion", stats.iou_statistic(foreground=True)),
+    "test/pixel_acc": ("confusion", stats.of_sums(stats.pixel_accuracy)),
+    "test/miou": ("confusion", stats.of_sums(stats.iou)),
+    "test/miou_fg": ("confusion", stats.of_sums(stats.iou, foreground=True)),
 }
 RESAMPLES = 2000
 CI_SEED = 0
@@ -89,52 +91,35 @@ def cell_of(runs: list[RunRecord], metric: str, *, resamples: int = RESAMPLES,
             seed: int = CI_SEED) -> Cell | None:
     """Mean over `runs` (one per seed) of `metric`, with a 95% bootstrap interval resampling
     seeds and test examples (stats.bootstrap_ci) when every run stored its examples."""
-    vals = [(r, r.metrics.get(metric)) for r in runs]
-    vals = [(r, float(v)) for r, v in vals if v is not None and not math.isnan(v)]
-    if not vals:
+    runs = [r for r in runs if not math.isnan(r.metrics.get(metric, math.nan))]
+    if not runs:
         return None
-    mean = sum(v for _, v in vals) / len(vals)
-    name, statistic = RESAMPLED.get(metric, (None, None))
-    arrays = [r.examples.get(name) if r.examples and name else None for r, _ in vals]
+    name, statistic = RESAMPLED.get(metric, ("", None))
+    arrays = [(r.examples or {}).get(name) for r in runs]
     lo = hi = None
     if statistic is not None and all(a is not None and len(a) for a in arrays):
         lo, hi = stats.bootstrap_ci(arrays, n=resamples, seed=seed, statistic=statistic)
         if math.isnan(lo):
             lo = hi = None
-    return Cell(mean, lo, hi, len(vals))
+    return Cell(fmean(float(r.metrics[metric]) for r in runs), lo, hi, len(runs))
 
 
 @dataclass
 class Table:
     rows: list[str]
     columns: tuple[Column, ...]
-    cells: list[list[Cell | None]]  # [row][column], fractions
+    cells: dict[str, dict[str, Cell | None]]  # [row][column label], fractions
 
-    def _at(self, pretext: str, label: str) -> Cell | None:
-        j = [c.label for c in self.columns].index(label)
-        return self.cells[self.rows.index(pretext)][j]
-
-    def cell(self, pretext: str, label: str) -> float | None:
-        """The mean over runs of one cell, or None."""
-        c = self._at(pretext, label)
-        return None if c is None else c.mean
-
-    def interval(self, pretext: str, label: str) -> tuple[float, float] | None:
-        c = self._at(pretext, label)
-        return None if c is None or c.lo is None else (c.lo, c.hi)
-
-    def runs(self, pretext: str, label: str) -> int:
-        c = self._at(pretext, label)
-        return 0 if c is None else c.n_runs
+    def _row_cells(self, name: str) -> list[Cell | None]:
+        return [self.cells[name][c.label] for c in self.columns]
 
     def to_markdown(self) -> str:
         """Percentages with one decimal, `mean [lo, hi]` where a 95% interval exists, '–' where
         no run exists."""
-        head = "| pretext | " + " | ".join(c.label for c in self.columns) + " |"
-        rule = "|---|" + "---:|" * len(self.columns)
-        lines = [head, rule]
-        for name, cells in zip(self.rows, self.cells):
-            lines.append(f"| {name} | " + " | ".join(_md(c) for c in cells) + " |")
+        lines = ["| pretext | " + " | ".join(c.label for c in self.columns) + " |",
+                 "|---|" + "---:|" * len(self.columns)]
+        lines += [f"| {name} | " + " | ".join(map(_md, self._row_cells(name))) + " |"
+                  for name in self.rows]
         return "\n".join(lines) + "\n"
 
     def to_csv(self) -> str:
@@ -143,35 +128,27 @@ class Table:
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(["pretext", *(f"{c.label}{s}" for c in self.columns
                                  for s in ("", " lo", " hi", " n_runs"))])
-        for name, cells in zip(self.rows, self.cells):
-            row = [name]
-            for c in cells:
-                if c is None:
-                    row += ["", "", "", "0"]
-                else:
-                    row += [f"{c.mean:.6f}", *("" if v is None else f"{v:.6f}"
-                                               for v in (c.lo, c.hi)), str(c.n_runs)]
-            w.writerow(row)
+        for name in self.rows:
+            w.writerow([name, *(v for c in self._row_cells(name) for v in (
+                ("", "", "", "0") if c is None else
+                (*("" if x is None else f"{x:.6f}" for x in (c.mean, c.lo, c.hi)),
+                 str(c.n_runs))))])
         return buf.getvalue()
 
     def plot(self, path: str | Path) -> None:
         """Grouped bars: one group per column, one bar per pretext, heights in %, 95% CIs."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
 
         n = max(len(self.rows), 1)
         width = 0.8 / n
-        fig, ax = plt.subplots(figsize=(1.6 * len(self.columns) + 2, 4.5))
-        for i, (name, cells) in enumerate(zip(self.rows, self.cells)):
+        fig = Figure(figsize=(1.6 * len(self.columns) + 2, 4.5))
+        ax = fig.subplots()
+        for i, name in enumerate(self.rows):
+            cells = [c or Cell(math.nan, None, None, 0) for c in self._row_cells(name)]
             xs = [j + (i - (n - 1) / 2) * width for j in range(len(self.columns))]
-            means = [math.nan if c is None else 100 * c.mean for c in cells]
-            err = [[0.0 if c is None or c.lo is None else max(0.0, 100 * (c.mean - c.lo))
-                    for c in cells],
-                   [0.0 if c is None or c.hi is None else max(0.0, 100 * (c.hi - c.mean))
-                    for c in cells]]
-            ax.bar(xs, means, width, yerr=err, capsize=2, label=name)
+            err = [[0.0 if c.lo is None else max(0.0, 100 * (c.mean - c.lo)) for c in cells],
+                   [0.0 if c.hi is None else max(0.0, 100 * (c.hi - c.mean)) for c in cells]]
+            ax.bar(xs, [100 * c.mean for c in cells], width, yerr=err, capsize=2, label=name)
         ax.set_xticks(range(len(self.columns)))
         ax.set_xticklabels([c.label for c in self.columns], rotation=20, ha="right")
         ax.set_ylabel("% (bars: 95% bootstrap CI)")
@@ -180,7 +157,6 @@ class Table:
         ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()
         fig.savefig(path, dpi=120)
-        plt.close(fig)
 
 
 def _md(c: Cell | None) -> str:
@@ -208,45 +184,28 @@ def build_table(records: Iterable[RunRecord], columns: tuple[Column, ...] = COLU
     for (p, task, context, _), r in sorted(latest.items(), key=lambda kv: str(kv[0][3])):
         groups.setdefault((p, task, context), []).append(r)
     rows = sorted({k[0] for k in groups}, key=_pretext_key)
-    cells = [[cell_of(groups.get((p, c.task, c.context), []), c.metric, resamples=resamples,
-                      seed=seed) for c in columns] for p in rows]
+    cells = {p: {c.label: cell_of(groups.get((p, c.task, c.context), []), c.metric,
+                                  resamples=resamples, seed=seed) for c in columns} for p in rows}
     return Table(rows, columns, cells)
-
-
-def reorder(table: Table, rows: list[str]) -> Table:
-    """The table with its rows in the order of `rows` (a permutation of table.rows)."""
-    return Table(rows, table.columns, [table.cells[table.rows.index(r)] for r in rows])
 
 
 def fetch_records(uri: str, experiment: str, *, with_examples: bool = True) -> list[RunRecord]:
     """Finished transfer runs (tag avsa.kind=transfer) of `experiment`, with their per-example
     test results unless with_examples is False."""
     from mlflow.tracking import MlflowClient
+    from mlflow.utils import get_results_from_paginated_fn
 
     from avsa.downstream.run import CONTEXT, PRETEXT, ROW, SEED
 
     client = MlflowClient(tracking_uri=uri)
-    where = tracking.redact(uri)
-    try:
-        exp = client.get_experiment_by_name(experiment)
-        if exp is None:
-            raise TrackingError(where, f"no experiment {experiment!r}")
-        runs, token = [], None
-        while True:
-            page = client.search_runs(
-                [exp.experiment_id],
-                filter_string=f"tags.`{tracking.KIND}` = 'transfer' and "
-                              "attributes.status = 'FINISHED'",
-                max_results=1000, page_token=token)
-            runs += list(page)
-            token = page.token
-            if not token:
-                break
-    except TrackingError:
-        raise
-    except Exception as e:
-        raise TrackingError(where, f"searching runs of {experiment!r} failed "
-                                   f"({' '.join(str(e).split())[:200]})") from None
+    what = f"searching runs of {experiment!r}"
+    exp = reading(uri, what, lambda: client.get_experiment_by_name(experiment))
+    if exp is None:
+        raise TrackingError(tracking.redact(uri), f"no experiment {experiment!r}")
+    query = f"tags.`{tracking.KIND}` = 'transfer' and attributes.status = 'FINISHED'"
+    runs = reading(uri, what, lambda: get_results_from_paginated_fn(
+        lambda n, token: client.search_runs([exp.experiment_id], query, max_results=n,
+                                            page_token=token), 1000))
     out = []
     for run in runs:
         tags = run.data.tags
@@ -274,7 +233,7 @@ def _examples(client, run_id: str) -> dict[str, np.ndarray] | None:
                 return {k: z[k] for k in z.files}
     except Exception as e:  # a run without readable results still counts, without an interval
         log.warning("run %s: cannot read %s (%s); its cell gets no interval", run_id, EXAMPLES,
-                    " ".join(str(e).split())[:200])
+                    one_line(e, 200))
         return None
 
 

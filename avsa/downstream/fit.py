@@ -1,18 +1,8 @@
-"""One training loop for every transfer head, with early stopping on held-out clips.
+"""One training loop for every transfer head (`fit_head`), with early stopping on held-out
+clips (`holdout`), and what a task adds to it (`TransferHead`).
 
-`fit_head` runs Adam over a module's trainable parameters for at most `epochs` epochs. With a
-`validate` function it scores the module after every epoch (lower is better, e.g. the loss on
-held-out training clips), stops after `patience` epochs without improvement and restores the
-best epoch's weights. Cached-feature heads feed it index minibatches (`minibatches`); action
-fine-tuning feeds it the source's decoded batches.
-
-`holdout` picks those held-out clips: a fixed fraction of the training split's clip keys,
-chosen by the keys' hashes, so the choice does not depend on order, pass or seed, and every
-augmented pass of a held-out clip stays out of training.
-
-`TransferHead` is what a task adds to that loop (its head, batch adapter, loss and metrics);
-`fit_and_score` is the one path every task's head takes: encode the training split once,
-hold out clips, `fit_head`, then score on the test split.
+Held-out clips are chosen by their keys' hashes, so the choice does not depend on order, pass
+or seed, and every augmented pass of a held-out clip stays out of training.
 """
 
 from __future__ import annotations
@@ -74,49 +64,44 @@ def fit_head(
     > 0 caps the optimiser steps over all epochs; the learning rate is multiplied by lr_gamma
     after each epoch in lr_milestones. `log` gets train/loss (and val/loss) per epoch.
     """
-    params = [p for p in module.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr)
+    opt = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=lr)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(lr_milestones), gamma=lr_gamma)
     result = FitResult(epochs=0, steps=0, best_epoch=-1)
     best, best_state, since_best = math.inf, None, 0
     for epoch in range(epochs):
         module.train()
-        total, n = 0.0, 0
+        losses = []
         for batch in batches(epoch):
-            loss = loss_fn(batch)
-            if loss is None:
+            if (loss := loss_fn(batch)) is None:
                 continue
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total, n = total + float(loss.detach()), n + 1
+            losses.append(float(loss.detach()))
             result.steps += 1
-            if max_steps and result.steps >= max_steps:
+            if result.steps == max_steps:
                 break
         result.epochs = epoch + 1
-        if n == 0:
+        if not losses:
             break
         sched.step()
-        result.train_loss.append(total / n)
-        metrics = {"train/loss": total / n}
-        if validate is not None:
+        metrics = {"train/loss": sum(losses) / len(losses)}
+        result.train_loss.append(metrics["train/loss"])
+        if validate is None:
+            result.best_epoch = epoch
+        else:
             module.eval()
             with torch.no_grad():
-                val = float(validate())
+                metrics["val/loss"] = val = float(validate())
             result.val_loss.append(val)
-            metrics["val/loss"] = val
+            since_best += 1
             if val < best:  # nan never improves
                 best, best_state, since_best = val, copy.deepcopy(module.state_dict()), 0
                 result.best_epoch = epoch
-            else:
-                since_best += 1
-        else:
-            result.best_epoch = epoch
         if log is not None:
             log(metrics, epoch)
-        if max_steps and result.steps >= max_steps:
-            break
-        if validate is not None and patience and since_best >= patience:
+        if result.steps == max_steps or (validate is not None and patience
+                                          and since_best >= patience):
             break
     if best_state is not None:
         module.load_state_dict(best_state)
@@ -138,27 +123,8 @@ def holdout(keys: Sequence[str], fraction: float, *, min_keys: int = 1) -> torch
     return torch.tensor([k in chosen for k in keys], dtype=torch.bool)
 
 
-@dataclass(frozen=True)
-class HeadSettings:
-    """How a head trains, the same for every task (the downstream.* keys of that name)."""
-
-    epochs: int
-    lr: float
-    batch_size: int = 16  # cached rows' minibatches: clips (binary, action) or crops
-    max_steps: int = 0
-    val_fraction: float = 0.0
-    patience: int = 0
-    feature_passes: int = 1
-    seed: int = 0  # head initialisation (seeded by the caller) and minibatch order
-
-    @classmethod
-    def from_config(cls, ds: DownstreamConfig, seed: int) -> HeadSettings:
-        return cls(ds.epochs, ds.lr, ds.batch_size, ds.max_steps, ds.val_fraction, ds.patience,
-                   ds.feature_passes, seed)
-
-
 class TransferHead:
-    """One transfer task: what it adds to head training on frozen features (`fit_and_score`).
+    """One transfer task: what it adds to head training on frozen features.
 
     The class is the task's entry in the registry (avsa.downstream.run.TASKS): `source` says
     where its clips come from (shards by default) and `build` makes the head from the config
@@ -200,32 +166,25 @@ class TransferHead:
     def val_loss(self, val: Cached) -> float:
         return float(self.loss(val.tensors))
 
-    def fit(self, source, s: HeadSettings, log: EpochLog | None) -> FitResult:
-        """Encode `s.feature_passes` passes of `source.train(p)` once and train `module` on
-        the cached rows, early-stopped on `s.val_fraction` of the training clips."""
+    def fit(self, source, ds: DownstreamConfig, seed: int, log: EpochLog | None) -> FitResult:
+        """Encode `ds.feature_passes` passes of `source.train(p)` once and train `module` on
+        the cached rows (minibatch order from `seed`), early-stopped on `ds.val_fraction` of
+        the training clips."""
         where = getattr(source, "train_uri", "train split")
-        train = encode_passes(source.train, s.feature_passes, self.encode)
+        train = encode_passes(source.train, ds.feature_passes, self.encode)
         if train is None or len(train) < self.min_rows:
             raise ShardError(where, f"{self.name}: no training clips"
                                     + (f" (need >= {self.min_rows})" if self.min_rows > 1 else ""))
-        held = holdout(train.keys, s.val_fraction, min_keys=self.min_keys)
+        held = holdout(train.keys, ds.val_fraction, min_keys=self.min_keys)
         fit, val = train.subset(~held), train.subset(held)
         self.prepare(train, fit, val)
-        gen = torch.Generator().manual_seed(s.seed)
+        gen = torch.Generator().manual_seed(seed)
         result = fit_head(
             self.module, lambda idx: self.loss(fit.take(idx)),
-            lambda epoch: minibatches(len(fit), s.batch_size, gen),
-            epochs=s.epochs, lr=s.lr, max_steps=s.max_steps, patience=s.patience, log=log,
+            lambda epoch: minibatches(len(fit), ds.batch_size, gen),
+            epochs=ds.epochs, lr=ds.lr, max_steps=ds.max_steps, patience=ds.patience, log=log,
             validate=(lambda: self.val_loss(val)) if len(val) else None)
         if result.steps == 0:
             raise ShardError(where, f"{self.name}: no training batch")
         return result
 
-
-def fit_and_score(head: TransferHead, source, s: HeadSettings, *, log: EpochLog | None = None,
-                  examples: dict | None = None) -> dict[str, float]:
-    """Train `head` on `source` and return its test metrics with train/best_epoch and
-    train/epochs; per-example test results go to `examples` when given."""
-    result = head.fit(source, s, log)
-    return {**head.score(source, examples), "train/best_epoch": float(result.best_epoch),
-            "train/epochs": float(result.epochs)}

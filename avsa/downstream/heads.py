@@ -16,33 +16,16 @@ from avsa.models import AVSANet
 from avsa.models.inputs import normalize_video
 
 
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-class PairHead(nn.Module):
-    """METHOD.md §6 binary head: Dropout 0.5 -> Linear(in_dim, 512) -> ReLU -> Linear(512, 2).
-
-    forward: (..., in_dim) concatenated (video, audio) features -> (..., 2) logits.
-    """
-
-    def __init__(self, in_dim: int, hidden: int = 512, dropout: float = 0.5, classes: int = 2):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Dropout(dropout), nn.Linear(in_dim, hidden), nn.ReLU(inplace=True),
-            nn.Linear(hidden, classes),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+def pair_head(in_dim: int) -> nn.Sequential:
+    """METHOD.md §6 binary head: (..., in_dim) concatenated (video, audio) features ->
+    Dropout 0.5 -> Linear(in_dim, 512) -> ReLU -> Linear(512, 2) -> (..., 2) logits."""
+    return nn.Sequential(nn.Dropout(0.5), nn.Linear(in_dim, 512), nn.ReLU(inplace=True),
+                         nn.Linear(512, 2))
 
 
 def freeze(module: nn.Module) -> nn.Module:
     """Eval mode (BatchNorm keeps its statistics, dropout off) and no gradients."""
-    module.eval()
-    for p in module.parameters():
-        p.requires_grad_(False)
-    return module
+    return module.eval().requires_grad_(False)
 
 
 @torch.no_grad()

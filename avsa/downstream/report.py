@@ -41,21 +41,17 @@ def per_class_rows(conf: np.ndarray, names: Sequence[str]) -> list[dict[str, obj
 def class_names(task: str, classes: int, labels: Sequence[str] = ()) -> list[str]:
     if task in ("avc_bin", "avsa_bin"):
         return list(BINARY_CLASSES)
-    if task == "segmentation":
-        return ["background", *labels][:classes] + [str(i) for i in range(len(labels) + 1,
-                                                                          classes)]
-    return [*labels][:classes] + [str(i) for i in range(len(labels), classes)]
+    names = ["background", *labels] if task == "segmentation" else list(labels)
+    return names[:classes] + [str(i) for i in range(len(names), classes)]
 
 
 def _plot_confusion(conf: np.ndarray, names: Sequence[str], title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     n = len(names)
     size = min(3 + 0.35 * n, 12)
-    fig, ax = plt.subplots(figsize=(size, size * 0.9))
+    fig = Figure(figsize=(size, size * 0.9))
+    ax = fig.subplots()
     norm = conf / np.maximum(conf.sum(1, keepdims=True), 1)
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(n), names, rotation=60, ha="right", fontsize=8)
@@ -70,7 +66,6 @@ def _plot_confusion(conf: np.ndarray, names: Sequence[str], title: str, path: Pa
                         color="white" if norm[i, j] > 0.5 else "black")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def _overlay_png(image: np.ndarray, pred: np.ndarray, mask: np.ndarray, path: Path) -> None:

@@ -1,17 +1,13 @@
 """`avsa transfer TASK pretrain=RUN|URI|models:/NAME/VERSION|models:/NAME@ALIAS|scratch`: one
 transfer run, tracked in MLflow.
 
-The pretrained network is rebuilt from the checkpoint's own config (so the architecture always
-matches its weights) and loaded whole: encoders and viewpoint transformers. Each transfer is an
-MLflow run in `downstream.experiment`, tagged with the task, the pretraining run (its MLflow id,
-the checkpoint URI, or "scratch"), the pretext ("avsa", "avsa_cur" for the curriculum,
-"avc", "avts", "scratch") and the seed (`downstream.seed`, else `data.seed`), so `avsa compare`
-can tabulate them: run a cell with several seeds for a confidence interval. Each run stores its
-per-example test results as the artifact test_examples.npz, which `avsa compare` resamples.
-
-Data: `data.shards` trains and `data.val_shards` tests (see avsa.downstream.sources). For
-`action`, `data.shards` may instead name a local UCF101 / HMDB51 folder (avsa.downstream.ucf);
-its split is `downstream.fold` when the config has that key, else fold 1.
+The network is rebuilt from the checkpoint's own config (so the architecture matches its
+weights) and loaded whole. The run, in `downstream.experiment`, is tagged with the task, the
+pretraining run, the pretext ("avsa", "avsa_cur" after an AVC curriculum, "avc", "avts",
+"scratch") and the seed (`downstream.seed`, else `data.seed`), so `avsa compare` can pool a
+cell's seeds; it stores its per-example test results (EXAMPLES), which `avsa compare`
+resamples. `data.shards` trains and `data.val_shards` tests; for `action`, `data.shards` may
+name a local UCF101 / HMDB51 folder (avsa.downstream.ucf, split `downstream.fold`).
 """
 
 from __future__ import annotations
@@ -33,8 +29,7 @@ from avsa.data.labels import CLASSES, NUM_CLASSES
 from avsa.downstream import report
 from avsa.downstream.action import ActionTask
 from avsa.downstream.binary import BinaryTask
-from avsa.downstream.fit import EpochLog, HeadSettings, TransferHead, fit_and_score
-from avsa.downstream.heads import pick_device
+from avsa.downstream.fit import EpochLog, TransferHead
 from avsa.downstream.segmentation import SegmentationTask
 from avsa.errors import CheckpointError, ConfigError
 from avsa.models import AVSANet, build_model
@@ -97,11 +92,6 @@ class TransferResult:
                 f"{tracking.redact(self.tracking_uri)}")
 
 
-def pretext_label(loss_kind: str, curriculum: bool) -> str:
-    """'avsa' / 'avc' / 'avts', with '_cur' when an AVC curriculum phase came first."""
-    return f"{loss_kind}_cur" if curriculum else loss_kind
-
-
 def load_pretrained(cfg: Config, tracking_uri: str | None) -> Pretrained:
     """The network for `downstream.pretrain`: a fresh one from cfg.model for "scratch", else the
     checkpoint's (run id or URI) architecture and weights."""
@@ -125,16 +115,11 @@ def load_pretrained(cfg: Config, tracking_uri: str | None) -> Pretrained:
     except (RuntimeError, KeyError) as e:
         reason = " ".join(str(e).split())[:300]
         raise CheckpointError(uri, f"weights do not fit the checkpoint's model: {reason}") from None
-    label = pretext_label(pre.loss.kind, pre.train.curriculum)
+    label = f"{pre.loss.kind}_cur" if pre.train.curriculum else pre.loss.kind  # AVC phase first
     if version is not None:  # the pretraining run behind the registered version
         ref = version.run_id or version.uri
     return Pretrained(model, label, ref if _RUN_ID.match(ref) else uri, pre.data.audio_mode,
                       pre.data.audio_features, dataclasses.asdict(pre.model), version)
-
-
-def effective_seed(cfg: Config) -> int:
-    """downstream.seed, else data.seed: one replicate of a transfer cell."""
-    return cfg.data.seed if cfg.downstream.seed is None else cfg.downstream.seed
 
 
 def task_class(task: str) -> type[TransferHead]:
@@ -147,31 +132,19 @@ def run_task(ds: DownstreamConfig, model: AVSANet, source, *, seed: int, device:
              log: EpochLog | None = None,
              examples: dict[str, np.ndarray] | None = None) -> dict[str, float]:
     """Train `ds.task`'s head on `source` (settings from `ds`; `seed` seeds the head and the
-    minibatch order) and return its test metrics (see the task's class for which)."""
+    minibatch order) and return its test metrics (see the task's class for which) with
+    train/best_epoch and train/epochs; per-example test results go to `examples`."""
     cls = task_class(ds.task)
     torch.manual_seed(seed)
     head = cls.build(model, source, ds, device)
-    return fit_and_score(head, source, HeadSettings.from_config(ds, seed), log=log,
-                         examples=examples)
+    result = head.fit(source, ds, seed, log)
+    return {**head.score(source, examples), "train/best_epoch": float(result.best_epoch),
+            "train/epochs": float(result.epochs)}
 
 
-def _task_metrics(cfg: Config, pre: Pretrained, log_metrics,
-                  examples: dict[str, np.ndarray] | None = None,
-                  memo: dict | None = None) -> dict[str, float]:
-    """The task's test metrics; per-example test results go to `examples` when given.
-    The seed of a replicate seeds the head (initialisation, minibatch order); the clips'
-    windows and viewpoints follow data.seed, so replicates can share decoded batches (`memo`,
-    see ShardSource)."""
-    ds = cfg.downstream
-    data = dataclasses.replace(cfg.data, audio_mode=pre.audio_mode,
-                               audio_features=pre.audio_features)
-    source = task_class(ds.task).source(data, ds, memo)
-    return run_task(ds, pre.model, source, seed=effective_seed(cfg), device=pick_device(),
-                    log=log_metrics, examples=examples)
-
-
-def _log_examples(logger: tracking.RunLogger, examples: dict[str, np.ndarray]) -> None:
-    """Store the per-example test results as the run's EXAMPLES artifact (for `avsa compare`)."""
+def _log_results(logger: tracking.RunLogger, task: str, examples: dict[str, np.ndarray]) -> None:
+    """The per-example test results as the run's EXAMPLES artifact (for `avsa compare`) and
+    the report made from them (confusion matrix, per-class table, overlays) under report/."""
     if not examples:
         return
     with tempfile.TemporaryDirectory() as tmp:
@@ -179,6 +152,9 @@ def _log_examples(logger: tracking.RunLogger, examples: dict[str, np.ndarray]) -
         np.savez_compressed(path, **{k: v for k, v in examples.items()
                                      if k not in report.OVERLAY_KEYS})
         logger.log_artifact(path)
+        if report.write_report(task, examples, Path(tmp) / "report", labels=list(CLASSES),
+                               num_classes=NUM_CLASSES + (task == "segmentation")):
+            logger.log_artifact(Path(tmp) / "report", "report")
 
 
 def _log_inputs(logger: tracking.RunLogger, cfg: Config, pre: Pretrained) -> None:
@@ -192,15 +168,6 @@ def _log_inputs(logger: tracking.RunLogger, cfg: Config, pre: Pretrained) -> Non
                        lambda client: client.log_inputs(logger.run_id, models=[model]))
 
 
-def _log_report(logger: tracking.RunLogger, task: str, examples: dict[str, np.ndarray]) -> None:
-    """Confusion matrix, per-class table and (segmentation) overlays as the run's artifacts."""
-    with tempfile.TemporaryDirectory() as tmp:
-        written = report.write_report(task, examples, Path(tmp), labels=list(CLASSES),
-                                      num_classes=NUM_CLASSES + (task == "segmentation"))
-        if written:
-            logger.log_artifact(tmp, "report")
-
-
 def run_transfer(cfg: Config, memo: dict | None = None) -> TransferResult:
     """Run `cfg.downstream.task` from `cfg.downstream.pretrain`; log and return the metrics.
     `memo`: a dict the caller keeps to reuse decoded clips across transfers (ShardSource)."""
@@ -211,7 +178,7 @@ def run_transfer(cfg: Config, memo: dict | None = None) -> TransferResult:
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     tracking.check_reachable(uri)
     pre = load_pretrained(cfg, uri)
-    seed = effective_seed(cfg)
+    seed = cfg.data.seed if ds.seed is None else ds.seed  # one replicate of a transfer cell
     context = ds.context if ds.task == "segmentation" else None
     mode = ds.mode if ds.task == "action" else None
     name = "-".join(p for p in (ds.task, context, mode, pre.pretext, f"s{seed}") if p)
@@ -229,10 +196,13 @@ def run_transfer(cfg: Config, memo: dict | None = None) -> TransferResult:
           system_metrics.sampling(logger, cfg.tracking)):
         _log_inputs(logger, cfg, pre)
         examples: dict[str, np.ndarray] = {}
-        metrics = _task_metrics(cfg, pre, logger.log_metrics, examples, memo)
+        # The seed seeds the head only; the clips' windows and viewpoints follow data.seed, so
+        # replicates can share decoded batches (`memo`, see ShardSource).
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        metrics = run_task(ds, pre.model, task_class(ds.task).source(data, ds, memo), seed=seed,
+                           device=device, log=logger.log_metrics, examples=examples)
         logger.log_metrics(metrics, step=ds.epochs)
-        _log_examples(logger, examples)
-        _log_report(logger, ds.task, examples)
+        _log_results(logger, ds.task, examples)
     return TransferResult(ds.task, pre.pretext, pre.ref, logger.run_id, uri, ds.experiment,
                           context, mode, metrics)
 

@@ -1,32 +1,20 @@
 """360 semantic segmentation transfer (METHOD.md §6): an FPN head on frozen video features.
 
-The frozen video encoder's four stage maps (each averaged over time) feed a feature pyramid:
-1x1 laterals to a common width, top-down nearest upsampling and addition, then a 3x3 conv,
-ReLU and a 1x1 classifier on the finest level, upsampled bilinearly to the crop size. The
-target is the crop's class map (0 = background, 1..K the synthetic classes) at the centre
-of the video window, so the prediction is one map per crop, the average over time.
+The frozen encoder's four stage maps (averaged over time) feed a feature pyramid (1x1
+laterals, top-down nearest upsampling, 3x3 conv, ReLU, 1x1 classifier on the finest level,
+upsampled to the crop): one map per crop against the crop's class map (0 = background) at the
+centre of the window. `downstream.context` adds conditioning to the coarsest level: "video"
+none, "audio" the viewpoint's audio feature, "context" also the viewpoint transformers' video
+and audio context (the encoder features for a model without transformers).
 
-Settings (`downstream.context`), conditioning added to the coarsest pyramid level (from where
-the top-down path carries it to every level):
-- "video":   the video features only;
-- "audio":   + a projection of the viewpoint's audio feature;
-- "context": + the audio feature and a projection of the viewpoint transformers' output
-             (video and audio context, concatenated); a model without transformers gives the
-             encoder features there.
-
-The frozen inputs of each crop are computed once (`feature_passes` augmented passes of the
-training split) and the head trains on them with early stopping (avsa.downstream.fit). Nearly
-every pixel is background, so the cross-entropy is class-weighted (`class_weights`, median
-frequency by default): unweighted, heads settle on predicting background everywhere.
-
-Metrics, from a confusion matrix summed over every test pixel: pixel accuracy = correct /
-all pixels; mIoU = mean over classes c of TP / (TP + FP + FN), over the classes that occur in
-the ground truth or the prediction (a class absent from both has no defined IoU and is left
-out, rather than counted as 0 or 1); mIoU-fg the same without the background class. Beside
-them, *_bg_only give what predicting background everywhere scores (mIoU-fg: 0).
+Nearly every pixel is background, so the cross-entropy is class-weighted (`class_weights`):
+unweighted, heads settle on predicting background everywhere. mIoU averages over the classes
+present in the ground truth or the prediction (stats.iou).
 """
 
 from __future__ import annotations
+
+from itertools import accumulate
 
 import numpy as np
 import torch
@@ -34,10 +22,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from avsa.config import DataConfig, DownstreamConfig
+from avsa.downstream import stats
 from avsa.downstream.fit import TransferHead
 from avsa.downstream.heads import Cached, freeze
 from avsa.downstream.sources import ShardSource
-from avsa.downstream.stats import iou
 from avsa.errors import ShardError
 from avsa.models import AVSANet
 from avsa.models.inputs import normalize_video, to_device
@@ -51,12 +39,8 @@ OVERLAYS = 4  # test crops kept for the overlay figures of a transfer run
 
 def stage_maps(encoder: VideoEncoder, video: torch.Tensor) -> list[torch.Tensor]:
     """video (N, 3, T, S, S) -> the four stage outputs (N, C_i, T_i, H_i, W_i), finest first."""
-    x = encoder.stem(video)
-    maps = []
-    for stage in encoder.stages:
-        x = stage(x)
-        maps.append(x)
-    return maps
+    return list(accumulate(encoder.stages, lambda x, stage: stage(x),
+                           initial=encoder.stem(video)))[1:]
 
 
 class FPNHead(nn.Module):
@@ -85,11 +69,9 @@ class FPNHead(nn.Module):
 
 
 def cond_dim(model: AVSANet, context: str) -> int:
-    if context == "video":
-        return 0
-    if context == "audio":
-        return model.audio_dim
-    return model.audio_dim + model.video_dim + model.audio_dim
+    """Width of the conditioning of `frozen_inputs` for `context`."""
+    extra = {"video": 0, "audio": model.audio_dim}
+    return extra.get(context, 2 * model.audio_dim + model.video_dim)
 
 
 @torch.no_grad()
@@ -167,32 +149,27 @@ def crop_confusions(pred: torch.Tensor, target: torch.Tensor, num_classes: int) 
     return torch.bincount(idx.reshape(-1).cpu(), minlength=n * c * c).view(n, c, c)
 
 
-def pixel_accuracy(conf: torch.Tensor) -> float:
-    total = int(conf.sum())
-    return float(conf.diag().sum()) / total if total else float("nan")
-
-
-def mean_iou(conf: torch.Tensor, *, foreground: bool = False) -> float:
-    """Mean IoU over classes present in the ground truth or the prediction (union > 0);
-    with `foreground`, over those classes except 0 (background)."""
-    return float(iou(conf.cpu().numpy(), foreground=foreground))
-
-
-def background_only(conf: torch.Tensor) -> torch.Tensor:
-    """The confusion matrix of predicting background (class 0) for every pixel of `conf`."""
-    out = torch.zeros_like(conf)
-    out[:, 0] = conf.sum(1)
-    return out
+def segmentation_metrics(conf: torch.Tensor) -> dict[str, float]:
+    """The test metrics of a confusion matrix (C, C) summed over every test pixel (rows the
+    truth), beside those of predicting background (class 0) everywhere (*_bg_only)."""
+    conf = conf.cpu().numpy()
+    bg = np.zeros_like(conf)
+    bg[:, 0] = conf.sum(1)
+    return {"test/pixel_acc": float(stats.pixel_accuracy(conf)),
+            "test/miou": float(stats.iou(conf)),
+            "test/miou_fg": float(stats.iou(conf, foreground=True)),
+            "test/miou_bg_only": float(stats.iou(bg)),
+            "test/miou_fg_bg_only": float(stats.iou(bg, foreground=True)),
+            "test/classes_present": float(((conf.sum(0) + conf.sum(1)) > 0).sum())}
 
 
 class SegmentationTask(TransferHead):
-    """The FPN head on cached frozen crop features, trained with a cross-entropy weighted by
+    """The FPN head on cached frozen crop features, its cross-entropy weighted by
     `class_weights(kind=weights)` of the training crops (not the held-out ones).
 
-    num_classes counts the background: K + 1. Batches must hold masks (B, V, S, S) int64.
-    Scores test/pixel_acc, test/miou, test/miou_fg, test/classes_present and the
-    all-background prediction's test/miou_bg_only and test/miou_fg_bg_only; examples gets the
-    (N, C, C) confusion matrix of every test crop and the overlays of the first test batch.
+    num_classes counts the background: K + 1; batches hold masks (B, V, S, S) int64. Scores:
+    `segmentation_metrics`; examples gets the (N, C, C) confusion matrix of every test crop
+    and the overlays of the first test batch.
     """
 
     name = "segmentation"
@@ -254,9 +231,4 @@ class SegmentationTask(TransferHead):
         conf = per_crop.sum(0)
         if examples is not None:
             examples["confusion"] = per_crop.numpy().astype(np.int32)
-        bg = background_only(conf)
-        return {"test/pixel_acc": pixel_accuracy(conf), "test/miou": mean_iou(conf),
-                "test/miou_fg": mean_iou(conf, foreground=True),
-                "test/miou_bg_only": mean_iou(bg),
-                "test/miou_fg_bg_only": mean_iou(bg, foreground=True),
-                "test/classes_present": float(((conf.sum(0) + conf.sum(1)) > 0).sum())}
+        return segmentation_metrics(conf)

@@ -37,19 +37,17 @@ def iou(conf: np.ndarray, *, foreground: bool = False) -> np.ndarray:
         return np.where(n > 0, ratio.sum(-1) / n, np.nan)
 
 
-def iou_statistic(*, foreground: bool = False) -> Statistic:
-    """mIoU of the summed per-example confusion matrices (rows (C, C) each)."""
-
-    def stat(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
-        return iou(sums, foreground=foreground)
-
-    return stat
-
-
-def pixel_accuracy_statistic(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    total = sums.sum(axis=(-2, -1))
+def pixel_accuracy(conf: np.ndarray) -> np.ndarray:
+    """Correct / all pixels of confusion matrices (..., C, C); nan where there is no pixel."""
+    conf = np.asarray(conf, dtype=np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.diagonal(sums, axis1=-2, axis2=-1).sum(-1) / total
+        return np.diagonal(conf, axis1=-2, axis2=-1).sum(-1) / conf.sum(axis=(-2, -1))
+
+
+def of_sums(metric: Callable[..., np.ndarray], **kw) -> Statistic:
+    """The statistic metric(sums, **kw) of the summed rows, e.g. the mIoU of the resampled
+    crops' summed confusion matrices: of_sums(iou, foreground=True)."""
+    return lambda sums, counts: metric(sums, **kw)
 
 
 def bootstrap_ci(

@@ -19,9 +19,10 @@ labels (B, K) one-hot, key (list of B video paths relative to ROOT).
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,20 +53,20 @@ class ActionLayout:
     test: list[VideoItem]
 
 
-def _first_dir(root: Path, names: tuple[str, ...], probe: str) -> Path | None:
-    for d in (root, *(root / n for n in names)):
-        if list(d.glob(probe)):
-            return d
+def _split_dir(root: Path) -> tuple[str, Path] | None:
+    """("ucf" or "hmdb", the folder of its split files) of a dataset root, or None."""
+    for kind, sub, probe in (("ucf", "ucfTrainTestlist", "classInd.txt"),
+                             ("hmdb", "testTrainMulti_7030_splits", "*_test_split1.txt")):
+        for d in (root, root / sub):
+            if any(d.glob(probe)):
+                return kind, d
     return None
 
 
 def is_layout(root: str | Path) -> bool:
     """True when `root` is a local folder with UCF101 or HMDB51 split files."""
     root = Path(str(root).removeprefix("file://"))
-    if not root.is_dir():
-        return False
-    return bool(_first_dir(root, ("ucfTrainTestlist",), "classInd.txt")
-                or _first_dir(root, ("testTrainMulti_7030_splits",), "*_test_split1.txt"))
+    return root.is_dir() and _split_dir(root) is not None
 
 
 def _lines(path: Path) -> list[list[str]]:
@@ -131,12 +132,9 @@ def load_layout(root: str | Path, fold: int = 1) -> ActionLayout:
     if fold not in (1, 2, 3):
         raise MediaError(root, f"fold must be 1, 2 or 3, got {fold}")
     root = Path(str(root).removeprefix("file://"))
-    if (splits := _first_dir(root, ("ucfTrainTestlist",), "classInd.txt")) is not None:
-        layout = _load_ucf(root, splits, fold)
-    elif (splits := _first_dir(root, ("testTrainMulti_7030_splits",), "*_test_split1.txt")):
-        layout = _load_hmdb(root, splits, fold)
-    else:
+    if (found := _split_dir(root)) is None:
         raise MediaError(root, "no classInd.txt (UCF101) or *_test_split1.txt (HMDB51) found")
+    layout = (_load_ucf if found[0] == "ucf" else _load_hmdb)(root, found[1], fold)
     if not layout.train or not layout.test:
         raise MediaError(root, f"fold {fold} lists {len(layout.train)} training and "
                                f"{len(layout.test)} test videos; both must be > 0")
@@ -178,6 +176,13 @@ def load_clip(item: VideoItem, cfg: DataConfig, start: float,
     return resize_crop(frames[: cfg.frames], cfg.crop_size, rng)
 
 
+@functools.cache
+def _duration(path: Path) -> float:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # not 2:1 equirect, as expected of UCF / HMDB
+        return media.probe(path).video.duration
+
+
 @dataclass
 class LayoutSource:
     """A UCF101 / HMDB51 fold as a transfer source (see avsa.downstream.sources)."""
@@ -188,7 +193,6 @@ class LayoutSource:
     seed: int = 0
     eval_clips: int = 1  # test pass p takes window p of eval_clips uniformly spaced ones
     single_label: bool = True
-    _durations: dict[str, float] = field(default_factory=dict, repr=False)
 
     @property
     def train_uri(self) -> str:
@@ -200,18 +204,11 @@ class LayoutSource:
     def num_classes(self) -> int:
         return len(self.layout.classes)
 
-    def _duration(self, item: VideoItem) -> float:
-        if item.key not in self._durations:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                self._durations[item.key] = media.probe(item.path).video.duration
-        return self._durations[item.key]
-
     def _batches(self, items: list[VideoItem], starts, rngs) -> Iterator[dict[str, Any]]:
         k = len(self.layout.classes)
         for i in range(0, len(items), self.batch_size):
             chunk = items[i : i + self.batch_size]
-            clips = [load_clip(it, self.data, starts(it), rngs(it), self._duration(it))
+            clips = [load_clip(it, self.data, starts(it), rngs(it), _duration(it.path))
                      for it in chunk]
             labels = torch.zeros(len(chunk), k)
             labels[torch.arange(len(chunk)), torch.tensor([it.label for it in chunk])] = 1.0
@@ -225,7 +222,7 @@ class LayoutSource:
 
         def start(it: VideoItem) -> float:
             rng = sample_rng(self.seed, epoch, it.key + "#start")
-            return float(rng.uniform(0.0, max(0.0, self._duration(it) - window)))
+            return float(rng.uniform(0.0, max(0.0, _duration(it.path) - window)))
 
         return self._batches(items, start, lambda it: sample_rng(self.seed, epoch, it.key))
 
@@ -234,5 +231,5 @@ class LayoutSource:
         n = max(1, self.eval_clips)
         frac = 0.5 if n == 1 else pass_index / (n - 1)
         return self._batches(self.layout.test,
-                             lambda it: frac * max(0.0, self._duration(it) - window),
+                             lambda it: frac * max(0.0, _duration(it.path) - window),
                              lambda it: None)
