@@ -107,6 +107,18 @@ def _mel_taps(sr: int, n_fft: int, n_mels: int) -> tuple[Tensor, Tensor, Tensor]
     return bins, offsets, fb[mel, bins]
 
 
+def _sparse_mel(x: Tensor, sr: int, n_fft: int, n_mels: int) -> Tensor:
+    """mel_filterbank(sr, n_fft, n_mels).T @ x from its non-zero entries: x (K, X) -> (M, X)."""
+    bins, offsets, weights = (t.to(x.device) for t in _mel_taps(sr, n_fft, n_mels))
+    return F.embedding_bag(bins, x, offsets, mode="sum", per_sample_weights=weights)
+
+
+@lru_cache(maxsize=4)
+def _hann(n_fft: int) -> Tensor:
+    """Periodic Hann window (n_fft,) float32 on the CPU (cached, never mutated)."""
+    return torch.hann_window(n_fft, periodic=True)
+
+
 def stft(wave: Tensor, n_fft: int = 512, hop: int = 240) -> Tensor:
     """Complex spectra (C, K, F) of wave (C, N), as log_mel frames them: periodic Hann window
     of n_fft, frames centred at k * hop (reflect padding), F = N // hop, K = n_fft // 2 + 1."""
@@ -114,9 +126,18 @@ def stft(wave: Tensor, n_fft: int = 512, hop: int = 240) -> Tensor:
     if n <= n_fft // 2:
         raise ValueError(f"log_mel needs more than n_fft // 2 = {n_fft // 2} samples, got {n}")
     x = wave.float()
-    window = torch.hann_window(n_fft, periodic=True, dtype=x.dtype, device=x.device)
+    window = _hann(n_fft).to(x.device)
     return torch.stft(x, n_fft, hop_length=hop, win_length=n_fft, window=window, center=True,
                       pad_mode="reflect", return_complex=True)[..., : n // hop]
+
+
+def _mixed_spectra(spec: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Real and imaginary parts of rows @ spec: spec (C, K, F) complex, rows (R, C) real ->
+    two (R, K * F) tensors."""
+    c, k, frames = spec.shape
+    planes = torch.view_as_real(spec).permute(3, 0, 1, 2).reshape(2, c, k * frames)
+    rows = rows.to(planes)
+    return rows @ planes[0], rows @ planes[1]
 
 
 def log_mel_mixed(
@@ -146,14 +167,12 @@ def log_mel_mixed(
         raise ValueError(f"mix (..., D, {mix.shape[-1]}) does not match {c} wave channels")
     spec = stft(wave, n_fft, hop) if spec is None else spec  # (C, K, F)
     k, frames = spec.shape[1:]
-    planes = torch.view_as_real(spec).permute(3, 0, 1, 2).reshape(2, c, k * frames)  # re, im
     lead, d = mix.shape[:-2], mix.shape[-2]
-    rows = mix.reshape(-1, c).to(planes)  # (B * D, C)
-    re, im = rows @ planes[0], rows @ planes[1]  # (B * D, K * F) each
+    rows = mix.reshape(-1, c)  # (B * D, C)
+    re, im = _mixed_spectra(spec, rows)  # (B * D, K * F) each
     mag = re.mul_(re).addcmul_(im, im).sqrt_()
     mag_k = mag.view(-1, k, frames).transpose(0, 1).reshape(k, -1)  # (K, B * D * F)
-    bins, offsets, weights = (t.to(spec.device) for t in _mel_taps(sr, n_fft, n_mels))
-    mel = F.embedding_bag(bins, mag_k, offsets, mode="sum", per_sample_weights=weights)
+    mel = _sparse_mel(mag_k, sr, n_fft, n_mels)
     b = rows.shape[0] // d
     logs = mel.add_(eps).log_().view(n_mels, b, d * frames)  # natural log
     out = torch.empty(b, d * frames, n_mels, dtype=logs.dtype, device=logs.device)
@@ -179,17 +198,20 @@ def intensity_mixed(
     ambiX (rotations). Returns (V, 3, F, n_mels) in ambiX order (Y, Z, X): mel-weighted
     Re(conj(W) [Y, Z, X]) over mel-weighted (|W|^2 + |Y|^2 + |Z|^2 + |X|^2) / 2, so a single
     plane wave from unit direction u gives u (signed: front and back differ), a diffuse field
-    about 0.
+    about 0. The mel filters are applied sparsely.
     """
-    planes = torch.view_as_real(spec)  # (4, K, F, 2)
-    rot = torch.einsum("vdc,ckfr->vdkfr", mix.to(planes), planes)  # (V, 4, K, F, 2)
-    w = rot[:, :1]
-    active = (w * rot[:, 1:]).sum(-1)  # Re(conj(W) C) = Re W Re C + Im W Im C: (V, 3, K, F)
-    energy = rot.square().sum(dim=(1, 4)) / 2  # (V, K, F)
-    fb = mel_filterbank(sr, n_fft, n_mels).to(planes)  # (K, M)
-    num = torch.einsum("vckf,km->vcfm", active, fb)
-    den = torch.einsum("vkf,km->vfm", energy, fb)[:, None]
-    return num / (den + eps)
+    k, frames = spec.shape[1:]
+    v = mix.shape[0]
+    re, im = (x.view(v, 4, k * frames) for x in _mixed_spectra(spec, mix.reshape(-1, 4)))
+    # per viewpoint: Re(conj(W) C) = Re W Re C + Im W Im C for C = Y, Z, X, then the energy
+    parts = torch.empty(v, 4, k * frames, dtype=re.dtype, device=re.device)
+    torch.mul(re[:, 1:], re[:, :1], out=parts[:, :3]).addcmul_(im[:, 1:], im[:, :1])
+    torch.sum(re.square_().add_(im.square_()), dim=1, out=parts[:, 3]).mul_(0.5)
+    parts_k = parts.view(v * 4, k, frames).transpose(0, 1).reshape(k, -1)  # (K, V * 4 * F)
+    mel = _sparse_mel(parts_k, sr, n_fft, n_mels).view(n_mels, v, 4, frames)
+    out = torch.empty(v, 3, frames, n_mels, dtype=mel.dtype, device=mel.device)
+    torch.div(mel[:, :, :3], mel[:, :, 3:].add_(eps), out=out.permute(3, 0, 1, 2))
+    return out
 
 
 def normalize_log_mel(x: Tensor, eps: float = 1e-5) -> Tensor:

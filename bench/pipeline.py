@@ -15,6 +15,7 @@ Rates are the best over --repeats, CPU times the lowest (the machine may be shar
 
     python bench/pipeline.py --clips 12 --repeats 3              # 384x192
     python bench/pipeline.py --clips 8 --repeats 3 --width 1024  # the default clip size
+    python bench/pipeline.py --clips 12 --repeats 3 --audio-features intensity
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--torch-threads", type=int, default=1,
                    help="torch and OpenCV threads, as in a 1-CPU Ray task")
+    p.add_argument("--audio-features", default="logmel",
+                   choices=("logmel", "cardioid", "intensity"),
+                   help="data.audio_features of the transform (the synthetic presets use intensity)")
     p.add_argument("--out", default="outputs/bench/pipeline")
     return p.parse_args(argv)
 
@@ -190,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.torch_threads)
     cv2.setNumThreads(args.torch_threads)
     load0 = os.getloadavg()[0]
-    cfg = DataConfig(num_viewpoints=4, crop_size=112, frames=8)
+    cfg = DataConfig(num_viewpoints=4, crop_size=112, frames=8,
+                     audio_features=args.audio_features)
     uri = prepare(args)
     samples = load_samples(uri)
     n = len(samples)
@@ -230,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         "s3_over_local": round(s3_rate / local_rate, 3),
         "n_clips": n,
         "width": args.width,
+        "audio_features": args.audio_features,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_avg_1m": [round(load0, 2), round(os.getloadavg()[0], 2)],

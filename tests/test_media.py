@@ -162,6 +162,22 @@ def test_decode_clip_opens_the_container_once(clip30, monkeypatch):
                                                           duration=1.5))
 
 
+def test_decoding_opens_mp4s_from_the_header_alone(clip30, monkeypatch):
+    """Decoders open an MP4 without FFmpeg's stream probing (no frame decoded at open, so the
+    pixel format is not known yet; the 4-channel AAC's channel count, kept in its codec
+    config, reads 0) and decode exactly what a probed open decodes (tolerance 0)."""
+    data = clip30.read_bytes()
+    with media._open(data, "clip", header_only=True) as c:
+        assert c.streams.video[0].codec_context.pix_fmt is None
+        assert c.streams.audio[0].codec_context.channels == 0
+    kw = dict(fps=16, start=0.7, duration=0.5, audio_start=0.3, audio_duration=1.0)
+    fast = media.decode_clip(data, **kw)
+    monkeypatch.setattr(media, "_iso_bmff", lambda src: False)  # FFmpeg's probing
+    probed = media.decode_clip(data, **kw)
+    for a, b in zip(fast, probed):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_decode_clip_defaults_to_whole_clip(clip30):
     video, foa = media.decode_clip(clip30, fps=16, sample_rate=24000, size=(32, 64))
     assert video.shape == (32, 32, 64, 3) and foa.shape == (4, 48000)
