@@ -267,14 +267,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     val_on, val = rank == 0 and has_validation(cfg), None  # val: read at the first validation
     monitor = system_metrics.start(logger, cfg.tracking)  # None unless rank 0 logs
     gather = _gather()
+    # Samples skipped upstream: this worker's since it started, and the run's (all ranks, all
+    # attempts) as of the last log or checkpoint, which a checkpoint carries over a restart.
     meter, skipped = Meter(), 0
+    skipped_total = ckpt.skipped_samples(state) if state is not None else 0
+    skipped_before = skipped_total
     t_last, clips_since, t_start, step_start = time.perf_counter(), 0, time.perf_counter(), step
     per_worker = cfg.train.batch_size // world
     run_uri = loop_config.get("run_uri", "")
     model.train()
 
     def save_fn(d):
-        ckpt.save(d, model=raw_model, optimizer=optimizer, step=step, config=loop_config["cfg"])
+        ckpt.save(d, model=raw_model, optimizer=optimizer, step=step, config=loop_config["cfg"],
+                  skipped_samples=skipped_total)
 
     for batch, skipped_here in _batches(cfg, world, rank, step):
         if step >= cfg.train.max_steps:
@@ -301,11 +306,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if not (do_log or do_ckpt):
             continue
         metrics_out: dict[str, float] = {"step": step}
+        skipped_total = skipped_before + _all_reduce_sum(skipped, device)  # every rank is here
         if do_log:
             now = time.perf_counter()
             metrics_out.update(meter.mean("train"))
             metrics_out["throughput/clips_per_s"] = clips_since / max(now - t_last, 1e-9)
-            metrics_out["data/skipped_samples"] = _all_reduce_sum(skipped, device)
+            metrics_out["data/skipped_samples"] = skipped_total
             rate = (step - step_start) / max(now - t_start, 1e-9)
             eta = (cfg.train.max_steps - step) / max(rate, 1e-9)
             t_last, clips_since = now, 0
@@ -320,6 +326,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 logger.log_metrics({k: v for k, v in metrics_out.items() if k != "step"}, step)
         _report(metrics_out, save_fn if (do_ckpt and rank == 0) else None, step, run_uri)
     if step < cfg.train.max_steps and step % cfg.train.checkpoint_every != 0:
+        skipped_total = skipped_before + _all_reduce_sum(skipped, device)
         _report({"step": step}, save_fn if rank == 0 else None, step, run_uri)
     if monitor is not None:
         monitor.stop()
