@@ -141,6 +141,19 @@ def test_checkpoint_round_trip_and_resolve(cfg, tmp_path):
                        else next(model.video_encoder.parameters()))
 
 
+def test_checkpoint_carries_the_runs_skip_count(cfg, tmp_path):
+    """A resumed run counts skipped samples on from its checkpoint's count, so a skip seen
+    before a worker death stays in `data/skipped_samples`; checkpoints from before the count
+    was kept resume at 0."""
+    model = build_model(cfg.model)
+    ckpt.save(tmp_path / "a", model=model, optimizer=None, step=4, config=cfg.to_dict(),
+              skipped_samples=3)
+    assert ckpt.skipped_samples(ckpt.load(tmp_path / "a")) == 3
+    old = ckpt.load(tmp_path / "a")
+    del old["skipped_samples"]
+    assert ckpt.skipped_samples(old) == 0
+
+
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint found"):
         ckpt.resolve_init(str(tmp_path))

@@ -3,7 +3,7 @@
 One work item per (epoch, shard): each epoch visits every shard once, in an order permuted by
 (seed, epoch). A Ray task (or the local iterator) opens the shard (checksum verified), walks its
 samples and runs `transform.make_sample` on each. Shuffling across shards happens in the
-consumer's local shuffle buffer (`iter_torch_batches(local_shuffle_buffer_size=...)`).
+consumer's local shuffle buffer (`avsa.train.batches` in a train worker).
 
 Rows hold the sample's arrays plus bookkeeping, all numeric so `iter_torch_batches` converts
 every field:
@@ -27,9 +27,10 @@ Ray Train: pass the dataset as `TorchTrainer(datasets={"train": ds}, dataset_con
 ray.train.DataConfig(datasets_to_split=["train"], execution_options={"train":
 ds.context.execution_options}))` (Train replaces a dataset's options with its DataConfig's, so
 the read-ahead bound of build_dataset(batch_size=...) must be passed there); each worker reads
-`ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=..., local_shuffle_buffer_size=
-cfg.shuffle_buffer)` and drops the valid=0 rows of every batch. The split is equal: a pass whose row
-count is not a multiple of the worker count drops the remainder rows.
+`ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=...)`, counts "skipped" as
+rows arrive and drops the valid=0 rows, then shuffles in its own buffer (avsa.train.batches:
+behind Ray Data's local shuffle a count could wait unreported). The split is equal: a pass
+whose row count is not a multiple of the worker count drops the remainder rows.
 """
 
 from __future__ import annotations

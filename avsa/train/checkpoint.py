@@ -1,4 +1,5 @@
-"""Checkpoint contents: model, optimizer, step, RNG state and the resolved config.
+"""Checkpoint contents: model, optimizer, step, RNG state, the run's count of skipped samples
+and the resolved config.
 
 A checkpoint is a directory holding `state.pt` and `config.yaml`; Ray Train persists it under
 `<storage.path>/<run name>/checkpoint-<step>/`. `resolve_init` turns an MLflow run id or a
@@ -47,9 +48,12 @@ def save(
     optimizer: torch.optim.Optimizer | None,
     step: int,
     config: dict[str, Any],
+    skipped_samples: int = 0,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write `state.pt` (atomically) and `config.yaml` into `directory`."""
+    """Write `state.pt` (atomically) and `config.yaml` into `directory`. skipped_samples: the
+    samples the run has skipped upstream through `step`, all ranks together (the metric
+    `data/skipped_samples`), so a resumed run goes on counting from there."""
     from omegaconf import OmegaConf
 
     directory = Path(directory)
@@ -60,6 +64,7 @@ def save(
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "step": step,
+            "skipped_samples": int(skipped_samples),
             "rng": rng_state(),
             "config": config,
             "extra": extra or {},
@@ -86,6 +91,12 @@ def load(directory: str | Path) -> dict[str, Any]:
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
         reason = " ".join(str(e).split())[:200]
         raise CheckpointError(path, f"unreadable checkpoint ({reason})") from None
+
+
+def skipped_samples(state: dict[str, Any]) -> int:
+    """The run's skipped samples through the checkpoint's step (0 in a checkpoint from before
+    the count was kept)."""
+    return int(state.get("skipped_samples", 0))
 
 
 def latest_checkpoint_uri(run_uri: str) -> str | None:

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from avsa import storage
@@ -26,11 +27,10 @@ from avsa.models.inputs import to_channels_last, to_device, use_channels_last
 from avsa.tracking import system_metrics
 from avsa.train import checkpoint as ckpt
 from avsa.train import resume
+from avsa.train.batches import local_batches, model_rows
 from avsa.train.objective import compute_objective, reset_context_and_heads
 
 log = logging.getLogger("avsa.train")
-# Row fields the pipeline adds for accounting (see avsa/data/pipeline.py), not model inputs.
-BOOKKEEPING = ("key_id", "epoch", "valid", "skipped", "missing_shards", "labels")
 
 
 @dataclass
@@ -75,41 +75,26 @@ def _gather():
     return gather_with_grad if dist.is_available() and dist.is_initialized() else None
 
 
-def _batches(cfg: Config, world: int) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
-    """Fixed-size local batches from this worker's dataset shard, and the samples skipped
-    upstream (corrupt clips) counted on their rows. Placeholder rows (valid=0) are dropped
-    and the batch refilled, so every step sees exactly batch_size // world real samples."""
+def _batches(cfg: Config, world: int, rank: int,
+             step: int) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
+    """Fixed-size local batches (batch_size // world real samples) from this worker's dataset
+    shard, shuffled through a `data.shuffle_buffer` buffer seeded by (train.seed, rank, the
+    step it starts from), and the samples skipped upstream (corrupt clips) counted as their
+    rows arrive (see avsa.train.batches)."""
     import ray.train
 
-    size = cfg.train.batch_size // world
     it = ray.train.get_dataset_shard("train").iter_torch_batches(
-        batch_size=size,
-        local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+        batch_size=cfg.train.batch_size // world,
         drop_last=False,
         prefetch_batches=2,
-        # Host tensors, pinned on GPU machines by Ray's prefetch threads: the bookkeeping
-        # below (int, bool) then never syncs the device, and the loop's `to_device` copy is
-        # asynchronous.
+        # Host tensors: the bookkeeping (int, bool) never syncs the device; batches are drawn
+        # into pinned memory on GPU machines, so the loop's `to_device` copy is asynchronous.
         device="cpu",
-        pin_memory=torch.cuda.is_available(),
     )
-    buffer: dict[str, torch.Tensor] | None = None
-    skipped = 0
-    for batch in it:
-        skipped += int(batch["skipped"].sum())
-        valid = batch["valid"] == 1
-        batch = {k: v if bool(valid.all()) else v[valid] for k, v in batch.items()
-                 if k not in BOOKKEEPING}
-        if buffer is not None:
-            batch = {k: torch.cat((buffer[k], v)) for k, v in batch.items()}
-            buffer = None
-        n, start = len(batch["video"]), 0
-        while n - start >= size:
-            yield (batch if n == size else {k: v[start:start + size] for k, v in batch.items()},
-                   skipped)
-            skipped, start = 0, start + size
-        if start < n:
-            buffer = {k: v[start:] for k, v in batch.items()}
+    seed = np.random.SeedSequence([cfg.train.seed, rank, step]).generate_state(1)[0]
+    gen = torch.Generator().manual_seed(int(seed))
+    yield from local_batches(it, cfg.train.batch_size // world, cfg.data.shuffle_buffer, gen,
+                             pin=torch.cuda.is_available())
 
 
 def _val_batches(cfg: Config) -> list[dict[str, torch.Tensor]]:
@@ -121,8 +106,7 @@ def _val_batches(cfg: Config) -> list[dict[str, torch.Tensor]]:
     it = ray.train.get_dataset_shard("val").iter_torch_batches(
         batch_size=cfg.train.batch_size, drop_last=False, device="cpu")
     for batch in it:
-        valid = batch["valid"] == 1
-        out.append({k: v[valid] for k, v in batch.items() if k not in BOOKKEEPING})
+        out.append(model_rows(batch))
         if len(out) >= cfg.train.val_batches:
             break
     return [b for b in out if len(b["video"])]
@@ -283,16 +267,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     val_on, val = rank == 0 and has_validation(cfg), None  # val: read at the first validation
     monitor = system_metrics.start(logger, cfg.tracking)  # None unless rank 0 logs
     gather = _gather()
+    # Samples skipped upstream: this worker's since it started, and the run's (all ranks, all
+    # attempts) as of the last log or checkpoint, which a checkpoint carries over a restart.
     meter, skipped = Meter(), 0
+    skipped_total = ckpt.skipped_samples(state) if state is not None else 0
+    skipped_before = skipped_total
     t_last, clips_since, t_start, step_start = time.perf_counter(), 0, time.perf_counter(), step
     per_worker = cfg.train.batch_size // world
     run_uri = loop_config.get("run_uri", "")
     model.train()
 
     def save_fn(d):
-        ckpt.save(d, model=raw_model, optimizer=optimizer, step=step, config=loop_config["cfg"])
+        ckpt.save(d, model=raw_model, optimizer=optimizer, step=step, config=loop_config["cfg"],
+                  skipped_samples=skipped_total)
 
-    for batch, skipped_here in _batches(cfg, world):
+    for batch, skipped_here in _batches(cfg, world, rank, step):
         if step >= cfg.train.max_steps:
             break
         step += 1
@@ -317,11 +306,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if not (do_log or do_ckpt):
             continue
         metrics_out: dict[str, float] = {"step": step}
+        skipped_total = skipped_before + _all_reduce_sum(skipped, device)  # every rank is here
         if do_log:
             now = time.perf_counter()
             metrics_out.update(meter.mean("train"))
             metrics_out["throughput/clips_per_s"] = clips_since / max(now - t_last, 1e-9)
-            metrics_out["data/skipped_samples"] = _all_reduce_sum(skipped, device)
+            metrics_out["data/skipped_samples"] = skipped_total
             rate = (step - step_start) / max(now - t_start, 1e-9)
             eta = (cfg.train.max_steps - step) / max(rate, 1e-9)
             t_last, clips_since = now, 0
@@ -336,6 +326,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 logger.log_metrics({k: v for k, v in metrics_out.items() if k != "step"}, step)
         _report(metrics_out, save_fn if (do_ckpt and rank == 0) else None, step, run_uri)
     if step < cfg.train.max_steps and step % cfg.train.checkpoint_every != 0:
+        skipped_total = skipped_before + _all_reduce_sum(skipped, device)
         _report({"step": step}, save_fn if rank == 0 else None, step, run_uri)
     if monitor is not None:
         monitor.stop()
