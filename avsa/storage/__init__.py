@@ -20,7 +20,7 @@ from urllib.parse import unquote, urlparse
 from avsa.errors import StorageError
 from avsa.storage.clients import S3Settings, S3Stream, cached, call, split_s3
 
-__all__ = ["S3Settings", "copy_tree", "create_exclusive", "delete", "download_file", "exists",
+__all__ = ["S3Settings", "copy_tree", "create_exclusive", "delete", "exists",
            "is_s3", "join", "list_prefix", "local_path", "move_tree", "open_input_stream",
            "pyarrow_filesystem", "read_bytes", "size", "split_s3", "upload_file", "write_bytes"]
 
@@ -205,16 +205,6 @@ def upload_file(local: str | os.PathLike, uri: str | os.PathLike) -> None:
 def _copy(src: Path, dst: BinaryIO) -> None:
     with open(src, "rb") as f:
         shutil.copyfileobj(f, dst, 1 << 20)
-
-
-def download_file(uri: str | os.PathLike, local: str | os.PathLike) -> None:
-    uri, local = str(uri), Path(local)
-    if not is_s3(uri):
-        return _local(uri, lambda p: _atomic_write(local, lambda f: _copy(p, f)))
-    bucket, key = split_s3(uri)
-    local.parent.mkdir(parents=True, exist_ok=True)
-    # s3transfer writes to a temporary name and renames, so the target appears atomically.
-    call(uri, lambda c: c.download_file(bucket, key, str(local)))
 
 
 def copy_tree(local_dir: str | os.PathLike, uri: str | os.PathLike) -> list[str]:

@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import posixpath
-import sys
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -43,7 +42,7 @@ from avsa.sweep.space import (
     trial_run_name,
     tune_space,
 )
-from avsa.tracking import outputs as run_outputs
+from avsa.tracking import models
 from avsa.train import driver as train_driver
 from avsa.train import interrupt
 
@@ -224,10 +223,10 @@ def _finish_children(uri: str, experiment: str, rows: list[dict[str, Any]],
 
 def _register_best(uri: str, cfg: Config, best: Mapping[str, Any]) -> None:
     """The best trial's model as a version of `tracking.model_name`, aliased `best`."""
-    if best.get("run_id"):
+    if best.get("run_id") and cfg.tracking.log_model:
         run = tracking.get_run(uri, best["run_id"])
         child = tracking.RunLogger(uri, best["run_id"], run.info.experiment_id)
-        run_outputs.register_best(child, cfg)
+        models.register(child, cfg.tracking.model_name, alias=models.BEST_ALIAS)
         child.flush()
 
 
@@ -327,9 +326,7 @@ def main(argv: list[str]) -> int:
     try:
         res = run_sweep(cfg)
     except KeyboardInterrupt as k:
-        e = interrupt.as_interrupted(k)
-        print(interrupt.resume_line("sweep", argv, e), file=sys.stderr)
-        return e.exit_code
+        return interrupt.exit_stopped("sweep", argv, k)
     counts = {k: sum(r["status"] == k for r in res.rows) for k in ("done", "stopped", "error")}
     print(f"[avsa] sweep {res.name}: {len(res.rows)} trials ({counts['done']} done, "
           f"{counts['stopped']} stopped early, {counts['error']} failed)")

@@ -151,6 +151,31 @@ def log_encoders(logger: RunLogger, checkpoint_uri: str, *, register_as: str | N
     return register(logger, register_as)
 
 
+def log_final(logger: RunLogger, cfg: Config, checkpoint_uri: str | None, *, register: bool,
+              step: int = 0) -> None:
+    """At a run's end: its final network as the run's model (registered as
+    ``tracking.model_name`` when ``register``) unless a resumed run has it already, and the
+    prediction figure. Never raises."""
+    if not checkpoint_uri:
+        return
+    if cfg.tracking.log_model and not _has_model(logger):
+        log_encoders(logger, checkpoint_uri, step=step,
+                     register_as=cfg.tracking.model_name if register else None)
+    try:
+        from avsa.pretrain_figure import log_figure
+
+        log_figure(logger, cfg, checkpoint_uri)
+    except Exception as e:  # a figure is never worth a failed run
+        log.warning("no prediction figure for run %s: %s", logger.run_id, e)
+
+
+def _has_model(logger: RunLogger) -> bool:
+    found: list[str | None] = []
+    return (logger.attempt("the run's models",
+                           lambda c: found.append(_run_model_id(c, logger.run_id)))
+            and found[0] is not None)
+
+
 def _run_model_id(client, run_id: str) -> str | None:
     run = client.get_run(run_id)
     outputs = run.outputs.model_outputs if run.outputs else []

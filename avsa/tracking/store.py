@@ -89,11 +89,10 @@ def get_run(uri: str, run_id: str):
     uri = str(uri)
     try:
         return connect(uri).get_run(run_id)
-    except MlflowException as e:
-        if e.get_http_status_code() == 404 or e.error_code == "RESOURCE_DOES_NOT_EXIST":
-            raise TrackingError(redact(uri), f"no run {run_id}") from e
-        raise TrackingError(redact(uri), f"reading run {run_id} failed ({one_line(e)})") from e
     except Exception as e:
+        if isinstance(e, MlflowException) and (e.get_http_status_code() == 404
+                                               or e.error_code == "RESOURCE_DOES_NOT_EXIST"):
+            raise TrackingError(redact(uri), f"no run {run_id}") from e
         raise TrackingError(redact(uri), f"reading run {run_id} failed ({one_line(e)})") from e
 
 

@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import socket
-import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -26,7 +25,8 @@ from avsa.config import Config, compose, config_digest, with_absolute_paths
 from avsa.config_checks import check_batch_fits_data, temperature_warning
 from avsa.data.manifest import read_manifest
 from avsa.errors import AvsaError, CheckpointError, StorageError
-from avsa.tracking import outputs as run_outputs
+from avsa.tracking import models
+from avsa.tracking.datasets import log_datasets
 from avsa.train import interrupt, resume
 
 log = logging.getLogger("avsa.train")
@@ -240,7 +240,7 @@ def start_tracking(
         from omegaconf import OmegaConf
 
         logger.log_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)), "config.yaml")
-        run_outputs.log_pretraining_inputs(logger, cfg)
+        log_datasets(logger, [(cfg.data.shards, "train"), (cfg.data.val_shards, "val")])
     logger.flush()
     return logger
 
@@ -269,13 +269,11 @@ def run(cfg: Config, parent: Parent | None = None, callbacks: Sequence[Any] = ()
             checkpoint_uri = _checkpoint_uri(cfg, result)
             if checkpoint_uri:
                 logger.set_tags({tracking.CHECKPOINT: checkpoint_uri})
-            run_outputs.finish_pretraining(logger, cfg, checkpoint_uri, register=parent is None,
-                                           step=int(metrics.get("step", 0)))
+            models.log_final(logger, cfg, checkpoint_uri, register=parent is None,
+                             step=int(metrics.get("step", 0)))
         except KeyboardInterrupt as k:
             interrupt.stop_controller(controller)
-            e = interrupt.as_interrupted(k)
-            raise interrupt.record_killed(logger, logger.uri, logger.run_id, run_uri,
-                                          e) from None
+            raise interrupt.record_killed(logger, run_uri, interrupt.as_interrupted(k)) from None
         except Exception as e:
             cause = project_error(e)
             if cause is not None:
@@ -335,10 +333,7 @@ def main(argv: list[str]) -> int:
     try:
         res = pretrain(cfg)
     except KeyboardInterrupt as k:
-        e = interrupt.as_interrupted(k)
-        interrupt.shutdown_ray()
-        print(interrupt.resume_line("pretrain", argv, e), file=sys.stderr)
-        return e.exit_code
+        return interrupt.exit_stopped("pretrain", argv, k)
     print_summary(res, cfg)
     return 0
 

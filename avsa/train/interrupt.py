@@ -15,6 +15,7 @@ import logging
 import os
 import shlex
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -117,14 +118,14 @@ def shutdown_ray() -> None:
             ray.shutdown()
 
 
-def record_killed(logger: Any, uri: str, run_id: str, run_uri: str, e: Interrupted) -> Interrupted:
+def record_killed(logger: Any, run_uri: str, e: Interrupted) -> Interrupted:
     """Mark the MLflow run KILLED with the step it reached; returns `e` with the step reached
     and the step a rerun resumes from."""
     from avsa import tracking
     from avsa.train.resume import committed
 
     try:
-        e.step = tracking.last_logged_step(uri, run_id)
+        e.step = tracking.last_logged_step(logger.uri, logger.run_id)
     except Exception:  # the server is away: the run is still ended below (with a warning)
         e.step = None
     try:
@@ -146,6 +147,15 @@ def kill_children(uri: str, experiment: str, parent_run_id: str, signame: str) -
         tracking.RunLogger.start(uri, experiment, None, resume_run_id=run_id,
                                  tags={STOPPED_BY: signame}).end("KILLED")
     return len(ids)
+
+
+def exit_stopped(command: str, argv: list[str], k: KeyboardInterrupt) -> int:
+    """After a signal stopped `avsa command argv`: shut down Ray, print the resume line and
+    return the exit status."""
+    e = as_interrupted(k)
+    shutdown_ray()
+    print(resume_line(command, argv, e), file=sys.stderr)
+    return e.exit_code
 
 
 def resume_line(command: str, argv: list[str], e: Interrupted) -> str:
