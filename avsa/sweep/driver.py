@@ -1,19 +1,11 @@
-"""`avsa sweep`: a Ray Tune search over config keys; every trial is a full Ray Train run.
-
-The space comes from `configs/sweep/<name>.yaml` (`sweep=<name>`) and can be changed per key
-on the command line: `'sweep.space.data.num_viewpoints=[2,4]'` (`+sweep.space.train.lr=[...]`
-adds a key, `~sweep.space.loss` drops one). A leaf is a list of values (a grid under
-`sweep.search=grid`, choices under random/optuna) or `{distribution: loguniform|uniform, low,
-high}` (random/optuna only).
-
-Layout under `storage.path` (local or s3://):
+"""`avsa sweep`: a Ray Tune search over config keys (see avsa.sweep.space); every trial runs
+the run driver. Layout under `storage.path` (local or s3://):
   sweeps/<sweep>/                 the Tune experiment (its state, one folder per trial)
   sweeps/<sweep>/trials/<trial>/  each trial's Ray Train run and checkpoints
   sweeps/<sweep>/sweep_results.csv, sweep_plot.png
-MLflow: a parent run named <sweep> (avsa.kind=sweep) and one child per trial (avsa.kind=trial,
-mlflow.parentRunId). The sweep name is a digest of the config and trial names follow from their
-values, so the same command run again restores the Tune experiment (finished trials are kept,
-the others resume from their checkpoints) and finds the same MLflow runs.
+MLflow: a parent run named <sweep> (avsa.kind=sweep), a child per trial (avsa.kind=trial).
+Sweep and trial names are deterministic, so the same command restores the Tune experiment
+(finished trials kept, the others resumed from their checkpoints) and finds the same runs.
 """
 
 from __future__ import annotations
@@ -85,7 +77,7 @@ class SweepResult:
 
 def _validation_report(metric: str):
     """A TuneReportCallback passing on only the reports that carry `metric` (validation
-    steps): Tune requires the metric in every result it gets, and so do its searchers."""
+    steps): Tune and its searchers require it in every result."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     class ValidationReport(TuneReportCallback):
@@ -97,8 +89,7 @@ def _validation_report(metric: str):
 
 
 def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
-    """The Tune trainable: one run of the run driver with the trial's values, a child of the
-    sweep's MLflow run."""
+    """The Tune trainable: the run driver with the trial's values, under the sweep's run."""
     import ray.tune
 
     params = {k: config[k] for k in sorted(config)}
@@ -211,13 +202,13 @@ def _finish_children(uri: str, experiment: str, rows: list[dict[str, Any]],
         if best is not None and row["trial"] == best["trial"]:
             tags["avsa.best"] = "true"
         run = tracking.get_run(uri, run_id)
+        if run.info.status == status and all(run.data.tags.get(k) == v for k, v in tags.items()):
+            continue
+        child = tracking.RunLogger(uri, run_id, run.info.experiment_id)
+        child.set_tags(tags)
         if run.info.status != status:
-            child = tracking.RunLogger.start(uri, experiment, None, resume_run_id=run_id)
-            child.set_tags(tags)
             child.end(status)
-        elif any(run.data.tags.get(k) != v for k, v in tags.items()):  # tags only: status kept
-            child = tracking.RunLogger(uri, run_id, run.info.experiment_id)
-            child.set_tags(tags)
+        else:
             child.flush()
 
 

@@ -1,10 +1,7 @@
-"""The run driver: `run` takes one Ray Train run (a pretraining, or one trial of a sweep) from
-its MLflow run's start to its end; `pretrain` (`avsa pretrain`) validates, checks services and
-holds the run directory around it.
-
-Everything that can fail cheaply (config, manifest, tracking server) is checked before a worker
-starts. The run name and storage path are deterministic, so a resubmitted job finds its own
-checkpoints and its own MLflow run and resumes both.
+"""The run driver: `run` takes one Ray Train run (a pretraining, or a sweep trial) from its
+MLflow run's start to its end; `pretrain` (`avsa pretrain`) first checks what can fail cheaply
+(config, manifest, tracking server) and holds the run directory. Run name and storage path are
+deterministic, so a resubmitted job resumes its own checkpoints and MLflow run.
 """
 
 from __future__ import annotations
@@ -59,8 +56,7 @@ _CREDENTIAL_ENV = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_
 
 def keep_credentials_out_of_runtime_envs() -> None:
     """Stop Ray Tune from copying AWS credentials into trial actors' runtime_env (and so into
-    Ray's logs and actor table). Workers do not need the copy: a local Ray's processes inherit
-    this process's environment, and cluster pods get the credentials from their Secret."""
+    Ray's logs); workers inherit them from this process or their pod's Secret."""
     try:
         from ray.tune.execution import class_cache
     except ImportError:  # pragma: no cover - another Ray layout: nothing copied there
@@ -74,12 +70,8 @@ def ensure_ray(cfg: Config, *, state_api: bool = False) -> None:
     """Join the cluster in `RAY_ADDRESS` (as under `ray job submit`), or start a local Ray
     with enough logical CPUs for the train workers plus decoding tasks.
 
-    state_api (sweeps): the local Ray also serves the state API (its dashboard, on loopback).
-    When ASHA stops a trial, Tune ends the trial's actor and its Train controller dies with it;
-    Ray Train then frees the stopped run's worker placement group through the state API.
-    Without it every stopped trial keeps its workers' CPUs and later trials starve. The API
-    address goes to every worker, so the lookup also works when other Ray instances run on
-    the same machine.
+    state_api (sweeps): the local Ray also serves the state API (dashboard on loopback), through
+    which Ray Train frees the workers of a trial ASHA stopped; without it later trials starve.
     """
     import ray
 
@@ -113,15 +105,9 @@ def _state_api_options() -> dict[str, Any]:
 
 
 def claim_run_dir(cfg: Config, run_uri: str) -> None:
-    """Make `run_uri` this config's run directory, or refuse it.
-
-    The first run in a directory writes `avsa_run.json` with its config digest; a run with
-    another config sent to the same directory (the same `storage.run_name` under the same
-    `storage.path`) gets a CheckpointError instead of resuming from, and overwriting, the
-    other's checkpoints. The same config resubmitted finds its own digest and resumes. This is
-    also the run's first write, so an unwritable storage path fails here, before Ray starts.
-    It runs under the run directory's lease, so two runs cannot both miss the marker.
-    """
+    """Make `run_uri` this config's run directory (`avsa_run.json` holds its config digest),
+    or raise CheckpointError when it holds another config's checkpoints. As the run's first
+    write (under the directory's lease) it also fails an unwritable storage path before Ray."""
     marker = storage.join(run_uri, RUN_MARKER)
     digest = config_digest(cfg)
     try:
@@ -144,8 +130,8 @@ def claim_run_dir(cfg: Config, run_uri: str) -> None:
 
 
 def project_error(exc: BaseException) -> AvsaError | None:
-    """The avsa error behind a Ray Train failure (a worker's CheckpointError, ShardError, ...),
-    so the command reports it as one line instead of Ray's multi-line wrapper."""
+    """The avsa error behind a Ray Train failure (a worker's CheckpointError, ...), to report
+    as one line instead of Ray's wrapper."""
     failures = getattr(exc, "worker_failures", None) or {}
     for _, failure in sorted(failures.items()):
         # Ray wraps each worker's exception with its traceback text.
@@ -246,12 +232,9 @@ def start_tracking(
 
 
 def run(cfg: Config, parent: Parent | None = None, callbacks: Sequence[Any] = ()) -> RunResult:
-    """One Ray Train run from its MLflow run's start to its end: a pretraining, or with
-    `parent` a sweep trial (a child run whose model is logged, not registered: the sweep
-    registers its best). Every way out ends the MLflow run: FINISHED, FAILED, or KILLED by a
-    signal (see avsa.train.interrupt). `callbacks`: Ray Train callbacks (a trial's reports to
-    Tune). Expects local paths absolute and Ray started (see `pretrain`).
-    """
+    """One Ray Train run, its MLflow run ended FINISHED, FAILED or KILLED (by a signal): a
+    pretraining, or with `parent` a sweep trial (its model logged, not registered). Expects
+    absolute local paths and Ray started (see `pretrain`)."""
     run_name = cfg.run_name()
     run_uri = storage.join(cfg.storage.path, run_name)
     if parent is None:
@@ -283,9 +266,8 @@ def run(cfg: Config, parent: Parent | None = None, callbacks: Sequence[Any] = ()
 
 
 def pretrain(cfg: Config, callbacks: Sequence[Any] = ()) -> RunResult:
-    """Run (or resume) one pretraining run end to end; returns where its results are.
-    Relative local paths in cfg are taken against the current directory. Everything that can
-    fail cheaply is checked first; the run directory is held for the run's whole length."""
+    """Run (or resume) one pretraining end to end, relative paths taken against the current
+    directory; returns where its results are."""
     cfg = with_absolute_paths(cfg)
     tracking.resolve_tracking_uri(cfg.tracking.uri)  # refused here inside a job with no server
     manifest = read_manifest(cfg.data.shards)  # a clear error now, not inside a worker
