@@ -1,7 +1,5 @@
-"""The shard manifest: which shards make up a split, how many samples each holds, their checksums.
-
-``manifest.json`` sits next to its shards and is written after all of them, so its presence is
-the commit point of a shard set: a reader that finds it can rely on every shard it names.
+"""The shard manifest: which shards make up a split, their sample counts and checksums.
+``manifest.json`` is written after its shards: its presence commits the shard set.
 
     {"format": "avsa-shards", "version": 1, "split": "train", "total_samples": 64,
      "shards": [{"name": "shard-000000.tar", "samples": 32, "bytes": 12345, "sha256": "ab12..."}],

@@ -1,11 +1,7 @@
-"""Which code produced a run: git commit, dirty flag and entry point, as MLflow tags.
-
-Runs go through :class:`mlflow.tracking.MlflowClient`, which sets none of the
-``mlflow.source.*`` tags a fluent run gets, so avsa sets them itself on every run it creates.
-The git facts come from the checkout holding the ``avsa`` package (not the working directory:
-Ray workers run elsewhere). Without git (an image build, ``ray job submit --working-dir``) the
-commit comes from ``$AVSA_GIT_COMMIT`` when the build set it, and the tags say ``unknown``
-otherwise; the package version is always there.
+"""Which code produced a run: git commit, dirty flag and entry point, as MLflow tags (the
+``mlflow.source.*`` tags MlflowClient, unlike a fluent run, does not set). Git facts come from
+the checkout holding ``avsa``; without git (an image) the commit is ``$AVSA_GIT_COMMIT`` if the
+build set it.
 """
 
 from __future__ import annotations
@@ -76,9 +72,8 @@ def _git_facts() -> dict[str, str]:
 
 
 def code_version_tags() -> dict[str, str]:
-    """The tags for a new run: source name and type, git commit, branch and dirty flag, and
-    ``avsa.code_version``. Never raises; without git the commit tag is absent (or taken from
-    ``$AVSA_GIT_COMMIT``) and the dirty flag is ``unknown``."""
+    """The tags for a new run: source, git commit, branch and dirty flag (``unknown`` without
+    git), and ``avsa.code_version``. Never raises."""
     facts = dict(_git_facts())
     facts.setdefault(GIT_DIRTY, "unknown")
     version = _package_version()

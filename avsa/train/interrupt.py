@@ -1,11 +1,9 @@
 """SIGINT and SIGTERM during `avsa pretrain` and `avsa sweep`: stop the run, record it, exit.
 
-While a run is under way, the first SIGINT or SIGTERM raises `Interrupted` in the main thread
-(Ray Train's own SIGINT handler, which calls `sys.exit` from inside `fit()`, is not installed;
-Ray Tune's is turned off). The driver then aborts the Ray Train controller (its workers stop),
-marks the MLflow run KILLED with the step it reached, shuts down the local Ray it started, and
-the command exits 130 (SIGINT) or 143 (SIGTERM) with one line saying how to resume. Further
-signals while this happens are logged and ignored, so the records are always written.
+The first signal raises `Interrupted` in the main thread (Ray Train's and Tune's own handlers
+are kept out). The driver aborts the Ray Train controller, marks the MLflow run KILLED at the
+step it reached, shuts Ray down, and the command exits 130 (SIGINT) or 143 (SIGTERM) with one
+line saying how to resume. Further signals are logged and ignored until the records are written.
 """
 
 from __future__ import annotations
@@ -28,9 +26,8 @@ STOPPED_BY = "avsa.stopped_by"
 
 
 class Interrupted(KeyboardInterrupt):
-    """A run stopped by a signal. A KeyboardInterrupt: no `except Exception` on the way may
-    swallow it, and Ray's blocking calls, which turn a KeyboardInterrupt raised by a signal
-    handler into a fresh one, still stop (`as_interrupted` recovers the signal)."""
+    """A run stopped by a signal; a KeyboardInterrupt, so no `except Exception` swallows it
+    (Ray's blocking calls raise a fresh one: `as_interrupted` recovers the signal)."""
 
     def __init__(self, signum: int, step: int | None = None, resume_step: int | None = None):
         super().__init__(signal.Signals(signum).name)
