@@ -213,8 +213,7 @@ _NOT_IN_DIGEST = ("storage", "tracking", "downstream")
 
 def config_digest(cfg: Config, *, sweep: bool = False) -> str:
     """16 hex digits of sha256 over what shapes a run's checkpoints (all but storage, tracking
-    and downstream). The sweep settings count only with `sweep` (a sweep's identity), all but
-    `sweep.max_concurrent_trials`, which changes only how fast it runs."""
+    and downstream); with `sweep`, a sweep's identity: its settings but max_concurrent_trials."""
     d = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_IN_DIGEST}
     if sweep:
         d["sweep"].pop("max_concurrent_trials")
@@ -240,21 +239,16 @@ def config_dir() -> Path:
     raise ConfigError("configs", f"no config tree found (looked in {', '.join(map(str, candidates))})")
 
 
-def _register() -> None:
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(name="avsa_schema", node=Config)
-
-
 def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "pretrain") -> Config:
     """Compose `configs/<config_name>.yaml` with Hydra overrides into a validated `Config`."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.core.config_store import ConfigStore
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    _register()
+    ConfigStore.instance().store(name="avsa_schema", node=Config)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
@@ -299,9 +293,7 @@ def _absolute(uri: str | None, cwd: Path) -> str | None:
 
 def with_absolute_paths(cfg: Config, cwd: str | os.PathLike | None = None) -> Config:
     """A copy of cfg whose local data, storage and init paths are absolute against cwd (default:
-    the current directory). Ray Train runs every worker in its own working directory, so a
-    relative path means what the user meant only in the driver. URIs (s3://, file://) and
-    MLflow run ids pass through."""
+    the current directory), as Ray Train workers run elsewhere; URIs and run ids pass through."""
     base = Path(cwd) if cwd is not None else Path.cwd()
     out = copy.deepcopy(cfg)
     out.data.shards = _absolute(out.data.shards, base)

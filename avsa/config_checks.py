@@ -1,9 +1,6 @@
-"""Checks on a config, before Ray starts: every value in its allowed range (`validate`), keys
-that are not in the schema however they were written (`+key=`, `++key=`), a run name that must
-stay one safe path segment, and combinations of keys that cannot work together.
-
-Each check raises `ConfigError` naming the key(s), in one line; `temperature_warning` returns
-a warning line instead (the run can go on, but will not learn much).
+"""Checks on a config, before Ray starts: values in range (`validate`), keys not in the schema
+(`+key=`, `++key=`), a safe run name, combinations that cannot work. Each raises a one-line
+`ConfigError` naming the key(s); `temperature_warning` returns a warning line instead.
 """
 
 from __future__ import annotations
