@@ -255,23 +255,20 @@ def _sweep(base: Config, space: dict[str, Any], flat: dict[str, Any], metric: st
         extra_tags={"avsa.run_uri": sweep_uri, "avsa.sweep": s.name, "avsa.metric": metric},
     )
     uri, parent_id = parent.uri, parent.run_id
-    try:
-        spec = TrialSpec(base.to_dict(), name, parent_id, storage.join(sweep_uri, "trials"),
-                         metric, keyed_by_id=s.search != "grid" or s.num_samples > 1)
-        tuner = make_tuner(base, space, spec)
-        with waiting:
-            grid = tuner.fit()
-        return _report(base, grid, spec, flat, uri, parent, sweep_uri)
-    except KeyboardInterrupt as k:  # a signal (see avsa.train.interrupt)
-        e = interrupt.as_interrupted(k)
-        interrupt.shutdown_ray()  # the trials' actors and their Train runs end with it
-        interrupt.kill_children(uri, base.tracking.experiment, parent_id, e.name)
-        parent.set_tags({interrupt.STOPPED_BY: e.name})
-        parent.end("KILLED")
-        raise
-    except BaseException:
-        parent.end("FAILED")
-        raise
+    with parent:  # FAILED on an error, KILLED by a signal; _report ends it otherwise
+        try:
+            spec = TrialSpec(base.to_dict(), name, parent_id, storage.join(sweep_uri, "trials"),
+                             metric, keyed_by_id=s.search != "grid" or s.num_samples > 1)
+            tuner = make_tuner(base, space, spec)
+            with waiting:
+                grid = tuner.fit()
+            return _report(base, grid, spec, flat, uri, parent, sweep_uri)
+        except KeyboardInterrupt as k:  # a signal (see avsa.train.interrupt)
+            e = interrupt.as_interrupted(k)
+            interrupt.shutdown_ray()  # the trials' actors and their Train runs end with it
+            interrupt.kill_children(uri, base.tracking.experiment, parent_id, e.name)
+            parent.set_tags({interrupt.STOPPED_BY: e.name})
+            raise
 
 
 def _report(base: Config, grid: Any, spec: TrialSpec, flat: dict[str, Any], uri: str,
