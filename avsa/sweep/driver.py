@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from avsa import resources, storage, tracking
-from avsa.config import Config, compose, with_absolute_paths
+from avsa.config import Config, with_absolute_paths
 from avsa.config_checks import temperature_warning
 from avsa.errors import ConfigError
 from avsa.sweep import report as sweep_report
@@ -307,14 +307,11 @@ def _report(base: Config, grid: Any, spec: TrialSpec, flat: dict[str, Any], uri:
 
 
 def main(argv: list[str]) -> int:
-    if argv[:1] in (["-h"], ["--help"]):
-        print(USAGE)
-        return 0
-    cfg = compose(argv)
-    try:
-        res = run_sweep(cfg)
-    except KeyboardInterrupt as k:
-        return interrupt.exit_stopped("sweep", argv, k)
+    return interrupt.run_command("sweep", argv, USAGE, run_sweep, print_summary)
+
+
+def print_summary(res: SweepResult, cfg: Config) -> int:
+    """The sweep's table and best trial; the exit status (1 when every trial failed)."""
     counts = {k: sum(r["status"] == k for r in res.rows) for k in ("done", "stopped", "error")}
     print(f"[avsa] sweep {res.name}: {len(res.rows)} trials ({counts['done']} done, "
           f"{counts['stopped']} stopped early, {counts['error']} failed)")

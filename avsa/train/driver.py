@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from avsa import lease, resources, storage, tracking
-from avsa.config import Config, compose, config_digest, with_absolute_paths
+from avsa.config import Config, config_digest, with_absolute_paths
 from avsa.config_checks import check_batch_fits_data, temperature_warning
 from avsa.data.manifest import read_manifest
 from avsa.errors import AvsaError, CheckpointError, StorageError
@@ -307,17 +307,9 @@ def _checkpoint_uri(cfg: Config, result) -> str | None:
 
 
 def main(argv: list[str]) -> int:
-    if argv[:1] in (["-h"], ["--help"]):
-        print("usage: avsa pretrain [hydra overrides...]   e.g. experiment=demo_local "
-              "data.num_viewpoints=8 train.max_steps=500")
-        return 0
-    cfg = compose(argv)
-    try:
-        res = pretrain(cfg)
-    except KeyboardInterrupt as k:
-        return interrupt.exit_stopped("pretrain", argv, k)
-    print_summary(res, cfg)
-    return 0
+    usage = ("usage: avsa pretrain [hydra overrides...]   e.g. experiment=demo_local "
+             "data.num_viewpoints=8 train.max_steps=500")
+    return interrupt.run_command("pretrain", argv, usage, pretrain, print_summary)
 
 
 def print_summary(res: RunResult, cfg: Config) -> None:

@@ -15,7 +15,7 @@ import shlex
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 log = logging.getLogger("avsa.train")
@@ -146,13 +146,24 @@ def kill_children(uri: str, experiment: str, parent_run_id: str, signame: str) -
     return len(ids)
 
 
-def exit_stopped(command: str, argv: list[str], k: KeyboardInterrupt) -> int:
-    """After a signal stopped `avsa command argv`: shut down Ray, print the resume line and
-    return the exit status."""
-    e = as_interrupted(k)
-    shutdown_ray()
-    print(resume_line(command, argv, e), file=sys.stderr)
-    return e.exit_code
+def run_command(command: str, argv: list[str], usage: str, run: Callable[[Any], Any],
+                report: Callable[[Any, Any], int | None]) -> int:
+    """`avsa COMMAND [overrides]`: compose the config, `run` it and `report` the result (its
+    exit status, 0 for None); after a signal, shut down Ray and print how to resume."""
+    from avsa.config import compose
+
+    if argv[:1] in (["-h"], ["--help"]):
+        print(usage)
+        return 0
+    cfg = compose(argv)
+    try:
+        res = run(cfg)
+    except KeyboardInterrupt as k:
+        e = as_interrupted(k)
+        shutdown_ray()
+        print(resume_line(command, argv, e), file=sys.stderr)
+        return e.exit_code
+    return int(report(res, cfg) or 0)
 
 
 def resume_line(command: str, argv: list[str], e: Interrupted) -> str:
