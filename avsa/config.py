@@ -73,12 +73,9 @@ class DataConfig:
     shuffle_buffer: int = bounded(16, "[0, 1e6]")
     skip_missing_shards: bool = False
     decode_cpus: float = bounded(1.0, "(0, 64]")
-    # per decode task; 0 lets FFmpeg choose (up to one per core)
-    decode_threads: int = bounded(1, "[0, 64]")
-    # decode tasks at once at most (0: the CPUs Ray Train leaves free)
-    decode_tasks: int = bounded(0, "[0, 1e6]")
-    # global batches Ray Data may hold ahead of the trainers
-    read_ahead_batches: int = bounded(4, "[1, 1e4]")
+    decode_threads: int = bounded(1, "[0, 64]")  # per decode task; 0: FFmpeg's choice
+    decode_tasks: int = bounded(0, "[0, 1e6]")  # at once (0: the CPUs Ray Train leaves)
+    read_ahead_batches: int = bounded(4, "[1, 1e4]")  # global batches decoded ahead
     seed: int = 0
 
 
@@ -130,8 +127,7 @@ class TrainConfig:
 class StorageConfig:
     path: str = "outputs/runs"
     run_name: str | None = None
-    # another run holds the run directory: wait this long (0: refuse)
-    lease_wait_s: float = bounded(0.0, "[0, 604800]")
+    lease_wait_s: float = bounded(0.0, "[0, 604800]")  # for another run's lease (0: refuse)
 
 
 @dataclass
@@ -175,12 +171,9 @@ class DownstreamConfig:
     experiment: str = "avsa-transfer"
     # frozen heads: fraction of training clips held out for early stopping (0: none)
     val_fraction: float = bounded(0.2, "[0, 0.9]")
-    # epochs without a better held-out loss before stopping (0: never)
-    patience: int = bounded(10, "[0, 1e4]")
-    # augmented passes over the training split encoded for the cache
-    feature_passes: int = bounded(1, "[1, 1000]")
-    # head, shuffling and data windows; None: data.seed
-    seed: int | None = bounded(None, "[0, 2147483647]")
+    patience: int = bounded(10, "[0, 1e4]")  # epochs without a better held-out loss (0: never)
+    feature_passes: int = bounded(1, "[1, 1000]")  # augmented passes encoded for the cache
+    seed: int | None = bounded(None, "[0, 2147483647]")  # head, shuffling, windows; None: data.seed
     seg_class_weights: str = one_of("median", ("median", "inverse", "none"))
     row: str | None = None  # the row label in `avsa compare` (default: the pretext)
 
