@@ -8,6 +8,7 @@ KeyboardInterrupt (the signals of :mod:`avsa.train.interrupt` included), and re-
 
 from __future__ import annotations
 
+import functools
 import logging
 import numbers
 import os
@@ -67,7 +68,6 @@ class RunLogger:
         self.uri, self.run_id, self.experiment_id = str(uri), run_id, experiment_id
         self.policy = policy or BufferPolicy()
         self._lock = threading.RLock()
-        self._client_obj = None
         self._buffer = OutageBuffer(self.uri, self.run_id, self.policy, sent_params)
         self._ended = False
 
@@ -75,11 +75,9 @@ class RunLogger:
         return type(self), (self.uri, self.run_id, self.experiment_id, self.policy,
                             dict(self._buffer.sent_params))
 
-    @property
+    @functools.cached_property
     def _client(self):
-        if self._client_obj is None:
-            self._client_obj = connect(self.uri)
-        return self._client_obj
+        return connect(self.uri)
 
     @classmethod
     def start(
@@ -120,7 +118,7 @@ class RunLogger:
         what = f"resuming run {resume_run_id}" if resume_run_id else f"starting run {run_name!r}"
         run_id, exp_id, sent_params = reading(uri, what, open_run)
         self = cls(uri, run_id, exp_id, policy, sent_params)
-        self._client_obj = mlflow_client
+        self._client = mlflow_client
         if resume_run_id and all_tags:
             self.set_tags(all_tags)
         if params is not None:

@@ -135,15 +135,13 @@ def record_killed(logger: Any, run_uri: str, e: Interrupted) -> Interrupted:
     return e
 
 
-def kill_children(uri: str, experiment: str, parent_run_id: str, signame: str) -> int:
-    """Mark every RUNNING child of a sweep's parent run KILLED; returns how many."""
+def kill_children(uri: str, experiment: str, parent_run_id: str, signame: str) -> None:
+    """Mark every RUNNING child of a sweep's parent run KILLED."""
     from avsa import tracking
 
-    ids = tracking.running_children(uri, parent_run_id)
-    for run_id in ids:
+    for run_id in tracking.running_children(uri, parent_run_id):
         tracking.RunLogger.start(uri, experiment, None, resume_run_id=run_id,
                                  tags={STOPPED_BY: signame}).end("KILLED")
-    return len(ids)
 
 
 def run_command(command: str, argv: list[str], usage: str, run: Callable[[Any], Any],
