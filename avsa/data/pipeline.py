@@ -258,8 +258,7 @@ def _shuffled(rows: Iterator[dict], size: int, rng: np.random.Generator) -> Iter
 def iter_local(uri: str, cfg, *, epochs: int = 1, seed: int, batch_size: int,
                shuffle: bool = True, start_epoch: int = 0, other_time: bool = False,
                misalign_prob: float = 0.0, with_masks: bool = False,
-               skip_missing_shards: bool | None = None,
-               drop_last: bool = False) -> Iterator[dict[str, Any]]:
+               skip_missing_shards: bool | None = None) -> Iterator[dict[str, Any]]:
     """Batches {field: torch.Tensor (B, ...)} plus "key": list[str], in this process: the rows
     of build_dataset, placeholders folded away. Without shuffle the order is the manifest's."""
     items, skip = _work(uri, cfg, skip_missing_shards, epochs=epochs, seed=seed,
@@ -276,7 +275,7 @@ def iter_local(uri: str, cfg, *, epochs: int = 1, seed: int, batch_size: int,
         if len(batch) == batch_size:
             yield _to_torch(batch)
             batch = []
-    if batch and not drop_last:
+    if batch:
         yield _to_torch(batch)
 
 

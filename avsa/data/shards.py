@@ -165,8 +165,8 @@ def verify_shard(data: bytes, info: ShardInfo, uri: str) -> None:
                               f"{info.sha256[:12]}...")
 
 
-def open_shard(uri: str, info: ShardInfo | None = None, verify: bool = True, *,
-               max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Iterator[RawSample]:
+def open_shard(uri: str, info: ShardInfo | None = None,
+               verify: bool = True) -> Iterator[RawSample]:
     """The samples of the shard at ``uri``. With ``info`` and ``verify`` the shard is read whole
     (keep shards to a few hundred MB) and its size and sha256 checked first; otherwise it is
     streamed. A missing shard raises StorageError here, not at the first ``next``."""
@@ -174,10 +174,9 @@ def open_shard(uri: str, info: ShardInfo | None = None, verify: bool = True, *,
     if info is not None and verify:
         data = storage.read_bytes(uri)
         verify_shard(data, info, uri)
-        return iter_shard(data, uri, max_member_bytes=max_member_bytes, expected_samples=expected)
+        return iter_shard(data, uri, expected_samples=expected)
     stream = storage.open_input_stream(uri)
-    return _closing(iter_shard(stream, uri, max_member_bytes=max_member_bytes,
-                               expected_samples=expected), stream)
+    return _closing(iter_shard(stream, uri, expected_samples=expected), stream)
 
 
 def _closing(samples: Iterator[RawSample], stream: BinaryIO) -> Iterator[RawSample]:
