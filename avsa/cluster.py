@@ -1,10 +1,8 @@
 """`avsa submit`: one KubeRay RayJob sized by flags, printed for `kubectl create -f -`.
 
-`kubectl apply -k k8s/overlays/...` runs the project's jobs as written; `ray job submit` needs a
-running cluster. Sizing a one-off job (worker counts, GPUs per worker, image, S3 Secret,
-tracking URI, deadlines) with either means editing YAML. This module does not write a RayJob of
-its own: it loads the one k8s/ applies (`k8s/jobs/rayjob/rayjob.yaml`, with the `gpu` worker
-group of `k8s/components/gpu-cloud`) and patches what the flags set:
+Sizing a one-off job (workers, GPUs, image, S3 Secret, tracking URI, deadlines) with `kubectl
+apply -k` means editing YAML. This module loads the RayJob k8s/ applies (`k8s/jobs/rayjob/`,
+with the `gpu` worker group of `k8s/components/gpu-cloud`) and patches what the flags set:
 
     avsa submit avsa-pretrain -n avsa --gpu-workers 4 --s3-secret avsa-s3 -- \
         python jobs/pretrain.py experiment=avsa_yt360 storage=s3 storage.path=s3://b/runs \
@@ -89,8 +87,7 @@ def _entrypoint(args: Sequence[str]) -> str:
 
 def _env_from(release: str, s3_secret: str | None, mlflow_uri: str | None) -> list[dict[str, Any]]:
     """The release's ConfigMap (tracking URI, S3 settings) unless the URI is given, then the S3
-    Secret. Neither is optional: a missing one stops the pod with an error instead of letting a
-    job run with nowhere to record it, or without the credentials it was given."""
+    Secret; not optional: a pod without them stops instead of running unrecorded."""
     out: list[dict[str, Any]] = []
     if not mlflow_uri:
         out.append({"configMapRef": {"name": f"{release}-env"}})
@@ -155,32 +152,20 @@ def build_rayjob(
     env: Mapping[str, str] | None = None,
     service_account: str | None = None,
     gpu_node_selector: Mapping[str, str] | None = None,
-    backoff_limit: int | None = None,
-    ttl_seconds_after_finished: int | None = None,
     pre_running_deadline_s: int | None = None,
     active_deadline_s: int | None = None,
 ) -> dict[str, Any]:
-    """The RayJob of k8s/ (it starts its own cluster, runs one command and shuts down), renamed
-    and patched by the arguments; pod resources, security contexts, token auth and the Ray
-    version are k8s/'s. A None argument keeps k8s/'s value.
+    """The RayJob of k8s/ renamed and patched by the arguments (None keeps k8s/'s value); pod
+    resources, security contexts, token auth and the Ray version stay k8s/'s.
 
-    entrypoint_args: the job's argv, e.g. ["python", "jobs/pretrain.py", "experiment=avsa_yt360"]
-        (a leading "*.py" gets "python" prepended); arguments are shell-quoted.
-    num_gpu_workers pods of k8s/'s `gpu` group, gpus_per_worker GPUs each (the group is omitted
-    when 0); cpu_workers pods of its `cpu` group (omitted when 0). With no worker at all the head
-    advertises its CPUs, otherwise it keeps `num-cpus: 0` and only hosts the driver.
-    image: head, CPU workers and submitter; gpu_image defaults to k8s/'s GPU image while `image`
-    is k8s/'s, else to `image` + "-gpu" (the tag docs/cluster.md builds the CUDA image under). s3_secret: a Secret whose keys become environment variables.
-    mlflow_uri: MLFLOW_TRACKING_URI of every Ray container; without it they read the Helm
-    release's ConfigMap `<release>-env`. env: more plain variables (names that look like
-    credentials are refused). working_dir: runtime-env working_dir, a URI Ray can fetch
-    (s3://bucket/avsa.zip); without it the job runs the code in the image.
-    Raises ConfigError naming the first bad argument.
+    entrypoint_args: the job's argv (a leading "*.py" gets "python"). A worker group with a
+    count of 0 is omitted; with no workers the head runs the tasks. gpu_image defaults to
+    k8s/'s while `image` is k8s/'s, else to `image` + "-gpu". Without mlflow_uri the pods read
+    the Helm release's ConfigMap `<release>-env`; env names that look like credentials are
+    refused. Raises ConfigError naming the first bad argument.
     """
     _validate(name, namespace, image, release,
               {"num_gpu_workers": num_gpu_workers, "cpu_workers": cpu_workers,
-               "backoff_limit": backoff_limit,
-               "ttl_seconds_after_finished": ttl_seconds_after_finished,
                "pre_running_deadline_s": pre_running_deadline_s,
                "active_deadline_s": active_deadline_s},
               gpus_per_worker, s3_secret, service_account, working_dir)
@@ -231,9 +216,7 @@ def build_rayjob(
     if working_dir:
         runtime_env = {"working_dir": working_dir, **runtime_env}
     spec["runtimeEnvYAML"] = yaml.safe_dump(runtime_env, sort_keys=False)
-    for key, value in (("backoffLimit", backoff_limit),
-                       ("ttlSecondsAfterFinished", ttl_seconds_after_finished),
-                       ("preRunningDeadlineSeconds", pre_running_deadline_s),
+    for key, value in (("preRunningDeadlineSeconds", pre_running_deadline_s),
                        ("activeDeadlineSeconds", active_deadline_s)):
         if value is not None:
             spec[key] = value
@@ -255,7 +238,7 @@ _Dumper.add_representer(str, _str_presenter)
 
 
 def to_yaml(obj: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> str:
-    """YAML text of one object, or of several as a multi-document stream, keys in build order."""
+    """YAML of one object, or several as a multi-document stream, keys in build order."""
     docs = [obj] if isinstance(obj, Mapping) else list(obj)
     return yaml.dump_all([dict(d) for d in docs], Dumper=_Dumper, sort_keys=False,
                          default_flow_style=False)

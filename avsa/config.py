@@ -32,39 +32,50 @@ SEARCHES = ("grid", "random", "optuna")
 SCHEDULERS = ("asha", "fifo")
 
 
+def bounded(default: Any, interval: str) -> Any:
+    """A field whose value must lie in `interval`, written as in the error message: "[1, 64]",
+    "(0, 180)"; a bound may name another field of the same group ("[1, n_fft]")."""
+    return field(default=default, metadata={"interval": interval})
+
+
+def one_of(default: str, choices: tuple[str, ...]) -> Any:
+    """A field whose value must be one of `choices`."""
+    return field(default=default, metadata={"choices": tuple(choices)})
+
+
 @dataclass
 class DataConfig:
     shards: str = "outputs/demo/shards/train"
     val_shards: str | None = None
-    num_viewpoints: int = 4
-    fps: float = 16.0
-    frames: int = 8
-    audio_seconds: float = 1.0
-    sample_rate: int = 24000
-    crop_size: int = 112
+    num_viewpoints: int = bounded(4, "[1, 64]")
+    fps: float = bounded(16.0, "(0, 240]")
+    frames: int = bounded(8, "[1, 256]")
+    audio_seconds: float = bounded(1.0, "(0, 60]")
+    sample_rate: int = bounded(24000, "[8000, 192000]")
+    crop_size: int = bounded(112, "[8, 1024]")
     n_fft: int = 512
-    hop: int = 240
-    n_mels: int = 128
-    el_min_deg: float = -30.6
-    el_max_deg: float = 30.6
-    fov_min_deg: float = 25.0
-    fov_max_deg: float = 76.0
-    aspect_min: float = 0.75
-    aspect_max: float = 1.3333
-    min_separation_deg: float = 0.0
-    audio_mode: str = "foa"
-    audio_features: str = "logmel"
+    hop: int = bounded(240, "[1, n_fft]")
+    n_mels: int = bounded(128, "[8, 512]")
+    el_min_deg: float = bounded(-30.6, "[-90, 90]")
+    el_max_deg: float = bounded(30.6, "[el_min_deg, 90]")
+    fov_min_deg: float = bounded(25.0, "(0, 180)")
+    fov_max_deg: float = bounded(76.0, "[fov_min_deg, 180)")
+    aspect_min: float = bounded(0.75, "(0, 10]")
+    aspect_max: float = bounded(1.3333, "[aspect_min, 10]")
+    min_separation_deg: float = bounded(0.0, "[0, 180]")
+    audio_mode: str = one_of("foa", AUDIO_MODES)
+    audio_features: str = one_of("logmel", tuple(AUDIO_FEATURES))
     augment: bool = True
-    volume_jitter: float = 0.1
+    volume_jitter: float = bounded(0.1, "[0, 1)")
     color_jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.4, 0.2])
-    flip_prob: float = 0.5
-    equirect_height: int = 0
-    shuffle_buffer: int = 16
+    flip_prob: float = bounded(0.5, "[0, 1]")
+    equirect_height: int = bounded(0, "[0, 8192]")
+    shuffle_buffer: int = bounded(16, "[0, 1e6]")
     skip_missing_shards: bool = False
-    decode_cpus: float = 1.0
-    decode_threads: int = 1  # per decode task; 0 lets FFmpeg choose (up to one per core)
-    decode_tasks: int = 0  # decode tasks at once at most (0: the CPUs Ray Train leaves free)
-    read_ahead_batches: int = 4  # global batches Ray Data may hold ahead of the trainers
+    decode_cpus: float = bounded(1.0, "(0, 64]")
+    decode_threads: int = bounded(1, "[0, 64]")  # per decode task; 0: FFmpeg's choice
+    decode_tasks: int = bounded(0, "[0, 1e6]")  # at once (0: the CPUs Ray Train leaves)
+    read_ahead_batches: int = bounded(4, "[1, 1e4]")  # global batches decoded ahead
     seed: int = 0
 
 
@@ -73,12 +84,12 @@ class ModelConfig:
     """What `avsa.models.build_model` builds; presets: configs/model/*.yaml (`model=tiny`)."""
 
     name: str = "full"  # the preset these values came from: a label in MLflow and reports
-    video_width: int = 64
-    audio_width: int = 64
-    embed_dim: int = 128
-    transformer_depth: int = 2
-    transformer_heads: int = 1
-    transformer_dropout: float = 0.1
+    video_width: int = bounded(64, "[1, 1024]")
+    audio_width: int = bounded(64, "[1, 1024]")
+    embed_dim: int = bounded(128, "[1, 8192]")
+    transformer_depth: int = bounded(2, "[0, 64]")
+    transformer_heads: int = bounded(1, "[1, 64]")
+    transformer_dropout: float = bounded(0.1, "[0, 1)")
     spherical_pos_enc: bool = False
     use_transformer: bool = True
     init_from: str | None = None
@@ -86,29 +97,29 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    kind: str = "avsa"
-    temperature: float = 0.07
-    easy_negatives: str = "same_view"
+    kind: str = one_of("avsa", LOSS_KINDS)
+    temperature: float = bounded(0.07, "(0, 10]")
+    easy_negatives: str = one_of("same_view", EASY_NEGATIVES)
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 1000
-    batch_size: int = 28
-    num_workers: int = 1
+    max_steps: int = bounded(1000, "[1, 1e9]")
+    batch_size: int = bounded(28, "[1, 1e6]")
+    num_workers: int = bounded(1, "[1, 4096]")
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    lr: float = 1e-4
-    weight_decay: float = 1e-5
+    cpus_per_worker: float = bounded(1.0, "[0, 256]")
+    lr: float = bounded(1e-4, "(0, 1]")
+    weight_decay: float = bounded(1e-5, "[0, 1]")
     bf16: bool = True
     compile: bool = False
     curriculum: bool = False
-    curriculum_avc_steps: int = 0
-    log_every: int = 10
-    checkpoint_every: int = 100
-    val_every: int = 0
-    val_batches: int = 4
-    max_failures: int = 3
+    curriculum_avc_steps: int = bounded(0, "[0, max_steps]")
+    log_every: int = bounded(10, "[1, 1e9]")
+    checkpoint_every: int = bounded(100, "[1, 1e9]")
+    val_every: int = bounded(0, "[0, 1e9]")
+    val_batches: int = bounded(4, "[0, 1e6]")
+    max_failures: int = bounded(3, "[-1, 1000]")
     seed: int = 0
 
 
@@ -116,7 +127,7 @@ class TrainConfig:
 class StorageConfig:
     path: str = "outputs/runs"
     run_name: str | None = None
-    lease_wait_s: float = 0.0  # another run holds the run directory: wait this long (0: refuse)
+    lease_wait_s: float = bounded(0.0, "[0, 604800]")  # for another run's lease (0: refuse)
 
 
 @dataclass
@@ -126,44 +137,44 @@ class TrackingConfig:
     log_model: bool = True  # the final network as an MLflow model on the pretraining run
     model_name: str = "avsa-encoders"  # registered model for pretraining (and a sweep's best)
     system_metrics: bool = True  # CPU/GPU/memory/disk/network as system/* metrics
-    system_metrics_interval_s: float = 10.0
+    system_metrics_interval_s: float = bounded(10.0, "[1, 3600]")
 
 
 @dataclass
 class SweepConfig:
     name: str = "viewpoints_temperature"
     space: dict[str, Any] = field(default_factory=dict)
-    search: str = "grid"
-    num_samples: int = 1
+    search: str = one_of("grid", SEARCHES)
+    num_samples: int = bounded(1, "[1, 1e5]")
     metric: str = "val/avsa_score"
-    mode: str = "max"
-    scheduler: str = "asha"
+    mode: str = one_of("max", ("max", "min"))
+    scheduler: str = one_of("asha", SCHEDULERS)
     grace_period: int = 1
     reduction_factor: int = 2
-    max_concurrent_trials: int = 0
+    max_concurrent_trials: int = bounded(0, "[0, 1e4]")
     report_every: int = 0
 
 
 @dataclass
 class DownstreamConfig:
-    task: str = "avc_bin"
+    task: str = one_of("avc_bin", TASKS)
     pretrain: str = "scratch"
-    mode: str = "frozen"
+    mode: str = one_of("frozen", DOWNSTREAM_MODES)
     # frozen heads: the most epochs (early stopping ends sooner); action finetune: exactly this
-    epochs: int = 100
-    lr: float = 1e-4
-    batch_size: int = 16
+    epochs: int = bounded(100, "[1, 1e4]")
+    lr: float = bounded(1e-4, "(0, 1]")
+    batch_size: int = bounded(16, "[1, 1e5]")
     max_steps: int = 0
     eval_clips: int = 5
-    fold: int = 1
-    context: str = "video"
+    fold: int = bounded(1, "[1, 3]")
+    context: str = one_of("video", ("video", "audio", "context"))
     experiment: str = "avsa-transfer"
     # frozen heads: fraction of training clips held out for early stopping (0: none)
-    val_fraction: float = 0.2
-    patience: int = 10  # epochs without a better held-out loss before stopping (0: never)
-    feature_passes: int = 1  # augmented passes over the training split encoded for the cache
-    seed: int | None = None  # head, shuffling and data windows; None: data.seed
-    seg_class_weights: str = "median"  # median | inverse | none (segmentation loss)
+    val_fraction: float = bounded(0.2, "[0, 0.9]")
+    patience: int = bounded(10, "[0, 1e4]")  # epochs without a better held-out loss (0: never)
+    feature_passes: int = bounded(1, "[1, 1000]")  # augmented passes encoded for the cache
+    seed: int | None = bounded(None, "[0, 2147483647]")  # head, shuffling, windows; None: data.seed
+    seg_class_weights: str = one_of("median", ("median", "inverse", "none"))
     row: str | None = None  # the row label in `avsa compare` (default: the pretext)
 
 
@@ -195,8 +206,7 @@ _NOT_IN_DIGEST = ("storage", "tracking", "downstream")
 
 def config_digest(cfg: Config, *, sweep: bool = False) -> str:
     """16 hex digits of sha256 over what shapes a run's checkpoints (all but storage, tracking
-    and downstream). The sweep settings count only with `sweep` (a sweep's identity), all but
-    `sweep.max_concurrent_trials`, which changes only how fast it runs."""
+    and downstream); with `sweep`, a sweep's identity: its settings but max_concurrent_trials."""
     d = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_IN_DIGEST}
     if sweep:
         d["sweep"].pop("max_concurrent_trials")
@@ -222,21 +232,16 @@ def config_dir() -> Path:
     raise ConfigError("configs", f"no config tree found (looked in {', '.join(map(str, candidates))})")
 
 
-def _register() -> None:
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(name="avsa_schema", node=Config)
-
-
 def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "pretrain") -> Config:
     """Compose `configs/<config_name>.yaml` with Hydra overrides into a validated `Config`."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.core.config_store import ConfigStore
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    _register()
+    ConfigStore.instance().store(name="avsa_schema", node=Config)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
@@ -281,9 +286,7 @@ def _absolute(uri: str | None, cwd: Path) -> str | None:
 
 def with_absolute_paths(cfg: Config, cwd: str | os.PathLike | None = None) -> Config:
     """A copy of cfg whose local data, storage and init paths are absolute against cwd (default:
-    the current directory). Ray Train runs every worker in its own working directory, so a
-    relative path means what the user meant only in the driver. URIs (s3://, file://) and
-    MLflow run ids pass through."""
+    the current directory), as Ray Train workers run elsewhere; URIs and run ids pass through."""
     base = Path(cwd) if cwd is not None else Path.cwd()
     out = copy.deepcopy(cfg)
     out.data.shards = _absolute(out.data.shards, base)

@@ -1,9 +1,6 @@
-"""Checks on a config, before Ray starts: every value in its allowed range (`validate`), keys
-that are not in the schema however they were written (`+key=`, `++key=`), a run name that must
-stay one safe path segment, and combinations of keys that cannot work together.
-
-Each check raises `ConfigError` naming the key(s), in one line; `temperature_warning` returns
-a warning line instead (the run can go on, but will not learn much).
+"""Checks on a config, before Ray starts: values in range (`validate`), keys not in the schema
+(`+key=`, `++key=`), a safe run name, combinations that cannot work. Each raises a one-line
+`ConfigError` naming the key(s); `temperature_warning` returns a warning line instead.
 """
 
 from __future__ import annotations
@@ -18,6 +15,7 @@ from avsa.errors import ConfigError
 # Keys whose value is an open mapping: adding keys there is the point (a sweep's search space).
 OPEN_KEYS = ("sweep.space",)
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+INTERVAL = re.compile(r"([\[(])(.+), (.+)([\])])")  # "[lo, hi)": a `bounded` field's range
 MAX_N_FFT = 65536
 # Tries of the viewpoint sampler per check: each must place every viewpoint.
 VIEWPOINT_DRAWS = 8
@@ -139,130 +137,53 @@ def _check(ok: bool, key: str, allowed: str, value: object) -> None:
         raise ConfigError(key, f"must be {allowed}, got {value!r}")
 
 
-def _in_range(key: str, value: float, lo: float, hi: float, *, lo_open=False, hi_open=False):
-    ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
-    lb, rb = ("(" if lo_open else "["), (")" if hi_open else "]")
-    _check(ok, key, f"in {lb}{lo:g}, {hi:g}{rb}", value)
+def _bound(group: Any, text: str) -> float:
+    return float(getattr(group, text)) if text.isidentifier() else float(text)
 
 
-def _check_tracking(tr: Any) -> None:
-    _check(bool(re.fullmatch(r"[\w.-]+", tr.model_name or "")), "tracking.model_name",
-           "a registered model name (letters, digits, '_', '.', '-')", tr.model_name)
-    _in_range("tracking.system_metrics_interval_s", tr.system_metrics_interval_s, 1, 3600)
+def check_fields(name: str, group: Any) -> None:
+    """The `bounded` and `one_of` fields of the config group `group` (at key `name`)."""
+    for f in dataclasses.fields(group):
+        key, value = f"{name}.{f.name}", getattr(group, f.name)
+        if "choices" in f.metadata:
+            choices = f.metadata["choices"]
+            _check(value in choices, key, f"one of {choices}", value)
+        if "interval" in f.metadata and value is not None:
+            lb, lo, hi, rb = INTERVAL.fullmatch(f.metadata["interval"]).groups()
+            lo, hi = _bound(group, lo), _bound(group, hi)
+            above = value > lo if lb == "(" else value >= lo
+            below = value < hi if rb == ")" else value <= hi
+            _check(above and below, key, f"in {lb}{lo:g}, {hi:g}{rb}", value)
 
 
 def validate(cfg: Any) -> Any:
     """Check every user-settable value of a `avsa.config.Config`, then the combinations;
     raise `ConfigError('key', 'must be ..., got ...')`."""
-    from avsa.config import (
-        AUDIO_FEATURES,
-        AUDIO_MODES,
-        DOWNSTREAM_MODES,
-        EASY_NEGATIVES,
-        LOSS_KINDS,
-        SCHEDULERS,
-        SEARCHES,
-        TASKS,
-    )
-
-    d, m, lo, t = cfg.data, cfg.model, cfg.loss, cfg.train
+    for group in dataclasses.fields(cfg):
+        if dataclasses.is_dataclass(node := getattr(cfg, group.name)):
+            check_fields(group.name, node)
+    d, m, t = cfg.data, cfg.model, cfg.train
     _check(bool(d.shards), "data.shards", "a manifest or shard-folder URI", d.shards)
-    _in_range("data.num_viewpoints", d.num_viewpoints, 1, 64)
-    _in_range("data.fps", d.fps, 0, 240, lo_open=True)
-    _in_range("data.frames", d.frames, 1, 256)
-    _in_range("data.audio_seconds", d.audio_seconds, 0, 60, lo_open=True)
     _check(d.frames / d.fps <= d.audio_seconds + 1e-9, "data.frames",
            f"a video window (frames / fps) within data.audio_seconds={d.audio_seconds}", d.frames)
-    _in_range("data.sample_rate", d.sample_rate, 8000, 192000)
-    _in_range("data.crop_size", d.crop_size, 8, 1024)
-    _in_range("data.n_mels", d.n_mels, 8, 512)
-    _in_range("data.hop", d.hop, 1, d.n_fft)
-    _in_range("data.el_min_deg", d.el_min_deg, -90, 90)
-    _in_range("data.el_max_deg", d.el_max_deg, d.el_min_deg, 90)
-    _in_range("data.fov_min_deg", d.fov_min_deg, 0, 180, lo_open=True, hi_open=True)
-    _in_range("data.fov_max_deg", d.fov_max_deg, d.fov_min_deg, 180, hi_open=True)
-    _in_range("data.aspect_min", d.aspect_min, 0, 10, lo_open=True)
-    _in_range("data.aspect_max", d.aspect_max, d.aspect_min, 10)
-    _in_range("data.min_separation_deg", d.min_separation_deg, 0, 180)
-    _check(d.audio_mode in AUDIO_MODES, "data.audio_mode", f"one of {AUDIO_MODES}", d.audio_mode)
-    _check(d.audio_features in AUDIO_FEATURES, "data.audio_features",
-           f"one of {tuple(AUDIO_FEATURES)}", d.audio_features)
     _check(d.audio_mode == "foa" or d.audio_features == "logmel", "data.audio_features",
            "logmel with data.audio_mode=mono (a single beam has no direction to keep)",
            d.audio_features)
-    _in_range("data.volume_jitter", d.volume_jitter, 0, 1, hi_open=True)
     _check(len(d.color_jitter) == 4 and all(v >= 0 for v in d.color_jitter), "data.color_jitter",
            "4 non-negative numbers [brightness, contrast, saturation, hue]", d.color_jitter)
-    _in_range("data.flip_prob", d.flip_prob, 0, 1)
-    _in_range("data.equirect_height", d.equirect_height, 0, 8192)
-    _in_range("data.shuffle_buffer", d.shuffle_buffer, 0, 1_000_000)
-    _in_range("data.decode_cpus", d.decode_cpus, 0, 64, lo_open=True)
-    _in_range("data.decode_threads", d.decode_threads, 0, 64)
-    _in_range("data.decode_tasks", d.decode_tasks, 0, 1_000_000)
-    _in_range("data.read_ahead_batches", d.read_ahead_batches, 1, 10_000)
-
-    _in_range("model.video_width", m.video_width, 1, 1024)
-    _in_range("model.audio_width", m.audio_width, 1, 1024)
-    _in_range("model.embed_dim", m.embed_dim, 1, 8192)
-    _in_range("model.transformer_depth", m.transformer_depth, 0, 64)
-    _in_range("model.transformer_heads", m.transformer_heads, 1, 64)
-    _in_range("model.transformer_dropout", m.transformer_dropout, 0, 1, hi_open=True)
     for key, width in (("model.video_width", m.video_width), ("model.audio_width", m.audio_width)):
         _check(8 * width % m.transformer_heads == 0, "model.transformer_heads",
                f"a divisor of the feature width 8*{key.split('.')[1]}={8 * width}",
                m.transformer_heads)
-
-    _check(lo.kind in LOSS_KINDS, "loss.kind", f"one of {LOSS_KINDS}", lo.kind)
-    _in_range("loss.temperature", lo.temperature, 0, 10, lo_open=True)
-    _check(lo.easy_negatives in EASY_NEGATIVES, "loss.easy_negatives", f"one of {EASY_NEGATIVES}",
-           lo.easy_negatives)
-
-    _in_range("train.max_steps", t.max_steps, 1, 10**9)
-    _in_range("train.batch_size", t.batch_size, 1, 1_000_000)
-    _in_range("train.num_workers", t.num_workers, 1, 4096)
     _check(t.batch_size % t.num_workers == 0, "train.batch_size",
            f"a multiple of train.num_workers={t.num_workers} (it is the global batch)",
            t.batch_size)
-    _in_range("train.cpus_per_worker", t.cpus_per_worker, 0, 256)
-    _in_range("train.lr", t.lr, 0, 1, lo_open=True)
-    _in_range("train.weight_decay", t.weight_decay, 0, 1)
-    _in_range("train.log_every", t.log_every, 1, 10**9)
-    _in_range("train.checkpoint_every", t.checkpoint_every, 1, 10**9)
-    _in_range("train.val_every", t.val_every, 0, 10**9)
-    _in_range("train.val_batches", t.val_batches, 0, 10**6)
-    _in_range("train.max_failures", t.max_failures, -1, 1000)
-    _in_range("train.curriculum_avc_steps", t.curriculum_avc_steps, 0, t.max_steps)
     _check(not t.curriculum or t.curriculum_avc_steps > 0, "train.curriculum_avc_steps",
            "> 0 when train.curriculum=true", t.curriculum_avc_steps)
-
     _check(bool(cfg.storage.path), "storage.path", "a local path or s3:// URI", cfg.storage.path)
-    _in_range("storage.lease_wait_s", cfg.storage.lease_wait_s, 0, 7 * 86400)
     _check(bool(cfg.tracking.experiment), "tracking.experiment", "a non-empty name",
            cfg.tracking.experiment)
-    _check_tracking(cfg.tracking)
-
-    s = cfg.sweep
-    _check(s.search in SEARCHES, "sweep.search", f"one of {SEARCHES}", s.search)
-    _check(s.scheduler in SCHEDULERS, "sweep.scheduler", f"one of {SCHEDULERS}", s.scheduler)
-    _check(s.mode in ("max", "min"), "sweep.mode", "'max' or 'min'", s.mode)
-    _in_range("sweep.num_samples", s.num_samples, 1, 100_000)
-    _in_range("sweep.max_concurrent_trials", s.max_concurrent_trials, 0, 10_000)
-
-    ds = cfg.downstream
-    _check(ds.task in TASKS, "downstream.task", f"one of {TASKS}", ds.task)
-    _check(ds.mode in DOWNSTREAM_MODES, "downstream.mode", f"one of {DOWNSTREAM_MODES}", ds.mode)
-    _check(ds.context in ("video", "audio", "context"), "downstream.context",
-           "one of ('video', 'audio', 'context')", ds.context)
-    _in_range("downstream.epochs", ds.epochs, 1, 10_000)
-    _in_range("downstream.lr", ds.lr, 0, 1, lo_open=True)
-    _in_range("downstream.batch_size", ds.batch_size, 1, 100_000)
-    _in_range("downstream.fold", ds.fold, 1, 3)
-    _in_range("downstream.val_fraction", ds.val_fraction, 0, 0.9)
-    _in_range("downstream.patience", ds.patience, 0, 10_000)
-    _in_range("downstream.feature_passes", ds.feature_passes, 1, 1000)
-    if ds.seed is not None:
-        _in_range("downstream.seed", ds.seed, 0, 2**31 - 1)
-    _check(ds.seg_class_weights in ("median", "inverse", "none"), "downstream.seg_class_weights",
-           "one of ('median', 'inverse', 'none')", ds.seg_class_weights)
+    _check(bool(re.fullmatch(r"[\w.-]+", cfg.tracking.model_name or "")), "tracking.model_name",
+           "a registered model name (letters, digits, '_', '.', '-')", cfg.tracking.model_name)
     check_combinations(cfg)
     return cfg

@@ -1,16 +1,12 @@
 """One writer per directory: an exclusive lease file created atomically next to what it guards.
 
-`hold(dir_uri, what)` creates `<dir>/avsa_lease.json` if nothing is there (locally by a
-hard link, which fails on an existing name like O_EXCL; on S3 by a conditional put,
-`If-None-Match: *`), renews it while the holder runs and removes it at the end. A second
-holder is refused at once with the first one's host, pid and start time, or waits up to
-`wait_s` seconds for it to end.
+`hold(dir_uri, what)` creates `<dir>/avsa_lease.json` (`storage.create_exclusive`), renews it
+while the block runs and removes it at the end. A second holder is refused with the first one's
+host, pid and start time, or waits up to `wait_s` seconds.
 
-A lease is stale when its holder is gone: on the same host, its pid no longer runs; anywhere,
-it has not been renewed for `TTL_S` seconds. A stale lease is taken over under a second
-exclusive file (`avsa_lease.json.break`), so two processes that both find it stale cannot both
-remove it: only the one that creates the break file removes the lease, and only if it is still
-the stale one it read.
+A lease is stale when its pid no longer runs on this host, or it has not been renewed for
+`TTL_S` seconds. Only the process that creates `avsa_lease.json.break` removes a stale lease,
+and only if it is still the one it read.
 """
 
 from __future__ import annotations
@@ -60,8 +56,8 @@ def _encode(h: Holder) -> bytes:
 
 
 def read_holder(uri: str) -> Holder | None:
-    """The lease at `uri`, None if there is none; a lease that cannot be parsed (a holder
-    that died mid-write cannot leave one: it is written whole) counts as a foreign holder."""
+    """The lease at `uri`, None if there is none; one that cannot be parsed is a foreign
+    holder."""
     try:
         body = json.loads(storage.read_bytes(uri))
         return Holder(**body)

@@ -1,9 +1,6 @@
-"""What one run (or one sweep trial) needs from Ray, against what the cluster can ever offer.
-
-Checked before anything waits: a trial that needs more CPUs or GPUs than the cluster has, or
-than its autoscaler may ever add, would otherwise sit in Ray's queue in silence (Ray Data's
-decode tasks at 0 CPUs behind the train workers). A run that only waits for the autoscaler says
-so every minute.
+"""What one run (or sweep trial) needs from Ray, against what the cluster can ever offer: a
+run that can never fit would wait in Ray's queue in silence, so it is refused; one waiting for
+the autoscaler says so every minute.
 """
 
 from __future__ import annotations

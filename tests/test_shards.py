@@ -28,7 +28,6 @@ from avsa.data.manifest import (
 )
 from avsa.data.shards import (
     RawSample,
-    ShardWriter,
     iter_shard,
     open_shard,
     pack_shard,
@@ -152,21 +151,6 @@ def test_pack_is_deterministic_with_clean_metadata():
     assert {(m.mtime, m.uid, m.gid, m.mode, m.uname) for m in members} == {(0, 0, 0, 0o644, "")}
     with pytest.raises(ShardError, match=r"x\.y"):
         pack_shard([RawSample("x.y", {"mp4": b""})])
-
-
-def test_shard_writer_rolls_and_flushes_only_on_success():
-    sunk = []
-    with ShardWriter(lambda name, data: sunk.append((name, data)), samples_per_shard=2) as w:
-        for i in range(5):
-            w.write(RawSample(f"k{i}", {"json": b"%d" % i}))
-    assert [n for n, _ in sunk] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
-    assert [i.samples for i in w.infos] == [2, 2, 1]
-    assert [s.key for s in iter_shard(sunk[2][1], "s2")] == ["k4"]
-    sunk.clear()
-    with pytest.raises(RuntimeError), ShardWriter(lambda n, d: sunk.append(n), 4) as w:
-        w.write(RawSample("k", {"json": b""}))
-        raise RuntimeError
-    assert sunk == []
 
 
 def test_checksum_mismatch_is_detected(tmp_path):

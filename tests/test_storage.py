@@ -117,16 +117,8 @@ def test_local_write_failure_keeps_old_file_and_no_temp(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
 
 
-def test_local_upload_download_copy_tree(tmp_path):
-    src = tmp_path / "src"
-    (src / "sub").mkdir(parents=True)
-    (src / "x.bin").write_bytes(b"x" * 10)
-    (src / "sub" / "y.bin").write_bytes(b"y")
-    dest = f"file://{tmp_path}/dest"
-    assert storage.copy_tree(src, dest) == [f"{dest}/sub/y.bin", f"{dest}/x.bin"]
-    storage.download_file(f"{dest}/x.bin", tmp_path / "back" / "x.bin")
-    assert (tmp_path / "back" / "x.bin").read_bytes() == b"x" * 10
-    fs, path = storage.pyarrow_filesystem(dest)
+def test_local_pyarrow_filesystem(tmp_path):
+    fs, path = storage.pyarrow_filesystem(f"file://{tmp_path}/dest")
     assert isinstance(fs, pafs.LocalFileSystem) and path == f"{tmp_path}/dest"
 
 
@@ -162,15 +154,16 @@ def test_s3_list_prefix_paginates(bucket):
     assert listed == [f"s3://{bucket}/many/{i:03d}" for i in range(7)]
 
 
-def test_s3_upload_download_copy_tree(bucket, tmp_path):
-    src = tmp_path / "ckpt"
+@pytest.mark.parametrize("where", ["file", "s3"])
+def test_copy_tree_keeps_relative_paths(where, tmp_path, request):
+    root = (f"file://{tmp_path}/dest" if where == "file"
+            else f"s3://{request.getfixturevalue('bucket')}/checkpoints/epoch_1")
+    src = tmp_path / "src"
     (src / "nested").mkdir(parents=True)
     (src / "model.pt").write_bytes(b"m" * 1000)
     (src / "nested" / "meta.json").write_bytes(b"{}")
-    root = f"s3://{bucket}/checkpoints/epoch_1"
     assert storage.copy_tree(src, root) == [f"{root}/model.pt", f"{root}/nested/meta.json"]
-    storage.download_file(f"{root}/model.pt", tmp_path / "out" / "model.pt")
-    assert (tmp_path / "out" / "model.pt").read_bytes() == b"m" * 1000
+    assert storage.read_bytes(f"{root}/model.pt") == b"m" * 1000
     with pytest.raises(StorageError, match="no such file to upload"):
         storage.upload_file(tmp_path / "absent", f"{root}/absent")
 
@@ -239,8 +232,7 @@ def test_s3_missing_bucket(s3_env):
 
 def test_s3_missing_key(bucket, tmp_path):
     uri = f"s3://{bucket}/absent/key.bin"
-    for op in (storage.read_bytes, storage.size, storage.open_input_stream,
-               lambda u: storage.download_file(u, tmp_path / "x")):
+    for op in (storage.read_bytes, storage.size, storage.open_input_stream):
         with pytest.raises(StorageError, match="object not found") as info:
             op(uri)
         assert str(info.value) == f"{uri}: object not found"

@@ -1,20 +1,15 @@
 """The two ends of shard writing: the input clips and the output prefix.
 
-Input layout (local folder or s3:// prefix, searched recursively): ``KEY.mp4`` (or .mkv, .mov,
-.webm) plus optional ``KEY.m4a`` / ``.wav`` / ``.flac`` / ``.aac`` (4-channel ambiX audio when the
-video has none), ``KEY.json`` and ``KEY.masks.npz``. :func:`check_clip` probes each clip (a video
-stream at least ``MIN_SECONDS`` long, 4-channel audio in the file or the sidecar, packets up
-to the end the header claims; no decode).
-In the shard the video member is always ``KEY.mp4``, whatever its container (readers sniff the
-container from the bytes). Clips on S3 are downloaded once to probe and once to pack.
+Input (a folder or s3:// prefix, recursively): ``KEY.mp4`` (.mkv, .mov, .webm), optionally
+``KEY.m4a`` / ``.wav`` / ``.flac`` / ``.aac`` (4-channel ambiX audio when the video has none),
+``KEY.json`` and ``KEY.masks.npz``. In the shard the video is always ``KEY.mp4`` (readers sniff
+the container).
 
-Output: :class:`ShardOutput` keeps the commit protocol of :func:`avsa.data.shards.write_shards`.
-Each shard is written atomically under its final name and ``manifest.json`` last, so a crash
-leaves no manifest or the previous complete one: before a shard named by an existing manifest
-is overwritten with other content, that manifest is deleted. ``_progress.json`` next to the
-shards records the sha256 and size of every shard written; a shard whose journal (or old
-manifest) entry matches the freshly built bytes and whose object exists with that size is not
-uploaded again.
+Output (:class:`ShardOutput`): each shard is written atomically under its final name and
+``manifest.json`` last, so a crash leaves no manifest or the previous complete one (deleted
+before a shard it names is overwritten). ``_progress.json`` records the sha256 and size of every
+shard written; a shard whose entry matches the fresh bytes and whose object has that size is
+not uploaded again.
 """
 
 from __future__ import annotations
@@ -135,8 +130,8 @@ def _media_source(uri: str) -> media.Source:
 
 
 def check_clip(clip: Clip) -> str | None:
-    """Why ``clip`` cannot be used, or None when it can (probes headers and demuxes packets to
-    catch a cut-off file; no decode)."""
+    """Why ``clip`` cannot be used (a video under ``MIN_SECONDS``, no 4-channel audio, packets
+    missing before the end the header claims), or None; no decode."""
     video_uri = clip.files[clip.video_ext]
     try:
         video_src = _media_source(video_uri)

@@ -1,7 +1,5 @@
-"""The shard manifest: which shards make up a split, how many samples each holds, their checksums.
-
-``manifest.json`` sits next to its shards and is written after all of them, so its presence is
-the commit point of a shard set: a reader that finds it can rely on every shard it names.
+"""The shard manifest: which shards make up a split, their sample counts and checksums.
+``manifest.json`` is written after its shards: its presence commits the shard set.
 
     {"format": "avsa-shards", "version": 1, "split": "train", "total_samples": 64,
      "shards": [{"name": "shard-000000.tar", "samples": 32, "bytes": 12345, "sha256": "ab12..."}],
@@ -60,86 +58,72 @@ class Manifest:
     def from_json(cls, text: str | bytes, uri: str) -> Manifest:
         """Parse and validate; any problem raises ShardError naming ``uri`` and the field."""
         try:
-            body = json.loads(text)
+            body = _object(uri, json.loads(text), "manifest")
         except (ValueError, RecursionError) as e:
             raise ShardError(uri, f"manifest is not valid JSON ({e})") from None
-        check = _Checker(uri)
-        body = check.mapping(body, "manifest")
-        fmt = check.text(body, "format")
+        fmt = _field(uri, body, "format", str)
         if fmt != FORMAT:
-            raise ShardError(uri, f"manifest field 'format': expected {FORMAT!r}, got {fmt!r}")
-        version = check.count(body, "version")
+            raise _fail(uri, "format", f"expected {FORMAT!r}, got {fmt!r}")
+        version = _field(uri, body, "version", int)
         if version != VERSION:
-            raise ShardError(uri, f"manifest field 'version': unsupported version {version} "
-                                  f"(this reader knows {VERSION})")
-        split = check.text(body, "split")
-        total = check.count(body, "total_samples")
-        created = check.text(body, "created")
-        raw = check.get(body, "shards", "shards")
-        if not isinstance(raw, list):
-            raise ShardError(uri, f"manifest field 'shards': expected a list, got {_kind(raw)}")
-        shards = [check.shard(item, f"shards[{i}]") for i, item in enumerate(raw)]
+            raise _fail(uri, "version", f"unsupported version {version} (this reader knows "
+                                        f"{VERSION})")
+        split = _field(uri, body, "split", str)
+        total = _field(uri, body, "total_samples", int)
+        created = _field(uri, body, "created", str)
+        shards = [_shard(uri, item, f"shards[{i}]")
+                  for i, item in enumerate(_field(uri, body, "shards", list))]
         names = [s.name for s in shards]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise ShardError(uri, f"manifest field 'shards': duplicate name {duplicates[0]!r}")
+            raise _fail(uri, "shards", f"duplicate name {duplicates[0]!r}")
         counted = sum(s.samples for s in shards)
         if counted != total:
-            raise ShardError(uri, f"manifest field 'total_samples': {total} but the shards hold "
-                                  f"{counted}")
+            raise _fail(uri, "total_samples", f"{total} but the shards hold {counted}")
         return cls(split=split, shards=shards, total_samples=total, version=version,
                    format=fmt, created=created)
+
+
+_EXPECTED = {dict: "an object", list: "a list", str: "a string", int: "an integer"}
+
+
+def _fail(uri: str, where: str, problem: str) -> ShardError:
+    return ShardError(uri, f"manifest field {where!r}: {problem}")
+
+
+def _object(uri: str, value: Any, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise _fail(uri, where, f"expected an object, got {_kind(value)}")
+    return value
 
 
 def _kind(value: Any) -> str:
     return "nothing" if value is None else type(value).__name__
 
 
-@dataclass
-class _Checker:
-    """Typed field access that turns every problem into a ShardError naming uri and field."""
+def _field(uri: str, body: dict, key: str, kind: type, where: str | None = None) -> Any:
+    """``body[key]`` of type ``kind`` (an int must be >= 0); ShardError naming the field."""
+    where = where or key
+    if key not in body:
+        raise _fail(uri, where, "missing")
+    value = body[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise _fail(uri, where, f"expected {_EXPECTED[kind]}, got {_kind(value)}")
+    if kind is int and value < 0:
+        raise _fail(uri, where, f"must be >= 0, got {value}")
+    return value
 
-    uri: str
 
-    def fail(self, where: str, problem: str) -> ShardError:
-        return ShardError(self.uri, f"manifest field {where!r}: {problem}")
-
-    def mapping(self, value: Any, where: str) -> dict:
-        if not isinstance(value, dict):
-            raise self.fail(where, f"expected an object, got {_kind(value)}")
-        return value
-
-    def get(self, body: dict, key: str, where: str) -> Any:
-        if key not in body:
-            raise self.fail(where, "missing")
-        return body[key]
-
-    def text(self, body: dict, key: str, where: str | None = None) -> str:
-        where = where or key
-        value = self.get(body, key, where)
-        if not isinstance(value, str):
-            raise self.fail(where, f"expected a string, got {_kind(value)}")
-        return value
-
-    def count(self, body: dict, key: str, where: str | None = None) -> int:
-        where = where or key
-        value = self.get(body, key, where)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.fail(where, f"expected an integer, got {_kind(value)}")
-        if value < 0:
-            raise self.fail(where, f"must be >= 0, got {value}")
-        return value
-
-    def shard(self, item: Any, where: str) -> ShardInfo:
-        item = self.mapping(item, where)
-        name = self.text(item, "name", f"{where}.name")
-        if not is_plain_name(name):
-            raise self.fail(f"{where}.name", f"{name!r} is not a plain file name")
-        sha = self.text(item, "sha256", f"{where}.sha256")
-        if not _SHA256.fullmatch(sha):
-            raise self.fail(f"{where}.sha256", "expected 64 lowercase hex digits")
-        return ShardInfo(name=name, samples=self.count(item, "samples", f"{where}.samples"),
-                         bytes=self.count(item, "bytes", f"{where}.bytes"), sha256=sha)
+def _shard(uri: str, item: Any, where: str) -> ShardInfo:
+    item = _object(uri, item, where)
+    name = _field(uri, item, "name", str, f"{where}.name")
+    if not is_plain_name(name):
+        raise _fail(uri, f"{where}.name", f"{name!r} is not a plain file name")
+    sha = _field(uri, item, "sha256", str, f"{where}.sha256")
+    if not _SHA256.fullmatch(sha):
+        raise _fail(uri, f"{where}.sha256", "expected 64 lowercase hex digits")
+    return ShardInfo(name=name, samples=_field(uri, item, "samples", int, f"{where}.samples"),
+                     bytes=_field(uri, item, "bytes", int, f"{where}.bytes"), sha256=sha)
 
 
 def is_plain_name(name: str) -> bool:

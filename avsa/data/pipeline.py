@@ -1,36 +1,20 @@
 """Streaming input pipeline: shards -> transformed samples, on Ray Data or in one process.
 
-One work item per (epoch, shard): each epoch visits every shard once, in an order permuted by
-(seed, epoch). A Ray task (or the local iterator) opens the shard (checksum verified), walks its
-samples and runs `transform.make_sample` on each. Shuffling across shards happens in the
-consumer's local shuffle buffer (`avsa.train.batches` in a train worker).
-
-Rows hold the sample's arrays plus bookkeeping, all numeric so `iter_torch_batches` converts
-every field:
-  "key_id" () int64   63-bit sha256 of the sample key (`key_id(key)`); "key" (str) only when
-                      build_dataset(keys=True) (string columns do not convert to tensors)
+One work item per (epoch, shard), shards permuted by (seed, epoch). A Ray task (or the local
+iterator) opens the shard (checksum verified) and runs `transform.make_sample` on each sample;
+the consumer's local shuffle buffer mixes rows across shards. Rows hold the sample's arrays plus
+numeric bookkeeping (so `iter_torch_batches` converts every field):
+  "key_id" () int64   63-bit sha256 of the sample key; "key" (str) only with keys=True
   "epoch"  () int64
-  "labels" (K,) float32, always present (zeros when the sample's json names no classes)
-  "valid"  () int64   1 for a real sample, 0 for a placeholder row (below)
-  "skipped" () int64  samples lost and not emitted, counted on the row emitted after them
-  "missing_shards" () int64  shards that could not be read (with skip_missing_shards)
+  "labels" (K,) float32 (zeros when the sample names no classes)
+  "valid"  () int64   1 for a real sample, 0 for a placeholder row
+  "skipped" () int64  samples lost before this row (their transform raised an AvsaError)
+  "missing_shards" () int64  unreadable shards (with skip_missing_shards)
 
-Skip accounting: a sample whose transform raises an AvsaError is logged (one warning naming
-shard and key) and counted in "skipped" on a row of the same shard: the task holds back its
-latest good row and adds later failures to it, so every count lands on a real sample. Only a
-shard with no decodable sample at all (or an unreadable shard under skip_missing_shards)
-yields a placeholder row: zeros of the right shapes with valid=0. Consumers sum "skipped" over
-all rows and drop rows with valid=0 (as avsa.train.loop does), so no count is lost and no
-placeholder reaches the model. `iter_local` folds placeholders away itself.
-
-Ray Train: pass the dataset as `TorchTrainer(datasets={"train": ds}, dataset_config=
-ray.train.DataConfig(datasets_to_split=["train"], execution_options={"train":
-ds.context.execution_options}))` (Train replaces a dataset's options with its DataConfig's, so
-the read-ahead bound of build_dataset(batch_size=...) must be passed there); each worker reads
-`ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=...)`, counts "skipped" as
-rows arrive and drops the valid=0 rows, then shuffles in its own buffer (avsa.train.batches:
-behind Ray Data's local shuffle a count could wait unreported). The split is equal: a pass
-whose row count is not a multiple of the worker count drops the remainder rows.
+A lost sample is counted on a real row of the same shard; only a shard with no decodable
+sample yields a placeholder (zeros, valid=0). Consumers sum "skipped" as rows arrive and drop
+valid=0 rows, then shuffle in their own buffer (avsa.train.batches: behind Ray Data's local
+shuffle a count could wait unreported); `iter_local` folds placeholders away itself.
 """
 
 from __future__ import annotations
@@ -89,7 +73,8 @@ def _work(uri: str, cfg, skip: bool | None, **kw) -> tuple[list[dict[str, Any]],
 
 
 def placeholder_row(cfg, *, epoch: int, skipped: int, missing: int = 0, other_time: bool = False,
-                    misalign_prob: float = 0.0, with_masks: bool = False) -> dict[str, Any]:
+                    misalign_prob: float = 0.0, with_masks: bool = False,
+                    keys: bool = False) -> dict[str, Any]:
     """A valid=0 row with zero arrays of the shapes make_sample produces, carrying counts."""
     v, s, t = cfg.num_viewpoints, cfg.crop_size, cfg.frames
     c = audio_channels(cfg)
@@ -108,6 +93,8 @@ def placeholder_row(cfg, *, epoch: int, skipped: int, missing: int = 0, other_ti
         row["masks"] = np.zeros((v, s, s), np.int64)
     row.update(key_id=np.int64(-1), epoch=np.int64(epoch), valid=np.int64(0),
                skipped=np.int64(skipped), missing_shards=np.int64(missing))
+    if keys:
+        row["key"] = ""
     return row
 
 
@@ -153,7 +140,7 @@ def decode_shard(item: dict[str, Any], *, cfg, seed: int, other_time: bool = Fal
         log.warning("skipping unreadable shard %s (%d samples lost): %s", uri, lost, exc)
         pending += lost
         if held is None:
-            yield _placeholder(cfg, epoch, pending, 1, keys, opts)
+            yield placeholder_row(cfg, epoch=epoch, skipped=pending, missing=1, keys=keys, **opts)
             return
         held["skipped"] += pending
         held["missing_shards"] += 1
@@ -161,14 +148,7 @@ def decode_shard(item: dict[str, Any], *, cfg, seed: int, other_time: bool = Fal
     if held is not None:
         yield held
     elif pending:
-        yield _placeholder(cfg, epoch, pending, 0, keys, opts)
-
-
-def _placeholder(cfg, epoch: int, skipped: int, missing: int, keys: bool, opts: dict) -> dict:
-    row = placeholder_row(cfg, epoch=epoch, skipped=skipped, missing=missing, **opts)
-    if keys:
-        row["key"] = ""
-    return row
+        yield placeholder_row(cfg, epoch=epoch, skipped=pending, keys=keys, **opts)
 
 
 def row_bytes(cfg, *, other_time: bool = False, misalign_prob: float = 0.0,
@@ -181,12 +161,10 @@ def row_bytes(cfg, *, other_time: bool = False, misalign_prob: float = 0.0,
 
 def ingest_options(cfg, *, batch_size: int, shard_samples: int, row_size: int,
                    preserve_order: bool = False):
-    """Ray Data ExecutionOptions that keep decoding at the consumer's pace: the object store
-    may hold cfg.read_ahead_batches global batches of decoded rows (at least one shard's rows,
-    the output of one task) before backpressure stops new decode tasks, and decoding uses at
-    most cfg.decode_tasks * cfg.decode_cpus CPUs (0 tasks: whatever Ray Train leaves).
-    Without a bound Ray Data decoded the demo's 11 epochs ahead (1.8 GB), its tasks taking
-    the trainers' cores until the stream was mostly decoded."""
+    """Ray Data ExecutionOptions that keep decoding at the consumer's pace: at most
+    cfg.read_ahead_batches global batches of rows (at least one shard's) in the object store,
+    and cfg.decode_tasks * cfg.decode_cpus CPUs (0 tasks: whatever Ray Train leaves). Unbounded,
+    Ray Data decoded the demo's 11 epochs ahead (1.8 GB) on the trainers' cores."""
     from ray.data import ExecutionOptions, ExecutionResources
 
     rows = max(cfg.read_ahead_batches * batch_size, shard_samples, 1)
@@ -202,13 +180,10 @@ def build_dataset(uri: str, cfg, *, epochs: int, seed: int, other_time: bool = F
                   limit: int | None = None):
     """Ray Data dataset of transformed samples for `epochs` epochs from `start_epoch`.
 
-    A missing shard fails here, before anything runs, with a ShardError naming it, unless
-    skip_missing_shards (default cfg.skip_missing_shards) is set; then its samples are counted
-    as skipped at run time. Shards are decoded by tasks of cfg.decode_cpus CPUs each. With
-    batch_size (the consumer's global batch), the dataset's context bounds its read-ahead
-    (ingest_options; Ray Train replaces the context's options with those passed to its
-    DataConfig, so the driver passes the same there). Without shuffle, rows come in the
-    manifest's order (preserve_order). limit keeps the first rows only.
+    A missing shard is a ShardError now, unless skip_missing_shards (default
+    cfg.skip_missing_shards): then its samples count as skipped. With batch_size (the global
+    batch) the context bounds read-ahead (`ingest_options`; Ray Train takes options only from
+    its DataConfig, so the driver passes the same there). limit keeps the first rows only.
     """
     import ray.data
 
@@ -284,15 +259,9 @@ def _shuffled(rows: Iterator[dict], size: int, rng: np.random.Generator) -> Iter
 def iter_local(uri: str, cfg, *, epochs: int = 1, seed: int, batch_size: int,
                shuffle: bool = True, start_epoch: int = 0, other_time: bool = False,
                misalign_prob: float = 0.0, with_masks: bool = False,
-               skip_missing_shards: bool | None = None,
-               drop_last: bool = False) -> Iterator[dict[str, Any]]:
-    """Batches {field: torch.Tensor (B, ...)} plus "key": list[str], in this process.
-
-    Same rows as build_dataset (placeholders folded into the counts of real rows). shuffle
-    permutes shards per epoch and mixes rows through a cfg.shuffle_buffer buffer; without it
-    the order is the manifest's, fully deterministic. drop_last drops the last partial batch
-    with the counts on its rows.
-    """
+               skip_missing_shards: bool | None = None) -> Iterator[dict[str, Any]]:
+    """Batches {field: torch.Tensor (B, ...)} plus "key": list[str], in this process: the rows
+    of build_dataset, placeholders folded away. Without shuffle the order is the manifest's."""
     items, skip = _work(uri, cfg, skip_missing_shards, epochs=epochs, seed=seed,
                         start_epoch=start_epoch, shuffle=shuffle)
     opts = dict(cfg=cfg, seed=seed, other_time=other_time, misalign_prob=misalign_prob,
@@ -307,7 +276,7 @@ def iter_local(uri: str, cfg, *, epochs: int = 1, seed: int, batch_size: int,
         if len(batch) == batch_size:
             yield _to_torch(batch)
             batch = []
-    if batch and not drop_last:
+    if batch:
         yield _to_torch(batch)
 
 

@@ -1,12 +1,10 @@
 """WebDataset-style tar shards: packing samples, streaming them back, checking them.
 
-A shard is a POSIX (pax) tar ``shard-000000.tar`` whose members are grouped by key, the member
-name up to the first dot of its base name: ``KEY.mp4``, ``KEY.json``, ``KEY.masks.npz`` form one
-:class:`RawSample` with members ``{"mp4": ..., "json": ..., "masks.npz": ...}``. Writing is
-deterministic (members sorted, mtime 0, uid/gid 0, mode 0644), so the same samples always give
-the same bytes and the same sha256. Reading streams the tar (mode ``"r|"``), so a non-seekable
-S3 body works, and refuses anything that is not a plain regular-file member of bounded size.
-:func:`write_shards` turns a folder of clips into shards plus ``manifest.json``.
+A shard is a pax tar ``shard-000000.tar`` whose members are grouped by key (the base name up to
+its first dot): ``KEY.mp4``, ``KEY.json``, ``KEY.masks.npz`` form one :class:`RawSample`.
+Writing is deterministic (sorted, mtime 0, uid/gid 0, mode 0644): the same samples give the same
+sha256. Reading streams the tar (a non-seekable S3 body works) and refuses anything but regular
+files of bounded size. :func:`write_shards` turns a folder of clips into shards plus a manifest.
 """
 
 from __future__ import annotations
@@ -79,58 +77,13 @@ def shard_info(name: str, data: bytes, samples: int) -> ShardInfo:
                      sha256=hashlib.sha256(data).hexdigest())
 
 
-class ShardWriter:
-    """Packs samples into consecutive shards of ``samples_per_shard`` each.
-
-    Every finished shard (held in memory: size about ``samples_per_shard`` x sample size) goes
-    to ``sink(name, data)``; :meth:`close` flushes the last, partial shard and returns the
-    :class:`ShardInfo` of every shard in order. As a context manager it flushes only when the
-    block ends without an exception, so a failure never emits a shard of unknown content.
-    """
-
-    def __init__(self, sink: Callable[[str, bytes], None], samples_per_shard: int = 32,
-                 start_index: int = 0):
-        if samples_per_shard < 1:
-            raise ShardError("samples_per_shard", f"must be >= 1, got {samples_per_shard}")
-        self.sink, self.samples_per_shard, self.index = sink, samples_per_shard, start_index
-        self.pending: list[RawSample] = []
-        self.infos: list[ShardInfo] = []
-
-    def write(self, sample: RawSample) -> None:
-        self.pending.append(sample)
-        if len(self.pending) >= self.samples_per_shard:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        name, data = shard_name(self.index), pack_shard(self.pending)
-        self.sink(name, data)
-        self.infos.append(shard_info(name, data, len(self.pending)))
-        self.pending, self.index = [], self.index + 1
-
-    def close(self) -> list[ShardInfo]:
-        self.flush()
-        return self.infos
-
-    def __enter__(self) -> ShardWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-
-
 class _Corrupt(tarfile.ReadError):
     """Raised from inside tarfile for damage it would otherwise treat as a normal end."""
 
 
 class _StrictTarInfo(tarfile.TarInfo):
-    """TarInfo that turns a missing end-of-archive marker or a bad header into an error.
-
-    Plain ``tarfile`` stops silently at a truncated or garbled header after the first member;
-    a shard cut short at a member boundary would then read as a shorter, valid shard.
-    """
+    """TarInfo that turns a missing end-of-archive marker or a bad header into an error (plain
+    ``tarfile`` stops silently there: a shard cut at a member boundary would read as valid)."""
 
     @classmethod
     def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
@@ -167,13 +120,9 @@ def _member_key(member: tarfile.TarInfo, name: str, max_bytes: int) -> tuple[str
 def iter_shard(src: bytes | BinaryIO, name: str, *,
                max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
                expected_samples: int | None = None) -> Iterator[RawSample]:
-    """Stream the samples of the shard ``src`` (its bytes or a binary file object).
-
-    Members of one key must be consecutive (as :func:`pack_shard` writes them). Path traversal,
-    absolute names, links, devices, members over ``max_member_bytes``, duplicate members and a
-    truncated or corrupt tar raise :class:`ShardError` naming ``name``; so does a sample count
-    other than ``expected_samples`` when given.
-    """
+    """Stream the samples of the shard ``src`` (bytes or a binary file object). Unsafe or
+    oversized members, keys whose members are not consecutive, duplicates, a corrupt tar and a
+    count other than ``expected_samples`` raise :class:`ShardError` naming ``name``."""
     fileobj = io.BytesIO(src) if isinstance(src, (bytes, bytearray, memoryview)) else src
     seen: set[str] = set()
     current: RawSample | None = None
@@ -216,24 +165,18 @@ def verify_shard(data: bytes, info: ShardInfo, uri: str) -> None:
                               f"{info.sha256[:12]}...")
 
 
-def open_shard(uri: str, info: ShardInfo | None = None, verify: bool = True, *,
-               max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> Iterator[RawSample]:
-    """The samples of the shard at ``uri`` (local or s3://).
-
-    With ``info`` and ``verify`` the whole shard is read into memory first (local or S3) and its
-    size and sha256 are checked before any sample is returned, so memory use is about one shard:
-    keep shards to a few hundred MB. Otherwise the shard is streamed member by member and only
-    the sample count is checked (when ``info`` is given). Opening happens now, so a missing
-    shard raises here (StorageError naming the URI), not at the first ``next``.
-    """
+def open_shard(uri: str, info: ShardInfo | None = None,
+               verify: bool = True) -> Iterator[RawSample]:
+    """The samples of the shard at ``uri``. With ``info`` and ``verify`` the shard is read whole
+    (keep shards to a few hundred MB) and its size and sha256 checked first; otherwise it is
+    streamed. A missing shard raises StorageError here, not at the first ``next``."""
     expected = info.samples if info is not None else None
     if info is not None and verify:
         data = storage.read_bytes(uri)
         verify_shard(data, info, uri)
-        return iter_shard(data, uri, max_member_bytes=max_member_bytes, expected_samples=expected)
+        return iter_shard(data, uri, expected_samples=expected)
     stream = storage.open_input_stream(uri)
-    return _closing(iter_shard(stream, uri, max_member_bytes=max_member_bytes,
-                               expected_samples=expected), stream)
+    return _closing(iter_shard(stream, uri, expected_samples=expected), stream)
 
 
 def _closing(samples: Iterator[RawSample], stream: BinaryIO) -> Iterator[RawSample]:
@@ -246,15 +189,11 @@ def _closing(samples: Iterator[RawSample], stream: BinaryIO) -> Iterator[RawSamp
 def write_shards(input_dir: str, output_uri: str, *, samples_per_shard: int = 32,
                  split: str = "train", workers: int = 1, progress: bool = True,
                  on_shard: Callable[[ShardInfo], None] | None = None) -> ShardSummary:
-    """Validate the clips in ``input_dir``; write shards and ``manifest.json`` to ``output_uri``.
-
-    Bad clips are logged (one warning each, naming the file and the reason) and skipped. Valid
-    clips are sorted by key and cut into runs of ``samples_per_shard``, one shard each, so the
-    same input always gives the same shards; the manifest is written last (the commit point;
-    see :mod:`avsa.data.ingest` for resuming). ``on_shard(info)`` runs after each shard is in
-    place (tests raise from it to simulate a crash). Progress bars go to stderr.
-    Returns a :class:`ShardSummary`; raises ShardError when no clip is usable.
-    """
+    """Validate the clips in ``input_dir``; write shards, then ``manifest.json`` (the commit
+    point, see :mod:`avsa.data.ingest`) to ``output_uri``. Bad clips are skipped with a warning
+    each; valid ones, sorted by key, fill shards of ``samples_per_shard``, so the same input
+    gives the same shards. ``on_shard(info)`` runs after each shard is in place. ShardError
+    when no clip is usable."""
     if samples_per_shard < 1:
         raise ConfigError("samples_per_shard", f"must be >= 1, got {samples_per_shard}")
     if workers < 1:

@@ -20,7 +20,7 @@ from urllib.parse import unquote, urlparse
 from avsa.errors import StorageError
 from avsa.storage.clients import S3Settings, S3Stream, cached, call, split_s3
 
-__all__ = ["S3Settings", "copy_tree", "create_exclusive", "delete", "download_file", "exists",
+__all__ = ["S3Settings", "copy_tree", "create_exclusive", "delete", "exists",
            "is_s3", "join", "list_prefix", "local_path", "move_tree", "open_input_stream",
            "pyarrow_filesystem", "read_bytes", "size", "split_s3", "upload_file", "write_bytes"]
 
@@ -52,7 +52,9 @@ def _local(uri: str, fn: Callable[[Path], Any]) -> Any:
         raise StorageError(uri, exc.strerror or type(exc).__name__) from exc
 
 
-def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+def _atomic_write(path: Path, write: Callable[[BinaryIO], None],
+                  place: Callable[[str, Path], None] = os.replace) -> None:
+    """`write` a temporary file beside `path`, fsync it, then `place` it at `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -60,10 +62,9 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        place(tmp, path)
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_bytes(uri: str | os.PathLike) -> bytes:
@@ -92,27 +93,16 @@ def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
 
 def create_exclusive(uri: str | os.PathLike, data: bytes) -> bool:
     """Write ``data`` to ``uri`` only if nothing is there yet, atomically; False if something is.
-
-    Locally the bytes go to a temporary file that is then hard-linked into place (``link``
-    fails on an existing name, like ``O_EXCL``, and readers never see a partial file); on S3 a
-    conditional put (``If-None-Match: *``) that the store refuses with 412 when the key exists.
-    """
+    Locally a temporary file is hard-linked into place (``link`` fails on an existing name); on
+    S3 a conditional put (``If-None-Match: *``)."""
     uri = str(uri)
     if not is_s3(uri):
         def create(p: Path) -> bool:
-            p.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.")
             try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.link(tmp, p)
+                _atomic_write(p, lambda f: f.write(data), place=os.link)
                 return True
             except FileExistsError:
                 return False
-            finally:
-                Path(tmp).unlink(missing_ok=True)
 
         return _local(uri, create)
     bucket, key = split_s3(uri)
@@ -172,10 +162,8 @@ def delete(uri: str | os.PathLike) -> None:
 
 
 def list_prefix(uri: str | os.PathLike, page_size: int = 1000) -> list[str]:
-    """Every file/object under the directory/prefix ``uri``, recursively, as full sorted URIs.
-
-    ``page_size`` is the number of keys per S3 list request.
-    """
+    """Every file/object under the directory/prefix ``uri``, recursively, as full sorted URIs
+    (``page_size`` keys per S3 list request)."""
     uri = str(uri)
     if not is_s3(uri):
         root = local_path(uri)
@@ -207,16 +195,6 @@ def _copy(src: Path, dst: BinaryIO) -> None:
         shutil.copyfileobj(f, dst, 1 << 20)
 
 
-def download_file(uri: str | os.PathLike, local: str | os.PathLike) -> None:
-    uri, local = str(uri), Path(local)
-    if not is_s3(uri):
-        return _local(uri, lambda p: _atomic_write(local, lambda f: _copy(p, f)))
-    bucket, key = split_s3(uri)
-    local.parent.mkdir(parents=True, exist_ok=True)
-    # s3transfer writes to a temporary name and renames, so the target appears atomically.
-    call(uri, lambda c: c.download_file(bucket, key, str(local)))
-
-
 def copy_tree(local_dir: str | os.PathLike, uri: str | os.PathLike) -> list[str]:
     """Upload every file under ``local_dir`` to ``uri`` keeping relative paths; returns URIs."""
     root = Path(local_dir)
@@ -230,10 +208,8 @@ def copy_tree(local_dir: str | os.PathLike, uri: str | os.PathLike) -> list[str]
 
 
 def open_input_stream(uri: str | os.PathLike, buffer_size: int = 8 << 20) -> BinaryIO:
-    """A buffered binary file object for reading ``uri`` front to back (caller closes it).
-
-    On S3 each ``buffer_size`` bytes are one ranged GET through ``pyarrow.fs``.
-    """
+    """A buffered binary file object reading ``uri`` front to back (caller closes it); on S3
+    each ``buffer_size`` bytes are one ranged GET through ``pyarrow.fs``."""
     uri = str(uri)
     if not is_s3(uri):
         return _local(uri, lambda p: open(p, "rb"))
@@ -242,13 +218,9 @@ def open_input_stream(uri: str | os.PathLike, buffer_size: int = 8 << 20) -> Bin
 
 
 def pyarrow_filesystem(uri: str | os.PathLike) -> tuple[Any, str]:
-    """``(pyarrow.fs.FileSystem, path)`` for ``uri``, e.g. Ray's ``storage_filesystem``/``storage_path``.
-
-    For S3 the path is ``bucket/key`` and the filesystem is the one streaming reads use: the same
-    endpoint, region and credentials as boto3 here, with the retries of :class:`S3Settings`.
-    A pickled copy (Ray sends one to each worker) has pyarrow's default retries instead: pyarrow
-    25 leaves the retry strategy out of the pickle (apache/arrow GH-47348).
-    """
+    """``(pyarrow.fs.FileSystem, path)`` for ``uri``, e.g. Ray's ``storage_filesystem`` and
+    ``storage_path``; for S3 the one streaming reads use (path ``bucket/key``). A pickled copy
+    has pyarrow's default retries: pyarrow 25 does not pickle them (apache/arrow GH-47348)."""
     import pyarrow.fs as pafs
 
     uri = str(uri)

@@ -1,9 +1,8 @@
 """The S3 clients behind :mod:`avsa.storage`: settings, per-process clients, one-line errors.
 
-boto3 serves whole objects, listings and conditional puts; ``pyarrow.fs.S3FileSystem`` serves
-streaming reads and Ray's storage. Both retry on their own (see :class:`S3Settings`); nothing
-here loops on top of them. Clients are made lazily, once per process and AWS environment, and
-never pickled: only the plain :class:`S3Settings` travel.
+boto3 serves whole objects, listings and conditional puts; ``pyarrow.fs.S3FileSystem`` streaming
+reads and Ray's storage. Both retry on their own; nothing here loops on top. Clients are made
+lazily, once per process and AWS environment, and never pickled.
 """
 
 from __future__ import annotations
@@ -33,14 +32,10 @@ _CLIENTS: dict[tuple[str, int, str], tuple[S3Settings, Any]] = {}
 class S3Settings:
     """How this process reaches S3: plain values (they pickle), read from the environment.
 
-    Both libraries retry throttling, 5xx and connection failures with full-jitter exponential
-    backoff. botocore (``retry_mode`` "standard" or "adaptive") waits rand * min(0.05 * 2**i, 20)
-    s before retry i, so its ``max_attempts`` of 12 wait at most 66 s in all (33 s on average).
-    The AWS SDK for C++ under pyarrow (``AwsStandardS3RetryStrategy``) waits rand * min(2**i, 20)
-    s, so its ``stream_max_attempts`` of 8 wait at most 71 s (36 s on average). ``AWS_MAX_ATTEMPTS``
-    sets both counts and ``AWS_RETRY_MODE`` botocore's mode. On top of the waits each attempt may
-    spend ``connect_timeout`` seconds connecting and ``read_timeout`` seconds waiting for data.
-    ``endpoint`` None lets boto3 resolve it from the AWS config files.
+    Both libraries retry throttling, 5xx and connection failures with full-jitter backoff:
+    botocore's 12 attempts wait at most 66 s, pyarrow's 8 at most 71 s (docs/reliability.md).
+    ``AWS_MAX_ATTEMPTS`` sets both counts, ``AWS_RETRY_MODE`` botocore's mode. ``endpoint``
+    None lets boto3 resolve it from the AWS config files.
     """
 
     endpoint: str | None = None
@@ -181,10 +176,8 @@ def _missing(uri: str) -> StorageError:
 
 
 class S3Stream(io.RawIOBase):
-    """A pyarrow S3 input stream as a Python file; its failures are StorageErrors naming the URI.
-
-    Each ``readinto`` is one ranged GET, which the AWS SDK retries on its own.
-    """
+    """A pyarrow S3 input stream as a Python file whose failures are StorageErrors naming the
+    URI; each ``readinto`` is one ranged GET, which the AWS SDK retries."""
 
     def __init__(self, uri: str):
         self.uri = uri

@@ -1,19 +1,11 @@
-"""`avsa sweep`: a Ray Tune search over config keys; every trial is a full Ray Train run.
-
-The space comes from `configs/sweep/<name>.yaml` (`sweep=<name>`) and can be changed per key
-on the command line: `'sweep.space.data.num_viewpoints=[2,4]'` (`+sweep.space.train.lr=[...]`
-adds a key, `~sweep.space.loss` drops one). A leaf is a list of values (a grid under
-`sweep.search=grid`, choices under random/optuna) or `{distribution: loguniform|uniform, low,
-high}` (random/optuna only).
-
-Layout under `storage.path` (local or s3://):
+"""`avsa sweep`: a Ray Tune search over config keys (see avsa.sweep.space); every trial runs
+the run driver. Layout under `storage.path` (local or s3://):
   sweeps/<sweep>/                 the Tune experiment (its state, one folder per trial)
   sweeps/<sweep>/trials/<trial>/  each trial's Ray Train run and checkpoints
   sweeps/<sweep>/sweep_results.csv, sweep_plot.png
-MLflow: a parent run named <sweep> (avsa.kind=sweep) and one child per trial (avsa.kind=trial,
-mlflow.parentRunId). The sweep name is a digest of the config and trial names follow from their
-values, so the same command run again restores the Tune experiment (finished trials are kept,
-the others resume from their checkpoints) and finds the same MLflow runs.
+MLflow: a parent run named <sweep> (avsa.kind=sweep), a child per trial (avsa.kind=trial).
+Sweep and trial names are deterministic, so the same command restores the Tune experiment
+(finished trials kept, the others resumed from their checkpoints) and finds the same runs.
 """
 
 from __future__ import annotations
@@ -22,7 +14,6 @@ import json
 import logging
 import math
 import posixpath
-import sys
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from avsa import resources, storage, tracking
-from avsa.config import Config, compose, with_absolute_paths
+from avsa.config import Config, with_absolute_paths
 from avsa.config_checks import temperature_warning
 from avsa.errors import ConfigError
 from avsa.sweep import report as sweep_report
@@ -43,7 +34,7 @@ from avsa.sweep.space import (
     trial_run_name,
     tune_space,
 )
-from avsa.tracking import outputs as run_outputs
+from avsa.tracking import models
 from avsa.train import driver as train_driver
 from avsa.train import interrupt
 
@@ -86,7 +77,7 @@ class SweepResult:
 
 def _validation_report(metric: str):
     """A TuneReportCallback passing on only the reports that carry `metric` (validation
-    steps): Tune requires the metric in every result it gets, and so do its searchers."""
+    steps): Tune and its searchers require it in every result."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     class ValidationReport(TuneReportCallback):
@@ -98,8 +89,7 @@ def _validation_report(metric: str):
 
 
 def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
-    """The Tune trainable: one run of the run driver with the trial's values, a child of the
-    sweep's MLflow run."""
+    """The Tune trainable: the run driver with the trial's values, under the sweep's run."""
     import ray.tune
 
     params = {k: config[k] for k in sorted(config)}
@@ -212,22 +202,22 @@ def _finish_children(uri: str, experiment: str, rows: list[dict[str, Any]],
         if best is not None and row["trial"] == best["trial"]:
             tags["avsa.best"] = "true"
         run = tracking.get_run(uri, run_id)
+        if run.info.status == status and all(run.data.tags.get(k) == v for k, v in tags.items()):
+            continue
+        child = tracking.RunLogger(uri, run_id, run.info.experiment_id)
+        child.set_tags(tags)
         if run.info.status != status:
-            child = tracking.RunLogger.start(uri, experiment, None, resume_run_id=run_id)
-            child.set_tags(tags)
             child.end(status)
-        elif any(run.data.tags.get(k) != v for k, v in tags.items()):  # tags only: status kept
-            child = tracking.RunLogger(uri, run_id, run.info.experiment_id)
-            child.set_tags(tags)
+        else:
             child.flush()
 
 
 def _register_best(uri: str, cfg: Config, best: Mapping[str, Any]) -> None:
     """The best trial's model as a version of `tracking.model_name`, aliased `best`."""
-    if best.get("run_id"):
+    if best.get("run_id") and cfg.tracking.log_model:
         run = tracking.get_run(uri, best["run_id"])
         child = tracking.RunLogger(uri, best["run_id"], run.info.experiment_id)
-        run_outputs.register_best(child, cfg)
+        models.register(child, cfg.tracking.model_name, alias=models.BEST_ALIAS)
         child.flush()
 
 
@@ -265,23 +255,20 @@ def _sweep(base: Config, space: dict[str, Any], flat: dict[str, Any], metric: st
         extra_tags={"avsa.run_uri": sweep_uri, "avsa.sweep": s.name, "avsa.metric": metric},
     )
     uri, parent_id = parent.uri, parent.run_id
-    try:
-        spec = TrialSpec(base.to_dict(), name, parent_id, storage.join(sweep_uri, "trials"),
-                         metric, keyed_by_id=s.search != "grid" or s.num_samples > 1)
-        tuner = make_tuner(base, space, spec)
-        with waiting:
-            grid = tuner.fit()
-        return _report(base, grid, spec, flat, uri, parent, sweep_uri)
-    except KeyboardInterrupt as k:  # a signal (see avsa.train.interrupt)
-        e = interrupt.as_interrupted(k)
-        interrupt.shutdown_ray()  # the trials' actors and their Train runs end with it
-        interrupt.kill_children(uri, base.tracking.experiment, parent_id, e.name)
-        parent.set_tags({interrupt.STOPPED_BY: e.name})
-        parent.end("KILLED")
-        raise
-    except BaseException:
-        parent.end("FAILED")
-        raise
+    with parent:  # FAILED on an error, KILLED by a signal; _report ends it otherwise
+        try:
+            spec = TrialSpec(base.to_dict(), name, parent_id, storage.join(sweep_uri, "trials"),
+                             metric, keyed_by_id=s.search != "grid" or s.num_samples > 1)
+            tuner = make_tuner(base, space, spec)
+            with waiting:
+                grid = tuner.fit()
+            return _report(base, grid, spec, flat, uri, parent, sweep_uri)
+        except KeyboardInterrupt as k:  # a signal (see avsa.train.interrupt)
+            e = interrupt.as_interrupted(k)
+            interrupt.shutdown_ray()  # the trials' actors and their Train runs end with it
+            interrupt.kill_children(uri, base.tracking.experiment, parent_id, e.name)
+            parent.set_tags({interrupt.STOPPED_BY: e.name})
+            raise
 
 
 def _report(base: Config, grid: Any, spec: TrialSpec, flat: dict[str, Any], uri: str,
@@ -320,16 +307,11 @@ def _report(base: Config, grid: Any, spec: TrialSpec, flat: dict[str, Any], uri:
 
 
 def main(argv: list[str]) -> int:
-    if argv[:1] in (["-h"], ["--help"]):
-        print(USAGE)
-        return 0
-    cfg = compose(argv)
-    try:
-        res = run_sweep(cfg)
-    except KeyboardInterrupt as k:
-        e = interrupt.as_interrupted(k)
-        print(interrupt.resume_line("sweep", argv, e), file=sys.stderr)
-        return e.exit_code
+    return interrupt.run_command("sweep", argv, USAGE, run_sweep, print_summary)
+
+
+def print_summary(res: SweepResult, cfg: Config) -> int:
+    """The sweep's table and best trial; the exit status (1 when every trial failed)."""
     counts = {k: sum(r["status"] == k for r in res.rows) for k in ("done", "stopped", "error")}
     print(f"[avsa] sweep {res.name}: {len(res.rows)} trials ({counts['done']} done, "
           f"{counts['stopped']} stopped early, {counts['error']} failed)")

@@ -1,10 +1,6 @@
-"""A finished sweep as rows: a CSV table, a Markdown table and a plot of the metric.
-
-A row is a flat dict: "trial" (the run name), "trial_id", "status" (done | stopped | error),
-one column per searched config key (dotted, e.g. "data.num_viewpoints"), "step" (the last
-step Tune saw), the last value of each reported metric ("val/avsa_score", ...), "run_id" and
-"checkpoint". Nothing here touches Ray or MLflow: rows come from objects that look like
-`ray.tune.Result` (metrics, config, metrics_dataframe, error).
+"""A finished sweep as rows (from objects like `ray.tune.Result`), a CSV table, a Markdown
+table and a plot. A row: "trial", "trial_id", "status" (done | stopped | error), one column per
+searched key, "step", the last value of each reported metric, "run_id", "checkpoint".
 """
 
 from __future__ import annotations

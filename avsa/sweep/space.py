@@ -1,9 +1,9 @@
 """A sweep's search space and names, without Ray or MLflow.
 
-The space is a nested mapping from `sweep.space` whose leaves are lists of values or
-`{distribution: loguniform|uniform, low, high}`; here it becomes Tune's flat `param_space`
-(dotted config keys), each value is checked against the config schema before anything
-starts, and sweeps and trials get deterministic names (the same command finds them again).
+`sweep.space` (`configs/sweep/<name>.yaml`, or `'sweep.space.data.num_viewpoints=[2,4]'`) is a
+nested mapping whose leaves are lists (a grid, or choices for random/optuna) or
+`{distribution: loguniform|uniform, low, high}`; it becomes Tune's flat `param_space`, every
+value validated first. Sweep and trial names are deterministic.
 """
 
 from __future__ import annotations

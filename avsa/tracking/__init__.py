@@ -1,7 +1,7 @@
 """MLflow tracking, kept small by using MLflow's own retries and batching: the connection
 (client), runs and their tags (store), params, one run's lifecycle (run: RunLogger, a ``with``
 block) and its outage buffer, and the extras (code_version, datasets, models, system_metrics,
-outputs, ui). Importing it imports no MLflow; each function imports it when called.
+ui). Importing it imports no MLflow; each function imports it when called.
 """
 
 from avsa.tracking.buffer import BufferPolicy

@@ -1,11 +1,9 @@
 """What a run logged while its tracking server was away: kept, then delivered in order.
 
-MLflow's own retries (:mod:`avsa.tracking.client`) ride out a blip of a few seconds. A
-longer outage must not stall or fail training, so a :class:`OutageBuffer` keeps the metric
-points (with their original steps and timestamps), params and tags that could not be sent,
-tries again at most once per ``retry_interval_s`` (after one ``/health`` probe, which costs
-nothing while the port is closed), and delivers the backlog, oldest first, as soon as the
-server answers.
+MLflow's own retries ride out a blip of seconds. For a longer outage an :class:`OutageBuffer`
+keeps the metric points (with their steps and timestamps), params and tags not sent, tries
+again at most once per ``retry_interval_s`` (after a cheap ``/health`` probe), and delivers the
+backlog, oldest first, once the server answers.
 """
 
 from __future__ import annotations
@@ -24,13 +22,9 @@ logger = logging.getLogger("avsa.tracking")
 
 @dataclasses.dataclass(frozen=True)
 class BufferPolicy:
-    """How a RunLogger carries an outage longer than MLflow's retries.
-
-    retry_interval_s: while the server is down, the least time between delivery attempts
-    (calls in between only buffer); end_timeout_s: how long ``end()`` keeps trying to deliver
-    the buffer; max_buffer: buffered metric points kept (oldest dropped); probe_timeout_s: the
-    ``/health`` probe that precedes an attempt while the server is down.
-    """
+    """How a RunLogger carries an outage: while the server is down, at least retry_interval_s
+    between delivery attempts, each after a /health probe of probe_timeout_s; ``end()`` tries
+    for end_timeout_s; at most max_buffer metric points are kept (oldest dropped)."""
 
     retry_interval_s: float = 30.0
     end_timeout_s: float = 60.0
@@ -40,9 +34,7 @@ class BufferPolicy:
 
 class OutageBuffer:
     """The undelivered metrics, params and tags of one run, and whether its server is down.
-
-    Not thread-safe: its RunLogger holds a lock around every call.
-    """
+    Not thread-safe: its RunLogger holds a lock around every call."""
 
     def __init__(self, uri: str, run_id: str, policy: BufferPolicy,
                  sent_params: Mapping[str, str] | None = None):
@@ -129,10 +121,8 @@ class OutageBuffer:
         from mlflow.entities import Param, RunTag
         from mlflow.utils.validation import MAX_METRICS_PER_BATCH
 
-        # Params and tags go in separate calls: log_batch splits each into requests of 100,
-        # which stay under the server's 1 MB request limit (100 x 6 kB params, 100 x 8 kB
-        # tags) only when the two are not paired into one request. A request that fails
-        # part-way is sent again whole: setting a param or tag to the same value is a no-op.
+        # Params and tags in separate calls: log_batch's requests of 100 stay under the
+        # server's 1 MB limit only unpaired (6 kB params, 8 kB tags). Resending is a no-op.
         if self.params:
             params = dict(self.params)
             if self._batch(client, params=[Param(k, v) for k, v in params.items()]):

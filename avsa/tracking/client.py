@@ -1,15 +1,11 @@
 """The connection to MLflow: tracking URIs, the client, its HTTP settings, reachability.
 
-Tracking URIs: ``http(s)://HOST:PORT`` (a tracking server), ``sqlite:///PATH`` (a local
-database). MLflow 3 refuses the old ``./mlruns`` file store unless
-``MLFLOW_ALLOW_FILE_STORE=true``, so the local default is ``sqlite:///<cwd>/mlruns/mlflow.db``
-with artifacts in ``<cwd>/mlruns/artifacts``; browse it with
-``mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db``.
+Tracking URIs: ``http(s)://HOST:PORT`` or ``sqlite:///PATH``; the local default is
+``sqlite:///<cwd>/mlruns/mlflow.db`` (MLflow 3 refuses the old file store), artifacts beside it.
 
-Retries are MLflow's own (urllib3 under ``requests``): every REST call retries connection
-errors, timeouts, 429 and 5xx. MLflow's defaults retry for minutes, which would stall a
-training step; unless the environment sets them, this process uses 2 retries (about 2.5 s in
-all) and a 15 s timeout, and an outage longer than that is carried by the run's buffer
+Retries are MLflow's own (connection errors, timeouts, 429, 5xx). Its defaults retry for
+minutes, which would stall a training step: unless the environment sets them, this process
+uses 2 retries (about 2.5 s) and a 15 s timeout; a longer outage is the run's buffer's
 (:mod:`avsa.tracking.buffer`).
 """
 
@@ -28,9 +24,8 @@ DEFAULT_LOCAL_DIR = "mlruns"
 # Bounded scheme length keeps the scan linear on long values.
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]{0,30}://)[^/@\s]{1,512}@")
 
-# MLflow's HTTP settings (mlflow.environment_variables), applied where the environment does
-# not set them. Backoff: 0 s before the first retry, FACTOR * 2 s (+ up to JITTER s) before
-# the second.
+# MLflow's HTTP settings (mlflow.environment_variables) where the environment sets none.
+# Backoff: 0 s before the first retry, FACTOR * 2 s (+ up to JITTER s) before the second.
 HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -45,9 +40,8 @@ T = TypeVar("T")
 
 
 def default_tracking_uri() -> str:
-    """``$MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<cwd>/mlruns/mlflow.db`` (absolute, so
-    Ray workers with another working directory write to the same store). Inside a submitted Ray
-    job, where that store would be lost, raises TrackingError instead."""
+    """``$MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<cwd>/mlruns/mlflow.db`` (absolute, for
+    Ray workers elsewhere); TrackingError inside a submitted Ray job, where it would be lost."""
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return resolve_tracking_uri(env)
@@ -62,12 +56,10 @@ def resolve_tracking_uri(uri: str | None) -> str:
     if not uri:
         return default_tracking_uri()
     uri = str(uri)
-    scheme = urllib.parse.urlparse(uri).scheme
-    if scheme == "sqlite" and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        rel = uri[len("sqlite:///") :]
-        if rel and rel != ":memory:":
-            return f"sqlite:///{Path(rel).resolve()}"
-    if scheme == "" and uri not in ("databricks",):
+    db = sqlite_path(uri)
+    if db is not None and not db.is_absolute():
+        return f"sqlite:///{db.resolve()}"
+    if urllib.parse.urlparse(uri).scheme == "" and uri != "databricks":
         return Path(uri).resolve().as_uri()
     return uri
 
@@ -128,8 +120,8 @@ def is_transient(e: BaseException) -> bool:
 
 
 def health(uri: str, timeout_s: float) -> None:
-    """One ``GET /health`` through MLflow's own request helper (its credentials, TLS
-    settings and ``user:password@`` handling), without retries. Raises when not OK."""
+    """One ``GET /health`` through MLflow's request helper (its credentials and TLS settings),
+    without retries. Raises when not OK."""
     from mlflow.utils.credentials import get_default_host_creds
     from mlflow.utils.rest_utils import http_request
 
@@ -141,12 +133,8 @@ def health(uri: str, timeout_s: float) -> None:
 
 
 def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
-    """Fail fast, before any compute, when the tracking store cannot be used.
-
-    http(s): ``/health`` must answer within ``timeout_s`` and the REST API must list
-    experiments (this catches bad credentials too). Local stores: the store must open.
-    Raises TrackingError("URI: reason") on failure.
-    """
+    """TrackingError("URI: reason"), before any compute, when the store cannot be used: a
+    server must answer ``/health`` within ``timeout_s`` and list experiments (credentials)."""
     uri = str(uri)
     where = redact(uri)
     if is_remote(uri):

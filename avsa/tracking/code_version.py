@@ -1,18 +1,13 @@
-"""Which code produced a run: git commit, dirty flag and entry point, as MLflow tags.
-
-Runs go through :class:`mlflow.tracking.MlflowClient`, which sets none of the
-``mlflow.source.*`` tags a fluent run gets, so avsa sets them itself on every run it creates.
-The git facts come from the checkout holding the ``avsa`` package (not the working directory:
-Ray workers run elsewhere). Without git (an image build, ``ray job submit --working-dir``) the
-commit comes from ``$AVSA_GIT_COMMIT`` when the build set it, and the tags say ``unknown``
-otherwise; the package version is always there.
+"""Which code produced a run: git commit, dirty flag and entry point, as MLflow tags (the
+``mlflow.source.*`` tags MlflowClient, unlike a fluent run, does not set). Git facts come from
+the checkout holding ``avsa``; without git (an image) the commit is ``$AVSA_GIT_COMMIT`` if the
+build set it.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -30,15 +25,6 @@ COMMIT_ENV = "AVSA_GIT_COMMIT"  # set by image builds that have no .git
 _ROOT = Path(__file__).resolve().parents[2]  # the checkout holding avsa/
 
 
-def _git(*args: str) -> str | None:
-    try:
-        out = subprocess.run(["git", "-C", str(_ROOT), *args], capture_output=True, text=True,
-                             timeout=10, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip()
-
-
 def _package_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -50,35 +36,31 @@ def _package_version() -> str:
 
 def entry_point() -> str:
     """The command that started this run: ``$AVSA_ENTRY_POINT``, else this process's script."""
-    env = os.environ.get(ENTRY_ENV)
-    if env:
-        return env
-    script = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
-    return script or "python"
+    return os.environ.get(ENTRY_ENV) or (Path(sys.argv[0]).name if sys.argv else "") or "python"
 
 
 @functools.lru_cache(maxsize=1)
 def _git_facts() -> dict[str, str]:
-    commit = _git("rev-parse", "HEAD") if (_ROOT / ".git").exists() else None
-    if not commit:
+    try:
+        from git import Repo  # GitPython, which MLflow's own git tags use
+
+        repo = Repo(_ROOT)  # the checkout holding avsa/, never one of its parents
+        facts = {GIT_COMMIT: repo.head.commit.hexsha,
+                 GIT_DIRTY: "true" if repo.is_dirty() else "false"}
+    except Exception:  # no git or no checkout (an image): the build's commit, if it set one
         env = os.environ.get(COMMIT_ENV, "").strip()
         return {GIT_COMMIT: env} if env else {}
-    facts = {GIT_COMMIT: commit}
-    status = _git("status", "--porcelain", "--untracked-files=no")
-    facts[GIT_DIRTY] = "unknown" if status is None else ("true" if status else "false")
-    branch = _git("rev-parse", "--abbrev-ref", "HEAD")
-    if branch and branch != "HEAD":
-        facts[GIT_BRANCH] = branch
-    remote = _git("config", "--get", "remote.origin.url")
+    if not repo.head.is_detached:
+        facts[GIT_BRANCH] = repo.active_branch.name
+    remote = next((r.url for r in repo.remotes if r.name == "origin"), None)
     if remote and "@" not in remote:  # never a URL with credentials in it
         facts[GIT_REPO] = remote
     return facts
 
 
 def code_version_tags() -> dict[str, str]:
-    """The tags for a new run: source name and type, git commit, branch and dirty flag, and
-    ``avsa.code_version``. Never raises; without git the commit tag is absent (or taken from
-    ``$AVSA_GIT_COMMIT``) and the dirty flag is ``unknown``."""
+    """The tags for a new run: source, git commit, branch and dirty flag (``unknown`` without
+    git), and ``avsa.code_version``. Never raises."""
     facts = dict(_git_facts())
     facts.setdefault(GIT_DIRTY, "unknown")
     version = _package_version()

@@ -1,10 +1,7 @@
-"""A run's input shards as MLflow datasets (the runs table's Dataset column).
-
-Each shard set is described by its manifest, not read: the dataset's name is the manifest's
-split and folder, its digest a hash of the shards' names and sha256 checksums (so two runs
-on the same bytes show the same digest), its source the shard folder's URI, and its profile
-the sample and shard counts. The context (``train``, ``val``, ``test``) goes on the input as
-MLflow's ``mlflow.data.context`` tag.
+"""A run's input shards as MLflow datasets (the runs table's Dataset column), described by
+their manifest: name from folder and split, digest from the shards' names and checksums (the
+same bytes, the same digest), source the shard folder, profile the counts; the context
+(``train``, ``val``, ``test``) as MLflow's ``mlflow.data.context`` tag.
 """
 
 from __future__ import annotations

@@ -1,18 +1,11 @@
 """The pretrained network as an MLflow model: logged on its run, registered, loaded by transfer.
 
-At the end of a pretraining run (and of each sweep trial) the final checkpoint's network is
-logged with ``mlflow.pytorch`` as the run's model ``encoders`` (the runs table's Model
-column), with a signature for its two inputs, the resolved config (``config.yaml``) and the
-weights alone (``weights.pt``: a plain state dict, which transfer loads with
-``torch.load(weights_only=True)``, so no pickled code is ever executed). The files go to the
-experiment's artifact store (S3 on a cluster), never into the tracking database.
-
-A pretraining run registers its model as a new version of ``tracking.model_name`` (default
-``avsa-encoders``); a sweep registers its best trial's model and points the alias ``best`` at
-it. ``avsa transfer`` accepts ``models:/NAME/VERSION`` and ``models:/NAME@ALIAS``.
-
-Logging is best effort: with the tracking server down it warns once, naming the run and what
-still works (its run id and checkpoint URI), and training goes on.
+At a run's end the final network is logged with ``mlflow.pytorch`` as the run's model
+``encoders``, with a signature, ``config.yaml`` and ``weights.pt`` (a plain state dict that
+transfer loads with ``weights_only=True``: no pickled code runs). A pretraining registers it as
+a version of ``tracking.model_name``; a sweep registers its best trial's with the alias
+``best``. ``avsa transfer`` accepts ``models:/NAME/VERSION`` and ``models:/NAME@ALIAS``.
+Logging is best effort: with the server down it warns once and training goes on.
 """
 
 from __future__ import annotations
@@ -149,6 +142,31 @@ def log_encoders(logger: RunLogger, checkpoint_uri: str, *, register_as: str | N
     if not register_as:
         return result["model_id"]
     return register(logger, register_as)
+
+
+def log_final(logger: RunLogger, cfg: Config, checkpoint_uri: str | None, *, register: bool,
+              step: int = 0) -> None:
+    """At a run's end: its final network as the run's model (registered as
+    ``tracking.model_name`` when ``register``) unless a resumed run has it already, and the
+    prediction figure. Never raises."""
+    if not checkpoint_uri:
+        return
+    if cfg.tracking.log_model and not _has_model(logger):
+        log_encoders(logger, checkpoint_uri, step=step,
+                     register_as=cfg.tracking.model_name if register else None)
+    try:
+        from avsa.pretrain_figure import log_figure
+
+        log_figure(logger, cfg, checkpoint_uri)
+    except Exception as e:  # a figure is never worth a failed run
+        log.warning("no prediction figure for run %s: %s", logger.run_id, e)
+
+
+def _has_model(logger: RunLogger) -> bool:
+    found: list[str | None] = []
+    return (logger.attempt("the run's models",
+                           lambda c: found.append(_run_model_id(c, logger.run_id)))
+            and found[0] is not None)
 
 
 def _run_model_id(client, run_id: str) -> str | None:

@@ -1,15 +1,14 @@
 """One MLflow run from its start to its end: :class:`RunLogger`.
 
-A RunLogger never lets an unreachable server kill training. Metrics, params and tags go
-through its :class:`~avsa.tracking.buffer.OutageBuffer`, so what cannot be delivered now is
-delivered, in order and with its original steps and timestamps, by a later call or by
-:meth:`RunLogger.end`. Artifact uploads are best effort (a warning, never an exception).
-Used as a ``with`` block it ends the run FINISHED, FAILED on an exception, or KILLED on a
+An unreachable server never kills training: metrics, params and tags go through an
+:class:`~avsa.tracking.buffer.OutageBuffer`; artifact uploads are best effort (a warning).
+As a ``with`` block it ends the run FINISHED, FAILED on an exception, or KILLED on a
 KeyboardInterrupt (the signals of :mod:`avsa.train.interrupt` included), and re-raises.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import numbers
 import os
@@ -58,14 +57,10 @@ def _metric_value(uri: str, key: str, value: Any) -> float:
 
 
 class RunLogger:
-    """One MLflow run, written through an outage buffer.
-
-    Create with :meth:`start` (or, for a run that exists, ``RunLogger(uri, run_id,
-    experiment_id)``, which changes nothing on it). ``log_metrics``, ``log_params``,
-    ``set_tags`` and the artifact methods never raise because the server is down (bad keys or
-    values still raise TrackingError); ``end`` never raises. A pickled copy (e.g. sent to a
-    Ray worker) logs to the same run with an empty buffer.
-    """
+    """One MLflow run, written through an outage buffer. Create with :meth:`start`, or
+    ``RunLogger(uri, run_id, experiment_id)`` for an existing run. Nothing raises because the
+    server is down (bad keys or values raise TrackingError). A pickled copy (e.g. in a Ray
+    worker) logs to the same run with an empty buffer."""
 
     def __init__(self, uri: str, run_id: str, experiment_id: str,
                  policy: BufferPolicy | None = None,
@@ -73,7 +68,6 @@ class RunLogger:
         self.uri, self.run_id, self.experiment_id = str(uri), run_id, experiment_id
         self.policy = policy or BufferPolicy()
         self._lock = threading.RLock()
-        self._client_obj = None
         self._buffer = OutageBuffer(self.uri, self.run_id, self.policy, sent_params)
         self._ended = False
 
@@ -81,11 +75,9 @@ class RunLogger:
         return type(self), (self.uri, self.run_id, self.experiment_id, self.policy,
                             dict(self._buffer.sent_params))
 
-    @property
+    @functools.cached_property
     def _client(self):
-        if self._client_obj is None:
-            self._client_obj = connect(self.uri)
-        return self._client_obj
+        return connect(self.uri)
 
     @classmethod
     def start(
@@ -102,8 +94,7 @@ class RunLogger:
         policy: BufferPolicy | None = None,
     ) -> RunLogger:
         """Create (or, with ``resume_run_id``, reopen as RUNNING) a run in ``experiment``
-        (created if missing), set ``tags`` and log ``params`` (a dict or a config dataclass,
-        see :meth:`log_params`). Raises TrackingError if the store cannot be reached now."""
+        (created if missing) with ``tags`` and ``params``; TrackingError if unreachable now."""
         uri = str(uri)
         mlflow_client = connect(uri)
         all_tags = {str(k): str(v) for k, v in (tags or {}).items()}
@@ -127,7 +118,7 @@ class RunLogger:
         what = f"resuming run {resume_run_id}" if resume_run_id else f"starting run {run_name!r}"
         run_id, exp_id, sent_params = reading(uri, what, open_run)
         self = cls(uri, run_id, exp_id, policy, sent_params)
-        self._client_obj = mlflow_client
+        self._client = mlflow_client
         if resume_run_id and all_tags:
             self.set_tags(all_tags)
         if params is not None:
@@ -149,9 +140,8 @@ class RunLogger:
             self._buffer.deliver(self._client)
 
     def log_params(self, params: Any) -> None:
-        """Log a dict or config as params, through :func:`flatten_config` (so nested values get
-        dotted keys and secret-looking keys are dropped). A key already logged with another
-        value is skipped with a warning (MLflow params are immutable)."""
+        """Log a dict or config as params (:func:`flatten_config`); a key already logged with
+        another value is skipped with a warning (MLflow params are immutable)."""
         flat = {_check_key(self.uri, k): v for k, v in flatten_config(params).items()}
         with self._lock:
             self._buffer.add_params(flat)
@@ -178,9 +168,8 @@ class RunLogger:
     # -- artifacts and other calls
 
     def attempt(self, what: str, fn: Callable[[Any], None]) -> bool:
-        """``fn(client)``: one MLflow call (with MLflow's retries) that is not a metric,
-        param or tag, e.g. an upload. Skipped while the server is down; warns and returns
-        False on failure."""
+        """``fn(client)``: one MLflow call that is not a metric, param or tag (e.g. an upload);
+        skipped while the server is down; False after a warning on failure."""
         return self._call(lambda: fn(self._client),
                           f"log artifact {what} for run {self.run_id}")
 
@@ -216,10 +205,9 @@ class RunLogger:
     # -- the end
 
     def drain(self, timeout_s: float | None = None) -> bool:
-        """Keep delivering the buffer, backing off, for at most ``timeout_s`` seconds (default
-        ``policy.end_timeout_s``): a process about to exit calls this so that what it logged
-        while the server was down still arrives when the server returns in time. Warns about
-        whatever is still undelivered; returns True when nothing is. Never raises."""
+        """Keep delivering the buffer, backing off, for at most ``timeout_s`` (default
+        ``policy.end_timeout_s``) before this process exits; True when nothing is left (else a
+        warning). Never raises."""
         timeout_s = self.policy.end_timeout_s if timeout_s is None else timeout_s
         with self._lock:
             deadline, pause = time.monotonic() + timeout_s, 0.5
@@ -241,8 +229,8 @@ class RunLogger:
             return not (metrics or other)
 
     def end(self, status: str = "FINISHED") -> None:
-        """Deliver what is buffered (for at most ``policy.end_timeout_s``), then mark the run
-        ``status`` (FINISHED, FAILED or KILLED). Warns, never raises, if the server stays down."""
+        """:meth:`drain`, then mark the run ``status`` (FINISHED, FAILED or KILLED). Warns,
+        never raises, if the server stays down."""
         if status not in END_STATUSES:
             raise TrackingError(redact(self.uri), f"run status {status!r} not in {END_STATUSES}")
         with self._lock:

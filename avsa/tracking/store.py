@@ -1,8 +1,6 @@
 """Experiments and runs in the tracking store: the tags that link runs, and finding them.
-
-Everything goes through :class:`mlflow.tracking.MlflowClient` with explicit run ids (never
-the fluent active-run API), so these functions are safe in threads and Ray workers. Failures
-(after MLflow's own retries) raise TrackingError naming the store.
+All through MlflowClient with explicit run ids (safe in threads and Ray workers); failures
+raise TrackingError naming the store.
 """
 
 from __future__ import annotations
@@ -89,18 +87,16 @@ def get_run(uri: str, run_id: str):
     uri = str(uri)
     try:
         return connect(uri).get_run(run_id)
-    except MlflowException as e:
-        if e.get_http_status_code() == 404 or e.error_code == "RESOURCE_DOES_NOT_EXIST":
-            raise TrackingError(redact(uri), f"no run {run_id}") from e
-        raise TrackingError(redact(uri), f"reading run {run_id} failed ({one_line(e)})") from e
     except Exception as e:
+        if isinstance(e, MlflowException) and (e.get_http_status_code() == 404
+                                               or e.error_code == "RESOURCE_DOES_NOT_EXIST"):
+            raise TrackingError(redact(uri), f"no run {run_id}") from e
         raise TrackingError(redact(uri), f"reading run {run_id} failed ({one_line(e)})") from e
 
 
 def last_logged_step(uri: str, run_id: str, system: bool = False) -> int:
-    """The largest step a metric of the run was logged at (0 for none): a resumed attempt
-    logs only the steps after it, so every metric key keeps one value per step. Training
-    steps and system-metric samples (keys under SYSTEM, `system=True`) count apart."""
+    """The largest step a metric of the run was logged at (0 for none), training steps and
+    system-metric samples (keys under SYSTEM, `system=True`) apart."""
     mlflow_client = connect(str(uri))
     run = get_run(uri, run_id)
     keys = [k for k in run.data.metrics if k.startswith(SYSTEM) == system]

@@ -1,12 +1,8 @@
 """System metrics (CPU, memory, disk, network, GPU) on a run, through MLflow's own collectors.
 
-MLflow's :class:`~mlflow.system_metrics.system_metrics_monitor.SystemMetricsMonitor` samples
-with psutil (and pynvml on NVIDIA GPUs) in a daemon thread. Its own loop asks the server for
-the run's status after every sample and stops for good at the first failed request, so a
-tracking outage would end the figures for the rest of the run. Here the same collectors
-publish through the run's :class:`~avsa.tracking.run.RunLogger` instead, whose buffer carries an
-outage; the thread stops when told to, nothing else. One sample every
-``tracking.system_metrics_interval_s`` (10 s) costs well under a millisecond of CPU.
+MLflow's ``SystemMetricsMonitor`` loop stops for good at the first failed request, so an
+outage would end the figures; here its collectors publish through the run's RunLogger, whose
+buffer carries an outage. A sample (every 10 s by default) costs well under 1 ms of CPU.
 """
 
 from __future__ import annotations

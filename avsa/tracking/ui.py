@@ -11,14 +11,6 @@ from __future__ import annotations
 WORKFLOW = "workflowType=machine_learning"
 
 
-def experiment_page(ui: str, experiment_id: str | None) -> str:
-    """The runs table of ``experiment_id`` (the experiment list without one) at ``ui``."""
-    base = ui.rstrip("/")
-    if experiment_id is None:
-        return f"{base}/#/experiments?{WORKFLOW}"
-    return f"{base}/#/experiments/{experiment_id}?{WORKFLOW}"
-
-
 def runs_page(tracking_uri: str, experiment: str, ui: str = "http://127.0.0.1:5000") -> str:
     """The runs table of the experiment named ``experiment`` in the store ``tracking_uri``,
     served at ``ui``; the experiment list if it does not exist (or cannot be read)."""
@@ -29,4 +21,5 @@ def runs_page(tracking_uri: str, experiment: str, ui: str = "http://127.0.0.1:50
         exp_id = experiment_id(connect(tracking_uri), tracking_uri, experiment, create=False)
     except Exception:
         exp_id = None
-    return experiment_page(ui, exp_id)
+    page = "experiments" if exp_id is None else f"experiments/{exp_id}"
+    return f"{ui.rstrip('/')}/#/{page}?{WORKFLOW}"

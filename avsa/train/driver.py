@@ -1,10 +1,7 @@
-"""The run driver: `run` takes one Ray Train run (a pretraining, or one trial of a sweep) from
-its MLflow run's start to its end; `pretrain` (`avsa pretrain`) validates, checks services and
-holds the run directory around it.
-
-Everything that can fail cheaply (config, manifest, tracking server) is checked before a worker
-starts. The run name and storage path are deterministic, so a resubmitted job finds its own
-checkpoints and its own MLflow run and resumes both.
+"""The run driver: `run` takes one Ray Train run (a pretraining, or a sweep trial) from its
+MLflow run's start to its end; `pretrain` (`avsa pretrain`) first checks what can fail cheaply
+(config, manifest, tracking server) and holds the run directory. Run name and storage path are
+deterministic, so a resubmitted job resumes its own checkpoints and MLflow run.
 """
 
 from __future__ import annotations
@@ -15,18 +12,18 @@ import logging
 import math
 import os
 import socket
-import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
 from avsa import lease, resources, storage, tracking
-from avsa.config import Config, compose, config_digest, with_absolute_paths
+from avsa.config import Config, config_digest, with_absolute_paths
 from avsa.config_checks import check_batch_fits_data, temperature_warning
 from avsa.data.manifest import read_manifest
 from avsa.errors import AvsaError, CheckpointError, StorageError
-from avsa.tracking import outputs as run_outputs
+from avsa.tracking import models
+from avsa.tracking.datasets import log_datasets
 from avsa.train import interrupt, resume
 
 log = logging.getLogger("avsa.train")
@@ -59,8 +56,7 @@ _CREDENTIAL_ENV = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_
 
 def keep_credentials_out_of_runtime_envs() -> None:
     """Stop Ray Tune from copying AWS credentials into trial actors' runtime_env (and so into
-    Ray's logs and actor table). Workers do not need the copy: a local Ray's processes inherit
-    this process's environment, and cluster pods get the credentials from their Secret."""
+    Ray's logs); workers inherit them from this process or their pod's Secret."""
     try:
         from ray.tune.execution import class_cache
     except ImportError:  # pragma: no cover - another Ray layout: nothing copied there
@@ -74,12 +70,8 @@ def ensure_ray(cfg: Config, *, state_api: bool = False) -> None:
     """Join the cluster in `RAY_ADDRESS` (as under `ray job submit`), or start a local Ray
     with enough logical CPUs for the train workers plus decoding tasks.
 
-    state_api (sweeps): the local Ray also serves the state API (its dashboard, on loopback).
-    When ASHA stops a trial, Tune ends the trial's actor and its Train controller dies with it;
-    Ray Train then frees the stopped run's worker placement group through the state API.
-    Without it every stopped trial keeps its workers' CPUs and later trials starve. The API
-    address goes to every worker, so the lookup also works when other Ray instances run on
-    the same machine.
+    state_api (sweeps): the local Ray also serves the state API (dashboard on loopback), through
+    which Ray Train frees the workers of a trial ASHA stopped; without it later trials starve.
     """
     import ray
 
@@ -113,15 +105,9 @@ def _state_api_options() -> dict[str, Any]:
 
 
 def claim_run_dir(cfg: Config, run_uri: str) -> None:
-    """Make `run_uri` this config's run directory, or refuse it.
-
-    The first run in a directory writes `avsa_run.json` with its config digest; a run with
-    another config sent to the same directory (the same `storage.run_name` under the same
-    `storage.path`) gets a CheckpointError instead of resuming from, and overwriting, the
-    other's checkpoints. The same config resubmitted finds its own digest and resumes. This is
-    also the run's first write, so an unwritable storage path fails here, before Ray starts.
-    It runs under the run directory's lease, so two runs cannot both miss the marker.
-    """
+    """Make `run_uri` this config's run directory (`avsa_run.json` holds its config digest),
+    or raise CheckpointError when it holds another config's checkpoints. As the run's first
+    write (under the directory's lease) it also fails an unwritable storage path before Ray."""
     marker = storage.join(run_uri, RUN_MARKER)
     digest = config_digest(cfg)
     try:
@@ -144,8 +130,8 @@ def claim_run_dir(cfg: Config, run_uri: str) -> None:
 
 
 def project_error(exc: BaseException) -> AvsaError | None:
-    """The avsa error behind a Ray Train failure (a worker's CheckpointError, ShardError, ...),
-    so the command reports it as one line instead of Ray's multi-line wrapper."""
+    """The avsa error behind a Ray Train failure (a worker's CheckpointError, ...), to report
+    as one line instead of Ray's wrapper."""
     failures = getattr(exc, "worker_failures", None) or {}
     for _, failure in sorted(failures.items()):
         # Ray wraps each worker's exception with its traceback text.
@@ -240,18 +226,15 @@ def start_tracking(
         from omegaconf import OmegaConf
 
         logger.log_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)), "config.yaml")
-        run_outputs.log_pretraining_inputs(logger, cfg)
+        log_datasets(logger, [(cfg.data.shards, "train"), (cfg.data.val_shards, "val")])
     logger.flush()
     return logger
 
 
 def run(cfg: Config, parent: Parent | None = None, callbacks: Sequence[Any] = ()) -> RunResult:
-    """One Ray Train run from its MLflow run's start to its end: a pretraining, or with
-    `parent` a sweep trial (a child run whose model is logged, not registered: the sweep
-    registers its best). Every way out ends the MLflow run: FINISHED, FAILED, or KILLED by a
-    signal (see avsa.train.interrupt). `callbacks`: Ray Train callbacks (a trial's reports to
-    Tune). Expects local paths absolute and Ray started (see `pretrain`).
-    """
+    """One Ray Train run, its MLflow run ended FINISHED, FAILED or KILLED (by a signal): a
+    pretraining, or with `parent` a sweep trial (its model logged, not registered). Expects
+    absolute local paths and Ray started (see `pretrain`)."""
     run_name = cfg.run_name()
     run_uri = storage.join(cfg.storage.path, run_name)
     if parent is None:
@@ -269,13 +252,11 @@ def run(cfg: Config, parent: Parent | None = None, callbacks: Sequence[Any] = ()
             checkpoint_uri = _checkpoint_uri(cfg, result)
             if checkpoint_uri:
                 logger.set_tags({tracking.CHECKPOINT: checkpoint_uri})
-            run_outputs.finish_pretraining(logger, cfg, checkpoint_uri, register=parent is None,
-                                           step=int(metrics.get("step", 0)))
+            models.log_final(logger, cfg, checkpoint_uri, register=parent is None,
+                             step=int(metrics.get("step", 0)))
         except KeyboardInterrupt as k:
             interrupt.stop_controller(controller)
-            e = interrupt.as_interrupted(k)
-            raise interrupt.record_killed(logger, logger.uri, logger.run_id, run_uri,
-                                          e) from None
+            raise interrupt.record_killed(logger, run_uri, interrupt.as_interrupted(k)) from None
         except Exception as e:
             cause = project_error(e)
             if cause is not None:
@@ -285,9 +266,8 @@ def run(cfg: Config, parent: Parent | None = None, callbacks: Sequence[Any] = ()
 
 
 def pretrain(cfg: Config, callbacks: Sequence[Any] = ()) -> RunResult:
-    """Run (or resume) one pretraining run end to end; returns where its results are.
-    Relative local paths in cfg are taken against the current directory. Everything that can
-    fail cheaply is checked first; the run directory is held for the run's whole length."""
+    """Run (or resume) one pretraining end to end, relative paths taken against the current
+    directory; returns where its results are."""
     cfg = with_absolute_paths(cfg)
     tracking.resolve_tracking_uri(cfg.tracking.uri)  # refused here inside a job with no server
     manifest = read_manifest(cfg.data.shards)  # a clear error now, not inside a worker
@@ -327,20 +307,9 @@ def _checkpoint_uri(cfg: Config, result) -> str | None:
 
 
 def main(argv: list[str]) -> int:
-    if argv[:1] in (["-h"], ["--help"]):
-        print("usage: avsa pretrain [hydra overrides...]   e.g. experiment=demo_local "
-              "data.num_viewpoints=8 train.max_steps=500")
-        return 0
-    cfg = compose(argv)
-    try:
-        res = pretrain(cfg)
-    except KeyboardInterrupt as k:
-        e = interrupt.as_interrupted(k)
-        interrupt.shutdown_ray()
-        print(interrupt.resume_line("pretrain", argv, e), file=sys.stderr)
-        return e.exit_code
-    print_summary(res, cfg)
-    return 0
+    usage = ("usage: avsa pretrain [hydra overrides...]   e.g. experiment=demo_local "
+             "data.num_viewpoints=8 train.max_steps=500")
+    return interrupt.run_command("pretrain", argv, usage, pretrain, print_summary)
 
 
 def print_summary(res: RunResult, cfg: Config) -> None:

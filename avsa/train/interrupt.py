@@ -1,11 +1,9 @@
 """SIGINT and SIGTERM during `avsa pretrain` and `avsa sweep`: stop the run, record it, exit.
 
-While a run is under way, the first SIGINT or SIGTERM raises `Interrupted` in the main thread
-(Ray Train's own SIGINT handler, which calls `sys.exit` from inside `fit()`, is not installed;
-Ray Tune's is turned off). The driver then aborts the Ray Train controller (its workers stop),
-marks the MLflow run KILLED with the step it reached, shuts down the local Ray it started, and
-the command exits 130 (SIGINT) or 143 (SIGTERM) with one line saying how to resume. Further
-signals while this happens are logged and ignored, so the records are always written.
+The first signal raises `Interrupted` in the main thread (Ray Train's and Tune's own handlers
+are kept out). The driver aborts the Ray Train controller, marks the MLflow run KILLED at the
+step it reached, shuts Ray down, and the command exits 130 (SIGINT) or 143 (SIGTERM) with one
+line saying how to resume. Further signals are logged and ignored until the records are written.
 """
 
 from __future__ import annotations
@@ -15,8 +13,9 @@ import logging
 import os
 import shlex
 import signal
+import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 log = logging.getLogger("avsa.train")
@@ -27,9 +26,8 @@ STOPPED_BY = "avsa.stopped_by"
 
 
 class Interrupted(KeyboardInterrupt):
-    """A run stopped by a signal. A KeyboardInterrupt: no `except Exception` on the way may
-    swallow it, and Ray's blocking calls, which turn a KeyboardInterrupt raised by a signal
-    handler into a fresh one, still stop (`as_interrupted` recovers the signal)."""
+    """A run stopped by a signal; a KeyboardInterrupt, so no `except Exception` swallows it
+    (Ray's blocking calls raise a fresh one: `as_interrupted` recovers the signal)."""
 
     def __init__(self, signum: int, step: int | None = None, resume_step: int | None = None):
         super().__init__(signal.Signals(signum).name)
@@ -117,14 +115,14 @@ def shutdown_ray() -> None:
             ray.shutdown()
 
 
-def record_killed(logger: Any, uri: str, run_id: str, run_uri: str, e: Interrupted) -> Interrupted:
+def record_killed(logger: Any, run_uri: str, e: Interrupted) -> Interrupted:
     """Mark the MLflow run KILLED with the step it reached; returns `e` with the step reached
     and the step a rerun resumes from."""
     from avsa import tracking
     from avsa.train.resume import committed
 
     try:
-        e.step = tracking.last_logged_step(uri, run_id)
+        e.step = tracking.last_logged_step(logger.uri, logger.run_id)
     except Exception:  # the server is away: the run is still ended below (with a warning)
         e.step = None
     try:
@@ -137,15 +135,33 @@ def record_killed(logger: Any, uri: str, run_id: str, run_uri: str, e: Interrupt
     return e
 
 
-def kill_children(uri: str, experiment: str, parent_run_id: str, signame: str) -> int:
-    """Mark every RUNNING child of a sweep's parent run KILLED; returns how many."""
+def kill_children(uri: str, experiment: str, parent_run_id: str, signame: str) -> None:
+    """Mark every RUNNING child of a sweep's parent run KILLED."""
     from avsa import tracking
 
-    ids = tracking.running_children(uri, parent_run_id)
-    for run_id in ids:
+    for run_id in tracking.running_children(uri, parent_run_id):
         tracking.RunLogger.start(uri, experiment, None, resume_run_id=run_id,
                                  tags={STOPPED_BY: signame}).end("KILLED")
-    return len(ids)
+
+
+def run_command(command: str, argv: list[str], usage: str, run: Callable[[Any], Any],
+                report: Callable[[Any, Any], int | None]) -> int:
+    """`avsa COMMAND [overrides]`: compose the config, `run` it and `report` the result (its
+    exit status, 0 for None); after a signal, shut down Ray and print how to resume."""
+    from avsa.config import compose
+
+    if argv[:1] in (["-h"], ["--help"]):
+        print(usage)
+        return 0
+    cfg = compose(argv)
+    try:
+        res = run(cfg)
+    except KeyboardInterrupt as k:
+        e = as_interrupted(k)
+        shutdown_ray()
+        print(resume_line(command, argv, e), file=sys.stderr)
+        return e.exit_code
+    return int(report(res, cfg) or 0)
 
 
 def resume_line(command: str, argv: list[str], e: Interrupted) -> str:

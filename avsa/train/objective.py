@@ -28,11 +28,8 @@ def compute_objective(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss and metrics (0-d tensors) of `kind` in {"avsa", "avc", "avts"}.
 
-    AVC pairs every viewpoint with its own audio against the other clips' (B x V pairs, so
-    the curriculum's AVC phase sees as many pairs as its AVSA phase); AVTS uses the first
-    viewpoint only; neither uses the viewpoint context, so the same network serves both
-    phases of the curriculum. `model` may be DDP-wrapped: it is always called
-    through `forward`. `channels_last`: the video layout (see `normalize_video`).
+    AVC pairs every viewpoint with its own audio (B x V pairs, as many as AVSA sees); AVTS uses
+    the first viewpoint; neither uses the viewpoint context. `model` may be DDP-wrapped.
     """
     video = normalize_video(batch["video"], channels_last)
     audio = batch["audio"]
