@@ -1,4 +1,4 @@
-"""PyAV decode, encode and probing of 360° clips: equirect H.264 video + 4-channel ambiX audio.
+"""PyAV decode and probing of 360° clips: equirect H.264 video + 4-channel ambiX audio.
 
 A source is a path or the whole file as bytes (shard members). Video decodes to (T, H, W, 3)
 uint8 RGB, audio to (4, N) float32 in the stored channel order, ambiX (W, Y, Z, X), never
@@ -12,7 +12,6 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -20,7 +19,7 @@ import numpy as np
 from av.video.reformatter import VideoReformatter
 
 from avsa.errors import MediaError
-from avsa.pcm import AUDIO_LAYOUT, audio_frame, planar_float, resample
+from avsa.pcm import planar_float, resample
 
 Source = str | os.PathLike | bytes
 
@@ -28,7 +27,7 @@ AUDIO_SIDECAR_EXTS = (".m4a", ".wav", ".flac", ".aac")
 _DURATION_TOL = 1e-3  # seconds of slack when comparing asked and available durations
 _PTS_TOL = 1e-4  # seconds: a frame whose time is this close to t_k counts as at t_k
 _NO_AUDIO = f"no audio stream and no sidecar audio file ({'/'.join(AUDIO_SIDECAR_EXTS)})"
-_AV_ERRORS = (av.error.FFmpegError, av.codec.codec.UnknownCodecError)
+AV_ERRORS = (av.error.FFmpegError, av.codec.codec.UnknownCodecError)
 
 
 @dataclass
@@ -111,16 +110,16 @@ def _open(src: Source, label: str,
         raise MediaError(label, "file not found")
     try:
         container = _av_open(src, header_only)
-    except _AV_ERRORS as e:
-        raise MediaError(label, f"not a media file, or truncated or corrupt ({_why(e)})") from e
+    except AV_ERRORS as e:
+        raise MediaError(label, f"not a media file, or truncated or corrupt ({av_reason(e)})") from e
     try:
         with container:
             yield container
-    except _AV_ERRORS as e:
-        raise MediaError(label, f"truncated or corrupt ({_why(e)})") from e
+    except AV_ERRORS as e:
+        raise MediaError(label, f"truncated or corrupt ({av_reason(e)})") from e
 
 
-def _why(e: Exception) -> str:
+def av_reason(e: Exception) -> str:
     return (getattr(e, "strerror", None) or str(e)).splitlines()[0]
 
 
@@ -393,45 +392,3 @@ def decode_clip(src: Source, *, audio_src: Source | None = None, fps: float = 16
     return video, decode_audio(a_src, sample_rate=sample_rate, start=a_start,
                                duration=a_duration, name=a_name)
 
-
-def encode_clip(path: str | os.PathLike, video: np.ndarray, fps: float, foa: np.ndarray,
-                sample_rate: int) -> None:
-    """Write an MP4: H.264 (yuv420p, keyframe every second) + 4-channel AAC, 96 kb/s per
-    channel, channels in the order given (ambiX W, Y, Z, X).
-
-    video: (T, H, W, 3) uint8 with even H and W; foa: (4, N) float in [-1, 1]. The file is
-    written next to path and renamed into place, so a reader never sees a partial file.
-    """
-    path = Path(path)
-    if (video.ndim != 4 or video.shape[-1] != 3 or video.dtype != np.uint8 or video.shape[1] % 2
-            or video.shape[2] % 2 or foa.ndim != 2 or foa.shape[0] != 4):
-        raise MediaError(path, "need video (T, H, W, 3) uint8 with even H and W, and foa (4, N);"
-                               f" got {video.dtype} {video.shape} and {foa.shape}")
-    rate, tmp = Fraction(fps).limit_denominator(1001), path.with_name(f".{path.name}.tmp")
-    try:
-        with av.open(str(tmp), "w", format="mp4", options={"movflags": "+faststart"}) as c:
-            vs = c.add_stream("libx264", rate=rate, options={
-                "preset": "veryfast", "crf": "23", "g": str(max(1, round(fps)))})
-            vs.width, vs.height, vs.pix_fmt = video.shape[2], video.shape[1], "yuv420p"
-            aus = c.add_stream("aac", rate=sample_rate, layout=AUDIO_LAYOUT,
-                               options={"aac_coder": "fast", "aac_is": "0", "aac_pns": "0"})
-            aus.bit_rate = 4 * 96_000
-            samples = np.clip(foa, -1.0, 1.0).astype(np.float32)
-            n_audio, done = samples.shape[1], 0
-            for i in range(len(video) + 1):
-                if i < len(video):
-                    frame = av.VideoFrame.from_ndarray(video[i], format="rgb24")
-                    frame.pts, frame.time_base = i, 1 / rate
-                    c.mux(vs.encode(frame))
-                # interleaved: audio up to the end of this video frame (all of it after the last)
-                upto = n_audio if i == len(video) else min(n_audio, (i + 1) * sample_rate / fps)
-                while done + 1024 <= upto or (i == len(video) and done < n_audio):
-                    c.mux(aus.encode(audio_frame(samples[:, done:done + 1024], sample_rate, done)))
-                    done += 1024
-            c.mux(vs.encode(None))
-            c.mux(aus.encode(None))
-        os.replace(tmp, path)
-    except _AV_ERRORS as e:
-        raise MediaError(path, f"cannot encode ({_why(e)})") from e
-    finally:
-        tmp.unlink(missing_ok=True)

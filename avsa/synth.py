@@ -37,8 +37,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from avsa import geometry, media, shapes, storage
+from avsa import geometry, shapes, storage
 from avsa.data.labels import CLASSES as CLASS_NAMES
+from avsa.encode import encode_clip
 from avsa.errors import AvsaError, ConfigError
 
 LABEL_FPS = 4  # mask frames (and JSON trajectory samples) per second
@@ -303,7 +304,7 @@ def _write_clip(job: tuple) -> bool:
     if _complete(out_dir, key):
         return False
     scene = make_scene(clip_seed(seed, index), seconds, **kwargs)
-    media.encode_clip(out_dir / f"{key}.mp4", scene.video, scene.meta["fps"], scene.foa,
+    encode_clip(out_dir / f"{key}.mp4", scene.video, scene.meta["fps"], scene.foa,
                       scene.meta["sample_rate"])
     npz = io.BytesIO()
     np.savez_compressed(npz, masks=scene.masks)

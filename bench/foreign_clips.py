@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("outputs/foreign"))
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for pretraining")
     args = p.parse_args(argv)
-    from avsa import media
+    from avsa.encode import encode_clip
     from avsa.config import compose
     from avsa.data.shards import write_shards
     from avsa.train.driver import pretrain
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             if not path.exists():
                 video, foa = make_clip(offset + i, args.seconds, args.width, args.width // 2, 30,
                                        48000)
-                media.encode_clip(path, video, 30, foa, 48000)
+                encode_clip(path, video, 30, foa, 48000)
             print(f"\r{split} {i + 1}/{n}", end="", file=sys.stderr)
         print(file=sys.stderr)
         shards[split] = str((args.out / "shards" / split).resolve())

@@ -11,6 +11,7 @@ import torch
 from avsa import geometry, media, synth
 from avsa.config import DataConfig
 from avsa.data import crops, transform
+from avsa.encode import encode_clip
 
 
 def _reference(frames, plan, size: int) -> torch.Tensor:
@@ -40,7 +41,7 @@ def test_crops_of_a_decoded_clip_within_tolerance(tmp_path):
     """Real content (a decoded synthetic scene): at most 6 grey levels from the reference and
     under 1 % of values off by more than 1, with and without jitter, flipped or not."""
     scene = synth.make_scene(3, 1.0, width=256, height=128, fps=16)
-    media.encode_clip(tmp_path / "c.mp4", scene.video, 16, scene.foa, 24000)
+    encode_clip(tmp_path / "c.mp4", scene.video, 16, scene.foa, 24000)
     frames = media.decode_video(tmp_path / "c.mp4", fps=16, duration=0.5)
     cfg = DataConfig(num_viewpoints=4, crop_size=48, augment=True)
     plans = _plans(cfg, 6)

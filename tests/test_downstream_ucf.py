@@ -15,6 +15,7 @@ from avsa import media
 from avsa.config import DataConfig, DownstreamConfig
 from avsa.downstream import ucf
 from avsa.downstream.run import run_task
+from avsa.encode import encode_clip
 from avsa.errors import MediaError
 
 CLASSES = ["Jump", "Run", "Swim"]
@@ -26,7 +27,7 @@ def write_video(path: Path, level: int, audio_channels: int, seconds: float = 1.
     frames = np.full((round(8 * seconds), 32, 40, 3), level, np.uint8)
     frames[:, :, :10] = 255 - level  # something to crop
     if audio_channels == 4:
-        media.encode_clip(path, frames, 8.0, np.zeros((4, round(24000 * seconds)), np.float32),
+        encode_clip(path, frames, 8.0, np.zeros((4, round(24000 * seconds)), np.float32),
                           24000)
         return
     with av.open(str(path), "w", format="mp4") as c:

@@ -19,11 +19,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from avsa import media
 from avsa.config import DataConfig
 from avsa.data.manifest import Manifest, ShardInfo
 from avsa.data.shards import RawSample, iter_shard, pack_shard
 from avsa.data.transform import make_sample
+from avsa.encode import encode_clip
 from avsa.errors import MediaError, ShardError
 
 pytestmark = pytest.mark.fuzz
@@ -181,7 +181,7 @@ def clip() -> dict[str, bytes]:
     foa = (0.1 * rng.standard_normal((4, 10000))).astype(np.float32)
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "k.mp4"
-        media.encode_clip(path, video, 8.0, foa, 8000)
+        encode_clip(path, video, 8.0, foa, 8000)
         mp4 = path.read_bytes()
     buf = io.BytesIO()
     np.savez_compressed(buf, masks=np.ones((2, 32, 64), np.uint8))

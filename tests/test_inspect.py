@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from avsa import geometry, inspect, media, synth
+from avsa import geometry, inspect, synth
+from avsa.encode import encode_clip
 from avsa.synth import SourceSpec
 
 SIZE = {"width": 128, "height": 64}
@@ -17,7 +18,7 @@ SIZE = {"width": 128, "height": 64}
 
 def one_source_clip(path, az_deg, el_deg, cls="disc", seconds=1.0):
     scene = synth.make_scene(7, seconds, sources=[SourceSpec(cls, az_deg, el_deg)], **SIZE)
-    media.encode_clip(path, scene.video, 16, scene.foa, 24000)
+    encode_clip(path, scene.video, 16, scene.foa, 24000)
     return scene
 
 
@@ -135,7 +136,7 @@ def test_unwritable_png_is_an_error(tmp_path, capsys):
 def test_non_equirect_is_a_one_line_warning(tmp_path, capsys):
     path = tmp_path / "tv.mp4"
     scene = synth.make_scene(1, 1.0, num_sources=1, **SIZE)
-    media.encode_clip(path, scene.video[:, :, :96], 16, scene.foa, 24000)
+    encode_clip(path, scene.video[:, :, :96], 16, scene.foa, 24000)
     rc, out, err = run([path, "--json"], capsys)
     assert rc == 0 and json.loads(out)["equirect"] is False
     assert err.strip().splitlines() == [f"avsa inspect: warning: {path}: video is 96x64, not 2:1 "

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from avsa import media
+from avsa.encode import encode_clip
 from avsa.errors import MediaError
 
 FREQS = (300.0, 700.0, 1300.0, 2100.0)  # one sine per ambiX channel W, Y, Z, X
@@ -69,7 +70,7 @@ def write_raw(path, *, video=None, fps=16, audio=None, sample_rate=48000, layout
 def clip30(tmp_path_factory):
     """2 s at 30 fps, 128x64, 48 kHz four-sine audio."""
     path = tmp_path_factory.mktemp("media") / "clip.mp4"
-    media.encode_clip(path, bar_video(60), 30, sines(48000, 2.0), 48000)
+    encode_clip(path, bar_video(60), 30, sines(48000, 2.0), 48000)
     return path
 
 
@@ -112,7 +113,7 @@ def test_audio_window_is_time_aligned(tmp_path):
     clicks = np.zeros((4, 96000), np.float32)
     clicks[:, 24000::12000] = 0.8  # 0.5 s, 0.75 s, ... at 48 kHz
     path = tmp_path / "clicks.mp4"
-    media.encode_clip(path, bar_video(32), 16, clicks, 48000)
+    encode_clip(path, bar_video(32), 16, clicks, 48000)
     foa = media.decode_audio(path, sample_rate=24000, start=0.3, duration=1.0)
     assert foa.shape == (4, 24000)
     peaks = sorted(np.argsort(-np.abs(foa[0]))[:4])
@@ -261,7 +262,7 @@ def test_clip_shorter_than_asked(clip30):
 
 def test_non_equirect_video_warns(tmp_path):
     path = tmp_path / "tv.mp4"
-    media.encode_clip(path, bar_video(16, height=96, width=128), 16, sines(24000, 1.0), 24000)
+    encode_clip(path, bar_video(16, height=96, width=128), 16, sines(24000, 1.0), 24000)
     with pytest.warns(UserWarning, match=r"tv\.mp4: video is 128x96, not 2:1"):
         info = media.probe(path)
     assert not info.equirect
@@ -271,8 +272,8 @@ def test_non_equirect_video_warns(tmp_path):
 
 def test_encode_rejects_bad_arrays(tmp_path):
     with pytest.raises(MediaError, match="even H and W"):
-        media.encode_clip(tmp_path / "odd.mp4", np.zeros((2, 63, 128, 3), np.uint8), 16,
+        encode_clip(tmp_path / "odd.mp4", np.zeros((2, 63, 128, 3), np.uint8), 16,
                           np.zeros((4, 100), np.float32), 24000)
     with pytest.raises(MediaError, match=r"and foa \(4, N\)"):
-        media.encode_clip(tmp_path / "x.mp4", bar_video(2), 16, np.zeros((2, 100)), 24000)
+        encode_clip(tmp_path / "x.mp4", bar_video(2), 16, np.zeros((2, 100)), 24000)
     assert not list(tmp_path.iterdir())

@@ -19,11 +19,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from avsa import media, storage
+from avsa import storage
 from avsa.config import DataConfig
 from avsa.data import pipeline, shard_cli
 from avsa.data.manifest import Manifest, read_manifest, write_manifest
 from avsa.data.shards import RawSample, pack_shard, shard_info, shard_name
+from avsa.encode import encode_clip
 from avsa.errors import ShardError
 
 pytestmark = pytest.mark.reliability
@@ -37,7 +38,7 @@ def _mp4(path: Path, seconds: float, seed: int) -> bytes:
     video = rng.integers(0, 255, (round(seconds * FPS), H, W, 3), dtype=np.uint8)
     t = np.arange(round(seconds * SR)) / SR
     foa = (0.2 * np.sin(2 * np.pi * 300 * t) * np.array([[1.0], [0.5], [0.2], [0.7]]))
-    media.encode_clip(path, video, FPS, foa.astype(np.float32), SR)
+    encode_clip(path, video, FPS, foa.astype(np.float32), SR)
     return path.read_bytes()
 
 

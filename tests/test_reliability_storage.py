@@ -21,11 +21,12 @@ import pytest
 import torch
 from s3server import MotoS3Server
 
-from avsa import media, storage
+from avsa import storage
 from avsa.config import DataConfig
 from avsa.data import pipeline
 from avsa.data.manifest import Manifest, write_manifest
 from avsa.data.shards import RawSample, pack_shard, shard_info, shard_name
+from avsa.encode import encode_clip
 from avsa.errors import CheckpointError
 from avsa.train import checkpoint as ckpt
 
@@ -54,7 +55,7 @@ def _clip(path: Path, seed: int) -> bytes:
     rng = np.random.default_rng(seed)
     video = rng.integers(0, 255, (16, 32, 64, 3), dtype=np.uint8)
     foa = (0.1 * rng.standard_normal((4, 2 * SR))).astype(np.float32)
-    media.encode_clip(path, video, FPS, foa, SR)
+    encode_clip(path, video, FPS, foa, SR)
     return path.read_bytes()
 
 

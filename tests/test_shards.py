@@ -16,7 +16,7 @@ import av
 import numpy as np
 import pytest
 
-from avsa import media, storage
+from avsa import storage
 from avsa.data import shard_cli
 from avsa.data.ingest import find_clips
 from avsa.data.manifest import (
@@ -34,6 +34,7 @@ from avsa.data.shards import (
     verify_shard,
     write_shards,
 )
+from avsa.encode import encode_clip
 from avsa.errors import ShardError, StorageError
 
 FPS, SR, H, W = 8, 8000, 64, 128
@@ -83,7 +84,7 @@ def clips_dir(tmp_path_factory) -> Path:
     t = np.arange(int(2 * SR)) / SR
     foa = (0.3 * np.sin(2 * np.pi * 440 * t) * np.array([[1], [0.5], [0], [0.5]])).astype("f4")
     for i, key in enumerate(["clip-a", "clip-b", "clip-c", "clip-e"]):
-        media.encode_clip(d / f"{key}.mp4", _frames(2, i), FPS, foa, SR)
+        encode_clip(d / f"{key}.mp4", _frames(2, i), FPS, foa, SR)
     (d / "clip-a.json").write_text(json.dumps({"classes": ["drum"], "seconds": 2}))
     buf = io.BytesIO()
     np.savez_compressed(buf, masks=np.zeros((2, H, W), np.uint8))

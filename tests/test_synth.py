@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from avsa import geometry, media, synth
+from avsa.encode import encode_clip
 from avsa.errors import ConfigError
 from avsa.synth import SourceSpec
 
@@ -206,7 +207,7 @@ def test_visual_pulse_in_step_with_sound():
 def test_foa_peak_survives_aac_round_trip(tmp_path):
     scene = synth.make_scene(21, 2.0, num_sources=1, **SMALL)
     path = tmp_path / "one.mp4"
-    media.encode_clip(path, scene.video, 16, scene.foa, 24000)
+    encode_clip(path, scene.video, 16, scene.foa, 24000)
     foa = media.decode_audio(path, sample_rate=24000)
     src = scene.meta["sources"][0]
     mid = len(src["az_deg"]) // 2

@@ -15,6 +15,7 @@ from avsa import audio, geometry, media, synth
 from avsa.config import DataConfig
 from avsa.data import transform
 from avsa.data.shards import RawSample
+from avsa.encode import encode_clip
 from avsa.errors import MediaError
 
 SECONDS = 2.0
@@ -31,7 +32,7 @@ def scene_sample(tmp_path, key: str, sources, *, seconds: float = SECONDS, seed:
     scene = synth.make_scene(seed, seconds, width=width, height=height, fps=16,
                              sources=[synth.SourceSpec(c, az, el) for c, az, el in sources])
     path = tmp_path / f"{key}.mp4"
-    media.encode_clip(path, scene.video, 16, scene.foa, 24000)
+    encode_clip(path, scene.video, 16, scene.foa, 24000)
     buf = io.BytesIO()
     np.savez_compressed(buf, masks=scene.masks)
     return RawSample(key, {"mp4": path.read_bytes(), "json": json.dumps(scene.meta).encode(),
