@@ -88,9 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("outputs/foreign"))
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for pretraining")
     args = p.parse_args(argv)
-    from avsa.encode import encode_clip
     from avsa.config import compose
     from avsa.data.shards import write_shards
+    from avsa.encode import encode_clip
     from avsa.train.driver import pretrain
 
     shards = {}
