@@ -77,22 +77,8 @@ def log_mel(
     centred frame at the very end is dropped so 1 s at 24 kHz gives exactly 100 frames.
     """
     n = wave.shape[-1]
-    if n <= n_fft // 2:
-        raise ValueError(f"log_mel needs more than n_fft // 2 = {n_fft // 2} samples, got {n}")
-    x = wave.reshape(-1, n).float()
-    window = torch.hann_window(n_fft, periodic=True, dtype=x.dtype, device=x.device)
-    spec = torch.stft(
-        x,
-        n_fft,
-        hop_length=hop,
-        win_length=n_fft,
-        window=window,
-        center=True,
-        pad_mode="reflect",
-        return_complex=True,
-    )
-    mag = spec[..., : n // hop].abs()  # (B, K, F)
-    fb = mel_filterbank(sr, n_fft, n_mels).to(x.device)
+    mag = stft(wave.reshape(-1, n), n_fft, hop).abs()  # (B, K, F)
+    fb = mel_filterbank(sr, n_fft, n_mels).to(mag.device)
     mel = mag.transpose(-1, -2) @ fb  # (B, F, M)
     return (10.0 * torch.log10(mel + eps)).reshape(*wave.shape[:-1], n // hop, n_mels)
 
