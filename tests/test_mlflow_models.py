@@ -145,3 +145,26 @@ def test_model_logging_with_the_server_down_warns_and_returns(
     text = caplog.text
     assert "could not log artifact the encoders model" in text
     assert f"transfer can still start from pretrain={logger.run_id}" in text
+
+
+def test_registration_on_a_local_store_stays_in_that_store(tmp_path, checkpoint, monkeypatch):
+    """MLflow's SQLite registry resolves a ``models:/<id>`` source through the process's
+    default store: registering on a local store from another directory must neither fail
+    nor create a second store in the working directory."""
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    logger = tracking.RunLogger.start(uri, "local", "pre")
+    ref = mlflow_models.log_encoders(logger, checkpoint[0], register_as="enc", step=5)
+    logger.end()
+    assert isinstance(ref, mlflow_models.ModelRef) and ref.version == "1"
+    assert list(elsewhere.iterdir()) == []
+    mv = _client(uri).get_model_version("enc", "1")
+    assert mv.run_id == logger.run_id
+    assert mlflow_models.resolve("models:/enc/1", uri).model_id == ref.model_id
+    state, resolved = ckpt.resolve_init("models:/enc/1", uri)
+    assert resolved == "models:/enc/1"
+    for k, v in checkpoint[1].items():
+        assert torch.equal(state["model"][k], v)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from avsa.errors import CheckpointError, TrackingError
-from avsa.tracking.client import connect, one_line
+from avsa.tracking.client import connect, is_remote, one_line
 
 if TYPE_CHECKING:
     from avsa.config import Config
@@ -197,8 +197,8 @@ def register(logger: RunLogger, name: str, alias: str | None = None) -> ModelRef
             except MlflowException as e:
                 if e.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
-            mv = client.create_model_version(name, f"models:/{model_id}", run_id=logger.run_id,
-                                             model_id=model_id)
+            mv = client.create_model_version(name, _version_source(client, logger.uri, model_id),
+                                             run_id=logger.run_id, model_id=model_id)
         if alias:
             client.set_registered_model_alias(name, alias, mv.version)
         found.append(ModelRef(name, str(mv.version), logger.run_id, model_id))
@@ -209,6 +209,15 @@ def register(logger: RunLogger, name: str, alias: str | None = None) -> ModelRef
     logger.set_tags({MODEL_VERSION_TAG: f"{ref.name}/{ref.version}"})
     log.info("registered %s (run %s)%s", ref.uri, logger.run_id, f" as @{alias}" if alias else "")
     return ref
+
+
+def _version_source(client, tracking_uri: str, model_id: str) -> str:
+    """``models:/<id>`` for a server, which resolves it in its own store; the model's artifact
+    location for a local store, whose registry would resolve ``models:/<id>`` through the
+    process's default tracking URI instead of this one."""
+    if is_remote(tracking_uri):
+        return f"models:/{model_id}"
+    return client.get_logged_model(model_id).artifact_location
 
 
 def resolve(ref: str, tracking_uri: str) -> ModelRef:
@@ -227,6 +236,8 @@ def resolve(ref: str, tracking_uri: str) -> ModelRef:
     model_id = getattr(mv, "model_id", None)
     if not model_id and (mv.source or "").startswith("models:/m-"):  # servers that omit it
         model_id = mv.source[len("models:/"):]
+    if not model_id and mv.run_id:  # a local store's version, sourced by artifact location
+        model_id = _run_model_id(registry, mv.run_id)
     return ModelRef(name, str(mv.version), mv.run_id, model_id)
 
 
