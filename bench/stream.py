@@ -60,13 +60,17 @@ def run(uri: str, cfg: DataConfig, *, bounded: bool, batch: int, steps: int,
     row = pipeline.row_bytes(cfg)
     t0 = time.perf_counter()
     times, held = [], []
-    for _ in ds.iter_torch_batches(batch_size=batch, prefetch_batches=2, drop_last=True):
-        times.append(time.perf_counter())
-        if len(times) >= steps:
-            break
-        if len(times) in (25, 50, 100):
-            held.append(store_mib())
-        burn(step_ms)
+    batches = iter(ds.iter_torch_batches(batch_size=batch, prefetch_batches=2, drop_last=True))
+    try:
+        for _ in batches:
+            times.append(time.perf_counter())
+            if len(times) >= steps:
+                break
+            if len(times) in (25, 50, 100):
+                held.append(store_mib())
+            burn(step_ms)
+    finally:
+        batches.close()  # stops the stream's prefetch thread before Ray shuts down
     first = times[0] - t0
     early = 100 / (times[100] - times[0])  # steps 1..100 after the first batch
     steady = (len(times) - 1 - 100) / (times[-1] - times[100])
@@ -105,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step-ms", type=float, default=100.0)
     p.add_argument("--read-ahead", type=int, default=None,
                    help="data.read_ahead_batches (default: the config's)")
+    p.add_argument("--modes", type=lambda s: s.split(","), default=["bounded", "unbounded"],
+                   help="comma-separated, of bounded,unbounded")
     p.add_argument("--out", default="outputs/bench/stream")
     a = p.parse_args(argv)
     if a.steps < 150:
@@ -122,16 +128,18 @@ def main(argv: list[str] | None = None) -> int:
     epochs = -(-a.steps * a.batch // a.clips) + 1
     load0 = os.getloadavg()[0]
 
+    import ray
+
     modes, starts = {}, {}
-    for name in ("bounded", "unbounded"):
+    for name in a.modes:
         starts[name] = cold_start(uri, cfg, a.batch)
         try:
             modes[name] = run(uri, cfg, bounded=name == "bounded", batch=a.batch,
                               steps=a.steps, step_ms=a.step_ms, epochs=epochs)
         finally:
-            import ray
-
-            ray.shutdown()
+            if name != a.modes[-1]:
+                ray.shutdown()
+    # Printed before the last shutdown: Ray may end the process while stopping the stream.
     print(json.dumps({
         "bench": "stream", **modes, "cold_start": starts,
         "read_ahead_batches": cfg.read_ahead_batches, "batch": a.batch, "step_ms": a.step_ms,
@@ -139,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_avg_1m": [round(load0, 2), round(os.getloadavg()[0], 2)],
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }), flush=True)
+    ray.shutdown()
     return 0
 
 
