@@ -66,12 +66,13 @@ def keep_credentials_out_of_runtime_envs() -> None:
         class_cache.ENV_VARS_TO_PROPAGATE = set(propagated) - _CREDENTIAL_ENV
 
 
-def ensure_ray(cfg: Config, *, state_api: bool = False) -> None:
+def ensure_ray(cfg: Config) -> None:
     """Join the cluster in `RAY_ADDRESS` (as under `ray job submit`), or start a local Ray
     with enough logical CPUs for the train workers plus decoding tasks.
 
-    state_api (sweeps): the local Ray also serves the state API (dashboard on loopback), through
-    which Ray Train frees the workers of a trial ASHA stopped; without it later trials starve.
+    The local Ray serves the state API (dashboard on loopback): Ray Train's placement-group
+    cleaner polls it every second (without it, a warning each time), and through it frees the
+    workers of a trial ASHA stopped (without it, later trials starve).
     """
     import ray
 
@@ -85,8 +86,7 @@ def ensure_ray(cfg: Config, *, state_api: bool = False) -> None:
     num_cpus = max(os.cpu_count() or 1, math.ceil(need))
     for attempt in (1, 2):
         try:
-            ray.init(num_cpus=num_cpus, **(_state_api_options() if state_api else
-                                           {"include_dashboard": False}))
+            ray.init(num_cpus=num_cpus, **_state_api_options())
             return
         except Exception as e:  # Ray raises a bare Exception when its raylet starts too slowly
             if "timed out during startup" not in str(e) or attempt == 2:
