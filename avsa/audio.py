@@ -62,27 +62,6 @@ def mel_filterbank(
     return (tri * (2.0 / (hi - lo))).T.contiguous().float()
 
 
-def log_mel(
-    wave: Tensor,
-    sr: int = 24000,
-    n_fft: int = 512,
-    hop: int = 240,
-    n_mels: int = 128,
-    eps: float = 1e-10,
-) -> Tensor:
-    """Log-mel spectrogram: wave (..., N) -> (..., F, n_mels) with F = N // hop.
-
-    STFT with a periodic Hann window of n_fft samples, frames centred at k * hop (reflect
-    padding), magnitude (power 1), Slaney mel filters, then 10 * log10(x + eps). The extra
-    centred frame at the very end is dropped so 1 s at 24 kHz gives exactly 100 frames.
-    """
-    n = wave.shape[-1]
-    mag = stft(wave.reshape(-1, n), n_fft, hop).abs()  # (B, K, F)
-    fb = mel_filterbank(sr, n_fft, n_mels).to(mag.device)
-    mel = mag.transpose(-1, -2) @ fb  # (B, F, M)
-    return (10.0 * torch.log10(mel + eps)).reshape(*wave.shape[:-1], n // hop, n_mels)
-
-
 @lru_cache(maxsize=16)
 def _mel_taps(sr: int, n_fft: int, n_mels: int) -> tuple[Tensor, Tensor, Tensor]:
     """The non-zero entries of mel_filterbank as embedding_bag arguments: FFT bin indices and
@@ -106,11 +85,12 @@ def _hann(n_fft: int) -> Tensor:
 
 
 def stft(wave: Tensor, n_fft: int = 512, hop: int = 240) -> Tensor:
-    """Complex spectra (C, K, F) of wave (C, N), as log_mel frames them: periodic Hann window
-    of n_fft, frames centred at k * hop (reflect padding), F = N // hop, K = n_fft // 2 + 1."""
+    """Complex spectra (C, K, F) of wave (C, N): periodic Hann window of n_fft, frames centred
+    at k * hop (reflect padding), F = N // hop (the extra centred frame at the very end is
+    dropped, so 1 s at 24 kHz gives exactly 100 frames), K = n_fft // 2 + 1."""
     n = wave.shape[-1]
     if n <= n_fft // 2:
-        raise ValueError(f"log_mel needs more than n_fft // 2 = {n_fft // 2} samples, got {n}")
+        raise ValueError(f"stft needs more than n_fft // 2 = {n_fft // 2} samples, got {n}")
     x = wave.float()
     window = _hann(n_fft).to(x.device)
     return torch.stft(x, n_fft, hop_length=hop, win_length=n_fft, window=window, center=True,
@@ -138,15 +118,16 @@ def log_mel_mixed(
     norm_eps: float = 1e-5,
     spec: Tensor | None = None,
 ) -> Tensor:
-    """log_mel(mix @ wave) from a single STFT of the C channels of wave.
+    """Log-mel spectrograms of the mixed waves mix @ wave from a single STFT of the C channels
+    of wave: magnitude (power 1), Slaney mel filters, then 10 * log10(x + eps).
 
     wave: (C, N); mix: (..., D, C) real weights (e.g. (V, 4, 4) ambisonic rotations, or
     (V, 1, 4) beams). Returns (..., D, F, n_mels) with F = N // hop. The STFT is linear, so
     the spectra of the mixed signals are the same mix of the C complex spectra; magnitudes,
-    mel filters (applied sparsely) and logs are then taken per mixed channel, as log_mel does.
-    normalize=True returns normalize_log_mel of that (statistics over D and F per leading
-    index and mel bin, norm_eps added to the std). `spec`: stft(wave, n_fft, hop) when the
-    caller has it already.
+    mel filters (applied sparsely) and logs are then taken per mixed channel.
+    normalize=True standardises each mel bin per leading index, with mean and std over D and
+    F together (so level differences between channels, direction cues, survive), norm_eps
+    added to the std. `spec`: stft(wave, n_fft, hop) when the caller has it already.
     """
     c = wave.shape[0]
     if mix.shape[-1] != c:
@@ -198,11 +179,3 @@ def intensity_mixed(
     out = torch.empty(v, 3, frames, n_mels, dtype=mel.dtype, device=mel.device)
     torch.div(mel[:, :, :3], mel[:, :, 3:].add_(eps), out=out.permute(3, 0, 1, 2))
     return out
-
-
-def normalize_log_mel(x: Tensor, eps: float = 1e-5) -> Tensor:
-    """Standardise each mel bin of x (..., C, F, M) with mean and std taken over channels C and
-    frames F together, so level differences between channels (direction cues) survive."""
-    mean = x.mean(dim=(-3, -2), keepdim=True)
-    std = x.std(dim=(-3, -2), keepdim=True, correction=0)
-    return (x - mean) / (std + eps)

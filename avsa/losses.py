@@ -219,24 +219,6 @@ def _avc_acc(logits: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
     return _beats_all(pos, others)
 
 
-def avc_loss(
-    video: torch.Tensor, audio: torch.Tensor, temperature: float, gather: Gather | None = None
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Cross-modal InfoNCE in both directions (V2A and A2V averaged), other clips as negatives.
-
-    video, audio: (B, D). Metrics: avc_acc (positive above all other clips, both directions).
-    """
-    _check_pair(video, audio)
-    _check_temperature(temperature)
-    v, a = F.normalize(video, dim=-1), F.normalize(audio, dim=-1)
-    va, own = _cross_modal(v, a, gather)
-    av, _ = _cross_modal(a, v, gather)
-    loss = (F.cross_entropy(va / temperature, own) + F.cross_entropy(av / temperature, own)) / 2
-    with torch.no_grad():
-        acc = (_avc_acc(va, own) + _avc_acc(av, own)) / 2
-    return loss, {"avc_acc": acc}
-
-
 def avts_loss(
     video: torch.Tensor,
     audio: torch.Tensor,

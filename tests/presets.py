@@ -22,3 +22,9 @@ def preset(name: str) -> ModelConfig:
 def tiny_model(**changes) -> AVSANet:
     """The `tiny` preset with `changes` (ModelConfig fields), built for FOA input."""
     return build_model(replace(_preset("tiny"), **changes))
+
+
+def encoder_state(model: AVSANet) -> dict:
+    """The two encoders' entries of model.state_dict() (keys 'video_encoder.' / 'audio_encoder.')."""
+    return {k: v for k, v in model.state_dict().items()
+            if k.startswith(("video_encoder.", "audio_encoder."))}

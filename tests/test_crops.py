@@ -1,5 +1,6 @@
 """avsa.data.crops: cv2.remap NFOV crops and colour jitter against the float reference
-(geometry.nfov_crop then to_uint8), within the tolerance the module states."""
+(geometry.nfov_crop, then jitter in float: tests/reference.py), within the tolerance the
+module states."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import replace
 
 import numpy as np
 import torch
+from reference import color_jitter, to_uint8
 
 from avsa import geometry, media, synth
 from avsa.config import DataConfig
@@ -16,7 +18,7 @@ from avsa.encode import encode_clip
 
 def _reference(frames, plan, size: int) -> torch.Tensor:
     jitter = None if plan.jitter is None else torch.from_numpy(plan.jitter)
-    ref = crops.to_uint8(geometry.nfov_crop(frames, plan.vp, size), jitter)
+    ref = to_uint8(geometry.nfov_crop(frames, plan.vp, size), jitter)
     return geometry.flip_video(ref) if plan.flip else ref
 
 
@@ -27,13 +29,13 @@ def _plans(cfg, n: int) -> list[transform.SamplePlan]:
 def test_color_jitter_identity_and_known_factors():
     x = torch.rand(2, 3, 2, 4, 4, generator=torch.Generator().manual_seed(0))
     ident = torch.tensor([[1.0, 1.0, 1.0, 0.0]] * 2)
-    torch.testing.assert_close(crops.color_jitter(x, ident), x, atol=1e-5, rtol=0)
-    half = crops.color_jitter(x, torch.tensor([[0.5, 1.0, 1.0, 0.0]] * 2))
+    torch.testing.assert_close(color_jitter(x, ident), x, atol=1e-5, rtol=0)
+    half = color_jitter(x, torch.tensor([[0.5, 1.0, 1.0, 0.0]] * 2))
     torch.testing.assert_close(half, x * 0.5, atol=1e-5, rtol=0)
     gray = torch.full((1, 3, 1, 2, 2), 0.4)
-    hue = crops.color_jitter(gray, torch.tensor([[1.0, 1.0, 1.0, 0.25]]))
+    hue = color_jitter(gray, torch.tensor([[1.0, 1.0, 1.0, 0.25]]))
     torch.testing.assert_close(hue, gray, atol=1e-5, rtol=0)  # hue leaves grey alone
-    desat = crops.color_jitter(x[:1], torch.tensor([[1.0, 1.0, 0.0, 0.0]]))
+    desat = color_jitter(x[:1], torch.tensor([[1.0, 1.0, 0.0, 0.0]]))
     assert desat.std(dim=1).max() < 1e-5  # saturation 0 -> grey
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from presets import encoder_state
 
 from avsa.config import compose
 from avsa.errors import CheckpointError
@@ -97,11 +98,11 @@ def test_curriculum_phases():
 
 def test_reset_keeps_encoders_and_renews_heads(cfg):
     model = build_model(cfg.model)
-    enc = {k: v.clone() for k, v in model.encoder_state_dict().items()}
+    enc = {k: v.clone() for k, v in encoder_state(model).items()}
     head = model.video_head.weight.detach().clone()
     attn = model.video_transformer.layers[0].self_attn.in_proj_weight.detach().clone()
     reset_context_and_heads(model, seed=123)
-    assert all(torch.equal(enc[k], v) for k, v in model.encoder_state_dict().items())
+    assert all(torch.equal(enc[k], v) for k, v in encoder_state(model).items())
     assert not torch.equal(head, model.video_head.weight)
     assert not torch.equal(attn, model.video_transformer.layers[0].self_attn.in_proj_weight)
     # same seed, same fresh weights: DDP replicas stay identical

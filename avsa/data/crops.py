@@ -4,7 +4,8 @@ The crops are sampled with OpenCV's `cv2.remap` (bilinear, BORDER_WRAP across th
 at the points of `geometry.nfov_maps`, straight from the uint8 frames; the colour jitter is
 then one affine RGB map per crop applied to the small crops with `cv2.transform`.
 
-Tolerance against the float reference `to_uint8(geometry.nfov_crop(frames, vp, size), factors)`:
+Tolerance against the float reference (`geometry.nfov_crop`, then jitter_maps applied in float
+and rounded once; tests/reference.py):
 OpenCV interpolates in fixed point (positions rounded to 1/32 pixel, 15-bit weights) and the
 jitter rounds a second time. On decoded synthetic clips at most 6 grey levels (at sharp object edges), with under 1 %
 of values off by more than 1 (0.2 % at 1024x512, 12 plans measured); where neighbouring pixels differ by the
@@ -28,7 +29,7 @@ from torch import Tensor
 
 from avsa import geometry
 
-_GRAY = (0.2989, 0.587, 0.114)  # torchvision rgb_to_grayscale weights
+GRAY = (0.2989, 0.587, 0.114)  # torchvision rgb_to_grayscale weights
 _RGB_TO_YIQ = np.array(
     [[0.299, 0.587, 0.114], [0.5959, -0.2746, -0.3213], [0.2115, -0.5227, 0.3112]]
 )
@@ -43,26 +44,15 @@ def jitter_factors(rng: np.random.Generator, n: int, jitter) -> np.ndarray:
     return rng.uniform(lo, hi, size=(n, 4)).astype(np.float32)
 
 
-def color_affine(crops: Tensor, factors: Tensor) -> tuple[Tensor, Tensor]:
-    """Colour jitter of each crop as one affine RGB map x -> A x + t: brightness b, contrast c
-    (blend with the crop's mean grey after brightness), saturation s (blend with the pixel's
-    grey), hue h (rotation by 2 pi h of the YIQ chroma plane), composed in that order.
-    crops (V, 3, T, S, S); factors (V, 4) -> A (V, 3, 3), t (V, 3)."""
-    return affine_from_gray(crops.float().mean(dim=(2, 3, 4)) @ torch.tensor(_GRAY), factors)
-
-
-def affine_from_gray(mean_gray: Tensor, factors: Tensor) -> tuple[Tensor, Tensor]:
-    """color_affine given each crop's mean grey level (V,) in the crops' units."""
-    a, u = jitter_maps(factors)
-    return a, u * mean_gray.float()[:, None]
-
-
 def jitter_maps(factors) -> tuple[Tensor, Tensor]:
-    """The colour jitter of color_affine as x -> A x + u m, with m the crop's mean grey level:
-    factors (V, 4) (tensor or array) -> A (V, 3, 3), u (V, 3) float32. A does not depend on
-    the crop; only the contrast step blends with its mean. (Small: numpy, float64 inside.)"""
+    """Colour jitter of each crop as one affine RGB map x -> A x + u m, with m the crop's mean
+    grey level: brightness b, contrast c (blend with the crop's mean grey after brightness),
+    saturation s (blend with the pixel's grey), hue h (rotation by 2 pi h of the YIQ chroma
+    plane), composed in that order. factors (V, 4) (tensor or array) -> A (V, 3, 3), u (V, 3)
+    float32. A does not depend on the crop; only the contrast step blends with its mean.
+    (Small: numpy, float64 inside.)"""
     b, c, s, h = np.asarray(factors, dtype=np.float64).T
-    sat = s[:, None, None] * np.eye(3) + (1 - s)[:, None, None] * np.array(_GRAY)
+    sat = s[:, None, None] * np.eye(3) + (1 - s)[:, None, None] * np.array(GRAY)
     rot = np.zeros((len(b), 3, 3))
     rot[:, 0, 0] = 1.0
     rot[:, 1, 1] = rot[:, 2, 2] = np.cos(2 * math.pi * h)
@@ -72,27 +62,6 @@ def jitter_maps(factors) -> tuple[Tensor, Tensor]:
     a = mix * (b * c)[:, None, None]
     u = mix.sum(-1) * ((1 - c) * b)[:, None]
     return torch.from_numpy(a.astype(np.float32)), torch.from_numpy(u.astype(np.float32))
-
-
-def _apply_affine(crops: Tensor, a: Tensor, t: Tensor) -> Tensor:
-    x = crops.reshape(crops.shape[0], 3, -1)
-    return torch.baddbmm(t[..., None], a.to(x.dtype), x).view(crops.shape)
-
-
-def color_jitter(crops: Tensor, factors: Tensor) -> Tensor:
-    """crops (V, 3, T, S, S) float in [0, 1]; factors (V, 4) from jitter_factors -> same shape,
-    clamped once at the end (torchvision clamps after every step; only saturated pixels differ)."""
-    return _apply_affine(crops, *color_affine(crops, factors)).clamp_(0.0, 1.0)
-
-
-def to_uint8(crops: Tensor, factors: Tensor | None = None) -> Tensor:
-    """crops (V, 3, T, S, S) float in [0, 1] -> uint8, colour-jittered on the way when factors
-    are given (one pass over the pixels)."""
-    if factors is None:
-        return crops.mul(255.0).add_(0.5).clamp_(0.0, 255.0).to(torch.uint8)
-    a, t = color_affine(crops, factors)
-    return _apply_affine(crops, a * 255.0, t * 255.0 + 0.5).clamp_(0.0, 255.0).to(torch.uint8)
-
 
 
 def remap_crops(frames: np.ndarray, vp: geometry.Viewpoints, size: int,
@@ -121,13 +90,12 @@ def view_crops(frames, vp: geometry.Viewpoints, size: int, *, jitter=None,
     """frames (T, H, W, 3) uint8 -> (V, 3, T, S, S) uint8: NFOV crops, colour jitter when
     jitter (V, 4) factors are given (each crop through x -> A x + u m, jitter_maps, with m its
     mean grey, by cv2.transform: rounded and saturated), mirrored left/right when flip. Within
-    the module's stated tolerance of to_uint8(geometry.nfov_crop(frames, vp, size), jitter),
-    flipped the same way."""
+    the module's stated tolerance of the float reference, flipped the same way."""
     crops = remap_crops(np.asarray(frames), vp, size, flip=flip)  # (V, T, S, S, 3)
     n_vp, t = crops.shape[:2]
     if jitter is not None:
         a, u = (m.numpy().astype(np.float64) for m in jitter_maps(jitter))
-        gray = np.array(_GRAY)
+        gray = np.array(GRAY)
     out = np.empty((n_vp, 3, t * size, size), np.uint8)
     for v in range(n_vp):
         img = crops[v].reshape(t * size, size, 3)  # frames stacked vertically

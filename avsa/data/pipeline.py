@@ -13,15 +13,16 @@ numeric bookkeeping (so `iter_torch_batches` converts every field):
 
 A lost sample is counted on a real row of the same shard; only a shard with no decodable
 sample yields a placeholder (zeros, valid=0). Consumers sum "skipped" as rows arrive and drop
-valid=0 rows, then shuffle in their own buffer (avsa.train.batches: behind Ray Data's local
-shuffle a count could wait unreported); `iter_local` folds placeholders away itself.
+valid=0 rows, then shuffle in their own buffer (`drawn_batches`; avsa.train.batches says why:
+behind Ray Data's local shuffle a count could wait unreported); `iter_local` folds placeholders
+away itself.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import cv2
@@ -246,14 +247,75 @@ def _fold_placeholders(rows: Iterator[dict[str, Any]], uri: str) -> Iterator[dic
         yield held
 
 
-def _shuffled(rows: Iterator[dict], size: int, rng: np.random.Generator) -> Iterator[dict]:
-    buf: list[dict] = []
-    for row in rows:
-        buf.append(row)
-        if len(buf) >= size:
-            yield buf.pop(int(rng.integers(len(buf))))
-    while buf:
-        yield buf.pop(int(rng.integers(len(buf))))
+class ShuffleBuffer:
+    """Rows in preallocated host slots (room for `capacity` rows, grown when a chunk does not
+    fit); `take` draws `size` of them (at random with a generator, else the oldest first) and
+    refills the holes from the end, so a draw copies O(size) rows whatever the buffer's
+    length. Batches come out in pinned memory with `pin`."""
+
+    def __init__(self, generator: torch.Generator | None, capacity: int, pin: bool = False):
+        self.generator, self.capacity, self.pin = generator, capacity, pin
+        self.slots: dict[str, torch.Tensor] = {}
+        self.n = 0
+
+    def add(self, rows: dict[str, torch.Tensor]) -> None:
+        m = len(next(iter(rows.values()))) if rows else 0
+        if m == 0:
+            return
+        if not self.slots or self.n + m > len(next(iter(self.slots.values()))):
+            cap = max(self.capacity, 2 * (self.n + m))
+            self.slots = {k: _grown(self.slots.get(k), v, self.n, cap) for k, v in rows.items()}
+        for k, v in rows.items():
+            self.slots[k][self.n:self.n + m] = v
+        self.n += m
+
+    def take(self, size: int) -> dict[str, torch.Tensor]:
+        """`size` rows (size <= n) out of the buffer."""
+        n, gen = self.n, self.generator
+        idx = torch.randperm(n, generator=gen)[:size] if gen is not None else torch.arange(size)
+        out = {k: torch.index_select(v[:n], 0, idx, out=torch.empty(
+            (size, *v.shape[1:]), dtype=v.dtype, pin_memory=self.pin)) for k, v in self.slots.items()}
+        if gen is None:  # first in, first out: the rest moves to the front
+            for v in self.slots.values():
+                v[:n - size] = v[size:n].clone()
+        else:  # the undrawn rows at the end fill the drawn slots before it
+            drawn = torch.zeros(n, dtype=torch.bool)
+            drawn[idx] = True
+            holes = idx[idx < n - size]
+            tail = torch.arange(n - size, n)[~drawn[n - size:]]
+            for v in self.slots.values():
+                v[holes] = v[tail]
+        self.n = n - size
+        return out
+
+
+def _grown(old: torch.Tensor | None, like: torch.Tensor, n: int, cap: int) -> torch.Tensor:
+    """Slots for `cap` rows shaped like `like`'s, holding the first `n` rows of `old`."""
+    out = like.new_empty((cap, *like.shape[1:]))
+    if old is not None:
+        out[:n] = old[:n]
+    return out
+
+
+def drawn_batches(chunks: Iterable[dict[str, torch.Tensor]], size: int, buffer_rows: int,
+                  generator: torch.Generator | None = None, *, pin: bool = False,
+                  drop_last: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches {field: (size, ...)} drawn through a ShuffleBuffer from chunks {field: (n, ...)},
+    a chunk read only when the buffer needs rows. A batch is drawn once the buffer holds
+    `buffer_rows` rows beyond it (0 or 1: no shuffle, rows in arrival order; a generator is
+    needed otherwise); at the end the rest, fewer than `size` rows dropped with drop_last, else
+    one short batch."""
+    shuffle = buffer_rows > 1
+    if shuffle and generator is None:
+        raise ValueError("a shuffle buffer needs a generator")
+    keep = buffer_rows if shuffle else 0
+    buf = ShuffleBuffer(generator if shuffle else None, keep + 2 * size, pin)
+    for chunk in chunks:
+        buf.add(chunk)
+        while buf.n >= size + keep:
+            yield buf.take(size)
+    while buf.n >= size or (buf.n and not drop_last):
+        yield buf.take(min(size, buf.n))
 
 
 def iter_local(uri: str, cfg, *, epochs: int = 1, seed: int, batch_size: int,
@@ -261,27 +323,24 @@ def iter_local(uri: str, cfg, *, epochs: int = 1, seed: int, batch_size: int,
                misalign_prob: float = 0.0, with_masks: bool = False,
                skip_missing_shards: bool | None = None) -> Iterator[dict[str, Any]]:
     """Batches {field: torch.Tensor (B, ...)} plus "key": list[str], in this process: the rows
-    of build_dataset, placeholders folded away. Without shuffle the order is the manifest's."""
+    of build_dataset, placeholders folded away, drawn through a `cfg.shuffle_buffer` buffer
+    seeded by (seed, start_epoch). Without shuffle the order is the manifest's."""
     items, skip = _work(uri, cfg, skip_missing_shards, epochs=epochs, seed=seed,
                         start_epoch=start_epoch, shuffle=shuffle)
     opts = dict(cfg=cfg, seed=seed, other_time=other_time, misalign_prob=misalign_prob,
                 with_masks=with_masks, skip_missing_shards=skip, keys=True)
     rows = (row for item in items for row in decode_shard(item, **opts))
     rows = _fold_placeholders(rows, uri)
-    if shuffle and cfg.shuffle_buffer > 1:
-        rows = _shuffled(rows, cfg.shuffle_buffer, np.random.default_rng([int(seed), start_epoch]))
-    batch: list[dict] = []
-    for row in rows:
-        batch.append(row)
-        if len(batch) == batch_size:
-            yield _to_torch(batch)
-            batch = []
-    if batch:
-        yield _to_torch(batch)
+    state = np.random.SeedSequence([int(seed), start_epoch]).generate_state(1)[0]
+    names: dict[int, str] = {}  # row number -> key, the one field a tensor cannot hold
 
+    def numbered() -> Iterator[dict[str, torch.Tensor]]:
+        for i, row in enumerate(rows):
+            names[i] = row.pop("key")
+            row["row"] = np.int64(i)
+            yield {k: torch.from_numpy(v) for k, v in collate([row]).items()}
 
-def _to_torch(rows: list[dict]) -> dict[str, Any]:
-    names = [r.pop("key") for r in rows]
-    out: dict[str, Any] = {k: torch.from_numpy(v) for k, v in collate(rows).items()}
-    out["key"] = names
-    return out
+    for batch in drawn_batches(numbered(), batch_size, cfg.shuffle_buffer if shuffle else 0,
+                               torch.Generator().manual_seed(int(state)), drop_last=False):
+        batch["key"] = [names.pop(i) for i in batch.pop("row").tolist()]
+        yield batch

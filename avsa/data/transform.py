@@ -296,22 +296,14 @@ def view_crops(frames, plan: SamplePlan, size: int) -> Tensor:
     return crops.view_crops(frames, plan.vp, size, jitter=plan.jitter, flip=plan.flip)
 
 
-def _scene_foa(foa: Tensor, plan: SamplePlan) -> Tensor:
-    foa = foa * plan.gain
-    return geometry.flip_foa(foa) if plan.flip else foa
-
-
-def view_foa(foa: Tensor, plan: SamplePlan) -> Tensor:
-    """foa (4, N) -> (V, 4, N): gain, mirror (Y negated) when flipped, then each viewpoint's
-    centre rotated to the front. The misalignment yaw is folded into the rotation: turning the
-    field by yaw and then rotating toward az equals rotating toward az - yaw."""
-    return geometry.rotate_foa(_scene_foa(foa, plan), plan.view_az - plan.yaw, plan.vp.el)
-
-
 def view_mix(plan: SamplePlan, mode: str = "foa") -> Tensor:
-    """The linear map from the clip's FOA to each viewpoint's channels: (V, 4, 4) for "foa"
-    (view_foa(foa, plan) == view_mix(plan) @ foa) or (V, 1, 4) cardioid beams for "mono"."""
-    scene = _scene_foa(torch.eye(4), plan)  # the columns are the images of the 4 channels
+    """The linear map from the clip's FOA (4, N) to each viewpoint's channels: (V, 4, 4) for
+    "foa" (gain, mirror (Y negated) when flipped, then each viewpoint's centre rotated to the
+    front) or (V, 1, 4) cardioid beams toward each viewpoint for "mono". The misalignment yaw is
+    folded into the rotation: turning the field by yaw and then rotating toward az equals
+    rotating toward az - yaw."""
+    scene = torch.eye(4) * plan.gain  # the columns are the images of the 4 channels
+    scene = geometry.flip_foa(scene) if plan.flip else scene
     if mode == "mono":
         return geometry.beam(scene, plan.view_az - plan.yaw, plan.vp.el)[:, None]
     return geometry.rotate_foa(scene, plan.view_az - plan.yaw, plan.vp.el)

@@ -140,13 +140,10 @@ class AVSANet(nn.Module):
             out["audio_other_target"] = self.audio_head(self.encode_audio(audio_other))
         return out
 
-    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
-        """State of the two encoders only, keys prefixed 'video_encoder.' / 'audio_encoder.'."""
-        return {k: v for k, v in self.state_dict().items() if k.split(".", 1)[0] in ENCODERS}
-
     def load_encoders(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Load encoder weights from `encoder_state_dict()` output (or a full state dict);
-        transformers and heads keep their current (fresh) weights.
+        """Load the encoder weights (keys prefixed 'video_encoder.' / 'audio_encoder.') of a
+        state dict, a full one or the encoders' only; transformers and heads keep their current
+        (fresh) weights.
 
         Raises CheckpointError when a key is missing or unexpected, or a shape differs.
         """

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import pickle
 import re
@@ -157,10 +156,6 @@ def resolve_init(ref: str, tracking_uri: str | None = None) -> tuple[dict[str, A
         raise
     except AvsaError as e:
         raise CheckpointError(uri, f"cannot read checkpoint: {e}") from None
-
-
-def write_marker(uri: str, payload: dict[str, Any]) -> None:
-    storage.write_bytes(uri, json.dumps(payload).encode())
 
 
 def temp_dir() -> tempfile.TemporaryDirectory:
