@@ -163,22 +163,46 @@ def log_mel_mixed(
     if mix.shape[-1] != c:
         raise ValueError(f"mix (..., D, {mix.shape[-1]}) does not match {c} wave channels")
     spec = stft(wave, n_fft, hop) if spec is None else spec  # (C, K, F)
-    k, frames = spec.shape[1:]
     lead, d = mix.shape[:-2], mix.shape[-2]
     re, im = _mixed_spectra(spec, mix.reshape(-1, c))  # (B * D, F * K) each
-    mag = re.mul_(re).addcmul_(im, im).sqrt_()
-    mel = _banded_mel(mag.view(-1, k), sr, n_fft, n_mels)  # (B * D * F, M)
-    logs = mel.add_(eps).log_().view(-1, d * frames, n_mels)  # natural log, (B, D * F, M)
+    power = re.mul_(re).addcmul_(im, im)
+    logs = _log_mel_of_power(power, spec.shape[1], d, sr, n_fft, n_mels, eps, normalize, norm_eps)
+    return logs.view(*lead, d, spec.shape[2], n_mels)
+
+
+def _log_mel_of_power(
+    power: Tensor, k: int, d: int, sr: int, n_fft: int, n_mels: int, eps: float,
+    normalize: bool, norm_eps: float,
+) -> Tensor:
+    """|spectra|^2 (B * D, F * K), frames before bins (overwritten) -> log-mels (B, D * F, M)
+    in dB, or standardised per leading index and mel bin over D and F when normalize."""
+    mel = _banded_mel(power.sqrt_().view(-1, k), sr, n_fft, n_mels)  # (B * D * F, M)
+    count = mel.shape[0] // (power.shape[0] // d)  # D * F
+    logs = mel.add_(eps).log_().view(-1, count, n_mels)  # natural log
     db = 10.0 / math.log(10.0)  # 10 log10 x = db ln x
-    if normalize:  # standardising removes db except next to norm_eps
-        count = d * frames
-        mean = logs.sum(dim=1, keepdim=True).div_(count)
-        var = (logs * logs).sum(dim=1, keepdim=True).div_(count).sub_(mean * mean)
-        scale = var.clamp_(min=0.0).sqrt_().add_(norm_eps / db).reciprocal_()
-        logs.sub_(mean).mul_(scale)
-    else:
-        logs.mul_(db)
-    return logs.view(*lead, d, frames, n_mels)
+    if not normalize:
+        return logs.mul_(db)
+    # standardising removes db except next to norm_eps
+    mean = logs.sum(dim=1, keepdim=True).div_(count)
+    var = (logs * logs).sum(dim=1, keepdim=True).div_(count).sub_(mean * mean)
+    scale = var.clamp_(min=0.0).sqrt_().add_(norm_eps / db).reciprocal_()
+    return logs.sub_(mean).mul_(scale)
+
+
+def _active_intensity(re: Tensor, im: Tensor) -> Tensor:
+    """Re(conj(W) [Y, Z, X]) and (|W|^2 + |Y|^2 + |Z|^2 + |X|^2) / 2 of rotated ambiX spectra:
+    re, im (V, 4, X) -> (V, 4, X); re is left holding the power |.|^2 of each channel."""
+    parts = torch.empty_like(re)
+    torch.mul(re[:, 1:], re[:, :1], out=parts[:, :3]).addcmul_(im[:, 1:], im[:, :1])
+    torch.sum(re.mul_(re).addcmul_(im, im), dim=1, out=parts[:, 3]).mul_(0.5)
+    return parts
+
+
+def _intensity_of_parts(parts: Tensor, k: int, sr: int, n_fft: int, n_mels: int,
+                        eps: float) -> Tensor:
+    """_active_intensity's (V, 4, F * K) -> mel-weighted ratio (V, 3, F, M)."""
+    mel = _banded_mel(parts.view(-1, k), sr, n_fft, n_mels).view(parts.shape[0], 4, -1, n_mels)
+    return torch.div(mel[:, :3], mel[:, 3:].add_(eps))
 
 
 def intensity_mixed(
@@ -193,15 +217,25 @@ def intensity_mixed(
     plane wave from unit direction u gives u (signed: front and back differ), a diffuse field
     about 0. The mel filters are applied by their non-zero blocks.
     """
-    k = spec.shape[1]
     v = mix.shape[0]
     re, im = (x.view(v, 4, -1) for x in _mixed_spectra(spec, mix.reshape(-1, 4)))  # (V, 4, F * K)
-    # per viewpoint: Re(conj(W) C) = Re W Re C + Im W Im C for C = Y, Z, X, then the energy
-    parts = torch.empty(v, 4, re.shape[-1], dtype=re.dtype, device=re.device)
-    torch.mul(re[:, 1:], re[:, :1], out=parts[:, :3]).addcmul_(im[:, 1:], im[:, :1])
-    torch.sum(re.square_().add_(im.square_()), dim=1, out=parts[:, 3]).mul_(0.5)
-    mel = _banded_mel(parts.view(-1, k), sr, n_fft, n_mels).view(v, 4, -1, n_mels)
-    return torch.div(mel[:, :3], mel[:, 3:].add_(eps))
+    return _intensity_of_parts(_active_intensity(re, im), spec.shape[1], sr, n_fft, n_mels, eps)
+
+
+def log_mel_intensity_mixed(
+    spec: Tensor, mix: Tensor, sr: int = 24000, n_fft: int = 512, n_mels: int = 128,
+    eps: float = 1e-10, norm_eps: float = 1e-5,
+) -> Tensor:
+    """cat((log_mel_mixed(normalize=True), intensity_mixed), dim=1) from one mixing pass:
+    spec (4, K, F) ambiX spectra, mix (V, 4, 4) -> (V, 7, F, n_mels). The power |.|^2 that the
+    intensity's energy sums is the one the log-mel takes the root of."""
+    k, frames = spec.shape[1:]
+    v = mix.shape[0]
+    re, im = (x.view(v, 4, -1) for x in _mixed_spectra(spec, mix.reshape(-1, 4)))  # (V, 4, F * K)
+    parts = _active_intensity(re, im)
+    logs = _log_mel_of_power(re.view(v * 4, -1), k, 4, sr, n_fft, n_mels, eps, True, norm_eps)
+    intensity = _intensity_of_parts(parts, k, sr, n_fft, n_mels, eps)
+    return torch.cat((logs.view(v, 4, frames, n_mels), intensity), dim=1)
 
 
 def normalize_log_mel(x: Tensor, eps: float = 1e-5) -> Tensor:
