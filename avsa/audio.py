@@ -88,14 +88,16 @@ def _mel_bands(
 ) -> tuple[tuple[int, int, int, int, Tensor], ...]:
     """mel_filterbank(sr, n_fft, n_mels) cut into blocks of `group` filters, each with the FFT
     bins where any of them is non-zero: (m0, m1, k0, k1, fb[k0:k1, m0:m1]) per block (CPU
-    tensors, cached, never mutated). The triangles are narrow, so the blocks hold about 1/10 of
-    the dense matrix and every product they drop is a product with zero."""
+    tensors, cached, never mutated). The triangles are narrow, so the blocks hold about 1/8 of
+    the dense matrix (at 128 mels, n_fft 512) and every product they drop is a product with
+    zero. A block of filters that are all empty (possible when n_mels is large for n_fft) keeps
+    no bins, and its columns come out 0."""
     fb = mel_filterbank(sr, n_fft, n_mels)
     bands = []
     for m0 in range(0, n_mels, group):
         m1 = min(m0 + group, n_mels)
         bins = fb[:, m0:m1].sum(dim=1).nonzero()[:, 0]
-        k0, k1 = int(bins[0]), int(bins[-1]) + 1
+        k0, k1 = (int(bins[0]), int(bins[-1]) + 1) if len(bins) else (0, 0)
         bands.append((m0, m1, k0, k1, fb[k0:k1, m0:m1].contiguous()))
     return tuple(bands)
 
