@@ -13,6 +13,7 @@ from reference import log_mel, normalize_log_mel
 from avsa.audio import (
     hz_to_mel,
     intensity_mixed,
+    log_mel_intensity_mixed,
     log_mel_mixed,
     mel_filterbank,
     mel_to_hz,
@@ -212,3 +213,14 @@ def test_log_mel_mixed_rejects_mismatched_shapes():
         log_mel_mixed(torch.randn(4, SR), torch.randn(2, 4, 3))
     with pytest.raises(ValueError, match="n_fft"):
         log_mel_mixed(torch.randn(4, 100), torch.eye(4))
+
+
+def test_log_mel_intensity_mixed_equals_the_two_features():
+    foa = _foa_scene()
+    mix = torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(8))
+    spec = stft(foa, N_FFT, HOP)
+    both = log_mel_intensity_mixed(spec, mix)
+    assert both.shape == (3, 7, 100, 128)
+    torch.testing.assert_close(both[:, :4], log_mel_mixed(foa, mix, normalize=True, spec=spec),
+                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(both[:, 4:], intensity_mixed(spec, mix), atol=1e-6, rtol=1e-5)

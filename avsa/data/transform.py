@@ -333,10 +333,9 @@ def audio_features(foa: Tensor, plan: SamplePlan, cfg) -> np.ndarray:
         mix = view_mix(plan, "foa")
         if cfg.audio_features == "cardioid":
             mix = CARDIOIDS @ mix
-    mel = audio.log_mel_mixed(foa, mix, hop=cfg.hop, normalize=True, spec=spec, **kw)
     if cfg.audio_mode != "mono" and cfg.audio_features == "intensity":
-        mel = torch.cat((mel, audio.intensity_mixed(spec, mix, **kw)), dim=1)
-    return mel.numpy()
+        return audio.log_mel_intensity_mixed(spec, mix, **kw).numpy()
+    return audio.log_mel_mixed(foa, mix, hop=cfg.hop, normalize=True, spec=spec, **kw).numpy()
 
 
 def make_sample(
