@@ -60,7 +60,8 @@ def run(uri: str, cfg: DataConfig, *, bounded: bool, batch: int, steps: int,
     row = pipeline.row_bytes(cfg)
     t0 = time.perf_counter()
     times, held = [], []
-    batches = iter(ds.iter_torch_batches(batch_size=batch, prefetch_batches=2, drop_last=True))
+    batches = iter(ds.iter_torch_batches(
+        batch_size=batch, prefetch_batches=pipeline.CONSUMER_PREFETCH_BATCHES, drop_last=True))
     try:
         for _ in batches:
             times.append(time.perf_counter())

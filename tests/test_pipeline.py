@@ -142,29 +142,32 @@ def test_missing_shard_is_named_or_skipped_and_counted(shard_set, tmp_path):
 
 
 def test_read_ahead_is_bounded_by_batches_and_shards(shard_set):
-    """The object store may hold read_ahead_batches global batches of rows (at least one
-    shard's), and decoding decode_tasks * decode_cpus CPUs (no cap with 0 tasks)."""
+    """The object store may hold the consumer's prefetch window plus read_ahead_batches
+    global batches of rows, in whole shards, and decoding decode_tasks * decode_cpus CPUs
+    (no cap with 0 tasks)."""
     cfg = tiny_cfg(read_ahead_batches=2, decode_tasks=3, decode_cpus=0.5)
     row = pipeline.row_bytes(cfg)
     assert row == sum(np.asarray(v).nbytes for v in pipeline.placeholder_row(
         cfg, epoch=0, skipped=0).values())
     opts = pipeline.ingest_options(cfg, batch_size=4, shard_samples=3, row_size=row)
-    assert opts.resource_limits.object_store_memory == 8 * row
+    # (2 + 1) batches of 4 held by the consumer: 4 shards + 1 partly read; 2 batches ahead:
+    # 3 shards; 1 shard in decoding: 9 shards of 3 rows
+    assert opts.resource_limits.object_store_memory == 27 * row
     assert opts.resource_limits.cpu == 1.5
     small = pipeline.ingest_options(tiny_cfg(read_ahead_batches=1), batch_size=1,
                                     shard_samples=3, row_size=row)
-    assert small.resource_limits.object_store_memory == 3 * row  # one task's output
+    assert small.resource_limits.object_store_memory == 4 * 3 * row  # 2 held, 1 ahead, 1 decoding
     assert small.resource_limits.cpu == float("inf")  # None: no cap
 
 
 def test_bounded_ray_dataset_yields_every_row(ray_session, shard_set):
-    """Backpressure at the smallest budget (one shard's rows) still delivers every sample,
+    """Backpressure at the smallest budget (4 shards' rows) still delivers every sample,
     and a limited, unshuffled stream (the validation set) is the manifest's first rows."""
     uri, keys = shard_set
     cfg = tiny_cfg(read_ahead_batches=1)
     ds = pipeline.build_dataset(uri, cfg, epochs=2, seed=0, batch_size=1, keys=True)
     assert ds.context.execution_options.resource_limits.object_store_memory == (
-        PER_SHARD * pipeline.row_bytes(cfg))
+        4 * PER_SHARD * pipeline.row_bytes(cfg))
     rows = list(ds.iter_rows())
     assert sorted(r["key"] for r in rows) == sorted(keys * 2)
     val = pipeline.build_dataset(uri, cfg, epochs=1, seed=0, batch_size=2, keys=True,

@@ -160,18 +160,43 @@ def row_bytes(cfg, *, other_time: bool = False, misalign_prob: float = 0.0,
     return sum(np.asarray(v).nbytes for v in row.values())
 
 
+# Batches each consumer's iter_torch_batches fetches ahead (avsa.train.loop, bench/stream.py).
+CONSUMER_PREFETCH_BATCHES = 2
+
+
+def read_ahead_bytes(*, read_ahead_batches: int, batch_size: int, shard_samples: int,
+                     row_size: int, prefetch_batches: int = CONSUMER_PREFETCH_BATCHES) -> int:
+    """Object-store bytes (int) for a stream that keeps read_ahead_batches global batches
+    (rows of batch_size) decoded ahead of its consumer, in whole shards (one decode task
+    yields one block of shard_samples rows of row_size bytes).
+
+    Ray Data charges to the decode operator every live block it produced, the ones its
+    consumer has already taken included: (prefetch_batches + 1) batches plus one partly
+    read shard. Budgeting read_ahead_batches alone left room for no block beyond the
+    consumer's own, so decoding ran one task at a time, in lockstep with the consumer.
+    One more shard lets a decode task run while the others wait."""
+    shard = max(int(shard_samples), 1)
+    held = -(-(prefetch_batches + 1) * batch_size // shard) + 1
+    ahead = -(-read_ahead_batches * batch_size // shard)
+    return (held + ahead + 1) * shard * int(row_size)
+
+
 def ingest_options(cfg, *, batch_size: int, shard_samples: int, row_size: int,
-                   preserve_order: bool = False):
-    """Ray Data ExecutionOptions that keep decoding at the consumer's pace: at most
-    cfg.read_ahead_batches global batches of rows (at least one shard's) in the object store,
-    and cfg.decode_tasks * cfg.decode_cpus CPUs (0 tasks: whatever Ray Train leaves). Unbounded,
-    Ray Data decoded the demo's 11 epochs ahead (1.8 GB) on the trainers' cores."""
+                   preserve_order: bool = False,
+                   prefetch_batches: int = CONSUMER_PREFETCH_BATCHES):
+    """Ray Data ExecutionOptions that keep decoding at the consumer's pace: the object store
+    holds the consumer's prefetch window plus cfg.read_ahead_batches global batches of rows
+    (`read_ahead_bytes`), and decoding uses cfg.decode_tasks * cfg.decode_cpus CPUs (0 tasks:
+    whatever Ray Train leaves). Unbounded, Ray Data decoded the demo's 11 epochs ahead
+    (1.8 GB) on the trainers' cores."""
     from ray.data import ExecutionOptions, ExecutionResources
 
-    rows = max(cfg.read_ahead_batches * batch_size, shard_samples, 1)
     cpu = cfg.decode_tasks * cfg.decode_cpus if cfg.decode_tasks else None
+    limit = read_ahead_bytes(read_ahead_batches=cfg.read_ahead_batches, batch_size=batch_size,
+                             shard_samples=shard_samples, row_size=row_size,
+                             prefetch_batches=prefetch_batches)
     return ExecutionOptions(preserve_order=preserve_order, resource_limits=ExecutionResources(
-        cpu=cpu, object_store_memory=rows * row_size))
+        cpu=cpu, object_store_memory=limit))
 
 
 def build_dataset(uri: str, cfg, *, epochs: int, seed: int, other_time: bool = False,
