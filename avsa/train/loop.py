@@ -83,10 +83,12 @@ def _batches(cfg: Config, world: int, rank: int,
     rows arrive (see avsa.train.batches)."""
     import ray.train
 
+    from avsa.data.pipeline import CONSUMER_PREFETCH_BATCHES
+
     it = ray.train.get_dataset_shard("train").iter_torch_batches(
         batch_size=cfg.train.batch_size // world,
         drop_last=False,
-        prefetch_batches=2,
+        prefetch_batches=CONSUMER_PREFETCH_BATCHES,  # what the read-ahead bound assumes
         # Host tensors: the bookkeeping (int, bool) never syncs the device; batches are drawn
         # into pinned memory on GPU machines, so the loop's `to_device` copy is asynchronous.
         device="cpu",
