@@ -13,6 +13,7 @@ its own local Ray, as a user's command does) that track to a real `mlflow server
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -60,6 +61,26 @@ def _start(args: list[str], ray_tmp: str) -> subprocess.Popen:
                             start_new_session=True)
 
 
+@pytest.fixture
+def start():
+    """_start, and on the way out (a failed assertion included) whatever a started command
+    left running is killed: its process group, then any process naming its Ray temp dir."""
+    started: list[tuple[subprocess.Popen, str]] = []
+
+    def run(args: list[str], ray_tmp: str) -> subprocess.Popen:
+        started.append((_start(args, ray_tmp), ray_tmp))
+        return started[-1][0]
+
+    yield run
+    for proc, ray_tmp in started:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+        for line in _leftovers(ray_tmp):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(line.split(":", 1)[0]), signal.SIGKILL)
+
+
 def _wait_for(path: Path, proc: subprocess.Popen, timeout_s: float = 300) -> None:
     deadline = time.monotonic() + timeout_s
     while not path.exists():
@@ -94,7 +115,7 @@ def _ckpt(run: Path, step: int) -> Path:
     return run / f"checkpoint-{step:08d}"
 
 
-def test_interrupt_damage_and_resume(shards, tmp_path, mlflow_uri):
+def test_interrupt_damage_and_resume(shards, tmp_path, mlflow_uri, start):
     store = tmp_path / "runs"
     run = store / "int-run"
     args = _command(shards, store, mlflow_uri)
@@ -103,7 +124,7 @@ def test_interrupt_damage_and_resume(shards, tmp_path, mlflow_uri):
 
     # 1. A second identical command while the first holds the run directory; SIGINT to the
     # first once checkpoint 4 is complete.
-    first = _start(args, ray_tmp)
+    first = start(args, ray_tmp)
     _wait_for(run / "avsa_lease.json", first)
     t0 = time.monotonic()
     second = subprocess.run([sys.executable, "-m", "avsa.cli", *args], cwd=REPO,
@@ -134,7 +155,7 @@ def test_interrupt_damage_and_resume(shards, tmp_path, mlflow_uri):
     newest = max(p for p in run.glob("checkpoint-*") if (p / COMMITTED).exists())
     state = newest / "state.pt"
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
-    rerun = _start(args, ray_tmp)
+    rerun = start(args, ray_tmp)
     step = int(newest.name.split("-")[1])
     _wait_for(_ckpt(run, step + 2) / COMMITTED, rerun)
     os.kill(rerun.pid, signal.SIGTERM)
@@ -147,7 +168,7 @@ def test_interrupt_damage_and_resume(shards, tmp_path, mlflow_uri):
     _no_leftovers(ray_tmp)
 
     # 3. Run to the end: the same MLflow run, FINISHED, one value per step for every key.
-    final = _start(args, ray_tmp)
+    final = start(args, ray_tmp)
     _out, err = final.communicate(timeout=400)
     assert final.returncode == 0, err[-3000:]
     assert "Failed to query Ray Train Controller actor state" not in err  # state API served
