@@ -188,30 +188,18 @@ def _intensity_of_parts(parts: Tensor, k: int, sr: int, n_fft: int, n_mels: int,
     return torch.div(mel[:, :3], mel[:, 3:].add_(eps))
 
 
-def intensity_mixed(
-    spec: Tensor, mix: Tensor, sr: int = 24000, n_fft: int = 512, n_mels: int = 128,
-    eps: float = 1e-10,
-) -> Tensor:
-    """Active intensity vector per mel band of rotated FOA, the DCASE SELD baselines' feature.
-
-    spec: stft of ambiX (W, Y, Z, X) (4, K, F); mix: (V, 4, 4) real maps to each viewpoint's
-    ambiX (rotations). Returns (V, 3, F, n_mels) in ambiX order (Y, Z, X): mel-weighted
-    Re(conj(W) [Y, Z, X]) over mel-weighted (|W|^2 + |Y|^2 + |Z|^2 + |X|^2) / 2, so a single
-    plane wave from unit direction u gives u (signed: front and back differ), a diffuse field
-    about 0. The mel filters are applied by their non-zero blocks.
-    """
-    v = mix.shape[0]
-    re, im = (x.view(v, 4, -1) for x in _mixed_spectra(spec, mix.reshape(-1, 4)))  # (V, 4, F * K)
-    return _intensity_of_parts(_active_intensity(re, im), spec.shape[1], sr, n_fft, n_mels, eps)
-
-
 def log_mel_intensity_mixed(
     spec: Tensor, mix: Tensor, sr: int = 24000, n_fft: int = 512, n_mels: int = 128,
     eps: float = 1e-10, norm_eps: float = 1e-5,
 ) -> Tensor:
-    """cat((log_mel_mixed(normalize=True), intensity_mixed), dim=1) from one mixing pass:
-    spec (4, K, F) ambiX spectra, mix (V, 4, 4) -> (V, 7, F, n_mels). The power |.|^2 that the
-    intensity's energy sums is the one the log-mel takes the root of."""
+    """The sign-preserving "intensity" input: log_mel_mixed(normalize=True) of the rotated ambiX
+    channels, then the active intensity vector per mel band, the DCASE SELD baselines' feature,
+    from one mixing pass. spec: stft of ambiX (W, Y, Z, X) (4, K, F); mix: (V, 4, 4) real maps
+    to each viewpoint's ambiX (rotations). Returns (V, 7, F, n_mels): the 4 log-mels, then in
+    ambiX order (Y, Z, X) mel-weighted Re(conj(W) [Y, Z, X]) over mel-weighted
+    (|W|^2 + |Y|^2 + |Z|^2 + |X|^2) / 2, so a single plane wave from unit direction u gives u
+    (signed: front and back differ), a diffuse field about 0. The power |.|^2 that the energy
+    sums is the one the log-mel takes the root of."""
     k, frames = spec.shape[1:]
     v = mix.shape[0]
     re, im = (x.view(v, 4, -1) for x in _mixed_spectra(spec, mix.reshape(-1, 4)))  # (V, 4, F * K)
