@@ -100,6 +100,14 @@ def cold_start(uri: str, cfg: DataConfig, batch: int) -> dict[str, float]:
     return {"ray_start_s": round(t1 - t0, 2), "first_row_s": round(t2 - t1, 2)}
 
 
+def _modes(text: str) -> list[str]:
+    modes = text.split(",")
+    if not modes or set(modes) - {"bounded", "unbounded"}:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated list of "
+                                         "bounded, unbounded")
+    return modes
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--clips", type=int, default=16)
@@ -110,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step-ms", type=float, default=100.0)
     p.add_argument("--read-ahead", type=int, default=None,
                    help="data.read_ahead_batches (default: the config's)")
-    p.add_argument("--modes", type=lambda s: s.split(","), default=["bounded", "unbounded"],
+    p.add_argument("--modes", type=_modes, default=["bounded", "unbounded"],
                    help="comma-separated, of bounded,unbounded")
     p.add_argument("--out", default="outputs/bench/stream")
     a = p.parse_args(argv)

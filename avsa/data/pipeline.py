@@ -173,8 +173,9 @@ def read_ahead_bytes(*, read_ahead_batches: int, batch_size: int, shard_samples:
     Ray Data charges to the decode operator every live block it produced, the ones its
     consumer has already taken included: (prefetch_batches + 1) batches plus one partly
     read shard. Budgeting read_ahead_batches alone left room for no block beyond the
-    consumer's own, so decoding ran one task at a time, in lockstep with the consumer.
-    One more shard lets a decode task run while the others wait."""
+    consumer's own: one decode task at a time, in lockstep with the consumer. With one more
+    shard two tasks run, but the bounded stream still delivers well below the unbounded one
+    (bench/RESULTS.md, stream)."""
     shard = max(int(shard_samples), 1)
     held = -(-(prefetch_batches + 1) * batch_size // shard) + 1
     ahead = -(-read_ahead_batches * batch_size // shard)
