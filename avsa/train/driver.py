@@ -21,7 +21,7 @@ from avsa import lease, resources, storage, tracking
 from avsa.config import Config, config_digest, with_absolute_paths
 from avsa.config_checks import check_batch_fits_data, temperature_warning
 from avsa.data.manifest import read_manifest
-from avsa.errors import AvsaError, CheckpointError, StorageError
+from avsa.errors import AvsaError, CheckpointError, ConfigError, StorageError
 from avsa.tracking import models
 from avsa.tracking.datasets import log_datasets
 from avsa.train import interrupt, resume
@@ -66,13 +66,15 @@ def keep_credentials_out_of_runtime_envs() -> None:
         class_cache.ENV_VARS_TO_PROPAGATE = set(propagated) - _CREDENTIAL_ENV
 
 
-def ensure_ray(cfg: Config) -> None:
+def ensure_ray(cfg: Config, need_state_api: bool = False) -> None:
     """Join the cluster in `RAY_ADDRESS` (as under `ray job submit`), or start a local Ray
     with enough logical CPUs for the train workers plus decoding tasks.
 
     The local Ray serves the state API (dashboard on loopback): Ray Train's placement-group
     cleaner polls it every second (without it, a warning each time), and through it frees the
-    workers of a trial ASHA stopped (without it, later trials starve).
+    workers of a trial ASHA stopped (without it, later trials starve). Its dashboard agent
+    needs a fixed port that `ray.init` cannot move, so a second local Ray on the same machine
+    starts without the dashboard; with `need_state_api` (sweeps) it is refused instead.
     """
     import ray
 
@@ -84,15 +86,40 @@ def ensure_ray(cfg: Config) -> None:
         return
     need = cfg.train.num_workers * cfg.train.cpus_per_worker + 2 * cfg.data.decode_cpus
     num_cpus = max(os.cpu_count() or 1, math.ceil(need))
+    if port_in_use(RAY_AGENT_PORT):
+        held = (f"another Ray on this machine holds the dashboard agent's port {RAY_AGENT_PORT}, "
+                f"which a local ray.init cannot move")
+        if need_state_api:
+            raise ConfigError("ray", f"{held}; a sweep needs this Ray's state API to free the "
+                                     f"workers of stopped trials. Join the other Ray "
+                                     f"(RAY_ADDRESS=auto) or stop it first")
+        log.warning("%s: starting this one without its dashboard (Ray Train will warn that "
+                    "it cannot query the controller's state; harmless)", held)
+        options: dict[str, Any] = {"include_dashboard": False}
+    else:
+        options = _state_api_options()
     for attempt in (1, 2):
         try:
-            ray.init(num_cpus=num_cpus, **_state_api_options())
+            ray.init(num_cpus=num_cpus, **options)
             return
         except Exception as e:  # Ray raises a bare Exception when its raylet starts too slowly
             if "timed out during startup" not in str(e) or attempt == 2:
                 raise
             log.warning("local Ray did not start in time (busy machine?); trying once more")
             ray.shutdown()
+
+
+RAY_AGENT_PORT = 52365  # Ray's default dashboard agent port; ray.init offers no option for it
+
+
+def port_in_use(port: int) -> bool:
+    """Whether a TCP listener on any interface already holds `port` on this machine."""
+    with socket.socket() as s:
+        try:
+            s.bind(("", port))
+        except OSError:
+            return True
+    return False
 
 
 def _state_api_options() -> dict[str, Any]:
