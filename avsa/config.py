@@ -162,7 +162,7 @@ class DownstreamConfig:
     mode: str = one_of("frozen", DOWNSTREAM_MODES)
     # frozen heads: the most epochs (early stopping ends sooner); action finetune: exactly this
     epochs: int = bounded(100, "[1, 1e4]")
-    lr: float = bounded(1e-4, "(0, 1]")
+    lr: float | None = bounded(None, "(0, 1]")  # None: the head's own (TransferHead.default_lr)
     batch_size: int = bounded(16, "[1, 1e5]")
     max_steps: int = 0
     eval_clips: int = 5

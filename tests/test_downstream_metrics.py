@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from presets import tiny_model
+from torch.nn import functional as F
 
 from avsa.config import DownstreamConfig
 from avsa.downstream import stats
@@ -20,6 +21,7 @@ from avsa.downstream.action import (
     score,
     top1_hits,
 )
+from avsa.downstream.fit import fit_head, minibatches
 from avsa.downstream.run import run_task
 from avsa.downstream.segmentation import (
     FPNHead,
@@ -112,7 +114,7 @@ class _ActionSource:
 @pytest.mark.parametrize("mode", ["linear", "finetune"])
 def test_action_reports_the_majority_class_beside_its_accuracy(mode):
     examples = {}
-    ds = DownstreamConfig(task="action", mode=mode, epochs=3, lr=1e-3, eval_clips=2,
+    ds = DownstreamConfig(task="action", mode=mode, epochs=3, eval_clips=2,
                           val_fraction=0.2, patience=2)
     m = run_task(ds, tiny_model(), _ActionSource(), seed=0, device=torch.device("cpu"),
                  examples=examples)
@@ -120,6 +122,22 @@ def test_action_reports_the_majority_class_beside_its_accuracy(mode):
     assert m["test/single_label"] == float(mode == "linear")  # finetune: as the source says
     assert m["test/videos"] == 4 and examples["clip_acc"].shape == (8,)
     assert 0.0 <= m["test/clip_acc"] <= 1.0 and examples["video_acc"].shape == (4,)
+    assert m["train/lr"] == (1e-3 if mode == "linear" else 1e-4)  # each protocol's default
+
+
+def test_a_linear_probe_learns_from_features_of_any_scale():
+    # random-init encoders give features of ~1e-2; unstandardised, a probe at any sane learning
+    # rate barely moves its logits before early stopping ends it
+    net = ActionNet(tiny_model().video_encoder, 8, finetune=False)
+    dim = net.head[-1].in_features
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(8).repeat(16)
+    centres = torch.randn(8, dim, generator=gen)
+    x = 1e-3 * (centres[labels] + 0.5 * torch.randn(len(labels), dim, generator=gen))
+    fit_head(net.head, lambda idx: action_loss(net.head(x[idx]), F.one_hot(labels[idx], 8), True),
+             lambda epoch: minibatches(len(x), 16, gen), epochs=30, lr=1e-3)
+    net.head.eval()
+    assert (net.head(x).argmax(-1) == labels).float().mean() > 0.95
 
 
 def test_video_accuracy_averages_probabilities_not_votes():

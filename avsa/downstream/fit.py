@@ -140,6 +140,7 @@ class TransferHead:
     module: nn.Module
     min_rows = 1  # fewer encoded training rows than this is no training split (AVC-Bin: 2)
     min_keys = 1  # clips held out and left for training, at least
+    default_lr = 1e-4  # Adam's learning rate when downstream.lr is not set (METHOD.md §6)
 
     @classmethod
     def source(cls, data: DataConfig, ds: DownstreamConfig, memo: dict | None):
@@ -163,6 +164,9 @@ class TransferHead:
     def prepare(self, train: Cached, fit: Cached, val: Cached) -> None:
         """train = fit + val, the encoded training rows and their split."""
 
+    def lr(self, ds: DownstreamConfig) -> float:
+        return self.default_lr if ds.lr is None else ds.lr
+
     def val_loss(self, val: Cached) -> float:
         return float(self.loss(val.tensors))
 
@@ -182,7 +186,7 @@ class TransferHead:
         result = fit_head(
             self.module, lambda idx: self.loss(fit.take(idx)),
             lambda epoch: minibatches(len(fit), ds.batch_size, gen),
-            epochs=ds.epochs, lr=ds.lr, max_steps=ds.max_steps, patience=ds.patience, log=log,
+            epochs=ds.epochs, lr=self.lr(ds), max_steps=ds.max_steps, patience=ds.patience, log=log,
             validate=(lambda: self.val_loss(val)) if len(val) else None)
         if result.steps == 0:
             raise ShardError(where, f"{self.name}: no training batch")

@@ -133,13 +133,13 @@ def run_task(ds: DownstreamConfig, model: AVSANet, source, *, seed: int, device:
              examples: dict[str, np.ndarray] | None = None) -> dict[str, float]:
     """Train `ds.task`'s head on `source` (settings from `ds`; `seed` seeds the head and the
     minibatch order) and return its test metrics (see the task's class for which) with
-    train/best_epoch and train/epochs; per-example test results go to `examples`."""
+    train/best_epoch, train/epochs and train/lr; per-example test results go to `examples`."""
     cls = task_class(ds.task)
     torch.manual_seed(seed)
     head = cls.build(model, source, ds, device)
     result = head.fit(source, ds, seed, log)
     return {**head.score(source, examples), "train/best_epoch": float(result.best_epoch),
-            "train/epochs": float(result.epochs)}
+            "train/epochs": float(result.epochs), "train/lr": head.lr(ds)}
 
 
 def _log_results(logger: tracking.RunLogger, task: str, examples: dict[str, np.ndarray]) -> None:
