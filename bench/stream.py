@@ -2,7 +2,10 @@
 pipeline's ingest_options) against unbounded read-ahead, in one run.
 
 A consumer stands in for a trainer on the same cores: after each batch it burns --step-ms of
-CPU (torch matmuls, one thread). Prints one JSON line on stdout (logs on stderr): per mode the
+CPU (small torch matmuls, one thread, holding the GIL most of the time). It reads through
+`streaming_split(1)` as a Ray Train worker does, so the stream's executor runs in its own
+actor; read in-process (--consumer in-process), the executor is a thread that waits for the
+consumer's GIL, and a bounded stream, which needs it on every freed block, falls behind. Prints one JSON line on stdout (logs on stderr): per mode the
 seconds from iteration start to the first batch, the steps/s over the first 100 steps and over
 the steps after them (steady), their ratio, and what the object store holds at steps 25, 50
 and 100 (decoded rows waiting for the consumer, in MiB and in rows); the two modes run one
@@ -54,9 +57,11 @@ def store_mib() -> float:
 
 
 def run(uri: str, cfg: DataConfig, *, bounded: bool, batch: int, steps: int,
-        step_ms: float, epochs: int) -> dict[str, float]:
+        step_ms: float, epochs: int, consumer: str) -> dict[str, float]:
     ds = pipeline.build_dataset(uri, cfg, epochs=epochs, seed=0,
                                 batch_size=batch if bounded else None)
+    if consumer == "split":  # as Ray Train's workers read: the executor runs in its own actor
+        ds = ds.streaming_split(1)[0]
     row = pipeline.row_bytes(cfg)
     t0 = time.perf_counter()
     times, held = [], []
@@ -120,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="data.read_ahead_batches (default: the config's)")
     p.add_argument("--modes", type=_modes, default=["bounded", "unbounded"],
                    help="comma-separated, of bounded,unbounded")
+    p.add_argument("--consumer", choices=("split", "in-process"), default="split",
+                   help="split: through streaming_split(1), as Ray Train's workers read, the "
+                        "stream's executor in its own actor; in-process: iter_torch_batches on "
+                        "the dataset, the executor a thread of the consumer's process")
     p.add_argument("--out", default="outputs/bench/stream")
     a = p.parse_args(argv)
     if a.steps < 150:
@@ -144,14 +153,16 @@ def main(argv: list[str] | None = None) -> int:
         starts[name] = cold_start(uri, cfg, a.batch)
         try:
             modes[name] = run(uri, cfg, bounded=name == "bounded", batch=a.batch,
-                              steps=a.steps, step_ms=a.step_ms, epochs=epochs)
+                              steps=a.steps, step_ms=a.step_ms, epochs=epochs,
+                              consumer=a.consumer)
         finally:
             if name != a.modes[-1]:
                 ray.shutdown()
     # Printed before the last shutdown: Ray may end the process while stopping the stream.
     print(json.dumps({
         "bench": "stream", **modes, "cold_start": starts,
-        "read_ahead_batches": cfg.read_ahead_batches, "batch": a.batch, "step_ms": a.step_ms,
+        "consumer": a.consumer, "read_ahead_batches": cfg.read_ahead_batches, "batch": a.batch,
+        "step_ms": a.step_ms,
         "clips": a.clips, "width": a.width, "epochs": epochs, "cpus": os.cpu_count(),
         "load_avg_1m": [round(load0, 2), round(os.getloadavg()[0], 2)],
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
