@@ -174,8 +174,10 @@ def read_ahead_bytes(*, read_ahead_batches: int, batch_size: int, shard_samples:
     consumer has already taken included: (prefetch_batches + 1) batches plus one partly
     read shard. Budgeting read_ahead_batches alone left room for no block beyond the
     consumer's own: one decode task at a time, in lockstep with the consumer. With one more
-    shard two tasks run, but the bounded stream still delivers well below the unbounded one
-    (bench/RESULTS.md, stream)."""
+    shard two tasks run. A bounded stream needs its executor on every freed block: read as Ray
+    Train's workers read it (streaming_split, the executor in its own actor) it keeps pace
+    with an unbounded one; read in the consumer's process, its executor thread waits for the
+    consumer's GIL and falls behind (bench/RESULTS.md, stream)."""
     shard = max(int(shard_samples), 1)
     held = -(-(prefetch_batches + 1) * batch_size // shard) + 1
     ahead = -(-read_ahead_batches * batch_size // shard)
