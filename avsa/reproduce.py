@@ -209,16 +209,21 @@ def pretrain_all(args, tables, data, uri) -> tuple[dict[str, str], dict[str, dic
     return refs, metrics
 
 
-def _done(uri: str, experiment: str) -> set[tuple[str, str, str, str]]:
-    """(row, task, context, seed) of the finished transfer runs already in `experiment`."""
-    from avsa.downstream.compare import fetch_records
+def done_cells(uri: str, experiment: str) -> set[tuple[str, str, str | None, str | None]]:
+    """compare.cell_key of each finished transfer run already in `experiment`."""
+    from avsa.downstream.compare import cell_key, fetch_records
     from avsa.errors import TrackingError
 
     try:
-        return {(r.pretext, r.task, r.context or "", r.seed or "")
-                for r in fetch_records(uri, experiment, with_examples=False)}
+        return {cell_key(r) for r in fetch_records(uri, experiment, with_examples=False)}
     except TrackingError:  # no such experiment yet
         return set()
+
+
+def job_cell(row: str, task: str, extra: list[str], seed: int) -> tuple:
+    """compare.cell_key of the run a transfer job (row, task, its overrides, seed) makes."""
+    context = next((e.split("=", 1)[1] for e in extra if "context=" in e), None)
+    return (row, task, context if task == "segmentation" else None, str(seed))
 
 
 def transfer_all(args, tables, data, refs, uri) -> None:
@@ -229,13 +234,13 @@ def transfer_all(args, tables, data, refs, uri) -> None:
     memo: dict = {}  # decoded clips, shared by every head that reads the same data
     for t in tables:
         experiment = f"avsa-reproduce-{t.name}"
-        done = _done(uri, experiment)
+        done = done_cells(uri, experiment)
         jobs = [(v, task, extra, seed) for v, transfers in t.rows for task, extra in transfers
                 for seed in range(args.seeds)]
         for i, (v, task, extra, seed) in enumerate(jobs, 1):
             row = "scratch" if v is None else v.row
-            context = next((e.split("=", 1)[1] for e in extra if "context=" in e), "")
-            if (row, task, context if task == "segmentation" else "", str(seed)) in done:
+            cell = job_cell(row, task, extra, seed)
+            if cell in done:
                 continue
             train, test = data["action" if task == "action" else
                                ("dry" if v is None else v.data)]
@@ -247,7 +252,7 @@ def transfer_all(args, tables, data, refs, uri) -> None:
                            f"downstream.pretrain={'scratch' if v is None else refs[v.row]}",
                            f"downstream.row={row}", f"downstream.experiment={experiment}"])
             print(f"[avsa reproduce] {t.name} {i}/{len(jobs)}: {row} {task} "
-                  f"{context} seed {seed}", flush=True)
+                  f"{cell[2] or ''} seed {seed}", flush=True)
             print(run_transfer(cfg, memo).summary().splitlines()[0], flush=True)
 
 

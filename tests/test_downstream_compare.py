@@ -164,3 +164,27 @@ def test_reproduce_plans_every_table_with_equal_pairs_per_step():
     for bad in (["--clips", "3"], ["--tables", "pretext,nope"], ["--viewpoints", "0,2"]):
         with pytest.raises(SystemExit):
             reproduce.parse_args(bad)
+
+
+def test_reproduce_skips_exactly_the_cells_mlflow_holds(mlflow_uri):
+    """A re-run finds every finished cell, whatever default context a non-segmentation run
+    logged as its param, and no segmentation cell of another context."""
+    from avsa import reproduce
+
+    exp = f"reproduce-{uuid.uuid4().hex[:8]}"
+    for task, context in (("avc_bin", ""), ("action", ""), ("segmentation", "audio")):
+        tags = {tracking.KIND: "transfer", tracking.TASK: task, tracking.PRETRAIN_RUN: "x",
+                "avsa.pretext": "scratch", "avsa.row": "scratch", "avsa.context": context,
+                "avsa.seed": "0"}
+        params = {"downstream.context": context or "video"}  # as run_transfer logs the config
+        logger = tracking.RunLogger.start(mlflow_uri, exp, task, tags=tags, params=params)
+        logger.end("FINISHED")
+    done = reproduce.done_cells(mlflow_uri, exp)
+    transfers = dict((t, e) for t, e in reproduce.TRANSFERS if t != "segmentation")
+    for task in ("avc_bin", "action"):
+        assert reproduce.job_cell("scratch", task, transfers[task], 0) in done
+        assert reproduce.job_cell("scratch", task, transfers[task], 1) not in done
+    seg = [e for t, e in reproduce.TRANSFERS if t == "segmentation"]
+    held = [reproduce.job_cell("scratch", "segmentation", e, 0) in done for e in seg]
+    assert held == ["downstream.context=audio" in e for e in seg]
+    assert reproduce.job_cell("scratch", "avsa_bin", [], 0) not in done

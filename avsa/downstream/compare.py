@@ -171,13 +171,19 @@ def _pretext_key(name: str) -> tuple[int, str]:
     return (PRETEXT_ORDER.index(name), "") if name in PRETEXT_ORDER else (len(PRETEXT_ORDER), name)
 
 
+def cell_key(r: RunRecord) -> tuple[str, str, str | None, str | None]:
+    """(row, task, context, seed): the replicate of a table cell that a run fills. The context
+    counts for segmentation only (other tasks' runs carry the config's default one)."""
+    return (r.pretext, r.task, r.context if r.task == "segmentation" else None, r.seed)
+
+
 def build_table(records: Iterable[RunRecord], columns: tuple[Column, ...] = COLUMNS, *,
                 resamples: int = RESAMPLES, seed: int = CI_SEED) -> Table:
     """Each cell pools the runs of (pretext, task, context): the latest run of each seed (a
     rerun of a seed replaces it). Rows in PRETEXT_ORDER, then other pretexts by name."""
     latest: dict[tuple[str, str, str | None, str | None], RunRecord] = {}
     for r in records:
-        key = (r.pretext, r.task, r.context if r.task == "segmentation" else None, r.seed)
+        key = cell_key(r)
         if key not in latest or r.start_time > latest[key].start_time:
             latest[key] = r
     groups: dict[tuple[str, str, str | None], list[RunRecord]] = {}
