@@ -19,6 +19,7 @@ with the machine's load; the object store figures do not.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -77,6 +78,8 @@ def run(uri: str, cfg: DataConfig, *, bounded: bool, batch: int, steps: int,
             burn(step_ms)
     finally:
         batches.close()  # stops the stream's prefetch thread before Ray shuts down
+        del batches, ds  # and lets the split's coordinator go before the next mode's Ray
+        gc.collect()
     first = times[0] - t0
     early = 100 / (times[100] - times[0])  # steps 1..100 after the first batch
     steady = (len(times) - 1 - 100) / (times[-1] - times[100])
