@@ -222,8 +222,10 @@ def done_cells(uri: str, experiment: str) -> set[tuple[str, str, str | None, str
 
 def job_cell(row: str, task: str, extra: list[str], seed: int) -> tuple:
     """compare.cell_key of the run a transfer job (row, task, its overrides, seed) makes."""
+    from avsa.downstream.compare import RunRecord, cell_key
+
     context = next((e.split("=", 1)[1] for e in extra if "context=" in e), None)
-    return (row, task, context if task == "segmentation" else None, str(seed))
+    return cell_key(RunRecord("", row, task, context, 0, {}, str(seed), None))
 
 
 def transfer_all(args, tables, data, refs, uri) -> None:
