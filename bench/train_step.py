@@ -22,6 +22,13 @@ The Ray worker then feeds the same step from a Ray Data dataset of synthetic row
 `data_wait_frac` is that time over the wall time of the timed steps. It measures the
 iterator's hand-off, not decoding (bench/pipeline.py measures decoding).
 
+`--feed-workers N` feeds the bare loop with real samples instead: N processes (one thread
+each, as 1-CPU Ray Data tasks) run the pipeline's `make_sample` on synthetic clips of
+`--feed-width` x width/2, and a thread collates and pins them, two batches ahead.
+`feed_wait_frac` is the time the step loop waits for them over the timed wall time: whether
+N decode cores keep the device fed, without Ray (docs/scaling.md derives the same from
+bench/decode_cost.py's CPU seconds per sample).
+
 FLOPs of one forward + backward are counted once, on the meta device, with
 `torch.utils.flop_counter.FlopCounterMode` (a multiply-add counts 2). On CUDA the script also
 measures the card's dense bf16 matmul rate (8192^3) and reports tflops / that rate as `mfu`,
@@ -90,6 +97,9 @@ class Spec:
     ray_data: bool = True
     ray_niceness: int | None = 0  # Ray workers' nice value; None: Ray's default (15)
     seed: int = 0
+    feed_workers: int = 0  # decode processes feeding a real-sample run; 0: none
+    feed_width: int = 1024  # equirect width of the feed's clips
+    feed_clips: int = 8
 
     def overrides(self) -> list[str]:
         """Config overrides that give the training code these shapes and switches."""
@@ -200,7 +210,9 @@ def host_syncs_per_step(model, opt, batches, cfg, spec: Spec, device) -> int | N
                        channels_last=_channels_last(spec, device))
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    found = [str(w.message).splitlines()[0] for w in caught if "synchron" in str(w.message)]
+    # The first warning of the mode is a notice that it is a prototype, not a sync.
+    found = [str(w.message).splitlines()[0] for w in caught
+             if "synchron" in str(w.message) and "prototype" not in str(w.message)]
     for msg in found:
         log.warning("host-device sync in the step: %s", msg)
     return len(found)
@@ -248,6 +260,108 @@ def peak_memory_mb(device: torch.device) -> tuple[float, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_max_rss"
+
+
+# ------------------------------------------------------------------- real-sample feed
+
+_FEED: dict[str, Any] = {}
+
+
+def _feed_init(clip_dir: str, data_cfg) -> None:
+    """Decode process: one thread, the clips' bytes held in memory."""
+    import cv2
+
+    from avsa.data.shards import RawSample
+
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    paths = sorted(Path(clip_dir).glob("*.mp4"))
+    _FEED["samples"] = [
+        RawSample(p.stem, {"mp4": p.read_bytes(), "json": p.with_suffix(".json").read_bytes()})
+        for p in paths]
+    _FEED["cfg"] = data_cfg
+
+
+def _feed_sample(i: int) -> dict[str, Any]:
+    from avsa.data.transform import make_sample
+
+    samples = _FEED["samples"]
+    out = make_sample(samples[i % len(samples)], _FEED["cfg"], seed=0, epoch=i // len(samples))
+    return {k: out[k] for k in ("video", "audio", "directions")}
+
+
+def decode_feed(cfg: Config, spec: Spec, clip_dir: Path):
+    """(iterator of pinned batches of real samples, close()). Samples are asked for in order,
+    `2 * batch` in flight, so the workers never run further ahead than the queue holds."""
+    import collections
+    import multiprocessing
+    import queue
+
+    import numpy as np
+
+    from avsa import synth
+
+    if not any(clip_dir.glob("*.mp4")):
+        synth.write_dataset(clip_dir, spec.feed_clips, 4.0, seed=0, progress=False,
+                            width=spec.feed_width, height=spec.feed_width // 2)
+    pool = multiprocessing.get_context("spawn").Pool(
+        spec.feed_workers, initializer=_feed_init, initargs=(str(clip_dir), cfg.data))
+    ready: queue.Queue = queue.Queue(maxsize=2)
+    stop = threading.Event()
+
+    pin = torch.cuda.is_available()
+
+    def put(item) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(queue.Full):
+                ready.put(item, timeout=0.1)
+                return
+
+    def produce() -> None:
+        pending = collections.deque(pool.apply_async(_feed_sample, (i,))
+                                    for i in range(2 * spec.batch))
+        i = len(pending)
+        try:
+            while not stop.is_set():
+                rows = []
+                for _ in range(spec.batch):
+                    rows.append(pending.popleft().get())
+                    pending.append(pool.apply_async(_feed_sample, (i,)))
+                    i += 1
+                batch = {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in rows[0]}
+                put({k: t.pin_memory() for k, t in batch.items()} if pin else batch)
+        except Exception as e:  # handed to the consumer, which raises it
+            put(e)
+
+    threading.Thread(target=produce, daemon=True).start()
+
+    def batches():
+        while True:
+            item = ready.get()
+            if isinstance(item, Exception):
+                raise item
+            yield item
+
+    def close() -> None:
+        stop.set()
+        pool.terminate()
+
+    return batches(), close
+
+
+def fed_run(model, opt, cfg: Config, spec: Spec, device) -> dict[str, float]:
+    """The bare loop fed by `decode_feed`: `warmup` steps (the workers' start), then
+    `steps * rounds` timed ones."""
+    clip_dir = Path(tempfile.gettempdir()) / f"avsa_bench_feed_{spec.feed_width}x{spec.feed_clips}"
+    source, close = decode_feed(cfg, spec, clip_dir)
+    try:
+        t = timed(model, opt, None, cfg, spec, device, warmup=spec.warmup,
+                  steps=spec.steps * spec.rounds, source=source)
+    finally:
+        close()
+    log.info("fed by %d decode processes: %.3f steps/s, waiting %.0f%% of the time",
+             spec.feed_workers, t["steps_per_s"], 100 * t["wait_s"] / t["wall_s"])
+    return {"feed_steps_per_s": t["steps_per_s"], "feed_wait_frac": t["wait_s"] / t["wall_s"]}
 
 
 # ----------------------------------------------------------------------------- Ray Train
@@ -409,6 +523,8 @@ def run(spec: Spec) -> dict[str, Any]:
                 ray_runs.append(json.loads((baton / f"done-{r}").read_text()))
                 log.info("round %d ray:  %.3f steps/s", r, ray_runs[-1]["steps_per_s"])
         data = dict(fit.result().metrics) if fit is not None else {}
+        if spec.feed_workers:
+            data.update(fed_run(model, opt, cfg, spec, device))
         peak, peak_kind = peak_memory_mb(device)
         matmul = bf16_matmul_tflops(device) if device.type == "cuda" else None
 
@@ -435,6 +551,10 @@ def run(spec: Spec) -> dict[str, Any]:
         "bf16_matmul_tflops": matmul,
         "mfu": flops * sps / 1e12 / matmul if matmul else None,
         "data_wait_frac": data.get("data_wait_frac"),
+        "feed_workers": spec.feed_workers or None,
+        "feed_width": spec.feed_width if spec.feed_workers else None,
+        "feed_steps_per_s": data.get("feed_steps_per_s"),
+        "feed_wait_frac": data.get("feed_wait_frac"),
         "host_syncs_per_step": syncs,
         "bf16": spec.bf16 and device.type == "cuda",
         "channels_last": _channels_last(spec, device),
@@ -571,6 +691,9 @@ def parse_spec(argv: list[str] | None = None) -> tuple[Spec, bool]:
     p.add_argument("--no-ray-data", action="store_true", help="skip the Ray Data fed run")
     p.add_argument("--ray-niceness", default="0",
                    help="nice value of the Ray workers (0: as the bare loop; 'default': Ray's 15)")
+    p.add_argument("--feed-workers", type=int, default=0,
+                   help="also run the bare loop fed by N decode processes (real samples)")
+    p.add_argument("--feed-width", type=int, default=1024, help="equirect width of fed clips")
     p.add_argument("--quick", action="store_true", help="tiny shapes, few steps (smoke test)")
     p.add_argument("--count-only", action="store_true",
                    help="print the FLOPs per step of these shapes and exit (no step is run)")
@@ -592,6 +715,8 @@ def parse_spec(argv: list[str] | None = None) -> tuple[Spec, bool]:
         ray=not a.no_ray,
         ray_data=not a.no_ray_data,
         ray_niceness=None if a.ray_niceness == "default" else int(a.ray_niceness),
+        feed_workers=a.feed_workers,
+        feed_width=a.feed_width,
     ), a.count_only
 
 

@@ -23,8 +23,8 @@ REPO = Path(__file__).resolve().parent.parent
 def test_train_step_quick_prints_one_json_line():
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "train_step.py"), "--quick", "--no-ray",
-         "--device", "cpu", "--threads", "1"],
-        capture_output=True, text=True, timeout=120, cwd=REPO,
+         "--device", "cpu", "--threads", "1", "--feed-workers", "1", "--feed-width", "128"],
+        capture_output=True, text=True, timeout=240, cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()
@@ -38,6 +38,9 @@ def test_train_step_quick_prints_one_json_line():
     assert r["torch_threads"] == 1
     assert r["ray_over_bare"] is None and r["mfu"] is None  # no Ray run, no GPU
     assert r["peak_mem_mb"] > 0
+    # the run fed by a decode process: real samples reached the step
+    assert r["feed_workers"] == 1 and r["feed_width"] == 128
+    assert r["feed_steps_per_s"] > 0 and 0 <= r["feed_wait_frac"] <= 1
 
 
 def test_channels_last_video_path_matches_default_layout():
