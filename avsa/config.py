@@ -224,8 +224,8 @@ def config_dir() -> Path:
     raise ConfigError("configs", f"no config tree found (looked in {', '.join(map(str, candidates))})")
 
 
-def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "pretrain") -> Config:
-    """Compose `configs/<config_name>.yaml` with Hydra overrides into a validated `Config`."""
+def compose(overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Compose `configs/pretrain.yaml` with Hydra overrides into a validated `Config`."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.config_store import ConfigStore
@@ -238,7 +238,7 @@ def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "pre
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+            cfg = hydra_compose(config_name="pretrain", overrides=list(overrides))
         check_known_keys(cfg, Config)
         obj = OmegaConf.to_object(cfg)
     except (HydraException, OmegaConfBaseException) as e:  # bad values, overrides, groups
