@@ -33,7 +33,6 @@ RAYJOB = Path("jobs/rayjob/rayjob.yaml")
 GPU_WORKERS = Path("components/gpu-cloud/gpu-workers.yaml")
 # KubeRay appends 6 characters to a RayJob name to name its RayCluster, which may have 53.
 MAX_RAYJOB_NAME = 47
-GPU_TAG_SUFFIX = "-gpu"  # REGISTRY/avsa:TAG-gpu: the CUDA build of REGISTRY/avsa:TAG
 
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -50,25 +49,19 @@ def _check(ok: bool, key: str, reason: str) -> None:
         raise ConfigError(key, reason)
 
 
-def k8s_dir() -> Path:
-    """The `k8s/` tree beside the package (a checkout and its editable install), else the one in
-    the working directory. Raises ConfigError when neither holds the shared RayJob."""
-    candidates = [Path(__file__).resolve().parent.parent / "k8s", Path.cwd() / "k8s"]
-    for root in candidates:
-        if (root / RAYJOB).is_file():
-            return root
-    raise ConfigError("k8s", f"no {RAYJOB} in {' or '.join(map(str, candidates))}")
-
-
 def _load_yaml(path: Path) -> Any:
     # Through JSON: YAML anchors (`&podSecurity`) would otherwise share one dict between pods,
     # so a patch of one pod would change them all.
     return json.loads(json.dumps(yaml.safe_load(path.read_text())))
 
 
-def load_sources(root: Path | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(the shared RayJob, the `gpu` worker group) as k8s/ writes them, fresh dicts each call."""
-    root = root or k8s_dir()
+def load_sources() -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the shared RayJob, the `gpu` worker group) as k8s/ writes them, fresh dicts each call,
+    from the `k8s/` tree beside the package (a checkout and its editable install), else the one
+    in the working directory. Raises ConfigError when neither holds the shared RayJob."""
+    candidates = [Path(__file__).resolve().parent.parent / "k8s", Path.cwd() / "k8s"]
+    root = next((c for c in candidates if (c / RAYJOB).is_file()), None)
+    _check(root is not None, "k8s", f"no {RAYJOB} in {' or '.join(map(str, candidates))}")
     ops = _load_yaml(root / GPU_WORKERS)
     (gpu,) = [op["value"] for op in ops
               if op["op"] == "add" and op["path"].endswith("/workerGroupSpecs/-")]
@@ -79,60 +72,30 @@ def _entrypoint(args: Sequence[str]) -> str:
     """Shell command of the job: `python` is prepended when the first argument is a .py file."""
     _check(not isinstance(args, str) and len(args) > 0 and all(isinstance(a, str) for a in args),
            "entrypoint_args", f"must be a non-empty list of strings, got {args!r}")
-    argv = list(args)
-    if argv[0].endswith(".py"):
-        argv.insert(0, "python")
-    return shlex.join(argv)
+    return shlex.join(["python", *args] if args[0].endswith(".py") else args)
 
 
-def _env_from(release: str, s3_secret: str | None, mlflow_uri: str | None) -> list[dict[str, Any]]:
-    """The release's ConfigMap (tracking URI, S3 settings) unless the URI is given, then the S3
-    Secret; not optional: a pod without them stops instead of running unrecorded."""
-    out: list[dict[str, Any]] = []
-    if not mlflow_uri:
-        out.append({"configMapRef": {"name": f"{release}-env"}})
-    if s3_secret:
-        out.append({"secretRef": {"name": s3_secret}})
-    return out
-
-
-def _env(mlflow_uri: str | None, env: Mapping[str, str] | None) -> list[dict[str, str]]:
-    out: list[dict[str, str]] = []
+def _env(release: str, s3_secret: str | None, mlflow_uri: str | None,
+         env: Mapping[str, str] | None) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
+    """(env, envFrom) of the Ray containers: the tracking URI and `env`, or without a URI the
+    release's ConfigMap (tracking URI, S3 settings); then the S3 Secret. Not optional: a pod
+    without them stops instead of running unrecorded."""
+    values: list[dict[str, str]] = []
+    refs: list[dict[str, Any]] = []
     if mlflow_uri:
         _check("@" not in mlflow_uri, "mlflow_uri",
                "must not embed credentials (user:password@); use MLFLOW_TRACKING_TOKEN in a Secret")
-        out.append({"name": "MLFLOW_TRACKING_URI", "value": mlflow_uri})
+        values.append({"name": "MLFLOW_TRACKING_URI", "value": mlflow_uri})
+    else:
+        refs.append({"configMapRef": {"name": f"{release}-env"}})
+    if s3_secret:
+        refs.append({"secretRef": {"name": s3_secret}})
     for key, value in sorted((env or {}).items()):
         _check(bool(_ENV_NAME.match(key)), f"env.{key}", "is not a valid environment variable name")
         _check(not _SECRET_ENV.search(key), f"env.{key}",
                "looks like a credential; put it in the Secret named by s3_secret instead")
-        out.append({"name": key, "value": str(value)})
-    return out
-
-
-def _validate(name: str, namespace: str, image: str | None, release: str,
-              counts: Mapping[str, Any], gpus_per_worker: int, s3_secret: str | None,
-              service_account: str | None, working_dir: str | None) -> None:
-    _check(isinstance(name, str) and bool(_DNS1035.match(name)) and len(name) <= MAX_RAYJOB_NAME,
-           "name", f"must be a DNS-1035 label of at most {MAX_RAYJOB_NAME} characters, got {name!r}")
-    _check(isinstance(namespace, str) and bool(_DNS1123_LABEL.match(namespace))
-           and len(namespace) <= 63, "namespace", f"must be a DNS-1123 label, got {namespace!r}")
-    _check(image is None or bool(image), "image", "must not be empty")
-    _check(isinstance(release, str) and bool(_DNS1123_LABEL.match(release)), "release",
-           f"must be the name of a Helm release (DNS-1123 label), got {release!r}")
-    for key, value in counts.items():
-        _check(value is None or (isinstance(value, int) and not isinstance(value, bool)
-                                 and value >= 0), key, f"must be an integer >= 0, got {value!r}")
-    _check(isinstance(gpus_per_worker, int) and gpus_per_worker >= (1 if counts["num_gpu_workers"] else 0),
-           "gpus_per_worker", f"must be an integer >= 1 with GPU workers, got {gpus_per_worker!r}")
-    if s3_secret is not None:
-        _check(bool(_DNS1123_SUBDOMAIN.match(s3_secret)) and len(s3_secret) <= 253, "s3_secret",
-               "must be the name of a Kubernetes Secret (lowercase DNS name), not its content")
-    if service_account is not None:
-        _check(bool(_DNS1123_SUBDOMAIN.match(service_account)), "service_account",
-               f"must be a DNS-1123 name, got {service_account!r}")
-    if working_dir is not None:
-        _check(bool(working_dir.strip()), "working_dir", "must not be empty")
+        values.append({"name": key, "value": str(value)})
+    return values, refs
 
 
 def build_rayjob(
@@ -151,7 +114,6 @@ def build_rayjob(
     working_dir: str | None = None,
     env: Mapping[str, str] | None = None,
     service_account: str | None = None,
-    gpu_node_selector: Mapping[str, str] | None = None,
     pre_running_deadline_s: int | None = None,
     active_deadline_s: int | None = None,
 ) -> dict[str, Any]:
@@ -164,12 +126,27 @@ def build_rayjob(
     the Helm release's ConfigMap `<release>-env`; env names that look like credentials are
     refused. Raises ConfigError naming the first bad argument.
     """
-    _validate(name, namespace, image, release,
-              {"num_gpu_workers": num_gpu_workers, "cpu_workers": cpu_workers,
-               "pre_running_deadline_s": pre_running_deadline_s,
-               "active_deadline_s": active_deadline_s},
-              gpus_per_worker, s3_secret, service_account, working_dir)
-    ray_env, env_from = _env(mlflow_uri, env), _env_from(release, s3_secret, mlflow_uri)
+    _check(isinstance(name, str) and bool(_DNS1035.match(name)) and len(name) <= MAX_RAYJOB_NAME,
+           "name", f"must be a DNS-1035 label of at most {MAX_RAYJOB_NAME} characters, got {name!r}")
+    _check(isinstance(namespace, str) and bool(_DNS1123_LABEL.match(namespace))
+           and len(namespace) <= 63, "namespace", f"must be a DNS-1123 label, got {namespace!r}")
+    _check(image is None or bool(image), "image", "must not be empty")
+    _check(isinstance(release, str) and bool(_DNS1123_LABEL.match(release)), "release",
+           f"must be the name of a Helm release (DNS-1123 label), got {release!r}")
+    for key, value in (("num_gpu_workers", num_gpu_workers), ("cpu_workers", cpu_workers),
+                       ("pre_running_deadline_s", pre_running_deadline_s),
+                       ("active_deadline_s", active_deadline_s)):
+        _check(value is None or (isinstance(value, int) and not isinstance(value, bool)
+                                 and value >= 0), key, f"must be an integer >= 0, got {value!r}")
+    _check(isinstance(gpus_per_worker, int) and gpus_per_worker >= (1 if num_gpu_workers else 0),
+           "gpus_per_worker", f"must be an integer >= 1 with GPU workers, got {gpus_per_worker!r}")
+    _check(s3_secret is None or (bool(_DNS1123_SUBDOMAIN.match(s3_secret))
+                                 and len(s3_secret) <= 253), "s3_secret",
+           "must be the name of a Kubernetes Secret (lowercase DNS name), not its content")
+    _check(service_account is None or bool(_DNS1123_SUBDOMAIN.match(service_account)),
+           "service_account", f"must be a DNS-1123 name, got {service_account!r}")
+    _check(working_dir is None or bool(working_dir.strip()), "working_dir", "must not be empty")
+    ray_env, env_from = _env(release, s3_secret, mlflow_uri, env)
     job, gpu = load_sources()
     spec = job["spec"]
     cluster = spec["rayClusterSpec"]
@@ -178,13 +155,11 @@ def build_rayjob(
 
     default_image = head["template"]["spec"]["containers"][0]["image"]
     image = image or default_image
-    if gpu_image is None:
+    if gpu_image is None:  # REGISTRY/avsa:TAG-gpu: the CUDA build of REGISTRY/avsa:TAG
         gpu_image = (gpu["template"]["spec"]["containers"][0]["image"] if image == default_image
-                     else f"{image}{GPU_TAG_SUFFIX}")
+                     else f"{image}-gpu")
     for part in gpu["template"]["spec"]["containers"][0]["resources"].values():
         part["nvidia.com/gpu"] = gpus_per_worker
-    if gpu_node_selector:
-        gpu["template"]["spec"]["nodeSelector"] = dict(gpu_node_selector)
 
     groups = []
     for group, count in ((cpu, cpu_workers), (gpu, num_gpu_workers)):
@@ -228,20 +203,17 @@ def build_rayjob(
 class _Dumper(yaml.SafeDumper):
     """Safe YAML with multi-line strings (the runtime env) written as `|` blocks."""
 
-
-def _str_presenter(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
-    style = "|" if "\n" in data else None
-    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
-
-
-_Dumper.add_representer(str, _str_presenter)
+    def represent_str(self, data: str) -> yaml.ScalarNode:
+        style = "|" if "\n" in data else None
+        return self.represent_scalar("tag:yaml.org,2002:str", data, style=style)
 
 
-def to_yaml(obj: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> str:
-    """YAML of one object, or several as a multi-document stream, keys in build order."""
-    docs = [obj] if isinstance(obj, Mapping) else list(obj)
-    return yaml.dump_all([dict(d) for d in docs], Dumper=_Dumper, sort_keys=False,
-                         default_flow_style=False)
+_Dumper.add_representer(str, _Dumper.represent_str)
+
+
+def to_yaml(obj: Mapping[str, Any]) -> str:
+    """YAML of one object, keys in build order."""
+    return yaml.dump(dict(obj), Dumper=_Dumper, sort_keys=False)
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
@@ -250,45 +222,42 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     parser = argparse.ArgumentParser(prog="avsa submit", description=__doc__.split("\n")[0])
     parser.add_argument("name", help="RayJob name (DNS label, at most 47 characters)")
     parser.add_argument("-n", "--namespace", default="default")
-    parser.add_argument("--image", default=None, help="image of the head, CPU workers and "
-                        "submitter (default: k8s/'s, the image the Dockerfile builds)")
-    parser.add_argument("--gpu-image", default=None,
-                        help="image of GPU workers (default: k8s/'s GPU image, or --image "
-                        "with -gpu appended)")
-    parser.add_argument("--gpu-workers", type=int, default=0)
+    parser.add_argument("--image", help="image of the head, CPU workers and submitter "
+                        "(default: k8s/'s, the image the Dockerfile builds)")
+    parser.add_argument("--gpu-image", help="image of GPU workers (default: k8s/'s GPU image, "
+                        "or --image with -gpu appended)")
+    parser.add_argument("--gpu-workers", dest="num_gpu_workers", metavar="GPU_WORKERS", type=int,
+                        default=0)
     parser.add_argument("--gpus-per-worker", type=int, default=1)
     parser.add_argument("--cpu-workers", type=int, default=1)
     parser.add_argument("--release", default="avsa",
                         help="Helm release whose ConfigMap <release>-env gives MLFLOW_TRACKING_URI")
-    parser.add_argument("--s3-secret", default=None, help="Secret with AWS_* keys (envFrom)")
-    parser.add_argument("--mlflow-uri", default=None,
+    parser.add_argument("--s3-secret", help="Secret with AWS_* keys (envFrom)")
+    parser.add_argument("--mlflow-uri",
                         help="MLFLOW_TRACKING_URI of the pods (default: the release's ConfigMap)")
-    parser.add_argument("--working-dir", default=None, help="runtime-env working_dir URI")
-    parser.add_argument("--service-account", default=None)
+    parser.add_argument("--working-dir", help="runtime-env working_dir URI")
+    parser.add_argument("--service-account")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--pre-running-deadline", type=int, default=None, metavar="S",
-                        help="fail when not running after S seconds (default: k8s/'s)")
-    parser.add_argument("--active-deadline", type=int, default=None, metavar="S",
+    parser.add_argument("--pre-running-deadline", dest="pre_running_deadline_s", type=int,
+                        metavar="S", help="fail when not running after S seconds (default: k8s/'s)")
+    parser.add_argument("--active-deadline", dest="active_deadline_s", type=int, metavar="S",
                         help="stop the job after S seconds (default: k8s/'s)")
     parser.add_argument("--dry-run", action="store_true",
                         help="accepted for old scripts: the YAML is always printed")
     parser.add_argument("entrypoint", nargs="*",
                         help="-- then the job command, e.g. python jobs/pretrain.py k=v")
     # Intermixed parsing lets options follow NAME and keeps everything after `--` as the command.
-    args = parser.parse_intermixed_args(argv)
-    command = args.entrypoint[1:] if args.entrypoint[:1] == ["--"] else args.entrypoint
+    args = vars(parser.parse_intermixed_args(argv))
+    del args["dry_run"]
+    command = args.pop("entrypoint")
+    if command[:1] == ["--"]:
+        command = command[1:]
     env = {}
-    for item in args.env:
+    for item in args.pop("env"):
         key, sep, value = item.partition("=")
         _check(bool(sep), "--env", f"expects KEY=VALUE, got {item!r}")
         env[key] = value
-    obj = build_rayjob(
-        args.name, command, image=args.image, gpu_image=args.gpu_image,
-        num_gpu_workers=args.gpu_workers, gpus_per_worker=args.gpus_per_worker,
-        cpu_workers=args.cpu_workers, namespace=args.namespace, s3_secret=args.s3_secret,
-        mlflow_uri=args.mlflow_uri, working_dir=args.working_dir, env=env,
-        service_account=args.service_account, release=args.release,
-        pre_running_deadline_s=args.pre_running_deadline, active_deadline_s=args.active_deadline)
+    obj = build_rayjob(args.pop("name"), command, env=env, **args)
     (out or sys.stdout).write(to_yaml(obj))
     return 0
 

@@ -18,18 +18,10 @@ from typing import Any
 from avsa.config_checks import check_known_keys, validate
 from avsa.errors import ConfigError
 
-CONFIG_DIR_ENV = "AVSA_CONFIG_DIR"
-LOSS_KINDS = ("avsa", "avc", "avts")
-AUDIO_MODES = ("foa", "mono")
 # Per-viewpoint audio inputs and their channel counts (see avsa.data.transform.audio_features):
 # the paper's log-mel of the rotated W, Y, Z, X; log-mel of six virtual cardioids toward
 # +-X, +-Y, +-Z; log-mel of W, Y, Z, X plus the active intensity vector per mel band.
 AUDIO_FEATURES = {"logmel": 4, "cardioid": 6, "intensity": 7}
-EASY_NEGATIVES = ("same_view", "all_views")
-TASKS = ("avc_bin", "avsa_bin", "action", "segmentation")
-DOWNSTREAM_MODES = ("frozen", "finetune", "linear")
-SEARCHES = ("grid", "random", "optuna")
-SCHEDULERS = ("asha", "fifo")
 
 
 def bounded(default: Any, interval: str) -> Any:
@@ -63,7 +55,7 @@ class DataConfig:
     aspect_min: float = bounded(0.75, "(0, 10]")
     aspect_max: float = bounded(1.3333, "[aspect_min, 10]")
     min_separation_deg: float = bounded(0.0, "[0, 180]")
-    audio_mode: str = one_of("foa", AUDIO_MODES)
+    audio_mode: str = one_of("foa", ("foa", "mono"))
     audio_features: str = one_of("logmel", tuple(AUDIO_FEATURES))
     augment: bool = True
     volume_jitter: float = bounded(0.1, "[0, 1)")
@@ -97,9 +89,9 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    kind: str = one_of("avsa", LOSS_KINDS)
+    kind: str = one_of("avsa", ("avsa", "avc", "avts"))
     temperature: float = bounded(0.07, "(0, 10]")
-    easy_negatives: str = one_of("same_view", EASY_NEGATIVES)
+    easy_negatives: str = one_of("same_view", ("same_view", "all_views"))
 
 
 @dataclass
@@ -144,11 +136,11 @@ class TrackingConfig:
 class SweepConfig:
     name: str = "viewpoints_temperature"
     space: dict[str, Any] = field(default_factory=dict)
-    search: str = one_of("grid", SEARCHES)
+    search: str = one_of("grid", ("grid", "random", "optuna"))
     num_samples: int = bounded(1, "[1, 1e5]")
     metric: str = "val/avsa_score"
     mode: str = one_of("max", ("max", "min"))
-    scheduler: str = one_of("asha", SCHEDULERS)
+    scheduler: str = one_of("asha", ("asha", "fifo"))
     grace_period: int = 1
     reduction_factor: int = 2
     max_concurrent_trials: int = bounded(0, "[0, 1e4]")
@@ -157,9 +149,9 @@ class SweepConfig:
 
 @dataclass
 class DownstreamConfig:
-    task: str = one_of("avc_bin", TASKS)
+    task: str = one_of("avc_bin", ("avc_bin", "avsa_bin", "action", "segmentation"))
     pretrain: str = "scratch"
-    mode: str = one_of("frozen", DOWNSTREAM_MODES)
+    mode: str = one_of("frozen", ("frozen", "finetune", "linear"))
     # frozen heads: the most epochs (early stopping ends sooner); action finetune: exactly this
     epochs: int = bounded(100, "[1, 1e4]")
     lr: float | None = bounded(None, "(0, 1]")  # None: the head's own (TransferHead.default_lr)
@@ -223,7 +215,7 @@ def audio_channels(data: DataConfig) -> int:
 
 def config_dir() -> Path:
     """The `configs/` tree: `$AVSA_CONFIG_DIR`, else the one beside the package."""
-    env = os.environ.get(CONFIG_DIR_ENV)
+    env = os.environ.get("AVSA_CONFIG_DIR")
     candidates = [Path(env)] if env else []
     candidates += [Path(__file__).resolve().parent.parent / "configs", Path.cwd() / "configs"]
     for c in candidates:
@@ -232,12 +224,13 @@ def config_dir() -> Path:
     raise ConfigError("configs", f"no config tree found (looked in {', '.join(map(str, candidates))})")
 
 
-def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "pretrain") -> Config:
-    """Compose `configs/<config_name>.yaml` with Hydra overrides into a validated `Config`."""
+def compose(overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Compose `configs/pretrain.yaml` with Hydra overrides into a validated `Config`."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.config_store import ConfigStore
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -245,19 +238,15 @@ def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "pre
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+            cfg = hydra_compose(config_name="pretrain", overrides=list(overrides))
         check_known_keys(cfg, Config)
         obj = OmegaConf.to_object(cfg)
-    except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or "override"
-        raise ConfigError(key, _first_line(e)) from None
-    except Exception as e:  # Hydra's override parser and missing-group errors
-        if type(e).__module__.startswith(("hydra", "omegaconf")):
-            cause = e.__cause__
-            if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
-                raise ConfigError(cause.full_key, _first_line(cause)) from None
-            raise ConfigError("override", _first_line(e)) from None
-        raise
+    except (HydraException, OmegaConfBaseException) as e:  # bad values, overrides, groups
+        # Hydra wraps OmegaConf's errors: the wrapped one names the key.
+        err = e.__cause__ if isinstance(e, HydraException) else e
+        if not (isinstance(err, OmegaConfBaseException) and getattr(err, "full_key", None)):
+            err = e
+        raise ConfigError(getattr(err, "full_key", None) or "override", _first_line(err)) from None
     finally:
         GlobalHydra.instance().clear()
     validate(obj)

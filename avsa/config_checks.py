@@ -29,19 +29,15 @@ def unknown_keys(node: Any, schema: type, prefix: str = "") -> list[str]:
     (keys below OPEN_KEYS excepted)."""
     from omegaconf import DictConfig
 
-    fields = {f.name: f for f in dataclasses.fields(schema)}
+    names = {f.name for f in dataclasses.fields(schema)}
     hints = typing.get_type_hints(schema)
     out = []
     for key in node.keys() if isinstance(node, DictConfig) else ():
         path = f"{prefix}{key}"
-        if key not in fields:
+        if key not in names:
             out.append(path)
-            continue
-        if path in OPEN_KEYS:
-            continue
-        child_type = hints.get(str(key))
-        if dataclasses.is_dataclass(child_type):
-            out.extend(unknown_keys(node._get_node(key), child_type, f"{path}."))
+        elif path not in OPEN_KEYS and dataclasses.is_dataclass(hints.get(str(key))):
+            out.extend(unknown_keys(node._get_node(key), hints[str(key)], f"{path}."))
     return out
 
 
@@ -56,13 +52,9 @@ def check_known_keys(node: Any, schema: type) -> None:
                                   f"under sweep.space)")
 
 
-def check_run_name(name: str | None) -> None:
-    if name is None:
-        return
-    if not RUN_NAME.match(name):
-        raise ConfigError("storage.run_name", f"must be one path segment of ASCII letters, "
-                                              f"digits, '.', '_' or '-' (at most 128, starting "
-                                              f"with a letter or digit), got {name!r}")
+def _check(ok: bool, key: str, allowed: str, value: object) -> None:
+    if not ok:
+        raise ConfigError(key, f"must be {allowed}, got {value!r}")
 
 
 def check_viewpoints_fit(data: Any) -> None:
@@ -91,35 +83,11 @@ def check_viewpoints_fit(data: Any) -> None:
             f"{VIEWPOINT_DRAWS} draws failed); use fewer viewpoints or a smaller separation")
 
 
-def check_audio_window(data: Any) -> None:
-    window = round(data.audio_seconds * data.sample_rate)
-    if not 16 <= data.n_fft <= min(window, MAX_N_FFT):
-        raise ConfigError(
-            "data.n_fft", f"must be in [16, {min(window, MAX_N_FFT)}] (the audio window "
-                          f"data.audio_seconds x data.sample_rate = {window} samples, at most "
-                          f"{MAX_N_FFT}), got {data.n_fft}")
-
-
-def check_seeds(cfg: Any) -> None:
-    for key, value in (("data.seed", cfg.data.seed), ("train.seed", cfg.train.seed)):
-        if not 0 <= value < 2**32:
-            raise ConfigError(key, f"must be in [0, 2**32), got {value}")
-
-
-def check_combinations(cfg: Any) -> None:
-    """The cross-field checks that need no data: run name, seeds, audio window, viewpoints."""
-    check_run_name(cfg.storage.run_name)
-    check_seeds(cfg)
-    check_audio_window(cfg.data)
-    check_viewpoints_fit(cfg.data)
-
-
 def check_batch_fits_data(cfg: Any, total_samples: int) -> None:
     """One step needs `train.batch_size` samples: a larger batch than the data would end the
     run before its first step."""
-    if cfg.train.batch_size > total_samples:
-        raise ConfigError("train.batch_size", f"must be at most the {total_samples} samples in "
-                                              f"data.shards, got {cfg.train.batch_size}")
+    _check(cfg.train.batch_size <= total_samples, "train.batch_size",
+           f"at most the {total_samples} samples in data.shards", cfg.train.batch_size)
 
 
 def temperature_warning(temperature: float) -> str | None:
@@ -132,33 +100,25 @@ def temperature_warning(temperature: float) -> str | None:
             f"will be huge and its gradients mostly zero; the paper uses 0.07")
 
 
-def _check(ok: bool, key: str, allowed: str, value: object) -> None:
-    if not ok:
-        raise ConfigError(key, f"must be {allowed}, got {value!r}")
-
-
-def _bound(group: Any, text: str) -> float:
-    return float(getattr(group, text)) if text.isidentifier() else float(text)
-
-
 def check_fields(name: str, group: Any) -> None:
-    """The `bounded` and `one_of` fields of the config group `group` (at key `name`)."""
+    """The `bounded` and `one_of` fields of the config group `group` (at key `name`); a bound
+    that is a name is the value of that field of `group`."""
     for f in dataclasses.fields(group):
         key, value = f"{name}.{f.name}", getattr(group, f.name)
         if "choices" in f.metadata:
-            choices = f.metadata["choices"]
-            _check(value in choices, key, f"one of {choices}", value)
+            _check(value in f.metadata["choices"], key, f"one of {f.metadata['choices']}", value)
         if "interval" in f.metadata and value is not None:
             lb, lo, hi, rb = INTERVAL.fullmatch(f.metadata["interval"]).groups()
-            lo, hi = _bound(group, lo), _bound(group, hi)
+            lo, hi = (float(getattr(group, b) if b.isidentifier() else b) for b in (lo, hi))
             above = value > lo if lb == "(" else value >= lo
             below = value < hi if rb == ")" else value <= hi
             _check(above and below, key, f"in {lb}{lo:g}, {hi:g}{rb}", value)
 
 
 def validate(cfg: Any) -> Any:
-    """Check every user-settable value of a `avsa.config.Config`, then the combinations;
-    raise `ConfigError('key', 'must be ..., got ...')`."""
+    """Check every user-settable value of a `avsa.config.Config`, then the combinations that
+    need no data (run name, seeds, audio window, viewpoints); raise
+    `ConfigError('key', 'must be ..., got ...')`."""
     for group in dataclasses.fields(cfg):
         if dataclasses.is_dataclass(node := getattr(cfg, group.name)):
             check_fields(group.name, node)
@@ -185,5 +145,15 @@ def validate(cfg: Any) -> Any:
            cfg.tracking.experiment)
     _check(bool(re.fullmatch(r"[\w.-]+", cfg.tracking.model_name or "")), "tracking.model_name",
            "a registered model name (letters, digits, '_', '.', '-')", cfg.tracking.model_name)
-    check_combinations(cfg)
+    name = cfg.storage.run_name
+    _check(name is None or bool(RUN_NAME.match(name)), "storage.run_name",
+           "one path segment of ASCII letters, digits, '.', '_' or '-' (at most 128, starting "
+           "with a letter or digit)", name)
+    for key, seed in (("data.seed", d.seed), ("train.seed", t.seed)):
+        _check(0 <= seed < 2**32, key, "in [0, 2**32)", seed)
+    window = round(d.audio_seconds * d.sample_rate)
+    _check(16 <= d.n_fft <= min(window, MAX_N_FFT), "data.n_fft",
+           f"in [16, {min(window, MAX_N_FFT)}] (the audio window data.audio_seconds x "
+           f"data.sample_rate = {window} samples, at most {MAX_N_FFT})", d.n_fft)
+    check_viewpoints_fit(d)
     return cfg

@@ -31,15 +31,14 @@ def crop_coverage(mask: np.ndarray, vp: geometry.Viewpoints, size: int = SIZE) -
     return crops.mean(dim=(1, 2, 3)).numpy()
 
 
-def coverage_stats(masks: Iterable[np.ndarray], data=None, draws: int = 8,
-                   seed: int = 0) -> dict[str, float]:
+def coverage_stats(masks: Iterable[np.ndarray], draws: int = 8, seed: int = 0) -> dict[str, float]:
     """Crop coverage over clips: masks yields (L, H, W) label stacks; for each, `draws` sets of
-    `data.num_viewpoints` viewpoints from the pipeline's sampler (`data`: a DataConfig, the
-    defaults when None), each on a random label frame. Returns crops, share_with_source (crops
-    with >= MIN_SHARE of source pixels), mean_source_share."""
+    `data.num_viewpoints` viewpoints from the pipeline's sampler at the DataConfig defaults,
+    each on a random label frame. Returns crops, share_with_source (crops with >= MIN_SHARE of
+    source pixels), mean_source_share."""
     from avsa.config import DataConfig
 
-    data = data or DataConfig()
+    data = DataConfig()
     gen = torch.Generator().manual_seed(seed)
     shares = []
     for stack in masks:

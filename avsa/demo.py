@@ -16,7 +16,7 @@ from avsa import synth
 from avsa.config import compose
 
 
-def parser() -> argparse.ArgumentParser:
+def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="avsa demo", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="outputs/demo", help="folder for data, shards and runs")
     p.add_argument("--train-clips", type=int, default=320)
@@ -29,11 +29,7 @@ def parser() -> argparse.ArgumentParser:
                         "stops early on held-out training clips)")
     p.add_argument("--skip-transfer", action="store_true")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for pretraining")
-    return p
-
-
-def main(argv: list[str]) -> int:
-    args = parser().parse_args(argv)
+    args = p.parse_args(argv)
     out = Path(args.out)
     t0 = time.perf_counter()
     shard_uris = {}
@@ -70,8 +66,8 @@ def main(argv: list[str]) -> int:
         # A frozen random network through the same head is the floor the pretraining must beat.
         pretrained = res.run_id or res.checkpoint_uri or res.run_uri
         accs, memo = {}, {}  # memo: both heads read the same decoded clips
+        epochs = [f"downstream.epochs={args.transfer_epochs}"] if args.transfer_epochs else []
         for label, ref in (("pretrained", pretrained), ("scratch", "scratch")):
-            epochs = [f"downstream.epochs={args.transfer_epochs}"] if args.transfer_epochs else []
             tcfg = compose([*overrides, "downstream.task=avsa_bin", f"downstream.pretrain={ref}",
                             *epochs])
             t = run_transfer(tcfg, memo)

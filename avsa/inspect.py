@@ -31,8 +31,7 @@ HEAT_RANGE_DB = 12.0  # the --map colours span this far below the peak
 def _moment_signal(path: str, duration: float, sample_rate: int) -> torch.Tensor:
     """(4, 4) float64 L with L L^T = mean over the clip of foa foa^T (ambiX channels)."""
     cov, n = np.zeros((4, 4)), 0
-    starts = np.arange(0.0, duration, CHUNK_S)
-    for start in starts:
+    for start in np.arange(0.0, duration, CHUNK_S):
         span = min(CHUNK_S, duration - start)
         if span * sample_rate < 1:
             continue
@@ -104,13 +103,12 @@ def _save_png(image: np.ndarray, out: Path) -> None:
         raise MediaError(out, f"cannot write PNG ({e.strerror or e})") from e
 
 
-def write_map(path: str, report: dict, sig: torch.Tensor, out: Path) -> None:
-    """Mid-clip frame with the beam energy map of the moment signal `sig` as heat colours
-    and a ring at the peak."""
+def write_map(frame: np.ndarray, report: dict, sig: torch.Tensor, out: Path) -> None:
+    """The frame (H, W, 3) uint8 with the beam energy map of the moment signal `sig` as heat
+    colours and a ring at the report's peak."""
     from matplotlib import colormaps
     from PIL import Image, ImageDraw
 
-    frame = _mid_frame(path, report["video"]["duration"])[0]
     height, width = frame.shape[:2]
     energy, _, _ = geometry.energy_map(sig, n_az=MAP_GRID[1] * 2, n_el=MAP_GRID[0] * 2)
     db = 10 * torch.log10(energy.clamp(min=1e-20) / energy.max()).numpy()
@@ -130,9 +128,9 @@ def write_map(path: str, report: dict, sig: torch.Tensor, out: Path) -> None:
     _save_png(np.asarray(image), out)
 
 
-def write_crop(path: str, report: dict, view: tuple[float, float], out: Path) -> None:
-    """A 90° square perspective (NFOV) view of the mid-clip frame toward view (degrees)."""
-    frame = _mid_frame(path, report["video"]["duration"])
+def write_crop(frame: np.ndarray, view: tuple[float, float], out: Path) -> None:
+    """A 90° square perspective (NFOV) view of the frame (1, H, W, 3) uint8 toward view
+    (degrees)."""
     vp = geometry.Viewpoints(az=torch.tensor([math.radians(view[0])]),
                              el=torch.tensor([math.radians(view[1])]),
                              hfov=torch.tensor([math.radians(CROP_HFOV_DEG)]),
@@ -189,12 +187,13 @@ def main(argv: list[str] | None = None) -> int:
         warnings.simplefilter("always")
         try:
             report, sig = inspect_clip(args.clip, args.view)
+            if args.map or args.crop:
+                frame = _mid_frame(args.clip, report["video"]["duration"])
             if args.map:
-                write_map(args.clip, report, sig, args.map)
+                write_map(frame[0], report, sig, args.map)
             if args.crop:
                 peak = report["audio_peak"]
-                write_crop(args.clip, report, args.view or (peak["az_deg"], peak["el_deg"]),
-                           args.crop)
+                write_crop(frame, args.view or (peak["az_deg"], peak["el_deg"]), args.crop)
         except AvsaError as e:
             print(f"avsa inspect: error: {e}", file=sys.stderr)
             return 2

@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 
 from avsa import storage
@@ -59,8 +59,7 @@ def read_holder(uri: str) -> Holder | None:
     """The lease at `uri`, None if there is none; one that cannot be parsed is a foreign
     holder."""
     try:
-        body = json.loads(storage.read_bytes(uri))
-        return Holder(**body)
+        return Holder(**json.loads(storage.read_bytes(uri)))
     except StorageError:
         return None if not storage.exists(uri) else Holder("?", 0, "?", "?", "?", 0.0)
     except (ValueError, TypeError):
@@ -72,16 +71,15 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # another user's
+        pass
     return True
 
 
-def is_stale(h: Holder, now: float | None = None) -> bool:
-    now = time.time() if now is None else now
+def is_stale(h: Holder) -> bool:
     if h.host == socket.gethostname() and h.pid > 0 and not _pid_alive(h.pid):
         return True
-    return h.renewed > 0 and now - h.renewed > TTL_S
+    return h.renewed > 0 and time.time() - h.renewed > TTL_S
 
 
 def _break_stale(uri: str, seen: Holder) -> None:
@@ -147,7 +145,7 @@ def _renew(dir_uri: str, me: Holder, stop: threading.Event) -> None:
                 log.warning("%s: the lease is no longer this process's (%s)", dir_uri,
                             held.describe() if held else "removed")
                 return
-            storage.write_bytes(uri, _encode(Holder(**{**asdict(me), "renewed": time.time()})))
+            storage.write_bytes(uri, _encode(replace(me, renewed=time.time())))
 
 
 @contextlib.contextmanager
@@ -164,8 +162,7 @@ def kept(dir_uri: str, me: Holder) -> Iterator[Holder]:
         release(dir_uri, me)
 
 
-@contextlib.contextmanager
-def hold(dir_uri: str, what: str, wait_s: float = 0.0) -> Iterator[Holder]:
+def hold(dir_uri: str, what: str,
+         wait_s: float = 0.0) -> contextlib.AbstractContextManager[Holder]:
     """The lease on `dir_uri` for the duration of the block (see `acquire`)."""
-    with kept(dir_uri, acquire(dir_uri, what, wait_s)) as me:
-        yield me
+    return kept(dir_uri, acquire(dir_uri, what, wait_s))

@@ -35,28 +35,29 @@ def predicted_matches(model, batch: dict) -> torch.Tensor:
     return torch.einsum("bvd,bwd->bvw", pred, target).argmax(-1)
 
 
-def render(batch: dict, matches: torch.Tensor, path: Path, clip: int = 0) -> None:
+def render(batch: dict, matches: torch.Tensor, path: Path) -> None:
+    """The figure of the batch's first clip; matches: (B, V) as `predicted_matches`."""
     from matplotlib.figure import Figure
 
-    video = batch["video"][clip].float()  # (V, 3, T, S, S)
-    audio = batch["audio"][clip].float()  # (V, C, F, M)
+    video = batch["video"][0].float()  # (V, 3, T, S, S)
+    audio = batch["audio"][0].float()  # (V, C, F, M)
     v = video.shape[0]
     fig = Figure(figsize=(2.2 * v, 4.4))
     axes = fig.subplots(2, v, squeeze=False)
     for j in range(v):
         frame = video[j, :, video.shape[2] // 2].permute(1, 2, 0).numpy()
         frame = (frame - frame.min()) / max(float(frame.max() - frame.min()), 1e-6)
-        ok = int(matches[clip, j]) == j
+        match = int(matches[0, j])
         axes[0, j].imshow(frame)
-        axes[0, j].set_title(f"view {j} -> audio {int(matches[clip, j])}", fontsize=8,
-                             color="green" if ok else "red")
+        axes[0, j].set_title(f"view {j} -> audio {match}", fontsize=8,
+                             color="green" if match == j else "red")
         axes[1, j].imshow(audio[j, 0].T.numpy(), origin="lower", aspect="auto", cmap="magma")
         axes[1, j].set_title(f"audio {j} (W log-mel)", fontsize=8)
         for ax in axes[:, j]:
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.suptitle(f"clip {batch['key'][clip] if 'key' in batch else clip}: predicted audio "
-                 f"viewpoint per crop", fontsize=9)
+    fig.suptitle(f"clip {batch['key'][0] if 'key' in batch else 0}: predicted audio viewpoint "
+                 f"per crop", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
 

@@ -17,14 +17,9 @@ from avsa.errors import TrackingError
 JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
-def in_submitted_job() -> bool:
-    """True in the entrypoint process of a `ray job submit` job (and what it runs)."""
-    return JOB_ENV in os.environ
-
-
 def refuse_untracked_job() -> None:
     """Raise TrackingError inside a submitted job, where the local default store would be lost."""
-    if in_submitted_job():
+    if JOB_ENV in os.environ:
         raise TrackingError(
             "tracking.uri",
             "not set inside a Ray job: runs would go to SQLite in the job's temporary working "

@@ -5,9 +5,10 @@ the autoscaler says so every minute.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from avsa.config import Config
@@ -93,44 +94,40 @@ def check_fits(need: Needs, what: str, now: Mapping[str, float], most: Mapping[s
             f"or give the cluster more")
 
 
-class WaitReporter:
-    """While the run is short of resources the autoscaler may still add, log so every
-    `interval_s`. `probe` returns (now, most), as `cluster_capacity`."""
+@contextlib.contextmanager
+def wait_reports(need: Needs, what: str, probe: Callable = cluster_capacity,
+                 interval_s: float = WAIT_REPORT_S) -> Iterator[None]:
+    """While the block runs and the run is short of resources the autoscaler may still add,
+    log so every `interval_s`. `probe` returns (now, most), as `cluster_capacity`."""
+    stop = threading.Event()
 
-    def __init__(self, need: Needs, what: str, probe: Callable = cluster_capacity,
-                 interval_s: float = WAIT_REPORT_S):
-        self.need, self.what, self.probe, self.interval_s = need, what, probe, interval_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="avsa-wait-reporter", daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
+    def report() -> None:
+        while not stop.wait(interval_s):
             try:
-                now, most = self.probe()
+                now, most = probe()
             except Exception as e:  # the report is advisory: never let it end the run
                 log.debug("resource probe failed: %s", e)
                 continue
-            missing = shortfall(self.need, now)
-            if missing:
+            if shortfall(need, now):
                 log.warning("%s is waiting for the autoscaler: it needs %s; the cluster has %s "
-                            "now, up to %s", self.what, self.need.describe(), _fmt(now),
-                            _fmt(most))
+                            "now, up to %s", what, need.describe(), _fmt(now), _fmt(most))
 
-    def __enter__(self) -> WaitReporter:
-        self._thread.start()
-        return self
+    thread = threading.Thread(target=report, name="avsa-wait-reporter", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
 
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
 
-
-def check_and_watch(cfg: Config, what: str, driver_cpu: float = 0.0) -> WaitReporter:
-    """Refuse a run that can never fit the joined cluster; else a WaitReporter to wrap fit() in."""
+def check_and_watch(cfg: Config, what: str,
+                    driver_cpu: float = 0.0) -> contextlib.AbstractContextManager[None]:
+    """Refuse a run that can never fit the joined cluster; else `wait_reports` to wrap fit() in."""
     need = needs(cfg, driver_cpu)
     now, most = cluster_capacity()
     check_fits(need, what, now, most)
     if shortfall(need, now):
         log.warning("%s needs %s; the cluster has %s now: waiting for the autoscaler (up to %s)",
                     what, need.describe(), _fmt(now), _fmt(most))
-    return WaitReporter(need, what)
+    return wait_reports(need, what)

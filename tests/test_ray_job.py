@@ -7,14 +7,13 @@ import pytest
 
 from avsa import tracking
 from avsa.errors import TrackingError
-from avsa.ray_job import JOB_ENV, in_submitted_job
+from avsa.ray_job import JOB_ENV
 
 
 def test_outside_a_job_the_local_default_stays(monkeypatch, tmp_path):
     monkeypatch.delenv(JOB_ENV, raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
-    assert not in_submitted_job()
     assert tracking.resolve_tracking_uri(None) == f"sqlite:///{tmp_path}/mlruns/mlflow.db"
 
 

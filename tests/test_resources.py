@@ -11,7 +11,7 @@ import pytest
 
 from avsa.config import compose
 from avsa.errors import AvsaError
-from avsa.resources import Needs, WaitReporter, check_fits, cluster_capacity, needs, shortfall
+from avsa.resources import Needs, check_fits, cluster_capacity, needs, shortfall, wait_reports
 
 ONE_WORKER = Needs(driver_cpu=0.01, workers=1, cpu_per_worker=1.0, gpu_per_worker=0.0,
                    decode_cpu=1.0)
@@ -54,7 +54,7 @@ def test_waiting_for_the_autoscaler_is_reported_until_the_nodes_come(caplog):
         return dict(state["now"]), {"CPU": 8.0}
 
     caplog.set_level(logging.WARNING, logger="avsa.resources")
-    with WaitReporter(ONE_WORKER, "pretraining r", probe=probe, interval_s=0.05):
+    with wait_reports(ONE_WORKER, "pretraining r", probe=probe, interval_s=0.05):
         time.sleep(0.3)
         waiting = [r.getMessage() for r in caplog.records]
         state["now"] = {"CPU": 8.0}
