@@ -23,8 +23,15 @@ from torch.nn import functional as F
 
 from avsa.config import DataConfig, DownstreamConfig
 from avsa.downstream import ucf
-from avsa.downstream.fit import EpochLog, FitResult, TransferHead, fit_head
-from avsa.downstream.heads import Cached, encode_passes, freeze
+from avsa.downstream.fit import (
+    Cached,
+    EpochLog,
+    FitResult,
+    TransferHead,
+    encode_passes,
+    fit_head,
+    freeze,
+)
 from avsa.errors import ShardError
 from avsa.models import AVSANet
 from avsa.models.inputs import normalize_video, to_device
@@ -41,11 +48,10 @@ class ActionNet(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.finetune = finetune
-        if not finetune:
-            freeze(encoder)
         if finetune:
             self.head = nn.Sequential(nn.Dropout(0.5), nn.Linear(encoder.out_dim, num_classes))
         else:  # linear-probe practice (MAE): features standardised, so their scale cannot stall it
+            freeze(encoder)
             self.head = nn.Sequential(nn.BatchNorm1d(encoder.out_dim, affine=False),
                                       nn.Linear(encoder.out_dim, num_classes))
 

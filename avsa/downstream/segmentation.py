@@ -23,8 +23,7 @@ from torch.nn import functional as F
 
 from avsa.config import DataConfig, DownstreamConfig
 from avsa.downstream import stats
-from avsa.downstream.fit import TransferHead
-from avsa.downstream.heads import Cached, freeze
+from avsa.downstream.fit import Cached, TransferHead, freeze
 from avsa.downstream.sources import ShardSource
 from avsa.errors import ShardError
 from avsa.models import AVSANet
