@@ -28,7 +28,7 @@ from avsa.downstream.segmentation import (
     class_weights,
     cond_dim,
     crop_confusions,
-    frozen_inputs,
+    encode_crops,
     segmentation_metrics,
 )
 
@@ -238,8 +238,10 @@ def test_fpn_head_predicts_every_pixel_of_the_crop(context):
     torch.manual_seed(0)
     model = tiny_model().eval()
     batch = {"video": torch.randint(0, 255, (2, 3, 3, 2, 16, 16), dtype=torch.uint8),
-             "audio": torch.randn(2, 3, 4, 16, 16), "directions": torch.zeros(2, 3, 2)}
-    maps, cond = frozen_inputs(model, batch, context)
+             "audio": torch.randn(2, 3, 4, 16, 16), "directions": torch.zeros(2, 3, 2),
+             "masks": torch.zeros(2, 3, 16, 16, dtype=torch.long)}
+    rows = encode_crops(model, batch, context)
+    maps, cond = [rows[f"m{i}"] for i in range(4)], rows.get("cond")
     assert [m.shape[1:] for m in maps] == [(8, 8, 8), (16, 4, 4), (32, 2, 2), (64, 1, 1)]
     assert (cond is None) == (context == "video")
     if cond is not None:

@@ -28,18 +28,11 @@ from avsa.downstream.sources import ShardSource
 from avsa.errors import ShardError
 from avsa.models import AVSANet
 from avsa.models.inputs import normalize_video, to_device
-from avsa.models.video import VideoEncoder
 
 CONTEXTS = ("video", "audio", "context")
 SEG_WEIGHTS = ("median", "inverse", "none")
 EVAL_CHUNK = 64  # crops per forward pass when scoring held-out crops
 OVERLAYS = 4  # test crops kept for the overlay figures of a transfer run
-
-
-def stage_maps(encoder: VideoEncoder, video: torch.Tensor) -> list[torch.Tensor]:
-    """video (N, 3, T, S, S) -> the four stage outputs (N, C_i, T_i, H_i, W_i), finest first."""
-    return list(accumulate(encoder.stages, lambda x, stage: stage(x),
-                           initial=encoder.stem(video)))[1:]
 
 
 class FPNHead(nn.Module):
@@ -68,36 +61,31 @@ class FPNHead(nn.Module):
 
 
 def cond_dim(model: AVSANet, context: str) -> int:
-    """Width of the conditioning of `frozen_inputs` for `context`."""
+    """Width of the conditioning `encode_crops` gives for `context`."""
     extra = {"video": 0, "audio": model.audio_dim}
     return extra.get(context, 2 * model.audio_dim + model.video_dim)
 
 
 @torch.no_grad()
-def frozen_inputs(model: AVSANet, batch: dict, context: str):
-    """(stage maps averaged over time [(B V, C_i, H_i, W_i)], conditioning (B V, D_c) or None)."""
+def encode_crops(model: AVSANet, batch: dict, context: str) -> dict[str, torch.Tensor]:
+    """One row per crop (B V) of a batch on device: the frozen encoder's four stage maps
+    averaged over time, m0..m3 (B V, C_i, H_i, W_i) finest first, masks (B V, S, S) int64 and,
+    unless context is "video", the conditioning cond (B V, D_c)."""
     video = normalize_video(batch["video"])
     b, v = video.shape[:2]
-    raw = stage_maps(model.video_encoder, video.flatten(0, 1))
-    maps = [m.mean(dim=2) for m in raw]
+    enc = model.video_encoder
+    raw = list(accumulate(enc.stages, lambda x, stage: stage(x),
+                          initial=enc.stem(video.flatten(0, 1))))[1:]
+    rows = {f"m{i}": m.mean(dim=2) for i, m in enumerate(raw)}
+    rows["masks"] = batch["masks"].flatten(0, 1).long()
     if context == "video":
-        return maps, None
+        return rows
     audio = model.encode_audio(batch["audio"].float())  # (B, V, Da)
     if context == "audio":
-        return maps, audio.flatten(0, 1)
+        return {**rows, "cond": audio.flatten(0, 1)}
     video_feat = torch.amax(raw[-1], dim=(2, 3, 4)).view(b, v, -1)
     vctx, actx = model.context(video_feat, audio, batch.get("directions"))
-    return maps, torch.cat((audio, vctx, actx), dim=-1).flatten(0, 1)
-
-
-def encode_crops(model: AVSANet, batch: dict, context: str) -> dict[str, torch.Tensor]:
-    """One row per crop (B V): the time-averaged stage maps m0..m3, cond, masks (S, S) int64."""
-    maps, cond = frozen_inputs(model, batch, context)
-    rows = {f"m{i}": m for i, m in enumerate(maps)}
-    if cond is not None:
-        rows["cond"] = cond
-    rows["masks"] = batch["masks"].flatten(0, 1).long()
-    return rows
+    return {**rows, "cond": torch.cat((audio, vctx, actx), dim=-1).flatten(0, 1)}
 
 
 def overlay_examples(batch: dict, pred: torch.Tensor, masks: torch.Tensor,
