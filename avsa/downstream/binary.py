@@ -107,11 +107,11 @@ class BinaryTask(TransferHead):
     train/acc over the training rows; examples gets each test hit ("acc"), target and prediction.
     """
 
-    def __init__(self, task: str, model: AVSANet, device: torch.device):
-        self.name, self.device = task, device
+    def __init__(self, model: AVSANet, source, ds: DownstreamConfig, device: torch.device):
+        self.name, self.device = ds.task, device
         self.model = freeze(model.to(device))
         self.module = pair_head(model.video_dim + model.audio_dim).to(device)
-        self.min_rows = self.min_keys = 2 if task == "avc_bin" else 1
+        self.min_rows = self.min_keys = 2 if ds.task == "avc_bin" else 1
         self.fit_rows: Cached | None = None
 
     @classmethod
@@ -119,11 +119,6 @@ class BinaryTask(TransferHead):
         """AVSA-Bin's clips have their sound field yawed with probability MISALIGN_PROB."""
         prob = MISALIGN_PROB if ds.task == "avsa_bin" else 0.0
         return ShardSource.from_config(data, ds.batch_size, misalign_prob=prob, memo=memo)
-
-    @classmethod
-    def build(cls, model: AVSANet, source, ds: DownstreamConfig,
-              device: torch.device) -> BinaryTask:
-        return cls(ds.task, model, device)
 
     def encode(self, batch: dict) -> dict[str, torch.Tensor]:
         return encode_clips(self.model, to_device(batch, self.device))

@@ -16,6 +16,7 @@ import csv
 import io
 import logging
 import math
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,10 +183,8 @@ def build_table(records: Iterable[RunRecord], columns: tuple[Column, ...] = COLU
     """Each cell pools the runs of (pretext, task, context): the latest run of each seed (a
     rerun of a seed replaces it). Rows in PRETEXT_ORDER, then other pretexts by name."""
     latest: dict[tuple[str, str, str | None, str | None], RunRecord] = {}
-    for r in records:
-        key = cell_key(r)
-        if key not in latest or r.start_time > latest[key].start_time:
-            latest[key] = r
+    for r in sorted(records, key=lambda r: r.start_time, reverse=True):  # stable: ties keep order
+        latest.setdefault(cell_key(r), r)
     groups: dict[tuple[str, str, str | None], list[RunRecord]] = {}
     for (p, task, context, _), r in sorted(latest.items(), key=lambda kv: str(kv[0][3])):
         groups.setdefault((p, task, context), []).append(r)
@@ -226,8 +225,6 @@ def fetch_records(uri: str, experiment: str, *, with_examples: bool = True) -> l
 
 def _examples(client, run_id: str) -> dict[str, np.ndarray] | None:
     """A run's per-example test results (its EXAMPLES artifact), or None when it has none."""
-    import tempfile
-
     from avsa.downstream.run import EXAMPLES
 
     try:
@@ -254,17 +251,13 @@ def write_outputs(table: Table, out: str | Path, name: str = "comparison") -> li
     return paths
 
 
-def parser() -> argparse.ArgumentParser:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="avsa compare", description=__doc__.splitlines()[0])
     p.add_argument("--experiment", default="avsa-transfer", help="MLflow experiment of the runs")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns)")
     p.add_argument("--out", default="outputs/comparison", help="folder for the table files")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = p.parse_args(argv)
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
     records = fetch_records(uri, args.experiment)
     if not records:

@@ -23,7 +23,6 @@ from torch import nn
 from avsa.config import DataConfig, DownstreamConfig
 from avsa.downstream.sources import ShardSource
 from avsa.errors import ShardError
-from avsa.models import AVSANet
 
 # log(metrics, step): per-epoch training metrics go to the tracking run through this.
 EpochLog = Callable[[dict[str, float], int], None]
@@ -182,9 +181,9 @@ class TransferHead:
     """One transfer task: what it adds to head training on frozen features.
 
     The class is the task's entry in the registry (avsa.downstream.run.TASKS): `source` says
-    where its clips come from and `build` makes the head from the config after the caller
-    seeded torch. The instance sets `name` and `module` (the trainable head, on its device)
-    and defines `encode` (a source batch -> cached rows, one per clip or per crop), `loss` on
+    where its clips come from, and the constructor (model, source, ds, device) builds the head
+    after the caller seeded torch. The instance sets `name` and `module` (the trainable head,
+    on its device) and defines `encode` (a source batch -> cached rows, one per clip or per crop), `loss` on
     a minibatch of rows (None skips it) and `score` on the test split. `prepare` sees the
     encoded training split before training; `fit` is overridden where a task trains end to end.
     """
@@ -199,11 +198,6 @@ class TransferHead:
     def source(cls, data: DataConfig, ds: DownstreamConfig, memo: dict | None):
         """Train and test batches (avsa.downstream.sources): data.shards and data.val_shards."""
         return ShardSource.from_config(data, ds.batch_size, memo=memo)
-
-    @classmethod
-    def build(cls, model: AVSANet, source, ds: DownstreamConfig,
-              device: torch.device) -> TransferHead:
-        raise NotImplementedError
 
     def encode(self, batch: dict) -> dict[str, torch.Tensor]:
         raise NotImplementedError

@@ -130,7 +130,7 @@ def run_task(ds: DownstreamConfig, model: AVSANet, source, *, seed: int, device:
     train/best_epoch, train/epochs and train/lr; per-example test results go to `examples`."""
     cls = task_class(ds.task)
     torch.manual_seed(seed)
-    head = cls.build(model, source, ds, device)
+    head = cls(model, source, ds, device)
     result = head.fit(source, ds, seed, log)
     return {**head.score(source, examples), "train/best_epoch": float(result.best_epoch),
             "train/epochs": float(result.epochs), "train/lr": head.lr(ds)}

@@ -154,35 +154,29 @@ class SegmentationTask(TransferHead):
     """The FPN head on cached frozen crop features, its cross-entropy weighted by
     `class_weights(kind=weights)` of the training crops (not the held-out ones).
 
-    num_classes counts the background: K + 1; batches hold masks (B, V, S, S) int64. Scores:
+    num_classes counts the background: K + 1 for the source's K classes; batches hold masks
+    (B, V, S, S) int64. Scores:
     `segmentation_metrics`; examples gets the (N, C, C) confusion matrix of every test crop
     and the overlays of the first test batch.
     """
 
     name = "segmentation"
 
-    def __init__(self, model: AVSANet, num_classes: int, *, context: str, weights: str,
-                 device: torch.device):
-        if context not in CONTEXTS:
-            raise ValueError(f"context must be one of {CONTEXTS}, got {context!r}")
+    def __init__(self, model: AVSANet, source, ds: DownstreamConfig, device: torch.device):
+        if ds.context not in CONTEXTS:
+            raise ValueError(f"context must be one of {CONTEXTS}, got {ds.context!r}")
         self.model = freeze(model.to(device))
         enc = model.video_encoder
         channels = [stage[-1].out_bn.num_features for stage in enc.stages]
-        self.module = FPNHead(channels, num_classes, dim=min(64, enc.out_dim),
-                              cond_dim=cond_dim(model, context)).to(device)
-        self.num_classes, self.context, self.weights = num_classes, context, weights
-        self.device = device
-        self.w = torch.ones(num_classes, device=device)
+        self.num_classes = source.num_classes + 1
+        self.module = FPNHead(channels, self.num_classes, dim=min(64, enc.out_dim),
+                              cond_dim=cond_dim(model, ds.context)).to(device)
+        self.context, self.weights, self.device = ds.context, ds.seg_class_weights, device
+        self.w = torch.ones(self.num_classes, device=device)
 
     @classmethod
     def source(cls, data: DataConfig, ds: DownstreamConfig, memo: dict | None) -> ShardSource:
         return ShardSource.from_config(data, ds.batch_size, with_masks=True, memo=memo)
-
-    @classmethod
-    def build(cls, model: AVSANet, source, ds: DownstreamConfig,
-              device: torch.device) -> SegmentationTask:
-        return cls(model, source.num_classes + 1, context=ds.context,
-                   weights=ds.seg_class_weights, device=device)
 
     def encode(self, batch: dict) -> dict[str, torch.Tensor]:
         return encode_crops(self.model, to_device(batch, self.device), self.context)
