@@ -61,22 +61,17 @@ def encode_passes(
     """Encode every batch of `batches(p)` for p < passes once; None when no batch came.
 
     encode(batch) returns tensors whose rows are the batch's clips (B rows) or its
-    clips' viewpoints (B V rows, clip-major); each row gets its clip's key (batch["key"], or
-    the clip's position in its pass when the source gives no keys).
+    clips' viewpoints (B V rows, clip-major); each row gets its clip's key (batch["key"]).
     """
     parts: dict[str, list[torch.Tensor]] = {}
     keys: list[str] = []
     for p in range(passes):
-        seen = 0
         for batch in batches(p):
-            clips = len(batch["video"])
-            names = list(batch.get("key") or (f"#{seen + i}" for i in range(clips)))
-            seen += clips
             out = encode(batch)
             for name, t in out.items():
                 parts.setdefault(name, []).append(t)
             rows = len(next(iter(out.values())))
-            keys += [k for k in names for _ in range(rows // clips)]
+            keys += [k for k in batch["key"] for _ in range(rows // len(batch["key"]))]
     if not keys:
         return None
     return Cached({k: torch.cat(v) for k, v in parts.items()}, keys)

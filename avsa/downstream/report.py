@@ -19,9 +19,8 @@ BINARY_CLASSES = ("misaligned", "aligned")
 
 def confusion(target: np.ndarray, pred: np.ndarray, classes: int) -> np.ndarray:
     """(classes, classes) counts: rows the true class, columns the predicted one."""
-    out = np.zeros((classes, classes), dtype=np.int64)
-    np.add.at(out, (target.astype(np.int64), pred.astype(np.int64)), 1)
-    return out
+    cell = target.astype(np.int64) * classes + pred.astype(np.int64)
+    return np.bincount(cell, minlength=classes * classes).reshape(classes, classes)
 
 
 def per_class_rows(conf: np.ndarray, names: Sequence[str]) -> list[dict[str, object]]:

@@ -91,7 +91,7 @@ def _load_ucf(root: Path, splits: Path, fold: int) -> ActionLayout:
         if len(parts) != 2 or not parts[0].isdigit():
             raise MediaError(index, f"expected 'ID Class' lines, got {' '.join(parts)!r}")
         ids[parts[1]] = int(parts[0]) - 1
-    classes = [c for c, _ in sorted(ids.items(), key=lambda kv: kv[1])]
+    classes = sorted(ids, key=ids.get)
     video_dirs = [root, root / "UCF-101"]
     out: dict[str, list[VideoItem]] = {}
     for split in ("train", "test"):
@@ -168,8 +168,7 @@ def load_clip(item: VideoItem, cfg: DataConfig, start: float,
         window = min(window, length - start)
     if window <= 0:
         raise MediaError(item.path, f"no frames at {start:.3f} s (video is {length:.3f} s)")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # not 2:1 equirect, as expected of UCF / HMDB
+    with warnings.catch_warnings(action="ignore"):  # not 2:1 equirect, as expected of UCF / HMDB
         frames = media.decode_video(item.path, fps=cfg.fps, start=start, duration=window)
     if len(frames) < cfg.frames:
         frames = np.concatenate([frames, np.repeat(frames[-1:], cfg.frames - len(frames), 0)])
@@ -178,8 +177,7 @@ def load_clip(item: VideoItem, cfg: DataConfig, start: float,
 
 @functools.cache
 def _duration(path: Path) -> float:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # not 2:1 equirect, as expected of UCF / HMDB
+    with warnings.catch_warnings(action="ignore"):  # not 2:1 equirect, as expected of UCF / HMDB
         return media.probe(path).video.duration
 
 
