@@ -60,7 +60,6 @@ RESAMPLED: dict[str, tuple[str, stats.Statistic]] = {
     "test/acc": ("acc", stats.mean_statistic),
     "test/clip_acc": ("clip_acc", stats.mean_statistic),
     "test/video_acc": ("video_acc", stats.mean_statistic),
-    "test/pixel_acc": ("confusion", stats.of_sums(stats.pixel_accuracy)),
     "test/miou": ("confusion", stats.of_sums(stats.iou)),
     "test/miou_fg": ("confusion", stats.of_sums(stats.iou, foreground=True)),
 }
@@ -88,8 +87,7 @@ class Cell:
     n_runs: int
 
 
-def cell_of(runs: list[RunRecord], metric: str, *, resamples: int = RESAMPLES,
-            seed: int = CI_SEED) -> Cell | None:
+def cell_of(runs: list[RunRecord], metric: str) -> Cell | None:
     """Mean over `runs` (one per seed) of `metric`, with a 95% bootstrap interval resampling
     seeds and test examples (stats.bootstrap_ci) when every run stored its examples."""
     runs = [r for r in runs if not math.isnan(r.metrics.get(metric, math.nan))]
@@ -99,7 +97,7 @@ def cell_of(runs: list[RunRecord], metric: str, *, resamples: int = RESAMPLES,
     arrays = [(r.examples or {}).get(name) for r in runs]
     lo = hi = None
     if statistic is not None and all(a is not None and len(a) for a in arrays):
-        lo, hi = stats.bootstrap_ci(arrays, n=resamples, seed=seed, statistic=statistic)
+        lo, hi = stats.bootstrap_ci(arrays, n=RESAMPLES, seed=CI_SEED, statistic=statistic)
         if math.isnan(lo):
             lo = hi = None
     return Cell(fmean(float(r.metrics[metric]) for r in runs), lo, hi, len(runs))
@@ -178,8 +176,7 @@ def cell_key(r: RunRecord) -> tuple[str, str, str | None, str | None]:
     return (r.pretext, r.task, r.context if r.task == "segmentation" else None, r.seed)
 
 
-def build_table(records: Iterable[RunRecord], columns: tuple[Column, ...] = COLUMNS, *,
-                resamples: int = RESAMPLES, seed: int = CI_SEED) -> Table:
+def build_table(records: Iterable[RunRecord], columns: tuple[Column, ...] = COLUMNS) -> Table:
     """Each cell pools the runs of (pretext, task, context): the latest run of each seed (a
     rerun of a seed replaces it). Rows in PRETEXT_ORDER, then other pretexts by name."""
     latest: dict[tuple[str, str, str | None, str | None], RunRecord] = {}
@@ -189,8 +186,8 @@ def build_table(records: Iterable[RunRecord], columns: tuple[Column, ...] = COLU
     for (p, task, context, _), r in sorted(latest.items(), key=lambda kv: str(kv[0][3])):
         groups.setdefault((p, task, context), []).append(r)
     rows = sorted({k[0] for k in groups}, key=_pretext_key)
-    cells = {p: {c.label: cell_of(groups.get((p, c.task, c.context), []), c.metric,
-                                  resamples=resamples, seed=seed) for c in columns} for p in rows}
+    cells = {p: {c.label: cell_of(groups.get((p, c.task, c.context), []), c.metric)
+                 for c in columns} for p in rows}
     return Table(rows, columns, cells)
 
 

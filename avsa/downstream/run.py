@@ -128,9 +128,8 @@ def run_task(ds: DownstreamConfig, model: AVSANet, source, *, seed: int, device:
     """Train `ds.task`'s head on `source` (settings from `ds`; `seed` seeds the head and the
     minibatch order) and return its test metrics (see the task's class for which) with
     train/best_epoch, train/epochs and train/lr; per-example test results go to `examples`."""
-    cls = task_class(ds.task)
     torch.manual_seed(seed)
-    head = cls(model, source, ds, device)
+    head = task_class(ds.task)(model, source, ds, device)
     result = head.fit(source, ds, seed, log)
     return {**head.score(source, examples), "train/best_epoch": float(result.best_epoch),
             "train/epochs": float(result.epochs), "train/lr": head.lr(ds)}
