@@ -128,18 +128,9 @@ def class_weights(masks: torch.Tensor, num_classes: int, kind: str = "median") -
     return w.float()
 
 
-def crop_confusions(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(N, C, C) int64 confusion matrix of each of N crops: pred, target (N, S, S)."""
-    n, c = len(target), num_classes
-    crop = torch.arange(n, device=target.device).view(n, 1)
-    idx = crop * c * c + target.reshape(n, -1).long() * c + pred.reshape(n, -1).long()
-    return torch.bincount(idx.reshape(-1).cpu(), minlength=n * c * c).view(n, c, c)
-
-
-def segmentation_metrics(conf: torch.Tensor) -> dict[str, float]:
+def segmentation_metrics(conf: np.ndarray) -> dict[str, float]:
     """The test metrics of a confusion matrix (C, C) summed over every test pixel (rows the
     truth), beside those of predicting background (class 0) everywhere (*_bg_only)."""
-    conf = conf.cpu().numpy()
     bg = np.zeros_like(conf)
     bg[:, 0] = conf.sum(1)
     return {"test/pixel_acc": float(stats.pixel_accuracy(conf)),
@@ -203,13 +194,13 @@ class SegmentationTask(TransferHead):
             for batch in source.test(0):
                 rows = self.encode(batch)
                 pred = crop_logits(self.module, rows).argmax(1)
-                confs.append(crop_confusions(pred, rows["masks"], self.num_classes))
+                confs.append(stats.confusions(rows["masks"].cpu().numpy(), pred.cpu().numpy(),
+                                              self.num_classes))
                 if examples is not None and not confs[1:]:
                     examples.update(overlay_examples(batch, pred, rows["masks"]))
         if not confs:
             raise ShardError(source.test_uri, "segmentation: no test clips")
-        per_crop = torch.cat(confs)
-        conf = per_crop.sum(0)
+        per_crop = np.concatenate(confs)
         if examples is not None:
-            examples["confusion"] = per_crop.numpy().astype(np.int32)
-        return segmentation_metrics(conf)
+            examples["confusion"] = per_crop.astype(np.int32)
+        return segmentation_metrics(per_crop.sum(0))

@@ -19,6 +19,15 @@ def mean_statistic(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return sums.reshape(len(sums), -1)[:, 0] / counts
 
 
+def confusions(target: np.ndarray, pred: np.ndarray, classes: int) -> np.ndarray:
+    """(N, C, C) int64 confusion matrices (rows the truth, columns the prediction) of N groups
+    of class indices in [0, C): target, pred (N, ...), e.g. the pixels of N crops."""
+    n = len(target)
+    cell = np.arange(n).reshape(n, 1) * classes + target.reshape(n, -1).astype(np.int64)
+    cell = cell * classes + pred.reshape(n, -1).astype(np.int64)
+    return np.bincount(cell.ravel(), minlength=n * classes * classes).reshape(n, classes, classes)
+
+
 def iou(conf: np.ndarray, *, foreground: bool = False) -> np.ndarray:
     """Mean IoU of confusion matrices (..., C, C) (rows ground truth, columns prediction).
 
