@@ -148,8 +148,8 @@ class Table:
             err = [[0.0 if c.lo is None else max(0.0, 100 * (c.mean - c.lo)) for c in cells],
                    [0.0 if c.hi is None else max(0.0, 100 * (c.hi - c.mean)) for c in cells]]
             ax.bar(xs, [100 * c.mean for c in cells], width, yerr=err, capsize=2, label=name)
-        ax.set_xticks(range(len(self.columns)))
-        ax.set_xticklabels([c.label for c in self.columns], rotation=20, ha="right")
+        ax.set_xticks(range(len(self.columns)), [c.label for c in self.columns], rotation=20,
+                      ha="right")
         ax.set_ylabel("% (bars: 95% bootstrap CI)")
         ax.set_ylim(0, 100)
         ax.legend(title="pretext")

@@ -202,11 +202,8 @@ def run_transfer(cfg: Config, memo: dict | None = None) -> TransferResult:
 
 def expand_overrides(args: list[str]) -> list[str]:
     """`pretrain=X` -> `downstream.pretrain=X` (and the other SHORT_KEYS); others unchanged."""
-    out = []
-    for a in args:
-        key = a.split("=", 1)[0].lstrip("+~")
-        out.append(f"downstream.{a}" if key in SHORT_KEYS and "=" in a else a)
-    return out
+    return [f"downstream.{a}" if "=" in a and a.split("=", 1)[0].lstrip("+~") in SHORT_KEYS
+            else a for a in args]
 
 
 USAGE = (f"usage: avsa transfer TASK pretrain=RUN_ID|CHECKPOINT_URI|models:/NAME/VERSION|"

@@ -77,11 +77,12 @@ def _lines(path: Path) -> list[list[str]]:
     return [ln.split() for ln in text.splitlines() if ln.strip()]
 
 
-def _item(root: Path, video_dirs: list[Path], rel: str, label: int, listed_in: Path) -> VideoItem:
+def _item(video_dirs: list[Path], rel: str, label: int, listed_in: Path) -> VideoItem:
+    """The video `rel` in the first of video_dirs (the dataset root first) that holds it."""
     for d in video_dirs:
         if (d / rel).is_file():
             return VideoItem(d / rel, label, rel)
-    raise MediaError(root / rel, f"listed in {listed_in.name} but missing")
+    raise MediaError(video_dirs[0] / rel, f"listed in {listed_in.name} but missing")
 
 
 def _load_ucf(root: Path, splits: Path, fold: int) -> ActionLayout:
@@ -102,24 +103,24 @@ def _load_ucf(root: Path, splits: Path, fold: int) -> ActionLayout:
             cls = rel.split("/", 1)[0]
             if cls not in ids:
                 raise MediaError(listing, f"class {cls!r} of {rel} not in classInd.txt")
-            items.append(_item(root, video_dirs, rel, ids[cls], listing))
+            items.append(_item(video_dirs, rel, ids[cls], listing))
         out[split] = items
     return ActionLayout(root, classes, out["train"], out["test"])
 
 
 def _load_hmdb(root: Path, splits: Path, fold: int) -> ActionLayout:
-    files = sorted(splits.glob(f"*_test_split{fold}.txt"))
     suffix = f"_test_split{fold}.txt"
-    classes = sorted(f.name[: -len(suffix)] for f in files)
+    files = sorted(splits.glob(f"*{suffix}"))
+    classes = sorted(f.name.removesuffix(suffix) for f in files)
     out: dict[str, list[VideoItem]] = {"train": [], "test": []}
     for f in files:
-        cls = f.name[: -len(suffix)]
+        cls = f.name.removesuffix(suffix)
         for parts in _lines(f):
             if len(parts) != 2 or parts[1] not in ("0", "1", "2"):
                 raise MediaError(f, f"expected 'video 0|1|2' lines, got {' '.join(parts)!r}")
             if parts[1] != "0":
                 split = "train" if parts[1] == "1" else "test"
-                out[split].append(_item(root, [root], f"{cls}/{parts[0]}", classes.index(cls), f))
+                out[split].append(_item([root], f"{cls}/{parts[0]}", classes.index(cls), f))
     return ActionLayout(root, classes, out["train"], out["test"])
 
 
