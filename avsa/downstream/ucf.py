@@ -204,13 +204,11 @@ class LayoutSource:
         return len(self.layout.classes)
 
     def _batches(self, items: list[VideoItem], starts, rngs) -> Iterator[dict[str, Any]]:
-        k = len(self.layout.classes)
         for i in range(0, len(items), self.batch_size):
             chunk = items[i : i + self.batch_size]
             clips = [load_clip(it, self.data, starts(it), rngs(it), _duration(it.path))
                      for it in chunk]
-            labels = torch.zeros(len(chunk), k)
-            labels[torch.arange(len(chunk)), torch.tensor([it.label for it in chunk])] = 1.0
+            labels = F.one_hot(torch.tensor([it.label for it in chunk]), self.num_classes).float()
             yield {"video": torch.stack(clips)[:, None], "labels": labels,
                    "key": [it.key for it in chunk]}
 
