@@ -55,9 +55,13 @@ class Variant:
 
 @dataclass
 class Table:
+    """A table to fill: each row a pretraining variant (None: scratch), each with every one of
+    `transfers` (task, its overrides)."""
+
     name: str
     columns: tuple[Column, ...]
-    rows: list[tuple[Variant | None, list[tuple[str, list[str]]]]] = field(default_factory=list)
+    transfers: list[tuple[str, list[str]]]
+    rows: list[Variant | None] = field(default_factory=list)
 
 
 def baseline(batch: int, v: int) -> tuple[str, ...]:
@@ -67,35 +71,33 @@ def baseline(batch: int, v: int) -> tuple[str, ...]:
 
 def plan(args: argparse.Namespace, batch: int, v: int,
          preset_features: str = "intensity") -> list[Table]:
-    """The tables asked for, each row a pretraining variant (None: scratch) and its transfers."""
+    """The tables asked for."""
     tables = []
     if "pretext" in args.tables:
-        t = Table("pretext", PRETEXT_COLUMNS)
-        t.rows.append((None, TRANSFERS))
+        t = Table("pretext", PRETEXT_COLUMNS, TRANSFERS, [None])
         for row, extra in (("avc", ("loss=avc", *baseline(batch, v))),
                            ("avts", ("loss=avts", *baseline(batch, v))),
                            ("avsa", ()),
                            ("avsa_cur", ("train.curriculum=true",
                                          f"train.curriculum_avc_steps={args.steps // 2}"))):
-            t.rows.append((Variant(row, extra), TRANSFERS))
+            t.rows.append(Variant(row, extra))
         tables.append(t)
     bins = [("avsa_bin", []), ("avc_bin", [])]
     if "viewpoints" in args.tables:
-        t = Table("viewpoints", BIN_COLUMNS)
+        t = Table("viewpoints", BIN_COLUMNS, bins)
         for n in args.viewpoints:
             over = () if n == v else (f"data.num_viewpoints={n}",)
             if n > v:  # more views than the preset's separation fits: the paper's 36 deg
                 over += ("data.min_separation_deg=36",)
-            t.rows.append((Variant("avsa" if n == v else f"avsa-v{n}", over), bins))
+            t.rows.append(Variant("avsa" if n == v else f"avsa-v{n}", over))
         tables.append(t)
     if "audio" in args.tables:
-        t = Table("audio", BIN_COLUMNS)
+        t = Table("audio", BIN_COLUMNS, bins)
         for feat in args.features:
-            t.rows.append((Variant(feat, (f"data.audio_features={feat}",)), bins))
+            t.rows.append(Variant(feat, (f"data.audio_features={feat}",)))
         if args.rt60 > 0:  # the preset's input, dry (above) against reverberant
-            feat = preset_features
-            t.rows.append((Variant(f"{feat}-rt60", (f"data.audio_features={feat}",), "wet"),
-                           bins))
+            over = (f"data.audio_features={preset_features}",)
+            t.rows.append(Variant(f"{preset_features}-rt60", over, "wet"))
         tables.append(t)
     return tables
 
@@ -160,7 +162,7 @@ def make_data(args: argparse.Namespace, tables: list[Table]) -> dict[str, tuple[
     from avsa import synth
 
     sets = {"dry": {}, "action": {"single_class": True}}
-    if any(v is not None and v.data == "wet" for t in tables for v, _ in t.rows):
+    if any(v is not None and v.data == "wet" for t in tables for v in t.rows):
         sets["wet"] = {"rt60_s": args.rt60}
     out = {}
     for name, kw in sets.items():
@@ -185,7 +187,7 @@ def pretrain_all(args, tables, data, uri) -> tuple[dict[str, str], dict[str, dic
     from avsa.config import compose
     from avsa.train.driver import pretrain
 
-    variants = {v.row: v for t in tables for v, _ in t.rows if v is not None}
+    variants = {v.row: v for t in tables for v in t.rows if v is not None}
     configs = {}
     for row, v in variants.items():
         train, test = data[v.data]
@@ -237,7 +239,7 @@ def transfer_all(args, tables, data, refs, uri) -> None:
     for t in tables:
         experiment = f"avsa-reproduce-{t.name}"
         done = done_cells(uri, experiment)
-        jobs = [(v, task, extra, seed) for v, transfers in t.rows for task, extra in transfers
+        jobs = [(v, task, extra, seed) for v in t.rows for task, extra in t.transfers
                 for seed in range(args.seeds)]
         for i, (v, task, extra, seed) in enumerate(jobs, 1):
             row = "scratch" if v is None else v.row
@@ -267,7 +269,7 @@ def write_tables(args, tables, metrics, uri) -> list[Path]:
     for t in tables:
         records = compare.fetch_records(uri, f"avsa-reproduce-{t.name}")
         table = compare.build_table(records, t.columns)
-        order = ["scratch"] + [v.row for v, _ in t.rows if v is not None]
+        order = ["scratch"] + [v.row for v in t.rows if v is not None]
         table.rows = [r for r in order if r in table.rows]
         paths += compare.write_outputs(table, out, t.name)
         print(f"\n## {t.name}\n\n{table.to_markdown()}", flush=True)

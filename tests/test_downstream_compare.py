@@ -152,14 +152,14 @@ def test_reproduce_plans_every_table_with_equal_pairs_per_step():
                                                                   ["train.lr=1e-3"])
     tables = {t.name: t for t in reproduce.plan(args, batch=8, v=4)}
     assert list(tables) == ["pretext", "viewpoints", "audio"]
-    rows = {("scratch" if v is None else v.row): v for v, _ in tables["pretext"].rows}
+    rows = {("scratch" if v is None else v.row): v for v in tables["pretext"].rows}
     assert list(rows) == ["scratch", "avc", "avts", "avsa", "avsa_cur"]
     for base in ("avc", "avts"):  # one viewpoint, 4 x the clips: the same pairs per step
         assert {"data.num_viewpoints=1", "train.batch_size=32"} <= set(rows[base].overrides)
     assert "train.curriculum_avc_steps=25" in rows["avsa_cur"].overrides
-    assert sum(task == "segmentation" for task, _ in tables["pretext"].rows[0][1]) == 3
-    assert [v.row for v, _ in tables["viewpoints"].rows] == ["avsa-v1", "avsa", "avsa-v8"]
-    audio = [(v.row, v.data) for v, _ in tables["audio"].rows]
+    assert sum(task == "segmentation" for task, _ in tables["pretext"].transfers) == 3
+    assert [v.row for v in tables["viewpoints"].rows] == ["avsa-v1", "avsa", "avsa-v8"]
+    audio = [(v.row, v.data) for v in tables["audio"].rows]
     assert audio == [("logmel", "dry"), ("intensity", "dry"), ("intensity-rt60", "wet")]
     for bad in (["--clips", "3"], ["--tables", "pretext,nope"], ["--viewpoints", "0,2"]):
         with pytest.raises(SystemExit):

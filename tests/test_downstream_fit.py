@@ -9,9 +9,8 @@ from presets import tiny_model
 from torch import nn
 from torch.nn import functional as F
 
-from avsa.downstream.binary import encode_clips, pair_loss
-from avsa.downstream.fit import fit_head, holdout, minibatches
-from avsa.downstream.heads import encode_passes, freeze, pair_head
+from avsa.downstream.binary import encode_clips, pair_head, pair_loss
+from avsa.downstream.fit import encode_passes, fit_head, freeze, holdout, minibatches
 from avsa.downstream.segmentation import FPNHead, cond_dim, crop_logits, encode_crops
 
 
@@ -53,14 +52,13 @@ def _train_twice(make_head, cached_loss, e2e_loss, n, *, epochs=3, batch=2, seed
 @pytest.mark.parametrize("task", ["avc_bin", "avsa_bin"])
 def test_cached_pair_head_matches_end_to_end_frozen_training(task):
     model = freeze(tiny_model())
-    use_context = model.video_transformer is not None
     source = _Clips()
-    cached = encode_passes(source.train, 1, lambda b: encode_clips(model, b, use_context))
+    cached = encode_passes(source.train, 1, lambda b: encode_clips(model, b))
     assert cached.keys == source.keys
 
     def e2e(head, idx):  # decode-and-encode the clips of this minibatch, as before caching
         return pair_loss(task, head, encode_clips(
-            model, {k: v[idx] for k, v in source.data.items()}, use_context))
+            model, {k: v[idx] for k, v in source.data.items()}))
 
     a, b = _train_twice(lambda: pair_head(model.video_dim + model.audio_dim),
                         lambda head, idx: pair_loss(task, head, cached.take(idx)), e2e, 6)

@@ -9,9 +9,8 @@ from presets import tiny_model
 from torch import nn
 
 from avsa.config import DownstreamConfig
-from avsa.downstream.binary import avc_pairs, avsa_pairs, pair_loss
-from avsa.downstream.fit import fit_head, minibatches
-from avsa.downstream.heads import accuracy, encode_passes, freeze, pair_head, predict
+from avsa.downstream.binary import accuracy, make_pairs, pair_head, pair_loss, predict
+from avsa.downstream.fit import encode_passes, fit_head, freeze, minibatches
 from avsa.downstream.run import run_task
 
 
@@ -50,7 +49,7 @@ def test_accuracy_counts_top1():
 def test_avc_pairs_roll_audio_to_the_next_clip():
     video = torch.arange(3.0).view(3, 1, 1).expand(3, 2, 1)  # clip i, 2 viewpoints
     audio = 10 + torch.arange(3.0).view(3, 1, 1).expand(3, 2, 1)
-    x, y = avc_pairs(video, audio)
+    x, y = make_pairs("avc_bin", {"video": video, "audio": audio})
     assert x.shape == (12, 2) and y.tolist() == [1] * 6 + [0] * 6
     assert x[:6].tolist() == [[0, 10], [0, 10], [1, 11], [1, 11], [2, 12], [2, 12]]
     assert x[6:].tolist() == [[0, 11], [0, 11], [1, 12], [1, 12], [2, 10], [2, 10]]
@@ -58,7 +57,8 @@ def test_avc_pairs_roll_audio_to_the_next_clip():
 
 def test_avsa_pairs_label_every_viewpoint_with_its_clip():
     video, audio = torch.zeros(2, 3, 4), torch.ones(2, 3, 5)
-    x, y = avsa_pairs(video, audio, torch.tensor([1, 0]))
+    x, y = make_pairs("avsa_bin", {"video": video, "audio": audio,
+                                   "aligned": torch.tensor([1, 0])})
     assert x.shape == (6, 9)
     assert y.tolist() == [1, 1, 1, 0, 0, 0]
 
@@ -180,7 +180,7 @@ def test_avc_negatives_from_another_pass_of_the_same_clip_are_dropped():
     rows = {"video": torch.randn(3, 2, 4), "audio": torch.randn(3, 2, 4),
             "aligned": torch.ones(3, dtype=torch.long), "clip": torch.tensor([0, 1, 0])}
     head = pair_head(8).eval()
-    x, y = avc_pairs(rows["video"], rows["audio"])
+    x, y = make_pairs("avc_bin", rows)
     # clip 2 is clip 0 again: its "negative" (audio of the next row, clip 0) is dropped
     expected = nn.functional.cross_entropy(head(x[:10]), y[:10])
     assert torch.allclose(pair_loss("avc_bin", head, rows), expected)

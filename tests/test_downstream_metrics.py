@@ -27,8 +27,7 @@ from avsa.downstream.segmentation import (
     FPNHead,
     class_weights,
     cond_dim,
-    crop_confusions,
-    frozen_inputs,
+    encode_crops,
     segmentation_metrics,
 )
 
@@ -41,7 +40,7 @@ def clip_video_accuracy(keys, logits, targets) -> tuple[float, float]:
 
 def confusion_matrix(pred, target, num_classes):
     """The (C, C) confusion matrix of all pixels, as one crop's."""
-    return crop_confusions(pred[None], target[None], num_classes)[0]
+    return stats.confusions(target[None].numpy(), pred[None].numpy(), num_classes)[0]
 
 
 def test_clip_and_video_accuracy_on_known_logits():
@@ -219,8 +218,8 @@ def test_foreground_miou_and_the_all_background_level():
     assert m["test/miou_fg_bg_only"] == 0.0
     assert m["test/miou_fg"] == pytest.approx((2 / 3 + 1 / 2) / 2)
     assert m["test/classes_present"] == 3 and m["test/pixel_acc"] == pytest.approx(4 / 6)
-    per_crop = crop_confusions(pred.view(2, 1, 3), target.view(2, 1, 3), 4)
-    assert per_crop.shape == (2, 4, 4) and torch.equal(per_crop.sum(0), conf)
+    per_crop = stats.confusions(target.view(2, 1, 3).numpy(), pred.view(2, 1, 3).numpy(), 4)
+    assert per_crop.shape == (2, 4, 4) and (per_crop.sum(0) == conf).all()
     assert per_crop[0].tolist() == [[1, 1, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
 
 
@@ -238,8 +237,10 @@ def test_fpn_head_predicts_every_pixel_of_the_crop(context):
     torch.manual_seed(0)
     model = tiny_model().eval()
     batch = {"video": torch.randint(0, 255, (2, 3, 3, 2, 16, 16), dtype=torch.uint8),
-             "audio": torch.randn(2, 3, 4, 16, 16), "directions": torch.zeros(2, 3, 2)}
-    maps, cond = frozen_inputs(model, batch, context)
+             "audio": torch.randn(2, 3, 4, 16, 16), "directions": torch.zeros(2, 3, 2),
+             "masks": torch.zeros(2, 3, 16, 16, dtype=torch.long)}
+    rows = encode_crops(model, batch, context)
+    maps, cond = [rows[f"m{i}"] for i in range(4)], rows.get("cond")
     assert [m.shape[1:] for m in maps] == [(8, 8, 8), (16, 4, 4), (32, 2, 2), (64, 1, 1)]
     assert (cond is None) == (context == "video")
     if cond is not None:

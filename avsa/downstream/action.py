@@ -23,8 +23,15 @@ from torch.nn import functional as F
 
 from avsa.config import DataConfig, DownstreamConfig
 from avsa.downstream import ucf
-from avsa.downstream.fit import EpochLog, FitResult, TransferHead, fit_head
-from avsa.downstream.heads import Cached, encode_passes, freeze
+from avsa.downstream.fit import (
+    Cached,
+    EpochLog,
+    FitResult,
+    TransferHead,
+    encode_passes,
+    fit_head,
+    freeze,
+)
 from avsa.errors import ShardError
 from avsa.models import AVSANet
 from avsa.models.inputs import normalize_video, to_device
@@ -41,11 +48,10 @@ class ActionNet(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.finetune = finetune
-        if not finetune:
-            freeze(encoder)
         if finetune:
             self.head = nn.Sequential(nn.Dropout(0.5), nn.Linear(encoder.out_dim, num_classes))
         else:  # linear-probe practice (MAE): features standardised, so their scale cannot stall it
+            freeze(encoder)
             self.head = nn.Sequential(nn.BatchNorm1d(encoder.out_dim, affine=False),
                                       nn.Linear(encoder.out_dim, num_classes))
 
@@ -136,15 +142,15 @@ class ActionTask(TransferHead):
 
     name = "action"
 
-    def __init__(self, encoder: VideoEncoder, num_classes: int, *, mode: str, eval_clips: int,
-                 single_label: bool, device: torch.device):
-        self.net = ActionNet(encoder, num_classes, finetune=mode == "finetune").to(device)
+    def __init__(self, model: AVSANet, source, ds: DownstreamConfig, device: torch.device):
+        finetune = ds.mode == "finetune"
+        self.net = ActionNet(model.video_encoder, source.num_classes, finetune=finetune).to(device)
         self.module, self.device = self.net.head, device
         # a linear probe on standardised features converges in tens of epochs at 1e-3; at
         # fine-tuning's 1e-4 early stopping can end it before it has learnt anything
-        self.default_lr = 1e-4 if mode == "finetune" else 1e-3
-        self.eval_clips, self.declared = max(1, eval_clips), single_label
-        self.single, self.majority = single_label, 0
+        self.default_lr = 1e-4 if finetune else 1e-3
+        self.eval_clips, self.majority = max(1, ds.eval_clips), 0
+        self.declared = self.single = bool(getattr(source, "single_label", False))
 
     @classmethod
     def source(cls, data: DataConfig, ds: DownstreamConfig, memo: dict | None):
@@ -154,13 +160,6 @@ class ActionTask(TransferHead):
             return ucf.LayoutSource(ucf.load_layout(data.shards, ds.fold), data, ds.batch_size,
                                     seed=data.seed, eval_clips=ds.eval_clips)
         return super().source(data, ds, memo)
-
-    @classmethod
-    def build(cls, model: AVSANet, source, ds: DownstreamConfig,
-              device: torch.device) -> ActionTask:
-        return cls(model.video_encoder, source.num_classes, mode=ds.mode,
-                   eval_clips=ds.eval_clips, device=device,
-                   single_label=bool(getattr(source, "single_label", False)))
 
     @torch.no_grad()
     def encode(self, batch: dict) -> dict[str, torch.Tensor]:

@@ -18,59 +18,69 @@ from torch import nn
 from torch.nn import functional as F
 
 from avsa.config import DataConfig, DownstreamConfig
-from avsa.downstream.fit import TransferHead
-from avsa.downstream.heads import (
-    Cached,
-    accuracy,
-    encode_passes,
-    freeze,
-    frozen_features,
-    pair_head,
-    predict,
-)
+from avsa.downstream.fit import Cached, TransferHead, encode_passes, freeze
 from avsa.downstream.sources import ShardSource
 from avsa.errors import ShardError
 from avsa.models import AVSANet
-from avsa.models.inputs import to_device
+from avsa.models.inputs import normalize_video, to_device
 
-TASKS = ("avc_bin", "avsa_bin")
 MISALIGN_PROB = 0.5
 
 
-def avc_pairs(video: torch.Tensor, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """video (B, V, Dv), audio (B, V, Da), B >= 2 -> x (2 B V, Dv + Da), y (2 B V,) int64:
-    first the B V positives (label 1), then the B V negatives (audio of clip (i + 1) mod B)."""
-    if video.shape[0] < 2:
-        raise ValueError("avc_pairs needs at least 2 clips")
-    pos = torch.cat((video, audio), dim=-1).flatten(0, 1)
-    neg = torch.cat((video, audio.roll(-1, dims=0)), dim=-1).flatten(0, 1)
-    y = torch.cat((torch.ones(len(pos)), torch.zeros(len(neg)))).long().to(video.device)
-    return torch.cat((pos, neg)), y
+def pair_head(in_dim: int) -> nn.Sequential:
+    """METHOD.md §6 binary head: (..., in_dim) concatenated (video, audio) features ->
+    Dropout 0.5 -> Linear(in_dim, 512) -> ReLU -> Linear(512, 2) -> (..., 2) logits."""
+    return nn.Sequential(nn.Dropout(0.5), nn.Linear(in_dim, 512), nn.ReLU(inplace=True),
+                         nn.Linear(512, 2))
 
 
-def avsa_pairs(
-    video: torch.Tensor, audio: torch.Tensor, aligned: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """video (B, V, Dv), audio (B, V, Da), aligned (B,) 1/0 -> x (B V, Dv + Da), y (B V,)."""
-    x = torch.cat((video, audio), dim=-1).flatten(0, 1)
-    y = aligned.long().view(-1, 1).expand(-1, video.shape[1]).reshape(-1)
-    return x, y
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy of logits (N, C) against class indices (N,); nan for N = 0."""
+    if labels.numel() == 0:
+        return float("nan")
+    return float((logits.argmax(-1) == labels).float().mean())
+
+
+@torch.no_grad()
+def predict(head: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """Logits of `head` in eval mode over (N, D) features, in chunks."""
+    head.eval()
+    return torch.cat([head(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
 def make_pairs(task: str, rows: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The examples (x, y) of the clips in `rows` (see `encode_clips`)."""
-    if task == "avc_bin":
-        return avc_pairs(rows["video"], rows["audio"])
-    return avsa_pairs(rows["video"], rows["audio"], rows["aligned"])
+    """The examples of the clips in `rows` (see `encode_clips`): video (B, V, Dv), audio
+    (B, V, Da), aligned (B,) 1/0 -> x (N, Dv + Da), y (N,) int64.
+
+    AVSA-Bin: the B V pairs, each labelled with its clip's `aligned`. AVC-Bin (B >= 2): first
+    the B V positives (label 1), then the B V negatives (audio of clip (i + 1) mod B).
+    """
+    video, audio = rows["video"], rows["audio"]
+    x = torch.cat((video, audio), dim=-1).flatten(0, 1)
+    if task == "avsa_bin":
+        return x, rows["aligned"].long().repeat_interleave(video.shape[1])
+    if len(video) < 2:
+        raise ValueError("avc_bin pairs need at least 2 clips")
+    neg = torch.cat((video, audio.roll(-1, dims=0)), dim=-1).flatten(0, 1)
+    y = torch.cat((torch.ones(len(x)), torch.zeros(len(neg)))).long().to(video.device)
+    return torch.cat((x, neg)), y
 
 
-def encode_clips(model: AVSANet, batch: dict, use_context: bool) -> dict[str, torch.Tensor]:
-    """One row per clip: video (B, V, Dv), audio (B, V, Da), aligned (B,) of a batch on device."""
-    v, a = frozen_features(model, batch, use_context=use_context)
+@torch.no_grad()
+def encode_clips(model: AVSANet, batch: dict) -> dict[str, torch.Tensor]:
+    """One row per clip of a batch on device: the frozen model's per-viewpoint features
+    (its viewpoint transformers' context when it has them) video (B, V, Dv), audio (B, V, Da)
+    and aligned (B,) (1 without the key).
+
+    batch: video (B, V, 3, T, S, S) uint8, audio (B, V, C, F, M), directions (B, V, 2).
+    """
+    video = model.encode_video(normalize_video(batch["video"]))
+    audio = model.encode_audio(batch["audio"].float())
+    video, audio = model.context(video, audio, batch.get("directions"))
     aligned = batch.get("aligned")
     if aligned is None:
-        aligned = torch.ones(len(v), dtype=torch.long, device=v.device)
-    return {"video": v, "audio": a, "aligned": aligned.long()}
+        aligned = torch.ones(len(video), dtype=torch.long, device=video.device)
+    return {"video": video, "audio": audio, "aligned": aligned.long()}
 
 
 def pair_loss(task: str, head: nn.Module, rows: dict[str, torch.Tensor]) -> torch.Tensor | None:
@@ -97,14 +107,11 @@ class BinaryTask(TransferHead):
     train/acc over the training rows; examples gets each test hit ("acc"), target and prediction.
     """
 
-    def __init__(self, task: str, model: AVSANet, device: torch.device):
-        if task not in TASKS:
-            raise ValueError(f"not a binary task: {task!r}")
-        self.name, self.device = task, device
+    def __init__(self, model: AVSANet, source, ds: DownstreamConfig, device: torch.device):
+        self.name, self.device = ds.task, device
         self.model = freeze(model.to(device))
-        self.use_context = model.video_transformer is not None
         self.module = pair_head(model.video_dim + model.audio_dim).to(device)
-        self.min_rows = self.min_keys = 2 if task == "avc_bin" else 1
+        self.min_rows = self.min_keys = 2 if ds.task == "avc_bin" else 1
         self.fit_rows: Cached | None = None
 
     @classmethod
@@ -113,13 +120,8 @@ class BinaryTask(TransferHead):
         prob = MISALIGN_PROB if ds.task == "avsa_bin" else 0.0
         return ShardSource.from_config(data, ds.batch_size, misalign_prob=prob, memo=memo)
 
-    @classmethod
-    def build(cls, model: AVSANet, source, ds: DownstreamConfig,
-              device: torch.device) -> BinaryTask:
-        return cls(ds.task, model, device)
-
     def encode(self, batch: dict) -> dict[str, torch.Tensor]:
-        return encode_clips(self.model, to_device(batch, self.device), self.use_context)
+        return encode_clips(self.model, to_device(batch, self.device))
 
     def prepare(self, train: Cached, fit: Cached, val: Cached) -> None:
         ids = {k: i for i, k in enumerate(dict.fromkeys(train.keys))}

@@ -16,6 +16,7 @@ import csv
 import io
 import logging
 import math
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +60,6 @@ RESAMPLED: dict[str, tuple[str, stats.Statistic]] = {
     "test/acc": ("acc", stats.mean_statistic),
     "test/clip_acc": ("clip_acc", stats.mean_statistic),
     "test/video_acc": ("video_acc", stats.mean_statistic),
-    "test/pixel_acc": ("confusion", stats.of_sums(stats.pixel_accuracy)),
     "test/miou": ("confusion", stats.of_sums(stats.iou)),
     "test/miou_fg": ("confusion", stats.of_sums(stats.iou, foreground=True)),
 }
@@ -87,8 +87,7 @@ class Cell:
     n_runs: int
 
 
-def cell_of(runs: list[RunRecord], metric: str, *, resamples: int = RESAMPLES,
-            seed: int = CI_SEED) -> Cell | None:
+def cell_of(runs: list[RunRecord], metric: str) -> Cell | None:
     """Mean over `runs` (one per seed) of `metric`, with a 95% bootstrap interval resampling
     seeds and test examples (stats.bootstrap_ci) when every run stored its examples."""
     runs = [r for r in runs if not math.isnan(r.metrics.get(metric, math.nan))]
@@ -98,7 +97,7 @@ def cell_of(runs: list[RunRecord], metric: str, *, resamples: int = RESAMPLES,
     arrays = [(r.examples or {}).get(name) for r in runs]
     lo = hi = None
     if statistic is not None and all(a is not None and len(a) for a in arrays):
-        lo, hi = stats.bootstrap_ci(arrays, n=resamples, seed=seed, statistic=statistic)
+        lo, hi = stats.bootstrap_ci(arrays, n=RESAMPLES, seed=CI_SEED, statistic=statistic)
         if math.isnan(lo):
             lo = hi = None
     return Cell(fmean(float(r.metrics[metric]) for r in runs), lo, hi, len(runs))
@@ -149,8 +148,8 @@ class Table:
             err = [[0.0 if c.lo is None else max(0.0, 100 * (c.mean - c.lo)) for c in cells],
                    [0.0 if c.hi is None else max(0.0, 100 * (c.hi - c.mean)) for c in cells]]
             ax.bar(xs, [100 * c.mean for c in cells], width, yerr=err, capsize=2, label=name)
-        ax.set_xticks(range(len(self.columns)))
-        ax.set_xticklabels([c.label for c in self.columns], rotation=20, ha="right")
+        ax.set_xticks(range(len(self.columns)), [c.label for c in self.columns], rotation=20,
+                      ha="right")
         ax.set_ylabel("% (bars: 95% bootstrap CI)")
         ax.set_ylim(0, 100)
         ax.legend(title="pretext")
@@ -177,21 +176,18 @@ def cell_key(r: RunRecord) -> tuple[str, str, str | None, str | None]:
     return (r.pretext, r.task, r.context if r.task == "segmentation" else None, r.seed)
 
 
-def build_table(records: Iterable[RunRecord], columns: tuple[Column, ...] = COLUMNS, *,
-                resamples: int = RESAMPLES, seed: int = CI_SEED) -> Table:
+def build_table(records: Iterable[RunRecord], columns: tuple[Column, ...] = COLUMNS) -> Table:
     """Each cell pools the runs of (pretext, task, context): the latest run of each seed (a
     rerun of a seed replaces it). Rows in PRETEXT_ORDER, then other pretexts by name."""
     latest: dict[tuple[str, str, str | None, str | None], RunRecord] = {}
-    for r in records:
-        key = cell_key(r)
-        if key not in latest or r.start_time > latest[key].start_time:
-            latest[key] = r
+    for r in sorted(records, key=lambda r: r.start_time, reverse=True):  # stable: ties keep order
+        latest.setdefault(cell_key(r), r)
     groups: dict[tuple[str, str, str | None], list[RunRecord]] = {}
     for (p, task, context, _), r in sorted(latest.items(), key=lambda kv: str(kv[0][3])):
         groups.setdefault((p, task, context), []).append(r)
     rows = sorted({k[0] for k in groups}, key=_pretext_key)
-    cells = {p: {c.label: cell_of(groups.get((p, c.task, c.context), []), c.metric,
-                                  resamples=resamples, seed=seed) for c in columns} for p in rows}
+    cells = {p: {c.label: cell_of(groups.get((p, c.task, c.context), []), c.metric)
+                 for c in columns} for p in rows}
     return Table(rows, columns, cells)
 
 
@@ -226,8 +222,6 @@ def fetch_records(uri: str, experiment: str, *, with_examples: bool = True) -> l
 
 def _examples(client, run_id: str) -> dict[str, np.ndarray] | None:
     """A run's per-example test results (its EXAMPLES artifact), or None when it has none."""
-    import tempfile
-
     from avsa.downstream.run import EXAMPLES
 
     try:
@@ -254,17 +248,13 @@ def write_outputs(table: Table, out: str | Path, name: str = "comparison") -> li
     return paths
 
 
-def parser() -> argparse.ArgumentParser:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="avsa compare", description=__doc__.splitlines()[0])
     p.add_argument("--experiment", default="avsa-transfer", help="MLflow experiment of the runs")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns)")
     p.add_argument("--out", default="outputs/comparison", help="folder for the table files")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = p.parse_args(argv)
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
     records = fetch_records(uri, args.experiment)
     if not records:

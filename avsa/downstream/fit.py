@@ -1,8 +1,11 @@
 """One training loop for every transfer head (`fit_head`), with early stopping on held-out
-clips (`holdout`), and what a task adds to it (`TransferHead`).
+clips (`holdout`), the cache of frozen encodings it trains on (`Cached`) and what a task adds
+to it (`TransferHead`).
 
-Held-out clips are chosen by their keys' hashes, so the choice does not depend on order, pass
-or seed, and every augmented pass of a held-out clip stays out of training.
+Frozen tasks encode each split once (`encode_passes`) and train their heads on the cached
+rows, as linear-probe practice does. Held-out clips are chosen by their keys' hashes, so the
+choice does not depend on order, pass or seed, and every augmented pass of a held-out clip
+stays out of training.
 """
 
 from __future__ import annotations
@@ -18,13 +21,60 @@ import torch
 from torch import nn
 
 from avsa.config import DataConfig, DownstreamConfig
-from avsa.downstream.heads import Cached, encode_passes
 from avsa.downstream.sources import ShardSource
 from avsa.errors import ShardError
-from avsa.models import AVSANet
 
 # log(metrics, step): per-epoch training metrics go to the tracking run through this.
 EpochLog = Callable[[dict[str, float], int], None]
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Eval mode (BatchNorm keeps its statistics, dropout off) and no gradients."""
+    return module.eval().requires_grad_(False)
+
+
+@dataclass
+class Cached:
+    """Encoded examples: tensors (N, ...) and the clip key of each of the N rows."""
+
+    tensors: dict[str, torch.Tensor]
+    keys: list[str]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def take(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The rows at `index` (int64 indices or a bool mask) of every tensor."""
+        return {k: v[index.to(v.device)] for k, v in self.tensors.items()}
+
+    def subset(self, mask: torch.Tensor) -> Cached:
+        keep = mask.nonzero().squeeze(1)
+        return Cached(self.take(keep), [self.keys[int(i)] for i in keep])
+
+
+@torch.no_grad()
+def encode_passes(
+    batches: Callable[[int], Iterable[dict]],
+    passes: int,
+    encode: Callable[[dict], dict[str, torch.Tensor]],
+) -> Cached | None:
+    """Encode every batch of `batches(p)` for p < passes once; None when no batch came.
+
+    encode(batch) returns tensors whose rows are the batch's clips (B rows) or its
+    clips' viewpoints (B V rows, clip-major); each row gets its clip's key (batch["key"]).
+    """
+    parts: dict[str, list[torch.Tensor]] = {}
+    keys: list[str] = []
+    for p in range(passes):
+        for batch in batches(p):
+            out = encode(batch)
+            for name, t in out.items():
+                parts.setdefault(name, []).append(t)
+            rows = len(next(iter(out.values())))
+            keys += [k for k in batch["key"] for _ in range(rows // len(batch["key"]))]
+    if not keys:
+        return None
+    return Cached({k: torch.cat(v) for k, v in parts.items()}, keys)
 
 
 @dataclass
@@ -38,8 +88,7 @@ class FitResult:
 
 def minibatches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
     """A shuffled epoch over n rows: index tensors of batch_size (the last may be shorter)."""
-    order = torch.randperm(n, generator=generator)
-    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    return list(torch.randperm(n, generator=generator).split(batch_size))
 
 
 def fit_head(
@@ -127,13 +176,11 @@ class TransferHead:
     """One transfer task: what it adds to head training on frozen features.
 
     The class is the task's entry in the registry (avsa.downstream.run.TASKS): `source` says
-    where its clips come from (shards by default) and `build` makes the head from the config
+    where its clips come from, and the constructor (model, source, ds, device) builds the head
     after the caller seeded torch. The instance sets `name` and `module` (the trainable head,
-    on its device) and defines `encode` (the batch adapter: a source batch -> cached rows, one
-    per clip or per crop), `loss` on a minibatch of rows (None skips it) and `score` on the
-    test split. `prepare` sees the encoded training split before training (for labels, class
-    weights, clip ids); `val_loss` scores the held-out rows; `fit` is the training itself,
-    overridden where a task trains end to end.
+    on its device) and defines `encode` (a source batch -> cached rows, one per clip or per crop), `loss` on
+    a minibatch of rows (None skips it) and `score` on the test split. `prepare` sees the
+    encoded training split before training; `fit` is overridden where a task trains end to end.
     """
 
     name: str
@@ -146,11 +193,6 @@ class TransferHead:
     def source(cls, data: DataConfig, ds: DownstreamConfig, memo: dict | None):
         """Train and test batches (avsa.downstream.sources): data.shards and data.val_shards."""
         return ShardSource.from_config(data, ds.batch_size, memo=memo)
-
-    @classmethod
-    def build(cls, model: AVSANet, source, ds: DownstreamConfig,
-              device: torch.device) -> TransferHead:
-        raise NotImplementedError
 
     def encode(self, batch: dict) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -191,4 +233,3 @@ class TransferHead:
         if result.steps == 0:
             raise ShardError(where, f"{self.name}: no training batch")
         return result
-

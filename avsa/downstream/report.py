@@ -13,15 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from avsa.downstream import stats
+
 OVERLAY_KEYS = ("overlay_image", "overlay_pred", "overlay_mask")
 BINARY_CLASSES = ("misaligned", "aligned")
-
-
-def confusion(target: np.ndarray, pred: np.ndarray, classes: int) -> np.ndarray:
-    """(classes, classes) counts: rows the true class, columns the predicted one."""
-    out = np.zeros((classes, classes), dtype=np.int64)
-    np.add.at(out, (target.astype(np.int64), pred.astype(np.int64)), 1)
-    return out
 
 
 def per_class_rows(conf: np.ndarray, names: Sequence[str]) -> list[dict[str, object]]:
@@ -97,7 +92,8 @@ def write_report(task: str, examples: dict[str, np.ndarray], out: Path, *,
     elif "target" in examples and "pred" in examples:
         k = max(num_classes, int(examples["target"].max(initial=0)) + 1,
                 int(examples["pred"].max(initial=0)) + 1)
-        conf = confusion(examples["target"], examples["pred"], 2 if task.endswith("_bin") else k)
+        conf = stats.confusions(examples["target"][None], examples["pred"][None],
+                                2 if task.endswith("_bin") else k)[0]
     else:
         conf = None
     if conf is not None:

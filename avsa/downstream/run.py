@@ -18,7 +18,6 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -62,11 +61,9 @@ SHORT_KEYS = ("pretrain", "mode", "context", "epochs", "lr", "batch_size", "max_
 @dataclass
 class Pretrained:
     model: AVSANet
+    config: Config  # what built `model`: the checkpoint's, or this command's for "scratch"
     pretext: str  # "scratch", "avc", "avts", "avsa", "avsa_cur", ...
     ref: str  # the MLflow run id, the checkpoint URI, or "scratch"
-    audio_mode: str
-    audio_features: str = "logmel"
-    model_config: dict[str, Any] = field(default_factory=dict)  # what built `model`
     version: mlflow_models.ModelRef | None = None  # for a models:/ reference
 
 
@@ -97,9 +94,7 @@ def load_pretrained(cfg: Config, tracking_uri: str | None) -> Pretrained:
     checkpoint's (run id or URI) architecture and weights."""
     ref = cfg.downstream.pretrain
     if ref == SCRATCH:
-        model = build_model(cfg.model, audio_channels(cfg.data))
-        return Pretrained(model, SCRATCH, SCRATCH, cfg.data.audio_mode, cfg.data.audio_features,
-                          dataclasses.asdict(cfg.model))
+        return Pretrained(build_model(cfg.model, audio_channels(cfg.data)), cfg, SCRATCH, SCRATCH)
     from avsa.train.checkpoint import resolve_init
 
     version = mlflow_models.resolve(ref, tracking_uri) if mlflow_models.is_models_uri(ref) else None
@@ -118,8 +113,7 @@ def load_pretrained(cfg: Config, tracking_uri: str | None) -> Pretrained:
     label = f"{pre.loss.kind}_cur" if pre.train.curriculum else pre.loss.kind  # AVC phase first
     if version is not None:  # the pretraining run behind the registered version
         ref = version.run_id or version.uri
-    return Pretrained(model, label, ref if _RUN_ID.match(ref) else uri, pre.data.audio_mode,
-                      pre.data.audio_features, dataclasses.asdict(pre.model), version)
+    return Pretrained(model, pre, label, ref if _RUN_ID.match(ref) else uri, version)
 
 
 def task_class(task: str) -> type[TransferHead]:
@@ -134,9 +128,8 @@ def run_task(ds: DownstreamConfig, model: AVSANet, source, *, seed: int, device:
     """Train `ds.task`'s head on `source` (settings from `ds`; `seed` seeds the head and the
     minibatch order) and return its test metrics (see the task's class for which) with
     train/best_epoch, train/epochs and train/lr; per-example test results go to `examples`."""
-    cls = task_class(ds.task)
     torch.manual_seed(seed)
-    head = cls.build(model, source, ds, device)
+    head = task_class(ds.task)(model, source, ds, device)
     result = head.fit(source, ds, seed, log)
     return {**head.score(source, examples), "train/best_epoch": float(result.best_epoch),
             "train/epochs": float(result.epochs), "train/lr": head.lr(ds)}
@@ -186,10 +179,10 @@ def run_transfer(cfg: Config, memo: dict | None = None) -> TransferResult:
             PRETEXT: pre.pretext, CONTEXT: context or "", MODE: mode or "", SEED: str(seed),
             ROW: ds.row or pre.pretext}
     # What the transfer ran with: the checkpoint's model and audio input, this command's rest.
-    data = dataclasses.replace(cfg.data, audio_mode=pre.audio_mode,
-                               audio_features=pre.audio_features)
+    data = dataclasses.replace(cfg.data, audio_mode=pre.config.data.audio_mode,
+                               audio_features=pre.config.data.audio_features)
     params = tracking.flatten_config({"downstream": dataclasses.replace(ds, seed=seed),
-                                      "data": data, "model": pre.model_config})
+                                      "data": data, "model": pre.config.model})
     if pre.version is not None:
         tags[mlflow_models.MODEL_VERSION_TAG] = f"{pre.version.name}/{pre.version.version}"
     with (tracking.RunLogger.start(uri, ds.experiment, name, tags=tags, params=params) as logger,
@@ -209,11 +202,8 @@ def run_transfer(cfg: Config, memo: dict | None = None) -> TransferResult:
 
 def expand_overrides(args: list[str]) -> list[str]:
     """`pretrain=X` -> `downstream.pretrain=X` (and the other SHORT_KEYS); others unchanged."""
-    out = []
-    for a in args:
-        key = a.split("=", 1)[0].lstrip("+~")
-        out.append(f"downstream.{a}" if key in SHORT_KEYS and "=" in a else a)
-    return out
+    return [f"downstream.{a}" if "=" in a and a.split("=", 1)[0].lstrip("+~") in SHORT_KEYS
+            else a for a in args]
 
 
 USAGE = (f"usage: avsa transfer TASK pretrain=RUN_ID|CHECKPOINT_URI|models:/NAME/VERSION|"

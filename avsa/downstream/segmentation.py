@@ -23,24 +23,16 @@ from torch.nn import functional as F
 
 from avsa.config import DataConfig, DownstreamConfig
 from avsa.downstream import stats
-from avsa.downstream.fit import TransferHead
-from avsa.downstream.heads import Cached, freeze
+from avsa.downstream.fit import Cached, TransferHead, freeze
 from avsa.downstream.sources import ShardSource
 from avsa.errors import ShardError
 from avsa.models import AVSANet
 from avsa.models.inputs import normalize_video, to_device
-from avsa.models.video import VideoEncoder
 
 CONTEXTS = ("video", "audio", "context")
 SEG_WEIGHTS = ("median", "inverse", "none")
 EVAL_CHUNK = 64  # crops per forward pass when scoring held-out crops
 OVERLAYS = 4  # test crops kept for the overlay figures of a transfer run
-
-
-def stage_maps(encoder: VideoEncoder, video: torch.Tensor) -> list[torch.Tensor]:
-    """video (N, 3, T, S, S) -> the four stage outputs (N, C_i, T_i, H_i, W_i), finest first."""
-    return list(accumulate(encoder.stages, lambda x, stage: stage(x),
-                           initial=encoder.stem(video)))[1:]
 
 
 class FPNHead(nn.Module):
@@ -69,36 +61,31 @@ class FPNHead(nn.Module):
 
 
 def cond_dim(model: AVSANet, context: str) -> int:
-    """Width of the conditioning of `frozen_inputs` for `context`."""
+    """Width of the conditioning `encode_crops` gives for `context`."""
     extra = {"video": 0, "audio": model.audio_dim}
     return extra.get(context, 2 * model.audio_dim + model.video_dim)
 
 
 @torch.no_grad()
-def frozen_inputs(model: AVSANet, batch: dict, context: str):
-    """(stage maps averaged over time [(B V, C_i, H_i, W_i)], conditioning (B V, D_c) or None)."""
+def encode_crops(model: AVSANet, batch: dict, context: str) -> dict[str, torch.Tensor]:
+    """One row per crop (B V) of a batch on device: the frozen encoder's four stage maps
+    averaged over time, m0..m3 (B V, C_i, H_i, W_i) finest first, masks (B V, S, S) int64 and,
+    unless context is "video", the conditioning cond (B V, D_c)."""
     video = normalize_video(batch["video"])
     b, v = video.shape[:2]
-    raw = stage_maps(model.video_encoder, video.flatten(0, 1))
-    maps = [m.mean(dim=2) for m in raw]
+    enc = model.video_encoder
+    raw = list(accumulate(enc.stages, lambda x, stage: stage(x),
+                          initial=enc.stem(video.flatten(0, 1))))[1:]
+    rows = {f"m{i}": m.mean(dim=2) for i, m in enumerate(raw)}
+    rows["masks"] = batch["masks"].flatten(0, 1).long()
     if context == "video":
-        return maps, None
+        return rows
     audio = model.encode_audio(batch["audio"].float())  # (B, V, Da)
     if context == "audio":
-        return maps, audio.flatten(0, 1)
+        return {**rows, "cond": audio.flatten(0, 1)}
     video_feat = torch.amax(raw[-1], dim=(2, 3, 4)).view(b, v, -1)
     vctx, actx = model.context(video_feat, audio, batch.get("directions"))
-    return maps, torch.cat((audio, vctx, actx), dim=-1).flatten(0, 1)
-
-
-def encode_crops(model: AVSANet, batch: dict, context: str) -> dict[str, torch.Tensor]:
-    """One row per crop (B V): the time-averaged stage maps m0..m3, cond, masks (S, S) int64."""
-    maps, cond = frozen_inputs(model, batch, context)
-    rows = {f"m{i}": m for i, m in enumerate(maps)}
-    if cond is not None:
-        rows["cond"] = cond
-    rows["masks"] = batch["masks"].flatten(0, 1).long()
-    return rows
+    return {**rows, "cond": torch.cat((audio, vctx, actx), dim=-1).flatten(0, 1)}
 
 
 def overlay_examples(batch: dict, pred: torch.Tensor, masks: torch.Tensor,
@@ -141,18 +128,9 @@ def class_weights(masks: torch.Tensor, num_classes: int, kind: str = "median") -
     return w.float()
 
 
-def crop_confusions(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(N, C, C) int64 confusion matrix of each of N crops: pred, target (N, S, S)."""
-    n, c = len(target), num_classes
-    crop = torch.arange(n, device=target.device).view(n, 1)
-    idx = crop * c * c + target.reshape(n, -1).long() * c + pred.reshape(n, -1).long()
-    return torch.bincount(idx.reshape(-1).cpu(), minlength=n * c * c).view(n, c, c)
-
-
-def segmentation_metrics(conf: torch.Tensor) -> dict[str, float]:
+def segmentation_metrics(conf: np.ndarray) -> dict[str, float]:
     """The test metrics of a confusion matrix (C, C) summed over every test pixel (rows the
     truth), beside those of predicting background (class 0) everywhere (*_bg_only)."""
-    conf = conf.cpu().numpy()
     bg = np.zeros_like(conf)
     bg[:, 0] = conf.sum(1)
     return {"test/pixel_acc": float(stats.pixel_accuracy(conf)),
@@ -167,35 +145,29 @@ class SegmentationTask(TransferHead):
     """The FPN head on cached frozen crop features, its cross-entropy weighted by
     `class_weights(kind=weights)` of the training crops (not the held-out ones).
 
-    num_classes counts the background: K + 1; batches hold masks (B, V, S, S) int64. Scores:
+    num_classes counts the background: K + 1 for the source's K classes; batches hold masks
+    (B, V, S, S) int64. Scores:
     `segmentation_metrics`; examples gets the (N, C, C) confusion matrix of every test crop
     and the overlays of the first test batch.
     """
 
     name = "segmentation"
 
-    def __init__(self, model: AVSANet, num_classes: int, *, context: str, weights: str,
-                 device: torch.device):
-        if context not in CONTEXTS:
-            raise ValueError(f"context must be one of {CONTEXTS}, got {context!r}")
+    def __init__(self, model: AVSANet, source, ds: DownstreamConfig, device: torch.device):
+        if ds.context not in CONTEXTS:
+            raise ValueError(f"context must be one of {CONTEXTS}, got {ds.context!r}")
         self.model = freeze(model.to(device))
         enc = model.video_encoder
         channels = [stage[-1].out_bn.num_features for stage in enc.stages]
-        self.module = FPNHead(channels, num_classes, dim=min(64, enc.out_dim),
-                              cond_dim=cond_dim(model, context)).to(device)
-        self.num_classes, self.context, self.weights = num_classes, context, weights
-        self.device = device
-        self.w = torch.ones(num_classes, device=device)
+        self.num_classes = source.num_classes + 1
+        self.module = FPNHead(channels, self.num_classes, dim=min(64, enc.out_dim),
+                              cond_dim=cond_dim(model, ds.context)).to(device)
+        self.context, self.weights, self.device = ds.context, ds.seg_class_weights, device
+        self.w = torch.ones(self.num_classes, device=device)
 
     @classmethod
     def source(cls, data: DataConfig, ds: DownstreamConfig, memo: dict | None) -> ShardSource:
         return ShardSource.from_config(data, ds.batch_size, with_masks=True, memo=memo)
-
-    @classmethod
-    def build(cls, model: AVSANet, source, ds: DownstreamConfig,
-              device: torch.device) -> SegmentationTask:
-        return cls(model, source.num_classes + 1, context=ds.context,
-                   weights=ds.seg_class_weights, device=device)
 
     def encode(self, batch: dict) -> dict[str, torch.Tensor]:
         return encode_crops(self.model, to_device(batch, self.device), self.context)
@@ -222,13 +194,13 @@ class SegmentationTask(TransferHead):
             for batch in source.test(0):
                 rows = self.encode(batch)
                 pred = crop_logits(self.module, rows).argmax(1)
-                confs.append(crop_confusions(pred, rows["masks"], self.num_classes))
+                confs.append(stats.confusions(rows["masks"].cpu().numpy(), pred.cpu().numpy(),
+                                              self.num_classes))
                 if examples is not None and not confs[1:]:
                     examples.update(overlay_examples(batch, pred, rows["masks"]))
         if not confs:
             raise ShardError(source.test_uri, "segmentation: no test clips")
-        per_crop = torch.cat(confs)
-        conf = per_crop.sum(0)
+        per_crop = np.concatenate(confs)
         if examples is not None:
-            examples["confusion"] = per_crop.numpy().astype(np.int32)
-        return segmentation_metrics(conf)
+            examples["confusion"] = per_crop.astype(np.int32)
+        return segmentation_metrics(per_crop.sum(0))

@@ -12,11 +12,21 @@ import numpy as np
 
 # statistic(sums, counts) -> (B,): sums (B, ...) of resampled rows, counts (B,) rows drawn.
 Statistic = Callable[[np.ndarray, np.ndarray], np.ndarray]
+LEVEL = 0.95  # the coverage of bootstrap_ci's intervals
 
 
 def mean_statistic(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """The mean of the resampled rows: per-example scores (hits 0/1, losses, ...)."""
     return sums.reshape(len(sums), -1)[:, 0] / counts
+
+
+def confusions(target: np.ndarray, pred: np.ndarray, classes: int) -> np.ndarray:
+    """(N, C, C) int64 confusion matrices (rows the truth, columns the prediction) of N groups
+    of class indices in [0, C): target, pred (N, ...), e.g. the pixels of N crops."""
+    n = len(target)
+    cell = np.arange(n).reshape(n, 1) * classes + target.reshape(n, -1).astype(np.int64)
+    cell = cell * classes + pred.reshape(n, -1).astype(np.int64)
+    return np.bincount(cell.ravel(), minlength=n * classes * classes).reshape(n, classes, classes)
 
 
 def iou(conf: np.ndarray, *, foreground: bool = False) -> np.ndarray:
@@ -55,24 +65,22 @@ def bootstrap_ci(
     *,
     n: int = 2000,
     seed: int = 0,
-    level: float = 0.95,
     statistic: Statistic = mean_statistic,
 ) -> tuple[float, float]:
-    """Percentile bootstrap interval (lo, hi) of `statistic` over per-example rows.
+    """Percentile bootstrap interval (lo, hi), covering LEVEL, of `statistic` over per-example
+    rows.
 
     values: one array (N, ...) of per-example results (a hit vector, per-crop confusion
     matrices), or a sequence of such arrays, one per run (seed) of the same cell. With several
     runs the resampling has two levels: draw runs with replacement, then examples with
     replacement within each drawn run, so the interval carries the spread between seeds as
-    well as the finite test set. `n` resamples from `seed`; `level` is the coverage.
+    well as the finite test set. `n` resamples from `seed`.
     """
     groups = [np.asarray(values)] if isinstance(values, np.ndarray) else [
         np.asarray(v) for v in values]
     groups = [g for g in groups if len(g)]
     if not groups:
         return float("nan"), float("nan")
-    if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level}")
     rng = np.random.default_rng(seed)
     rows = [g.reshape(len(g), -1).astype(np.float64) for g in groups]
     # how often each run is drawn in each resample (always 1 with a single run)
@@ -90,6 +98,6 @@ def bootstrap_ci(
     stats = stats[np.isfinite(stats)]
     if not len(stats):
         return float("nan"), float("nan")
-    tail = (1 - level) / 2
+    tail = (1 - LEVEL) / 2
     lo, hi = np.quantile(stats, [tail, 1 - tail])
     return float(lo), float(hi)

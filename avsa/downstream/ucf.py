@@ -77,11 +77,12 @@ def _lines(path: Path) -> list[list[str]]:
     return [ln.split() for ln in text.splitlines() if ln.strip()]
 
 
-def _item(root: Path, video_dirs: list[Path], rel: str, label: int, listed_in: Path) -> VideoItem:
+def _item(video_dirs: list[Path], rel: str, label: int, listed_in: Path) -> VideoItem:
+    """The video `rel` in the first of video_dirs (the dataset root first) that holds it."""
     for d in video_dirs:
         if (d / rel).is_file():
             return VideoItem(d / rel, label, rel)
-    raise MediaError(root / rel, f"listed in {listed_in.name} but missing")
+    raise MediaError(video_dirs[0] / rel, f"listed in {listed_in.name} but missing")
 
 
 def _load_ucf(root: Path, splits: Path, fold: int) -> ActionLayout:
@@ -91,7 +92,7 @@ def _load_ucf(root: Path, splits: Path, fold: int) -> ActionLayout:
         if len(parts) != 2 or not parts[0].isdigit():
             raise MediaError(index, f"expected 'ID Class' lines, got {' '.join(parts)!r}")
         ids[parts[1]] = int(parts[0]) - 1
-    classes = [c for c, _ in sorted(ids.items(), key=lambda kv: kv[1])]
+    classes = sorted(ids, key=ids.get)
     video_dirs = [root, root / "UCF-101"]
     out: dict[str, list[VideoItem]] = {}
     for split in ("train", "test"):
@@ -102,24 +103,24 @@ def _load_ucf(root: Path, splits: Path, fold: int) -> ActionLayout:
             cls = rel.split("/", 1)[0]
             if cls not in ids:
                 raise MediaError(listing, f"class {cls!r} of {rel} not in classInd.txt")
-            items.append(_item(root, video_dirs, rel, ids[cls], listing))
+            items.append(_item(video_dirs, rel, ids[cls], listing))
         out[split] = items
     return ActionLayout(root, classes, out["train"], out["test"])
 
 
 def _load_hmdb(root: Path, splits: Path, fold: int) -> ActionLayout:
-    files = sorted(splits.glob(f"*_test_split{fold}.txt"))
     suffix = f"_test_split{fold}.txt"
-    classes = sorted(f.name[: -len(suffix)] for f in files)
+    files = sorted(splits.glob(f"*{suffix}"))
+    classes = sorted(f.name.removesuffix(suffix) for f in files)
     out: dict[str, list[VideoItem]] = {"train": [], "test": []}
     for f in files:
-        cls = f.name[: -len(suffix)]
+        cls = f.name.removesuffix(suffix)
         for parts in _lines(f):
             if len(parts) != 2 or parts[1] not in ("0", "1", "2"):
                 raise MediaError(f, f"expected 'video 0|1|2' lines, got {' '.join(parts)!r}")
             if parts[1] != "0":
                 split = "train" if parts[1] == "1" else "test"
-                out[split].append(_item(root, [root], f"{cls}/{parts[0]}", classes.index(cls), f))
+                out[split].append(_item([root], f"{cls}/{parts[0]}", classes.index(cls), f))
     return ActionLayout(root, classes, out["train"], out["test"])
 
 
@@ -168,8 +169,7 @@ def load_clip(item: VideoItem, cfg: DataConfig, start: float,
         window = min(window, length - start)
     if window <= 0:
         raise MediaError(item.path, f"no frames at {start:.3f} s (video is {length:.3f} s)")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # not 2:1 equirect, as expected of UCF / HMDB
+    with warnings.catch_warnings(action="ignore"):  # not 2:1 equirect, as expected of UCF / HMDB
         frames = media.decode_video(item.path, fps=cfg.fps, start=start, duration=window)
     if len(frames) < cfg.frames:
         frames = np.concatenate([frames, np.repeat(frames[-1:], cfg.frames - len(frames), 0)])
@@ -178,8 +178,7 @@ def load_clip(item: VideoItem, cfg: DataConfig, start: float,
 
 @functools.cache
 def _duration(path: Path) -> float:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # not 2:1 equirect, as expected of UCF / HMDB
+    with warnings.catch_warnings(action="ignore"):  # not 2:1 equirect, as expected of UCF / HMDB
         return media.probe(path).video.duration
 
 
@@ -205,13 +204,11 @@ class LayoutSource:
         return len(self.layout.classes)
 
     def _batches(self, items: list[VideoItem], starts, rngs) -> Iterator[dict[str, Any]]:
-        k = len(self.layout.classes)
         for i in range(0, len(items), self.batch_size):
             chunk = items[i : i + self.batch_size]
             clips = [load_clip(it, self.data, starts(it), rngs(it), _duration(it.path))
                      for it in chunk]
-            labels = torch.zeros(len(chunk), k)
-            labels[torch.arange(len(chunk)), torch.tensor([it.label for it in chunk])] = 1.0
+            labels = F.one_hot(torch.tensor([it.label for it in chunk]), self.num_classes).float()
             yield {"video": torch.stack(clips)[:, None], "labels": labels,
                    "key": [it.key for it in chunk]}
 
