@@ -323,14 +323,6 @@ def decode_audio(src: Source, *, sample_rate: int = 24000, start: float = 0.0,
     return decode_audio(side, sample_rate=sample_rate, start=start, duration=duration)
 
 
-def _float_planes(frame: av.AudioFrame) -> list[np.ndarray]:
-    """The channels of a decoded audio frame as (samples,) float32 arrays: planar float (what
-    FFmpeg's AAC decoder gives) read in place, anything else through pcm.planar_float."""
-    if frame.format.name == "fltp":
-        return [np.frombuffer(p, np.float32, frame.samples) for p in frame.planes]
-    return list(planar_float(frame))
-
-
 def _not_foa(label: str, channels: int):
     raise MediaError(label, f"expected 4-channel first-order ambisonics (ambiX), found {channels}")
 
@@ -348,7 +340,7 @@ def _decode_audio(c, label: str, sample_rate: int, start: float,
     # the one before it, so it is decoded and dropped (it ends before the window)
     _seek(c, stream, start, rewind, preroll=1024 / src_rate)
     for frame in c.decode(stream):
-        planes = _float_planes(frame)
+        planes = planar_float(frame)
         if len(planes) != 4:
             _not_foa(label, len(planes))
         at = round(frame.time * src_rate) - first if frame.time is not None else filled
