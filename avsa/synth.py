@@ -94,15 +94,12 @@ def partials(c: SourceClass, detune: float = 1.0) -> list[float]:
 
 @dataclass(frozen=True)
 class SourceSpec:
-    """An explicit source (instead of a random one): class name, start direction in degrees,
-    azimuth drift in degrees per second; `events` switches it on and off like a random source
-    (explicit sources sound throughout by default)."""
+    """An explicit source (instead of a random one): class name and direction in degrees; it
+    stays still and sounds throughout."""
 
     cls: str
     az_deg: float
     el_deg: float
-    drift_deg_s: float = 0.0
-    events: bool = False
 
 
 @dataclass
@@ -191,8 +188,8 @@ def _place(rng, gen, n: int, sources: Sequence[SourceSpec] | None, seconds: floa
     if sources is not None:
         if unknown := [s.cls for s in sources if s.cls not in CLASSES]:
             raise ConfigError("sources", f"unknown class {unknown[0]!r}; known: {CLASSES}")
-        specs = [(CLASSES.index(s.cls), math.radians(s.az_deg), math.radians(s.el_deg),
-                  math.radians(s.drift_deg_s), s.events) for s in sources]
+        specs = [(CLASSES.index(s.cls), math.radians(s.az_deg), math.radians(s.el_deg), 0.0, False)
+                 for s in sources]
     else:
         vp = geometry.sample_viewpoints(gen, n, el_range_deg=EL_RANGE_DEG,
                                         min_separation_deg=MIN_SEPARATION_DEG)
