@@ -288,10 +288,8 @@ def nfov_pixels(vp: Viewpoints, size: int, h: int, w: int) -> tuple[Tensor, Tens
 
 @functools.lru_cache(maxsize=256)
 def _cached_maps(key: tuple[float, ...], size: int, h: int, w: int) -> tuple[np.ndarray, ...]:
-    n = len(key) // 4
-    vp = Viewpoints(*(torch.tensor(key[i * n:(i + 1) * n], dtype=torch.float64)
-                      for i in range(4)))
-    maps = tuple(m.numpy().reshape(n * size, size) for m in nfov_pixels(vp, size, h, w))
+    vp = Viewpoints(*torch.tensor(key, dtype=torch.float64).view(4, -1))  # az, el, hfov, aspect
+    maps = tuple(m.numpy().reshape(len(vp) * size, size) for m in nfov_pixels(vp, size, h, w))
     for m in maps:
         m.flags.writeable = False  # shared by every caller of the cache
     return maps

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from avsa import geometry, shapes, storage
+from avsa import geometry, room, shapes, storage
 from avsa.data.labels import CLASSES as CLASS_NAMES
 from avsa.encode import encode_clip
 from avsa.errors import AvsaError, ConfigError
@@ -240,8 +240,7 @@ def make_scene(seed: int, seconds: float, *, width: int = 384, height: int = 192
 
     n_frames, n_labels = round(seconds * fps), max(1, round(seconds * LABEL_FPS))
     label_t = np.arange(n_labels) / LABEL_FPS
-    video = np.empty((n_frames, height * width, 3), np.uint8)
-    video[:] = background
+    video = np.repeat(background[None], n_frames, axis=0)  # (T, H * W, 3)
     masks = np.zeros((n_labels, height * width), np.uint8)
     for src in placed:  # later sources occlude earlier ones, in video and masks alike
         for k in range(n_frames):
@@ -257,8 +256,6 @@ def make_scene(seed: int, seconds: float, *, width: int = 384, height: int = 192
         foa += geometry.encode_foa(wave, torch.from_numpy(src.az(t)).float(), src.el)
     foa = foa.numpy()
     if rt60_s > 0:
-        from avsa import room
-
         tails = room.bformat_tails([(s.az0, s.el) for s in placed], rt60_s, sample_rate, rng)
         foa += room.convolve(np.stack([w.numpy() for w in waves]), tails)
     foa += diffuse_noise(rng, t.size)
