@@ -165,14 +165,13 @@ def _check_equirect(label: str, width: int, height: int) -> bool:
     return ok
 
 
-def find_audio_sidecar(video_path: str | os.PathLike) -> Path | None:
-    """The separate audio file of a video: same stem with .m4a/.wav/.flac/.aac, or None."""
-    found = (Path(video_path).with_suffix(e) for e in AUDIO_SIDECAR_EXTS)
+def find_audio_sidecar(src: Source) -> Path | None:
+    """The separate audio file of a video path: same stem with .m4a/.wav/.flac/.aac; None when
+    there is none or src is bytes."""
+    if _is_bytes(src):
+        return None
+    found = (Path(src).with_suffix(e) for e in AUDIO_SIDECAR_EXTS)
     return next((p for p in found if p.is_file()), None)
-
-
-def _sidecar(src: Source) -> Path | None:
-    return None if _is_bytes(src) else find_audio_sidecar(src)
 
 
 def probe(src: Source, name: str | None = None) -> ClipInfo:
@@ -183,7 +182,7 @@ def probe(src: Source, name: str | None = None) -> ClipInfo:
         video, audio = _video_info(c, label), _audio_info(c, label)
     if video is None:
         raise MediaError(label, "no video stream")
-    if audio is None and (side := _sidecar(src)) is not None:
+    if audio is None and (side := find_audio_sidecar(src)) is not None:
         audio = probe_audio(side)
     return ClipInfo(label, video, audio, _check_equirect(label, video.width, video.height))
 
@@ -193,7 +192,7 @@ def probe_audio(src: Source, name: str | None = None) -> AudioInfo:
     label = _label(src, name)
     with _open(src, label) as c:
         info = _audio_info(c, label)
-    if info is None and (side := _sidecar(src)) is not None:
+    if info is None and (side := find_audio_sidecar(src)) is not None:
         return probe_audio(side)
     if info is None:
         raise MediaError(label, _NO_AUDIO)
@@ -318,7 +317,7 @@ def decode_audio(src: Source, *, sample_rate: int = 24000, start: float = 0.0,
     with _open(src, label, header_only=True) as c:
         if c.streams.audio:
             return _decode_audio(c, label, sample_rate, start, duration)
-    if (side := _sidecar(src)) is None:
+    if (side := find_audio_sidecar(src)) is None:
         raise MediaError(label, _NO_AUDIO)
     return decode_audio(side, sample_rate=sample_rate, start=start, duration=duration)
 
