@@ -188,7 +188,7 @@ def _place(rng, gen, n: int, sources: Sequence[SourceSpec] | None, seconds: floa
     if sources is not None:
         if unknown := [s.cls for s in sources if s.cls not in CLASSES]:
             raise ConfigError("sources", f"unknown class {unknown[0]!r}; known: {CLASSES}")
-        specs = [(CLASSES.index(s.cls), math.radians(s.az_deg), math.radians(s.el_deg), 0.0, False)
+        specs = [(CLASSES.index(s.cls), math.radians(s.az_deg), math.radians(s.el_deg), 0.0)
                  for s in sources]
     else:
         vp = geometry.sample_viewpoints(gen, n, el_range_deg=EL_RANGE_DEG,
@@ -198,11 +198,12 @@ def _place(rng, gen, n: int, sources: Sequence[SourceSpec] | None, seconds: floa
         else:
             classes = rng.choice(len(CLASSES), n, replace=False)
         drift = rng.uniform(1, 4, n) * rng.choice([-1, 1], n)
-        specs = [(int(k), float(a), float(e), math.radians(d), True)
+        specs = [(int(k), float(a), float(e), math.radians(d))
                  for k, a, e, d in zip(classes, vp.az, vp.el, drift)]
+    # explicit sources sound throughout, random ones as events
     return [_Source(k, a, e, d, float(rng.uniform(0, 2 * np.pi)), float(rng.uniform(0.99, 1.01)),
-                    event_schedule(rng, seconds) if events else None)
-            for k, a, e, d, events in specs]
+                    None if sources is not None else event_schedule(rng, seconds))
+            for k, a, e, d in specs]
 
 
 def _sound(src: _Source, t: np.ndarray, rng: np.random.Generator) -> np.ndarray:
