@@ -19,6 +19,8 @@ _F_SP = 200.0 / 3.0  # Hz per mel in the linear range
 _MIN_LOG_HZ = 1000.0
 _MIN_LOG_MEL = _MIN_LOG_HZ / _F_SP  # 15
 _LOG_STEP = math.log(6.4) / 27.0
+_EPS = 1e-10  # added to mel magnitudes before the log
+_NORM_EPS = 1e-5  # added to the std (dB) when standardising
 
 
 def hz_to_mel(f: Tensor) -> Tensor:
@@ -35,25 +37,15 @@ def mel_to_hz(m: Tensor) -> Tensor:
     return torch.where(m < _MIN_LOG_MEL, m * _F_SP, log_part)
 
 
-def mel_filterbank(
-    sr: int = 24000,
-    n_fft: int = 512,
-    n_mels: int = 128,
-    f_min: float = 0.0,
-    f_max: float | None = None,
-) -> Tensor:
+def mel_filterbank(sr: int = 24000, n_fft: int = 512, n_mels: int = 128) -> Tensor:
     """Slaney-scale, area-normalised triangular filters: (n_fft // 2 + 1, n_mels) float32.
 
     Filter m rises from edge m to its centre m + 1 and falls to edge m + 2, where the
-    n_mels + 2 edges are equally spaced in mel between f_min and f_max (default sr / 2).
+    n_mels + 2 edges are equally spaced in mel between 0 and sr / 2.
     """
-    f_max = sr / 2.0 if f_max is None else f_max
     fft_hz = torch.linspace(0.0, sr / 2.0, n_fft // 2 + 1, dtype=torch.float64)
-    edges = mel_to_hz(
-        torch.linspace(
-            hz_to_mel(f_min).item(), hz_to_mel(f_max).item(), n_mels + 2, dtype=torch.float64
-        )
-    )
+    mels = torch.linspace(0.0, hz_to_mel(sr / 2.0).item(), n_mels + 2, dtype=torch.float64)
+    edges = mel_to_hz(mels)
     lo, mid, hi = edges[:-2, None], edges[1:-1, None], edges[2:, None]  # (M, 1)
     rise = (fft_hz[None, :] - lo) / (mid - lo)
     fall = (hi - fft_hz[None, :]) / (hi - mid)
@@ -62,10 +54,8 @@ def mel_filterbank(
 
 
 @lru_cache(maxsize=16)
-def _mel_bands(
-    sr: int, n_fft: int, n_mels: int, group: int = 16
-) -> tuple[tuple[int, int, int, int, Tensor], ...]:
-    """mel_filterbank(sr, n_fft, n_mels) cut into blocks of `group` filters, each with the FFT
+def _mel_bands(sr: int, n_fft: int, n_mels: int) -> tuple[tuple[int, int, int, int, Tensor], ...]:
+    """mel_filterbank(sr, n_fft, n_mels) cut into blocks of 16 filters, each with the FFT
     bins where any of them is non-zero: (m0, m1, k0, k1, fb[k0:k1, m0:m1]) per block (CPU
     tensors, cached, never mutated). The triangles are narrow, so the blocks hold about 1/8 of
     the dense matrix (at 128 mels, n_fft 512) and every product they drop is a product with
@@ -73,8 +63,8 @@ def _mel_bands(
     no bins, and its columns come out 0."""
     fb = mel_filterbank(sr, n_fft, n_mels)
     bands = []
-    for m0 in range(0, n_mels, group):
-        m1 = min(m0 + group, n_mels)
+    for m0 in range(0, n_mels, 16):
+        m1 = min(m0 + 16, n_mels)
         bins = fb[:, m0:m1].sum(dim=1).nonzero()[:, 0]
         k0, k1 = (int(bins[0]), int(bins[-1]) + 1) if len(bins) else (0, 0)
         bands.append((m0, m1, k0, k1, fb[k0:k1, m0:m1].contiguous()))
@@ -126,20 +116,18 @@ def log_mel_mixed(
     n_fft: int = 512,
     hop: int = 240,
     n_mels: int = 128,
-    eps: float = 1e-10,
     normalize: bool = False,
-    norm_eps: float = 1e-5,
     spec: Tensor | None = None,
 ) -> Tensor:
     """Log-mel spectrograms of the mixed waves mix @ wave from a single STFT of the C channels
-    of wave: magnitude (power 1), Slaney mel filters, then 10 * log10(x + eps).
+    of wave: magnitude (power 1), Slaney mel filters, then 10 * log10(x + _EPS).
 
     wave: (C, N); mix: (..., D, C) real weights (e.g. (V, 4, 4) ambisonic rotations, or
     (V, 1, 4) beams). Returns (..., D, F, n_mels) with F = N // hop. The STFT is linear, so
     the spectra of the mixed signals are the same mix of the C complex spectra; magnitudes,
     mel filters (applied by their non-zero blocks) and logs are then taken per mixed channel.
     normalize=True standardises each mel bin per leading index, with mean and std over D and
-    F together (so level differences between channels, direction cues, survive), norm_eps
+    F together (so level differences between channels, direction cues, survive), _NORM_EPS
     added to the std. `spec`: stft(wave, n_fft, hop) when the caller has it already.
     """
     c = wave.shape[0]
@@ -149,49 +137,29 @@ def log_mel_mixed(
     lead, d = mix.shape[:-2], mix.shape[-2]
     re, im = _mixed_spectra(spec, mix.reshape(-1, c))  # (B * D, F * K) each
     power = re.mul_(re).addcmul_(im, im)
-    logs = _log_mel_of_power(power, spec.shape[1], d, sr, n_fft, n_mels, eps, normalize, norm_eps)
+    logs = _log_mel_of_power(power, spec.shape[1], d, sr, n_fft, n_mels, normalize)
     return logs.view(*lead, d, spec.shape[2], n_mels)
 
 
-def _log_mel_of_power(
-    power: Tensor, k: int, d: int, sr: int, n_fft: int, n_mels: int, eps: float,
-    normalize: bool, norm_eps: float,
-) -> Tensor:
+def _log_mel_of_power(power: Tensor, k: int, d: int, sr: int, n_fft: int, n_mels: int,
+                      normalize: bool) -> Tensor:
     """|spectra|^2 (B * D, F * K), frames before bins (overwritten) -> log-mels (B, D * F, M)
     in dB, or standardised per leading index and mel bin over D and F when normalize."""
     mel = _banded_mel(power.sqrt_().view(-1, k), sr, n_fft, n_mels)  # (B * D * F, M)
     count = mel.shape[0] // (power.shape[0] // d)  # D * F
-    logs = mel.add_(eps).log_().view(-1, count, n_mels)  # natural log
+    logs = mel.add_(_EPS).log_().view(-1, count, n_mels)  # natural log
     db = 10.0 / math.log(10.0)  # 10 log10 x = db ln x
     if not normalize:
         return logs.mul_(db)
-    # standardising removes db except next to norm_eps; the variance from the centred values,
+    # standardising removes db except next to _NORM_EPS; the variance from the centred values,
     # as float32 E[x^2] - E[x]^2 loses up to 6e-4 of a unit on quiet clips
     logs.sub_(logs.sum(dim=1, keepdim=True).div_(count))
     var = (logs * logs).sum(dim=1, keepdim=True).div_(count)
-    return logs.mul_(var.sqrt_().add_(norm_eps / db).reciprocal_())
+    return logs.mul_(var.sqrt_().add_(_NORM_EPS / db).reciprocal_())
 
 
-def _active_intensity(re: Tensor, im: Tensor) -> Tensor:
-    """Re(conj(W) [Y, Z, X]) and (|W|^2 + |Y|^2 + |Z|^2 + |X|^2) / 2 of rotated ambiX spectra:
-    re, im (V, 4, X) -> (V, 4, X); re is left holding the power |.|^2 of each channel."""
-    parts = torch.empty_like(re)
-    torch.mul(re[:, 1:], re[:, :1], out=parts[:, :3]).addcmul_(im[:, 1:], im[:, :1])
-    torch.sum(re.mul_(re).addcmul_(im, im), dim=1, out=parts[:, 3]).mul_(0.5)
-    return parts
-
-
-def _intensity_of_parts(parts: Tensor, k: int, sr: int, n_fft: int, n_mels: int,
-                        eps: float) -> Tensor:
-    """_active_intensity's (V, 4, F * K) -> mel-weighted ratio (V, 3, F, M)."""
-    mel = _banded_mel(parts.view(-1, k), sr, n_fft, n_mels).view(parts.shape[0], 4, -1, n_mels)
-    return torch.div(mel[:, :3], mel[:, 3:].add_(eps))
-
-
-def log_mel_intensity_mixed(
-    spec: Tensor, mix: Tensor, sr: int = 24000, n_fft: int = 512, n_mels: int = 128,
-    eps: float = 1e-10, norm_eps: float = 1e-5,
-) -> Tensor:
+def log_mel_intensity_mixed(spec: Tensor, mix: Tensor, sr: int = 24000, n_fft: int = 512,
+                            n_mels: int = 128) -> Tensor:
     """The sign-preserving "intensity" input: log_mel_mixed(normalize=True) of the rotated ambiX
     channels, then the active intensity vector per mel band, the DCASE SELD baselines' feature,
     from one mixing pass. spec: stft of ambiX (W, Y, Z, X) (4, K, F); mix: (V, 4, 4) real maps
@@ -203,8 +171,12 @@ def log_mel_intensity_mixed(
     k, frames = spec.shape[1:]
     v = mix.shape[0]
     re, im = (x.view(v, 4, -1) for x in _mixed_spectra(spec, mix.reshape(-1, 4)))  # (V, 4, F * K)
-    parts = _active_intensity(re, im)
-    logs = _log_mel_of_power(re.view(v * 4, -1), k, 4, sr, n_fft, n_mels, eps, True, norm_eps)
-    intensity = _intensity_of_parts(parts, k, sr, n_fft, n_mels, eps)
+    # parts (V, 4, F * K): Re(conj(W) [Y, Z, X]), then the energy; re is left holding |.|^2
+    parts = torch.empty_like(re)
+    torch.mul(re[:, 1:], re[:, :1], out=parts[:, :3]).addcmul_(im[:, 1:], im[:, :1])
+    torch.sum(re.mul_(re).addcmul_(im, im), dim=1, out=parts[:, 3]).mul_(0.5)
+    logs = _log_mel_of_power(re.view(v * 4, -1), k, 4, sr, n_fft, n_mels, True)
+    mel = _banded_mel(parts.view(-1, k), sr, n_fft, n_mels).view(v, 4, frames, n_mels)
+    intensity = torch.div(mel[:, :3], mel[:, 3:].add_(_EPS))
     return torch.cat((logs.view(v, 4, frames, n_mels), intensity), dim=1)
 

@@ -111,8 +111,7 @@ def beam_weights(az, el) -> Tensor:
 
     A plane wave from d0 with amplitude s gives s (1 + cos angle(d, d0)) / 2 on the beam.
     """
-    d = direction_vector(az, el)
-    x, y, z = d.unbind(-1)
+    x, y, z = direction_vector(az, el).unbind(-1)
     return 0.5 * torch.stack((torch.ones_like(x), y, z, x), dim=-1)
 
 
@@ -244,6 +243,14 @@ def sample_viewpoints(
     return Viewpoints(az=az, el=el, hfov=hfov, aspect=asp)
 
 
+def _camera(vp: Viewpoints, size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Float32 pixel-centre offsets (size,) in (-1, 1), tangent-plane half-width and
+    half-height (V,), and rotation_to_front (V, 3, 3): world -> camera, rows front, left, up."""
+    c = (torch.arange(size, device=vp.az.device, dtype=torch.float32) + 0.5) * (2.0 / size) - 1.0
+    half_w = torch.tan(vp.hfov.float() / 2)
+    return c, half_w, half_w / vp.aspect.float(), rotation_to_front(vp.az.float(), vp.el.float())
+
+
 def nfov_grid(vp: Viewpoints, size: int) -> Tensor:
     """Gnomonic sampling grid: (V, size, size, 2) grid_sample (x, y) coords in [-1, 1] on the
     equirect frame (x = 2u - 1, y = 2v - 1, align_corners=False).
@@ -252,15 +259,11 @@ def nfov_grid(vp: Viewpoints, size: int) -> Tensor:
     aspect), with a_j, b_i the pixel-centre offsets in (-1, 1): column j grows to the right,
     row i grows downward. The ray is rotated to world by rotation_to_front(az, el)^T.
     """
-    dev = vp.az.device
-    c = (torch.arange(size, device=dev, dtype=torch.float32) + 0.5) * (2.0 / size) - 1.0
-    half_w = torch.tan(vp.hfov.float() / 2)
-    half_h = half_w / vp.aspect.float()
+    c, half_w, half_h, rot = _camera(vp, size)
     y = -c[None, None, :] * half_w[:, None, None]  # (V, 1, S) left coordinate
     z = -c[None, :, None] * half_h[:, None, None]  # (V, S, 1) up coordinate
     x, y, z = torch.broadcast_tensors(torch.ones_like(y), y, z)
     ray = torch.stack((x, y, z), dim=-1)  # (V, S, S, 3) camera frame
-    rot = rotation_to_front(vp.az.float(), vp.el.float())  # (V, 3, 3) world -> camera
     world = torch.einsum("vji,vhwj->vhwi", rot, ray)
     u, v = direction_to_pixel(*vector_to_direction(world))
     return torch.stack((2.0 * u - 1.0, 2.0 * v - 1.0), dim=-1)
@@ -273,11 +276,7 @@ def nfov_pixels(vp: Viewpoints, size: int, h: int, w: int) -> tuple[Tensor, Tens
 
     The camera ray (1, l_j, u_i) maps to the world as front + l_j left + u_i up (the rows of
     rotation_to_front), so each world coordinate is a (V, S, 1) + (V, 1, S) broadcast sum."""
-    dev = vp.az.device
-    c = (torch.arange(size, device=dev, dtype=torch.float32) + 0.5) * (2.0 / size) - 1.0
-    half_w = torch.tan(vp.hfov.float() / 2)
-    half_h = half_w / vp.aspect.float()
-    rot = rotation_to_front(vp.az.float(), vp.el.float())  # (V, 3, 3) rows: front, left, up
+    c, half_w, half_h, rot = _camera(vp, size)
     row = rot[:, None, 0] - (c[None, :] * half_h[:, None])[..., None] * rot[:, None, 2]  # (V, S, 3)
     col = -(c[None, :] * half_w[:, None])[..., None] * rot[:, None, 1]  # (V, S, 3)
     wx, wy, wz = (row[:, :, None, k] + col[:, None, :, k] for k in range(3))
@@ -289,10 +288,8 @@ def nfov_pixels(vp: Viewpoints, size: int, h: int, w: int) -> tuple[Tensor, Tens
 
 @functools.lru_cache(maxsize=256)
 def _cached_maps(key: tuple[float, ...], size: int, h: int, w: int) -> tuple[np.ndarray, ...]:
-    n = len(key) // 4
-    vp = Viewpoints(*(torch.tensor(key[i * n:(i + 1) * n], dtype=torch.float64)
-                      for i in range(4)))
-    maps = tuple(m.numpy().reshape(n * size, size) for m in nfov_pixels(vp, size, h, w))
+    vp = Viewpoints(*torch.tensor(key, dtype=torch.float64).view(4, -1))  # az, el, hfov, aspect
+    maps = tuple(m.numpy().reshape(len(vp) * size, size) for m in nfov_pixels(vp, size, h, w))
     for m in maps:
         m.flags.writeable = False  # shared by every caller of the cache
     return maps

@@ -165,14 +165,13 @@ def _check_equirect(label: str, width: int, height: int) -> bool:
     return ok
 
 
-def find_audio_sidecar(video_path: str | os.PathLike) -> Path | None:
-    """The separate audio file of a video: same stem with .m4a/.wav/.flac/.aac, or None."""
-    found = (Path(video_path).with_suffix(e) for e in AUDIO_SIDECAR_EXTS)
+def find_audio_sidecar(src: Source) -> Path | None:
+    """The separate audio file of a video path: same stem with .m4a/.wav/.flac/.aac; None when
+    there is none or src is bytes."""
+    if _is_bytes(src):
+        return None
+    found = (Path(src).with_suffix(e) for e in AUDIO_SIDECAR_EXTS)
     return next((p for p in found if p.is_file()), None)
-
-
-def _sidecar(src: Source) -> Path | None:
-    return None if _is_bytes(src) else find_audio_sidecar(src)
 
 
 def probe(src: Source, name: str | None = None) -> ClipInfo:
@@ -183,7 +182,7 @@ def probe(src: Source, name: str | None = None) -> ClipInfo:
         video, audio = _video_info(c, label), _audio_info(c, label)
     if video is None:
         raise MediaError(label, "no video stream")
-    if audio is None and (side := _sidecar(src)) is not None:
+    if audio is None and (side := find_audio_sidecar(src)) is not None:
         audio = probe_audio(side)
     return ClipInfo(label, video, audio, _check_equirect(label, video.width, video.height))
 
@@ -193,7 +192,7 @@ def probe_audio(src: Source, name: str | None = None) -> AudioInfo:
     label = _label(src, name)
     with _open(src, label) as c:
         info = _audio_info(c, label)
-    if info is None and (side := _sidecar(src)) is not None:
+    if info is None and (side := find_audio_sidecar(src)) is not None:
         return probe_audio(side)
     if info is None:
         raise MediaError(label, _NO_AUDIO)
@@ -269,8 +268,7 @@ def _decode_video(c, label: str, fps: float, start: float, duration: float | Non
     cc.thread_count, cc.thread_type = threads, "SLICE" if threads == 1 else "AUTO"
     _seek(c, stream, start)
     skip_before = start - 2.0 / (info.fps or fps)  # seconds
-    skipping = skip_before > 0
-    if skipping:
+    if skipping := skip_before > 0:
         cc.skip_frame = "NONREF"
     # one reformatter for the window: `frame.reformat` rebuilds the swscale context per frame,
     # which doubled the conversion's cost (0.66 against 0.33 ms per 1024x512 frame)
@@ -318,17 +316,9 @@ def decode_audio(src: Source, *, sample_rate: int = 24000, start: float = 0.0,
     with _open(src, label, header_only=True) as c:
         if c.streams.audio:
             return _decode_audio(c, label, sample_rate, start, duration)
-    if (side := _sidecar(src)) is None:
+    if (side := find_audio_sidecar(src)) is None:
         raise MediaError(label, _NO_AUDIO)
     return decode_audio(side, sample_rate=sample_rate, start=start, duration=duration)
-
-
-def _float_planes(frame: av.AudioFrame) -> list[np.ndarray]:
-    """The channels of a decoded audio frame as (samples,) float32 arrays: planar float (what
-    FFmpeg's AAC decoder gives) read in place, anything else through pcm.planar_float."""
-    if frame.format.name == "fltp":
-        return [np.frombuffer(p, np.float32, frame.samples) for p in frame.planes]
-    return list(planar_float(frame))
 
 
 def _not_foa(label: str, channels: int):
@@ -348,7 +338,7 @@ def _decode_audio(c, label: str, sample_rate: int, start: float,
     # the one before it, so it is decoded and dropped (it ends before the window)
     _seek(c, stream, start, rewind, preroll=1024 / src_rate)
     for frame in c.decode(stream):
-        planes = _float_planes(frame)
+        planes = planar_float(frame)
         if len(planes) != 4:
             _not_foa(label, len(planes))
         at = round(frame.time * src_rate) - first if frame.time is not None else filled

@@ -14,8 +14,11 @@ import numpy as np
 AUDIO_LAYOUT = "quad"  # 4 channels stored in ambiX order W, Y, Z, X; decoders return that order
 
 
-def planar_float(frame) -> np.ndarray:
-    """Any PCM sample format -> (channels, samples) float32 in [-1, 1]."""
+def planar_float(frame) -> np.ndarray | list[np.ndarray]:
+    """Any PCM sample format -> (channels, samples) float32 in [-1, 1]. Planar float (what
+    FFmpeg's AAC decoder gives) is read in place, as a list of (samples,) views."""
+    if frame.format.name == "fltp":
+        return [np.frombuffer(p, np.float32, frame.samples) for p in frame.planes]
     x = frame.to_ndarray()
     x = x if frame.format.is_planar else x.reshape(-1, len(frame.layout.channels)).T
     if x.dtype == np.uint8:

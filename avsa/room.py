@@ -24,12 +24,6 @@ SOURCE_DISTANCE_M = 2.0
 MAX_ORDER = 30  # reflections beyond this are below -70 dB at RT60 0.4 s
 
 
-def _room_and_mic(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    dims = np.array(ROOM_M) * rng.uniform(0.8, 1.25, 3)
-    mic = dims * rng.uniform((0.35, 0.35, 0.35), (0.65, 0.65, 0.5))  # off-centre: no symmetry
-    return dims, mic
-
-
 def bformat_tails(directions: Sequence[tuple[float, float]], rt60_s: float, sample_rate: int,
                   rng: np.random.Generator) -> np.ndarray:
     """Reverberant tails (S, 4, L) float32 ambiX, relative to a unit direct path, for sources
@@ -39,7 +33,8 @@ def bformat_tails(directions: Sequence[tuple[float, float]], rt60_s: float, samp
 
     if not rt60_s > 0:
         raise ConfigError("rt60_s", f"must be > 0 for a room, got {rt60_s}")
-    dims, mic = _room_and_mic(rng)
+    dims = np.array(ROOM_M) * rng.uniform(0.8, 1.25, 3)
+    mic = dims * rng.uniform((0.35, 0.35, 0.35), (0.65, 0.65, 0.5))  # off-centre: no symmetry
     try:
         absorption, max_order = pra.inverse_sabine(rt60_s, dims)
     except ValueError as e:

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from avsa import geometry, shapes, storage
+from avsa import geometry, room, shapes, storage
 from avsa.data.labels import CLASSES as CLASS_NAMES
 from avsa.encode import encode_clip
 from avsa.errors import AvsaError, ConfigError
@@ -94,15 +94,12 @@ def partials(c: SourceClass, detune: float = 1.0) -> list[float]:
 
 @dataclass(frozen=True)
 class SourceSpec:
-    """An explicit source (instead of a random one): class name, start direction in degrees,
-    azimuth drift in degrees per second; `events` switches it on and off like a random source
-    (explicit sources sound throughout by default)."""
+    """An explicit source (instead of a random one): class name and direction in degrees; it
+    stays still and sounds throughout."""
 
     cls: str
     az_deg: float
     el_deg: float
-    drift_deg_s: float = 0.0
-    events: bool = False
 
 
 @dataclass
@@ -191,8 +188,8 @@ def _place(rng, gen, n: int, sources: Sequence[SourceSpec] | None, seconds: floa
     if sources is not None:
         if unknown := [s.cls for s in sources if s.cls not in CLASSES]:
             raise ConfigError("sources", f"unknown class {unknown[0]!r}; known: {CLASSES}")
-        specs = [(CLASSES.index(s.cls), math.radians(s.az_deg), math.radians(s.el_deg),
-                  math.radians(s.drift_deg_s), s.events) for s in sources]
+        specs = [(CLASSES.index(s.cls), math.radians(s.az_deg), math.radians(s.el_deg), 0.0)
+                 for s in sources]
     else:
         vp = geometry.sample_viewpoints(gen, n, el_range_deg=EL_RANGE_DEG,
                                         min_separation_deg=MIN_SEPARATION_DEG)
@@ -201,11 +198,12 @@ def _place(rng, gen, n: int, sources: Sequence[SourceSpec] | None, seconds: floa
         else:
             classes = rng.choice(len(CLASSES), n, replace=False)
         drift = rng.uniform(1, 4, n) * rng.choice([-1, 1], n)
-        specs = [(int(k), float(a), float(e), math.radians(d), True)
+        specs = [(int(k), float(a), float(e), math.radians(d))
                  for k, a, e, d in zip(classes, vp.az, vp.el, drift)]
+    # explicit sources sound throughout, random ones as events
     return [_Source(k, a, e, d, float(rng.uniform(0, 2 * np.pi)), float(rng.uniform(0.99, 1.01)),
-                    event_schedule(rng, seconds) if events else None)
-            for k, a, e, d, events in specs]
+                    None if sources is not None else event_schedule(rng, seconds))
+            for k, a, e, d in specs]
 
 
 def _sound(src: _Source, t: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -243,8 +241,7 @@ def make_scene(seed: int, seconds: float, *, width: int = 384, height: int = 192
 
     n_frames, n_labels = round(seconds * fps), max(1, round(seconds * LABEL_FPS))
     label_t = np.arange(n_labels) / LABEL_FPS
-    video = np.empty((n_frames, height * width, 3), np.uint8)
-    video[:] = background
+    video = np.repeat(background[None], n_frames, axis=0)  # (T, H * W, 3)
     masks = np.zeros((n_labels, height * width), np.uint8)
     for src in placed:  # later sources occlude earlier ones, in video and masks alike
         for k in range(n_frames):
@@ -260,8 +257,6 @@ def make_scene(seed: int, seconds: float, *, width: int = 384, height: int = 192
         foa += geometry.encode_foa(wave, torch.from_numpy(src.az(t)).float(), src.el)
     foa = foa.numpy()
     if rt60_s > 0:
-        from avsa import room
-
         tails = room.bformat_tails([(s.az0, s.el) for s in placed], rt60_s, sample_rate, rng)
         foa += room.convolve(np.stack([w.numpy() for w in waves]), tails)
     foa += diffuse_noise(rng, t.size)
