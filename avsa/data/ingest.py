@@ -31,7 +31,7 @@ from avsa.errors import MediaError, ShardError
 log = logging.getLogger(__name__)
 
 VIDEO_EXTS = ("mp4", "mkv", "mov", "webm")
-AUDIO_EXTS = ("m4a", "wav", "flac", "aac")
+AUDIO_EXTS = tuple(e.lstrip(".") for e in media.AUDIO_SIDECAR_EXTS)
 SIDECAR_EXTS = ("json", "masks.npz")
 MIN_SECONDS = 1.0
 JOURNAL_NAME = "_progress.json"
