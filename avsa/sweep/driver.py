@@ -262,7 +262,7 @@ def _sweep(base: Config, space: dict[str, Any], flat: dict[str, Any], metric: st
             tuner = make_tuner(base, space, spec)
             with waiting:
                 grid = tuner.fit()
-            return _report(base, grid, spec, flat, uri, parent, sweep_uri)
+            return _report(base, grid, spec, list(flat), parent, sweep_uri)
         except KeyboardInterrupt as k:  # a signal (see avsa.train.interrupt)
             e = interrupt.as_interrupted(k)
             interrupt.shutdown_ray()  # the trials' actors and their Train runs end with it
@@ -271,11 +271,10 @@ def _sweep(base: Config, space: dict[str, Any], flat: dict[str, Any], metric: st
             raise
 
 
-def _report(base: Config, grid: Any, spec: TrialSpec, flat: dict[str, Any], uri: str,
+def _report(base: Config, grid: Any, spec: TrialSpec, keys: list[str],
             parent: tracking.RunLogger, sweep_uri: str) -> SweepResult:
     """The sweep's table, plot and best trial, recorded on the parent run, which it ends."""
-    s, name, metric = base.sweep, spec.sweep_name, spec.metric
-    keys = list(flat)
+    name, metric = spec.sweep_name, spec.metric
     rows = []
     for result in grid:
         config = result.config or {}
@@ -284,8 +283,8 @@ def _report(base: Config, grid: Any, spec: TrialSpec, flat: dict[str, Any], uri:
         rows.append(sweep_report.trial_row(result, keys, name=run_name, metric=metric,
                                            max_steps=base.train.max_steps))
     sweep_report.sort_rows(rows, keys)
-    best = sweep_report.best_row(rows, metric, s.mode)
-    _finish_children(uri, base.tracking.experiment, rows, best)
+    best = sweep_report.best_row(rows, metric, base.sweep.mode)
+    _finish_children(parent.uri, base.tracking.experiment, rows, best)
     cols = sweep_report.columns(rows, keys, metric)
     table = sweep_report.markdown(rows, cols, best)
     with tempfile.TemporaryDirectory() as tmp:
@@ -301,7 +300,7 @@ def _report(base: Config, grid: Any, spec: TrialSpec, flat: dict[str, Any], uri:
                          "avsa.best_run_id": best["run_id"],
                          "avsa.best_params": json.dumps({k: best[k] for k in keys})})
         parent.log_metrics({f"best/{metric}": best[metric]}, step=int(best["step"] or 0))
-        _register_best(uri, base, best)
+        _register_best(parent.uri, base, best)
     parent.end("FINISHED" if best is not None else "FAILED")
     return SweepResult(name, sweep_uri, parent.run_id, metric, rows, best and dict(best), table)
 

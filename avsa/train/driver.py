@@ -57,13 +57,9 @@ _CREDENTIAL_ENV = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_
 def keep_credentials_out_of_runtime_envs() -> None:
     """Stop Ray Tune from copying AWS credentials into trial actors' runtime_env (and so into
     Ray's logs); workers inherit them from this process or their pod's Secret."""
-    try:
-        from ray.tune.execution import class_cache
-    except ImportError:  # pragma: no cover - another Ray layout: nothing copied there
-        return
-    propagated = getattr(class_cache, "ENV_VARS_TO_PROPAGATE", None)
-    if isinstance(propagated, (set, frozenset)):
-        class_cache.ENV_VARS_TO_PROPAGATE = set(propagated) - _CREDENTIAL_ENV
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE.difference_update(_CREDENTIAL_ENV)
 
 
 def ensure_ray(cfg: Config, need_state_api: bool = False) -> None:

@@ -29,17 +29,13 @@ class Interrupted(KeyboardInterrupt):
     """A run stopped by a signal; a KeyboardInterrupt, so no `except Exception` swallows it
     (Ray's blocking calls raise a fresh one: `as_interrupted` recovers the signal)."""
 
-    def __init__(self, signum: int, step: int | None = None, resume_step: int | None = None):
-        super().__init__(signal.Signals(signum).name)
-        self.signum, self.step, self.resume_step = signum, step, resume_step
+    step: int | None = None  # the last step in the MLflow run (None: unknown)
+    resume_step: int | None = None  # the newest complete checkpoint's (0: none; None: unknown)
 
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum
-
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.signum).name
+    def __init__(self, signum: int):
+        self.name = signal.Signals(signum).name
+        self.exit_code = 128 + signum
+        super().__init__(self.name)
 
 
 _received: list[int] = []  # the signal that stopped the current run, once one has
@@ -59,15 +55,14 @@ def signals_raise() -> Iterator[None]:
         yield
         return
     previous = {s: signal.getsignal(s) for s in SIGNALS}
-    hit = _received
-    hit.clear()
+    _received.clear()
 
     def handler(signum, _frame):
-        if hit:
+        if _received:
             log.warning("%s: already stopping after %s; the run is being recorded",
-                        signal.Signals(signum).name, signal.Signals(hit[0]).name)
+                        signal.Signals(signum).name, signal.Signals(_received[0]).name)
             return
-        hit.append(signum)
+        _received.append(signum)
         raise Interrupted(signum)
 
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # Tune would stop quietly and return

@@ -7,6 +7,7 @@ host syncs are at `train.log_every`, validation and checkpoints.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import re
@@ -105,14 +106,10 @@ def _val_batches(cfg: Config) -> list[dict[str, torch.Tensor]]:
     "val" dataset, decoded by Ray Data tasks when first read (not before step 1), kept."""
     import ray.train
 
-    out = []
     it = ray.train.get_dataset_shard("val").iter_torch_batches(
         batch_size=cfg.train.batch_size, drop_last=False, device="cpu")
-    for batch in it:
-        out.append(model_rows(batch))
-        if len(out) >= cfg.train.val_batches:
-            break
-    return [b for b in out if len(b["video"])]
+    batches = (model_rows(b) for b in itertools.islice(it, cfg.train.val_batches))
+    return [b for b in batches if len(b["video"])]
 
 
 def has_validation(cfg: Config) -> bool:
@@ -295,9 +292,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
         last = step >= cfg.train.max_steps
         do_log = step % cfg.train.log_every == 0 or last
-        do_val = val_on and bool(
-            last or (cfg.train.val_every and step % cfg.train.val_every == 0)
-        )
+        do_val = val_on and (last or (cfg.train.val_every > 0 and step % cfg.train.val_every == 0))
         do_ckpt = step % cfg.train.checkpoint_every == 0 or last
         if not (do_log or do_ckpt):
             continue
