@@ -26,10 +26,8 @@ def last_values(frame: Any, fallback: Mapping[str, Any], names: Iterable[str]) -
     out: dict[str, Any] = {}
     for name in names:
         value = fallback.get(name)
-        if frame is not None and name in getattr(frame, "columns", ()):
-            series = frame[name].dropna()
-            if len(series):
-                value = series.iloc[-1]
+        if name in getattr(frame, "columns", ()) and frame[name].notna().any():
+            value = frame[name].dropna().iloc[-1]
         if hasattr(value, "item"):
             value = value.item()
         out[name] = value

@@ -48,8 +48,6 @@ class Parent:
     tags: Mapping[str, str] = field(default_factory=dict)
 
 
-# Credentials Ray Tune would copy from the driver's environment into every trial actor's
-# runtime_env, which Ray's runtime-env agent then writes to its log in clear text.
 _CREDENTIAL_ENV = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN",
                              "AWS_SESSION_TOKEN"})
 
