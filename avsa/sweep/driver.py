@@ -189,36 +189,33 @@ def make_tuner(cfg: Config, space: dict[str, Any], spec: TrialSpec):
     )
 
 
-def _finish_children(uri: str, experiment: str, rows: list[dict[str, Any]],
+def _finish_children(uri: str, cfg: Config, rows: list[dict[str, Any]],
                      best: Mapping[str, Any] | None) -> None:
     """Find each trial's MLflow run (into row["run_id"]); close the runs that stopped or killed
-    trials left open, and tag early stops and the best trial."""
+    trials left open, tag early stops and the best trial, and register the best trial's model
+    as a version of `tracking.model_name`, aliased `best`."""
     for row in rows:
-        row["run_id"] = run_id = tracking.find_run(uri, experiment, row["trial"])
+        row["run_id"] = run_id = tracking.find_run(uri, cfg.tracking.experiment, row["trial"])
         if run_id is None:
             continue
         status = "FAILED" if row["status"] == "error" else "FINISHED"
         tags = {"avsa.early_stopped": "true"} if row["status"] == "stopped" else {}
-        if best is not None and row["trial"] == best["trial"]:
+        is_best = best is not None and row["trial"] == best["trial"]
+        if is_best:
             tags["avsa.best"] = "true"
+        register = is_best and cfg.tracking.log_model
         run = tracking.get_run(uri, run_id)
-        if run.info.status == status and all(run.data.tags.get(k) == v for k, v in tags.items()):
+        if (not register and run.info.status == status
+                and all(run.data.tags.get(k) == v for k, v in tags.items())):
             continue
         child = tracking.RunLogger(uri, run_id, run.info.experiment_id)
         child.set_tags(tags)
+        if register:
+            models.register(child, cfg.tracking.model_name, alias=models.BEST_ALIAS)
         if run.info.status != status:
             child.end(status)
         else:
             child.flush()
-
-
-def _register_best(uri: str, cfg: Config, best: Mapping[str, Any]) -> None:
-    """The best trial's model as a version of `tracking.model_name`, aliased `best`."""
-    if best.get("run_id") and cfg.tracking.log_model:
-        run = tracking.get_run(uri, best["run_id"])
-        child = tracking.RunLogger(uri, best["run_id"], run.info.experiment_id)
-        models.register(child, cfg.tracking.model_name, alias=models.BEST_ALIAS)
-        child.flush()
 
 
 def run_sweep(cfg: Config) -> SweepResult:
@@ -284,7 +281,7 @@ def _report(base: Config, grid: Any, spec: TrialSpec, keys: list[str],
                                            max_steps=base.train.max_steps))
     sweep_report.sort_rows(rows, keys)
     best = sweep_report.best_row(rows, metric, base.sweep.mode)
-    _finish_children(parent.uri, base.tracking.experiment, rows, best)
+    _finish_children(parent.uri, base, rows, best)
     cols = sweep_report.columns(rows, keys, metric)
     table = sweep_report.markdown(rows, cols, best)
     with tempfile.TemporaryDirectory() as tmp:
@@ -300,7 +297,6 @@ def _report(base: Config, grid: Any, spec: TrialSpec, keys: list[str],
                          "avsa.best_run_id": best["run_id"],
                          "avsa.best_params": json.dumps({k: best[k] for k in keys})})
         parent.log_metrics({f"best/{metric}": best[metric]}, step=int(best["step"] or 0))
-        _register_best(parent.uri, base, best)
     parent.end("FINISHED" if best is not None else "FAILED")
     return SweepResult(name, sweep_uri, parent.run_id, metric, rows, best and dict(best), table)
 

@@ -79,9 +79,7 @@ def keep_controller(trainer: Any) -> dict[str, Any]:
     """Keep the Ray Train controller's handle instead of letting `fit()` install Ray's SIGINT
     handler (which ends the process with `sys.exit`, past avsa's cleanup)."""
     box: dict[str, Any] = {}
-    if hasattr(trainer, "_register_sigint_handler"):
-        trainer._register_sigint_handler = lambda controller: box.__setitem__("controller",
-                                                                              controller)
+    trainer._register_sigint_handler = lambda controller: box.__setitem__("controller", controller)
     return box
 
 
@@ -116,15 +114,11 @@ def record_killed(logger: Any, run_uri: str, e: Interrupted) -> Interrupted:
     from avsa import tracking
     from avsa.train.resume import committed
 
-    try:
+    with contextlib.suppress(Exception):  # the server is away: the run is still ended below
         e.step = tracking.last_logged_step(logger.uri, logger.run_id)
-    except Exception:  # the server is away: the run is still ended below (with a warning)
-        e.step = None
-    try:
+    with contextlib.suppress(Exception):  # storage is away: the line says nothing of it
         found = committed(run_uri)
         e.resume_step = found[0][0] if found else 0
-    except Exception:
-        e.resume_step = None
     logger.set_tags({STOPPED_BY: e.name, STOPPED_AT: "?" if e.step is None else e.step})
     logger.end("KILLED")
     return e

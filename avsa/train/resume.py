@@ -90,21 +90,16 @@ def _snapshot_names(run_uri: str) -> set[str] | None:
         return {"<unreadable>"}
 
 
-def prepare(run_uri: str) -> int:
+def prepare(run_uri: str) -> None:
     """Before a (re)start: set damaged checkpoints aside, and Ray's snapshot too when it names
-    checkpoints that are gone. Returns the step the run will resume from (0: a fresh start)."""
+    checkpoints that are gone."""
     found = newest_loadable(run_uri, set_aside=True)
     names = _snapshot_names(run_uri)
-    if names is not None:
-        present = set(_children(run_uri))
-        if not names <= present:
-            snap = storage.join(run_uri, RAY_SNAPSHOT)
-            aside = storage.join(run_uri, f"stale-{int(time.time())}-{RAY_SNAPSHOT}")
-            storage.write_bytes(aside, storage.read_bytes(snap))
-            storage.delete(snap)
-            log.info("Ray's checkpoint list names checkpoints no longer there; kept as %s",
-                     aside)
-    if found is None:
-        return 0
-    log.info("resuming from %s (step %d)", found[1], found[0])
-    return found[0]
+    if names is not None and not names <= set(_children(run_uri)):
+        snap = storage.join(run_uri, RAY_SNAPSHOT)
+        aside = storage.join(run_uri, f"stale-{int(time.time())}-{RAY_SNAPSHOT}")
+        storage.write_bytes(aside, storage.read_bytes(snap))
+        storage.delete(snap)
+        log.info("Ray's checkpoint list names checkpoints no longer there; kept as %s", aside)
+    if found is not None:
+        log.info("resuming from %s (step %d)", found[1], found[0])
