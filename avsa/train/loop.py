@@ -269,7 +269,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     skipped_total = ckpt.skipped_samples(state) if state is not None else 0
     skipped_before = skipped_total
     t_last, clips_since, t_start, step_start = time.perf_counter(), 0, time.perf_counter(), step
-    per_worker = cfg.train.batch_size // world
     model.train()
 
     def save_fn(d):
@@ -288,7 +287,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         skipped += skipped_here
         loss, metrics = train_step(model, optimizer, batch, cfg, device, kind=kind, gather=gather)
         meter.add({"loss": loss, **metrics})
-        clips_since += per_worker * world
+        clips_since += cfg.train.batch_size // world * world
 
         last = step >= cfg.train.max_steps
         do_log = step % cfg.train.log_every == 0 or last
