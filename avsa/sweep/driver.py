@@ -97,9 +97,8 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     name = trial_run_name(spec.sweep_name, params, trial_id if spec.keyed_by_id else None)
     cfg = apply_params(spec.base, params)
     cfg.storage.path, cfg.storage.run_name = spec.trials_uri, name
-    parent = train_driver.Parent(spec.parent_run_id, {"avsa.sweep": spec.sweep_name,
-                                                      "avsa.trial_id": trial_id})
-    train_driver.run(cfg, parent, callbacks=[_validation_report(spec.metric)])
+    train_driver.run(cfg, [_validation_report(spec.metric)], parent_run_id=spec.parent_run_id,
+                     trial_tags={"avsa.sweep": spec.sweep_name, "avsa.trial_id": trial_id})
 
 
 # ----------------------------------------------------------------------------- the sweep
@@ -251,10 +250,9 @@ def _sweep(base: Config, space: dict[str, Any], flat: dict[str, Any], metric: st
         base, kind="sweep", run_name=name,
         extra_tags={"avsa.run_uri": sweep_uri, "avsa.sweep": s.name, "avsa.metric": metric},
     )
-    uri, parent_id = parent.uri, parent.run_id
     with parent:  # FAILED on an error, KILLED by a signal; _report ends it otherwise
         try:
-            spec = TrialSpec(base.to_dict(), name, parent_id, storage.join(sweep_uri, "trials"),
+            spec = TrialSpec(base.to_dict(), name, parent.run_id, storage.join(sweep_uri, "trials"),
                              metric, keyed_by_id=s.search != "grid" or s.num_samples > 1)
             tuner = make_tuner(base, space, spec)
             with waiting:
@@ -263,7 +261,7 @@ def _sweep(base: Config, space: dict[str, Any], flat: dict[str, Any], metric: st
         except KeyboardInterrupt as k:  # a signal (see avsa.train.interrupt)
             e = interrupt.as_interrupted(k)
             interrupt.shutdown_ray()  # the trials' actors and their Train runs end with it
-            interrupt.kill_children(uri, base.tracking.experiment, parent_id, e.name)
+            interrupt.kill_children(parent.uri, base.tracking.experiment, parent.run_id, e.name)
             parent.set_tags({interrupt.STOPPED_BY: e.name})
             raise
 

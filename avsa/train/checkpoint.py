@@ -80,10 +80,11 @@ def load(directory: str | Path) -> dict[str, Any]:
     """Read a checkpoint directory written by `save` (a path, `file://` or `s3://` URI) onto
     the CPU."""
     uri = storage.join(directory, STATE)
-    if not storage.is_s3(uri) and not storage.local_path(uri).is_file():
+    s3 = storage.is_s3(uri)
+    if not s3 and not storage.local_path(uri).is_file():
         raise CheckpointError(directory, f"no {STATE} in checkpoint directory")
     try:
-        source = io.BytesIO(storage.read_bytes(uri)) if storage.is_s3(uri) else storage.local_path(uri)
+        source = io.BytesIO(storage.read_bytes(uri)) if s3 else storage.local_path(uri)
         return torch.load(source, map_location="cpu", weights_only=False)
     except AvsaError as e:
         raise CheckpointError(uri, f"unreadable checkpoint ({e})") from None
