@@ -97,9 +97,8 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     name = trial_run_name(spec.sweep_name, params, trial_id if spec.keyed_by_id else None)
     cfg = apply_params(spec.base, params)
     cfg.storage.path, cfg.storage.run_name = spec.trials_uri, name
-    parent = train_driver.Parent(spec.parent_run_id, {"avsa.sweep": spec.sweep_name,
-                                                      "avsa.trial_id": trial_id})
-    train_driver.run(cfg, parent, callbacks=[_validation_report(spec.metric)])
+    train_driver.run(cfg, [_validation_report(spec.metric)], parent_run_id=spec.parent_run_id,
+                     trial_tags={"avsa.sweep": spec.sweep_name, "avsa.trial_id": trial_id})
 
 
 # ----------------------------------------------------------------------------- the sweep
@@ -189,36 +188,33 @@ def make_tuner(cfg: Config, space: dict[str, Any], spec: TrialSpec):
     )
 
 
-def _finish_children(uri: str, experiment: str, rows: list[dict[str, Any]],
+def _finish_children(uri: str, cfg: Config, rows: list[dict[str, Any]],
                      best: Mapping[str, Any] | None) -> None:
     """Find each trial's MLflow run (into row["run_id"]); close the runs that stopped or killed
-    trials left open, and tag early stops and the best trial."""
+    trials left open, tag early stops and the best trial, and register the best trial's model
+    as a version of `tracking.model_name`, aliased `best`."""
     for row in rows:
-        row["run_id"] = run_id = tracking.find_run(uri, experiment, row["trial"])
+        row["run_id"] = run_id = tracking.find_run(uri, cfg.tracking.experiment, row["trial"])
         if run_id is None:
             continue
         status = "FAILED" if row["status"] == "error" else "FINISHED"
         tags = {"avsa.early_stopped": "true"} if row["status"] == "stopped" else {}
-        if best is not None and row["trial"] == best["trial"]:
+        is_best = best is not None and row["trial"] == best["trial"]
+        if is_best:
             tags["avsa.best"] = "true"
+        register = is_best and cfg.tracking.log_model
         run = tracking.get_run(uri, run_id)
-        if run.info.status == status and all(run.data.tags.get(k) == v for k, v in tags.items()):
+        if (not register and run.info.status == status
+                and all(run.data.tags.get(k) == v for k, v in tags.items())):
             continue
         child = tracking.RunLogger(uri, run_id, run.info.experiment_id)
         child.set_tags(tags)
+        if register:
+            models.register(child, cfg.tracking.model_name, alias=models.BEST_ALIAS)
         if run.info.status != status:
             child.end(status)
         else:
             child.flush()
-
-
-def _register_best(uri: str, cfg: Config, best: Mapping[str, Any]) -> None:
-    """The best trial's model as a version of `tracking.model_name`, aliased `best`."""
-    if best.get("run_id") and cfg.tracking.log_model:
-        run = tracking.get_run(uri, best["run_id"])
-        child = tracking.RunLogger(uri, best["run_id"], run.info.experiment_id)
-        models.register(child, cfg.tracking.model_name, alias=models.BEST_ALIAS)
-        child.flush()
 
 
 def run_sweep(cfg: Config) -> SweepResult:
@@ -254,28 +250,26 @@ def _sweep(base: Config, space: dict[str, Any], flat: dict[str, Any], metric: st
         base, kind="sweep", run_name=name,
         extra_tags={"avsa.run_uri": sweep_uri, "avsa.sweep": s.name, "avsa.metric": metric},
     )
-    uri, parent_id = parent.uri, parent.run_id
     with parent:  # FAILED on an error, KILLED by a signal; _report ends it otherwise
         try:
-            spec = TrialSpec(base.to_dict(), name, parent_id, storage.join(sweep_uri, "trials"),
+            spec = TrialSpec(base.to_dict(), name, parent.run_id, storage.join(sweep_uri, "trials"),
                              metric, keyed_by_id=s.search != "grid" or s.num_samples > 1)
             tuner = make_tuner(base, space, spec)
             with waiting:
                 grid = tuner.fit()
-            return _report(base, grid, spec, flat, uri, parent, sweep_uri)
+            return _report(base, grid, spec, list(flat), parent, sweep_uri)
         except KeyboardInterrupt as k:  # a signal (see avsa.train.interrupt)
             e = interrupt.as_interrupted(k)
             interrupt.shutdown_ray()  # the trials' actors and their Train runs end with it
-            interrupt.kill_children(uri, base.tracking.experiment, parent_id, e.name)
+            interrupt.kill_children(parent.uri, base.tracking.experiment, parent.run_id, e.name)
             parent.set_tags({interrupt.STOPPED_BY: e.name})
             raise
 
 
-def _report(base: Config, grid: Any, spec: TrialSpec, flat: dict[str, Any], uri: str,
+def _report(base: Config, grid: Any, spec: TrialSpec, keys: list[str],
             parent: tracking.RunLogger, sweep_uri: str) -> SweepResult:
     """The sweep's table, plot and best trial, recorded on the parent run, which it ends."""
-    s, name, metric = base.sweep, spec.sweep_name, spec.metric
-    keys = list(flat)
+    name, metric = spec.sweep_name, spec.metric
     rows = []
     for result in grid:
         config = result.config or {}
@@ -284,8 +278,8 @@ def _report(base: Config, grid: Any, spec: TrialSpec, flat: dict[str, Any], uri:
         rows.append(sweep_report.trial_row(result, keys, name=run_name, metric=metric,
                                            max_steps=base.train.max_steps))
     sweep_report.sort_rows(rows, keys)
-    best = sweep_report.best_row(rows, metric, s.mode)
-    _finish_children(uri, base.tracking.experiment, rows, best)
+    best = sweep_report.best_row(rows, metric, base.sweep.mode)
+    _finish_children(parent.uri, base, rows, best)
     cols = sweep_report.columns(rows, keys, metric)
     table = sweep_report.markdown(rows, cols, best)
     with tempfile.TemporaryDirectory() as tmp:
@@ -301,7 +295,6 @@ def _report(base: Config, grid: Any, spec: TrialSpec, flat: dict[str, Any], uri:
                          "avsa.best_run_id": best["run_id"],
                          "avsa.best_params": json.dumps({k: best[k] for k in keys})})
         parent.log_metrics({f"best/{metric}": best[metric]}, step=int(best["step"] or 0))
-        _register_best(uri, base, best)
     parent.end("FINISHED" if best is not None else "FAILED")
     return SweepResult(name, sweep_uri, parent.run_id, metric, rows, best and dict(best), table)
 

@@ -16,7 +16,7 @@ VIEWPOINTS_KEY = "data.num_viewpoints"
 TEMPERATURE_KEY = "loss.temperature"
 
 
-def _finite(x: Any) -> bool:
+def finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
@@ -26,10 +26,8 @@ def last_values(frame: Any, fallback: Mapping[str, Any], names: Iterable[str]) -
     out: dict[str, Any] = {}
     for name in names:
         value = fallback.get(name)
-        if frame is not None and name in getattr(frame, "columns", ()):
-            series = frame[name].dropna()
-            if len(series):
-                value = series.iloc[-1]
+        if name in getattr(frame, "columns", ()) and frame[name].notna().any():
+            value = frame[name].dropna().iloc[-1]
         if hasattr(value, "item"):
             value = value.item()
         out[name] = value
@@ -45,11 +43,11 @@ def trial_row(result: Any, keys: Sequence[str], *, name: str, max_steps: int,
     frame = getattr(result, "metrics_dataframe", None)
     values = last_values(frame, metrics, dict.fromkeys((metric, *REPORTED)))
     step = metrics.get("step")
-    if not _finite(step):
+    if not finite(step):
         step = last_values(frame, {}, ["step"])["step"]
     if result.error is not None:
         status = "error"
-    elif _finite(step) and step >= config.get("train.max_steps", max_steps):
+    elif finite(step) and step >= config.get("train.max_steps", max_steps):
         status = "done"
     else:
         status = "stopped"
@@ -58,7 +56,7 @@ def trial_row(result: Any, keys: Sequence[str], *, name: str, max_steps: int,
         "trial_id": metrics.get("trial_id"),
         "status": status,
         **{k: config.get(k) for k in keys},
-        "step": int(step) if _finite(step) else None,
+        "step": int(step) if finite(step) else None,
         **values,
         "run_id": None,
         "checkpoint": metrics.get("checkpoint_path"),
@@ -67,7 +65,7 @@ def trial_row(result: Any, keys: Sequence[str], *, name: str, max_steps: int,
 
 def best_row(rows: Sequence[Mapping[str, Any]], metric: str, mode: str) -> Mapping | None:
     """The row with the best finite `metric` (mode "max" or "min"); None if no row has one."""
-    scored = [r for r in rows if _finite(r.get(metric))]
+    scored = [r for r in rows if finite(r.get(metric))]
     if not scored:
         return None
     pick = max if mode == "max" else min
@@ -83,11 +81,10 @@ def columns(rows: Sequence[Mapping[str, Any]], keys: Sequence[str], metric: str)
 
 def write_csv(rows: Sequence[Mapping[str, Any]], cols: Sequence[str],
               path: str | os.PathLike) -> None:
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="") as f:  # csv writes None and missing cells as ""
         writer = csv.DictWriter(f, fieldnames=list(cols), extrasaction="ignore")
         writer.writeheader()
-        for row in rows:
-            writer.writerow({c: "" if row.get(c) is None else row.get(c) for c in cols})
+        writer.writerows(rows)
 
 
 def _cell(value: Any) -> str:
@@ -119,7 +116,7 @@ def plot_axes(keys: Sequence[str]) -> tuple[str, str | None]:
 
 
 def _sort_key(value: Any) -> tuple:
-    return (0, value, "") if _finite(value) else (1, 0, str(value))
+    return (0, value, "") if finite(value) else (1, 0, str(value))
 
 
 def sort_rows(rows: list[dict[str, Any]], keys: Sequence[str]) -> None:
@@ -138,14 +135,14 @@ def plot(rows: Sequence[Mapping[str, Any]], x_key: str, line_key: str | None, me
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     xs = sorted({r.get(x_key) for r in rows}, key=_sort_key)
-    numeric = all(_finite(x) for x in xs)
+    numeric = all(finite(x) for x in xs)
     pos = {x: (x if numeric else i) for i, x in enumerate(xs)}
     groups = sorted({r.get(line_key) for r in rows} if line_key else {None}, key=_sort_key)
     for g in groups:
         points = []
         for x in xs:
             vals = [r[metric] for r in rows if r.get(x_key) == x
-                    and (line_key is None or r.get(line_key) == g) and _finite(r.get(metric))]
+                    and (line_key is None or r.get(line_key) == g) and finite(r.get(metric))]
             if vals:
                 points.append((pos[x], sum(vals) / len(vals)))
         if points:

@@ -17,7 +17,7 @@ from typing import Any
 from avsa.config import Config, config_digest
 from avsa.config_checks import validate
 from avsa.errors import ConfigError
-from avsa.sweep.report import VIEWPOINTS_KEY
+from avsa.sweep.report import VIEWPOINTS_KEY, finite
 
 log = logging.getLogger("avsa.sweep")
 
@@ -55,7 +55,7 @@ def tune_space(flat: Mapping[str, Any], search: str) -> dict[str, Any]:
                                   "sweep.search=random or optuna")
             if dist not in DISTRIBUTIONS:
                 raise ConfigError(where, f"distribution must be one of {DISTRIBUTIONS}, got {dist!r}")
-            if not (_number(low) and _number(high) and low < high
+            if not (finite(low) and finite(high) and low < high
                     and (dist == "uniform" or low > 0)):
                 raise ConfigError(where, f"needs numbers low < high (low > 0 for loguniform), "
                                   f"got low={low!r} high={high!r}")
@@ -66,10 +66,6 @@ def tune_space(flat: Mapping[str, Any], search: str) -> dict[str, Any]:
             raise ConfigError(where, "must be a non-empty list of values or {distribution, low, "
                               f"high}}, got {leaf!r}")
     return out
-
-
-def _number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def apply_params(base: Mapping[str, Any], params: Mapping[str, Any]) -> Config:

@@ -4,9 +4,7 @@ samples skipped upstream are counted when their rows reach the worker, not when 
 
 The pipeline counts a skipped sample on a row of the same shard (avsa/data/pipeline.py). Behind
 Ray Data's local shuffle that row could wait in the buffer past the end of the run, or of an
-attempt that a worker death ends: with `data.shuffle_buffer=8`, batches of one and 16 rows per
-worker, Ray's buffer took 13 rows before the first draw, and a 4-step attempt then trained on 4
-of them, so the skip counts on the other 9 never reached a metric.
+attempt that a worker death ends, and its count never reach a metric.
 """
 
 from __future__ import annotations
@@ -32,13 +30,10 @@ def local_batches(batches: Iterable[dict[str, torch.Tensor]], size: int, buffer_
                   generator: torch.Generator | None = None, pin: bool = False,
                   ) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
     """(batch of `size` real rows, samples skipped upstream since the previous batch) from host
-    batches as the pipeline emits them (with its bookkeeping fields).
-
-    A batch is drawn once the buffer holds `buffer_rows` rows beyond it (0 or 1: no shuffle,
-    rows in arrival order; a generator is needed otherwise). Placeholder rows (valid=0) are
-    dropped, their counts kept. The skip counts of every row that has arrived are reported with
-    the next batch, whether or not that row is in it. Rows left over at the end (fewer than
-    `size`) are dropped, like counts arriving after the last batch.
+    batches as the pipeline emits them (with its bookkeeping fields), drawn as by
+    `drawn_batches`. Placeholder rows (valid=0) are dropped, their counts kept; the skip counts
+    of every row that has arrived go with the next batch, whether or not that row is in it.
+    Rows left over at the end (fewer than `size`) are dropped, like counts arriving after it.
     """
     skipped = 0
 

@@ -11,9 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import pickle
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +46,6 @@ def save(
     step: int,
     config: dict[str, Any],
     skipped_samples: int = 0,
-    extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write `state.pt` (atomically) and `config.yaml` into `directory`. skipped_samples: the
     samples the run has skipped upstream through `step`, all ranks together (the metric
@@ -66,7 +63,6 @@ def save(
             "skipped_samples": int(skipped_samples),
             "rng": rng_state(),
             "config": config,
-            "extra": extra or {},
         }
         torch.save(state, tmp)
         os.replace(tmp, directory / STATE)
@@ -81,15 +77,20 @@ def save(
 
 
 def load(directory: str | Path) -> dict[str, Any]:
-    """Read a checkpoint directory written by `save` (CPU tensors)."""
-    path = Path(directory) / STATE
-    if not path.is_file():
+    """Read a checkpoint directory written by `save` (a path, `file://` or `s3://` URI) onto
+    the CPU."""
+    uri = storage.join(directory, STATE)
+    s3 = storage.is_s3(uri)
+    if not s3 and not storage.local_path(uri).is_file():
         raise CheckpointError(directory, f"no {STATE} in checkpoint directory")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        source = io.BytesIO(storage.read_bytes(uri)) if s3 else storage.local_path(uri)
+        return torch.load(source, map_location="cpu", weights_only=False)
+    except AvsaError as e:
+        raise CheckpointError(uri, f"unreadable checkpoint ({e})") from None
+    except Exception as e:  # torch's unpickler on damaged bytes raises many kinds
         reason = " ".join(str(e).split())[:200]
-        raise CheckpointError(path, f"unreadable checkpoint ({reason})") from None
+        raise CheckpointError(uri, f"unreadable checkpoint ({reason})") from None
 
 
 def skipped_samples(state: dict[str, Any]) -> int:
@@ -108,26 +109,6 @@ def latest_checkpoint_uri(run_uri: str) -> str | None:
     return storage.join(run_uri, max(names)) if names else None
 
 
-def _fetch_state(uri: str) -> dict[str, Any]:
-    if uri.endswith(STATE):
-        uri = uri[: -len(STATE)].rstrip("/")
-    if not storage.is_s3(uri):
-        local = uri.removeprefix("file://")
-        if not (Path(local) / STATE).is_file():
-            nested = latest_checkpoint_uri(uri)
-            if nested is None:
-                raise CheckpointError(uri, "no checkpoint found (expected state.pt or checkpoint-*/)")
-            local = nested.removeprefix("file://")
-        return load(local)
-    if not storage.exists(storage.join(uri, STATE)):
-        nested = latest_checkpoint_uri(uri)
-        if nested is None:
-            raise CheckpointError(uri, "no checkpoint found (expected state.pt or checkpoint-*/)")
-        uri = nested
-    data = storage.read_bytes(storage.join(uri, STATE))
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
-
-
 def resolve_init(ref: str, tracking_uri: str | None = None) -> tuple[dict[str, Any], str]:
     """Load the state behind `ref`: a registered model (`models:/NAME/VERSION`,
     `models:/NAME@ALIAS`), an MLflow run id (its `avsa.checkpoint_uri` tag), a
@@ -135,28 +116,30 @@ def resolve_init(ref: str, tracking_uri: str | None = None) -> tuple[dict[str, A
 
     Returns (state dict, the checkpoint URI it came from).
     """
-    uri = ref
     if ref.startswith("models:/"):  # a registered version: its weights and config
         from avsa import tracking
         from avsa.tracking import models
 
         state, version = models.load_state(ref, tracking.resolve_tracking_uri(tracking_uri))
         return state, version.uri
+    uri = ref
     if _RUN_ID.match(ref):
         from avsa import tracking
 
         run = tracking.get_run(tracking.resolve_tracking_uri(tracking_uri), ref)
-        tag = run.data.tags.get(tracking.CHECKPOINT)
-        if not tag:
+        uri = run.data.tags.get(tracking.CHECKPOINT)
+        if not uri:
             raise CheckpointError(ref, "MLflow run has no avsa.checkpoint_uri tag (did it finish?)")
-        uri = tag
+    directory = uri.removesuffix(STATE).rstrip("/")
     try:
-        return _fetch_state(uri), uri
+        if not storage.exists(storage.join(directory, STATE)):
+            nested = latest_checkpoint_uri(directory)
+            if nested is None:
+                raise CheckpointError(directory, "no checkpoint found (expected state.pt or "
+                                                 "checkpoint-*/)")
+            directory = nested
+        return load(directory), uri
     except CheckpointError:
         raise
     except AvsaError as e:
         raise CheckpointError(uri, f"cannot read checkpoint: {e}") from None
-
-
-def temp_dir() -> tempfile.TemporaryDirectory:
-    return tempfile.TemporaryDirectory(prefix="avsa-ckpt-")

@@ -13,7 +13,7 @@ import math
 import os
 import socket
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -40,16 +40,6 @@ class RunResult:
     metrics: dict[str, Any]
 
 
-@dataclass(frozen=True)
-class Parent:
-    """Where a sweep trial belongs: its sweep's MLflow run, and the tags its child run gets."""
-
-    run_id: str
-    tags: Mapping[str, str] = field(default_factory=dict)
-
-
-# Credentials Ray Tune would copy from the driver's environment into every trial actor's
-# runtime_env, which Ray's runtime-env agent then writes to its log in clear text.
 _CREDENTIAL_ENV = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN",
                              "AWS_SESSION_TOKEN"})
 
@@ -57,13 +47,9 @@ _CREDENTIAL_ENV = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_
 def keep_credentials_out_of_runtime_envs() -> None:
     """Stop Ray Tune from copying AWS credentials into trial actors' runtime_env (and so into
     Ray's logs); workers inherit them from this process or their pod's Secret."""
-    try:
-        from ray.tune.execution import class_cache
-    except ImportError:  # pragma: no cover - another Ray layout: nothing copied there
-        return
-    propagated = getattr(class_cache, "ENV_VARS_TO_PROPAGATE", None)
-    if isinstance(propagated, (set, frozenset)):
-        class_cache.ENV_VARS_TO_PROPAGATE = set(propagated) - _CREDENTIAL_ENV
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE.difference_update(_CREDENTIAL_ENV)
 
 
 def ensure_ray(cfg: Config, need_state_api: bool = False) -> None:
@@ -258,17 +244,16 @@ def start_tracking(
     return logger
 
 
-def run(cfg: Config, parent: Parent | None = None, callbacks: Sequence[Any] = ()) -> RunResult:
+def run(cfg: Config, callbacks: Sequence[Any] = (), *, parent_run_id: str | None = None,
+        trial_tags: Mapping[str, str] | None = None) -> RunResult:
     """One Ray Train run, its MLflow run ended FINISHED, FAILED or KILLED (by a signal): a
-    pretraining, or with `parent` a sweep trial (its model logged, not registered). Expects
-    absolute local paths and Ray started (see `pretrain`)."""
+    pretraining, or with `parent_run_id` (its sweep's MLflow run) a sweep trial tagged
+    `trial_tags` (its model logged, not registered). Expects absolute local paths and Ray
+    started (see `pretrain`)."""
     run_name = cfg.run_name()
     run_uri = storage.join(cfg.storage.path, run_name)
-    if parent is None:
-        logger = start_tracking(cfg)
-    else:
-        logger = start_tracking(cfg, kind="trial", parent_run_id=parent.run_id,
-                                extra_tags=parent.tags)
+    logger = start_tracking(cfg, kind="pretrain" if parent_run_id is None else "trial",
+                            parent_run_id=parent_run_id, extra_tags=trial_tags)
     controller: dict = {}
     with logger:  # FINISHED, or FAILED on an error (a signal ends it KILLED below)
         try:
@@ -279,7 +264,7 @@ def run(cfg: Config, parent: Parent | None = None, callbacks: Sequence[Any] = ()
             checkpoint_uri = _checkpoint_uri(cfg, result)
             if checkpoint_uri:
                 logger.set_tags({tracking.CHECKPOINT: checkpoint_uri})
-            models.log_final(logger, cfg, checkpoint_uri, register=parent is None,
+            models.log_final(logger, cfg, checkpoint_uri, register=parent_run_id is None,
                              step=int(metrics.get("step", 0)))
         except KeyboardInterrupt as k:
             interrupt.stop_controller(controller)

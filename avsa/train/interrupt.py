@@ -29,17 +29,13 @@ class Interrupted(KeyboardInterrupt):
     """A run stopped by a signal; a KeyboardInterrupt, so no `except Exception` swallows it
     (Ray's blocking calls raise a fresh one: `as_interrupted` recovers the signal)."""
 
-    def __init__(self, signum: int, step: int | None = None, resume_step: int | None = None):
-        super().__init__(signal.Signals(signum).name)
-        self.signum, self.step, self.resume_step = signum, step, resume_step
+    step: int | None = None  # the last step in the MLflow run (None: unknown)
+    resume_step: int | None = None  # the newest complete checkpoint's (0: none; None: unknown)
 
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum
-
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.signum).name
+    def __init__(self, signum: int):
+        self.name = signal.Signals(signum).name
+        self.exit_code = 128 + signum
+        super().__init__(self.name)
 
 
 _received: list[int] = []  # the signal that stopped the current run, once one has
@@ -59,15 +55,14 @@ def signals_raise() -> Iterator[None]:
         yield
         return
     previous = {s: signal.getsignal(s) for s in SIGNALS}
-    hit = _received
-    hit.clear()
+    _received.clear()
 
     def handler(signum, _frame):
-        if hit:
+        if _received:
             log.warning("%s: already stopping after %s; the run is being recorded",
-                        signal.Signals(signum).name, signal.Signals(hit[0]).name)
+                        signal.Signals(signum).name, signal.Signals(_received[0]).name)
             return
-        hit.append(signum)
+        _received.append(signum)
         raise Interrupted(signum)
 
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # Tune would stop quietly and return
@@ -84,9 +79,7 @@ def keep_controller(trainer: Any) -> dict[str, Any]:
     """Keep the Ray Train controller's handle instead of letting `fit()` install Ray's SIGINT
     handler (which ends the process with `sys.exit`, past avsa's cleanup)."""
     box: dict[str, Any] = {}
-    if hasattr(trainer, "_register_sigint_handler"):
-        trainer._register_sigint_handler = lambda controller: box.__setitem__("controller",
-                                                                              controller)
+    trainer._register_sigint_handler = lambda controller: box.__setitem__("controller", controller)
     return box
 
 
@@ -121,15 +114,11 @@ def record_killed(logger: Any, run_uri: str, e: Interrupted) -> Interrupted:
     from avsa import tracking
     from avsa.train.resume import committed
 
-    try:
+    with contextlib.suppress(Exception):  # the server is away: the run is still ended below
         e.step = tracking.last_logged_step(logger.uri, logger.run_id)
-    except Exception:  # the server is away: the run is still ended below (with a warning)
-        e.step = None
-    try:
+    with contextlib.suppress(Exception):  # storage is away: the line says nothing of it
         found = committed(run_uri)
         e.resume_step = found[0][0] if found else 0
-    except Exception:
-        e.resume_step = None
     logger.set_tags({STOPPED_BY: e.name, STOPPED_AT: "?" if e.step is None else e.step})
     logger.end("KILLED")
     return e

@@ -7,10 +7,12 @@ host syncs are at `train.log_every`, validation and checkpoints.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import re
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -104,48 +106,38 @@ def _val_batches(cfg: Config) -> list[dict[str, torch.Tensor]]:
     "val" dataset, decoded by Ray Data tasks when first read (not before step 1), kept."""
     import ray.train
 
-    out = []
     it = ray.train.get_dataset_shard("val").iter_torch_batches(
         batch_size=cfg.train.batch_size, drop_last=False, device="cpu")
-    for batch in it:
-        out.append(model_rows(batch))
-        if len(out) >= cfg.train.val_batches:
-            break
-    return [b for b in out if len(b["video"])]
+    batches = (model_rows(b) for b in itertools.islice(it, cfg.train.val_batches))
+    return [b for b in batches if len(b["video"])]
 
 
 def has_validation(cfg: Config) -> bool:
     return bool(cfg.data.val_shards) and cfg.train.val_batches > 0
 
 
-def autocast(cfg: Config, device: torch.device):
-    """bf16 autocast on CUDA when `train.bf16`; a no-op elsewhere."""
-    enabled = cfg.train.bf16 and device.type == "cuda"
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
-
-
 def _objective(model, batch, cfg: Config, device: torch.device, kind: str, gather=None,
                channels_last: bool | None = None):
-    """(loss, metrics) of `kind` on a host batch: copied to `device`, run under autocast."""
-    b = to_device(batch, device)
-    with autocast(cfg, device):
+    """(loss, metrics) of `kind` on a host batch: copied to `device`, run under bf16 autocast
+    on CUDA when `train.bf16`."""
+    bf16 = cfg.train.bf16 and device.type == "cuda"
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
         return compute_objective(
-            model, b, kind=kind, temperature=cfg.loss.temperature,
+            model, to_device(batch, device), kind=kind, temperature=cfg.loss.temperature,
             easy_negatives=cfg.loss.easy_negatives, gather=gather, channels_last=channels_last,
         )
 
 
 def train_step(model, optimizer, batch: dict[str, torch.Tensor], cfg: Config,
-               device: torch.device, *, kind: str | None = None, gather=None,
+               device: torch.device, *, kind: str, gather=None,
                channels_last: bool | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One optimiser step on a host batch (see `avsa.train.objective` for its keys and shapes).
 
-    kind: the objective (default `loss.kind`); gather: the cross-rank gather of embeddings
-    (None: this rank's only); channels_last: the video layout (None: on CUDA). Returns the
-    loss and metrics as 0-d device tensors: nothing here waits for the device.
+    gather: the cross-rank gather of embeddings (None: this rank's only); channels_last: the
+    video layout (None: on CUDA). Returns the loss and metrics as 0-d device tensors: nothing
+    here waits for the device.
     """
-    loss, metrics = _objective(model, batch, cfg, device, kind or cfg.loss.kind, gather,
-                               channels_last)
+    loss, metrics = _objective(model, batch, cfg, device, kind, gather, channels_last)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -172,14 +164,14 @@ def validate(model, batches, cfg: Config, device) -> dict[str, float]:
     return out
 
 
-def _report(metrics: dict[str, float], state_fn=None, step: int = 0, run_uri: str = "") -> None:
+def _report(metrics: dict[str, float], run_uri: str, step: int, state_fn=None) -> None:
     import ray.train
 
     if state_fn is None:
         ray.train.report(metrics)
         return
     name = f"checkpoint-{step:08d}"
-    with ckpt.temp_dir() as d:
+    with tempfile.TemporaryDirectory(prefix="avsa-ckpt-") as d:
         state_fn(d)
         try:
             ray.train.report(
@@ -187,10 +179,9 @@ def _report(metrics: dict[str, float], state_fn=None, step: int = 0, run_uri: st
             )
         except OSError as e:  # the upload to storage.path: read-only, full, a file in the way
             reason = " ".join(str(e.strerror or e).split())[:300]
-            raise CheckpointError(storage.join(run_uri, name) if run_uri else name,
+            raise CheckpointError(storage.join(run_uri, name),
                                   f"cannot write checkpoint ({reason})") from None
-    if run_uri:  # the upload has returned: the checkpoint is complete
-        resume.commit(storage.join(run_uri, name), step)
+    resume.commit(storage.join(run_uri, name), step)  # the upload has returned: complete
 
 
 def _resume_state(run_uri: str) -> tuple[int, dict[str, Any] | None]:
@@ -198,7 +189,7 @@ def _resume_state(run_uri: str) -> tuple[int, dict[str, Any] | None]:
     restart inside this run whose commit marker is not written yet)."""
     import ray.train
 
-    found = resume.newest_loadable(run_uri, set_aside=False) if run_uri else None
+    found = resume.newest_loadable(run_uri, set_aside=False)
     step, state = (found[0], found[2]) if found else (0, None)
     theirs = ray.train.get_checkpoint()
     if theirs is not None:
@@ -228,7 +219,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
 
     cfg: Config = from_dict(loop_config["cfg"])
-    tracker = loop_config.get("logger")
+    tracker, run_uri = loop_config["logger"], loop_config["run_uri"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -241,7 +232,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model = build_model(cfg.model, audio_channels(cfg.data))
     if use_channels_last(device):
         to_channels_last(model)  # before DDP: its gradient buckets follow the weights' layout
-    step, state = _resume_state(loop_config.get("run_uri", ""))
+    step, state = _resume_state(run_uri)
     if state is not None:
         model.load_state_dict(state["model"])
     elif cfg.model.init_from:
@@ -255,9 +246,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if cfg.train.compile:
         model = torch.compile(model)
     raw_model = model.module if hasattr(model, "module") else model
-    optimizer = torch.optim.Adam(
-        model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
-    )
+
+    def adam() -> torch.optim.Adam:
+        return torch.optim.Adam(model.parameters(), lr=cfg.train.lr,
+                                weight_decay=cfg.train.weight_decay)
+
+    optimizer = adam()
     if state is not None:
         if state.get("optimizer"):
             optimizer.load_state_dict(state["optimizer"])
@@ -275,8 +269,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     skipped_total = ckpt.skipped_samples(state) if state is not None else 0
     skipped_before = skipped_total
     t_last, clips_since, t_start, step_start = time.perf_counter(), 0, time.perf_counter(), step
-    per_worker = cfg.train.batch_size // world
-    run_uri = loop_config.get("run_uri", "")
     model.train()
 
     def save_fn(d):
@@ -290,20 +282,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         kind = phase_kind(cfg, step)
         if cfg.train.curriculum and step == cfg.train.curriculum_avc_steps + 1:
             reset_context_and_heads(raw_model, cfg.train.seed + step)
-            optimizer = torch.optim.Adam(
-                model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
-            )
+            optimizer = adam()
             log.info("curriculum: AVC -> %s at step %d (fresh transformers and heads)", kind, step)
         skipped += skipped_here
         loss, metrics = train_step(model, optimizer, batch, cfg, device, kind=kind, gather=gather)
         meter.add({"loss": loss, **metrics})
-        clips_since += per_worker * world
+        clips_since += cfg.train.batch_size // world * world
 
         last = step >= cfg.train.max_steps
         do_log = step % cfg.train.log_every == 0 or last
-        do_val = val_on and bool(
-            last or (cfg.train.val_every and step % cfg.train.val_every == 0)
-        )
+        do_val = val_on and (last or (cfg.train.val_every > 0 and step % cfg.train.val_every == 0))
         do_ckpt = step % cfg.train.checkpoint_every == 0 or last
         if not (do_log or do_ckpt):
             continue
@@ -326,10 +314,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             _progress(step, cfg.train.max_steps, metrics_out, eta)
             if logger is not None and step > logged_through:  # never one step twice
                 logger.log_metrics({k: v for k, v in metrics_out.items() if k != "step"}, step)
-        _report(metrics_out, save_fn if (do_ckpt and rank == 0) else None, step, run_uri)
+        _report(metrics_out, run_uri, step, save_fn if (do_ckpt and rank == 0) else None)
     if step < cfg.train.max_steps and step % cfg.train.checkpoint_every != 0:
         skipped_total = skipped_before + _all_reduce_sum(skipped, device)
-        _report({"step": step}, save_fn if rank == 0 else None, step, run_uri)
+        _report({"step": step}, run_uri, step, save_fn if rank == 0 else None)
     if monitor is not None:
         monitor.stop()
     if logger is not None:

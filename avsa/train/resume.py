@@ -16,7 +16,6 @@ checkpoint removed or damaged since breaks it. avsa decides from storage instead
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import re
@@ -24,7 +23,7 @@ import time
 from typing import Any
 
 from avsa import storage
-from avsa.errors import AvsaError, CheckpointError
+from avsa.errors import CheckpointError
 
 log = logging.getLogger("avsa.train")
 COMMITTED = "avsa_committed.json"
@@ -60,31 +59,14 @@ def committed(run_uri: str) -> list[tuple[int, str]]:
     return sorted(found, reverse=True)
 
 
-def load_state(checkpoint_uri: str) -> dict[str, Any]:
-    """The state dict in `checkpoint_uri/state.pt`; CheckpointError when it cannot be read."""
-    import torch
-
-    from avsa.train.checkpoint import STATE, load
-
-    if not storage.is_s3(checkpoint_uri):
-        return load(storage.local_path(checkpoint_uri))
-    uri = storage.join(checkpoint_uri, STATE)
-    try:
-        data = storage.read_bytes(uri)
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
-    except AvsaError as e:
-        raise CheckpointError(uri, f"unreadable checkpoint ({e})") from None
-    except Exception as e:  # torch's unpickler on damaged bytes
-        raise CheckpointError(uri, f"unreadable checkpoint ({' '.join(str(e).split())[:200]})") \
-            from None
-
-
 def newest_loadable(run_uri: str, *, set_aside: bool) -> tuple[int, str, dict[str, Any]] | None:
     """(step, URI, state) of the newest complete checkpoint that loads. Damaged ones are
     reported, and with `set_aside` renamed to `damaged-<name>`."""
+    from avsa.train.checkpoint import load
+
     for step, uri in committed(run_uri):
         try:
-            return step, uri, load_state(uri)
+            return step, uri, load(uri)
         except CheckpointError as e:
             if not set_aside:
                 log.warning("skipping a damaged checkpoint: %s", e)
@@ -108,21 +90,16 @@ def _snapshot_names(run_uri: str) -> set[str] | None:
         return {"<unreadable>"}
 
 
-def prepare(run_uri: str) -> int:
+def prepare(run_uri: str) -> None:
     """Before a (re)start: set damaged checkpoints aside, and Ray's snapshot too when it names
-    checkpoints that are gone. Returns the step the run will resume from (0: a fresh start)."""
+    checkpoints that are gone."""
     found = newest_loadable(run_uri, set_aside=True)
     names = _snapshot_names(run_uri)
-    if names is not None:
-        present = set(_children(run_uri))
-        if not names <= present:
-            snap = storage.join(run_uri, RAY_SNAPSHOT)
-            aside = storage.join(run_uri, f"stale-{int(time.time())}-{RAY_SNAPSHOT}")
-            storage.write_bytes(aside, storage.read_bytes(snap))
-            storage.delete(snap)
-            log.info("Ray's checkpoint list names checkpoints no longer there; kept as %s",
-                     aside)
-    if found is None:
-        return 0
-    log.info("resuming from %s (step %d)", found[1], found[0])
-    return found[0]
+    if names is not None and not names <= set(_children(run_uri)):
+        snap = storage.join(run_uri, RAY_SNAPSHOT)
+        aside = storage.join(run_uri, f"stale-{int(time.time())}-{RAY_SNAPSHOT}")
+        storage.write_bytes(aside, storage.read_bytes(snap))
+        storage.delete(snap)
+        log.info("Ray's checkpoint list names checkpoints no longer there; kept as %s", aside)
+    if found is not None:
+        log.info("resuming from %s (step %d)", found[1], found[0])
