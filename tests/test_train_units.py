@@ -134,6 +134,10 @@ def test_checkpoint_round_trip_and_resolve(cfg, tmp_path):
     # a run directory resolves to its newest checkpoint
     resolved, uri = ckpt.resolve_init(str(run))
     assert resolved["step"] == 10 and uri == str(run)
+    # ... and not to a newer one that was set aside as damaged
+    (run / "checkpoint-00000010").rename(run / "damaged-checkpoint-00000010")
+    resolved, _ = ckpt.resolve_init(str(run))
+    assert resolved["step"] == 2
     fresh = build_model(cfg.model)
     fresh.load_encoders(resolved["model"])
     assert torch.equal(fresh.video_encoder.stem[0].weight if hasattr(fresh.video_encoder, "stem")

@@ -19,6 +19,7 @@ import torch
 
 from avsa import storage
 from avsa.errors import AvsaError, CheckpointError
+from avsa.train.resume import checkpoints
 
 STATE = "state.pt"
 CONFIG = "config.yaml"
@@ -100,13 +101,10 @@ def skipped_samples(state: dict[str, Any]) -> int:
 
 
 def latest_checkpoint_uri(run_uri: str) -> str | None:
-    """The newest `checkpoint-XXXXXXXX` directory under a Ray Train run directory URI."""
-    names = {
-        m.group(0)
-        for uri in storage.list_prefix(run_uri)
-        if (m := re.search(r"checkpoint-\d+", uri[len(run_uri):]))
-    }
-    return storage.join(run_uri, max(names)) if names else None
+    """The newest `checkpoint-<step>` directory directly under a Ray Train run directory URI
+    (complete or not: a copied run may lack the commit markers)."""
+    found = checkpoints(run_uri, complete=False)
+    return found[0][1] if found else None
 
 
 def resolve_init(ref: str, tracking_uri: str | None = None) -> tuple[dict[str, Any], str]:

@@ -112,12 +112,12 @@ def record_killed(logger: Any, run_uri: str, e: Interrupted) -> Interrupted:
     """Mark the MLflow run KILLED with the step it reached; returns `e` with the step reached
     and the step a rerun resumes from."""
     from avsa import tracking
-    from avsa.train.resume import committed
+    from avsa.train.resume import checkpoints
 
     with contextlib.suppress(Exception):  # the server is away: the run is still ended below
         e.step = tracking.last_logged_step(logger.uri, logger.run_id)
     with contextlib.suppress(Exception):  # storage is away: the line says nothing of it
-        found = committed(run_uri)
+        found = checkpoints(run_uri)
         e.resume_step = found[0][0] if found else 0
     logger.set_tags({STOPPED_BY: e.name, STOPPED_AT: "?" if e.step is None else e.step})
     logger.end("KILLED")

@@ -49,12 +49,14 @@ def _children(run_uri: str) -> dict[str, set[str]]:
     return out
 
 
-def committed(run_uri: str) -> list[tuple[int, str]]:
-    """(step, URI) of every complete checkpoint under `run_uri`, newest first."""
+def checkpoints(run_uri: str, *, complete: bool = True) -> list[tuple[int, str]]:
+    """(step, URI) of the `checkpoint-<step>/` directories directly under `run_uri`, newest
+    first; with `complete`, only those holding their commit marker. Set-aside
+    `damaged-checkpoint-*` directories are never among them."""
     found = []
     for name, files in _children(run_uri).items():
         m = _NAME.match(name)
-        if m and COMMITTED in files:
+        if m and (COMMITTED in files or not complete):
             found.append((int(m.group(1)), storage.join(run_uri, name)))
     return sorted(found, reverse=True)
 
@@ -64,7 +66,7 @@ def newest_loadable(run_uri: str, *, set_aside: bool) -> tuple[int, str, dict[st
     reported, and with `set_aside` renamed to `damaged-<name>`."""
     from avsa.train.checkpoint import load
 
-    for step, uri in committed(run_uri):
+    for step, uri in checkpoints(run_uri):
         try:
             return step, uri, load(uri)
         except CheckpointError as e:
