@@ -123,9 +123,14 @@ def _manifest(root: Path, samples: int) -> Path:
     return root
 
 
-def test_batch_larger_than_the_data_is_refused_before_ray(tmp_path, no_services, capsys):
+@pytest.mark.parametrize("command", [
+    ["pretrain"],
+    # a sweep on a training metric needs no validation shards, and is checked the same way
+    ["sweep", "data.val_shards=null", "sweep.metric=train/loss", "sweep.mode=min"],
+])
+def test_batch_larger_than_the_data_is_refused_before_ray(command, tmp_path, no_services, capsys):
     shards = _manifest(tmp_path / "shards", 3)
-    rc = cli.main(["pretrain", f"data.shards={shards}", "train.batch_size=4",
+    rc = cli.main([*command, f"data.shards={shards}", "train.batch_size=4",
                    f"storage.path={tmp_path / 'runs'}"])
     err = capsys.readouterr().err
     assert rc == 2

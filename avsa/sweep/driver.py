@@ -219,16 +219,13 @@ def _finish_children(uri: str, cfg: Config, rows: list[dict[str, Any]],
 
 def run_sweep(cfg: Config) -> SweepResult:
     """Run (or resume) the sweep `cfg.sweep` end to end; returns its table and best trial."""
-    from avsa.data.manifest import read_manifest
-
     s = cfg.sweep
     flat = flatten_space(s.space)
     space = tune_space(flat, s.search)
     check_space(cfg, flat)
     metric = scheduler_metric(s.metric, flat)
     check_sweep(cfg, metric)
-    read_manifest(cfg.data.shards)
-    read_manifest(cfg.data.val_shards)
+    train_driver.check_inputs(cfg)
     base = prepare_base(cfg)
     name = sweep_run_name(base)
     sweep_uri = storage.join(base.storage.path, "sweeps", name)

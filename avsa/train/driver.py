@@ -277,15 +277,20 @@ def run(cfg: Config, callbacks: Sequence[Any] = (), *, parent_run_id: str | None
     return RunResult(logger.run_id, run_name, run_uri, checkpoint_uri, metrics)
 
 
+def check_inputs(cfg: Config) -> None:
+    """The shards' manifests read and the batch checked against them: a clear error before
+    Ray starts, not inside a worker."""
+    check_batch_fits_data(cfg, read_manifest(cfg.data.shards).total_samples)
+    if cfg.data.val_shards:
+        read_manifest(cfg.data.val_shards)
+
+
 def pretrain(cfg: Config, callbacks: Sequence[Any] = ()) -> RunResult:
     """Run (or resume) one pretraining end to end, relative paths taken against the current
     directory; returns where its results are."""
     cfg = with_absolute_paths(cfg)
     tracking.resolve_tracking_uri(cfg.tracking.uri)  # refused here inside a job with no server
-    manifest = read_manifest(cfg.data.shards)  # a clear error now, not inside a worker
-    check_batch_fits_data(cfg, manifest.total_samples)
-    if cfg.data.val_shards:
-        read_manifest(cfg.data.val_shards)
+    check_inputs(cfg)
     if warning := temperature_warning(cfg.loss.temperature):
         log.warning(warning)
     run_name = cfg.run_name()
