@@ -89,7 +89,7 @@ def test_flatten_config_nested_dataclasses():
         "extra.a.b": "1",
         "extra.flag": "True",
     }
-    assert flatten_config(_Data(), prefix="cfg.data")["cfg.data.num_viewpoints"] == "4"
+    assert flatten_config({"cfg": {"data": _Data()}})["cfg.data.num_viewpoints"] == "4"
 
 
 def test_flatten_config_drops_secret_keys_and_masks_uri_credentials():

@@ -49,7 +49,7 @@ def _children(obj: Any) -> Iterable[tuple[str, Any]] | None:
     return None
 
 
-def flatten_config(obj: Any, prefix: str = "") -> dict[str, str]:
+def flatten_config(obj: Any) -> dict[str, str]:
     """Flatten nested dataclasses / dicts / OmegaConf configs into MLflow params.
 
     Keys are dotted paths (``data.num_viewpoints``); values are strings truncated to MLflow's
@@ -69,5 +69,5 @@ def flatten_config(obj: Any, prefix: str = "") -> dict[str, str]:
                 continue
             walk(child, f"{path}.{name}" if path else name)
 
-    walk(obj, prefix)
+    walk(obj, "")
     return out
