@@ -23,7 +23,7 @@ from avsa.tracking.buffer import BufferPolicy, OutageBuffer
 from avsa.tracking.client import connect, is_remote, is_transient, one_line, reading, redact
 from avsa.tracking.code_version import code_version_tags
 from avsa.tracking.params import MAX_KEY, MAX_TAG_VALUE, flatten_config
-from avsa.tracking.store import NOTE, PARENT, experiment_id
+from avsa.tracking.store import PARENT, experiment_id
 
 logger = logging.getLogger("avsa.tracking")
 
@@ -90,7 +90,6 @@ class RunLogger:
         params: Any = None,
         parent_run_id: str | None = None,
         resume_run_id: str | None = None,
-        description: str | None = None,
         policy: BufferPolicy | None = None,
     ) -> RunLogger:
         """Create (or, with ``resume_run_id``, reopen as RUNNING) a run in ``experiment``
@@ -102,8 +101,6 @@ class RunLogger:
             all_tags = {**code_version_tags(), **all_tags}
         if parent_run_id:
             all_tags[PARENT] = parent_run_id
-        if description:
-            all_tags[NOTE] = description
 
         def open_run() -> tuple[str, str, dict[str, str]]:
             if resume_run_id:
@@ -152,12 +149,6 @@ class RunLogger:
         with self._lock:
             self._buffer.tags.update({str(k): str(v)[:MAX_TAG_VALUE] for k, v in tags.items()})
             self._buffer.deliver(self._client)
-
-    @property
-    def pending(self) -> int:
-        """Metric points, params and tags not yet delivered."""
-        with self._lock:
-            return self._buffer.pending
 
     def flush(self) -> bool:
         """Try to deliver everything buffered now; True when nothing is left."""

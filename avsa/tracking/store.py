@@ -14,7 +14,6 @@ TASK = "avsa.task"
 PRETRAIN_RUN = "avsa.pretrain_run_id"
 CHECKPOINT = "avsa.checkpoint_uri"
 PARENT = "mlflow.parentRunId"
-NOTE = "mlflow.note.content"  # the run description shown by the MLflow UI
 # The experiment tag MLflow 3's UI reads to open an experiment on its runs table ("Model
 # training") instead of the GenAI views (traces).
 SYSTEM = "system/"  # the prefix of system-metric keys, sampled on their own steps from 1
