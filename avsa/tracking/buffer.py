@@ -107,9 +107,7 @@ class OutageBuffer:
         backlog = len(self.metrics)
         try:
             self._send(client)
-        except Exception as e:
-            if not is_transient(e):  # pragma: no cover - _batch drops rejected batches
-                raise
+        except Exception as e:  # transient: _batch drops the batches the server rejected
             self.failed(e)
             return
         if self.down:
@@ -124,17 +122,12 @@ class OutageBuffer:
         # Params and tags in separate calls: log_batch's requests of 100 stay under the
         # server's 1 MB limit only unpaired (6 kB params, 8 kB tags). Resending is a no-op.
         if self.params:
-            params = dict(self.params)
-            if self._batch(client, params=[Param(k, v) for k, v in params.items()]):
-                self.sent_params.update(params)
-            for k in params:
-                del self.params[k]
+            if self._batch(client, params=[Param(k, v) for k, v in self.params.items()]):
+                self.sent_params.update(self.params)
+            self.params.clear()
         if self.tags:
-            tags = dict(self.tags)
-            self._batch(client, tags=[RunTag(k, v) for k, v in tags.items()])
-            for k, v in tags.items():
-                if self.tags.get(k) == v:
-                    del self.tags[k]
+            self._batch(client, tags=[RunTag(k, v) for k, v in self.tags.items()])
+            self.tags.clear()
         # Metrics one request at a time, each taken off the buffer once delivered, so that
         # a failure part-way through sends no point twice.
         while self.metrics:
