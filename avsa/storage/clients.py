@@ -104,16 +104,18 @@ def split_s3(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-def call(uri: str, fn: Callable[[Any], Any]) -> Any:
-    """``fn(client)`` once (botocore retries inside it); failures become a StorageError."""
+def call(uri: str, fn: Callable[[Any, str, str], Any]) -> Any:
+    """``fn(client, bucket, key)`` of ``uri`` once (botocore retries inside it); failures become
+    a StorageError."""
     from boto3.exceptions import Boto3Error
     from botocore.exceptions import BotoCoreError, ClientError
     from s3transfer.exceptions import RetriesExceededError
 
+    bucket, key = split_s3(uri)
     s3, client = cached("boto3")
     start = time.monotonic()
     try:
-        return fn(client)
+        return fn(client, bucket, key)
     except (BotoCoreError, ClientError, Boto3Error, RetriesExceededError) as exc:
         cause = getattr(exc, "last_exception", None) or exc  # s3transfer's retries ran out
         raise _boto3_error(uri, cause, s3, time.monotonic() - start) from exc
