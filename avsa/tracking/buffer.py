@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from itertools import islice
 
 from avsa.tracking.client import health, is_remote, is_transient, one_line, redact
@@ -39,7 +39,7 @@ class OutageBuffer:
     def __init__(self, uri: str, run_id: str, policy: BufferPolicy,
                  sent_params: Mapping[str, str] | None = None):
         self.uri, self.run_id, self.policy = uri, run_id, policy
-        self.metrics: deque = deque()  # mlflow.entities.Metric, oldest first
+        self.metrics: deque = deque(maxlen=policy.max_buffer)  # mlflow Metric, oldest first
         self.params: dict[str, str] = {}
         self.tags: dict[str, str] = {}
         self.sent_params = dict(sent_params or {})  # MLflow params are immutable
@@ -52,14 +52,12 @@ class OutageBuffer:
         """Metric points, params and tags not yet delivered."""
         return len(self.metrics) + len(self.params) + len(self.tags)
 
-    def add_metrics(self, points: Iterable) -> None:
+    def add_metrics(self, points: list) -> None:
         """Queue metric points; beyond ``max_buffer`` the oldest go (one warning)."""
-        self.metrics.extend(points)
-        overflow = len(self.metrics) - self.policy.max_buffer
+        overflow = len(self.metrics) + len(points) - self.policy.max_buffer
+        self.metrics.extend(points)  # the deque's maxlen drops the oldest
         if overflow <= 0:
             return
-        for _ in range(overflow):
-            self.metrics.popleft()
         if self.dropped == 0:
             logger.warning("MLflow buffer for run %s is full (%d metrics); dropping the oldest",
                            self.run_id, self.policy.max_buffer)
