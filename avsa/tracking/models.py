@@ -182,8 +182,7 @@ def register(logger: RunLogger, name: str, alias: str | None = None) -> ModelRef
         model_id = _run_model_id(client, logger.run_id)
         if model_id is None:
             raise TrackingError(logger.run_id, "the run has no logged model")
-        existing = [mv for mv in client.search_model_versions(f"name = '{name}'")
-                    if mv.run_id == logger.run_id]
+        existing = client.search_model_versions(f"name = '{name}' and run_id = '{logger.run_id}'")
         if existing:
             mv = existing[0]
         else:
