@@ -72,10 +72,9 @@ def read_bytes(uri: str | os.PathLike) -> bytes:
     uri = str(uri)
     if not is_s3(uri):
         return _local(uri, Path.read_bytes)
-    bucket, key = split_s3(uri)
     from boto3.s3.transfer import TransferConfig
 
-    def get(c: Any) -> bytes:
+    def get(c: Any, bucket: str, key: str) -> bytes:
         out = io.BytesIO()
         c.download_fileobj(bucket, key, out, Config=TransferConfig(use_threads=False))
         return out.getvalue()
@@ -87,8 +86,7 @@ def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
     uri = str(uri)
     if not is_s3(uri):
         return _local(uri, lambda p: _atomic_write(p, lambda f: f.write(data)))
-    bucket, key = split_s3(uri)
-    call(uri, lambda c: c.put_object(Bucket=bucket, Key=key, Body=data))
+    call(uri, lambda c, bucket, key: c.put_object(Bucket=bucket, Key=key, Body=data))
 
 
 def create_exclusive(uri: str | os.PathLike, data: bytes) -> bool:
@@ -105,10 +103,9 @@ def create_exclusive(uri: str | os.PathLike, data: bytes) -> bool:
                 return False
 
         return _local(uri, create)
-    bucket, key = split_s3(uri)
     from botocore.exceptions import ClientError
 
-    def put(c: Any) -> bool:
+    def put(c: Any, bucket: str, key: str) -> bool:
         try:
             c.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
             return True
@@ -126,10 +123,9 @@ def exists(uri: str | os.PathLike) -> bool:
     uri = str(uri)
     if not is_s3(uri):
         return local_path(uri).exists()
-    bucket, key = split_s3(uri)
     from botocore.exceptions import ClientError
 
-    def probe(c: Any) -> bool:
+    def probe(c: Any, bucket: str, key: str) -> bool:
         if key and not key.endswith("/"):
             try:
                 c.head_object(Bucket=bucket, Key=key)
@@ -148,8 +144,7 @@ def size(uri: str | os.PathLike) -> int:
     uri = str(uri)
     if not is_s3(uri):
         return _local(uri, lambda p: p.stat().st_size)
-    bucket, key = split_s3(uri)
-    return call(uri, lambda c: c.head_object(Bucket=bucket, Key=key)["ContentLength"])
+    return call(uri, lambda c, bucket, key: c.head_object(Bucket=bucket, Key=key)["ContentLength"])
 
 
 def delete(uri: str | os.PathLike) -> None:
@@ -157,8 +152,7 @@ def delete(uri: str | os.PathLike) -> None:
     uri = str(uri)
     if not is_s3(uri):
         return _local(uri, lambda p: p.unlink(missing_ok=True))
-    bucket, key = split_s3(uri)
-    call(uri, lambda c: c.delete_object(Bucket=bucket, Key=key))
+    call(uri, lambda c, bucket, key: c.delete_object(Bucket=bucket, Key=key))
 
 
 def list_prefix(uri: str | os.PathLike, page_size: int = 1000) -> list[str]:
@@ -169,15 +163,14 @@ def list_prefix(uri: str | os.PathLike, page_size: int = 1000) -> list[str]:
         root = local_path(uri)
         files = [p for p in root.rglob("*") if p.is_file()] if root.is_dir() else []
         return sorted(join(uri, p.relative_to(root).as_posix()) for p in files)
-    bucket, key = split_s3(uri)
-    prefix = f"{key.rstrip('/')}/" if key else ""
 
-    def keys(c: Any) -> list[str]:
+    def keys(c: Any, bucket: str, key: str) -> list[str]:
         pages = c.get_paginator("list_objects_v2").paginate(
-            Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": page_size})
-        return [o["Key"] for page in pages for o in page.get("Contents", [])]
+            Bucket=bucket, Prefix=f"{key.rstrip('/')}/" if key else "",
+            PaginationConfig={"PageSize": page_size})
+        return [f"s3://{bucket}/{o['Key']}" for page in pages for o in page.get("Contents", [])]
 
-    return sorted(f"s3://{bucket}/{k}" for k in call(uri, keys))
+    return sorted(call(uri, keys))
 
 
 def upload_file(local: str | os.PathLike, uri: str | os.PathLike) -> None:
@@ -186,8 +179,7 @@ def upload_file(local: str | os.PathLike, uri: str | os.PathLike) -> None:
         raise StorageError(str(local), "no such file to upload")
     if not is_s3(uri):
         return _local(uri, lambda p: _atomic_write(p, lambda f: _copy(local, f)))
-    bucket, key = split_s3(uri)
-    call(uri, lambda c: c.upload_file(str(local), bucket, key))
+    call(uri, lambda c, bucket, key: c.upload_file(str(local), bucket, key))
 
 
 def _copy(src: Path, dst: BinaryIO) -> None:
@@ -237,8 +229,7 @@ def move_tree(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     if not is_s3(src):
         return _local(src, lambda p: p.rename(local_path(dst)))
     for uri in list_prefix(src):
-        bucket, key = split_s3(uri)
         target_bucket, target = split_s3(join(dst, uri[len(src.rstrip("/")) + 1:]))
-        call(uri, lambda c, b=bucket, k=key, tb=target_bucket, t=target: c.copy_object(
+        call(uri, lambda c, b, k, tb=target_bucket, t=target: c.copy_object(
             Bucket=tb, Key=t, CopySource={"Bucket": b, "Key": k}))
         delete(uri)

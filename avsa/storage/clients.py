@@ -7,6 +7,7 @@ lazily, once per process and AWS environment, and never pickled.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -25,7 +26,6 @@ _CLIENT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEF
                "AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
                "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "AWS_MAX_ATTEMPTS",
                "AWS_RETRY_MODE")
-_CLIENTS: dict[tuple[str, int, str], tuple[S3Settings, Any]] = {}
 
 
 @dataclass(frozen=True)
@@ -53,15 +53,11 @@ class S3Settings:
         if mode not in ("standard", "adaptive"):
             raise ConfigError("AWS_RETRY_MODE", f"must be standard or adaptive, got {mode!r}")
         attempts = {}
-        if env.get("AWS_MAX_ATTEMPTS"):
-            try:
-                n = int(env["AWS_MAX_ATTEMPTS"])
-            except ValueError:
-                n = 0
-            if n < 1:
+        if raw := env.get("AWS_MAX_ATTEMPTS"):
+            if not raw.strip().isdecimal() or int(raw) < 1:
                 raise ConfigError("AWS_MAX_ATTEMPTS", "must be a whole number of attempts >= 1, "
-                                                      f"got {env['AWS_MAX_ATTEMPTS']!r}")
-            attempts = {"max_attempts": n, "stream_max_attempts": n}
+                                                      f"got {raw!r}")
+            attempts = {"max_attempts": int(raw), "stream_max_attempts": int(raw)}
         return cls(endpoint=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
                    region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
                    retry_mode=mode, **attempts)
@@ -91,13 +87,13 @@ class S3Settings:
 def cached(kind: str) -> tuple[S3Settings, Any]:
     """This process's settings and ``kind`` ("boto3" or "pyarrow") client for the AWS env."""
     env = "\0".join(os.environ.get(k, "") for k in _CLIENT_ENV)
-    key = (kind, os.getpid(), hashlib.sha256(env.encode()).hexdigest())
-    if key not in _CLIENTS:
-        if len(_CLIENTS) >= 16:
-            _CLIENTS.clear()
-        s3 = S3Settings.from_env()
-        _CLIENTS[key] = (s3, s3.boto3_client() if kind == "boto3" else s3.pyarrow_filesystem())
-    return _CLIENTS[key]
+    return _client(kind, os.getpid(), hashlib.sha256(env.encode()).hexdigest())
+
+
+@functools.lru_cache(maxsize=16)
+def _client(kind: str, pid: int, env_digest: str) -> tuple[S3Settings, Any]:
+    s3 = S3Settings.from_env()
+    return s3, s3.boto3_client() if kind == "boto3" else s3.pyarrow_filesystem()
 
 
 def split_s3(uri: str) -> tuple[str, str]:
@@ -108,16 +104,18 @@ def split_s3(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-def call(uri: str, fn: Callable[[Any], Any]) -> Any:
-    """``fn(client)`` once (botocore retries inside it); failures become a StorageError."""
+def call(uri: str, fn: Callable[[Any, str, str], Any]) -> Any:
+    """``fn(client, bucket, key)`` of ``uri`` once (botocore retries inside it); failures become
+    a StorageError."""
     from boto3.exceptions import Boto3Error
     from botocore.exceptions import BotoCoreError, ClientError
     from s3transfer.exceptions import RetriesExceededError
 
+    bucket, key = split_s3(uri)
     s3, client = cached("boto3")
     start = time.monotonic()
     try:
-        return fn(client)
+        return fn(client, bucket, key)
     except (BotoCoreError, ClientError, Boto3Error, RetriesExceededError) as exc:
         cause = getattr(exc, "last_exception", None) or exc  # s3transfer's retries ran out
         raise _boto3_error(uri, cause, s3, time.monotonic() - start) from exc

@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from itertools import islice
 
 from avsa.tracking.client import health, is_remote, is_transient, one_line, redact
@@ -39,7 +39,7 @@ class OutageBuffer:
     def __init__(self, uri: str, run_id: str, policy: BufferPolicy,
                  sent_params: Mapping[str, str] | None = None):
         self.uri, self.run_id, self.policy = uri, run_id, policy
-        self.metrics: deque = deque()  # mlflow.entities.Metric, oldest first
+        self.metrics: deque = deque(maxlen=policy.max_buffer)  # mlflow Metric, oldest first
         self.params: dict[str, str] = {}
         self.tags: dict[str, str] = {}
         self.sent_params = dict(sent_params or {})  # MLflow params are immutable
@@ -52,14 +52,12 @@ class OutageBuffer:
         """Metric points, params and tags not yet delivered."""
         return len(self.metrics) + len(self.params) + len(self.tags)
 
-    def add_metrics(self, points: Iterable) -> None:
+    def add_metrics(self, points: list) -> None:
         """Queue metric points; beyond ``max_buffer`` the oldest go (one warning)."""
-        self.metrics.extend(points)
-        overflow = len(self.metrics) - self.policy.max_buffer
+        overflow = len(self.metrics) + len(points) - self.policy.max_buffer
+        self.metrics.extend(points)  # the deque's maxlen drops the oldest
         if overflow <= 0:
             return
-        for _ in range(overflow):
-            self.metrics.popleft()
         if self.dropped == 0:
             logger.warning("MLflow buffer for run %s is full (%d metrics); dropping the oldest",
                            self.run_id, self.policy.max_buffer)
@@ -107,9 +105,7 @@ class OutageBuffer:
         backlog = len(self.metrics)
         try:
             self._send(client)
-        except Exception as e:
-            if not is_transient(e):  # pragma: no cover - _batch drops rejected batches
-                raise
+        except Exception as e:  # transient: _batch drops the batches the server rejected
             self.failed(e)
             return
         if self.down:
@@ -124,17 +120,12 @@ class OutageBuffer:
         # Params and tags in separate calls: log_batch's requests of 100 stay under the
         # server's 1 MB limit only unpaired (6 kB params, 8 kB tags). Resending is a no-op.
         if self.params:
-            params = dict(self.params)
-            if self._batch(client, params=[Param(k, v) for k, v in params.items()]):
-                self.sent_params.update(params)
-            for k in params:
-                del self.params[k]
+            if self._batch(client, params=[Param(k, v) for k, v in self.params.items()]):
+                self.sent_params.update(self.params)
+            self.params.clear()
         if self.tags:
-            tags = dict(self.tags)
-            self._batch(client, tags=[RunTag(k, v) for k, v in tags.items()])
-            for k, v in tags.items():
-                if self.tags.get(k) == v:
-                    del self.tags[k]
+            self._batch(client, tags=[RunTag(k, v) for k, v in self.tags.items()])
+            self.tags.clear()
         # Metrics one request at a time, each taken off the buffer once delivered, so that
         # a failure part-way through sends no point twice.
         while self.metrics:

@@ -79,10 +79,8 @@ def redact(text: str) -> str:
 
 def sqlite_path(uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` URI; None for other stores."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    path = uri[len("sqlite:///") :]
-    return None if not path or path == ":memory:" else Path(path)
+    path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
+    return Path(path) if path and path != ":memory:" else None
 
 
 def one_line(e: BaseException, limit: int = 300) -> str:

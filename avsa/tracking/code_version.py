@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+from avsa import __version__
+
 # MLflow's own tag names (mlflow.utils.mlflow_tags), shown by the UI as "Source" and "Version".
 SOURCE_NAME = "mlflow.source.name"
 SOURCE_TYPE = "mlflow.source.type"
@@ -23,20 +25,6 @@ ENTRY_ENV = "AVSA_ENTRY_POINT"  # set by `avsa` and jobs/*.py so Ray workers nam
 COMMIT_ENV = "AVSA_GIT_COMMIT"  # set by image builds that have no .git
 
 _ROOT = Path(__file__).resolve().parents[2]  # the checkout holding avsa/
-
-
-def _package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("avsa")
-    except PackageNotFoundError:
-        return "0+unknown"
-
-
-def entry_point() -> str:
-    """The command that started this run: ``$AVSA_ENTRY_POINT``, else this process's script."""
-    return os.environ.get(ENTRY_ENV) or (Path(sys.argv[0]).name if sys.argv else "") or "python"
 
 
 @functools.lru_cache(maxsize=1)
@@ -59,12 +47,12 @@ def _git_facts() -> dict[str, str]:
 
 
 def code_version_tags() -> dict[str, str]:
-    """The tags for a new run: source, git commit, branch and dirty flag (``unknown`` without
-    git), and ``avsa.code_version``. Never raises."""
-    facts = dict(_git_facts())
-    facts.setdefault(GIT_DIRTY, "unknown")
-    version = _package_version()
-    commit = facts.get(GIT_COMMIT)
-    if commit:
-        version += f"+g{commit[:12]}" + (".dirty" if facts[GIT_DIRTY] == "true" else "")
-    return {SOURCE_NAME: entry_point(), SOURCE_TYPE: "LOCAL", CODE_VERSION: version, **facts}
+    """The tags for a new run: source (``$AVSA_ENTRY_POINT``, else this process's script), git
+    commit, branch and dirty flag (``unknown`` without git), and ``avsa.code_version``. Never
+    raises."""
+    facts = {GIT_DIRTY: "unknown", **_git_facts()}
+    version = __version__
+    if GIT_COMMIT in facts:
+        version += f"+g{facts[GIT_COMMIT][:12]}" + (".dirty" if facts[GIT_DIRTY] == "true" else "")
+    entry = os.environ.get(ENTRY_ENV) or (Path(sys.argv[0]).name if sys.argv else "") or "python"
+    return {SOURCE_NAME: entry, SOURCE_TYPE: "LOCAL", CODE_VERSION: version, **facts}

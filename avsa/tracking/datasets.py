@@ -24,10 +24,8 @@ DIGEST_CHARS = 16  # MLflow stores at most 36
 
 def manifest_digest(manifest: Manifest) -> str:
     """Hex digest of the shards' names and checksums, in manifest order."""
-    h = hashlib.sha256()
-    for s in manifest.shards:
-        h.update(f"{s.name}\0{s.sha256}\n".encode())
-    return h.hexdigest()[:DIGEST_CHARS]
+    text = "".join(f"{s.name}\0{s.sha256}\n" for s in manifest.shards)
+    return hashlib.sha256(text.encode()).hexdigest()[:DIGEST_CHARS]
 
 
 def dataset_name(uri: str, manifest: Manifest) -> str:

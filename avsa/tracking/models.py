@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from avsa.errors import CheckpointError, TrackingError
 from avsa.tracking.client import connect, is_remote, one_line
+from avsa.tracking.store import CHECKPOINT
 
 if TYPE_CHECKING:
     from avsa.config import Config
@@ -108,10 +109,10 @@ def save_local(state: dict[str, Any], path: Path) -> None:
 
 
 def log_encoders(logger: RunLogger, checkpoint_uri: str, *, register_as: str | None = None,
-                 step: int = 0) -> ModelRef | str | None:
+                 step: int = 0) -> ModelRef | None:
     """Log the network of ``checkpoint_uri`` as the model ``encoders`` of ``logger``'s run
-    and, with ``register_as``, register it. Returns the registered version, else the logged
-    model's id; None (after one warning) when MLflow could not take it. Never raises."""
+    and, with ``register_as``, register it. Returns the registered version; None without
+    ``register_as``, or (after one warning) when MLflow could not take it. Never raises."""
     from avsa.train.checkpoint import resolve_init
 
     try:
@@ -119,7 +120,6 @@ def log_encoders(logger: RunLogger, checkpoint_uri: str, *, register_as: str | N
     except Exception as e:
         log.warning("not logging the encoders of run %s as an MLflow model: %s", logger.run_id, e)
         return None
-    result: dict[str, Any] = {}
 
     def upload(client) -> None:
         from mlflow.entities import LoggedModelOutput, LoggedModelStatus
@@ -129,19 +129,16 @@ def log_encoders(logger: RunLogger, checkpoint_uri: str, *, register_as: str | N
             save_local(state, local)
             model = client.create_logged_model(
                 logger.experiment_id, name=MODEL_NAME, source_run_id=logger.run_id,
-                model_type="avsa-encoders", tags={"avsa.checkpoint_uri": checkpoint_uri})
+                model_type="avsa-encoders", tags={CHECKPOINT: checkpoint_uri})
             client.log_model_artifacts(model.model_id, str(local))
         client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
         client.log_outputs(logger.run_id, [LoggedModelOutput(model.model_id, step=step)])
-        result["model_id"] = model.model_id
 
     if not logger.attempt(f"the encoders model (from {checkpoint_uri})", upload):
         log.warning("MLflow run %s has no model; transfer can still start from pretrain=%s or "
                     "pretrain=%s", logger.run_id, logger.run_id, checkpoint_uri)
         return None
-    if not register_as:
-        return result["model_id"]
-    return register(logger, register_as)
+    return register(logger, register_as) if register_as else None
 
 
 def log_final(logger: RunLogger, cfg: Config, checkpoint_uri: str | None, *, register: bool,
@@ -185,8 +182,7 @@ def register(logger: RunLogger, name: str, alias: str | None = None) -> ModelRef
         model_id = _run_model_id(client, logger.run_id)
         if model_id is None:
             raise TrackingError(logger.run_id, "the run has no logged model")
-        existing = [mv for mv in client.search_model_versions(f"name = '{name}'")
-                    if mv.run_id == logger.run_id]
+        existing = client.search_model_versions(f"name = '{name}' and run_id = '{logger.run_id}'")
         if existing:
             mv = existing[0]
         else:

@@ -16,19 +16,12 @@ MAX_KEY = 250
 _SECRET_MARKERS = ("secret", "password", "token", "key_id", "access_key")
 
 
-def _is_secret(name: str) -> bool:
-    low = name.lower()
-    return any(marker in low for marker in _SECRET_MARKERS)
-
-
 def _leaf_text(value: Any) -> str:
     if isinstance(value, enum.Enum):
         value = value.value
     if isinstance(value, (list, tuple)):
-        text = "[" + ", ".join(_leaf_text(v) for v in value) + "]"
-    else:
-        text = str(value)
-    return redact(text)
+        return "[" + ", ".join(_leaf_text(v) for v in value) + "]"
+    return redact(str(value))
 
 
 def _children(obj: Any) -> Iterable[tuple[str, Any]] | None:
@@ -49,7 +42,7 @@ def _children(obj: Any) -> Iterable[tuple[str, Any]] | None:
     return None
 
 
-def flatten_config(obj: Any, prefix: str = "") -> dict[str, str]:
+def flatten_config(obj: Any) -> dict[str, str]:
     """Flatten nested dataclasses / dicts / OmegaConf configs into MLflow params.
 
     Keys are dotted paths (``data.num_viewpoints``); values are strings truncated to MLflow's
@@ -65,9 +58,8 @@ def flatten_config(obj: Any, prefix: str = "") -> dict[str, str]:
             out[(path or "value")[:MAX_KEY]] = _leaf_text(value)[:MAX_PARAM_VALUE]
             return
         for name, child in children:
-            if _is_secret(name):
-                continue
-            walk(child, f"{path}.{name}" if path else name)
+            if not any(marker in name.lower() for marker in _SECRET_MARKERS):
+                walk(child, f"{path}.{name}" if path else name)
 
-    walk(obj, prefix)
+    walk(obj, "")
     return out

@@ -23,15 +23,11 @@ from avsa.tracking.buffer import BufferPolicy, OutageBuffer
 from avsa.tracking.client import connect, is_remote, is_transient, one_line, reading, redact
 from avsa.tracking.code_version import code_version_tags
 from avsa.tracking.params import MAX_KEY, MAX_TAG_VALUE, flatten_config
-from avsa.tracking.store import NOTE, PARENT, experiment_id
+from avsa.tracking.store import PARENT, experiment_id
 
 logger = logging.getLogger("avsa.tracking")
 
 END_STATUSES = ("FINISHED", "FAILED", "KILLED")
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def _check_key(uri: str, key: str) -> str:
@@ -90,7 +86,6 @@ class RunLogger:
         params: Any = None,
         parent_run_id: str | None = None,
         resume_run_id: str | None = None,
-        description: str | None = None,
         policy: BufferPolicy | None = None,
     ) -> RunLogger:
         """Create (or, with ``resume_run_id``, reopen as RUNNING) a run in ``experiment``
@@ -102,8 +97,6 @@ class RunLogger:
             all_tags = {**code_version_tags(), **all_tags}
         if parent_run_id:
             all_tags[PARENT] = parent_run_id
-        if description:
-            all_tags[NOTE] = description
 
         def open_run() -> tuple[str, str, dict[str, str]]:
             if resume_run_id:
@@ -127,12 +120,12 @@ class RunLogger:
 
     # -- metrics, params, tags
 
-    def log_metrics(self, metrics: Mapping[str, Any], step: int,
-                    timestamp_ms: int | None = None) -> None:
-        """Log ``{key: number}`` at integer ``step`` (timestamp: now, in ms since the epoch)."""
+    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
+        """Log ``{key: number}`` at integer ``step``, timestamped now (ms since the epoch)."""
         from mlflow.entities import Metric
+        from mlflow.utils.time import get_current_time_millis
 
-        ts = _now_ms() if timestamp_ms is None else int(timestamp_ms)
+        ts = get_current_time_millis()
         points = [Metric(_check_key(self.uri, k), _metric_value(self.uri, k, v), ts, int(step))
                   for k, v in metrics.items()]
         with self._lock:
@@ -152,12 +145,6 @@ class RunLogger:
         with self._lock:
             self._buffer.tags.update({str(k): str(v)[:MAX_TAG_VALUE] for k, v in tags.items()})
             self._buffer.deliver(self._client)
-
-    @property
-    def pending(self) -> int:
-        """Metric points, params and tags not yet delivered."""
-        with self._lock:
-            return self._buffer.pending
 
     def flush(self) -> bool:
         """Try to deliver everything buffered now; True when nothing is left."""
@@ -204,13 +191,11 @@ class RunLogger:
 
     # -- the end
 
-    def drain(self, timeout_s: float | None = None) -> bool:
-        """Keep delivering the buffer, backing off, for at most ``timeout_s`` (default
-        ``policy.end_timeout_s``) before this process exits; True when nothing is left (else a
-        warning). Never raises."""
-        timeout_s = self.policy.end_timeout_s if timeout_s is None else timeout_s
+    def drain(self) -> None:
+        """Keep delivering the buffer, backing off, for at most ``policy.end_timeout_s`` before
+        this process exits; warns of what is left. Never raises."""
         with self._lock:
-            deadline, pause = time.monotonic() + timeout_s, 0.5
+            deadline, pause = time.monotonic() + self.policy.end_timeout_s, 0.5
             while True:
                 try:
                     self._buffer.deliver(self._client, force=True)
@@ -226,7 +211,6 @@ class RunLogger:
                 logger.warning("MLflow at %s: %d metrics (and %d params/tags) could not be "
                                "delivered to run %s", redact(self.uri), metrics, other,
                                self.run_id)
-            return not (metrics or other)
 
     def end(self, status: str = "FINISHED") -> None:
         """:meth:`drain`, then mark the run ``status`` (FINISHED, FAILED or KILLED). Warns,
@@ -237,8 +221,7 @@ class RunLogger:
             if self._ended:
                 return
             self.drain()
-            end_ms = _now_ms()
-            self._call(lambda: self._client.set_terminated(self.run_id, status, end_ms),
+            self._call(lambda: self._client.set_terminated(self.run_id, status),
                        f"mark run {self.run_id} {status}")
             self._ended = True
 
@@ -247,8 +230,6 @@ class RunLogger:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
-            self.end("FINISHED")
-        elif issubclass(exc_type, KeyboardInterrupt):
-            self.end("KILLED")
+            self.end()
         else:
-            self.end("FAILED")
+            self.end("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")

@@ -14,10 +14,9 @@ TASK = "avsa.task"
 PRETRAIN_RUN = "avsa.pretrain_run_id"
 CHECKPOINT = "avsa.checkpoint_uri"
 PARENT = "mlflow.parentRunId"
-NOTE = "mlflow.note.content"  # the run description shown by the MLflow UI
+SYSTEM = "system/"  # the prefix of system-metric keys, sampled on their own steps from 1
 # The experiment tag MLflow 3's UI reads to open an experiment on its runs table ("Model
 # training") instead of the GenAI views (traces).
-SYSTEM = "system/"  # the prefix of system-metric keys, sampled on their own steps from 1
 EXPERIMENT_KIND = "mlflow.experimentKind"
 EXPERIMENT_KIND_VALUE = "custom_model_development"
 
@@ -26,21 +25,17 @@ def experiment_id(mlflow_client, uri: str, name: str, *, create: bool) -> str | 
     """The id of experiment ``name``; with ``create``, made (or restored) if missing, with
     its artifacts next to a SQLite database. None when missing and not ``create``."""
     exp = mlflow_client.get_experiment_by_name(name)
-    if exp is not None and exp.lifecycle_stage == "deleted":
-        if not create:
-            return None
-        mlflow_client.restore_experiment(exp.experiment_id)
+    if not create:
+        return None if exp is None or exp.lifecycle_stage == "deleted" else exp.experiment_id
     if exp is not None:
-        if create and EXPERIMENT_KIND not in exp.tags:  # a kind someone chose is kept
+        if exp.lifecycle_stage == "deleted":
+            mlflow_client.restore_experiment(exp.experiment_id)
+        if EXPERIMENT_KIND not in exp.tags:  # a kind someone chose is kept
             mlflow_client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND,
                                              EXPERIMENT_KIND_VALUE)
         return exp.experiment_id
-    if not create:
-        return None
-    location = None
-    db = sqlite_path(uri)
-    if db is not None:  # next to the database, not relative to whoever creates it
-        location = (db.parent / "artifacts").resolve().as_uri()
+    db = sqlite_path(uri)  # artifacts next to it, not relative to whoever creates them
+    location = None if db is None else (db.parent / "artifacts").resolve().as_uri()
     from mlflow.exceptions import MlflowException
 
     try:

@@ -24,7 +24,9 @@ log = logging.getLogger("avsa.tracking")
 
 
 class _Monitor:
-    def __init__(self, logger: RunLogger, interval_s: float, prefix: str, first_step: int):
+    """Samples every ``interval_s`` on its own thread from construction until :meth:`stop`."""
+
+    def __init__(self, logger: RunLogger, interval_s: float, first_step: int):
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
         # Only its collectors are used: __init__ makes no request (resume_logging=False).
@@ -32,10 +34,10 @@ class _Monitor:
                                             tracking_uri=logger.uri)
         self.logger = logger
         self.interval_s = float(self._mlflow.sampling_interval)
-        self.prefix = prefix
         self.step = first_step
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="avsa-system-metrics")
+        self._thread.start()
 
     def _sample(self) -> None:
         self._mlflow.collect_metrics()
@@ -43,7 +45,7 @@ class _Monitor:
         for monitor in self._mlflow.monitors:
             monitor.clear_metrics()
         if metrics:
-            self.logger.log_metrics({self.prefix + k: v for k, v in metrics.items()}, self.step)
+            self.logger.log_metrics({SYSTEM + k: v for k, v in metrics.items()}, self.step)
             self.step += 1
 
     def _run(self) -> None:
@@ -54,10 +56,6 @@ class _Monitor:
                 log.warning("system metrics: %s; no more samples for run %s", e,
                             self.logger.run_id)
                 return
-
-    def start(self) -> _Monitor:
-        self._thread.start()
-        return self
 
     def stop(self) -> None:
         """Stop sampling (the last sample goes to the run's buffer first)."""
@@ -71,18 +69,16 @@ class _Monitor:
             log.debug("system metrics: last sample failed: %s", e)
 
 
-def start(logger: RunLogger | None, tracking: TrackingConfig, node: str = "") -> _Monitor | None:
-    """Sample system metrics onto ``logger``'s run as ``system/[node/]<name>`` until
+def start(logger: RunLogger | None, tracking: TrackingConfig) -> _Monitor | None:
+    """Sample system metrics onto ``logger``'s run as ``system/<name>`` until
     ``stop()``; None when ``tracking.system_metrics`` is off or MLflow cannot sample here."""
     if logger is None or not tracking.system_metrics:
         return None
     try:
-        monitor = _Monitor(logger, tracking.system_metrics_interval_s,
-                           SYSTEM + (f"{node}/" if node else ""), _first_step(logger))
+        return _Monitor(logger, tracking.system_metrics_interval_s, _first_step(logger))
     except Exception as e:  # e.g. psutil missing
         log.warning("system metrics off for run %s: %s", logger.run_id, e)
         return None
-    return monitor.start()
 
 
 def _first_step(logger: RunLogger) -> int:
@@ -96,10 +92,9 @@ def _first_step(logger: RunLogger) -> int:
 
 
 @contextlib.contextmanager
-def sampling(logger: RunLogger | None, tracking: TrackingConfig,
-             node: str = "") -> Iterator[_Monitor | None]:
+def sampling(logger: RunLogger | None, tracking: TrackingConfig) -> Iterator[_Monitor | None]:
     """:func:`start` for the block, stopped at its end however the block ends."""
-    monitor = start(logger, tracking, node)
+    monitor = start(logger, tracking)
     try:
         yield monitor
     finally:
