@@ -267,19 +267,13 @@ def peak_memory_mb(device: torch.device) -> tuple[float, str]:
 _FEED: dict[str, Any] = {}
 
 
-def _feed_init(clip_dir: str, data_cfg) -> None:
+def _feed_init(samples: list, data_cfg) -> None:
     """Decode process: one thread, the clips' bytes held in memory."""
     import cv2
 
-    from avsa.data.shards import RawSample
-
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
-    paths = sorted(Path(clip_dir).glob("*.mp4"))
-    _FEED["samples"] = [
-        RawSample(p.stem, {"mp4": p.read_bytes(), "json": p.with_suffix(".json").read_bytes()})
-        for p in paths]
-    _FEED["cfg"] = data_cfg
+    _FEED.update(samples=samples, cfg=data_cfg)
 
 
 def _feed_sample(i: int) -> dict[str, Any]:
@@ -298,17 +292,13 @@ def decode_feed(cfg: Config, spec: Spec, clip_dir: Path):
     import queue
 
     import numpy as np
+    from decode_cost import clips  # bench/, beside this script
 
-    from avsa import synth
-
-    if not any(clip_dir.glob("*.mp4")):
-        synth.write_dataset(clip_dir, spec.feed_clips, 4.0, seed=0, progress=False,
-                            width=spec.feed_width, height=spec.feed_width // 2)
+    samples = clips(clip_dir, spec.feed_clips, 4.0, spec.feed_width)
     pool = multiprocessing.get_context("spawn").Pool(
-        spec.feed_workers, initializer=_feed_init, initargs=(str(clip_dir), cfg.data))
+        spec.feed_workers, initializer=_feed_init, initargs=(samples, cfg.data))
     ready: queue.Queue = queue.Queue(maxsize=2)
     stop = threading.Event()
-
     pin = torch.cuda.is_available()
 
     def put(item) -> None:
@@ -700,6 +690,9 @@ def parse_spec(argv: list[str] | None = None) -> tuple[Spec, bool]:
     a = p.parse_args(argv)
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch.cuda.is_available() is False")
+    if a.feed_workers < 0 or a.feed_width < 64:
+        p.error(f"--feed-workers must be >= 0 and --feed-width >= 64, got {a.feed_workers} and "
+                f"{a.feed_width}")
     given = {k: getattr(a, k) for k in SHAPES if getattr(a, k) is not None}
     for k, v in given.items():
         if v < (0 if k == "warmup" else 1):
