@@ -178,9 +178,10 @@ class TransferHead:
     The class is the task's entry in the registry (avsa.downstream.run.TASKS): `source` says
     where its clips come from, and the constructor (model, source, ds, device) builds the head
     after the caller seeded torch. The instance sets `name` and `module` (the trainable head,
-    on its device) and defines `encode` (a source batch -> cached rows, one per clip or per crop), `loss` on
-    a minibatch of rows (None skips it) and `score` on the test split. `prepare` sees the
-    encoded training split before training; `fit` is overridden where a task trains end to end.
+    on its device) and defines `encode` (a source batch -> cached rows, one per clip or per
+    crop), `loss` on a minibatch of rows (None skips it) and `score` on the test split.
+    `prepare` sees the encoded training split before training; `fit` is overridden where a task
+    trains end to end.
     """
 
     name: str

@@ -4,7 +4,7 @@ samples skipped upstream are counted when their rows reach the worker, not when 
 
 The pipeline counts a skipped sample on a row of the same shard (avsa/data/pipeline.py). Behind
 Ray Data's local shuffle that row could wait in the buffer past the end of the run, or of an
-attempt that a worker death ends, and its count never reach a metric.
+attempt that a worker death ends, and its skip count would never reach a metric.
 """
 
 from __future__ import annotations
