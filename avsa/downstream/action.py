@@ -187,14 +187,19 @@ class ActionTask(TransferHead):
                     seen.append(batch["labels"].float())
                 yield to_device(batch, self.device)
 
-        result = fit_head(
-            self.net, lambda b: action_loss(self.net(b["video"]), b["labels"], self.declared),
-            batches, epochs=ds.epochs, lr=self.lr(ds), max_steps=ds.max_steps,
-            lr_milestones=milestones(ds.epochs), lr_gamma=LR_GAMMA, log=log)
+        def loss(b):  # the loss the linear probe would pick for the whole split, batch by batch
+            single = self.declared or is_single_label(b["labels"])
+            return action_loss(self.net(b["video"]), b["labels"], single)
+
+        result = fit_head(self.net, loss, batches, epochs=ds.epochs, lr=self.lr(ds),
+                          max_steps=ds.max_steps, lr_milestones=milestones(ds.epochs),
+                          lr_gamma=LR_GAMMA, log=log)
         if result.steps == 0:
             raise ShardError(getattr(source, "train_uri", "train split"),
                              "action: no training clips")
-        self.majority = majority_class(torch.cat(seen))
+        labels = torch.cat(seen)
+        self.single = self.declared or is_single_label(labels)
+        self.majority = majority_class(labels)
         return result
 
     def score(self, source, examples: dict | None) -> dict[str, float]:
