@@ -126,16 +126,16 @@ def test_interrupt_damage_and_resume(shards, tmp_path, mlflow_uri, start):
     # first once checkpoint 4 is complete.
     first = start(args, ray_tmp)
     _wait_for(run / "avsa_lease.json", first)
-    t0 = time.monotonic()
+    # a Ray address ray.init refuses at once: had the second reached Ray before the lease, it
+    # would fail on that instead of the refusal below
     second = subprocess.run([sys.executable, "-m", "avsa.cli", *args], cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
-                            text=True, timeout=120)
-    refused_s = time.monotonic() - t0
+                            env={**os.environ, "PYTHONPATH": str(REPO),
+                                 "RAY_ADDRESS": "no-ray-here"},
+                            capture_output=True, text=True, timeout=120)
     assert second.returncode == 2, second.stderr
     line = second.stderr.strip().splitlines()[-1]
     assert f"{run}: in use by another avsa pretrain (host " in line, line
     assert f"pid {first.pid}, started " in line
-    assert refused_s < 30, refused_s  # a fresh interpreter's imports, then one file create
     _wait_for(_ckpt(run, 4) / COMMITTED, first)
     os.kill(first.pid, signal.SIGINT)
     _, err = first.communicate(timeout=180)
