@@ -136,6 +136,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=3.0, help="clip length (AVTS needs >= 2 s)")
     p.add_argument("--steps", type=int, default=300, help="pretraining steps of every variant")
     p.add_argument("--seeds", type=int, default=2, help="head seeds per transfer cell")
+    p.add_argument("--pretrain-seeds", type=int, default=1,
+                   help="pretrainings of every variant (train.seed +0, +1, ...); a cell pools "
+                        "the head seeds of all of them, so its interval covers pretraining's "
+                        "spread too")
     p.add_argument("--tables", type=_names(TABLES), default=list(TABLES),
                    help="comma-separated, of " + ",".join(TABLES))
     p.add_argument("--viewpoints", type=_ints, default=[1, 2, 4, 8],
@@ -151,8 +155,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.clips < 8 or args.test_clips < 2 or args.action_clips < 8:
         p.error("need --clips >= 8, --test-clips >= 2 and --action-clips >= 8")
-    if args.steps < 2 or args.seeds < 1 or args.seconds <= 0:
-        p.error("need --steps >= 2, --seeds >= 1 and --seconds > 0")
+    if args.steps < 2 or args.seeds < 1 or args.pretrain_seeds < 1 or args.seconds <= 0:
+        p.error("need --steps >= 2, --seeds >= 1, --pretrain-seeds >= 1 and --seconds > 0")
     return args
 
 
@@ -181,33 +185,45 @@ def _common(args: argparse.Namespace, uri: str) -> list[str]:
     return [PRESET, f"tracking.uri={uri}", f"data.seed={args.seed}", *args.overrides]
 
 
-def pretrain_all(args, tables, data, uri) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
-    """Pretrain each distinct variant once (rows with the same config share a run): row ->
-    checkpoint reference, row -> its final validation metrics."""
+def pretrain_configs(args, tables, data, uri) -> list[tuple[str, object]]:
+    """(row, config) of every pretraining: each distinct variant --pretrain-seeds times
+    (train.seed +0, +1, ...), its run named by the config's digest, so rows with the same
+    config, and other invocations (other --tables), find the same run."""
     from avsa.config import compose
-    from avsa.train.driver import pretrain
 
     variants = {v.row: v for t in tables for v in t.rows if v is not None}
-    configs = {}
+    configs = []
     for row, v in variants.items():
         train, test = data[v.data]
-        configs[row] = compose([
-            *_common(args, uri), f"data.shards={train}", f"data.val_shards={test}",
-            *v.overrides, f"train.max_steps={args.steps}", f"train.seed={args.seed}",
-            f"storage.path={(args.out / 'runs').resolve()}",
-            "tracking.experiment=avsa-reproduce-pretrain"])
-    runs: dict[str, object] = {}  # run name (the config's digest) -> result
-    refs, metrics = {}, {}
-    for i, (row, cfg) in enumerate(configs.items(), 1):
-        # named by the digest: another invocation (other --tables) finds the same pretraining
-        key = cfg.storage.run_name = f"reproduce-{cfg.run_name()}"
-        if key not in runs:
+        for p in range(args.pretrain_seeds):
+            cfg = compose([
+                *_common(args, uri), f"data.shards={train}", f"data.val_shards={test}",
+                *v.overrides, f"train.max_steps={args.steps}", f"train.seed={args.seed + p}",
+                f"storage.path={(args.out / 'runs').resolve()}",
+                "tracking.experiment=avsa-reproduce-pretrain"])
+            cfg.storage.run_name = f"reproduce-{cfg.run_name()}"
+            configs.append((row, cfg))
+    return configs
+
+
+def pretrain_all(args, tables, data, uri) -> tuple[dict[str, list[str]],
+                                                   dict[str, dict[str, float]]]:
+    """Run `pretrain_configs` (each distinct run once): row -> checkpoint reference of each
+    pretraining seed, row -> the first one's final validation metrics."""
+    from avsa.train.driver import pretrain
+
+    configs = pretrain_configs(args, tables, data, uri)
+    runs: dict[str, object] = {}  # run name -> result
+    refs: dict[str, list[str]] = {}
+    metrics: dict[str, dict[str, float]] = {}
+    for i, (row, cfg) in enumerate(configs, 1):
+        if (key := cfg.storage.run_name) not in runs:
             print(f"[avsa reproduce] pretraining {i}/{len(configs)}: {row}", flush=True)
             runs[key] = pretrain(cfg)
         res = runs[key]
-        refs[row] = res.run_id or res.checkpoint_uri or res.run_uri
-        metrics[row] = {k: float(res.metrics[k]) for k in PRETRAIN_COLUMNS
-                        if isinstance(res.metrics.get(k), (int, float))}
+        refs.setdefault(row, []).append(res.run_id or res.checkpoint_uri or res.run_uri)
+        metrics.setdefault(row, {k: float(res.metrics[k]) for k in PRETRAIN_COLUMNS
+                                 if isinstance(res.metrics.get(k), (int, float))})
     return refs, metrics
 
 
@@ -230,30 +246,39 @@ def job_cell(row: str, task: str, extra: list[str], seed: int) -> tuple:
     return cell_key(RunRecord("", row, task, context, 0, {}, str(seed), None))
 
 
+def cell_jobs(t: Table, seeds: int, pretrain_seeds: int, refs: dict[str, list[str]]
+              ) -> list[tuple[str, str, list[str], int, str]]:
+    """(row, task, overrides, seed, pretraining) of every transfer cell of table `t`: seed
+    p * seeds + s is head seed s on pretraining seed p (scratch: another random encoder), so
+    with one pretraining seed the seeds are the head seeds."""
+    return [(v.row if v else "scratch", task, extra, seed,
+             refs[v.row][seed // seeds] if v else "scratch")
+            for v in t.rows for task, extra in t.transfers for seed in range(seeds * pretrain_seeds)]
+
+
 def transfer_all(args, tables, data, refs, uri) -> None:
-    """Every (row, transfer, seed) cell of every table that MLflow does not hold yet."""
+    """Every cell of every table (`cell_jobs`) that MLflow does not hold yet."""
     from avsa.config import compose
     from avsa.downstream.run import run_transfer
 
     memo: dict = {}  # decoded clips, shared by every head that reads the same data
+    wet = {v.row for t in tables for v in t.rows if v is not None and v.data == "wet"}
     for t in tables:
         experiment = f"avsa-reproduce-{t.name}"
         done = done_cells(uri, experiment)
-        jobs = [(v, task, extra, seed) for v in t.rows for task, extra in t.transfers
-                for seed in range(args.seeds)]
-        for i, (v, task, extra, seed) in enumerate(jobs, 1):
-            row = "scratch" if v is None else v.row
+        jobs = cell_jobs(t, args.seeds, args.pretrain_seeds, refs)
+        for i, (row, task, extra, seed, pretrained) in enumerate(jobs, 1):
             cell = job_cell(row, task, extra, seed)
             if cell in done:
                 continue
             train, test = data["action" if task == "action" else
-                               ("dry" if v is None else v.data)]
+                               ("wet" if row in wet else "dry")]
             # every row is read through the same clips and viewpoints (the preset's V); the
             # network brings its own audio input (see avsa.downstream.run)
             cfg = compose([*_common(args, uri), *extra,
                            f"data.shards={train}", f"data.val_shards={test}",
                            f"downstream.task={task}", f"downstream.seed={seed}",
-                           f"downstream.pretrain={'scratch' if v is None else refs[v.row]}",
+                           f"downstream.pretrain={pretrained}",
                            f"downstream.row={row}", f"downstream.experiment={experiment}"])
             print(f"[avsa reproduce] {t.name} {i}/{len(jobs)}: {row} {task} "
                   f"{cell[2] or ''} seed {seed}", flush=True)

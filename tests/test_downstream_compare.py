@@ -161,9 +161,40 @@ def test_reproduce_plans_every_table_with_equal_pairs_per_step():
     assert [v.row for v in tables["viewpoints"].rows] == ["avsa-v1", "avsa", "avsa-v8"]
     audio = [(v.row, v.data) for v in tables["audio"].rows]
     assert audio == [("logmel", "dry"), ("intensity", "dry"), ("intensity-rt60", "wet")]
-    for bad in (["--clips", "3"], ["--tables", "pretext,nope"], ["--viewpoints", "0,2"]):
+    for bad in (["--clips", "3"], ["--tables", "pretext,nope"], ["--viewpoints", "0,2"],
+                ["--pretrain-seeds", "0"]):
         with pytest.raises(SystemExit):
             reproduce.parse_args(bad)
+
+
+def test_reproduce_pools_head_seeds_over_pretraining_seeds():
+    from avsa import reproduce
+
+    table = reproduce.Table("t", (), [("avsa_bin", []), ("segmentation", ["x=1"])],
+                            [None, reproduce.Variant("avsa")])
+    one = reproduce.cell_jobs(table, 2, 1, {"avsa": ["run0"]})
+    # one pretraining: the seeds are the head seeds, as cells logged before the flag are keyed
+    assert [(r, t, s, p) for r, t, _, s, p in one] == [
+        ("scratch", "avsa_bin", 0, "scratch"), ("scratch", "avsa_bin", 1, "scratch"),
+        ("scratch", "segmentation", 0, "scratch"), ("scratch", "segmentation", 1, "scratch"),
+        ("avsa", "avsa_bin", 0, "run0"), ("avsa", "avsa_bin", 1, "run0"),
+        ("avsa", "segmentation", 0, "run0"), ("avsa", "segmentation", 1, "run0")]
+    two = reproduce.cell_jobs(table, 2, 2, {"avsa": ["run0", "run1"]})
+    avsa_bin = [(s, p) for r, t, _, s, p in two if (r, t) == ("avsa", "avsa_bin")]
+    assert avsa_bin == [(0, "run0"), (1, "run0"), (2, "run1"), (3, "run1")]
+    assert len({reproduce.job_cell(r, t, e, s) for r, t, e, s, _ in two}) == len(two) == 16
+
+    args = reproduce.parse_args(["--pretrain-seeds", "2", "--tables", "pretext,audio"])
+    tables = reproduce.plan(args, batch=8, v=4)
+    configs = reproduce.pretrain_configs(args, tables, {"dry": ("d/tr", "d/te"),
+                                                        "wet": ("w/tr", "w/te")}, "sqlite:///x")
+    names = {}
+    for row, cfg in configs:
+        names.setdefault(row, []).append(cfg.storage.run_name)
+    assert [cfg.train.seed for row, cfg in configs if row == "avsa"] == [0, 1]
+    assert all(len(set(n)) == 2 for n in names.values())  # each seed its own run
+    assert names["intensity"] == names["avsa"]  # the preset's input: the same two runs
+    assert len({n for ns in names.values() for n in ns}) == 2 * (len(names) - 1)
 
 
 def test_reproduce_skips_exactly_the_cells_mlflow_holds(mlflow_uri):
