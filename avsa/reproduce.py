@@ -247,12 +247,14 @@ def job_cell(row: str, task: str, extra: list[str], seed: int) -> tuple:
 
 
 def cell_jobs(t: Table, seeds: int, pretrain_seeds: int, refs: dict[str, list[str]]
-              ) -> list[tuple[str, str, list[str], int, str]]:
-    """(row, task, overrides, seed, pretraining) of every transfer cell of table `t`: seed
-    p * seeds + s is head seed s on pretraining seed p (scratch: another random encoder), so
-    with one pretraining seed the seeds are the head seeds."""
+              ) -> list[tuple[str, str, list[str], int, str, str]]:
+    """(row, task, overrides, seed, pretraining, data set) of every transfer cell of table
+    `t`: seed p * seeds + s is head seed s on pretraining seed p (scratch: another random
+    encoder), so with one pretraining seed the seeds are the head seeds. Action reads the
+    single-class clips; other tasks the data the row pretrained on."""
     return [(v.row if v else "scratch", task, extra, seed,
-             refs[v.row][seed // seeds] if v else "scratch")
+             refs[v.row][seed // seeds] if v else "scratch",
+             "action" if task == "action" else (v.data if v else "dry"))
             for v in t.rows for task, extra in t.transfers for seed in range(seeds * pretrain_seeds)]
 
 
@@ -262,17 +264,15 @@ def transfer_all(args, tables, data, refs, uri) -> None:
     from avsa.downstream.run import run_transfer
 
     memo: dict = {}  # decoded clips, shared by every head that reads the same data
-    wet = {v.row for t in tables for v in t.rows if v is not None and v.data == "wet"}
     for t in tables:
         experiment = f"avsa-reproduce-{t.name}"
         done = done_cells(uri, experiment)
         jobs = cell_jobs(t, args.seeds, args.pretrain_seeds, refs)
-        for i, (row, task, extra, seed, pretrained) in enumerate(jobs, 1):
+        for i, (row, task, extra, seed, pretrained, data_set) in enumerate(jobs, 1):
             cell = job_cell(row, task, extra, seed)
             if cell in done:
                 continue
-            train, test = data["action" if task == "action" else
-                               ("wet" if row in wet else "dry")]
+            train, test = data[data_set]
             # every row is read through the same clips and viewpoints (the preset's V); the
             # network brings its own audio input (see avsa.downstream.run)
             cfg = compose([*_common(args, uri), *extra,

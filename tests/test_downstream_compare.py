@@ -174,15 +174,20 @@ def test_reproduce_pools_head_seeds_over_pretraining_seeds():
                             [None, reproduce.Variant("avsa")])
     one = reproduce.cell_jobs(table, 2, 1, {"avsa": ["run0"]})
     # one pretraining: the seeds are the head seeds, as cells logged before the flag are keyed
-    assert [(r, t, s, p) for r, t, _, s, p in one] == [
+    assert [(r, t, s, p) for r, t, _, s, p, _ in one] == [
         ("scratch", "avsa_bin", 0, "scratch"), ("scratch", "avsa_bin", 1, "scratch"),
         ("scratch", "segmentation", 0, "scratch"), ("scratch", "segmentation", 1, "scratch"),
         ("avsa", "avsa_bin", 0, "run0"), ("avsa", "avsa_bin", 1, "run0"),
         ("avsa", "segmentation", 0, "run0"), ("avsa", "segmentation", 1, "run0")]
     two = reproduce.cell_jobs(table, 2, 2, {"avsa": ["run0", "run1"]})
-    avsa_bin = [(s, p) for r, t, _, s, p in two if (r, t) == ("avsa", "avsa_bin")]
+    avsa_bin = [(s, p) for r, t, _, s, p, _ in two if (r, t) == ("avsa", "avsa_bin")]
     assert avsa_bin == [(0, "run0"), (1, "run0"), (2, "run1"), (3, "run1")]
-    assert len({reproduce.job_cell(r, t, e, s) for r, t, e, s, _ in two}) == len(two) == 16
+    assert len({reproduce.job_cell(r, t, e, s) for r, t, e, s, _, _ in two}) == len(two) == 16
+    wet = reproduce.Table("w", (), [("action", []), ("avc_bin", [])],
+                          [None, reproduce.Variant("r", (), "wet")])
+    assert [(r, t, d) for r, t, _, s, _, d in reproduce.cell_jobs(wet, 1, 1, {"r": ["x"]})] == [
+        ("scratch", "action", "action"), ("scratch", "avc_bin", "dry"),
+        ("r", "action", "action"), ("r", "avc_bin", "wet")]
 
     args = reproduce.parse_args(["--pretrain-seeds", "2", "--tables", "pretext,audio"])
     tables = reproduce.plan(args, batch=8, v=4)
