@@ -152,9 +152,6 @@ class SegmentationTask(TransferHead):
     """
 
     name = "segmentation"
-    # at METHOD.md's 1e-4 every head still improved at 100 epochs (a few steps per epoch on a
-    # few hundred crops); at 1e-3 early stopping ends them converged
-    default_lr = 1e-3
 
     def __init__(self, model: AVSANet, source, ds: DownstreamConfig, device: torch.device):
         if ds.context not in CONTEXTS:
