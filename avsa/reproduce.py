@@ -3,15 +3,18 @@
 Synthesises the data sets, pretrains every variant the tables need, transfers each (several
 head seeds per cell) and writes the tables with 95% bootstrap intervals, to set beside the
 paper's numbers (METHOD.md §8):
-- pretext: scratch, AVC, AVTS, AVSA and AVSA after an AVC curriculum x every transfer task,
-  all from frozen encoders (action recognition on a second set of single-class clips);
+- pretext: scratch, AVC, AVTS, AVSA and AVSA after an AVC curriculum (--pretexts) x every
+  transfer task (--binary-only: the two binary ones), all from frozen encoders (action
+  recognition on a second set of single-class clips);
 - viewpoints: AVSA-Bin and AVC-Bin of AVSA pretrained with V in --viewpoints;
 - audio: the same for each audio input in --features, dry and in a room (RT60 --rt60).
 
 Every pretext sees the same (view, audio) pairs per step: the one-viewpoint baselines take V
 times the batch. Everything lands under --out: data/, runs/ (checkpoints), mlruns/ (unless
 --tracking-uri) and tables/NAME.{md,csv,png}, also on the MLflow run `reproduce`. Re-running
-skips what is done (clips, pretrainings, transfer cells in MLflow). Extra arguments are Hydra
+skips what is done (clips, pretrainings, transfer cells in MLflow); a cell counts as done, and
+enters the tables, only from this invocation's pretrainings, so other --steps or --seed on the
+same --out make their own cells. Extra arguments are Hydra
 overrides for every run, e.g. `model=full train.use_gpu=true` on a GPU.
 """
 
@@ -73,16 +76,18 @@ def plan(args: argparse.Namespace, batch: int, v: int,
          preset_features: str = "intensity") -> list[Table]:
     """The tables asked for."""
     tables = []
+    bins = [("avsa_bin", []), ("avc_bin", [])]
     if "pretext" in args.tables:
-        t = Table("pretext", PRETEXT_COLUMNS, TRANSFERS, [None])
+        t = (Table("pretext", BIN_COLUMNS, bins, [None]) if args.binary_only
+             else Table("pretext", PRETEXT_COLUMNS, TRANSFERS, [None]))
         for row, extra in (("avc", ("loss=avc", *baseline(batch, v))),
                            ("avts", ("loss=avts", *baseline(batch, v))),
                            ("avsa", ()),
                            ("avsa_cur", ("train.curriculum=true",
                                          f"train.curriculum_avc_steps={args.steps // 2}"))):
-            t.rows.append(Variant(row, extra))
+            if row in args.pretexts:
+                t.rows.append(Variant(row, extra))
         tables.append(t)
-    bins = [("avsa_bin", []), ("avc_bin", [])]
     if "viewpoints" in args.tables:
         t = Table("viewpoints", BIN_COLUMNS, bins)
         for n in args.viewpoints:
@@ -103,6 +108,7 @@ def plan(args: argparse.Namespace, batch: int, v: int,
 
 
 TABLES = ("pretext", "viewpoints", "audio")
+PRETEXTS = ("avc", "avts", "avsa", "avsa_cur")
 FEATURES = ("logmel", "cardioid", "intensity")
 
 
@@ -142,6 +148,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "spread too")
     p.add_argument("--tables", type=_names(TABLES), default=list(TABLES),
                    help="comma-separated, of " + ",".join(TABLES))
+    p.add_argument("--pretexts", type=_names(PRETEXTS), default=list(PRETEXTS),
+                   help="comma-separated rows of the pretext table besides scratch, of "
+                        + ",".join(PRETEXTS))
+    p.add_argument("--binary-only", action="store_true",
+                   help="only the AVC-Bin and AVSA-Bin columns of the pretext table (seconds a "
+                        "cell, where segmentation takes most of a minute)")
     p.add_argument("--viewpoints", type=_ints, default=[1, 2, 4, 8],
                    help="comma-separated V of the viewpoints table")
     p.add_argument("--features", type=_names(FEATURES), default=["logmel", "intensity"],
@@ -227,23 +239,35 @@ def pretrain_all(args, tables, data, uri) -> tuple[dict[str, list[str]],
     return refs, metrics
 
 
-def done_cells(uri: str, experiment: str) -> set[tuple[str, str, str | None, str | None]]:
-    """compare.cell_key of each finished transfer run already in `experiment`."""
+def done_cells(uri: str, experiment: str) -> set[tuple]:
+    """`job_cell` of each finished transfer run already in `experiment`."""
     from avsa.downstream.compare import cell_key, fetch_records
     from avsa.errors import TrackingError
 
     try:
-        return {cell_key(r) for r in fetch_records(uri, experiment, with_examples=False)}
+        records = fetch_records(uri, experiment, with_examples=False)
     except TrackingError:  # no such experiment yet
         return set()
+    return {(*cell_key(r), r.pretrain) for r in records}
 
 
-def job_cell(row: str, task: str, extra: list[str], seed: int) -> tuple:
-    """compare.cell_key of the run a transfer job (row, task, its overrides, seed) makes."""
+def job_cell(row: str, task: str, extra: list[str], seed: int, pretrained: str) -> tuple:
+    """The (row, task, context, seed) of compare.cell_key of the run a transfer job makes, and
+    the pretraining it transfers: a cell done from another pretraining (other --steps, say)
+    is not done."""
     from avsa.downstream.compare import RunRecord, cell_key
 
     context = next((e.split("=", 1)[1] for e in extra if "context=" in e), None)
-    return cell_key(RunRecord("", row, task, context, 0, {}, str(seed), None))
+    return (*cell_key(RunRecord("", row, task, context, 0, {}, str(seed), None)), pretrained)
+
+
+def current(records: list, refs: dict[str, list[str]]) -> list:
+    """The records (compare.RunRecord) that transferred one of this invocation's pretrainings
+    (`refs`: row -> pretraining references) or a scratch network."""
+    from avsa.downstream.run import SCRATCH
+
+    wanted = {SCRATCH, *(r for rs in refs.values() for r in rs)}
+    return [r for r in records if r.pretrain in wanted]
 
 
 def cell_jobs(t: Table, seeds: int, pretrain_seeds: int, refs: dict[str, list[str]]
@@ -269,7 +293,7 @@ def transfer_all(args, tables, data, refs, uri) -> None:
         done = done_cells(uri, experiment)
         jobs = cell_jobs(t, args.seeds, args.pretrain_seeds, refs)
         for i, (row, task, extra, seed, pretrained, data_set) in enumerate(jobs, 1):
-            cell = job_cell(row, task, extra, seed)
+            cell = job_cell(row, task, extra, seed, pretrained)
             if cell in done:
                 continue
             train, test = data[data_set]
@@ -285,14 +309,15 @@ def transfer_all(args, tables, data, refs, uri) -> None:
             print(run_transfer(cfg, memo).summary().splitlines()[0], flush=True)
 
 
-def write_tables(args, tables, metrics, uri) -> list[Path]:
-    """tables/NAME.{md,csv,png} per table, and pretraining.* with the variants' own scores."""
+def write_tables(args, tables, refs, metrics, uri) -> list[Path]:
+    """tables/NAME.{md,csv,png} per table, from the cells of this invocation's pretrainings
+    (`refs`), and pretraining.* with the variants' own scores."""
     from avsa.downstream import compare
 
     out = args.out / "tables"
     paths = []
     for t in tables:
-        records = compare.fetch_records(uri, f"avsa-reproduce-{t.name}")
+        records = current(compare.fetch_records(uri, f"avsa-reproduce-{t.name}"), refs)
         table = compare.build_table(records, t.columns)
         order = ["scratch"] + [v.row for v in t.rows if v is not None]
         table.rows = [r for r in order if r in table.rows]
@@ -326,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     data = make_data(args, tables)
     refs, metrics = pretrain_all(args, tables, data, uri)
     transfer_all(args, tables, data, refs, uri)
-    paths = write_tables(args, tables, metrics, uri)
+    paths = write_tables(args, tables, refs, metrics, uri)
     params = {k: " ".join(map(str, v)) if isinstance(v, list) else str(v)
               for k, v in vars(args).items()}
     with tracking.RunLogger.start(uri, "avsa-reproduce", "reproduce", params=params,

@@ -161,8 +161,13 @@ def test_reproduce_plans_every_table_with_equal_pairs_per_step():
     assert [v.row for v in tables["viewpoints"].rows] == ["avsa-v1", "avsa", "avsa-v8"]
     audio = [(v.row, v.data) for v in tables["audio"].rows]
     assert audio == [("logmel", "dry"), ("intensity", "dry"), ("intensity-rt60", "wet")]
+    few = reproduce.plan(reproduce.parse_args(["--tables", "pretext", "--pretexts", "avsa,avc",
+                                               "--binary-only"]), batch=8, v=4)
+    assert [None if v is None else v.row for v in few[0].rows] == [None, "avc", "avsa"]
+    assert sorted(task for task, _ in few[0].transfers) == ["avc_bin", "avsa_bin"]
+    assert few[0].columns == reproduce.BIN_COLUMNS
     for bad in (["--clips", "3"], ["--tables", "pretext,nope"], ["--viewpoints", "0,2"],
-                ["--pretrain-seeds", "0"]):
+                ["--pretrain-seeds", "0"], ["--pretexts", "avsa,mae"]):
         with pytest.raises(SystemExit):
             reproduce.parse_args(bad)
 
@@ -182,7 +187,7 @@ def test_reproduce_pools_head_seeds_over_pretraining_seeds():
     two = reproduce.cell_jobs(table, 2, 2, {"avsa": ["run0", "run1"]})
     avsa_bin = [(s, p) for r, t, _, s, p, _ in two if (r, t) == ("avsa", "avsa_bin")]
     assert avsa_bin == [(0, "run0"), (1, "run0"), (2, "run1"), (3, "run1")]
-    assert len({reproduce.job_cell(r, t, e, s) for r, t, e, s, _, _ in two}) == len(two) == 16
+    assert len({reproduce.job_cell(r, t, e, s, p) for r, t, e, s, p, _ in two}) == len(two) == 16
     wet = reproduce.Table("w", (), [("action", []), ("avc_bin", [])],
                           [None, reproduce.Variant("r", (), "wet")])
     assert [(r, t, d) for r, t, _, s, _, d in reproduce.cell_jobs(wet, 1, 1, {"r": ["x"]})] == [
@@ -218,9 +223,16 @@ def test_reproduce_skips_exactly_the_cells_mlflow_holds(mlflow_uri):
     done = reproduce.done_cells(mlflow_uri, exp)
     transfers = dict((t, e) for t, e in reproduce.TRANSFERS if t != "segmentation")
     for task in ("avc_bin", "action"):
-        assert reproduce.job_cell("scratch", task, transfers[task], 0) in done
-        assert reproduce.job_cell("scratch", task, transfers[task], 1) not in done
+        assert reproduce.job_cell("scratch", task, transfers[task], 0, "x") in done
+        assert reproduce.job_cell("scratch", task, transfers[task], 1, "x") not in done
+        # the same cell from another pretraining (other --steps, say) is still to do
+        assert reproduce.job_cell("scratch", task, transfers[task], 0, "y") not in done
     seg = [e for t, e in reproduce.TRANSFERS if t == "segmentation"]
-    held = [reproduce.job_cell("scratch", "segmentation", e, 0) in done for e in seg]
+    held = [reproduce.job_cell("scratch", "segmentation", e, 0, "x") in done for e in seg]
     assert held == ["downstream.context=audio" in e for e in seg]
-    assert reproduce.job_cell("scratch", "avsa_bin", [], 0) not in done
+    assert reproduce.job_cell("scratch", "avsa_bin", [], 0, "x") not in done
+    records = compare.fetch_records(mlflow_uri, exp, with_examples=False)
+    assert {r.pretrain for r in records} == {"x"}
+    # the tables read only this invocation's pretrainings (and scratch networks)
+    assert len(reproduce.current(records, {"avsa": ["x"]})) == 3
+    assert reproduce.current(records, {"avsa": ["other"]}) == []

@@ -77,6 +77,7 @@ class RunRecord:
     metrics: dict[str, float]
     seed: str | None = None  # the avsa.seed tag; None for runs logged before seeds were tagged
     examples: dict[str, np.ndarray] | None = None  # per-example test results, when stored
+    pretrain: str | None = None  # the pretraining it transferred (run id, URI or "scratch")
 
 
 @dataclass(frozen=True)
@@ -216,7 +217,8 @@ def fetch_records(uri: str, experiment: str, *, with_examples: bool = True) -> l
         out.append(RunRecord(run.info.run_id, row, tags.get(tracking.TASK, "?"),
                              context, int(run.info.start_time or 0), dict(run.data.metrics),
                              tags.get(SEED),
-                             _examples(client, run.info.run_id) if with_examples else None))
+                             _examples(client, run.info.run_id) if with_examples else None,
+                             tags.get(tracking.PRETRAIN_RUN)))
     return out
 
 
