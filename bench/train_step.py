@@ -307,6 +307,14 @@ def decode_feed(cfg: Config, spec: Spec, clip_dir: Path):
                 ready.put(item, timeout=0.1)
                 return
 
+    def take(result):
+        """The sample, or None once `close` is called (never blocks past it)."""
+        while not result.ready():
+            if stop.is_set():
+                return None
+            result.wait(0.1)
+        return result.get()
+
     def produce() -> None:
         pending = collections.deque(pool.apply_async(_feed_sample, (i,))
                                     for i in range(2 * spec.batch))
@@ -315,7 +323,10 @@ def decode_feed(cfg: Config, spec: Spec, clip_dir: Path):
             while not stop.is_set():
                 rows = []
                 for _ in range(spec.batch):
-                    rows.append(pending.popleft().get())
+                    row = take(pending.popleft())
+                    if row is None:
+                        return
+                    rows.append(row)
                     pending.append(pool.apply_async(_feed_sample, (i,)))
                     i += 1
                 batch = {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in rows[0]}
@@ -323,7 +334,10 @@ def decode_feed(cfg: Config, spec: Spec, clip_dir: Path):
         except Exception as e:  # handed to the consumer, which raises it
             put(e)
 
-    threading.Thread(target=produce, daemon=True).start()
+    # Joined by close(): a daemon thread still inside torch when the interpreter exits
+    # aborts the process ("terminate called without an active exception").
+    producer = threading.Thread(target=produce, name="feed-producer")
+    producer.start()
 
     def batches():
         while True:
@@ -334,7 +348,9 @@ def decode_feed(cfg: Config, spec: Spec, clip_dir: Path):
 
     def close() -> None:
         stop.set()
+        producer.join()
         pool.terminate()
+        pool.join()
 
     return batches(), close
 
