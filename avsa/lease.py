@@ -159,6 +159,8 @@ def kept(dir_uri: str, me: Holder) -> Iterator[Holder]:
         yield me
     finally:
         stop.set()
+        # Before the release: a renewal still in flight would write the lease back after it.
+        renewer.join()
         release(dir_uri, me)
 
 
