@@ -43,17 +43,21 @@ def test_table_takes_the_latest_run_per_cell_and_orders_pretexts():
         rec("scratch", "segmentation", {"test/miou": 0.3}, 1, "context"),
         rec("my_pretext", "action", {"test/clip_acc": 0.5, "test/video_acc": 0.75}, 1),
         rec("avc", "avsa_bin", {"test/acc": float("nan")}, 1),
+        rec("avts", "avsa_bin", {"test/acc": 0.6, "test/clip_acc": 0.9}, 1),
     ])
-    assert table.rows == ["scratch", "avc", "avsa", "my_pretext"]
+    assert table.rows == ["scratch", "avc", "avts", "avsa", "my_pretext"]
     assert mean(table, "avsa", "AVC-Bin acc") == 0.8
     assert mean(table, "scratch", "Seg mIoU (+audio)") == 0.2
     assert mean(table, "scratch", "Seg mIoU (+context)") == 0.3
     assert mean(table, "scratch", "Seg mIoU (video)") is None
     assert mean(table, "my_pretext", "Action video@1") == 0.75
     assert mean(table, "avc", "AVSA-Bin acc") is None
+    assert mean(table, "avts", "AVSA-Bin clip acc") == 0.9
+    assert mean(table, "avts", "AVSA-Bin acc") == 0.6
     md = table.to_markdown().splitlines()
-    assert md[0].startswith("| pretext | AVC-Bin acc | AVSA-Bin acc | Action clip@1 |")
-    assert md[4] == "| avsa | 80.0 | – | – | – | – | – | – | – | – | – |"
+    assert md[0].startswith("| pretext | AVC-Bin acc | AVSA-Bin acc | AVC-Bin clip acc | "
+                            "AVSA-Bin clip acc | Action clip@1 |")
+    assert md[5] == "| avsa | 80.0 | – | – | – | – | – | – | – | – | – | – | – |"
 
 
 def test_seeds_pool_into_one_cell_with_a_bootstrap_interval():
@@ -123,8 +127,8 @@ def test_compare_command_reads_mlflow_and_writes_the_table(mlflow_uri, tmp_path,
     md = (tmp_path / "comparison.md").read_text()
     assert md in printed
     assert "| scratch | 62.5 | – |" in md
-    assert "| avsa_cur | – | – | 40.0 | 50.0 | – | – | – | – | – | – |" in md
-    assert "| avc | – | – | – | – | 25.0 | – | 37.5 | – | – | – |" in md
+    assert "| avsa_cur | – | – | – | – | 40.0 | 50.0 | – | – | – | – | – | – |" in md
+    assert "| avc | – | – | – | – | – | – | 25.0 | – | 37.5 | – | – | – |" in md
     assert "avts" not in md  # a pretraining run is not a transfer
     rows = {r["pretext"]: r for r in csv.DictReader((tmp_path / "comparison.csv").open())}
     assert list(rows) == ["scratch", "avc", "avsa", "avsa_cur"]

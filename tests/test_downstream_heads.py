@@ -9,7 +9,14 @@ from presets import tiny_model
 from torch import nn
 
 from avsa.config import DownstreamConfig
-from avsa.downstream.binary import accuracy, make_pairs, pair_head, pair_loss, predict
+from avsa.downstream.binary import (
+    accuracy,
+    clip_decisions,
+    make_pairs,
+    pair_head,
+    pair_loss,
+    predict,
+)
 from avsa.downstream.fit import encode_passes, fit_head, freeze, minibatches
 from avsa.downstream.run import run_task
 
@@ -61,6 +68,17 @@ def test_avsa_pairs_label_every_viewpoint_with_its_clip():
                                    "aligned": torch.tensor([1, 0])})
     assert x.shape == (6, 9)
     assert y.tolist() == [1, 1, 1, 0, 0, 0]
+
+
+def test_clip_decisions_average_the_softmax_over_a_clips_viewpoints():
+    # clip 0 (label 1): one confident wrong view outvotes two unsure right ones -> miss;
+    # clip 1 (label 0): two of three views wrong, but the right one is confident -> hit
+    logits = torch.tensor([[0.0, 0.2], [0.0, 0.2], [5.0, 0.0],
+                           [0.0, 0.3], [0.0, 0.3], [6.0, 0.0]])
+    labels = torch.tensor([1, 1, 1, 0, 0, 0])
+    assert accuracy(logits, labels) == pytest.approx(3 / 6)
+    assert clip_decisions(logits, labels, views=3).tolist() == [False, True]
+    assert clip_decisions(logits, labels, views=1).tolist() == (logits.argmax(-1) == labels).tolist()
 
 
 def test_freeze_stops_gradients_and_batchnorm_updates():

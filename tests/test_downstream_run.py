@@ -95,8 +95,11 @@ def test_avsa_bin(shards, mlflow_uri, experiment, tmp_path):
     assert res.pretext == "scratch" and "avsa_bin" in res.summary()
     assert r.data.tags["avsa.seed"] == "3" and r.info.run_name.endswith("-s3")
     assert r.data.metrics["train/lr"] == 1e-3  # converges; METHOD.md's 1e-4 stops at the cap
-    hits = stored_examples(mlflow_uri, res.run_id, tmp_path)["acc"]
+    examples = stored_examples(mlflow_uri, res.run_id, tmp_path)
+    hits, clips = examples["acc"], examples["clip_acc"]
     assert hits.shape == (8,) and hits.mean() == pytest.approx(res.metrics["test/acc"])
+    assert clips.shape == (4,) and clips.mean() == pytest.approx(res.metrics["test/clip_acc"])
+    assert r.data.metrics["test/clip_acc"] == pytest.approx(res.metrics["test/clip_acc"])
 
 
 def test_action_linear_on_cached_features(shards, mlflow_uri, experiment):

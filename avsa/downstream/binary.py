@@ -66,6 +66,14 @@ def make_pairs(task: str, rows: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     return torch.cat((x, neg)), y
 
 
+def clip_decisions(logits: torch.Tensor, labels: torch.Tensor, views: int) -> torch.Tensor:
+    """One decision per clip (the paper's "4 viewpoints averaged"): hits (N / V,) bool of the
+    softmax averaged over each run of `views` consecutive examples, as `make_pairs` lays a
+    clip's viewpoints out, against its label. logits (N, 2), labels (N,)."""
+    probs = logits.softmax(-1).view(-1, views, logits.shape[-1]).mean(1)
+    return probs.argmax(-1) == labels.view(-1, views)[:, 0]
+
+
 @torch.no_grad()
 def encode_clips(model: AVSANet, batch: dict) -> dict[str, torch.Tensor]:
     """One row per clip of a batch on device: the frozen model's per-viewpoint features
@@ -104,7 +112,9 @@ class BinaryTask(TransferHead):
 
     test/acc is over every test example (2 x clips x viewpoints for AVC-Bin, whose negatives roll
     over the whole test set; clips x viewpoints for AVSA-Bin), with test/examples their count;
-    train/acc over the training rows; examples gets each test hit ("acc"), target and prediction.
+    test/clip_acc decides once per clip (and per negative clip pair) from its viewpoints'
+    averaged softmax (`clip_decisions`); train/acc is over the training rows; examples gets
+    each test hit ("acc", "clip_acc"), target and prediction.
     """
 
     def __init__(self, model: AVSANet, source, ds: DownstreamConfig, device: torch.device):
@@ -138,12 +148,16 @@ class BinaryTask(TransferHead):
             raise ShardError(source.test_uri, f"{self.name}: too few test clips "
                                               f"(need >= {self.min_rows})")
         x, y = make_pairs(self.name, test.tensors)
-        guess = predict(self.module, x).argmax(-1)
+        logits = predict(self.module, x)
+        guess = logits.argmax(-1)
         hits = guess == y
+        clip_hits = clip_decisions(logits, y, test.tensors["video"].shape[1])
         if examples is not None:
             examples["acc"] = hits.cpu().numpy().astype(np.uint8)
+            examples["clip_acc"] = clip_hits.cpu().numpy().astype(np.uint8)
             examples["target"] = y.cpu().numpy().astype(np.int16)  # for the confusion matrix
             examples["pred"] = guess.cpu().numpy().astype(np.int16)
         fx, fy = make_pairs(self.name, self.fit_rows.tensors)
         return {"test/acc": float(hits.float().mean()), "test/examples": float(len(y)),
+                "test/clip_acc": float(clip_hits.float().mean()),
                 "train/acc": accuracy(predict(self.module, fx), fy)}

@@ -45,6 +45,8 @@ class Column:
 COLUMNS = (
     Column("AVC-Bin acc", "avc_bin", None, "test/acc"),
     Column("AVSA-Bin acc", "avsa_bin", None, "test/acc"),
+    Column("AVC-Bin clip acc", "avc_bin", None, "test/clip_acc"),
+    Column("AVSA-Bin clip acc", "avsa_bin", None, "test/clip_acc"),
     Column("Action clip@1", "action", None, "test/clip_acc"),
     Column("Action video@1", "action", None, "test/video_acc"),
     Column("Seg mIoU (video)", "segmentation", "video", "test/miou"),
