@@ -218,6 +218,24 @@ def pretrain_configs(args, tables, data, uri) -> list[tuple[str, object]]:
     return configs
 
 
+def finished(cfg, uri: str):
+    """The RunResult of `cfg`'s pretraining when MLflow holds it FINISHED with its checkpoint
+    (a re-run needs neither Ray nor the checkpoint's directory lease for it); else None."""
+    from avsa import storage, tracking
+    from avsa.train.driver import RunResult
+
+    name = cfg.run_name()
+    run_id = tracking.find_run(uri, cfg.tracking.experiment, name)
+    if run_id is None:
+        return None
+    run = tracking.get_run(uri, run_id)
+    checkpoint = run.data.tags.get(tracking.CHECKPOINT)
+    if run.info.status != "FINISHED" or not checkpoint:
+        return None
+    return RunResult(run_id, name, storage.join(cfg.storage.path, name), checkpoint,
+                     dict(run.data.metrics))
+
+
 def pretrain_all(args, tables, data, uri) -> tuple[dict[str, list[str]],
                                                    dict[str, dict[str, float]]]:
     """Run `pretrain_configs` (each distinct run once): row -> checkpoint reference of each
@@ -230,8 +248,10 @@ def pretrain_all(args, tables, data, uri) -> tuple[dict[str, list[str]],
     metrics: dict[str, dict[str, float]] = {}
     for i, (row, cfg) in enumerate(configs, 1):
         if (key := cfg.storage.run_name) not in runs:
-            print(f"[avsa reproduce] pretraining {i}/{len(configs)}: {row}", flush=True)
-            runs[key] = pretrain(cfg)
+            runs[key] = finished(cfg, uri)
+            print(f"[avsa reproduce] pretraining {i}/{len(configs)}: {row}"
+                  f"{' (done)' if runs[key] else ''}", flush=True)
+            runs[key] = runs[key] or pretrain(cfg)
         res = runs[key]
         refs.setdefault(row, []).append(res.run_id or res.checkpoint_uri or res.run_uri)
         metrics.setdefault(row, {k: float(res.metrics[k]) for k in PRETRAIN_COLUMNS
