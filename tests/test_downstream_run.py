@@ -156,6 +156,16 @@ def test_checkpoint_config_decides_the_architecture(tmp_path, pretext, pre_overr
         assert torch.equal(pre.model.state_dict()[k], v), k
 
 
+def test_a_scratch_encoder_depends_on_its_seed_only():
+    cfg = compose(["model=tiny"])
+    first = run.load_pretrained(cfg, None, seed=3).model.state_dict()
+    torch.rand(1000)  # whatever the process drew before
+    again = run.load_pretrained(cfg, None, seed=3).model.state_dict()
+    other = run.load_pretrained(cfg, None, seed=4).model.state_dict()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
 def test_weights_that_do_not_fit_raise_checkpoint_error(tmp_path):
     uri = _save(tmp_path, tiny_model(video_width=4), [])
     with pytest.raises(CheckpointError, match="do not fit"):

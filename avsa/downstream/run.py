@@ -89,12 +89,15 @@ class TransferResult:
                 f"{tracking.redact(self.tracking_uri)}")
 
 
-def load_pretrained(cfg: Config, tracking_uri: str | None) -> Pretrained:
-    """The network for `downstream.pretrain`: a fresh one from cfg.model for "scratch", else the
-    checkpoint's (run id or URI) architecture and weights."""
+def load_pretrained(cfg: Config, tracking_uri: str | None, seed: int = 0) -> Pretrained:
+    """The network for `downstream.pretrain`: a fresh one from cfg.model, initialised from
+    `seed`, for "scratch", else the checkpoint's (run id or URI) architecture and weights."""
     ref = cfg.downstream.pretrain
     if ref == SCRATCH:
-        return Pretrained(build_model(cfg.model, audio_channels(cfg.data)), cfg, SCRATCH, SCRATCH)
+        with torch.random.fork_rng(devices=[]):  # the same cell, the same encoder, every time
+            torch.manual_seed(seed)
+            model = build_model(cfg.model, audio_channels(cfg.data))
+        return Pretrained(model, cfg, SCRATCH, SCRATCH)
     from avsa.train.checkpoint import resolve_init
 
     version = mlflow_models.resolve(ref, tracking_uri) if mlflow_models.is_models_uri(ref) else None
@@ -170,8 +173,8 @@ def run_transfer(cfg: Config, memo: dict | None = None) -> TransferResult:
                     "network frozen", ds.task)
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     tracking.check_reachable(uri)
-    pre = load_pretrained(cfg, uri)
     seed = cfg.data.seed if ds.seed is None else ds.seed  # one replicate of a transfer cell
+    pre = load_pretrained(cfg, uri, seed)
     context = ds.context if ds.task == "segmentation" else None
     mode = ds.mode if ds.task == "action" else None
     name = "-".join(p for p in (ds.task, context, mode, pre.pretext, f"s{seed}") if p)
