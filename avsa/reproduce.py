@@ -4,7 +4,7 @@ Synthesises the data sets, pretrains every variant the tables need, transfers ea
 head seeds per cell) and writes the tables with 95% bootstrap intervals, to set beside the
 paper's numbers (METHOD.md §8):
 - pretext: scratch, AVC, AVTS, AVSA and AVSA after an AVC curriculum (--pretexts) x every
-  transfer task (--binary-only: the two binary ones), all from frozen encoders (action
+  transfer task (--tasks; --binary-only: the two binary ones), all from frozen encoders (action
   recognition on a second set of single-class clips);
 - viewpoints: AVSA-Bin and AVC-Bin of AVSA pretrained with V in --viewpoints;
 - audio: the same for each audio input in --features, dry and in a room (RT60 --rt60).
@@ -78,8 +78,8 @@ def plan(args: argparse.Namespace, batch: int, v: int,
     tables = []
     bins = [("avsa_bin", []), ("avc_bin", [])]
     if "pretext" in args.tables:
-        t = (Table("pretext", BIN_COLUMNS, bins, [None]) if args.binary_only
-             else Table("pretext", PRETEXT_COLUMNS, TRANSFERS, [None]))
+        t = Table("pretext", tuple(c for c in PRETEXT_COLUMNS if c.task in args.tasks),
+                  [(task, extra) for task, extra in TRANSFERS if task in args.tasks], [None])
         for row, extra in (("avc", ("loss=avc", *baseline(batch, v))),
                            ("avts", ("loss=avts", *baseline(batch, v))),
                            ("avsa", ()),
@@ -109,6 +109,7 @@ def plan(args: argparse.Namespace, batch: int, v: int,
 
 TABLES = ("pretext", "viewpoints", "audio")
 PRETEXTS = ("avc", "avts", "avsa", "avsa_cur")
+TASKS = tuple(dict.fromkeys(task for task, _ in TRANSFERS))
 FEATURES = ("logmel", "cardioid", "intensity")
 
 
@@ -151,9 +152,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pretexts", type=_names(PRETEXTS), default=list(PRETEXTS),
                    help="comma-separated rows of the pretext table besides scratch, of "
                         + ",".join(PRETEXTS))
-    p.add_argument("--binary-only", action="store_true",
-                   help="only the AVC-Bin and AVSA-Bin columns of the pretext table (seconds a "
-                        "cell, where segmentation takes most of a minute)")
+    p.add_argument("--tasks", type=_names(TASKS), default=list(TASKS),
+                   help="comma-separated transfer tasks of the pretext table, of "
+                        + ",".join(TASKS))
+    p.add_argument("--binary-only", action="store_const", dest="tasks",
+                   const=["avc_bin", "avsa_bin"],
+                   help="--tasks avc_bin,avsa_bin (seconds a cell, where segmentation takes "
+                        "most of a minute)")
     p.add_argument("--viewpoints", type=_ints, default=[1, 2, 4, 8],
                    help="comma-separated V of the viewpoints table")
     p.add_argument("--features", type=_names(FEATURES), default=["logmel", "intensity"],

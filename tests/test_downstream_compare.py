@@ -170,8 +170,12 @@ def test_reproduce_plans_every_table_with_equal_pairs_per_step():
     assert [None if v is None else v.row for v in few[0].rows] == [None, "avc", "avsa"]
     assert sorted(task for task, _ in few[0].transfers) == ["avc_bin", "avsa_bin"]
     assert few[0].columns == reproduce.BIN_COLUMNS
+    act = reproduce.plan(reproduce.parse_args(["--tables", "pretext", "--tasks", "action"]),
+                         batch=8, v=4)[0]
+    assert act.transfers == [("action", ["downstream.mode=linear"])]
+    assert {c.task for c in act.columns} == {"action"} and len(act.rows) == 5
     for bad in (["--clips", "3"], ["--tables", "pretext,nope"], ["--viewpoints", "0,2"],
-                ["--pretrain-seeds", "0"], ["--pretexts", "avsa,mae"]):
+                ["--pretrain-seeds", "0"], ["--pretexts", "avsa,mae"], ["--tasks", "seg"]):
         with pytest.raises(SystemExit):
             reproduce.parse_args(bad)
 
