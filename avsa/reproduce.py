@@ -253,10 +253,10 @@ def pretrain_all(args, tables, data, uri) -> tuple[dict[str, list[str]],
     metrics: dict[str, dict[str, float]] = {}
     for i, (row, cfg) in enumerate(configs, 1):
         if (key := cfg.storage.run_name) not in runs:
-            runs[key] = finished(cfg, uri)
+            done = finished(cfg, uri)
             print(f"[avsa reproduce] pretraining {i}/{len(configs)}: {row}"
-                  f"{' (done)' if runs[key] else ''}", flush=True)
-            runs[key] = runs[key] or pretrain(cfg)
+                  f"{' (done)' if done else ''}", flush=True)
+            runs[key] = done or pretrain(cfg)
         res = runs[key]
         refs.setdefault(row, []).append(res.run_id or res.checkpoint_uri or res.run_uri)
         metrics.setdefault(row, {k: float(res.metrics[k]) for k in PRETRAIN_COLUMNS
