@@ -51,9 +51,10 @@ def main(argv: list[str]) -> int:
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     from avsa import tracking
     from avsa.tracking import ui
-    from avsa.train.driver import pretrain, print_summary
+    from avsa.train.driver import pretrain, print_summary, ray_for_block
 
-    res = pretrain(cfg)
+    with ray_for_block():  # the transfer after it runs in this process, without Ray
+        res = pretrain(cfg)
     print_summary(res, cfg)
     v = cfg.data.num_viewpoints
     acc = res.metrics.get("val/avsa_acc")

@@ -374,7 +374,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = compose([PRESET, *args.overrides])  # bad overrides fail here, before any work
     tables = plan(args, cfg.train.batch_size, cfg.data.num_viewpoints, cfg.data.audio_features)
     data = make_data(args, tables)
-    refs, metrics = pretrain_all(args, tables, data, uri)
+    from avsa.train.driver import ray_for_block
+
+    with ray_for_block():  # the cells after it run in this process, without Ray
+        refs, metrics = pretrain_all(args, tables, data, uri)
     transfer_all(args, tables, data, refs, uri)
     paths = write_tables(args, tables, refs, metrics, uri)
     params = {k: " ".join(map(str, v)) if isinstance(v, list) else str(v)

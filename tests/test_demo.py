@@ -26,6 +26,9 @@ def test_demo_pretrains_then_compares_transfer_with_scratch(ray_session, mlflow_
     ])
     out = capsys.readouterr().out
     assert rc == 0, out
+    import ray
+
+    assert ray.is_initialized()  # the session's Ray, up before the demo, is left up
 
     assert re.search(r"\[avsa demo\] val/avsa_acc [01]\.\d{3} against chance 0\.250", out), out
     m = re.search(r"AVSA-Bin test/acc .*: pretrained ([01]\.\d{3}), scratch ([01]\.\d{3})", out)

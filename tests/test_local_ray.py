@@ -69,3 +69,31 @@ def test_a_sweep_beside_another_local_ray_is_refused_before_starting_one(held_po
     assert "sweep needs this Ray's state API" in done.stdout
     assert "RAY_ADDRESS=auto" in done.stdout
     assert "Started a local Ray instance" not in done.stderr
+
+
+def test_a_ray_started_in_a_block_ends_with_it_and_one_up_before_stays(held_port):
+    """`ray_for_block`: the transfer cells after `avsa reproduce`'s pretrainings run without the
+    local Ray those started, while a Ray the caller brought (a test session's, a cluster's)
+    is left as it was."""
+    script = textwrap.dedent(f"""
+        import ray
+        from avsa.config import compose
+        from avsa.train import driver
+        driver.RAY_AGENT_PORT = {held_port}
+        cfg = compose(["train.num_workers=1"])
+        with driver.ray_for_block():
+            driver.ensure_ray(cfg)
+            print("INSIDE", ray.is_initialized())
+        print("AFTER", ray.is_initialized())
+        driver.ensure_ray(cfg)
+        with driver.ray_for_block():
+            pass
+        print("KEPT", ray.is_initialized())
+        ray.shutdown()
+        """)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=180)
+    assert done.stdout.split() == ["INSIDE", "True", "AFTER", "False", "KEPT", "True"], (
+        done.stdout + done.stderr)

@@ -52,6 +52,21 @@ def keep_credentials_out_of_runtime_envs() -> None:
     class_cache.ENV_VARS_TO_PROPAGATE.difference_update(_CREDENTIAL_ENV)
 
 
+@contextlib.contextmanager
+def ray_for_block() -> Iterator[None]:
+    """A Ray that `ensure_ray` starts within the block is shut down at its end, so the work
+    after it (transfer heads, on a small machine) gets every core: an idle local Ray's raylet,
+    GCS and workers keep part of them busy. A Ray already up before the block is left up."""
+    import ray
+
+    was_up = ray.is_initialized()
+    try:
+        yield
+    finally:
+        if not was_up and ray.is_initialized():
+            ray.shutdown()
+
+
 def ensure_ray(cfg: Config, need_state_api: bool = False) -> None:
     """Join the cluster in `RAY_ADDRESS` (as under `ray job submit`), or start a local Ray
     with enough logical CPUs for the train workers plus decoding tasks.
