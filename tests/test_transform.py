@@ -367,10 +367,11 @@ def _reference_audio_features(foa: torch.Tensor, plan, cfg) -> np.ndarray:
     ("foa", "logmel", 4), ("foa", "cardioid", 6), ("foa", "intensity", 7), ("mono", "logmel", 1)])
 def test_audio_features_equal_the_plain_formula(mode, features, channels):
     """The one-STFT, mixed-spectra, blocked-mel path against _reference_audio_features on random
-    FOA at the default sizes: normalised log-mels within 5e-4 (float32 rounding: 99.99 % of
-    values within 7e-5, the worst 4e-4 where a cardioid nearly cancels in the first frame),
-    intensities within 1e-5 relative (values in [-1, 1]). A wrong bin, tap, frame or channel
-    is off by far more."""
+    FOA at the default sizes: normalised log-mels 99.9 % within 1e-4 and all within 5e-3, float32
+    rounding (where a cardioid or the mono beam nearly cancels in the first frame, the log of a
+    tiny power differs by up to 4e-4 on one CPU and 2.4e-3 on an AVX2 one); intensities within
+    1e-5 relative (values in [-1, 1]). A wrong bin, tap, frame or channel is off by far more,
+    and almost everywhere."""
     cfg = DataConfig(num_viewpoints=4, augment=True, audio_mode=mode, audio_features=features)
     gen = torch.Generator().manual_seed(11)
     foa = torch.randn(4, cfg.sample_rate, generator=gen) * torch.rand(4, 1, generator=gen)
@@ -380,5 +381,7 @@ def test_audio_features_equal_the_plain_formula(mode, features, channels):
         ref = _reference_audio_features(foa, plan, cfg)
         assert ours.dtype == np.float32 and ours.shape == ref.shape == (4, channels, 100, 128)
         logs = ours.shape[1] if features != "intensity" else 4
-        np.testing.assert_allclose(ours[:, :logs], ref[:, :logs], atol=5e-4, rtol=0)
+        gap = np.abs(ours[:, :logs] - ref[:, :logs])
+        assert np.quantile(gap, 0.999) < 1e-4 and gap.max() < 5e-3, (
+            np.quantile(gap, 0.999), gap.max(), np.unravel_index(gap.argmax(), gap.shape))
         np.testing.assert_allclose(ours[:, logs:], ref[:, logs:], atol=1e-6, rtol=1e-5)
