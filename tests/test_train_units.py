@@ -187,3 +187,31 @@ def test_with_absolute_paths_resolves_what_only_the_driver_can(tmp_path, monkeyp
     kept = with_absolute_paths(compose([f"model.init_from={run_id}"]), cwd=tmp_path)
     assert kept.model.init_from == run_id
     assert with_absolute_paths(cfg, cwd="/elsewhere").data.shards == "/elsewhere/data/train"
+
+
+class _Stream:
+    def __init__(self, tty: bool):
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+@pytest.mark.parametrize(("stream", "env", "enabled"), [
+    (_Stream(False), None, False),  # a log: each redraw would be a line
+    (object(), None, False),  # no isatty at all: not a terminal
+    (_Stream(True), None, True),  # a terminal: bars redraw in place
+    (_Stream(False), "0", True),  # the user's explicit choice wins
+])
+def test_ray_data_progress_bars_are_off_in_logs_only(monkeypatch, stream, env, enabled):
+    from ray.data import DataContext
+
+    from avsa.train.driver import quiet_data_progress
+
+    monkeypatch.delenv("RAY_DATA_DISABLE_PROGRESS_BARS", raising=False)
+    if env is not None:
+        monkeypatch.setenv("RAY_DATA_DISABLE_PROGRESS_BARS", env)
+    ctx = DataContext.get_current()
+    monkeypatch.setattr(ctx, "enable_progress_bars", True)
+    quiet_data_progress(stream)
+    assert ctx.enable_progress_bars is enabled

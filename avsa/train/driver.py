@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import socket
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -189,6 +190,7 @@ def build_trainer(cfg: Config, logger: tracking.RunLogger | None,
     from avsa.data.pipeline import build_dataset
     from avsa.train.loop import has_validation, train_loop_per_worker
 
+    quiet_data_progress()  # first: each dataset keeps a copy of the DataContext
     run_name = cfg.run_name()
     manifest = read_manifest(cfg.data.shards)
     other_time = cfg.loss.kind == "avts"
@@ -229,6 +231,20 @@ def build_trainer(cfg: Config, logger: tracking.RunLogger | None,
             datasets_to_split=["train"],
             execution_options={k: d.context.execution_options for k, d in datasets.items()}),
     )
+
+
+def quiet_data_progress(stream: Any = None) -> None:
+    """Turn Ray Data's progress bars off when `stream` (default stderr) is not a terminal.
+
+    On a terminal they redraw in place; in a log (`ray job submit`, a pipe, a file) every
+    redraw is a line, hundreds a minute, burying the loop's own step lines, which say the
+    same. RAY_DATA_DISABLE_PROGRESS_BARS, when set, decides instead."""
+    from ray.data import DataContext
+
+    stream = sys.stderr if stream is None else stream
+    tty = getattr(stream, "isatty", None)
+    if "RAY_DATA_DISABLE_PROGRESS_BARS" not in os.environ and not (tty and tty()):
+        DataContext.get_current().enable_progress_bars = False
 
 
 def start_tracking(
