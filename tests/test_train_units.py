@@ -215,3 +215,21 @@ def test_ray_data_progress_bars_are_off_in_logs_only(monkeypatch, stream, env, e
     monkeypatch.setattr(ctx, "enable_progress_bars", True)
     quiet_data_progress(stream)
     assert ctx.enable_progress_bars is enabled
+
+
+def test_ray_trains_report_lines_are_dropped_and_its_warnings_kept():
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    from avsa.train.loop import quiet_report_lines
+
+    source = logging.getLogger(context.__file__)  # where Ray Train logs each report
+    level = source.level
+    try:
+        source.setLevel(logging.INFO)  # as in a worker, whose root logger is at INFO
+        quiet_report_lines()
+        assert not source.isEnabledFor(logging.INFO)
+        assert source.isEnabledFor(logging.WARNING)
+    finally:
+        source.setLevel(level)

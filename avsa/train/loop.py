@@ -212,12 +212,25 @@ def _logged_through(logger) -> int:
         return 0
 
 
+def quiet_report_lines() -> None:
+    """Drop Ray Train's INFO line for each `ray.train.report`: every metric, several hundred
+    characters, from every rank, between the step lines that already say the same (and
+    MLflow has it). Its logger is named by its module's file, out of the reach of
+    `RunConfig(logging_config=...)`; on a Ray without that module this does nothing."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry: `loop_config` = {"cfg": Config.to_dict(), "logger": the run's
     `tracking.RunLogger` (rank 0 logs through its copy; None: no tracking), "run_uri"}."""
     import ray.train
     import ray.train.torch
 
+    quiet_report_lines()
     cfg: Config = from_dict(loop_config["cfg"])
     tracker, run_uri = loop_config["logger"], loop_config["run_uri"]
     ctx = ray.train.get_context()
