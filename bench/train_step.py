@@ -605,7 +605,7 @@ def _local_ray(spec: Spec):
     import ray
 
     tmp = tempfile.mkdtemp(prefix="avsa-bench-")
-    env = {"PYTHONPATH": str(REPO)}
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     if spec.ray_niceness is not None:
         env["RAY_worker_niceness"] = str(spec.ray_niceness)
     saved = {k: os.environ.get(k) for k in env}
