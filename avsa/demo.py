@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -80,6 +81,17 @@ def main(argv: list[str]) -> int:
 
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     print(f"[avsa demo] done in {time.perf_counter() - t0:.0f}s. Look at the runs with:")
-    print(f"    .venv/bin/mlflow ui --backend-store-uri {uri}")
+    print(f"    {mlflow_command()} ui --backend-store-uri {uri}")
     print(f"  then open {ui.runs_page(uri, cfg.tracking.experiment)}")
     return 0
+
+
+def mlflow_command() -> str:
+    """The `mlflow` beside this Python (`.venv/bin/mlflow` from the repository), else `mlflow`."""
+    exe = Path(sys.executable).parent / "mlflow"
+    if not exe.is_file():
+        return "mlflow"
+    try:
+        return str(exe.relative_to(Path.cwd()))
+    except ValueError:
+        return str(exe)

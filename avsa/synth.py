@@ -35,9 +35,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from avsa import geometry, room, shapes, storage
+from avsa.data.ingest import progress_bar
 from avsa.data.labels import CLASSES as CLASS_NAMES
 from avsa.encode import encode_clip
 from avsa.errors import AvsaError, ConfigError
@@ -318,8 +318,7 @@ def write_dataset(out_dir: str | os.PathLike, clips: int, seconds: float, seed: 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(out, i, seconds, seed, scene_kwargs) for i in range(clips)]
-    bar = tqdm(total=clips, desc="synth", unit="clip", file=sys.stderr, disable=not progress)
-    with bar:
+    with progress_bar(clips, "synth", "clip", enabled=progress) as bar:
         if workers > 1:
             ctx = multiprocessing.get_context("spawn")  # no fork of a process holding threads
             with ctx.Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:

@@ -4,7 +4,9 @@ pretrained-versus-scratch AVSA-Bin transfer, all tracked by a real MLflow server
 from __future__ import annotations
 
 import re
+import shutil
 import uuid
+from pathlib import Path
 
 from avsa import demo
 
@@ -50,3 +52,5 @@ def test_demo_pretrains_then_compares_transfer_with_scratch(ray_session, mlflow_
     assert round(by_ref[pre.info.run_id].data.metrics["test/acc"], 3) == shown["pretrained"]
     assert round(by_ref["scratch"].data.metrics["test/acc"], 3) == shown["scratch"]
     assert f"--backend-store-uri {mlflow_uri}" in out
+    [mlflow_exe] = re.findall(r"^ +(\S+) ui --backend-store-uri ", out, re.M)
+    assert Path(mlflow_exe).is_file() or shutil.which(mlflow_exe), mlflow_exe

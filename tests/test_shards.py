@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import tarfile
+import time
 import wave
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import pytest
 
 from avsa import storage
 from avsa.data import shard_cli
-from avsa.data.ingest import find_clips
+from avsa.data.ingest import find_clips, progress_bar
 from avsa.data.manifest import (
     Manifest,
     ShardInfo,
@@ -397,3 +398,28 @@ def test_synth_clips_shard_with_their_labels(tmp_path):
         assert sorted(s.members) == ["json", "masks.npz", "mp4"]
         assert s.members["json"] == p.with_suffix(".json").read_bytes()
         assert s.members["mp4"] == p.read_bytes()
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("stream_cls, most_redraws", [(io.StringIO, 2), (_Terminal, None)])
+def test_progress_bar_redraws_in_place_on_a_terminal_and_rarely_in_a_log(stream_cls,
+                                                                          most_redraws):
+    """A log keeps every redraw: 0.6 s of updates there are the first and the last state."""
+    stream = stream_cls()
+    with progress_bar(60, "probe", "clip", stream=stream) as bar:
+        for _ in range(60):
+            time.sleep(0.01)
+            bar.update()
+    redraws = [r for r in stream.getvalue().split("\r") if r.strip()]
+    assert redraws[-1].startswith("probe: 100%") and "60/60" in redraws[-1]
+    if most_redraws is None:
+        assert len(redraws) >= 4, redraws
+    else:
+        assert len(redraws) <= most_redraws, redraws
+    with progress_bar(3, "probe", "clip", enabled=False, stream=stream_cls()) as bar:
+        bar.update(3)
+        assert bar.disable

@@ -12,17 +12,22 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import sys
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import BinaryIO
 
-from tqdm import tqdm
-
 from avsa import storage
-from avsa.data.ingest import Clip, ShardOutput, ShardSummary, check_clip, find_clips, ordered_map
+from avsa.data.ingest import (
+    Clip,
+    ShardOutput,
+    ShardSummary,
+    check_clip,
+    find_clips,
+    ordered_map,
+    progress_bar,
+)
 from avsa.data.manifest import Manifest, ShardInfo
 from avsa.errors import ConfigError, ShardError
 
@@ -200,8 +205,7 @@ def write_shards(input_dir: str, output_uri: str, *, samples_per_shard: int = 32
         raise ConfigError("workers", f"must be >= 1, got {workers}")
     clips, bad = find_clips(input_dir)
     out = ShardOutput(output_uri)  # a bad output URI fails here, before any probing
-    with tqdm(total=len(clips), desc="probe", unit="clip", file=sys.stderr,
-              disable=not progress) as bar:
+    with progress_bar(len(clips), "probe", "clip", enabled=progress) as bar:
         reasons = ordered_map(check_clip, clips, workers, bar)
     bad += [(c.name, r) for c, r in zip(clips, reasons) if r]
     for name, reason in bad:
@@ -220,8 +224,7 @@ def write_shards(input_dir: str, output_uri: str, *, samples_per_shard: int = 32
             on_shard(info)
         return info, written
 
-    with tqdm(total=len(chunks), desc="shards", unit="shard", file=sys.stderr,
-              disable=not progress) as bar:
+    with progress_bar(len(chunks), "shards", "shard", enabled=progress) as bar:
         results = ordered_map(build, list(enumerate(chunks)), workers, bar)
     infos = [info for info, _ in results]
     written = sum(w for _, w in results)
