@@ -37,10 +37,10 @@ import numpy as np
 import torch
 
 from avsa import geometry, room, shapes, storage
-from avsa.data.ingest import progress_bar
 from avsa.data.labels import CLASSES as CLASS_NAMES
 from avsa.encode import encode_clip
 from avsa.errors import AvsaError, ConfigError
+from avsa.progress import progress_bar
 
 LABEL_FPS = 4  # mask frames (and JSON trajectory samples) per second
 EL_RANGE_DEG = (-30.0, 30.0)

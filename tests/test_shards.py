@@ -19,7 +19,7 @@ import pytest
 
 from avsa import storage
 from avsa.data import shard_cli
-from avsa.data.ingest import find_clips, progress_bar
+from avsa.data.ingest import find_clips
 from avsa.data.manifest import (
     Manifest,
     ShardInfo,
@@ -37,6 +37,7 @@ from avsa.data.shards import (
 )
 from avsa.encode import encode_clip
 from avsa.errors import ShardError, StorageError
+from avsa.progress import progress_bar
 
 FPS, SR, H, W = 8, 8000, 64, 128
 GOOD = ["clip-a", "clip-b", "clip-c", "clip-d", "clip-e"]  # clip-d: video-only + wav sidecar

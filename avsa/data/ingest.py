@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -156,20 +155,6 @@ def check_clip(clip: Clip) -> str | None:
     if audio.duration and audio.duration < MIN_SECONDS:
         return f"audio lasts {audio.duration:.2f} s, need >= {MIN_SECONDS:g} s"
     return None
-
-
-LOG_REDRAW_S = 30.0
-
-
-def progress_bar(total: int, desc: str, unit: str, *, enabled: bool = True,
-                 stream=None) -> tqdm:
-    """A progress bar on `stream` (default stderr). On a terminal it redraws in place; in a log
-    (a pipe, a file, `ray job submit`) every redraw is kept, so there it redraws at most every
-    LOG_REDRAW_S seconds, and once at the end."""
-    stream = sys.stderr if stream is None else stream
-    tty = getattr(stream, "isatty", None)
-    return tqdm(total=total, desc=desc, unit=unit, file=stream, disable=not enabled,
-                mininterval=0.1 if tty and tty() else LOG_REDRAW_S)
 
 
 def ordered_map(fn: Callable[[T], R], items: Sequence[T], workers: int, bar: tqdm) -> list[R]:

@@ -19,17 +19,10 @@ from pathlib import PurePosixPath
 from typing import BinaryIO
 
 from avsa import storage
-from avsa.data.ingest import (
-    Clip,
-    ShardOutput,
-    ShardSummary,
-    check_clip,
-    find_clips,
-    ordered_map,
-    progress_bar,
-)
+from avsa.data.ingest import Clip, ShardOutput, ShardSummary, check_clip, find_clips, ordered_map
 from avsa.data.manifest import Manifest, ShardInfo
 from avsa.errors import ConfigError, ShardError
+from avsa.progress import progress_bar
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import socket
-import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -23,6 +22,7 @@ from avsa.config import Config, config_digest, with_absolute_paths
 from avsa.config_checks import check_batch_fits_data, temperature_warning
 from avsa.data.manifest import read_manifest
 from avsa.errors import AvsaError, CheckpointError, ConfigError, StorageError
+from avsa.progress import is_terminal
 from avsa.tracking import models
 from avsa.tracking.datasets import log_datasets
 from avsa.train import interrupt, resume
@@ -241,9 +241,7 @@ def quiet_data_progress(stream: Any = None) -> None:
     same. RAY_DATA_DISABLE_PROGRESS_BARS, when set, decides instead."""
     from ray.data import DataContext
 
-    stream = sys.stderr if stream is None else stream
-    tty = getattr(stream, "isatty", None)
-    if "RAY_DATA_DISABLE_PROGRESS_BARS" not in os.environ and not (tty and tty()):
+    if "RAY_DATA_DISABLE_PROGRESS_BARS" not in os.environ and not is_terminal(stream):
         DataContext.get_current().enable_progress_bars = False
 
 
