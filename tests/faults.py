@@ -38,5 +38,19 @@ class LastRankExits(TrainContextCallback):
         os._exit(1)
 
 
+class CountReports(TrainContextCallback):
+    """Rank 0 appends a line to `path` after each of its `ray.train.report` calls."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    @contextlib.contextmanager
+    def on_report(self) -> Iterator[None]:
+        yield
+        if ray.train.get_context().get_world_rank() == 0:
+            with open(self.path, "a") as f:
+                f.write("report\n")
+
+
 # The workers cannot import this module (only the package is on their path): ship it by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])

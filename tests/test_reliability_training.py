@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from faults import LastRankExits
+from faults import CountReports, LastRankExits
 from mlflow.tracking import MlflowClient
 from mlflowserver import MlflowServer
 
@@ -296,6 +296,22 @@ def test_checkpoint_target_refusing_the_write_keeps_the_last_checkpoint(mlflow_u
     assert death_cfg.run_name() != cfg.run_name()
     assert _checkpoint_steps(shared_store / death_cfg.run_name(), death_cfg)[-3:] == [8, 10, 12]
     assert _checkpoint_steps(run_dir, cfg) == [2]
+
+
+def test_log_steps_go_to_mlflow_and_only_checkpoints_to_ray(ray_session, mlflow_uri, data,
+                                                             tmp_path):
+    """Ray Train's controller takes one report per worker every 2 s and holds a worker that
+    reports sooner: a report at every log step held each step up to 2 s. Every step reaches
+    MLflow; Ray gets the checkpoints (steps 3 and 6) and nothing else."""
+    cfg = compose(overrides(data, tmp_path / "runs", mlflow_uri, "rel-reports",
+                            "train.num_workers=1", "train.log_every=1",
+                            "train.checkpoint_every=3"))
+    reports = tmp_path / "reports.txt"
+    res = driver.pretrain(cfg, [CountReports(reports)])
+    assert reports.read_text().count("report") == 2
+    assert _checkpoint_steps(tmp_path / "runs" / cfg.run_name(), cfg) == [3, 6]
+    assert _history(MlflowClient(mlflow_uri), res.run_id, "train/loss") == [1, 2, 3, 4, 5, 6]
+    assert res.metrics["step"] == 6 and "val/avsa_acc" in res.metrics
 
 
 def test_unwritable_storage_path_fails_before_ray(mlflow_uri, data, tmp_path, monkeypatch):

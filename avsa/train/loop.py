@@ -1,7 +1,7 @@
 """The per-worker training loop that Ray Train runs on every rank.
 
-Rank 0 logs to MLflow and writes checkpoints; every rank calls `ray.train.report` the same
-number of times (it is a barrier). Metrics stay on the device between log intervals: the only
+Rank 0 logs to MLflow and writes checkpoints; every rank calls `ray.train.report` at the same
+steps, checkpoints and validations only (it is a barrier). Metrics stay on the device between log intervals: the only
 host syncs are at `train.log_every`, validation and checkpoints.
 """
 
@@ -304,7 +304,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
         last = step >= cfg.train.max_steps
         do_log = step % cfg.train.log_every == 0 or last
-        do_val = val_on and (last or (cfg.train.val_every > 0 and step % cfg.train.val_every == 0))
+        val_step = last or (cfg.train.val_every > 0 and step % cfg.train.val_every == 0)
+        do_val = val_on and val_step
         do_ckpt = step % cfg.train.checkpoint_every == 0 or last
         if not (do_log or do_ckpt):
             continue
@@ -327,7 +328,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             _progress(step, cfg.train.max_steps, metrics_out, eta)
             if logger is not None and step > logged_through:  # never one step twice
                 logger.log_metrics({k: v for k, v in metrics_out.items() if k != "step"}, step)
-        _report(metrics_out, run_uri, step, save_fn if (do_ckpt and rank == 0) else None)
+        # Ray Train's controller takes one report per worker every 2 s (its health-check
+        # interval) and holds the step that reports again sooner: only checkpoints and
+        # validations (what Tune schedules on) go to Ray; every log step goes to MLflow.
+        if do_ckpt or val_step:
+            _report(metrics_out, run_uri, step, save_fn if (do_ckpt and rank == 0) else None)
     if step < cfg.train.max_steps and step % cfg.train.checkpoint_every != 0:
         skipped_total = skipped_before + _all_reduce_sum(skipped, device)
         _report({"step": step}, run_uri, step, save_fn if rank == 0 else None)
