@@ -3,10 +3,12 @@ shuffled in the worker, with skip counts reported as their rows arrive."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
-from avsa.train.batches import local_batches
+from avsa.train.batches import fetch_first_ahead, local_batches
 
 
 def _stream(n: int, skipped_on: dict[int, int], invalid: frozenset[int] = frozenset(),
@@ -69,3 +71,28 @@ def test_every_real_row_once_in_fixed_size_batches(buffer_rows, chunk):
 def test_a_shuffle_buffer_needs_a_generator():
     with pytest.raises(ValueError, match="generator"):
         next(local_batches(_stream(4, {}), 1, 4, None))
+
+
+def test_the_first_item_is_fetched_before_iteration_and_the_rest_follow_in_order():
+    """fetch_first_ahead starts the first `next` at once (in the worker: while the model is
+    built and MLflow reached), then yields every item in order."""
+    pulled = threading.Event()
+
+    def source():
+        pulled.set()
+        yield from range(5)
+
+    items = fetch_first_ahead(source())
+    assert pulled.wait(10), "the first item was not fetched before iteration"
+    assert list(items) == [0, 1, 2, 3, 4]
+
+
+def test_an_error_or_an_empty_source_reaches_the_consumer_at_its_first_next():
+    def broken():
+        raise ValueError("no shards")
+        yield
+
+    items = fetch_first_ahead(broken())
+    with pytest.raises(ValueError, match="no shards"):
+        next(items)
+    assert list(fetch_first_ahead(iter(()))) == []

@@ -9,7 +9,9 @@ attempt that a worker death ends, and its skip count would never reach a metric.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
 
 import torch
 
@@ -17,6 +19,7 @@ from avsa.data.pipeline import drawn_batches
 
 # Row fields the pipeline adds for accounting (see avsa/data/pipeline.py), not model inputs.
 BOOKKEEPING = ("key_id", "epoch", "valid", "skipped", "missing_shards", "labels")
+T = TypeVar("T")
 
 
 def model_rows(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -46,3 +49,31 @@ def local_batches(batches: Iterable[dict[str, torch.Tensor]], size: int, buffer_
     for batch in drawn_batches(arriving(), size, buffer_rows, generator, pin=pin):
         yield batch, skipped
         skipped = 0
+
+
+def fetch_first_ahead(items: Iterator[T]) -> Iterator[T]:
+    """`items`, its first item fetched by a background thread from this call on, so that what
+    the caller does before iterating (building the model, reaching MLflow) overlaps the data
+    pipeline's start (Ray Data's coordinator and decode processes: tens of seconds on a small
+    machine). An error raised by that fetch is raised at the first `next`."""
+    box: dict[str, Any] = {}
+
+    def fetch() -> None:
+        try:
+            box["item"] = next(items)
+        except BaseException as e:  # StopIteration too: handed to the consumer
+            box["error"] = e
+
+    thread = threading.Thread(target=fetch, name="avsa-first-batch", daemon=True)
+    thread.start()
+
+    def resumed() -> Iterator[T]:
+        thread.join()
+        if isinstance(box.get("error"), StopIteration):
+            return
+        if "error" in box:
+            raise box["error"]
+        yield box["item"]
+        yield from items
+
+    return resumed()

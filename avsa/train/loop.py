@@ -29,7 +29,7 @@ from avsa.models.inputs import to_channels_last, to_device, use_channels_last
 from avsa.tracking import system_metrics
 from avsa.train import checkpoint as ckpt
 from avsa.train import resume
-from avsa.train.batches import local_batches, model_rows
+from avsa.train.batches import fetch_first_ahead, local_batches, model_rows
 from avsa.train.objective import compute_objective, reset_context_and_heads
 
 log = logging.getLogger("avsa.train")
@@ -82,7 +82,7 @@ def _batches(cfg: Config, world: int, rank: int,
     """Fixed-size local batches (batch_size // world real samples) from this worker's dataset
     shard, shuffled through a `data.shuffle_buffer` buffer seeded by (train.seed, rank, the
     step it starts from), and the samples skipped upstream (corrupt clips) counted as their
-    rows arrive (see avsa.train.batches)."""
+    rows arrive (see avsa.train.batches). The first is fetched from this call on."""
     import ray.train
 
     from avsa.data.pipeline import CONSUMER_PREFETCH_BATCHES
@@ -97,8 +97,9 @@ def _batches(cfg: Config, world: int, rank: int,
     )
     seed = np.random.SeedSequence([cfg.train.seed, rank, step]).generate_state(1)[0]
     gen = torch.Generator().manual_seed(int(seed))
-    yield from local_batches(it, cfg.train.batch_size // world, cfg.data.shuffle_buffer, gen,
-                             pin=torch.cuda.is_available())
+    return fetch_first_ahead(local_batches(it, cfg.train.batch_size // world,
+                                           cfg.data.shuffle_buffer, gen,
+                                           pin=torch.cuda.is_available()))
 
 
 def _val_batches(cfg: Config) -> list[dict[str, torch.Tensor]]:
@@ -246,6 +247,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if use_channels_last(device):
         to_channels_last(model)  # before DDP: its gradient buckets follow the weights' layout
     step, state = _resume_state(run_uri)
+    batches = _batches(cfg, world, rank, step)  # the data's start overlaps what follows
     if state is not None:
         model.load_state_dict(state["model"])
     elif cfg.model.init_from:
@@ -288,7 +290,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         ckpt.save(d, model=raw_model, optimizer=optimizer, step=step, config=loop_config["cfg"],
                   skipped_samples=skipped_total)
 
-    for batch, skipped_here in _batches(cfg, world, rank, step):
+    for batch, skipped_here in batches:
         if step >= cfg.train.max_steps:
             break
         step += 1
