@@ -1,8 +1,8 @@
 """The per-worker training loop that Ray Train runs on every rank.
 
 Rank 0 logs to MLflow and writes checkpoints; every rank calls `ray.train.report` at the same
-steps, checkpoints and validations only (it is a barrier). Metrics stay on the device between log intervals: the only
-host syncs are at `train.log_every`, validation and checkpoints.
+steps, checkpoints and validations only (it is a barrier). Metrics stay on the device between
+log intervals: the only host syncs are at `train.log_every`, validation and checkpoints.
 """
 
 from __future__ import annotations
@@ -275,7 +275,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     logger = tracker if rank == 0 else None
     logged_through = _logged_through(logger) if logger is not None else 0
-    val_on, val = rank == 0 and has_validation(cfg), None  # val: read at the first validation
+    validating = has_validation(cfg)  # every rank reports at validation steps; rank 0 validates
+    val_on, val = rank == 0 and validating, None  # val: read at the first validation
     monitor = system_metrics.start(logger, cfg.tracking)  # None unless rank 0 logs
     gather = _gather()
     # Samples skipped upstream: this worker's since it started, and the run's (all ranks, all
@@ -306,7 +307,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
         last = step >= cfg.train.max_steps
         do_log = step % cfg.train.log_every == 0 or last
-        val_step = last or (cfg.train.val_every > 0 and step % cfg.train.val_every == 0)
+        val_step = validating and (
+            last or (cfg.train.val_every > 0 and step % cfg.train.val_every == 0))
         do_val = val_on and val_step
         do_ckpt = step % cfg.train.checkpoint_every == 0 or last
         if not (do_log or do_ckpt):
