@@ -78,6 +78,7 @@ class ModelConfig:
     name: str = "full"  # the preset these values came from: a label in MLflow and reports
     video_width: int = bounded(64, "[1, 1024]")
     audio_width: int = bounded(64, "[1, 1024]")
+    audio_pool: str = one_of("max", ("max", "mean"))
     embed_dim: int = bounded(128, "[1, 8192]")
     transformer_depth: int = bounded(2, "[0, 64]")
     transformer_heads: int = bounded(1, "[1, 64]")

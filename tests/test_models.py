@@ -54,6 +54,19 @@ def test_encoder_output_is_global_max_of_last_map():
         assert torch.equal(enc(x), fmap.flatten(2).max(dim=2).values)
 
 
+@torch.no_grad()
+def test_audio_pool_is_max_for_the_paper_and_mean_for_tiny():
+    x = torch.randn(2, 4, 32, 32)
+    for name, reduce in (("full", torch.amax), ("tiny", torch.mean)):
+        m = preset(name)
+        enc = build_model(m).audio_encoder.eval()
+        assert torch.allclose(enc(x), reduce(enc.feature_map(x), dim=(2, 3))), name
+    with pytest.raises(ConfigError, match="audio_pool"):
+        compose(["model.audio_pool=median"])
+    with pytest.raises(ValueError, match="pool='median'"):
+        AudioEncoder(8, pool="median")
+
+
 def test_tiny_forward_shapes_and_heads():
     model = tiny_model()
     video, audio, _ = tiny_batch()

@@ -17,6 +17,7 @@ def build_model(m: ModelConfig, audio_channels: int = 4) -> AVSANet:
         audio_width=m.audio_width,
         embed_dim=m.embed_dim,
         audio_channels=audio_channels,
+        audio_pool=m.audio_pool,
         use_transformer=m.use_transformer,
         transformer_depth=m.transformer_depth,
         transformer_heads=m.transformer_heads,

@@ -2,7 +2,7 @@
 
 A 7x7 stride-2 stem, then four plain (non-residual) blocks of two 3x3 conv-BN-ReLU layers at
 width x (1, 2, 4, 8) with strides (1, 2, 2, 1) on each block's first convolution, then a global
-max-pool, as in the authors' code.
+max-pool, as in the authors' code, or a global mean-pool (`pool="mean"`).
 """
 
 from __future__ import annotations
@@ -26,16 +26,24 @@ class AudioEncoder(nn.Module):
     Args:
         width: stem channels; blocks use width x (1, 2, 4, 8).
         in_channels: spectrogram channels (4 for ambiX FOA, 2 stereo, 1 mono).
+        pool: "max" (the authors') or "mean" over the last map's F / 8 x M / 8 positions. A max
+            passes gradient to one position, a mean to all: a small model leaves chance sooner.
 
     forward: log-mel (B, C, F, M) float, F frames x M mel bins -> (B, 8 * width).
     """
 
     STRIDES = (1, 2, 2, 1)
 
-    def __init__(self, width: int = 64, in_channels: int = 4):
+    POOLS = ("max", "mean")
+
+    def __init__(self, width: int = 64, in_channels: int = 4, pool: str = "max"):
         super().__init__()
-        if width < 1 or in_channels < 1:
-            raise ValueError(f"AudioEncoder: bad width={width} or in_channels={in_channels}")
+        if width < 1 or in_channels < 1 or pool not in self.POOLS:
+            raise ValueError(
+                f"AudioEncoder: bad width={width}, in_channels={in_channels} or pool={pool!r}"
+                f" (one of {self.POOLS})"
+            )
+        self.pool = pool
         layers = conv_bn_relu(in_channels, width, 7, 2)
         planes = width
         for i, stride in enumerate(self.STRIDES):
@@ -50,4 +58,5 @@ class AudioEncoder(nn.Module):
         return self.body(spec)
 
     def forward(self, spec: torch.Tensor) -> torch.Tensor:
-        return torch.amax(self.feature_map(spec), dim=(2, 3))
+        fmap = self.feature_map(spec)
+        return fmap.mean(dim=(2, 3)) if self.pool == "mean" else torch.amax(fmap, dim=(2, 3))

@@ -30,6 +30,7 @@ class AVSANet(nn.Module):
         embed_dim: size of the four projection heads' outputs.
         video_layers: R(2+1)D blocks per stage.
         audio_channels: spectrogram channels (4 FOA, 2 stereo, 1 mono).
+        audio_pool: the audio encoder's global pool, "max" (the authors') or "mean".
         use_transformer: False for the AVC baseline (no context across viewpoints).
         transformer_*: depth, heads, dropout, FFN multiplier of both viewpoint transformers.
         spherical_pos_enc: encode viewpoint directions in the transformers (off in the paper).
@@ -43,6 +44,7 @@ class AVSANet(nn.Module):
         *,
         video_layers: Sequence[int] = (2, 2, 2, 2),
         audio_channels: int = 4,
+        audio_pool: str = "max",
         use_transformer: bool = True,
         transformer_depth: int = 2,
         transformer_heads: int = 1,
@@ -52,7 +54,7 @@ class AVSANet(nn.Module):
     ):
         super().__init__()
         self.video_encoder = VideoEncoder(video_width, video_layers)
-        self.audio_encoder = AudioEncoder(audio_width, audio_channels)
+        self.audio_encoder = AudioEncoder(audio_width, audio_channels, audio_pool)
         dv, da = self.video_encoder.out_dim, self.audio_encoder.out_dim
         self.video_transformer: ViewpointTransformer | None = None
         self.audio_transformer: ViewpointTransformer | None = None
