@@ -21,9 +21,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/avsa demo --out $(DEMO)
 
+# Two pytest-xdist workers: the modules that start Ray on one, the rest beside them
+# (tests/conftest.py). Plain `pytest` runs the same tests one at a time.
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

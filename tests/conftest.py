@@ -19,6 +19,15 @@ REPO = Path(__file__).resolve().parent.parent
 # wait for a poll; tiny test runs spend much of their time there. Every Ray the suite starts
 # (the session's, a command's own, a `ray start` head) inherits this environment.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# Modules that start Ray (in this process or in a command they run). Under `make test`'s
+# pytest-xdist they all go to one worker, one after another: a local Ray's dashboard agent
+# takes a fixed port, so two at once on one machine would not each get one. The other modules
+# run beside them on the second worker, each whole, so its module fixtures start once.
+RAY_MODULES = {
+    "test_demo", "test_jobs", "test_local_ray", "test_mlflow_ui", "test_pipeline",
+    "test_reliability_config", "test_reliability_interrupt", "test_reliability_training",
+    "test_resources", "test_sweep",
+}
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
@@ -26,6 +35,20 @@ S3_ENV = {
     "AWS_REGION": "us-east-1",
     "AWS_EC2_METADATA_DISABLED": "true",
 }
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist (`make test`'s `-n 2`): each module whole on one worker, so its module
+    fixtures start once, and all of RAY_MODULES on the same one (above)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class RayModulesTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = Path(nodeid.split("::", 1)[0]).stem
+            return "ray" if module in RAY_MODULES else module
+
+    return RayModulesTogether(config, log)
 
 
 @pytest.fixture(scope="session")
