@@ -12,7 +12,11 @@ from avsa.models import build_model
 from avsa.models.inputs import normalize_video
 from avsa.train import checkpoint as ckpt
 from avsa.train.loop import Meter, chance_score, phase_kind
-from avsa.train.objective import compute_objective, reset_context_and_heads
+from avsa.train.objective import (
+    compute_objective,
+    leaves_parameters_unused,
+    reset_context_and_heads,
+)
 
 
 def _batch(b=4, v=2, seed=0):
@@ -41,6 +45,21 @@ def test_each_objective_trains_the_encoders(cfg, kind):
     assert all(g is not None and g.abs().sum() > 0 for g in grads[:1])
     used_transformer = model.video_transformer.layers[0].linear1.weight.grad is not None
     assert used_transformer == (kind == "avsa")
+
+
+@pytest.mark.parametrize("kind", ["avsa", "avc", "avts"])
+@pytest.mark.parametrize("use_transformer", [True, False])
+def test_ddp_searches_for_unused_parameters_exactly_when_some_are(kind, use_transformer):
+    """DDP with find_unused_parameters=False fails on a parameter without a gradient; with True
+    it walks the graph after every backward pass, and warns when it finds nothing."""
+    cfg = compose(["model=tiny", "data.num_viewpoints=2",
+                   f"model.use_transformer={str(use_transformer).lower()}"])
+    model = build_model(cfg.model)
+    loss, _ = compute_objective(model, _batch(), kind=kind, temperature=0.07)
+    loss.backward()
+    unused = [name for name, p in model.named_parameters() if p.grad is None]
+    assert bool(unused) == leaves_parameters_unused(kind, use_transformer, curriculum=False)
+    assert leaves_parameters_unused(kind, use_transformer, curriculum=True)
 
 
 def test_avts_hard_negative_changes_the_loss(cfg):

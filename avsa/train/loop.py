@@ -30,7 +30,11 @@ from avsa.tracking import system_metrics
 from avsa.train import checkpoint as ckpt
 from avsa.train import resume
 from avsa.train.batches import fetch_first_ahead, local_batches, model_rows
-from avsa.train.objective import compute_objective, reset_context_and_heads
+from avsa.train.objective import (
+    compute_objective,
+    leaves_parameters_unused,
+    reset_context_and_heads,
+)
 
 log = logging.getLogger("avsa.train")
 
@@ -254,7 +258,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         tracking_uri = tracker.uri if tracker is not None else None
         init_state, _ = ckpt.resolve_init(cfg.model.init_from, tracking_uri)
         model.load_encoders(init_state["model"])
-    find_unused = cfg.train.curriculum or cfg.loss.kind != "avsa"
+    find_unused = leaves_parameters_unused(cfg.loss.kind, cfg.model.use_transformer,
+                                           cfg.train.curriculum)
     model = ray.train.torch.prepare_model(
         model, parallel_strategy_kwargs={"find_unused_parameters": find_unused}
     )

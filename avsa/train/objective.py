@@ -51,6 +51,14 @@ def compute_objective(
     raise ValueError(f"unknown objective {kind!r}")
 
 
+def leaves_parameters_unused(kind: str, use_transformer: bool, curriculum: bool) -> bool:
+    """Whether some parameter of the model gets no gradient from the objective `kind` (DDP must
+    then look for such parameters after every backward pass): AVC and AVTS skip the viewpoint
+    transformers, AVTS scores targets only and skips the prediction heads, and the
+    curriculum's AVC phase skips the transformers of its AVSA model."""
+    return curriculum or kind == "avts" or (kind == "avc" and use_transformer)
+
+
 def reset_context_and_heads(model: AVSANet, seed: int) -> None:
     """Fresh transformers and heads (the curriculum's switch from AVC to AVSA); the same seed
     on every rank keeps DDP replicas identical."""
