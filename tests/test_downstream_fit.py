@@ -51,6 +51,9 @@ def _train_twice(make_head, cached_loss, e2e_loss, n, *, epochs=3, batch=2, seed
 
 @pytest.mark.parametrize("task", ["avc_bin", "avsa_bin"])
 def test_cached_pair_head_matches_end_to_end_frozen_training(task):
+    # an unseeded encoder now and then put float reordering (batches of 4 against 2) over
+    # 1e-5 after Adam's nine steps; a wrong cached row moves weights by about lr = 1e-3
+    torch.manual_seed(0)
     model = freeze(tiny_model())
     source = _Clips()
     cached = encode_passes(source.train, 1, lambda b: encode_clips(model, b))
@@ -63,13 +66,14 @@ def test_cached_pair_head_matches_end_to_end_frozen_training(task):
     a, b = _train_twice(lambda: pair_head(model.video_dim + model.audio_dim),
                         lambda head, idx: pair_loss(task, head, cached.take(idx)), e2e, 6)
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
-        assert torch.allclose(p, q, atol=1e-5), name
+        assert torch.allclose(p, q, atol=5e-5), name
     x = torch.cat((cached.tensors["video"], cached.tensors["audio"]), -1)
-    assert torch.allclose(a.eval()(x), b.eval()(x), atol=1e-5)
+    assert torch.allclose(a.eval()(x), b.eval()(x), atol=5e-5)
 
 
 @pytest.mark.parametrize("context", ["video", "context"])
 def test_cached_segmentation_head_matches_end_to_end_frozen_training(context):
+    torch.manual_seed(0)
     model = freeze(tiny_model())
     source = _Clips()
     cached = encode_passes(source.train, 1, lambda b: encode_crops(model, b, context))
