@@ -27,7 +27,9 @@ from avsa.downstream.segmentation import (
     FPNHead,
     class_weights,
     cond_dim,
+    crop_logits,
     encode_crops,
+    map_logits,
     segmentation_metrics,
 )
 
@@ -249,3 +251,19 @@ def test_fpn_head_predicts_every_pixel_of_the_crop(context):
         assert cond.shape == (6, cond_dim(model, context))
     head = FPNHead([8, 16, 32, 64], 9, dim=16, cond_dim=cond_dim(model, context))
     assert head(maps, 16, cond).shape == (6, 9, 16, 16)
+
+
+def test_heads_train_on_the_finest_map_with_the_class_map_sampled_there():
+    torch.manual_seed(0)
+    model = tiny_model().eval()
+    masks = torch.arange(8).repeat_interleave(2).expand(16, 16)  # class = column // 2
+    batch = {"video": torch.randint(0, 255, (1, 2, 3, 2, 16, 16), dtype=torch.uint8),
+             "audio": torch.randn(1, 2, 4, 16, 16), "masks": masks.expand(1, 2, 16, 16)}
+    rows = encode_crops(model, batch, "video")
+    head = FPNHead([8, 16, 32, 64], 9, dim=16)
+    logits, sampled = map_logits(head, rows)
+    assert logits.shape == (2, 9, 8, 8)
+    assert sampled.dtype == torch.long
+    assert sampled.tolist() == [[list(range(8))] * 8] * 2
+    full = crop_logits(head, rows)  # what scoring sees: the same logits, upsampled
+    assert torch.allclose(full, F.interpolate(logits, size=(16, 16), mode="bilinear"))
