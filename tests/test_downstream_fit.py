@@ -52,7 +52,7 @@ def _train_twice(make_head, cached_loss, e2e_loss, n, *, epochs=3, batch=2, seed
 @pytest.mark.parametrize("task", ["avc_bin", "avsa_bin"])
 def test_cached_pair_head_matches_end_to_end_frozen_training(task):
     # an unseeded encoder now and then put float reordering (batches of 4 against 2) over
-    # 1e-5 after Adam's nine steps; a wrong cached row moves weights by about lr = 1e-3
+    # 1e-5 after Adam's nine steps; a wrong cached row moves weights by about 1e-2
     torch.manual_seed(0)
     model = freeze(tiny_model())
     source = _Clips()

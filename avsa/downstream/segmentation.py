@@ -194,19 +194,18 @@ class SegmentationTask(TransferHead):
         self.w = class_weights(fit.tensors["masks"], self.num_classes, self.weights).to(self.device)
 
     def loss(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.weighted_loss(*map_logits(self.module, rows))[0]
-
-    def weighted_loss(self, logits: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The class-weighted cross-entropy and its weight sum (the pixels' weights)."""
-        return F.cross_entropy(logits, masks, weight=self.w), self.w[masks].sum()
+        logits, masks = map_logits(self.module, rows)
+        return F.cross_entropy(logits, masks, weight=self.w)
 
     def val_loss(self, val: Cached) -> float:
         """Pixel-weighted over the held-out crops, in chunks of EVAL_CHUNK."""
         num = den = 0.0
         for i in range(0, len(val), EVAL_CHUNK):
-            loss, part = self.weighted_loss(*map_logits(
-                self.module, val.take(torch.arange(i, min(i + EVAL_CHUNK, len(val))))))
-            num, den = num + float(loss * part), den + float(part)
+            chunk = torch.arange(i, min(i + EVAL_CHUNK, len(val)))
+            logits, masks = map_logits(self.module, val.take(chunk))
+            part = self.w[masks].sum()
+            num += float(F.cross_entropy(logits, masks, weight=self.w) * part)
+            den += float(part)
         return num / den if den else float("nan")
 
     def score(self, source, examples: dict | None) -> dict[str, float]:
