@@ -10,12 +10,13 @@ paper's numbers (METHOD.md §8):
 - audio: the same for each audio input in --features, dry and in a room (RT60 --rt60).
 
 Every pretext sees the same (view, audio) pairs per step: the one-viewpoint baselines take V
-times the batch. Everything lands under --out: data/, runs/ (checkpoints), mlruns/ (unless
---tracking-uri) and tables/NAME.{md,csv,png}, also on the MLflow run `reproduce`. Re-running
-skips what is done (clips, pretrainings, transfer cells in MLflow); a cell counts as done, and
-enters the tables, only from this invocation's pretrainings, so other --steps or --seed on the
-same --out make their own cells. Extra arguments are Hydra
-overrides for every run, e.g. `model=full train.use_gpu=true` on a GPU.
+times the batch; clips are synthesised at the size and frame rate the preset reads them at.
+Everything lands under --out: data/, runs/ (checkpoints), mlruns/ (unless --tracking-uri) and
+tables/NAME.{md,csv,png}, also on the MLflow run `reproduce`. Re-running skips what is done
+(clips, pretrainings, transfer cells in MLflow); a cell counts as done, and enters the tables,
+only from this invocation's pretrainings, so other --steps or --seed on the same --out make
+their own cells. Extra arguments are Hydra overrides for every run, e.g. `model=full
+train.use_gpu=true train.num_workers=4` on a GPU machine.
 """
 
 from __future__ import annotations
@@ -135,8 +136,7 @@ def _names(allowed: tuple[str, ...]):
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="avsa reproduce", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("outputs/reproduce"))
-    p.add_argument("--clips", type=int, default=192, help="training clips (pretraining, "
-                   "binary and segmentation heads)")
+    p.add_argument("--clips", type=int, default=192, help="training clips (pretraining, heads)")
     p.add_argument("--test-clips", type=int, default=48)
     p.add_argument("--action-clips", type=int, default=96, help="single-class clips for action "
                    "recognition (a quarter held out)")
@@ -144,9 +144,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=300, help="pretraining steps of every variant")
     p.add_argument("--seeds", type=int, default=2, help="head seeds per transfer cell")
     p.add_argument("--pretrain-seeds", type=int, default=1,
-                   help="pretrainings of every variant (train.seed +0, +1, ...); a cell pools "
-                        "the head seeds of all of them, so its interval covers pretraining's "
-                        "spread too")
+                   help="pretrainings of every variant (train.seed +0, +1, ...), pooled in "
+                        "each cell, so that its interval covers pretraining's spread too")
     p.add_argument("--tables", type=_names(TABLES), default=list(TABLES),
                    help="comma-separated, of " + ",".join(TABLES))
     p.add_argument("--pretexts", type=_names(PRETEXTS), default=list(PRETEXTS),
@@ -167,21 +166,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="reverberation time of the wet rows of the audio table (0: none)")
     p.add_argument("--tracking-uri", default=None, help="MLflow URI (default: a store in --out)")
     p.add_argument("--workers", type=int, default=2, help="processes for synthesis")
+    p.add_argument("--train-workers", type=int, default=1,
+                   help="Ray Train workers per pretraining (same global batch); on 2 cores "
+                        "two took 6-10%% longer, the second competing with decoding")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
     args = p.parse_args(argv)
     if args.clips < 8 or args.test_clips < 2 or args.action_clips < 8:
         p.error("need --clips >= 8, --test-clips >= 2 and --action-clips >= 8")
-    if args.steps < 2 or args.seeds < 1 or args.pretrain_seeds < 1 or args.seconds <= 0:
-        p.error("need --steps >= 2, --seeds >= 1, --pretrain-seeds >= 1 and --seconds > 0")
+    if min(args.steps - 1, args.seeds, args.pretrain_seeds, args.train_workers, args.seconds) <= 0:
+        p.error("need --steps >= 2, --seeds, --pretrain-seeds, --train-workers >= 1, --seconds > 0")
     return args
 
 
-def make_data(args: argparse.Namespace, tables: list[Table]) -> dict[str, tuple[str, str]]:
-    """Shard URIs (train, test) of each data set: dry scenes, single-class (action) clips and,
-    when a table asks, reverberant copies of the dry scenes."""
+def make_data(args: argparse.Namespace, tables: list[Table], data) -> dict[str, tuple[str, str]]:
+    """Shard URIs (train, test) of each data set (dry scenes, single-class action clips and,
+    when a table asks, reverberant copies of the dry scenes) at the frame rate and equirect size
+    `data` (a DataConfig) reads: more costs only decoding (24 ms of CPU a one-viewpoint sample at
+    384x192 and 16 fps, 17 ms at the preset's 256x128 and 8)."""
     from avsa import synth
 
+    fmt = {"fps": data.fps}
+    if data.equirect_height:
+        fmt.update(height=data.equirect_height, width=2 * data.equirect_height)
     sets = {"dry": {}, "action": {"single_class": True}}
     if any(v is not None and v.data == "wet" for t in tables for v in t.rows):
         sets["wet"] = {"rt60_s": args.rt60}
@@ -193,13 +200,14 @@ def make_data(args: argparse.Namespace, tables: list[Table]) -> dict[str, tuple[
         log.info("synthesising %d + %d %s clips", n_train, n_test, name)
         root = (args.out / "data" / name).resolve()
         out[name] = tuple(synth.write_split(root, split, n, args.seconds, s, args.workers,
-                                            progress=False, **kw)
+                                            progress=False, **fmt, **kw)
                           for split, n, s in (("train", n_train, seed), ("test", n_test, seed + 1)))
     return out
 
 
 def _common(args: argparse.Namespace, uri: str) -> list[str]:
-    return [PRESET, f"tracking.uri={uri}", f"data.seed={args.seed}", *args.overrides]
+    workers = f"train.num_workers={args.train_workers}"
+    return [PRESET, f"tracking.uri={uri}", f"data.seed={args.seed}", workers, *args.overrides]
 
 
 def pretrain_configs(args, tables, data, uri) -> list[tuple[str, object]]:
@@ -373,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         args.tracking_uri or f"sqlite:///{(args.out / 'mlruns' / 'mlflow.db').resolve()}")
     cfg = compose([PRESET, *args.overrides])  # bad overrides fail here, before any work
     tables = plan(args, cfg.train.batch_size, cfg.data.num_viewpoints, cfg.data.audio_features)
-    data = make_data(args, tables)
+    data = make_data(args, tables, cfg.data)
     from avsa.train.driver import ray_for_block
 
     with ray_for_block():  # the cells after it run in this process, without Ray

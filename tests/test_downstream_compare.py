@@ -213,6 +213,30 @@ def test_reproduce_pools_head_seeds_over_pretraining_seeds():
     assert all(len(set(n)) == 2 for n in names.values())  # each seed its own run
     assert names["intensity"] == names["avsa"]  # the preset's input: the same two runs
     assert len({n for ns in names.values() for n in ns}) == 2 * (len(names) - 1)
+    assert {cfg.train.num_workers for _, cfg in configs} == {1}  # --train-workers' default
+    mine = reproduce.parse_args(["--tables", "viewpoints", "train.num_workers=2"])
+    (row, cfg), *_ = reproduce.pretrain_configs(mine, reproduce.plan(mine, batch=8, v=4),
+                                                {"dry": ("d/tr", "d/te")}, "sqlite:///x")
+    assert cfg.train.num_workers == 2  # an override for every run wins
+
+
+def test_reproduce_synthesises_clips_at_the_size_and_rate_the_preset_reads(tmp_path):
+    """384x192 at 16 fps would only cost decoding: the pipeline resizes to the preset's
+    equirect size and picks frames at its rate."""
+    from avsa import media, reproduce
+    from avsa.config import compose
+
+    args = reproduce.parse_args(["--out", str(tmp_path), "--clips", "8", "--test-clips", "2",
+                                 "--action-clips", "8", "--seconds", "1", "--workers", "1",
+                                 "--tables", "pretext", "--binary-only"])
+    data = compose([reproduce.PRESET]).data
+    sets = reproduce.make_data(args, reproduce.plan(args, batch=8, v=4), data)
+    assert sorted(sets) == ["action", "dry"]  # no reverberant rows asked for
+    for name in sets:
+        (clip, *_) = sorted((tmp_path / "data" / name / "clips" / "test").glob("*.mp4"))
+        video = media.probe(clip).video
+        assert (video.width, video.height) == (2 * data.equirect_height, data.equirect_height)
+        assert video.fps == pytest.approx(data.fps)
 
 
 def test_reproduce_skips_exactly_the_cells_mlflow_holds(mlflow_uri):
