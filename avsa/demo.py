@@ -33,11 +33,13 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
     t0 = time.perf_counter()
+    fmt = synth.read_format(compose(["experiment=demo_local", *args.overrides]).data)
     shard_uris = {}
     for split, clips, seed in (("train", args.train_clips, 0), ("val", args.val_clips, 1)):
         print(f"[avsa demo] synthesising {clips} {split} clips into {out / 'clips' / split}",
               flush=True)
-        shard_uris[split] = synth.write_split(out, split, clips, args.seconds, seed, args.workers)
+        shard_uris[split] = synth.write_split(out, split, clips, args.seconds, seed, args.workers,
+                                              **fmt)
 
     overrides = [
         "experiment=demo_local",

@@ -182,13 +182,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def make_data(args: argparse.Namespace, tables: list[Table], data) -> dict[str, tuple[str, str]]:
     """Shard URIs (train, test) of each data set (dry scenes, single-class action clips and,
     when a table asks, reverberant copies of the dry scenes) at the frame rate and equirect size
-    `data` (a DataConfig) reads: more costs only decoding (24 ms of CPU a one-viewpoint sample at
-    384x192 and 16 fps, 17 ms at the preset's 256x128 and 8)."""
+    `data` (a DataConfig) reads (`synth.read_format`)."""
     from avsa import synth
 
-    fmt = {"fps": data.fps}
-    if data.equirect_height:
-        fmt.update(height=data.equirect_height, width=2 * data.equirect_height)
+    fmt = synth.read_format(data)
     sets = {"dry": {}, "action": {"single_class": True}}
     if any(v is not None and v.data == "wet" for t in tables for v in t.rows):
         sets["wet"] = {"rt60_s": args.rt60}

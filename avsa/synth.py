@@ -331,6 +331,17 @@ def write_dataset(out_dir: str | os.PathLike, clips: int, seconds: float, seed: 
     return [out / f"clip-{i:06d}.mp4" for i in range(clips)]
 
 
+def read_format(data) -> dict[str, float]:
+    """write_dataset's fps, width and height for clips that `data` (a DataConfig) reads at
+    their own size and rate (its equirect_height, fps): larger or faster clips cost only
+    decoding (a one-viewpoint sample of the demo preset: 24 ms of CPU from 384x192 at 16 fps,
+    17 ms from 256x128 at 8). The synthesiser's size where the config keeps clips at theirs."""
+    fmt: dict[str, float] = {"fps": data.fps}
+    if data.equirect_height:
+        fmt.update(height=data.equirect_height, width=2 * data.equirect_height)
+    return fmt
+
+
 def write_split(out: Path, split: str, clips: int, seconds: float, seed: int, workers: int = 1,
                 **kwargs) -> str:
     """Synthesise `clips` clips into out/clips/SPLIT (see write_dataset) and shard them into

@@ -8,7 +8,10 @@ import shutil
 import uuid
 from pathlib import Path
 
-from avsa import demo
+import pytest
+
+from avsa import demo, media
+from avsa.config import compose
 
 
 def test_demo_pretrains_then_compares_transfer_with_scratch(ray_session, mlflow_uri, tmp_path,
@@ -38,6 +41,11 @@ def test_demo_pretrains_then_compares_transfer_with_scratch(ray_session, mlflow_
     assert (tmp_path / "demo" / "shards" / "train" / "manifest.json").is_file()
     assert (tmp_path / "demo" / "shards" / "val" / "manifest.json").is_file()
     assert list((tmp_path / "demo" / "runs").glob("*/checkpoint-00000002"))
+    # clips written at the size and rate the preset reads: more would only cost decoding
+    data = compose(["experiment=demo_local"]).data
+    video = media.probe(next((tmp_path / "demo" / "clips" / "train").glob("*.mp4"))).video
+    assert (video.width, video.height) == (2 * data.equirect_height, data.equirect_height)
+    assert video.fps == pytest.approx(data.fps)
 
     client = MlflowClient(mlflow_uri)
     [pre] = client.search_runs([client.get_experiment_by_name(name).experiment_id])

@@ -250,3 +250,13 @@ def test_cli_with_workers_matches_in_process(tmp_path, capsys):
                        "--width", "128", "--height", "64", "--stats"]) == 0
     stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert stats["name"] == "synth_coverage" and stats["crops"] == 2 * 8 * 4
+
+
+def test_read_format_follows_the_config_and_keeps_own_size_without_one():
+    from avsa.config import compose
+
+    assert synth.read_format(compose(["data=synthetic_small"]).data) == {
+        "fps": 8.0, "height": 128, "width": 256}
+    own = synth.read_format(compose(["data=synthetic_small", "data.equirect_height=0",
+                                     "data.fps=12"]).data)
+    assert own == {"fps": 12.0}  # write_dataset's own width and height
