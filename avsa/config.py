@@ -68,6 +68,9 @@ class DataConfig:
     decode_threads: int = bounded(1, "[0, 64]")  # per decode task; 0: FFmpeg's choice
     decode_tasks: int = bounded(0, "[0, 1e6]")  # at once (0: the CPUs Ray Train leaves)
     read_ahead_batches: int = bounded(4, "[1, 1e4]")  # global batches decoded ahead
+    # samples reach training in the seeded shard order, however the decode tasks finish:
+    # a run repeats exactly; false lets a fast shard overtake a slow one
+    preserve_order: bool = True
     seed: int = 0
 
 

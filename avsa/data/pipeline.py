@@ -213,6 +213,7 @@ def build_dataset(uri: str, cfg, *, epochs: int, seed: int, other_time: bool = F
     cfg.skip_missing_shards): then its samples count as skipped. With batch_size (the global
     batch) the context bounds read-ahead (`ingest_options`; Ray Train takes options only from
     its DataConfig, so the driver passes the same there). limit keeps the first rows only.
+    Rows come in the seeded shard order when cfg.preserve_order (always when unshuffled).
     """
     import ray.data
 
@@ -225,14 +226,15 @@ def build_dataset(uri: str, cfg, *, epochs: int, seed: int, other_time: bool = F
     ds = ds.flat_map(decode_shard, fn_kwargs=kwargs, num_cpus=cfg.decode_cpus)
     if limit is not None:
         ds = ds.limit(limit)
+    ordered = cfg.preserve_order or not shuffle
     if batch_size is not None:
         size = row_bytes(cfg, other_time=other_time, misalign_prob=misalign_prob,
                          with_masks=with_masks)
         ds.context.execution_options = ingest_options(
             cfg, batch_size=batch_size, shard_samples=max(int(i["samples"]) for i in items),
-            row_size=size, preserve_order=not shuffle)
-    elif not shuffle:
-        ds.context.execution_options.preserve_order = True
+            row_size=size, preserve_order=ordered)
+    else:
+        ds.context.execution_options.preserve_order = ordered
     return ds
 
 
