@@ -16,6 +16,8 @@ from pathlib import Path
 from avsa import synth
 from avsa.config import compose
 
+PRESET = "experiment=demo_local"
+
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="avsa demo", description=__doc__.splitlines()[0])
@@ -33,7 +35,7 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
     t0 = time.perf_counter()
-    fmt = synth.read_format(compose(["experiment=demo_local", *args.overrides]).data)
+    fmt = synth.read_format(compose([PRESET, *args.overrides]).data)  # bad ones fail here
     shard_uris = {}
     for split, clips, seed in (("train", args.train_clips, 0), ("val", args.val_clips, 1)):
         print(f"[avsa demo] synthesising {clips} {split} clips into {out / 'clips' / split}",
@@ -42,7 +44,7 @@ def main(argv: list[str]) -> int:
                                               **fmt)
 
     overrides = [
-        "experiment=demo_local",
+        PRESET,
         f"data.shards={shard_uris['train']}",
         f"data.val_shards={shard_uris['val']}",
         f"storage.path={out / 'runs'}",

@@ -62,3 +62,11 @@ def test_demo_pretrains_then_compares_transfer_with_scratch(ray_session, mlflow_
     assert f"--backend-store-uri {mlflow_uri}" in out
     [mlflow_exe] = re.findall(r"^ +(\S+) ui --backend-store-uri ", out, re.M)
     assert Path(mlflow_exe).is_file() or shutil.which(mlflow_exe), mlflow_exe
+
+
+def test_a_bad_override_fails_before_any_clip_is_written(tmp_path):
+    from avsa.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data\.fps"):
+        demo.main(["--out", str(tmp_path / "demo"), "data.fps=-1"])
+    assert not (tmp_path / "demo").exists()

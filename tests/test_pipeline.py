@@ -241,20 +241,18 @@ def test_two_ray_train_workers_see_each_sample_once_per_epoch(ray_session, shard
     assert sum(r["skipped"] for r in reports) == 0
 
 
-
 def test_shuffled_ray_dataset_keeps_the_seeded_shard_order(ray_session, shard_set):
     """A training stream (shuffled, read-ahead bounded or not) tells Ray Data to keep the seeded
     shard order, so a run sees the same samples in the same order each time; a decode task
     that finishes early may overtake only when data.preserve_order is off."""
     uri, keys = shard_set
+    by_uri = {storage.join(uri, shard_name(i)): keys[PER_SHARD * i:PER_SHARD * (i + 1)]
+              for i in range(3)}
+    seeded = [k for item in pipeline.shard_items(uri, epochs=1, seed=3) for k in by_uri[item["uri"]]]
     for batch_size in (None, 2):
         ds = pipeline.build_dataset(uri, tiny_cfg(), epochs=1, seed=3, batch_size=batch_size,
                                     keys=True)
         assert ds.context.execution_options.preserve_order
-        by_uri = {storage.join(uri, shard_name(i)): keys[PER_SHARD * i:PER_SHARD * (i + 1)]
-                  for i in range(3)}
-        seeded = [k for item in pipeline.shard_items(uri, epochs=1, seed=3)
-                  for k in by_uri[item["uri"]]]
         assert [r["key"] for r in ds.iter_rows()] == seeded
         loose = pipeline.build_dataset(uri, tiny_cfg(preserve_order=False), epochs=1, seed=3,
                                        batch_size=batch_size)
