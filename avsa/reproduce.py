@@ -140,6 +140,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--test-clips", type=int, default=48)
     p.add_argument("--action-clips", type=int, default=96, help="single-class clips for action "
                    "recognition (a quarter held out)")
+    p.add_argument("--classes-per-clip", type=int, default=None, metavar="K",
+                   help="draw each scene's sources from K classes (`avsa synth`)")
     p.add_argument("--seconds", type=float, default=3.0, help="clip length (AVTS needs >= 2 s)")
     p.add_argument("--steps", type=int, default=300, help="pretraining steps of every variant")
     p.add_argument("--seeds", type=int, default=2, help="head seeds per transfer cell")
@@ -186,9 +188,10 @@ def make_data(args: argparse.Namespace, tables: list[Table], data) -> dict[str, 
     from avsa import synth
 
     fmt = synth.read_format(data)
-    sets = {"dry": {}, "action": {"single_class": True}}
+    dry = {"classes_per_clip": args.classes_per_clip}
+    sets = {"dry": dry, "action": {"classes_per_clip": 1}}
     if any(v is not None and v.data == "wet" for t in tables for v in t.rows):
-        sets["wet"] = {"rt60_s": args.rt60}
+        sets["wet"] = {**dry, "rt60_s": args.rt60}
     out = {}
     for name, kw in sets.items():
         n_train = args.action_clips * 3 // 4 if name == "action" else args.clips

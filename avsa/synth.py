@@ -1,9 +1,9 @@
 """Synthetic 360° clips with spatial audio, labels and masks (the demo's and the tests' data).
 
 A scene is a static panoramic background (smooth colour gradient plus low-contrast texture,
-random per clip) and four to six sources of distinct classes, at least 45° apart (at the
-start), with elevation within ±30°: dense enough that most viewpoints the default sampler
-draws see one (`avsa synth --stats` measures it). Each source is an object of one class
+random per clip) and four to six sources, of distinct classes or of a few classes each used
+several times, at least 45° apart (at the start), with elevation within ±30°: most viewpoints
+the default sampler draws see one (`avsa synth --stats`). Each source is an object of one class
 (shape, colours, texture and motion) drawn as a patch on the sphere, slowly drifting in
 azimuth. It sounds as events: it switches on and off on its own schedule, and its look
 follows, bright, saturated and pulsing with the amplitude modulation of its class sound while
@@ -147,7 +147,7 @@ class _Source:
     detune: float  # f0 factor
     events: np.ndarray | None  # (K, 2) on-intervals in seconds, None = always on
 
-    def az(self, t):
+    def az(self, t):  # radians at times t (seconds)
         return self.az0 + self.drift * t
 
     def envelope(self, t):
@@ -182,7 +182,7 @@ def _draw(src: _Source, dirs: np.ndarray, t: float):
 
 
 def _place(rng, gen, n: int, sources: Sequence[SourceSpec] | None, seconds: float,
-           single_class: bool) -> list[_Source]:
+           classes_per_clip: int | None) -> list[_Source]:
     if not 1 <= n <= len(CLASSES):
         raise ConfigError("num_sources", f"must be in [1, {len(CLASSES)}], got {n}")
     if sources is not None:
@@ -193,10 +193,9 @@ def _place(rng, gen, n: int, sources: Sequence[SourceSpec] | None, seconds: floa
     else:
         vp = geometry.sample_viewpoints(gen, n, el_range_deg=EL_RANGE_DEG,
                                         min_separation_deg=MIN_SEPARATION_DEG)
-        if single_class:
-            classes = np.full(n, rng.integers(len(CLASSES)))
-        else:
-            classes = rng.choice(len(CLASSES), n, replace=False)
+        classes = rng.choice(len(CLASSES), min(n, classes_per_clip or n), replace=False)
+        if (k := len(classes)) < n:  # each of the clip's classes at least once
+            classes = rng.permutation(np.concatenate((classes, rng.choice(classes, n - k))))
         drift = rng.uniform(1, 4, n) * rng.choice([-1, 1], n)
         specs = [(int(k), float(a), float(e), math.radians(d))
                  for k, a, e, d in zip(classes, vp.az, vp.el, drift)]
@@ -223,19 +222,19 @@ def diffuse_noise(rng: np.random.Generator, n: int, std: float = NOISE) -> np.nd
 
 def make_scene(seed: int, seconds: float, *, width: int = 384, height: int = 192, fps: float = 16,
                sample_rate: int = 24000, num_sources: int | None = None,
-               sources: Sequence[SourceSpec] | None = None, single_class: bool = False,
+               sources: Sequence[SourceSpec] | None = None, classes_per_clip: int | None = None,
                rt60_s: float = 0.0) -> Scene:
     """A deterministic scene for `seed`: random SOURCES_RANGE sources of distinct classes
-    unless num_sources or explicit `sources` are given; `single_class` gives every random
-    source the same class (a single-label clip); `rt60_s` > 0 adds the reverberant tail of a
-    simulated room with that reverberation time. See the module docstring for what it holds."""
+    unless num_sources or explicit `sources` are given; `classes_per_clip` k draws them from k
+    classes, each used at least once (k = 1: a single-label clip); `rt60_s` > 0 adds the
+    reverberant tail of a simulated room with that RT60. The module docstring says the rest."""
     if not (math.isfinite(rt60_s) and 0.0 <= rt60_s <= 3.0):
         raise ConfigError("rt60_s", f"must be in [0, 3] seconds, got {rt60_s}")
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(int(seed))
     n = (len(sources) if sources is not None
          else num_sources or int(rng.integers(SOURCES_RANGE[0], SOURCES_RANGE[1] + 1)))
-    placed = _place(rng, gen, n, sources, seconds, single_class)
+    placed = _place(rng, gen, n, sources, seconds, classes_per_clip)
     dirs = shapes.pixel_directions(height, width)
     background = shapes.background(rng, dirs)
 
@@ -333,9 +332,8 @@ def write_dataset(out_dir: str | os.PathLike, clips: int, seconds: float, seed: 
 
 def read_format(data) -> dict[str, float]:
     """write_dataset's fps, width and height for clips that `data` (a DataConfig) reads at
-    their own size and rate (its equirect_height, fps): larger or faster clips cost only
-    decoding (a one-viewpoint sample of the demo preset: 24 ms of CPU from 384x192 at 16 fps,
-    17 ms from 256x128 at 8). The synthesiser's size where the config keeps clips at theirs."""
+    their own size and rate: larger or faster clips would cost only decoding. The synthesiser's
+    size where the config keeps clips at theirs."""
     fmt: dict[str, float] = {"fps": data.fps}
     if data.equirect_height:
         fmt.update(height=data.equirect_height, width=2 * data.equirect_height)
@@ -368,8 +366,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sources", dest="num_sources", type=int, metavar="N",
                         choices=range(1, len(CLASSES) + 1),
                         help="sources per clip (default: random {}-{})".format(*SOURCES_RANGE))
-    parser.add_argument("--single-class", action="store_true",
-                        help="every source of a clip of one class (single-label clips)")
+    parser.add_argument("--classes-per-clip", type=int, metavar="K",
+                        choices=range(1, len(CLASSES) + 1),
+                        help="draw a clip's sources from K classes, each used at least once "
+                             "(1: single-label clips; default: every source its own class)")
     parser.add_argument("--rt60", dest="rt60_s", type=float, default=0.0, metavar="SECONDS",
                         help="add a simulated room with this reverberation time (0: dry)")
     parser.add_argument("--stats", action="store_true",
@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         scene = {k: getattr(args, k) for k in ("width", "height", "fps", "sample_rate",
-                                                "num_sources", "single_class", "rt60_s")}
+                                                "num_sources", "classes_per_clip", "rt60_s")}
         write_dataset(args.out_dir, args.clips, args.seconds, args.seed, args.workers, **scene)
     except AvsaError as e:
         print(f"avsa synth: error: {e}", file=sys.stderr)

@@ -82,8 +82,11 @@ def test_shapes_units_and_placement():
             assert angle_deg(a["az_deg"][0], a["el_deg"][0], b["az_deg"][0], b["el_deg"][0]) >= 45
     counts = [len(synth.make_scene(seed, 0.25, **SMALL).meta["sources"]) for seed in range(20)]
     assert min(counts) >= synth.SOURCES_RANGE[0] and max(counts) <= synth.SOURCES_RANGE[1]
-    single = synth.make_scene(5, 0.5, single_class=True, **SMALL).meta
-    assert len(single["sources"]) >= 4 and len(single["classes"]) == 1  # a single-label clip
+    for k in (1, 2, 3):  # k = 1: a single-label clip
+        for seed in range(5):
+            meta = synth.make_scene(seed, 0.25, classes_per_clip=k, **SMALL).meta
+            assert len(meta["sources"]) >= 4 and len(meta["classes"]) == k
+            assert {s["class"] for s in meta["sources"]} == set(meta["classes"])
 
 
 def test_dense_scenes_fill_most_sampled_crops():
