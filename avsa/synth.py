@@ -1,15 +1,14 @@
 """Synthetic 360° clips with spatial audio, labels and masks (the demo's and the tests' data).
 
 A scene is a static panoramic background (smooth colour gradient plus low-contrast texture,
-random per clip) and four to six sources, of distinct classes or of a few classes each used
-several times, at least 45° apart (at the start), with elevation within ±30°: most viewpoints
-the default sampler draws see one (`avsa synth --stats`). Each source is an object of one class
-(shape, colours, texture and motion) drawn as a patch on the sphere, slowly drifting in
-azimuth. It sounds as events: it switches on and off on its own schedule, and its look
-follows, bright, saturated and pulsing with the amplitude modulation of its class sound while
-on, dim, grey and still while off. Class sounds are harmonic tones whose partials no two
-classes share. Sounds are encoded into first-order ambiX at their (moving) directions, over
-decorrelated diffuse noise on all four channels and, optionally (`rt60_s` > 0), the
+random per clip) and four to six sources, of distinct classes or of a few classes used several
+times, at least 45° apart at the start, within ±30° of elevation: most crops the default
+sampler draws see one (`avsa synth --stats`). Each source, an object of one class (shape,
+colours, texture, motion) drawn on the sphere and slowly drifting in azimuth, sounds as events:
+it switches on and off on its own schedule, and its look follows (bright, saturated and pulsing
+with its class sound's amplitude modulation while on; dim, grey and still while off). No two
+classes share a partial. Sounds are encoded into first-order ambiX at their (moving) directions,
+over decorrelated diffuse noise on all four channels and, optionally (`rt60_s` > 0), the
 reverberant tail of a simulated room (avsa.room).
 
 On disk, per clip KEY: `KEY.mp4` (H.264 equirect + 4-channel AAC), `KEY.masks.npz` (`masks`:
@@ -94,8 +93,7 @@ def partials(c: SourceClass, detune: float = 1.0) -> list[float]:
 
 @dataclass(frozen=True)
 class SourceSpec:
-    """An explicit source (instead of a random one): class name and direction in degrees; it
-    stays still and sounds throughout."""
+    """An explicit source: class name and direction in degrees; still, sounding throughout."""
 
     cls: str
     az_deg: float
@@ -193,13 +191,16 @@ def _place(rng, gen, n: int, sources: Sequence[SourceSpec] | None, seconds: floa
     else:
         vp = geometry.sample_viewpoints(gen, n, el_range_deg=EL_RANGE_DEG,
                                         min_separation_deg=MIN_SEPARATION_DEG)
-        classes = rng.choice(len(CLASSES), min(n, classes_per_clip or n), replace=False)
-        if (k := len(classes)) < n:  # each of the clip's classes at least once
-            classes = rng.permutation(np.concatenate((classes, rng.choice(classes, n - k))))
+        k = min(n, classes_per_clip or n)  # the clip's classes, each used at least once
+        if classes_per_clip == 1:  # drawn as before K existed: the same seeds, the same clips
+            classes = np.full(n, rng.integers(len(CLASSES)))
+        else:
+            classes = rng.choice(len(CLASSES), k, replace=False)
+            if k < n:
+                classes = rng.permutation(np.concatenate((classes, rng.choice(classes, n - k))))
         drift = rng.uniform(1, 4, n) * rng.choice([-1, 1], n)
         specs = [(int(k), float(a), float(e), math.radians(d))
                  for k, a, e, d in zip(classes, vp.az, vp.el, drift)]
-    # explicit sources sound throughout, random ones as events
     return [_Source(k, a, e, d, float(rng.uniform(0, 2 * np.pi)), float(rng.uniform(0.99, 1.01)),
                     None if sources is not None else event_schedule(rng, seconds))
             for k, a, e, d in specs]
@@ -331,9 +332,8 @@ def write_dataset(out_dir: str | os.PathLike, clips: int, seconds: float, seed: 
 
 
 def read_format(data) -> dict[str, float]:
-    """write_dataset's fps, width and height for clips that `data` (a DataConfig) reads at
-    their own size and rate: larger or faster clips would cost only decoding. The synthesiser's
-    size where the config keeps clips at theirs."""
+    """write_dataset's fps and size for clips that `data` (a DataConfig) reads at their own (a
+    larger or faster clip would cost only decoding); the default size where it keeps clips'."""
     fmt: dict[str, float] = {"fps": data.fps}
     if data.equirect_height:
         fmt.update(height=data.equirect_height, width=2 * data.equirect_height)
