@@ -228,41 +228,44 @@ def test_same_run_name_for_another_config_is_refused(death_run, mlflow_uri, data
 # ----------------------------------------------------------------------------- tracking outage
 
 
-def test_mlflow_server_stopped_mid_run(ray_session, data, tmp_path):
-    """The tracking server dies after step 2 and comes back a few steps later: training goes
-    on, a warning says metrics are buffered, and every logged step arrives once."""
+def test_mlflow_outage_mid_run_and_only_checkpoints_reported_to_ray(ray_session, data,
+                                                                    tmp_path):
+    """The tracking server dies after checkpoint 3 and comes back after checkpoint 6: training
+    goes on, a warning says metrics are buffered, and every step (logged at each one) arrives
+    once. Ray Train's controller takes one report per worker every 2 s and holds a worker that
+    reports sooner (a report at every log step held each step up to 2 s), so Ray gets the
+    checkpoints (steps 3, 6 and 9) and nothing else."""
     server = MlflowServer(tmp_path / "mlflow")
     server.start()
     try:
         cfg = compose(overrides(data, tmp_path / "store", server, "rel-outage",
-                                "train.max_steps=8", "train.num_workers=1"))
+                                "train.max_steps=9", "train.num_workers=1",
+                                "train.log_every=1", "train.checkpoint_every=3"))
         run_dir = tmp_path / "store" / cfg.run_name()
+        reports = tmp_path / "reports.txt"
         raylet = _raylet_pid()
-        thread, box = _run_in_thread(cfg)
-        _wait_for(run_dir / "checkpoint-00000002", thread)
+        thread, box = _run_in_thread(cfg, [CountReports(reports)])
+        _wait_for(run_dir / "checkpoint-00000003", thread)
         # Hold the worker still while the server goes down, so that the outage certainly
         # spans a logging step however fast or slow this machine is.
         (worker,) = _train_workers(raylet)
         os.kill(worker, signal.SIGSTOP)
         try:
-            down_at = {p.name for p in run_dir.glob("checkpoint-*")}
             server.stop()
         finally:
             os.kill(worker, signal.SIGCONT)
-        deadline = time.monotonic() + RUN_TIMEOUT_S
-        while not {p.name for p in run_dir.glob("checkpoint-*")} - down_at:
-            assert thread.is_alive(), "the run ended while the server was down"
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        server.start()  # a step was logged while the server was down
+        _wait_for(run_dir / "checkpoint-00000006", thread)
+        server.start()  # steps 4 to 6 were logged while the server was down
         res = _finish(thread, box)
         client = MlflowClient(server)
-        assert res.metrics["step"] == 8
+        assert res.metrics["step"] == 9 and "val/avsa_acc" in res.metrics
         assert client.get_run(res.run_id).info.status == "FINISHED"
-        assert _history(client, res.run_id, "train/loss") == [2, 4, 6, 8]
+        assert _history(client, res.run_id, "train/loss") == list(range(1, 10))
         assert sum(m.value for m in client.get_metric_history(res.run_id,
                                                               "data/skipped_samples")) >= 1
         assert "MLflow unreachable at " in _ray_logs()
+        assert reports.read_text().count("report") == 3
+        assert _checkpoint_steps(run_dir, cfg) == [3, 6, 9]
     finally:
         server.stop()
 
@@ -296,22 +299,6 @@ def test_checkpoint_target_refusing_the_write_keeps_the_last_checkpoint(mlflow_u
     assert death_cfg.run_name() != cfg.run_name()
     assert _checkpoint_steps(shared_store / death_cfg.run_name(), death_cfg)[-3:] == [8, 10, 12]
     assert _checkpoint_steps(run_dir, cfg) == [2]
-
-
-def test_log_steps_go_to_mlflow_and_only_checkpoints_to_ray(ray_session, mlflow_uri, data,
-                                                             tmp_path):
-    """Ray Train's controller takes one report per worker every 2 s and holds a worker that
-    reports sooner: a report at every log step held each step up to 2 s. Every step reaches
-    MLflow; Ray gets the checkpoints (steps 3 and 6) and nothing else."""
-    cfg = compose(overrides(data, tmp_path / "runs", mlflow_uri, "rel-reports",
-                            "train.num_workers=1", "train.log_every=1",
-                            "train.checkpoint_every=3"))
-    reports = tmp_path / "reports.txt"
-    res = driver.pretrain(cfg, [CountReports(reports)])
-    assert reports.read_text().count("report") == 2
-    assert _checkpoint_steps(tmp_path / "runs" / cfg.run_name(), cfg) == [3, 6]
-    assert _history(MlflowClient(mlflow_uri), res.run_id, "train/loss") == [1, 2, 3, 4, 5, 6]
-    assert res.metrics["step"] == 6 and "val/avsa_acc" in res.metrics
 
 
 def test_unwritable_storage_path_fails_before_ray(mlflow_uri, data, tmp_path, monkeypatch):
