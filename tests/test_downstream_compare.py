@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import time
 import uuid
 from pathlib import Path
@@ -222,13 +223,14 @@ def test_reproduce_pools_head_seeds_over_pretraining_seeds():
 
 def test_reproduce_synthesises_clips_at_the_size_and_rate_the_preset_reads(tmp_path):
     """384x192 at 16 fps would only cost decoding: the pipeline resizes to the preset's
-    equirect size and picks frames at its rate."""
+    equirect size and picks frames at its rate. --classes-per-clip reaches the scenes, not the
+    single-class action clips."""
     from avsa import media, reproduce
     from avsa.config import compose
 
     args = reproduce.parse_args(["--out", str(tmp_path), "--clips", "8", "--test-clips", "2",
                                  "--action-clips", "8", "--seconds", "1", "--workers", "1",
-                                 "--tables", "pretext", "--binary-only"])
+                                 "--tables", "pretext", "--binary-only", "--classes-per-clip", "2"])
     data = compose([reproduce.PRESET]).data
     sets = reproduce.make_data(args, reproduce.plan(args, batch=8, v=4), data)
     assert sorted(sets) == ["action", "dry"]  # no reverberant rows asked for
@@ -237,6 +239,9 @@ def test_reproduce_synthesises_clips_at_the_size_and_rate_the_preset_reads(tmp_p
         video = media.probe(clip).video
         assert (video.width, video.height) == (2 * data.equirect_height, data.equirect_height)
         assert video.fps == pytest.approx(data.fps)
+        kinds = {len(json.loads(p.read_text())["classes"])
+                 for p in (tmp_path / "data" / name / "clips" / "train").glob("*.json")}
+        assert kinds == ({2} if name == "dry" else {1}), (name, kinds)
 
 
 def test_reproduce_skips_exactly_the_cells_mlflow_holds(mlflow_uri):
