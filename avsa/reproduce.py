@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from avsa.data.labels import NUM_CLASSES
 from avsa.downstream.compare import COLUMNS, Column
 
 log = logging.getLogger("avsa.reproduce")
@@ -140,8 +141,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--test-clips", type=int, default=48)
     p.add_argument("--action-clips", type=int, default=96, help="single-class clips for action "
                    "recognition (a quarter held out)")
-    p.add_argument("--classes-per-clip", type=int, default=None, metavar="K",
-                   help="draw each scene's sources from K classes (`avsa synth`)")
+    p.add_argument("--classes-per-clip", type=int, default=None, metavar="C",
+                   choices=range(1, NUM_CLASSES + 1),
+                   help="draw each scene's sources from C classes (`avsa synth`)")
     p.add_argument("--seconds", type=float, default=3.0, help="clip length (AVTS needs >= 2 s)")
     p.add_argument("--steps", type=int, default=300, help="pretraining steps of every variant")
     p.add_argument("--seeds", type=int, default=2, help="head seeds per transfer cell")
@@ -154,12 +156,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated rows of the pretext table besides scratch, of "
                         + ",".join(PRETEXTS))
     p.add_argument("--tasks", type=_names(TASKS), default=list(TASKS),
-                   help="comma-separated transfer tasks of the pretext table, of "
-                        + ",".join(TASKS))
+                   help="comma-separated transfer tasks of the pretext table: " + ",".join(TASKS))
     p.add_argument("--binary-only", action="store_const", dest="tasks",
-                   const=["avc_bin", "avsa_bin"],
-                   help="--tasks avc_bin,avsa_bin (seconds a cell, where segmentation takes "
-                        "most of a minute)")
+                   const=["avc_bin", "avsa_bin"], help="--tasks avc_bin,avsa_bin (the quick ones)")
     p.add_argument("--viewpoints", type=_ints, default=[1, 2, 4, 8],
                    help="comma-separated V of the viewpoints table")
     p.add_argument("--features", type=_names(FEATURES), default=["logmel", "intensity"],

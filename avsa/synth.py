@@ -181,8 +181,10 @@ def _draw(src: _Source, dirs: np.ndarray, t: float):
 
 def _place(rng, gen, n: int, sources: Sequence[SourceSpec] | None, seconds: float,
            classes_per_clip: int | None) -> list[_Source]:
-    if not 1 <= n <= len(CLASSES):
-        raise ConfigError("num_sources", f"must be in [1, {len(CLASSES)}], got {n}")
+    k = n if classes_per_clip is None else classes_per_clip
+    for key, value in (("num_sources", n), ("classes_per_clip", k)):
+        if not 1 <= value <= len(CLASSES):
+            raise ConfigError(key, f"must be in [1, {len(CLASSES)}], got {value}")
     if sources is not None:
         if unknown := [s.cls for s in sources if s.cls not in CLASSES]:
             raise ConfigError("sources", f"unknown class {unknown[0]!r}; known: {CLASSES}")
@@ -191,13 +193,12 @@ def _place(rng, gen, n: int, sources: Sequence[SourceSpec] | None, seconds: floa
     else:
         vp = geometry.sample_viewpoints(gen, n, el_range_deg=EL_RANGE_DEG,
                                         min_separation_deg=MIN_SEPARATION_DEG)
-        k = min(n, classes_per_clip or n)  # the clip's classes, each used at least once
-        if classes_per_clip == 1:  # drawn as before K existed: the same seeds, the same clips
+        if classes_per_clip == 1:  # drawn as before C existed: the same seeds, the same clips
             classes = np.full(n, rng.integers(len(CLASSES)))
-        else:
-            classes = rng.choice(len(CLASSES), k, replace=False)
-            if k < n:
-                classes = rng.permutation(np.concatenate((classes, rng.choice(classes, n - k))))
+        else:  # the clip's classes, each used at least once
+            classes = rng.choice(len(CLASSES), min(n, k), replace=False)
+            if (m := n - len(classes)) > 0:
+                classes = rng.permutation(np.concatenate((classes, rng.choice(classes, m))))
         drift = rng.uniform(1, 4, n) * rng.choice([-1, 1], n)
         specs = [(int(k), float(a), float(e), math.radians(d))
                  for k, a, e, d in zip(classes, vp.az, vp.el, drift)]
@@ -366,10 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sources", dest="num_sources", type=int, metavar="N",
                         choices=range(1, len(CLASSES) + 1),
                         help="sources per clip (default: random {}-{})".format(*SOURCES_RANGE))
-    parser.add_argument("--classes-per-clip", type=int, metavar="K",
+    parser.add_argument("--classes-per-clip", type=int, metavar="C",
                         choices=range(1, len(CLASSES) + 1),
-                        help="draw a clip's sources from K classes, each used at least once "
-                             "(1: single-label clips; default: every source its own class)")
+                        help="sources from C classes, each at least once (1: single-label clips)")
     parser.add_argument("--rt60", dest="rt60_s", type=float, default=0.0, metavar="SECONDS",
                         help="add a simulated room with this reverberation time (0: dry)")
     parser.add_argument("--stats", action="store_true",

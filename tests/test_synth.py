@@ -55,6 +55,9 @@ def test_bad_scene_arguments():
         synth.make_scene(0, 0.25, sources=[SourceSpec("kazoo", 0, 0)])
     with pytest.raises(ConfigError, match=r"num_sources: must be in \[1, 8\], got 9"):
         synth.make_scene(0, 0.25, num_sources=9)
+    for k in (0, 9):
+        with pytest.raises(ConfigError, match=rf"classes_per_clip: must be in \[1, 8\], got {k}"):
+            synth.make_scene(0, 0.25, classes_per_clip=k)
 
 
 def test_same_seed_same_bytes_other_seed_differs():
