@@ -181,8 +181,8 @@ def _draw(src: _Source, dirs: np.ndarray, t: float):
 
 def _place(rng, gen, n: int, sources: Sequence[SourceSpec] | None, seconds: float,
            classes_per_clip: int | None) -> list[_Source]:
-    k = n if classes_per_clip is None else classes_per_clip
-    for key, value in (("num_sources", n), ("classes_per_clip", k)):
+    kinds = n if classes_per_clip is None else classes_per_clip
+    for key, value in (("num_sources", n), ("classes_per_clip", kinds)):
         if not 1 <= value <= len(CLASSES):
             raise ConfigError(key, f"must be in [1, {len(CLASSES)}], got {value}")
     if sources is not None:
@@ -196,7 +196,7 @@ def _place(rng, gen, n: int, sources: Sequence[SourceSpec] | None, seconds: floa
         if classes_per_clip == 1:  # drawn as before C existed: the same seeds, the same clips
             classes = np.full(n, rng.integers(len(CLASSES)))
         else:  # the clip's classes, each used at least once
-            classes = rng.choice(len(CLASSES), min(n, k), replace=False)
+            classes = rng.choice(len(CLASSES), min(n, kinds), replace=False)
             if (m := n - len(classes)) > 0:
                 classes = rng.permutation(np.concatenate((classes, rng.choice(classes, m))))
         drift = rng.uniform(1, 4, n) * rng.choice([-1, 1], n)
