@@ -208,6 +208,20 @@ def test_avts_negative_never_overlaps_the_positive(duration):
         assert min(starts) < 0.5 and max(starts) > duration - 1.5
 
 
+def test_avts_pair_of_starts_is_uniform_over_disjoint_pairs():
+    """4 s clips, 1 s windows: starts (a, o) in [0, 3]^2 with |a - o| >= 1, two triangles of
+    area 2. Uniform on them: P(a in [0,1), [1,2), [2,3]) = 3/8, 1/4, 3/8 (the length of o's
+    room at a), P(|a - o| >= 2) = 1/4, and either window is first as often."""
+    rng = np.random.default_rng(0)
+    pairs = np.array([(w.audio, w.other) for w in (
+        transform.choose_windows(rng, 4.0, 1.0, 0.5, other_time=True) for _ in range(20000))])
+    a, o = pairs.T
+    thirds = np.histogram(a, bins=3, range=(0, 3))[0] / len(a)
+    np.testing.assert_allclose(thirds, [3 / 8, 1 / 4, 3 / 8], atol=0.015)
+    assert abs(np.mean(np.abs(a - o) >= 2) - 1 / 4) < 0.015
+    assert abs(np.mean(a < o) - 1 / 2) < 0.015
+
+
 def test_avts_refuses_a_clip_too_short_for_a_disjoint_negative():
     with pytest.raises(MediaError, match=r"clip-7.*at least 2 x data.audio_seconds = 2 s.*1.6 s"):
         transform.choose_windows(np.random.default_rng(0), 1.6, 1.0, 0.5, other_time=True,

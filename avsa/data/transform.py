@@ -54,16 +54,6 @@ class Windows:
     other: float | None = None
 
 
-def _pick(u: float, spans: list[tuple[float, float]]) -> float:
-    """The point at fraction u in [0, 1] of the total length of disjoint, sorted spans."""
-    rest = u * sum(hi - lo for lo, hi in spans)
-    for lo, hi in spans:
-        if rest <= hi - lo:
-            return lo + rest
-        rest -= hi - lo
-    return spans[-1][1]
-
-
 def choose_windows(
     rng: np.random.Generator, duration: float, audio_s: float, video_s: float,
     other_time: bool = False, name: str = "clip",
@@ -81,25 +71,16 @@ def choose_windows(
             raise MediaError(name, f"AVTS needs clips of at least 2 x data.audio_seconds = "
                                    f"{2 * audio_s:g} s (a negative window that does not overlap "
                                    f"the positive); this one is {duration:g} s")
-        # starts with room for another window before (a0 >= audio_s) or after it
-        a0 = _pick(u_audio, _merge([(0.0, last - audio_s), (audio_s, last)]))
-        other = _pick(u_other, [(lo, hi) for lo, hi in ((0.0, a0 - audio_s),
-                                                        (a0 + audio_s, last)) if hi >= lo])
+        # (x, y) uniform on the triangle 0 <= x <= y <= last - audio_s; (x, y + audio_s) is
+        # then a uniform ordered pair of disjoint starts, and u_audio < 0.5 says which is a0
+        half, u = divmod(2.0 * u_audio, 1.0)
+        y = max(0.0, last - audio_s) * math.sqrt(u)
+        early, late = y * u_other, y + audio_s
+        a0, other = (late, early) if half else (early, late)
     else:
         a0 = u_audio * last
     v0 = a0 + u_video * max(0.0, min(audio_s, duration - a0) - video_s)
     return Windows(audio=a0, video=min(v0, max(0.0, duration - video_s)), other=other)
-
-
-def _merge(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """Sorted, disjoint union of closed spans."""
-    out: list[tuple[float, float]] = []
-    for lo, hi in sorted(spans):
-        if out and lo <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], hi))
-        else:
-            out.append((lo, hi))
-    return out
 
 
 def _fit(x: np.ndarray, n: int, axis: int, pad_edge: bool) -> np.ndarray:
