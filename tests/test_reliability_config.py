@@ -3,6 +3,7 @@ stderr line naming the key and what it accepts, before MLflow or Ray is touched.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from avsa import cli
@@ -24,8 +26,10 @@ CASES = [
     ("pretrain", "data.num_viewpoints=0", "data.num_viewpoints: must be in [1, 64], got 0"),
     ("pretrain", "loss.temperature=-0.1", "loss.temperature: must be in (0, 10], got -0.1"),
     ("pretrain", "loss.temperature=0", "loss.temperature: must be in (0, 10], got 0.0"),
-    ("pretrain", "data.fov_max_deg=200", "data.fov_max_deg: must be in [25, 180), got 200.0"),
-    ("pretrain", "data.fov_min_deg=181", "data.fov_min_deg: must be in (0, 180), got 181.0"),
+    ("pretrain", "data.fov_max_deg=200", "data.fov_max_deg: must be in [25, 179], got 200.0"),
+    ("pretrain", "data.fov_min_deg=181", "data.fov_min_deg: must be in [1, 179], got 181.0"),
+    ("pretrain", "data.fov_max_deg=179.5", "data.fov_max_deg: must be in [25, 179], got 179.5"),
+    ("pretrain", "data.aspect_min=0.01", "data.aspect_min: must be in [0.1, 10], got 0.01"),
     ("pretrain", "data.el_max_deg=95", "data.el_max_deg: must be in [-30.6, 90], got 95.0"),
     ("pretrain", "train.batch_size=0", "train.batch_size: must be in [1, 1e+06], got 0"),
     ("pretrain", "loss.kind=avx", "loss.kind: must be one of ('avsa', 'avc', 'avts'), got 'avx'"),
@@ -38,7 +42,7 @@ CASES = [
     ("sweep", "data.num_viewpoints=0", "data.num_viewpoints: must be in [1, 64], got 0"),
     ("sweep", "sweep.space.loss.temperature=[0.07,-1]",
      "loss.temperature: must be in (0, 10], got -1"),
-    ("sweep", "data.fov_max_deg=180", "data.fov_max_deg: must be in [25, 180), got 180.0"),
+    ("sweep", "data.fov_max_deg=180", "data.fov_max_deg: must be in [25, 179], got 180.0"),
     # keys added with + or ++ are checked against the schema like any other
     ("pretrain", "+trian.max_steps=5", "trian: no such key in the config"),
     ("pretrain", "++train.max_stepz=5", "train.max_stepz: no such key in 'train'"),
@@ -87,6 +91,36 @@ def test_bad_value_is_one_line_naming_key_and_range(command, override, says, no_
     assert says in lines[0]
 
 
+def _end(name: str, side: int) -> float:
+    """The lowest (side 0) or highest (1) value `DataConfig.<name>`'s interval accepts."""
+    from avsa.config import DataConfig
+    from avsa.config_checks import INTERVAL
+
+    field = next(f for f in dataclasses.fields(DataConfig) if f.name == name)
+    lb, lo, hi, rb = INTERVAL.fullmatch(field.metadata["interval"]).groups()
+    return float(hi) - (rb == ")") * 1e-6 if side else float(lo) + (lb == "(") * 1e-6
+
+
+def test_the_viewpoint_sampler_takes_every_value_validation_accepts():
+    """A value in the config's range must not pass validation and then fail in every data
+    worker: the narrowest and widest views, aspects and elevations it accepts all plan."""
+    from avsa.config import DataConfig
+    from avsa.config_checks import check_fields
+    from avsa.data.crops import view_crops
+    from avsa.data.transform import plan_sample
+
+    for side, (fov, aspect, el) in enumerate((("fov_min_deg", "aspect_min", "el_min_deg"),
+                                              ("fov_max_deg", "aspect_max", "el_max_deg"))):
+        fov, aspect, el = (_end(name, side) for name in (fov, aspect, el))
+        data = dataclasses.replace(DataConfig(), fov_min_deg=fov, fov_max_deg=fov,
+                                   aspect_min=aspect, aspect_max=aspect, el_min_deg=el,
+                                   el_max_deg=el)
+        check_fields("data", data)
+        vp = plan_sample("k", data, seed=0, epoch=0, duration=2.0).vp
+        crops = view_crops(np.zeros((data.frames, 32, 64, 3), np.uint8), vp, 16)
+        assert crops.shape[:2] == (data.num_viewpoints, 3)
+
+
 def test_cli_process_fails_fast_without_starting_ray(tmp_path):
     """The real console path: a fresh interpreter, exit status 2 within seconds, one line,
     no Ray session created (RAY_TMPDIR stays empty) and no MLflow store created."""
@@ -95,7 +129,7 @@ def test_cli_process_fails_fast_without_starting_ray(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     env.update(RAY_TMPDIR=str(ray_tmp), PYTHONPATH=str(REPO))
     for override, says in (("data.num_viewpoints=0", "data.num_viewpoints: must be in [1, 64]"),
-                           ("data.fov_max_deg=270", "data.fov_max_deg: must be in [25, 180)")):
+                           ("data.fov_max_deg=270", "data.fov_max_deg: must be in [25, 179]")):
         start = time.monotonic()
         proc = subprocess.run([sys.executable, "-m", "avsa.cli", "pretrain", override,
                                "train.num_workers=2"], cwd=tmp_path, env=env,
