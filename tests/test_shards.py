@@ -32,6 +32,8 @@ from avsa.data.shards import (
     iter_shard,
     open_shard,
     pack_shard,
+    shard_info,
+    shard_name,
     verify_shard,
     write_shards,
 )
@@ -327,6 +329,51 @@ def test_crash_leaves_no_manifest_and_rerun_resumes(clips_dir, tmp_path):
     manifest = read_manifest(str(out))
     for info, uri in zip(manifest.shards, shard_uris(str(out), manifest)):
         verify_shard(Path(uri).read_bytes(), info, uri)
+
+
+def test_kill_between_shard_and_journal_writes_never_commits_a_wrong_checksum(tmp_path):
+    """A process killed right after overwriting a shard, before its journal entry: a rerun
+    with the first content must rewrite the shard, not trust the old entry (tar pads to 10 KiB,
+    so the sizes match) and commit a manifest whose checksum the object does not have."""
+    import subprocess
+    import sys
+
+    from avsa.data.ingest import ShardOutput
+
+    def shard(label: int) -> tuple[ShardInfo, bytes]:
+        data = pack_shard([RawSample("clip0", {"mp4": b"\0" * 5000,
+                                               "json": b'{"classes": [%d]}' % label})])
+        return shard_info(shard_name(0), data, 1), data
+
+    (info_a, a), (info_b, _) = shard(1), shard(2)
+    assert info_a.bytes == info_b.bytes and info_a.sha256 != info_b.sha256
+    out = ShardOutput(str(tmp_path))
+    out.put(info_a, a)
+    out.commit(Manifest("train", [info_a], 1))
+    child = f"""
+import os, signal
+from avsa import storage
+from avsa.data.ingest import ShardOutput
+from avsa.data.shards import RawSample, pack_shard, shard_info, shard_name
+write = storage.write_bytes
+def write_then_die(uri, data):
+    write(uri, data)
+    if uri.endswith(".tar"):
+        os.kill(os.getpid(), signal.SIGKILL)
+storage.write_bytes = write_then_die
+b = pack_shard([RawSample("clip0", {{"mp4": b"\\0" * 5000, "json": b'{{"classes": [2]}}'}})])
+ShardOutput({str(tmp_path)!r}).put(shard_info(shard_name(0), b, 1), b)
+"""
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr
+    assert hashlib.sha256((tmp_path / shard_name(0)).read_bytes()).hexdigest() == info_b.sha256
+
+    rerun = ShardOutput(str(tmp_path))
+    assert rerun.put(info_a, a) is True
+    rerun.commit(Manifest("train", [info_a], 1))
+    manifest = read_manifest(str(tmp_path))
+    uri = shard_uris(str(tmp_path), manifest)[0]
+    verify_shard(Path(uri).read_bytes(), manifest.shards[0], uri)
 
 
 def test_cli(clips_dir, tmp_path, capsys):

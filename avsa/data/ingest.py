@@ -220,12 +220,17 @@ class ShardOutput:
             if self.previous is not None and info.name in self.committed:
                 storage.delete(self.manifest_uri)  # it names this shard with other content
                 self.previous = None
+            if self.journal.pop(info.name, None) is not None:
+                self._write_journal()  # a crash mid-overwrite must not leave it vouching
         storage.write_bytes(uri, data)
         with self.lock:
             self.journal[info.name] = (info.sha256, info.bytes)
-            body = {n: {"sha256": s, "bytes": b} for n, (s, b) in sorted(self.journal.items())}
-            storage.write_bytes(self.journal_uri, json.dumps(body, indent=1).encode())
+            self._write_journal()
         return True
+
+    def _write_journal(self) -> None:
+        body = {n: {"sha256": s, "bytes": b} for n, (s, b) in sorted(self.journal.items())}
+        storage.write_bytes(self.journal_uri, json.dumps(body, indent=1).encode())
 
     def commit(self, manifest: Manifest) -> None:
         if (self.previous is not None and self.previous.split == manifest.split
