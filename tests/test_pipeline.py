@@ -130,6 +130,7 @@ def test_missing_shard_is_named_or_skipped_and_counted(shard_set, tmp_path):
     uri = str(tmp_path / "set")
     storage.copy_tree(src, uri)
     storage.delete(storage.join(uri, shard_name(1)))
+    storage.write_bytes(storage.join(uri, "old", shard_name(1)), b"a namesake elsewhere")
     with pytest.raises(ShardError, match=r"shard-000001\.tar"):
         pipeline.build_dataset(uri, tiny_cfg(), epochs=1, seed=0)
     with pytest.raises(ShardError, match=r"shard-000001\.tar"):

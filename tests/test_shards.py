@@ -418,7 +418,7 @@ def test_s3_round_trip_and_errors(clips_dir, s3_bucket):
         read_manifest(missing)
 
 
-def test_find_clips_groups_and_flags_names(tmp_path):
+def test_find_clips_groups_and_flags_names(tmp_path, monkeypatch):
     for name in ["a.mp4", "a.json", "a.masks.npz", "b.MKV", "b.wav", "dup.mp4", "dup.mov",
                  "my.clip.mp4", "sub/c.webm", ".hidden/x.mp4", ".a.mp4.tmp", "orphan.json"]:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -430,6 +430,14 @@ def test_find_clips_groups_and_flags_names(tmp_path):
     assert clips[1].read_members() == {"mp4": b"b.MKV", "wav": b"b.wav"}
     assert [name for name, _ in bad] == ["dup.mp4", "my.clip.mp4"]
     assert "more than one video file for key 'dup'" in bad[0][1]
+    expected = [(c.key, sorted(c.files), c.name) for c in clips]
+    for cwd, folders in ((tmp_path.parent, (tmp_path.name, f"./{tmp_path.name}/")),
+                         (tmp_path, (".", "./"))):  # relative folders: `avsa shard . OUT`
+        monkeypatch.chdir(cwd)
+        for folder in folders:
+            found = find_clips(folder)[0]
+            assert [(c.key, sorted(c.files), c.name) for c in found] == expected, folder
+            assert found[1].read_members() == {"mp4": b"b.MKV", "wav": b"b.wav"}
 
 
 def test_synth_clips_shard_with_their_labels(tmp_path):

@@ -156,13 +156,13 @@ def delete(uri: str | os.PathLike) -> None:
 
 
 def list_prefix(uri: str | os.PathLike, page_size: int = 1000) -> list[str]:
-    """Every file/object under the directory/prefix ``uri``, recursively, as full sorted URIs
-    (``page_size`` keys per S3 list request)."""
+    """Every file/object under the directory/prefix ``uri``, recursively, as sorted URIs that
+    each begin ``uri.rstrip("/") + "/"`` (``page_size`` keys per S3 list request)."""
     uri = str(uri)
     if not is_s3(uri):
         root = local_path(uri)
         files = [p for p in root.rglob("*") if p.is_file()] if root.is_dir() else []
-        return sorted(join(uri, p.relative_to(root).as_posix()) for p in files)
+        return sorted(f"{uri.rstrip('/')}/{p.relative_to(root).as_posix()}" for p in files)
 
     def keys(c: Any, bucket: str, key: str) -> list[str]:
         pages = c.get_paginator("list_objects_v2").paginate(

@@ -42,8 +42,7 @@ def _children(run_uri: str) -> dict[str, set[str]]:
     out: dict[str, set[str]] = {}
     base = run_uri.rstrip("/") + "/"
     for uri in storage.list_prefix(run_uri):
-        rel = uri[len(base):] if uri.startswith(base) else uri[len(run_uri):].lstrip("/")
-        head, _, tail = rel.partition("/")
+        head, _, tail = uri[len(base):].partition("/")
         if tail:
             out.setdefault(head, set()).add(tail)
     return out
