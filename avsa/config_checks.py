@@ -14,7 +14,7 @@ from avsa.errors import ConfigError
 
 # Keys whose value is an open mapping: adding keys there is the point (a sweep's search space).
 OPEN_KEYS = ("sweep.space",)
-RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 INTERVAL = re.compile(r"([\[(])(.+), (.+)([\])])")  # "[lo, hi)": a `bounded` field's range
 MAX_N_FFT = 65536
 # Tries of the viewpoint sampler per check: each must place every viewpoint.
@@ -146,7 +146,7 @@ def validate(cfg: Any) -> Any:
     _check(bool(re.fullmatch(r"[\w.-]+", cfg.tracking.model_name or "")), "tracking.model_name",
            "a registered model name (letters, digits, '_', '.', '-')", cfg.tracking.model_name)
     name = cfg.storage.run_name
-    _check(name is None or bool(RUN_NAME.match(name)), "storage.run_name",
+    _check(name is None or bool(RUN_NAME.fullmatch(name)), "storage.run_name",
            "one path segment of ASCII letters, digits, '.', '_' or '-' (at most 128, starting "
            "with a letter or digit)", name)
     for key, seed in (("data.seed", d.seed), ("train.seed", t.seed)):

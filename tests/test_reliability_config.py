@@ -91,6 +91,20 @@ def test_bad_value_is_one_line_naming_key_and_range(command, override, says, no_
     assert says in lines[0]
 
 
+@pytest.mark.parametrize("name", ["run\n", "-run", "a" * 129])
+def test_run_name_that_is_not_one_safe_segment_is_refused(name):
+    from avsa.config import Config
+    from avsa.config_checks import validate
+    from avsa.errors import ConfigError
+
+    cfg = Config()
+    cfg.storage.run_name = name
+    with pytest.raises(ConfigError, match=r"storage\.run_name: must be one path segment"):
+        validate(cfg)
+    cfg.storage.run_name = name.strip("\n-")[:128]  # "run", "a" * 128
+    validate(cfg)
+
+
 def _end(name: str, side: int) -> float:
     """The lowest (side 0) or highest (1) value `DataConfig.<name>`'s interval accepts."""
     from avsa.config import DataConfig
