@@ -166,6 +166,27 @@ def test_check_reachable_redacts_credentials():
     assert "pw" not in str(info.value) and "***@127.0.0.1" in str(info.value)
 
 
+@pytest.mark.parametrize("secret", ["pw", "p@ss", "eyJ" + "x" * 700])
+def test_redact_hides_any_password_urllib_would_send(secret):
+    """Long tokens (a JWT as the password) and a raw "@" in it, anywhere in a text, and in
+    the tracking.uri param; a "@" after the authority is not a password."""
+    from urllib.parse import urlsplit
+
+    from avsa.config import Config
+    from avsa.tracking.params import flatten_config
+
+    uri = f"https://bot:{secret}@mlflow.example.com/path?to=a@b"
+    assert urlsplit(uri).password == secret
+    assert tracking.redact(f"unreachable at {uri} (twice: {uri})") == \
+        "unreachable at https://***@mlflow.example.com/path?to=a@b (twice: " \
+        "https://***@mlflow.example.com/path?to=a@b)"
+    cfg = Config()
+    cfg.tracking.uri = uri
+    assert secret not in flatten_config(cfg)["tracking.uri"]
+    assert tracking.redact("https://mlflow.example.com/?user=a@b") == \
+        "https://mlflow.example.com/?user=a@b"
+
+
 def test_check_reachable_ok_for_server_and_sqlite(server, local_store):
     tracking.check_reachable(server)
     uri, db = local_store

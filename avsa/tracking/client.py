@@ -21,8 +21,9 @@ from typing import TypeVar
 from avsa.errors import TrackingError
 
 DEFAULT_LOCAL_DIR = "mlruns"
-# Bounded scheme length keeps the scan linear on long values.
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]{0,30}://)[^/@\s]{1,512}@")
+# Userinfo runs to the last "@" of the authority, as urllib splits it (a password may hold "@",
+# a token be kilobytes long); the bounded scheme length keeps the scan linear.
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]{0,30}://)[^/?#\s]+@")
 
 # MLflow's HTTP settings (mlflow.environment_variables) where the environment sets none.
 # Backoff: 0 s before the first retry, FACTOR * 2 s (+ up to JITTER s) before the second.
