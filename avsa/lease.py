@@ -82,15 +82,17 @@ def is_stale(h: Holder) -> bool:
     return h.renewed > 0 and time.time() - h.renewed > TTL_S
 
 
-def _break_stale(uri: str, seen: Holder) -> None:
-    """Remove the stale lease `seen` at `uri`, unless another process is doing it or has
-    already replaced it."""
+def _break_stale(uri: str, seen: Holder) -> bool:
+    """Remove the stale lease `seen` at `uri`, unless it has been replaced already; False when
+    another live process is doing it (a breaker stale as a lease is, or unreadable, is
+    removed)."""
     breaker = f"{uri}.break"
     if not storage.create_exclusive(breaker, _encode(_me("break"))):
         held = read_holder(breaker)
-        if held is not None and held.renewed and time.time() - held.renewed > TTL_S:
+        if held is not None and (is_stale(held) or not held.renewed):
             storage.delete(breaker)  # a breaker that died in the middle
-        return
+            return True
+        return held is None
     try:
         now = read_holder(uri)
         if now is not None and now.token == seen.token:
@@ -98,6 +100,7 @@ def _break_stale(uri: str, seen: Holder) -> None:
             storage.delete(uri)
     finally:
         storage.delete(breaker)
+    return True
 
 
 def acquire(dir_uri: str, what: str, wait_s: float = 0.0) -> Holder:
@@ -113,8 +116,7 @@ def acquire(dir_uri: str, what: str, wait_s: float = 0.0) -> Holder:
         held = read_holder(uri)
         if held is None:
             continue  # released between the two calls
-        if is_stale(held):
-            _break_stale(uri, held)
+        if is_stale(held) and _break_stale(uri, held):
             continue
         if time.monotonic() >= deadline:
             hint = ("; wait for it to end, or set storage.lease_wait_s=SECONDS to wait"

@@ -81,6 +81,36 @@ def test_stale_lease_of_a_killed_holder_is_taken_over(tmp_path, caplog):
     lease.release(where, me)
 
 
+def _dead_pid() -> int:
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait(timeout=30)
+    return gone.pid
+
+
+@pytest.mark.parametrize("breaker_alive", [False, True])
+def test_stale_lease_with_a_breaker_file_is_taken_or_refused_promptly(tmp_path, breaker_alive):
+    """A stale lease whose `.break` file remains: left by a killed breaker, the lease is taken
+    over at once; held by a live breaker, the caller waits like any holder's (refused at once
+    with wait_s=0), never spinning on storage until the breaker's TTL ends it."""
+    run = tmp_path / "run"
+    run.mkdir()
+    host, now = socket.gethostname(), time.time()
+    stale = {"host": host, "pid": _dead_pid(), "started": "x", "token": "t", "what": "test run",
+             "renewed": now}
+    (run / lease.LEASE).write_text(json.dumps(stale))
+    breaker = {**stale, "token": "b", "what": "break",
+               "pid": os.getpid() if breaker_alive else _dead_pid()}
+    (run / f"{lease.LEASE}.break").write_text(json.dumps(breaker))
+    t0 = time.monotonic()
+    if breaker_alive:
+        with pytest.raises(LeaseError, match="in use by another test run"):
+            lease.acquire(str(run), "test run", wait_s=0)
+    else:
+        lease.release(str(run), lease.acquire(str(run), "test run", wait_s=0))
+        assert not (run / f"{lease.LEASE}.break").exists()
+    assert time.monotonic() - t0 < 10
+
+
 def test_waiter_gets_the_lease_when_the_holder_ends(tmp_path):
     where = str(tmp_path / "run")
     holder = _contender(where, time.time(), 3.0)
