@@ -8,7 +8,7 @@ from presets import encoder_state
 
 from avsa.config import compose
 from avsa.errors import CheckpointError
-from avsa.models import build_model
+from avsa.models import build_model, unwrap
 from avsa.models.inputs import normalize_video
 from avsa.train import checkpoint as ckpt
 from avsa.train.loop import Meter, chance_score, phase_kind
@@ -130,14 +130,30 @@ def test_reset_keeps_encoders_and_renews_heads(cfg):
     assert torch.equal(other.video_head.weight, model.video_head.weight)
 
 
+def test_compiled_model_saves_loads_and_resets_by_its_own_names(cfg, tmp_path):
+    """One worker gets no DDP wrapper: with train.compile=true the loop holds torch.compile's
+    module, whose names all start `_orig_mod.`. Checkpoints must load into a fresh network,
+    and the curriculum's reset must still leave the encoders alone."""
+    model = build_model(cfg.model)
+    raw = unwrap(torch.compile(model))
+    assert raw is model
+    ckpt.save(str(tmp_path), model=raw, optimizer=None, step=1, config={})
+    fresh = build_model(cfg.model)
+    fresh.load_state_dict(ckpt.load(str(tmp_path))["model"])
+    enc = {k: v.clone() for k, v in encoder_state(model).items()}
+    reset_context_and_heads(unwrap(torch.compile(model)), seed=1)
+    assert all(torch.equal(enc[k], v) for k, v in encoder_state(model).items())
+
+
 def test_chance_score_and_meter():
     assert chance_score(0.25, 4) == pytest.approx(0.0)
     assert chance_score(1.0, 8) == pytest.approx(1.0)
     m = Meter()
     m.add({"a": torch.tensor(1.0)})
-    m.add({"a": torch.tensor(3.0)})
-    assert m.mean("train") == {"train/a": 2.0}
-    assert m.n == 0
+    m.add({"a": torch.tensor(3.0), "avsa_acc": torch.tensor(0.5)})  # a curriculum's switch
+    assert m.mean("train") == {"train/a": 2.0, "train/avsa_acc": 0.5}
+    m.add({"a": torch.tensor(5.0)})
+    assert m.mean("train") == {"train/a": 5.0}
 
 
 def test_checkpoint_round_trip_and_resolve(cfg, tmp_path):

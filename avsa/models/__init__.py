@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from torch import nn
+
 from avsa.config import ModelConfig
 from avsa.models.audio import AudioEncoder
 from avsa.models.avsa_net import AVSANet
@@ -26,6 +28,15 @@ def build_model(m: ModelConfig, audio_channels: int = 4) -> AVSANet:
     )
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module under DDP's and torch.compile's wrappers (any nesting): the one whose
+    parameter names checkpoints hold and the curriculum's reset reads."""
+    while isinstance(inner := getattr(model, "_orig_mod", None) or getattr(model, "module", None),
+                     nn.Module):
+        model = inner
+    return model
+
+
 __all__ = [
     "AVSANet",
     "AudioEncoder",
@@ -33,4 +44,5 @@ __all__ = [
     "VideoEncoder",
     "ViewpointTransformer",
     "build_model",
+    "unwrap",
 ]

@@ -24,7 +24,7 @@ import torch
 from avsa import storage
 from avsa.config import Config, audio_channels, from_dict
 from avsa.errors import CheckpointError
-from avsa.models import build_model
+from avsa.models import build_model, unwrap
 from avsa.models.inputs import to_channels_last, to_device, use_channels_last
 from avsa.tracking import system_metrics
 from avsa.train import checkpoint as ckpt
@@ -41,20 +41,21 @@ log = logging.getLogger("avsa.train")
 
 @dataclass
 class Meter:
-    """Sums of 0-d device tensors between log intervals (no host sync per step)."""
+    """Sums of 0-d device tensors between log intervals (no host sync per step), each metric
+    averaged over the steps that reported it (AVSA's only after a curriculum's switch)."""
 
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
-    n: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
 
     def add(self, metrics: dict[str, torch.Tensor]) -> None:
         for k, v in metrics.items():
             v = v.detach().float()
             self.sums[k] = self.sums[k] + v if k in self.sums else v
-        self.n += 1
+            self.counts[k] = self.counts.get(k, 0) + 1
 
     def mean(self, prefix: str) -> dict[str, float]:
-        out = {f"{prefix}/{k}": float(v) / max(self.n, 1) for k, v in self.sums.items()}
-        self.sums, self.n = {}, 0
+        out = {f"{prefix}/{k}": float(v) / self.counts[k] for k, v in self.sums.items()}
+        self.sums, self.counts = {}, {}
         return out
 
 
@@ -265,7 +266,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     )
     if cfg.train.compile:
         model = torch.compile(model)
-    raw_model = model.module if hasattr(model, "module") else model
+    raw_model = unwrap(model)
 
     def adam() -> torch.optim.Adam:
         return torch.optim.Adam(model.parameters(), lr=cfg.train.lr,
