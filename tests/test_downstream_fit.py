@@ -149,6 +149,20 @@ def test_lr_milestones_and_skipped_batches():
     assert fit_head(holder, loss, lambda epoch: [None], epochs=3, lr=0.1).steps == 0
 
 
+@pytest.mark.parametrize("n, sizes", [(16, [16]), (17, [17]), (33, [16, 17]), (34, [16, 16, 2])])
+def test_minibatches_cover_every_row_once_and_never_train_batchnorm_on_one(n, sizes):
+    """The linear probe's head starts with BatchNorm1d, which refuses a one-row batch in
+    training: n % batch_size == 1 used to end every epoch with one."""
+    gen = torch.Generator().manual_seed(0)
+    parts = minibatches(n, 16, gen)
+    assert [len(p) for p in parts] == sizes
+    assert sorted(torch.cat(parts).tolist()) == list(range(n))
+    head = nn.Sequential(nn.BatchNorm1d(4, affine=False), nn.Linear(4, 3))
+    x, y = torch.randn(n, 4), torch.arange(n) % 3
+    fit_head(head, lambda idx: F.cross_entropy(head(x[idx]), y[idx]),
+             lambda epoch: minibatches(n, 16, gen), epochs=2, lr=1e-2)
+
+
 def test_holdout_takes_whole_clips_by_key_hash():
     keys = [f"clip-{i}" for i in range(10)] * 3  # three passes
     held = holdout(keys, 0.2)

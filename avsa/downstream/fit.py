@@ -87,8 +87,12 @@ class FitResult:
 
 
 def minibatches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """A shuffled epoch over n rows: index tensors of batch_size (the last may be shorter)."""
-    return list(torch.randperm(n, generator=generator).split(batch_size))
+    """A shuffled epoch over n rows: index tensors of batch_size; the last may be shorter, but
+    a lone last row joins the batch before it (a BatchNorm head cannot train on one row)."""
+    parts = list(torch.randperm(n, generator=generator).split(batch_size))
+    if len(parts) > 1 and len(parts[-1]) == 1:
+        parts[-2:] = [torch.cat(parts[-2:])]
+    return parts
 
 
 def fit_head(
