@@ -221,6 +221,26 @@ def test_retry_settings_reach_both_libraries(s3_env, monkeypatch):
     assert s3.boto3_client().meta.config.retries == {"mode": "adaptive", "total_max_attempts": 4}
 
 
+@pytest.mark.parametrize("section", ["endpoint_url = {url}",
+                                     "services = local\n[services local]\ns3 =\n  endpoint_url = {url}"])
+def test_endpoint_in_the_aws_config_file_reaches_both_libraries(bucket, s3_env, monkeypatch,
+                                                                tmp_path, section):
+    """boto3 reads endpoint_url from the config file; pyarrow (streamed reads, Ray's storage)
+    does not, and used to go to AWS itself while listings went to the configured endpoint."""
+    config = tmp_path / "aws-config"
+    config.write_text(f"[default]\n{section.format(url=s3_env)}\n")
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    uri = f"s3://{bucket}/cfg/blob.bin"
+    storage.write_bytes(uri, b"configured")
+    assert storage.list_prefix(f"s3://{bucket}/cfg") == [uri]
+    with storage.open_input_stream(uri) as f:
+        assert f.read() == b"configured"
+    monkeypatch.setenv("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "true")
+    assert storage.S3Settings.from_env().endpoint is None
+
+
 def test_s3_missing_bucket(s3_env):
     uri = f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/key.bin"
     for op in (storage.read_bytes, storage.size, storage.list_prefix, storage.exists,

@@ -14,6 +14,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -25,7 +26,7 @@ _DENIED_CODES = {"AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "Sign
 _CLIENT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION",
                "AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
                "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "AWS_MAX_ATTEMPTS",
-               "AWS_RETRY_MODE")
+               "AWS_RETRY_MODE", "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS")
 
 
 @dataclass(frozen=True)
@@ -34,8 +35,9 @@ class S3Settings:
 
     Both libraries retry throttling, 5xx and connection failures with full-jitter backoff:
     botocore's 12 attempts wait at most 66 s, pyarrow's 8 at most 71 s (docs/reliability.md).
-    ``AWS_MAX_ATTEMPTS`` sets both counts, ``AWS_RETRY_MODE`` botocore's mode. ``endpoint``
-    None lets boto3 resolve it from the AWS config files.
+    ``AWS_MAX_ATTEMPTS`` sets both counts, ``AWS_RETRY_MODE`` botocore's mode. ``endpoint``:
+    ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``, else the AWS config file's, which boto3
+    reads and pyarrow would not; None: AWS itself.
     """
 
     endpoint: str | None = None
@@ -58,7 +60,8 @@ class S3Settings:
                 raise ConfigError("AWS_MAX_ATTEMPTS", "must be a whole number of attempts >= 1, "
                                                       f"got {raw!r}")
             attempts = {"max_attempts": int(raw), "stream_max_attempts": int(raw)}
-        return cls(endpoint=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
+        endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+        return cls(endpoint=endpoint or _config_file_endpoint(),
                    region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
                    retry_mode=mode, **attempts)
 
@@ -88,6 +91,30 @@ def cached(kind: str) -> tuple[S3Settings, Any]:
     """This process's settings and ``kind`` ("boto3" or "pyarrow") client for the AWS env."""
     env = "\0".join(os.environ.get(k, "") for k in _CLIENT_ENV)
     return _client(kind, os.getpid(), hashlib.sha256(env.encode()).hexdigest())
+
+
+def _config_file_endpoint() -> str | None:
+    """The S3 endpoint the AWS config file sets (``endpoint_url``, of the profile or its
+    ``services`` section), resolved by boto3 itself: the endpoint it picks against the one it
+    picks ignoring the file. None when they agree, or when the profile does not exist (boto3
+    says so when the client is made)."""
+    path = os.path.expanduser(os.environ.get("AWS_CONFIG_FILE") or "~/.aws/config")
+    try:
+        if "endpoint_url" not in Path(path).read_text(errors="replace"):
+            return None  # the common case, without making two clients (0.3 s)
+    except OSError:
+        return None
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import ProfileNotFound
+
+    try:
+        resolved, default = (
+            boto3.session.Session().client("s3", config=config).meta.endpoint_url
+            for config in (Config(), Config(ignore_configured_endpoint_urls=True)))
+    except ProfileNotFound:
+        return None
+    return resolved if resolved != default else None
 
 
 @functools.lru_cache(maxsize=16)
