@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from avsa import media
+from avsa import media, storage
 from avsa.config import DataConfig
 from avsa.data.transform import sample_rng
 from avsa.errors import MediaError
@@ -65,7 +65,7 @@ def _split_dir(root: Path) -> tuple[str, Path] | None:
 
 def is_layout(root: str | Path) -> bool:
     """True when `root` is a local folder with UCF101 or HMDB51 split files."""
-    root = Path(str(root).removeprefix("file://"))
+    root = storage.local_path(root)
     return root.is_dir() and _split_dir(root) is not None
 
 
@@ -132,7 +132,7 @@ def load_layout(root: str | Path, fold: int = 1) -> ActionLayout:
     """
     if fold not in (1, 2, 3):
         raise MediaError(root, f"fold must be 1, 2 or 3, got {fold}")
-    root = Path(str(root).removeprefix("file://"))
+    root = storage.local_path(root)
     if (found := _split_dir(root)) is None:
         raise MediaError(root, "no classInd.txt (UCF101) or *_test_split1.txt (HMDB51) found")
     layout = (_load_ucf if found[0] == "ucf" else _load_hmdb)(root, found[1], fold)

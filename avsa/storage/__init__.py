@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
-from urllib.parse import unquote, urlparse
+from urllib.parse import quote, unquote, urlparse
 
 from avsa.errors import StorageError
 from avsa.storage.clients import S3Settings, S3Stream, cached, call, split_s3
@@ -30,15 +30,19 @@ def is_s3(uri: str | os.PathLike) -> bool:
 
 
 def local_path(uri: str | os.PathLike) -> Path:
-    """Filesystem path of a plain path or ``file://`` URI."""
+    """Filesystem path of a plain path or ``file://`` URI (percent-encoded, RFC 8089)."""
     uri = str(uri)
     return Path(unquote(urlparse(uri).path)) if uri.startswith("file://") else Path(uri)
 
 
 def join(uri: str | os.PathLike, *parts: str) -> str:
+    """``uri`` with path segments appended (percent-encoded under ``file://``, so that
+    `local_path` gives back the names: "#", "?" and "%" are data there)."""
     uri = str(uri)
     if is_s3(uri) or uri.startswith("file://"):
         tail = "/".join(p.strip("/") for p in parts if p.strip("/"))
+        if uri.startswith("file://"):
+            tail = quote(tail)
         return f"{uri.rstrip('/')}/{tail}" if tail else uri
     return str(Path(uri, *parts))
 
@@ -162,7 +166,10 @@ def list_prefix(uri: str | os.PathLike, page_size: int = 1000) -> list[str]:
     if not is_s3(uri):
         root = local_path(uri)
         files = [p for p in root.rglob("*") if p.is_file()] if root.is_dir() else []
-        return sorted(f"{uri.rstrip('/')}/{p.relative_to(root).as_posix()}" for p in files)
+        rel = (p.relative_to(root).as_posix() for p in files)
+        if uri.startswith("file://"):
+            return sorted(join(uri, r) for r in rel)
+        return sorted(f"{uri.rstrip('/')}/{r}" for r in rel)  # join() would normalise uri
 
     def keys(c: Any, bucket: str, key: str) -> list[str]:
         pages = c.get_paginator("list_objects_v2").paginate(
