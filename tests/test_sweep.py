@@ -179,11 +179,16 @@ def _result(step, scores, error=None, **config):
         config=config, metrics_dataframe=frame, error=error)
 
 
-def test_rows_take_the_last_finite_value_and_tell_stops_from_finishes():
+def test_rows_take_the_final_value_and_tell_stops_from_finishes():
     keys = ["data.num_viewpoints"]
-    done = sweep_report.trial_row(_result(4, [0.1, 0.3, float("nan")], **{keys[0]: 2}), keys,
+    done = sweep_report.trial_row(_result(4, [0.1, 0.3], **{keys[0]: 2}), keys,
                                   name="a", max_steps=4, metric="val/avsa_score")
     assert done["val/avsa_score"] == 0.3 and done["status"] == "done"
+    # a trial that diverged is unscored, not ranked by an earlier value of its network
+    diverged = sweep_report.trial_row(_result(4, [0.9, float("nan")], **{keys[0]: 2}), keys,
+                                      name="n", max_steps=4, metric="val/avsa_score")
+    assert math.isnan(diverged["val/avsa_score"])
+    assert sweep_report.best_row([done, diverged], "val/avsa_score", "max") is done
     assert done["data.num_viewpoints"] == 2 and done["checkpoint"] == "/c"
     stopped = sweep_report.trial_row(_result(2, [0.5], **{keys[0]: 4}), keys, name="b",
                                      max_steps=4, metric="val/avsa_score")
@@ -191,6 +196,8 @@ def test_rows_take_the_last_finite_value_and_tell_stops_from_finishes():
     failed = sweep_report.trial_row(_result(4, [0.5], error=RuntimeError()), keys, name="c",
                                     max_steps=4, metric="val/avsa_score")
     assert failed["status"] == "error"
+    # a trial that failed after validating well has no final network to call best
+    assert sweep_report.best_row([done, failed], "val/avsa_score", "max") is done
 
 
 def test_best_row_by_mode_skips_missing_values():

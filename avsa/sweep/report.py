@@ -42,6 +42,8 @@ def trial_row(result: Any, keys: Sequence[str], *, name: str, max_steps: int,
     config = dict(result.config or {})
     frame = getattr(result, "metrics_dataframe", None)
     values = last_values(frame, metrics, dict.fromkeys((metric, *REPORTED)))
+    if isinstance(final := metrics.get(metric), (int, float)):
+        values[metric] = float(final)  # every report has it: NaN when the trial diverged
     step = metrics.get("step")
     if not finite(step):
         step = last_values(frame, {}, ["step"])["step"]
@@ -64,8 +66,9 @@ def trial_row(result: Any, keys: Sequence[str], *, name: str, max_steps: int,
 
 
 def best_row(rows: Sequence[Mapping[str, Any]], metric: str, mode: str) -> Mapping | None:
-    """The row with the best finite `metric` (mode "max" or "min"); None if no row has one."""
-    scored = [r for r in rows if finite(r.get(metric))]
+    """The row with the best finite `metric` (mode "max" or "min") among trials that did not
+    fail; None if no row has one."""
+    scored = [r for r in rows if finite(r.get(metric)) and r.get("status") != "error"]
     if not scored:
         return None
     pick = max if mode == "max" else min
