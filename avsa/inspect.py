@@ -44,7 +44,7 @@ def _moment_signal(path: str, duration: float, sample_rate: int) -> torch.Tensor
 
 def _beam_energy(sig: torch.Tensor, az: torch.Tensor, el: torch.Tensor) -> torch.Tensor:
     """Mean-square cardioid energy toward (D,) directions from the moment signal: (D,)."""
-    return geometry.beam(sig, az, el).pow(2).sum(-1)
+    return geometry.beam(sig, az, el).pow(2).mean(-1)  # as geometry.energy_map averages
 
 
 def peak_direction(sig: torch.Tensor) -> tuple[float, float, float]:
