@@ -91,12 +91,11 @@ def find_clips(input_dir: str) -> tuple[list[Clip], list[tuple[str, str]]]:
     """Clips under ``input_dir`` sorted by key, and ``(name, reason)`` of unusable ones."""
     if not storage.exists(input_dir):
         raise ShardError(input_dir, "input folder does not exist or is empty")
-    base = str(input_dir).rstrip("/") + "/"
     groups: dict[str, dict[str, str]] = {}
     bad: dict[str, str] = {}
     bad_keys: set[str] = set()
     for uri in storage.list_prefix(input_dir):
-        rel = uri[len(base):]
+        rel = storage.relative(uri, input_dir)
         if any(part.startswith(".") for part in rel.split("/")):
             continue  # hidden files, temporaries of atomic writes
         split = _split_name(rel)

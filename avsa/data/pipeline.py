@@ -242,7 +242,7 @@ def check_shards_present(uri: str, manifest: manifest_mod.Manifest | None = None
     """ShardError naming the first manifest shard absent from its folder (one listing)."""
     man = manifest if manifest is not None else manifest_mod.read_manifest(uri)
     folder = manifest_mod.shard_dir(uri)
-    present = {u[len(folder.rstrip("/")) + 1:] for u in _list(folder)}
+    present = {storage.relative(u, folder) for u in _list(folder)}
     for shard_uri, info in zip(manifest_mod.shard_uris(uri, man), man.shards):
         if info.name not in present:
             raise ShardError(shard_uri, "shard listed in the manifest is missing")

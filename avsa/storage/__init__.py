@@ -22,7 +22,8 @@ from avsa.storage.clients import S3Settings, S3Stream, cached, call, split_s3
 
 __all__ = ["S3Settings", "copy_tree", "create_exclusive", "delete", "exists",
            "is_s3", "join", "list_prefix", "local_path", "move_tree", "open_input_stream",
-           "pyarrow_filesystem", "read_bytes", "size", "split_s3", "upload_file", "write_bytes"]
+           "pyarrow_filesystem", "read_bytes", "relative", "size", "split_s3", "upload_file",
+           "write_bytes"]
 
 
 def is_s3(uri: str | os.PathLike) -> bool:
@@ -180,6 +181,11 @@ def list_prefix(uri: str | os.PathLike, page_size: int = 1000) -> list[str]:
     return sorted(call(uri, keys))
 
 
+def relative(uri: str, folder: str | os.PathLike) -> str:
+    """The part of ``uri``, listed by ``list_prefix(folder)``, below ``folder``."""
+    return uri[len(str(folder).rstrip("/")) + 1:]
+
+
 def upload_file(local: str | os.PathLike, uri: str | os.PathLike) -> None:
     uri, local = str(uri), Path(local)
     if not local.is_file():
@@ -236,7 +242,7 @@ def move_tree(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     if not is_s3(src):
         return _local(src, lambda p: p.rename(local_path(dst)))
     for uri in list_prefix(src):
-        target_bucket, target = split_s3(join(dst, uri[len(src.rstrip("/")) + 1:]))
+        target_bucket, target = split_s3(join(dst, relative(uri, src)))
         call(uri, lambda c, b, k, tb=target_bucket, t=target: c.copy_object(
             Bucket=tb, Key=t, CopySource={"Bucket": b, "Key": k}))
         delete(uri)

@@ -40,9 +40,8 @@ def commit(checkpoint_uri: str, step: int) -> None:
 def _children(run_uri: str) -> dict[str, set[str]]:
     """Immediate sub-directories of `run_uri` -> the relative paths of the files inside."""
     out: dict[str, set[str]] = {}
-    base = run_uri.rstrip("/") + "/"
     for uri in storage.list_prefix(run_uri):
-        head, _, tail = uri[len(base):].partition("/")
+        head, _, tail = storage.relative(uri, run_uri).partition("/")
         if tail:
             out.setdefault(head, set()).add(tail)
     return out
