@@ -92,6 +92,20 @@ def test_segmentation_intervals_resample_per_crop_confusions():
     assert interval(table, "scratch", "Seg mIoU (video)") is not None
 
 
+def test_intervals_resample_a_videos_windows_together():
+    # 40 videos of 5 windows, each video's windows all hit or all missed
+    hits = np.repeat(np.array([1, 0, 1, 1] * 10), 5)
+    unit = np.repeat(np.arange(40), 5)
+    width = {}
+    for name, examples in (("rows", {"clip_acc": hits}),
+                           ("videos", {"clip_acc": hits, "clip_acc_unit": unit})):
+        table = compare.build_table([rec("avsa", "action", {"test/clip_acc": 0.75}, 1,
+                                         seed="0", examples=examples)])
+        lo, hi = interval(table, "avsa", "Action clip@1")
+        width[name] = hi - lo
+    assert width["videos"] / width["rows"] == pytest.approx(5 ** 0.5, rel=0.2)
+
+
 def _log(uri, experiment, pretext, task, metrics, *, context="", kind="transfer",
          status="FINISHED", seed=None, examples=None, tmp=None):
     tags = {tracking.KIND: kind, tracking.TASK: task, tracking.PRETRAIN_RUN: "x",

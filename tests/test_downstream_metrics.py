@@ -124,6 +124,8 @@ def test_action_reports_the_majority_class_beside_its_accuracy(mode):
     # where the per-class binary cross-entropy would start near ln 2
     assert m["test/single_label"] == 1.0 and losses[0] > 0.95
     assert m["test/videos"] == 4 and examples["clip_acc"].shape == (8,)
+    # two windows of each of the 4 test videos: a video's windows are resampled together
+    assert examples["clip_acc_unit"].tolist() == [0, 1, 2, 3] * 2
     assert 0.0 <= m["test/clip_acc"] <= 1.0 and examples["video_acc"].shape == (4,)
     assert m["train/lr"] == (1e-3 if mode == "linear" else 1e-4)  # each protocol's default
 

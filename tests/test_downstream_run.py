@@ -76,7 +76,7 @@ def stored_examples(mlflow_uri, run_id, tmp_path):
         return {k: z[k] for k in z.files}
 
 
-def test_avc_bin_through_the_command(shards, mlflow_uri, experiment, capsys):
+def test_avc_bin_through_the_command(shards, mlflow_uri, experiment, capsys, tmp_path):
     args = overrides(shards, mlflow_uri, experiment)
     assert run.main(["avc_bin", "pretrain=scratch", *args]) == 0
     out = capsys.readouterr().out
@@ -84,6 +84,10 @@ def test_avc_bin_through_the_command(shards, mlflow_uri, experiment, capsys):
     r = check_run(mlflow_uri, run_id, "avc_bin", ["test/acc"])
     assert r.data.metrics["test/examples"] == 2 * 4 * 2  # (pos + neg) x 4 test clips x 2 views
     assert "test/acc" in out
+    examples = stored_examples(mlflow_uri, run_id, tmp_path)
+    # a negative pairs clip i's viewpoints with clip i + 1's audio: it is clip i's example
+    assert examples["acc_unit"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3] * 2
+    assert examples["clip_acc_unit"].tolist() == [0, 1, 2, 3] * 2
 
 
 def test_avsa_bin(shards, mlflow_uri, experiment, tmp_path):
@@ -100,6 +104,9 @@ def test_avsa_bin(shards, mlflow_uri, experiment, tmp_path):
     assert hits.shape == (8,) and hits.mean() == pytest.approx(res.metrics["test/acc"])
     assert clips.shape == (4,) and clips.mean() == pytest.approx(res.metrics["test/clip_acc"])
     assert r.data.metrics["test/clip_acc"] == pytest.approx(res.metrics["test/clip_acc"])
+    # a clip's viewpoints are resampled together by `avsa compare`
+    assert examples["acc_unit"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert examples["clip_acc_unit"].tolist() == [0, 1, 2, 3]
 
 
 def test_action_linear_on_cached_features(shards, mlflow_uri, experiment):
@@ -121,7 +128,7 @@ def test_action_finetune(shards, mlflow_uri, experiment):
     assert r.data.tags["avsa.mode"] == "finetune"
 
 
-def test_segmentation_with_context(shards, mlflow_uri, experiment):
+def test_segmentation_with_context(shards, mlflow_uri, experiment, tmp_path):
     cfg = compose([*overrides(shards, mlflow_uri, experiment), "downstream.task=segmentation",
                    "downstream.context=context"])
     res = run.run_transfer(cfg)
@@ -131,6 +138,9 @@ def test_segmentation_with_context(shards, mlflow_uri, experiment):
     assert 1 <= r.data.metrics["test/classes_present"] <= len(synth.CLASSES) + 1
     assert r.data.metrics["test/miou_fg_bg_only"] == 0.0
     assert r.data.metrics["train/lr"] == 3e-3  # the segmentation head's own default
+    examples = stored_examples(mlflow_uri, res.run_id, tmp_path)
+    assert examples["confusion"].shape[0] == 8  # 4 test clips x 2 viewpoints
+    assert examples["confusion_unit"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
 
 
 def _save(tmp_path, model, overrides):

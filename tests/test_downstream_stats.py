@@ -60,3 +60,22 @@ def test_miou_interval_resamples_crops():
     assert lo < stats.iou(mixed.sum(0)) < hi
     acc = stats.bootstrap_ci(same, statistic=stats.of_sums(stats.pixel_accuracy))
     assert acc == pytest.approx((10 / 12, 10 / 12))
+
+
+def test_rows_of_one_unit_are_resampled_together():
+    # 100 videos of 5 windows each, every window of a video hit or missed alike: the test set
+    # holds 100 independent examples, not 500
+    rng = np.random.default_rng(0)
+    video_hits = (rng.random(100) < 0.5).astype(np.uint8)
+    hits, video = np.repeat(video_hits, 5), np.repeat(np.arange(100), 5)
+    p = hits.mean()
+    lo, hi = stats.bootstrap_ci(hits, n=4000, clusters=[video])
+    assert lo < p < hi
+    assert hi - lo == pytest.approx(2 * 1.96 * math.sqrt(p * (1 - p) / 100), rel=0.1)
+    by_row = stats.bootstrap_ci(hits, n=4000)
+    assert (hi - lo) / (by_row[1] - by_row[0]) == pytest.approx(math.sqrt(5), rel=0.15)
+    # one unit per row is the plain bootstrap, draw for draw
+    assert stats.bootstrap_ci(hits, n=500, clusters=[np.arange(500)]) == stats.bootstrap_ci(
+        hits, n=500)
+    with pytest.raises(ValueError, match="3 cluster ids for 4 rows"):
+        stats.bootstrap_ci(np.ones(4), clusters=[np.zeros(3)])

@@ -120,12 +120,15 @@ def clip_video_hits(
 
 def score(keys: list[str], logits: torch.Tensor, targets: torch.Tensor, majority: int,
           examples: dict[str, np.ndarray] | None = None) -> dict[str, float]:
-    """Test metrics of the head and of always predicting the `majority` training class."""
+    """Test metrics of the head and of always predicting the `majority` training class;
+    examples gets the hits ("clip_acc" per window with its video "clip_acc_unit", "video_acc"),
+    first labels and predictions."""
     clip, video = clip_video_hits(keys, logits, targets)
     constant = F.one_hot(torch.full((len(keys),), majority), logits.shape[1]).float()
     m_clip, m_video = clip_video_hits(keys, constant, targets)
     if examples is not None:
         examples["clip_acc"] = clip.numpy().astype(np.uint8)
+        examples["clip_acc_unit"] = np.unique(np.asarray(keys, dtype=str), return_inverse=True)[1]
         examples["video_acc"] = video.numpy().astype(np.uint8)
         examples["target"] = targets.argmax(-1).numpy().astype(np.int16)  # first label
         examples["pred"] = logits.argmax(-1).numpy().astype(np.int16)

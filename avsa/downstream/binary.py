@@ -114,7 +114,8 @@ class BinaryTask(TransferHead):
     over the whole test set; clips x viewpoints for AVSA-Bin), with test/examples their count;
     test/clip_acc decides once per clip (and per negative clip pair) from its viewpoints'
     averaged softmax (`clip_decisions`); train/acc is over the training rows; examples gets
-    each test hit ("acc", "clip_acc"), target and prediction.
+    each test hit ("acc", "clip_acc") with the clip it belongs to ("acc_unit",
+    "clip_acc_unit": an AVC-Bin negative belongs to its video's clip), target and prediction.
     """
 
     def __init__(self, model: AVSANet, source, ds: DownstreamConfig, device: torch.device):
@@ -151,10 +152,13 @@ class BinaryTask(TransferHead):
         logits = predict(self.module, x)
         guess = logits.argmax(-1)
         hits = guess == y
-        clip_hits = clip_decisions(logits, y, test.tensors["video"].shape[1])
+        clips, views = test.tensors["video"].shape[:2]
+        clip_hits = clip_decisions(logits, y, views)
         if examples is not None:
             examples["acc"] = hits.cpu().numpy().astype(np.uint8)
+            examples["acc_unit"] = np.arange(len(hits)) // views % clips
             examples["clip_acc"] = clip_hits.cpu().numpy().astype(np.uint8)
+            examples["clip_acc_unit"] = np.arange(len(clip_hits)) % clips
             examples["target"] = y.cpu().numpy().astype(np.int16)  # for the confusion matrix
             examples["pred"] = guess.cpu().numpy().astype(np.int16)
         fx, fy = make_pairs(self.name, self.fit_rows.tensors)

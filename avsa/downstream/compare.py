@@ -3,7 +3,7 @@
 Rows are pretexts (scratch, avc, avts, avsa, avsa_cur, then any other found), columns the
 task metrics. A cell pools the finished transfer runs of (pretext, task, context), one per
 seed (the latest run of each seed): it shows their mean and a 95% percentile bootstrap
-interval that resamples seeds, then test examples within each seed, from the per-example
+interval that resamples seeds, then test clips within each seed, from the per-example
 results every run stores (stats.bootstrap_ci). Writes comparison.md (percentages,
 `mean [lo, hi]`), comparison.csv (fractions: mean, lo, hi, n_runs per column) and
 comparison.png (grouped bars with the intervals) to --out and prints the Markdown table.
@@ -92,7 +92,9 @@ class Cell:
 
 def cell_of(runs: list[RunRecord], metric: str) -> Cell | None:
     """Mean over `runs` (one per seed) of `metric`, with a 95% bootstrap interval resampling
-    seeds and test examples (stats.bootstrap_ci) when every run stored its examples."""
+    seeds and test examples (stats.bootstrap_ci) when every run stored its examples. Rows
+    stored with their unit (NAME_unit: the clip of a viewpoint, the video of a window) are
+    resampled by unit."""
     runs = [r for r in runs if not math.isnan(r.metrics.get(metric, math.nan))]
     if not runs:
         return None
@@ -100,7 +102,9 @@ def cell_of(runs: list[RunRecord], metric: str) -> Cell | None:
     arrays = [(r.examples or {}).get(name) for r in runs]
     lo = hi = None
     if statistic is not None and all(a is not None and len(a) for a in arrays):
-        lo, hi = stats.bootstrap_ci(arrays, n=RESAMPLES, seed=CI_SEED, statistic=statistic)
+        units = [(r.examples or {}).get(f"{name}_unit") for r in runs]
+        lo, hi = stats.bootstrap_ci(arrays, n=RESAMPLES, seed=CI_SEED, statistic=statistic,
+                                    clusters=units)
         if math.isnan(lo):
             lo = hi = None
     return Cell(fmean(float(r.metrics[metric]) for r in runs), lo, hi, len(runs))

@@ -43,7 +43,8 @@ CONTEXT = "avsa.context"
 MODE = "avsa.mode"
 SEED = "avsa.seed"
 ROW = "avsa.row"  # the row a transfer run fills in `avsa compare` (default: its pretext)
-# per-example test results (npz): acc / clip_acc / video_acc hit vectors, per-crop confusion
+# per-example test results (npz): acc / clip_acc / video_acc hit vectors, per-crop confusion,
+# NAME_unit: the clip (or video) of each row of NAME, which `avsa compare` resamples together
 EXAMPLES = "test_examples.npz"
 SCRATCH = "scratch"
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")

@@ -160,8 +160,8 @@ class SegmentationTask(TransferHead):
 
     num_classes counts the background: K + 1 for the source's K classes; batches hold masks
     (B, V, S, S) int64. Scores:
-    `segmentation_metrics`; examples gets the (N, C, C) confusion matrix of every test crop
-    and the overlays of the first test batch.
+    `segmentation_metrics`; examples gets the (N, C, C) confusion matrix of every test crop,
+    the clip of each ("confusion_unit": a clip's V crops share one) and the overlays of the first test batch.
     """
 
     name = "segmentation"
@@ -210,13 +210,16 @@ class SegmentationTask(TransferHead):
 
     def score(self, source, examples: dict | None) -> dict[str, float]:
         self.module.eval()
-        confs = []
+        confs, clips, seen = [], [], 0
         with torch.no_grad():
             for batch in source.test(0):
                 rows = self.encode(batch)
                 pred = crop_logits(self.module, rows).argmax(1)
                 confs.append(stats.confusions(rows["masks"].cpu().numpy(), pred.cpu().numpy(),
                                               self.num_classes))
+                b, v = batch["video"].shape[:2]
+                clips.append(seen + np.arange(b).repeat(v))
+                seen += b
                 if examples is not None and not confs[1:]:
                     examples.update(overlay_examples(batch, pred, rows["masks"]))
         if not confs:
@@ -224,4 +227,5 @@ class SegmentationTask(TransferHead):
         per_crop = np.concatenate(confs)
         if examples is not None:
             examples["confusion"] = per_crop.astype(np.int32)
+            examples["confusion_unit"] = np.concatenate(clips)
         return segmentation_metrics(per_crop.sum(0))

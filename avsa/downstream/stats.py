@@ -66,6 +66,7 @@ def bootstrap_ci(
     n: int = 2000,
     seed: int = 0,
     statistic: Statistic = mean_statistic,
+    clusters: Sequence[np.ndarray | None] | None = None,
 ) -> tuple[float, float]:
     """Percentile bootstrap interval (lo, hi), covering LEVEL, of `statistic` over per-example
     rows.
@@ -74,30 +75,49 @@ def bootstrap_ci(
     matrices), or a sequence of such arrays, one per run (seed) of the same cell. With several
     runs the resampling has two levels: draw runs with replacement, then examples with
     replacement within each drawn run, so the interval carries the spread between seeds as
-    well as the finite test set. `n` resamples from `seed`.
+    well as the finite test set. clusters: per array, (N,) ids of the unit each row belongs to
+    (the clip of a viewpoint, the video of a window) or None; rows sharing an id are drawn
+    together, since they are not independent examples. `n` resamples from `seed`.
     """
-    groups = [np.asarray(values)] if isinstance(values, np.ndarray) else [
+    arrays = [np.asarray(values)] if isinstance(values, np.ndarray) else [
         np.asarray(v) for v in values]
-    groups = [g for g in groups if len(g)]
-    if not groups:
+    ids = list(clusters) if clusters is not None else [None] * len(arrays)
+    if len(ids) != len(arrays):
+        raise ValueError(f"{len(ids)} cluster arrays for {len(arrays)} value arrays")
+    units = [_units(a, c) for a, c in zip(arrays, ids) if len(a)]
+    if not units:
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
-    rows = [g.reshape(len(g), -1).astype(np.float64) for g in groups]
     # how often each run is drawn in each resample (always 1 with a single run)
-    picks = (rng.multinomial(len(rows), np.full(len(rows), 1 / len(rows)), size=n)
-             if len(rows) > 1 else np.ones((n, 1), dtype=np.int64))
-    sums = np.zeros((n, rows[0].shape[1]))
+    picks = (rng.multinomial(len(units), np.full(len(units), 1 / len(units)), size=n)
+             if len(units) > 1 else np.ones((n, 1), dtype=np.int64))
+    sums = np.zeros((n, units[0][0].shape[1]))
     counts = np.zeros(n)
-    for r, x in enumerate(rows):
+    for r, (x, size) in enumerate(units):
         m = len(x)
-        # m-row draws, picks[:, r] times over: one multinomial with m * picks trials
+        # m-unit draws, picks[:, r] times over: one multinomial with m * picks trials
         weights = rng.multinomial(m * picks[:, r], np.full(m, 1 / m))  # (n, m)
         sums += weights @ x
-        counts += m * picks[:, r]
-    stats = statistic(sums.reshape(n, *groups[0].shape[1:]), counts)
+        counts += weights @ size
+    shape = next(a for a in arrays if len(a)).shape[1:]
+    stats = statistic(sums.reshape(n, *shape), counts)
     stats = stats[np.isfinite(stats)]
     if not len(stats):
         return float("nan"), float("nan")
     tail = (1 - LEVEL) / 2
     lo, hi = np.quantile(stats, [tail, 1 - tail])
     return float(lo), float(hi)
+
+
+def _units(values: np.ndarray, cluster: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """The resampled units of one run: row sums (U, D) float64 and rows per unit (U,)."""
+    rows = values.reshape(len(values), -1).astype(np.float64)
+    if cluster is None:
+        return rows, np.ones(len(rows))
+    cluster = np.asarray(cluster).reshape(-1)
+    if len(cluster) != len(rows):
+        raise ValueError(f"{len(cluster)} cluster ids for {len(rows)} rows")
+    _, unit = np.unique(cluster, return_inverse=True)
+    sums = np.zeros((unit.max() + 1, rows.shape[1]))
+    np.add.at(sums, unit.reshape(-1), rows)
+    return sums, np.bincount(unit.reshape(-1)).astype(np.float64)
