@@ -200,10 +200,12 @@ class Config:
 _NOT_IN_DIGEST = ("storage", "tracking", "downstream")
 
 
-def config_digest(cfg: Config, *, sweep: bool = False) -> str:
+def config_digest(cfg: Config, *, sweep: bool = False, transfer: bool = False) -> str:
     """16 hex digits of sha256 over what shapes a run's checkpoints (all but storage, tracking
-    and downstream); with `sweep`, a sweep's identity: its settings but max_concurrent_trials."""
-    d = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_IN_DIGEST}
+    and downstream); with `sweep`, a sweep's identity: its settings but max_concurrent_trials;
+    with `transfer`, a transfer's: downstream as well."""
+    skip = _NOT_IN_DIGEST[:2] if transfer else _NOT_IN_DIGEST
+    d = {k: v for k, v in cfg.to_dict().items() if k not in skip}
     if sweep:
         d["sweep"].pop("max_concurrent_trials")
     else:

@@ -14,8 +14,8 @@ times the batch; clips are synthesised at the size and frame rate the preset rea
 Everything lands under --out: data/, runs/ (checkpoints), mlruns/ (unless --tracking-uri) and
 tables/NAME.{md,csv,png}, also on the MLflow run `reproduce`. Re-running skips what is done
 (clips, pretrainings, transfer cells in MLflow); a cell counts as done, and enters the tables,
-only from this invocation's pretrainings, so other --steps or --seed on the same --out make
-their own cells. Extra arguments are Hydra overrides for every run, e.g. `model=full
+only when its whole transfer config matches (pretraining, seeds, overrides), so other
+--steps, --seed or overrides on the same --out make their own cells. Extra arguments are Hydra overrides for every run, e.g. `model=full
 train.use_gpu=true train.num_workers=4` on a GPU machine.
 """
 
@@ -271,35 +271,16 @@ def pretrain_all(args, tables, data, uri) -> tuple[dict[str, list[str]],
     return refs, metrics
 
 
-def done_cells(uri: str, experiment: str) -> set[tuple]:
-    """`job_cell` of each finished transfer run already in `experiment`."""
-    from avsa.downstream.compare import cell_key, fetch_records
+def done_configs(uri: str, experiment: str) -> set[str]:
+    """The transfer digests (tag avsa.config) of the finished transfer runs in `experiment`."""
+    from avsa.downstream.compare import fetch_records
     from avsa.errors import TrackingError
 
     try:
         records = fetch_records(uri, experiment, with_examples=False)
     except TrackingError:  # no such experiment yet
         return set()
-    return {(*cell_key(r), r.pretrain) for r in records}
-
-
-def job_cell(row: str, task: str, extra: list[str], seed: int, pretrained: str) -> tuple:
-    """The (row, task, context, seed) of compare.cell_key of the run a transfer job makes, and
-    the pretraining it transfers: a cell done from another pretraining (other --steps, say)
-    is not done."""
-    from avsa.downstream.compare import RunRecord, cell_key
-
-    context = next((e.split("=", 1)[1] for e in extra if "context=" in e), None)
-    return (*cell_key(RunRecord("", row, task, context, 0, {}, str(seed), None)), pretrained)
-
-
-def current(records: list, refs: dict[str, list[str]]) -> list:
-    """The records (compare.RunRecord) that transferred one of this invocation's pretrainings
-    (`refs`: row -> pretraining references) or a scratch network."""
-    from avsa.downstream.run import SCRATCH
-
-    wanted = {SCRATCH, *(r for rs in refs.values() for r in rs)}
-    return [r for r in records if r.pretrain in wanted]
+    return {r.config for r in records if r.config}
 
 
 def cell_jobs(t: Table, seeds: int, pretrain_seeds: int, refs: dict[str, list[str]]
@@ -314,42 +295,57 @@ def cell_jobs(t: Table, seeds: int, pretrain_seeds: int, refs: dict[str, list[st
             for v in t.rows for task, extra in t.transfers for seed in range(seeds * pretrain_seeds)]
 
 
-def transfer_all(args, tables, data, refs, uri) -> None:
-    """Every cell of every table (`cell_jobs`) that MLflow does not hold yet."""
+def transfer_configs(args, t: Table, data, refs, uri) -> list[tuple[str, object]]:
+    """(progress label, transfer config) of every cell job of table `t` (`cell_jobs`)."""
     from avsa.config import compose
+
+    out = []
+    for row, task, extra, seed, pretrained, data_set in cell_jobs(t, args.seeds,
+                                                                  args.pretrain_seeds, refs):
+        train, test = data[data_set]
+        # every row is read through the same clips and viewpoints (the preset's V); the
+        # network brings its own audio input (see avsa.downstream.run)
+        cfg = compose([*_common(args, uri), *extra,
+                       f"data.shards={train}", f"data.val_shards={test}",
+                       f"downstream.task={task}", f"downstream.seed={seed}",
+                       f"downstream.pretrain={pretrained}", f"downstream.row={row}",
+                       f"downstream.experiment=avsa-reproduce-{t.name}"])
+        context = cfg.downstream.context if task == "segmentation" else ""
+        out.append((f"{row} {task} {context} seed {seed}", cfg))
+    return out
+
+
+def transfer_all(args, tables, data, refs, uri) -> dict[str, set[str]]:
+    """Every cell of every table (`transfer_configs`) that MLflow does not hold yet: a finished
+    run with the same transfer digest (`config_digest(transfer=True)`: every setting but where
+    runs are stored and tracked). Returns table name -> its cells' digests."""
+    from avsa.config import config_digest
     from avsa.downstream.run import run_transfer
 
     memo: dict = {}  # decoded clips, shared by every head that reads the same data
+    cells: dict[str, set[str]] = {}
     for t in tables:
-        experiment = f"avsa-reproduce-{t.name}"
-        done = done_cells(uri, experiment)
-        jobs = cell_jobs(t, args.seeds, args.pretrain_seeds, refs)
-        for i, (row, task, extra, seed, pretrained, data_set) in enumerate(jobs, 1):
-            cell = job_cell(row, task, extra, seed, pretrained)
-            if cell in done:
+        jobs = transfer_configs(args, t, data, refs, uri)
+        cells[t.name] = {config_digest(cfg, transfer=True) for _, cfg in jobs}
+        done = done_configs(uri, f"avsa-reproduce-{t.name}")
+        for i, (label, cfg) in enumerate(jobs, 1):
+            if config_digest(cfg, transfer=True) in done:
                 continue
-            train, test = data[data_set]
-            # every row is read through the same clips and viewpoints (the preset's V); the
-            # network brings its own audio input (see avsa.downstream.run)
-            cfg = compose([*_common(args, uri), *extra,
-                           f"data.shards={train}", f"data.val_shards={test}",
-                           f"downstream.task={task}", f"downstream.seed={seed}",
-                           f"downstream.pretrain={pretrained}",
-                           f"downstream.row={row}", f"downstream.experiment={experiment}"])
-            print(f"[avsa reproduce] {t.name} {i}/{len(jobs)}: {row} {task} "
-                  f"{cell[2] or ''} seed {seed}", flush=True)
+            print(f"[avsa reproduce] {t.name} {i}/{len(jobs)}: {label}", flush=True)
             print(run_transfer(cfg, memo).summary().splitlines()[0], flush=True)
+    return cells
 
 
-def write_tables(args, tables, refs, metrics, uri) -> list[Path]:
-    """tables/NAME.{md,csv,png} per table, from the cells of this invocation's pretrainings
-    (`refs`), and pretraining.* with the variants' own scores."""
+def write_tables(args, tables, cells, metrics, uri) -> list[Path]:
+    """tables/NAME.{md,csv,png} per table, from this invocation's cells (`cells`: table name ->
+    transfer digests), and pretraining.* with the variants' own scores."""
     from avsa.downstream import compare
 
     out = args.out / "tables"
     paths = []
     for t in tables:
-        records = current(compare.fetch_records(uri, f"avsa-reproduce-{t.name}"), refs)
+        records = [r for r in compare.fetch_records(uri, f"avsa-reproduce-{t.name}")
+                   if r.config in cells[t.name]]
         table = compare.build_table(records, t.columns)
         order = ["scratch"] + [v.row for v in t.rows if v is not None]
         table.rows = [r for r in order if r in table.rows]
@@ -385,8 +381,8 @@ def main(argv: list[str] | None = None) -> int:
 
     with ray_for_block():  # the cells after it run in this process, without Ray
         refs, metrics = pretrain_all(args, tables, data, uri)
-    transfer_all(args, tables, data, refs, uri)
-    paths = write_tables(args, tables, refs, metrics, uri)
+    cells = transfer_all(args, tables, data, refs, uri)
+    paths = write_tables(args, tables, cells, metrics, uri)
     params = {k: " ".join(map(str, v)) if isinstance(v, list) else str(v)
               for k, v in vars(args).items()}
     with tracking.RunLogger.start(uri, "avsa-reproduce", "reproduce", params=params,

@@ -20,9 +20,9 @@ from avsa.errors import TrackingError
 REPO = Path(__file__).resolve().parent.parent
 
 
-def rec(pretext, task, metrics, t, context=None, seed=None, examples=None):
+def rec(pretext, task, metrics, t, context=None, seed=None, examples=None, mode=None):
     return compare.RunRecord(f"{pretext}{task}{t}", pretext, task, context, t, metrics, seed,
-                             examples)
+                             examples, mode=mode)
 
 
 def mean(table, pretext, label):
@@ -92,6 +92,21 @@ def test_segmentation_intervals_resample_per_crop_confusions():
     assert interval(table, "scratch", "Seg mIoU (video)") is not None
 
 
+def test_action_modes_get_a_column_each_and_never_pool():
+    runs = [rec("avsa", "action", {"test/clip_acc": 0.4}, 1, seed="0", mode="linear"),
+            rec("avsa", "action", {"test/clip_acc": 0.8}, 2, seed="0", mode="finetune"),
+            rec("avc", "action", {"test/clip_acc": 0.5}, 3, seed="0", mode="linear")]
+    table = compare.build_table(runs)
+    # a finetune run of seed 0 is no rerun of the linear one
+    assert mean(table, "avsa", "Action clip@1 (linear)") == 0.4
+    assert mean(table, "avsa", "Action clip@1 (finetune)") == 0.8
+    assert mean(table, "avc", "Action clip@1 (finetune)") is None
+    assert "Action clip@1" not in table.cells["avsa"]
+    one = compare.build_table(runs[:1] + runs[2:])
+    assert mean(one, "avsa", "Action clip@1") == 0.4  # one mode: the column keeps its name
+    assert [c.label for c in one.columns] == [c.label for c in compare.COLUMNS]
+
+
 def test_intervals_resample_a_videos_windows_together():
     # 40 videos of 5 windows, each video's windows all hit or all missed
     hits = np.repeat(np.array([1, 0, 1, 1] * 10), 5)
@@ -100,19 +115,20 @@ def test_intervals_resample_a_videos_windows_together():
     for name, examples in (("rows", {"clip_acc": hits}),
                            ("videos", {"clip_acc": hits, "clip_acc_unit": unit})):
         table = compare.build_table([rec("avsa", "action", {"test/clip_acc": 0.75}, 1,
-                                         seed="0", examples=examples)])
+                                         seed="0", examples=examples, mode="linear")])
         lo, hi = interval(table, "avsa", "Action clip@1")
         width[name] = hi - lo
     assert width["videos"] / width["rows"] == pytest.approx(5 ** 0.5, rel=0.2)
 
 
 def _log(uri, experiment, pretext, task, metrics, *, context="", kind="transfer",
-         status="FINISHED", seed=None, examples=None, tmp=None):
+         status="FINISHED", seed=None, examples=None, tmp=None, tags=(), params=None):
     tags = {tracking.KIND: kind, tracking.TASK: task, tracking.PRETRAIN_RUN: "x",
-            "avsa.pretext": pretext, "avsa.context": context}
+            "avsa.pretext": pretext, "avsa.context": context, **dict(tags)}
     if seed is not None:
         tags["avsa.seed"] = seed
-    logger = tracking.RunLogger.start(uri, experiment, f"{task}-{pretext}", tags=tags)
+    logger = tracking.RunLogger.start(uri, experiment, f"{task}-{pretext}", tags=tags,
+                                      params=params)
     logger.log_metrics(metrics, step=1)
     if examples is not None:
         path = Path(tmp) / f"{uuid.uuid4().hex}" / "test_examples.npz"
@@ -154,6 +170,26 @@ def test_compare_command_reads_mlflow_and_writes_the_table(mlflow_uri, tmp_path,
     assert float(avsa["AVSA-Bin acc lo"]) < 0.75 < float(avsa["AVSA-Bin acc hi"])
     assert "| avsa | – | 75.0 [" in md
     assert (tmp_path / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_reads_each_action_runs_mode(mlflow_uri):
+    exp = f"compare-{uuid.uuid4().hex[:8]}"
+    _log(mlflow_uri, exp, "avsa", "action", {"test/clip_acc": 0.4}, seed="0",
+         tags={"avsa.mode": "linear"})
+    _log(mlflow_uri, exp, "avsa", "action", {"test/clip_acc": 0.8}, seed="0",
+         tags={"avsa.mode": "finetune"})
+    _log(mlflow_uri, exp, "avc", "action", {"test/clip_acc": 0.3}, seed="0",
+         params={"downstream.mode": "frozen"})  # logged without the tag: the param counts
+    _log(mlflow_uri, exp, "avc", "avc_bin", {"test/acc": 0.6}, seed="0",
+         tags={"avsa.mode": ""}, params={"downstream.mode": "linear"})
+    records = compare.fetch_records(mlflow_uri, exp, with_examples=False)
+    assert sorted((r.pretext, r.task, r.mode) for r in records) == [
+        ("avc", "action", "frozen"), ("avc", "avc_bin", None),
+        ("avsa", "action", "finetune"), ("avsa", "action", "linear")]
+    table = compare.build_table(records)
+    assert mean(table, "avsa", "Action clip@1 (linear)") == 0.4
+    assert mean(table, "avsa", "Action clip@1 (finetune)") == 0.8
+    assert mean(table, "avc", "Action clip@1 (frozen)") == 0.3
 
 
 def test_compare_names_a_missing_experiment(mlflow_uri, tmp_path):
@@ -210,7 +246,7 @@ def test_reproduce_pools_head_seeds_over_pretraining_seeds():
     two = reproduce.cell_jobs(table, 2, 2, {"avsa": ["run0", "run1"]})
     avsa_bin = [(s, p) for r, t, _, s, p, _ in two if (r, t) == ("avsa", "avsa_bin")]
     assert avsa_bin == [(0, "run0"), (1, "run0"), (2, "run1"), (3, "run1")]
-    assert len({reproduce.job_cell(r, t, e, s, p) for r, t, e, s, p, _ in two}) == len(two) == 16
+    assert len(two) == 16
     wet = reproduce.Table("w", (), [("action", []), ("avc_bin", [])],
                           [None, reproduce.Variant("r", (), "wet")])
     assert [(r, t, d) for r, t, _, s, _, d in reproduce.cell_jobs(wet, 1, 1, {"r": ["x"]})] == [
@@ -259,34 +295,31 @@ def test_reproduce_synthesises_clips_at_the_size_and_rate_the_preset_reads(tmp_p
 
 
 def test_reproduce_skips_exactly_the_cells_mlflow_holds(mlflow_uri):
-    """A re-run finds every finished cell, whatever default context a non-segmentation run
-    logged as its param, and no segmentation cell of another context."""
+    """A cell is done when a finished run has its whole transfer config: the pretraining, the
+    seeds and every override. Scratch cells carry no pretraining to tell invocations apart."""
     from avsa import reproduce
+    from avsa.config import config_digest
+
+    def digests(*argv):
+        args = reproduce.parse_args(["--tables", "pretext", "--binary-only", *argv])
+        (table,) = reproduce.plan(args, batch=8, v=4)
+        return [config_digest(cfg, transfer=True) for _, cfg in reproduce.transfer_configs(
+            args, table, {"dry": ("d/tr", "d/te")}, {"avsa": ["run0"]}, mlflow_uri)
+            if cfg.downstream.pretrain in ("scratch", "run0")]
+
+    base = digests("--pretexts", "avsa")
+    assert len(base) == len(set(base)) == 2 * 2 * 2  # (scratch, avsa) x 2 tasks x 2 seeds
+    assert digests("--pretexts", "avsa") == base  # the same invocation, the same cells
+    for other in (["downstream.epochs=7"], ["--seed", "1"], ["model.transformer_dropout=0.3"]):
+        assert not set(digests("--pretexts", "avsa", *other)) & set(base), other
 
     exp = f"reproduce-{uuid.uuid4().hex[:8]}"
-    for task, context in (("avc_bin", ""), ("action", ""), ("segmentation", "audio")):
-        tags = {tracking.KIND: "transfer", tracking.TASK: task, tracking.PRETRAIN_RUN: "x",
-                "avsa.pretext": "scratch", "avsa.row": "scratch", "avsa.context": context,
-                "avsa.seed": "0"}
-        params = {"downstream.context": context or "video"}  # as run_transfer logs the config
-        logger = tracking.RunLogger.start(mlflow_uri, exp, task, tags=tags, params=params)
-        logger.end("FINISHED")
-    done = reproduce.done_cells(mlflow_uri, exp)
-    transfers = dict((t, e) for t, e in reproduce.TRANSFERS if t != "segmentation")
-    for task in ("avc_bin", "action"):
-        assert reproduce.job_cell("scratch", task, transfers[task], 0, "x") in done
-        assert reproduce.job_cell("scratch", task, transfers[task], 1, "x") not in done
-        # the same cell from another pretraining (other --steps, say) is still to do
-        assert reproduce.job_cell("scratch", task, transfers[task], 0, "y") not in done
-    seg = [e for t, e in reproduce.TRANSFERS if t == "segmentation"]
-    held = [reproduce.job_cell("scratch", "segmentation", e, 0, "x") in done for e in seg]
-    assert held == ["downstream.context=audio" in e for e in seg]
-    assert reproduce.job_cell("scratch", "avsa_bin", [], 0, "x") not in done
-    records = compare.fetch_records(mlflow_uri, exp, with_examples=False)
-    assert {r.pretrain for r in records} == {"x"}
-    # the tables read only this invocation's pretrainings (and scratch networks)
-    assert len(reproduce.current(records, {"avsa": ["x"]})) == 3
-    assert reproduce.current(records, {"avsa": ["other"]}) == []
+    for i, status in enumerate(("FINISHED", "FAILED")):
+        tags = {tracking.KIND: "transfer", tracking.TASK: "avc_bin", "avsa.config": base[i]}
+        logger = tracking.RunLogger.start(mlflow_uri, exp, "avc_bin", tags=tags)
+        logger.end(status)
+    assert reproduce.done_configs(mlflow_uri, exp) == {base[0]}  # a failed run is no cell
+    assert reproduce.done_configs(mlflow_uri, f"{exp}-none") == set()
 
 
 def test_reproduce_takes_a_finished_pretraining_from_mlflow_without_running_it(mlflow_uri):

@@ -12,7 +12,7 @@ import torch
 from presets import tiny_model
 
 from avsa import synth
-from avsa.config import audio_channels, compose
+from avsa.config import audio_channels, compose, config_digest
 from avsa.data.shards import write_shards
 from avsa.downstream import run
 from avsa.errors import CheckpointError, ConfigError, ShardError
@@ -107,6 +107,10 @@ def test_avsa_bin(shards, mlflow_uri, experiment, tmp_path):
     # a clip's viewpoints are resampled together by `avsa compare`
     assert examples["acc_unit"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
     assert examples["clip_acc_unit"].tolist() == [0, 1, 2, 3]
+    assert r.data.tags["avsa.config"] == config_digest(cfg, transfer=True)
+    other = compose([*overrides(shards, mlflow_uri, experiment), "downstream.task=avsa_bin",
+                     "downstream.seed=3", "downstream.feature_passes=2", "downstream.epochs=7"])
+    assert config_digest(other, transfer=True) != config_digest(cfg, transfer=True)
 
 
 def test_action_linear_on_cached_features(shards, mlflow_uri, experiment):

@@ -1,10 +1,11 @@
 """`avsa compare`: the paper-style table of transfer results, read back from MLflow.
 
 Rows are pretexts (scratch, avc, avts, avsa, avsa_cur, then any other found), columns the
-task metrics. A cell pools the finished transfer runs of (pretext, task, context), one per
-seed (the latest run of each seed): it shows their mean and a 95% percentile bootstrap
-interval that resamples seeds, then test clips within each seed, from the per-example
-results every run stores (stats.bootstrap_ci). Writes comparison.md (percentages,
+task metrics. A cell pools the finished transfer runs of (pretext, task, context for
+segmentation, mode for action), one per seed (the latest run of each seed): it shows their
+mean and a 95% percentile bootstrap interval that resamples seeds, then test clips within each
+seed, from the per-example results every run stores (stats.bootstrap_ci). Action runs of
+several modes (linear, frozen, finetune) get a column each. Writes comparison.md (percentages,
 `mean [lo, hi]`), comparison.csv (fractions: mean, lo, hi, n_runs per column) and
 comparison.png (grouped bars with the intervals) to --out and prints the Markdown table.
 """
@@ -18,7 +19,7 @@ import logging
 import math
 import tempfile
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from statistics import fmean
 
@@ -40,6 +41,7 @@ class Column:
     task: str
     context: str | None
     metric: str
+    mode: str | None = None  # action's downstream.mode; None for the other tasks
 
 
 COLUMNS = (
@@ -80,6 +82,8 @@ class RunRecord:
     seed: str | None = None  # the avsa.seed tag; None for runs logged before seeds were tagged
     examples: dict[str, np.ndarray] | None = None  # per-example test results, when stored
     pretrain: str | None = None  # the pretraining it transferred (run id, URI or "scratch")
+    mode: str | None = None  # downstream.mode of an action run; None for the other tasks
+    config: str | None = None  # its transfer digest (tag avsa.config), when tagged
 
 
 @dataclass(frozen=True)
@@ -177,23 +181,38 @@ def _pretext_key(name: str) -> tuple[int, str]:
     return (PRETEXT_ORDER.index(name), "") if name in PRETEXT_ORDER else (len(PRETEXT_ORDER), name)
 
 
-def cell_key(r: RunRecord) -> tuple[str, str, str | None, str | None]:
-    """(row, task, context, seed): the replicate of a table cell that a run fills. The context
-    counts for segmentation only (other tasks' runs carry the config's default one)."""
-    return (r.pretext, r.task, r.context if r.task == "segmentation" else None, r.seed)
+def cell_key(r: RunRecord) -> tuple[str, str, str | None, str | None, str | None]:
+    """(row, task, context, mode, seed): the replicate of a table cell that a run fills. The
+    context counts for segmentation only and the mode for action only (other tasks' runs carry
+    the config's defaults)."""
+    return (r.pretext, r.task, r.context if r.task == "segmentation" else None,
+            r.mode if r.task == "action" else None, r.seed)
+
+
+def mode_columns(columns: Iterable[Column], records: Iterable[RunRecord]) -> tuple[Column, ...]:
+    """`columns` with each action column bound to the mode of the action runs, or split into
+    one column per mode ("Action clip@1 (linear)") when the runs hold several."""
+    modes = sorted({r.mode for r in records if r.task == "action" and r.mode})
+    return tuple(
+        c2 for c in columns for c2 in (
+            [c] if c.task != "action" or not modes else
+            [replace(c, mode=m, label=c.label if len(modes) == 1 else f"{c.label} ({m})")
+             for m in modes]))
 
 
 def build_table(records: Iterable[RunRecord], columns: tuple[Column, ...] = COLUMNS) -> Table:
-    """Each cell pools the runs of (pretext, task, context): the latest run of each seed (a
-    rerun of a seed replaces it). Rows in PRETEXT_ORDER, then other pretexts by name."""
-    latest: dict[tuple[str, str, str | None, str | None], RunRecord] = {}
+    """Each cell pools the runs of (pretext, task, context, mode): the latest run of each seed
+    (a rerun of a seed replaces it). Rows in PRETEXT_ORDER, then other pretexts by name."""
+    records = list(records)
+    columns = mode_columns(columns, records)
+    latest: dict[tuple, RunRecord] = {}
     for r in sorted(records, key=lambda r: r.start_time, reverse=True):  # stable: ties keep order
         latest.setdefault(cell_key(r), r)
-    groups: dict[tuple[str, str, str | None], list[RunRecord]] = {}
-    for (p, task, context, _), r in sorted(latest.items(), key=lambda kv: str(kv[0][3])):
-        groups.setdefault((p, task, context), []).append(r)
+    groups: dict[tuple, list[RunRecord]] = {}
+    for key, r in sorted(latest.items(), key=lambda kv: str(kv[0][-1])):
+        groups.setdefault(key[:-1], []).append(r)
     rows = sorted({k[0] for k in groups}, key=_pretext_key)
-    cells = {p: {c.label: cell_of(groups.get((p, c.task, c.context), []), c.metric)
+    cells = {p: {c.label: cell_of(groups.get((p, c.task, c.context, c.mode), []), c.metric)
                  for c in columns} for p in rows}
     return Table(rows, columns, cells)
 
@@ -204,7 +223,7 @@ def fetch_records(uri: str, experiment: str, *, with_examples: bool = True) -> l
     from mlflow.tracking import MlflowClient
     from mlflow.utils import get_results_from_paginated_fn
 
-    from avsa.downstream.run import CONTEXT, PRETEXT, ROW, SEED
+    from avsa.downstream.run import CONFIG, CONTEXT, MODE, PRETEXT, ROW, SEED
 
     client = MlflowClient(tracking_uri=uri)
     what = f"searching runs of {experiment!r}"
@@ -220,11 +239,14 @@ def fetch_records(uri: str, experiment: str, *, with_examples: bool = True) -> l
         tags = run.data.tags
         context = tags.get(CONTEXT) or run.data.params.get("downstream.context") or None
         row = tags.get(ROW) or tags.get(PRETEXT, "?")
-        out.append(RunRecord(run.info.run_id, row, tags.get(tracking.TASK, "?"),
+        task = tags.get(tracking.TASK, "?")
+        mode = (tags.get(MODE) or run.data.params.get("downstream.mode") or None
+                if task == "action" else None)
+        out.append(RunRecord(run.info.run_id, row, task,
                              context, int(run.info.start_time or 0), dict(run.data.metrics),
                              tags.get(SEED),
                              _examples(client, run.info.run_id) if with_examples else None,
-                             tags.get(tracking.PRETRAIN_RUN)))
+                             tags.get(tracking.PRETRAIN_RUN), mode, tags.get(CONFIG)))
     return out
 
 

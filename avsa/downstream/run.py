@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from avsa import tracking
-from avsa.config import Config, DownstreamConfig, audio_channels, compose, from_dict
+from avsa.config import Config, DownstreamConfig, audio_channels, compose, config_digest, from_dict
 from avsa.data.labels import CLASSES, NUM_CLASSES
 from avsa.downstream import report
 from avsa.downstream.action import ActionTask
@@ -43,6 +43,7 @@ CONTEXT = "avsa.context"
 MODE = "avsa.mode"
 SEED = "avsa.seed"
 ROW = "avsa.row"  # the row a transfer run fills in `avsa compare` (default: its pretext)
+CONFIG = "avsa.config"  # config_digest(transfer=True): the same transfer run again has it
 # per-example test results (npz): acc / clip_acc / video_acc hit vectors, per-crop confusion,
 # NAME_unit: the clip (or video) of each row of NAME, which `avsa compare` resamples together
 EXAMPLES = "test_examples.npz"
@@ -181,7 +182,7 @@ def run_transfer(cfg: Config, memo: dict | None = None) -> TransferResult:
     name = "-".join(p for p in (ds.task, context, mode, pre.pretext, f"s{seed}") if p)
     tags = {tracking.KIND: "transfer", tracking.TASK: ds.task, tracking.PRETRAIN_RUN: pre.ref,
             PRETEXT: pre.pretext, CONTEXT: context or "", MODE: mode or "", SEED: str(seed),
-            ROW: ds.row or pre.pretext}
+            ROW: ds.row or pre.pretext, CONFIG: config_digest(cfg, transfer=True)}
     # What the transfer ran with: the checkpoint's model and audio input, this command's rest.
     data = dataclasses.replace(cfg.data, audio_mode=pre.config.data.audio_mode,
                                audio_features=pre.config.data.audio_features)
