@@ -237,15 +237,15 @@ def finished(cfg, uri: str):
     from avsa.train.driver import RunResult
 
     name = cfg.run_name()
-    run_id = tracking.find_run(uri, cfg.tracking.experiment, name)
+    run_uri = storage.join(cfg.storage.path, name)
+    run_id = tracking.find_run(uri, cfg.tracking.experiment, name, run_uri)
     if run_id is None:
         return None
     run = tracking.get_run(uri, run_id)
     checkpoint = run.data.tags.get(tracking.CHECKPOINT)
     if run.info.status != "FINISHED" or not checkpoint:
         return None
-    return RunResult(run_id, name, storage.join(cfg.storage.path, name), checkpoint,
-                     dict(run.data.metrics))
+    return RunResult(run_id, name, run_uri, checkpoint, dict(run.data.metrics))
 
 
 def pretrain_all(args, tables, data, uri) -> tuple[dict[str, list[str]],

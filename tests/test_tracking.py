@@ -467,3 +467,32 @@ def test_system_metrics_of_a_resumed_run_continue_their_steps(server, client):
     assert len(steps) >= 4 and steps == list(range(1, len(steps) + 1)), steps
     assert tracking.last_logged_step(server, run.run_id) == 3
     run.end()
+
+
+def test_the_same_config_at_another_storage_path_is_another_run(server, client, tmp_path):
+    """A run is found again by its name and its run directory: the same config under a new
+    storage.path starts afresh, its own checkpoints, steps and model, not the old run's."""
+    import uuid
+
+    from avsa.config import compose
+    from avsa.train.driver import start_tracking
+
+    exp = f"identity-{uuid.uuid4().hex[:8]}"
+
+    def start(path):
+        cfg = compose(["experiment=demo_local", f"tracking.uri={server}",
+                       f"tracking.experiment={exp}", f"storage.path={tmp_path / path}",
+                       f"data.shards={tmp_path / 'none'}", f"data.val_shards={tmp_path / 'none'}"])
+        with start_tracking(cfg) as logger:
+            pass
+        return logger.run_id, cfg.run_name()
+
+    first, name = start("a")
+    again, _ = start("a")
+    other, other_name = start("b")
+    assert again == first and other != first and other_name == name
+    tags = client.get_run(other).data.tags
+    assert tags[tracking.RUN_URI] == str(tmp_path / "b" / name)
+    assert tracking.find_run(server, exp, name) == other  # the newest, without a directory
+    assert tracking.find_run(server, exp, name, str(tmp_path / "a" / name)) == first
+    assert tracking.find_run(server, exp, name, str(tmp_path / "c" / name)) is None

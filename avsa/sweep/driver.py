@@ -189,12 +189,13 @@ def make_tuner(cfg: Config, space: dict[str, Any], spec: TrialSpec):
 
 
 def _finish_children(uri: str, cfg: Config, rows: list[dict[str, Any]],
-                     best: Mapping[str, Any] | None) -> None:
+                     best: Mapping[str, Any] | None, trials_uri: str) -> None:
     """Find each trial's MLflow run (into row["run_id"]); close the runs that stopped or killed
     trials left open, tag early stops and the best trial, and register the best trial's model
     as a version of `tracking.model_name`, aliased `best`."""
     for row in rows:
-        row["run_id"] = run_id = tracking.find_run(uri, cfg.tracking.experiment, row["trial"])
+        row["run_id"] = run_id = tracking.find_run(uri, cfg.tracking.experiment, row["trial"],
+                                                   storage.join(trials_uri, row["trial"]))
         if run_id is None:
             continue
         status = "FAILED" if row["status"] == "error" else "FINISHED"
@@ -244,8 +245,8 @@ def _sweep(base: Config, space: dict[str, Any], flat: dict[str, Any], metric: st
     s = base.sweep
     waiting = resources.check_and_watch(base, f"one trial of sweep {name}", TRIAL_DRIVER_CPU)
     parent = train_driver.start_tracking(
-        base, kind="sweep", run_name=name,
-        extra_tags={"avsa.run_uri": sweep_uri, "avsa.sweep": s.name, "avsa.metric": metric},
+        base, kind="sweep", run_name=name, run_uri=sweep_uri,
+        extra_tags={"avsa.sweep": s.name, "avsa.metric": metric},
     )
     with parent:  # FAILED on an error, KILLED by a signal; _report ends it otherwise
         try:
@@ -276,7 +277,7 @@ def _report(base: Config, grid: Any, spec: TrialSpec, keys: list[str],
                                            max_steps=base.train.max_steps))
     sweep_report.sort_rows(rows, keys)
     best = sweep_report.best_row(rows, metric, base.sweep.mode)
-    _finish_children(parent.uri, base, rows, best)
+    _finish_children(parent.uri, base, rows, best, spec.trials_uri)
     cols = sweep_report.columns(rows, keys, metric)
     table = sweep_report.markdown(rows, cols, best)
     with tempfile.TemporaryDirectory() as tmp:

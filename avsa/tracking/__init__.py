@@ -18,6 +18,7 @@ from avsa.tracking.store import (
     KIND,
     PARENT,
     PRETRAIN_RUN,
+    RUN_URI,
     TASK,
     find_run,
     get_run,
@@ -26,7 +27,7 @@ from avsa.tracking.store import (
 )
 
 __all__ = [
-    "CHECKPOINT", "KIND", "MAX_PARAM_VALUE", "PARENT", "PRETRAIN_RUN", "TASK",
+    "CHECKPOINT", "KIND", "MAX_PARAM_VALUE", "PARENT", "PRETRAIN_RUN", "RUN_URI", "TASK",
     "BufferPolicy", "RunLogger", "check_reachable", "default_tracking_uri",
     "find_run", "flatten_config", "get_run", "last_logged_step", "redact",
     "resolve_tracking_uri", "running_children",

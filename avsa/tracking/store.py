@@ -13,6 +13,7 @@ KIND = "avsa.kind"  # pretrain | sweep | trial | transfer
 TASK = "avsa.task"
 PRETRAIN_RUN = "avsa.pretrain_run_id"
 CHECKPOINT = "avsa.checkpoint_uri"
+RUN_URI = "avsa.run_uri"  # a pretraining's (or trial's) run directory
 PARENT = "mlflow.parentRunId"
 SYSTEM = "system/"  # the prefix of system-metric keys, sampled on their own steps from 1
 # The experiment tag MLflow 3's UI reads to open an experiment on its runs table ("Model
@@ -52,13 +53,17 @@ def _quote(uri: str, value: str) -> str:
     for q in ("'", '"'):
         if q not in value:
             return f"{q}{value}{q}"
-    raise TrackingError(redact(uri), f"run name {value!r} holds both quote characters")
+    raise TrackingError(redact(uri), f"{value!r} holds both quote characters")
 
 
-def find_run(uri: str, experiment: str, run_name: str) -> str | None:
-    """Id of the newest active run named ``run_name`` in ``experiment``; None if none."""
+def find_run(uri: str, experiment: str, run_name: str, run_uri: str | None = None) -> str | None:
+    """Id of the newest active run named ``run_name`` in ``experiment``, and with ``run_uri``
+    tagged as its run directory (RUN_URI) when given; None if none."""
     uri = str(uri)
     mlflow_client = connect(uri)
+    query = f"attributes.run_name = {_quote(uri, run_name)}"
+    if run_uri is not None:
+        query += f" and tags.`{RUN_URI}` = {_quote(uri, run_uri)}"
 
     def search() -> str | None:
         exp_id = experiment_id(mlflow_client, uri, experiment, create=False)
@@ -66,7 +71,7 @@ def find_run(uri: str, experiment: str, run_name: str) -> str | None:
             return None
         runs = mlflow_client.search_runs(
             [exp_id],
-            filter_string=f"attributes.run_name = {_quote(uri, run_name)}",
+            filter_string=query,
             max_results=1,
             order_by=["attributes.start_time DESC"],
         )

@@ -247,16 +247,19 @@ def quiet_data_progress(stream: Any = None) -> None:
 
 def start_tracking(
     cfg: Config, *, kind: str = "pretrain", parent_run_id: str | None = None,
-    run_name: str | None = None, extra_tags: Mapping[str, str] | None = None,
+    run_name: str | None = None, run_uri: str | None = None,
+    extra_tags: Mapping[str, str] | None = None,
 ) -> tracking.RunLogger:
     """Create (or find again, for a resubmitted job) the MLflow run of `cfg.run_name()` (or
-    `run_name`) and open its logger: the one logger of the run, which the caller ends."""
+    `run_name`) whose directory is `run_uri` (default: `<storage.path>/<run name>`), and open
+    its logger: the one logger of the run, which the caller ends."""
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     tracking.check_reachable(uri)
     run_name = run_name or cfg.run_name()
-    run_uri = storage.join(cfg.storage.path, run_name)
-    tags = {tracking.KIND: kind, "avsa.run_uri": run_uri, **(extra_tags or {})}
-    existing = tracking.find_run(uri, cfg.tracking.experiment, run_name)
+    run_uri = run_uri or storage.join(cfg.storage.path, run_name)
+    tags = {tracking.KIND: kind, tracking.RUN_URI: run_uri, **(extra_tags or {})}
+    # the same name at another storage.path is another run, its checkpoints elsewhere
+    existing = tracking.find_run(uri, cfg.tracking.experiment, run_name, run_uri)
     logger = tracking.RunLogger.start(
         uri, cfg.tracking.experiment, run_name, tags=tags,
         params=None if existing else tracking.flatten_config(cfg.to_dict()),
