@@ -16,13 +16,14 @@ from types import SimpleNamespace
 
 import pandas as pd
 import pytest
-from sweeprun import result_lines, trial_runs, trial_states
+from sweeprun import result_lines, sweep_overrides, trial_runs, trial_states
 
 from avsa.config import compose
-from avsa.errors import ConfigError
+from avsa.errors import CheckpointError, ConfigError
 from avsa.sweep import driver as sweep
 from avsa.sweep import report as sweep_report
 from avsa.sweep import space as sweep_space
+from avsa.train import driver as train_driver
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -158,6 +159,21 @@ def test_prepare_base_makes_paths_absolute_and_reports_on_logged_steps(tmp_path,
     assert base.storage.path == str(tmp_path / "out")
     assert (base.train.val_every, base.train.log_every) == (4, 2)
     assert (cfg.train.val_every, cfg.train.log_every) == (0, 10)  # the input is left alone
+
+
+def test_a_pinned_name_over_another_sweep_is_refused_before_ray(sweep_shards, mlflow_uri,
+                                                               tmp_path):
+    """Under a pinned storage.run_name, another sweep would restore the first one's Tune
+    experiment and ignore its own space; like `avsa pretrain`, it is refused up front."""
+    argv = [*sweep_overrides(sweep_shards, tmp_path, mlflow_uri, "pinned"), "storage.run_name=mine"]
+    first = sweep.prepare_base(compose(argv))
+    folder = tmp_path / "sweeps" / "mine"
+    train_driver.claim_run_dir(first, str(folder), sweep=True)
+    train_driver.claim_run_dir(first, str(folder), sweep=True)  # the same sweep: accepted
+    other = compose([*argv, "sweep.space.loss.temperature=[0.5,1.0]"])
+    with pytest.raises(CheckpointError, match=r"mine: holds the checkpoints of another config"):
+        sweep.run_sweep(other)
+    assert sorted(p.name for p in folder.iterdir()) == ["avsa_run.json"]  # no Tune state
 
 
 def test_check_sweep_needs_validation_data():

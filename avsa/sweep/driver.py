@@ -233,6 +233,8 @@ def run_sweep(cfg: Config) -> SweepResult:
     if warning := temperature_warning(base.loss.temperature):
         log.warning(warning)
     with train_driver.hold_run_dir(sweep_uri, "avsa sweep", base.storage.lease_wait_s):
+        # a pinned storage.run_name must not restore another sweep's Tune experiment
+        train_driver.claim_run_dir(base, sweep_uri, sweep=True)
         train_driver.ensure_ray(base, need_state_api=True)
         with interrupt.signals_raise():
             return _sweep(base, space, flat, metric, name, sweep_uri)

@@ -133,12 +133,13 @@ def _state_api_options() -> dict[str, Any]:
             "runtime_env": {"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}}
 
 
-def claim_run_dir(cfg: Config, run_uri: str) -> None:
-    """Make `run_uri` this config's run directory (`avsa_run.json` holds its config digest),
-    or raise CheckpointError when it holds another config's checkpoints. As the run's first
-    write (under the directory's lease) it also fails an unwritable storage path before Ray."""
+def claim_run_dir(cfg: Config, run_uri: str, *, sweep: bool = False) -> None:
+    """Make `run_uri` this config's run directory (`avsa_run.json` holds its config digest,
+    with `sweep` the sweep's), or raise CheckpointError when it holds another config's
+    checkpoints. As the run's first write (under the directory's lease) it also fails an
+    unwritable storage path before Ray."""
     marker = storage.join(run_uri, RUN_MARKER)
-    digest = config_digest(cfg)
+    digest = config_digest(cfg, sweep=sweep)
     try:
         if storage.exists(marker):
             try:
@@ -152,7 +153,8 @@ def claim_run_dir(cfg: Config, run_uri: str) -> None:
                                                f"storage.run_name or storage.path")
             return
         created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        body = {"config_digest": digest, "run_name": cfg.run_name(), "created": created}
+        body = {"config_digest": digest, "run_name": run_uri.rstrip("/").rsplit("/", 1)[-1],
+                "created": created}
         storage.write_bytes(marker, json.dumps(body, indent=1).encode())
     except StorageError as e:
         raise CheckpointError(run_uri, f"cannot use the run directory ({e.reason})") from None
