@@ -91,6 +91,17 @@ def test_check_space_tries_every_value_before_anything_starts():
         sweep_space.check_space(cfg, sweep_space.flatten_space(cfg.sweep.space))
 
 
+def test_check_space_refuses_a_distribution_over_an_integer_key():
+    # its bounds are whole numbers, but every trial would draw a fraction
+    cfg = compose(["sweep.search=random"])
+    flat = {"data.num_viewpoints": {"distribution": "uniform", "low": 2, "high": 8}}
+    with pytest.raises(ConfigError, match=r"^sweep\.space\.data\.num_viewpoints: a uniform draw "
+                                          r"such as 4\.292 fails .* needs a list of values"):
+        sweep_space.check_space(cfg, flat)
+    lr = {"train.lr": {"distribution": "loguniform", "low": 1e-4, "high": 1e-2}}
+    sweep_space.check_space(cfg, lr)  # a float key takes any value between
+
+
 def test_command_line_overrides_the_space():
     cfg = compose(["sweep.space.data.num_viewpoints=[2,4]", "sweep.space.loss.temperature=[0.2]"])
     assert sweep_space.flatten_space(cfg.sweep.space) == {
@@ -119,6 +130,12 @@ def test_trial_names_are_deterministic_and_distinct():
         "sw-data.seed=1_train.seed=2"
     assert sweep_space.trial_run_name("sw", {"train.lr": 1.234567e-4}, "ab12c_00003") == \
         "sw-lr=0.0001235-ab12c_00003"
+    # list values (data.color_jitter) and floats that 4 digits do not name keep distinct names
+    jitter = [sweep_space.trial_run_name("sw", {"data.color_jitter": v})
+              for v in ([0.12, 0.3], [0.1, 20.3], [0.4, 0.4])]
+    assert len(set(jitter)) == 3 and jitter[2] == "sw-color_jitter=0.4x0.4"
+    close = [sweep_space.trial_run_name("sw", {"train.lr": v}) for v in (1.00001e-3, 1.00002e-3)]
+    assert close[0] != close[1] and close[0].startswith("sw-lr=0.001-")
     long = sweep_space.trial_run_name("sw", {f"data.k{i}": "x" * 20 for i in range(6)})
     assert len(long) <= 3 + 80 and long != sweep_space.trial_run_name(
         "sw", {f"data.k{i}": "y" * 20 for i in range(6)})
@@ -247,6 +264,19 @@ def test_csv_and_markdown(tmp_path):
                         "val/avsa_score |")
     starred = [ln for ln in table if ln.startswith("| * |")]
     assert starred == ["| * | t8-0.2 | done | 8 | 0.2 | 4 | 1.6 |"]
+
+
+def test_a_list_valued_key_reports_and_plots(tmp_path):
+    keys = ["data.color_jitter"]
+    rows = [sweep_report.trial_row(_result(4, [0.1, s], **{keys[0]: j}), keys, name=f"t{i}",
+                                   max_steps=4, metric="val/avsa_score")
+            for i, (j, s) in enumerate((([0.4, 0.4, 0.4, 0.2], 0.3), ([0.0, 0.0, 0.0, 0.0], 0.2)))]
+    sweep_report.sort_rows(rows, keys)
+    assert [r[keys[0]] for r in rows] == [(0.0, 0.0, 0.0, 0.0), (0.4, 0.4, 0.4, 0.2)]
+    sweep_report.plot(rows, keys[0], None, "val/avsa_score", tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| (0.4, 0.4, 0.4, 0.2) |" in sweep_report.markdown(
+        rows, sweep_report.columns(rows, keys, "val/avsa_score"))
 
 
 def test_rows_sort_numbers_numerically():

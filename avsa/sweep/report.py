@@ -57,12 +57,17 @@ def trial_row(result: Any, keys: Sequence[str], *, name: str, max_steps: int,
         "trial": name,
         "trial_id": metrics.get("trial_id"),
         "status": status,
-        **{k: config.get(k) for k in keys},
+        **{k: _plain(config.get(k)) for k in keys},
         "step": int(step) if finite(step) else None,
         **values,
         "run_id": None,
         "checkpoint": metrics.get("checkpoint_path"),
     }
+
+
+def _plain(value: Any) -> Any:
+    """A searched value as a table cell and a plot key: a list becomes a tuple."""
+    return tuple(map(_plain, value)) if isinstance(value, list) else value
 
 
 def best_row(rows: Sequence[Mapping[str, Any]], metric: str, mode: str) -> Mapping | None:

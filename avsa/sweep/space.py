@@ -9,6 +9,7 @@ value validated first. Sweep and trial names are deterministic.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 from collections.abc import Mapping
@@ -22,6 +23,7 @@ from avsa.sweep.report import VIEWPOINTS_KEY, finite
 log = logging.getLogger("avsa.sweep")
 
 DISTRIBUTIONS = ("loguniform", "uniform")
+INTERIOR = 0.3819660112501051  # where check_space tries a distribution: never a whole number
 SCORE = "val/avsa_score"
 
 
@@ -88,12 +90,26 @@ def apply_params(base: Mapping[str, Any], params: Mapping[str, Any]) -> Config:
 
 
 def check_space(cfg: Config, flat: Mapping[str, Any]) -> None:
-    """Every key is a config value and every listed value (or bound) passes validation."""
+    """Every key is a config value and every listed value passes validation; so do a
+    distribution's bounds and a fractional value between them (an integer key takes no
+    distribution)."""
     base = cfg.to_dict()
     for key, leaf in flat.items():
-        values = [leaf.get("low"), leaf.get("high")] if isinstance(leaf, Mapping) else leaf
-        for value in values:
-            apply_params(base, {key: value})
+        if not isinstance(leaf, Mapping):
+            for value in leaf:
+                apply_params(base, {key: value})
+            continue
+        low, high = leaf.get("low"), leaf.get("high")
+        apply_params(base, {key: low})
+        apply_params(base, {key: high})
+        if finite(low) and finite(high):
+            value = low + INTERIOR * (high - low)
+            try:
+                apply_params(base, {key: value})
+            except ConfigError as e:
+                raise ConfigError(f"sweep.space.{key}", f"a {leaf.get('distribution')} draw "
+                                  f"such as {value:.4g} fails ({e.reason}); an integer key "
+                                  "needs a list of values") from None
 
 
 def scheduler_metric(metric: str, keys: Any) -> str:
@@ -117,18 +133,33 @@ def sweep_run_name(cfg: Config) -> str:
 
 
 def _short(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "x".join(map(_short, value))
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _round_trips(value: Any) -> bool:
+    """Whether `_short(value)` names `value` alone."""
+    if isinstance(value, (list, tuple)):
+        return all(map(_round_trips, value))
+    return not isinstance(value, float) or float(_short(value)) == value
+
+
 def trial_run_name(sweep_name: str, params: Mapping[str, Any], trial_id: str | None = None) -> str:
-    """`<sweep>-num_viewpoints=4_temperature=0.07` (+ `-<trial id>` when values can repeat)."""
+    """`<sweep>-num_viewpoints=4_temperature=0.07` (+ `-<trial id>` when values can repeat);
+    a list value reads `0.4x0.4`. Where the name would exceed 80 characters, or (without a
+    trial id) lose a value's digits or characters, it ends in a hash of the exact values, so
+    distinct values keep distinct names."""
     leaves = [k.rsplit(".", 1)[-1] for k in params]
     parts = []
     for key in sorted(params):
         leaf = key.rsplit(".", 1)[-1]
         label = leaf if leaves.count(leaf) == 1 else key
         parts.append(f"{label}={_short(params[key])}")
-    slug = re.sub(r"[^A-Za-z0-9._=-]", "", "_".join(parts))
-    if len(slug) > 80:
-        slug = slug[:60] + "-" + hashlib.sha256(slug.encode()).hexdigest()[:8]
+    joined = "_".join(parts)
+    slug = re.sub(r"[^A-Za-z0-9._=-]", "", joined)
+    exact = slug == joined and all(map(_round_trips, params.values()))
+    if len(slug) > 80 or (trial_id is None and not exact):
+        exact_values = json.dumps({k: params[k] for k in sorted(params)}, default=str)
+        slug = slug[:60] + "-" + hashlib.sha256(exact_values.encode()).hexdigest()[:8]
     return f"{sweep_name}-{slug}" + (f"-{trial_id}" if trial_id else "")
