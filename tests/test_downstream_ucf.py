@@ -148,3 +148,25 @@ def test_action_transfer_on_a_ucf_fold(ucf_root):
     assert m["test/videos"] == 3
     for k in ("test/clip_acc", "test/video_acc"):
         assert m[k] in (0.0, 1 / 3, 2 / 3, 1.0)
+
+
+def test_a_ucf_transfer_reports_the_layouts_class_names(ucf_root, mlflow_uri, tmp_path):
+    """per_class.csv and the confusion matrix name UCF's classes, not the synthetic ones."""
+    import csv
+    import uuid
+
+    from mlflow.tracking import MlflowClient
+
+    from avsa.config import compose
+    from avsa.downstream.run import run_transfer
+
+    cfg = compose(["model=tiny", "data.fps=8", "data.frames=4", "data.crop_size=16",
+                   f"data.shards={ucf_root}", f"tracking.uri={mlflow_uri}",
+                   f"downstream.experiment=ucf-{uuid.uuid4().hex[:8]}", "downstream.task=action",
+                   "downstream.mode=linear", "downstream.epochs=1", "downstream.batch_size=6",
+                   "downstream.eval_clips=1"])
+    res = run_transfer(cfg)
+    path = MlflowClient(mlflow_uri).download_artifacts(res.run_id, "report/per_class.csv",
+                                                       str(tmp_path))
+    with open(path) as f:
+        assert [row["class"] for row in csv.DictReader(f)] == CLASSES

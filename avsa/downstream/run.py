@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import re
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +25,6 @@ import torch
 
 from avsa import tracking
 from avsa.config import Config, DownstreamConfig, audio_channels, compose, config_digest, from_dict
-from avsa.data.labels import CLASSES, NUM_CLASSES
 from avsa.downstream import report
 from avsa.downstream.action import ActionTask
 from avsa.downstream.binary import BinaryTask
@@ -140,9 +140,11 @@ def run_task(ds: DownstreamConfig, model: AVSANet, source, *, seed: int, device:
             "train/epochs": float(result.epochs), "train/lr": head.lr(ds)}
 
 
-def _log_results(logger: tracking.RunLogger, task: str, examples: dict[str, np.ndarray]) -> None:
+def _log_results(logger: tracking.RunLogger, task: str, examples: dict[str, np.ndarray],
+                 class_names: Sequence[str]) -> None:
     """The per-example test results as the run's EXAMPLES artifact (for `avsa compare`) and
-    the report made from them (confusion matrix, per-class table, overlays) under report/."""
+    the report made from them (confusion matrix, per-class table, overlays) under report/,
+    its classes named by the source's `class_names`."""
     if not examples:
         return
     with tempfile.TemporaryDirectory() as tmp:
@@ -150,8 +152,8 @@ def _log_results(logger: tracking.RunLogger, task: str, examples: dict[str, np.n
         np.savez_compressed(path, **{k: v for k, v in examples.items()
                                      if k not in report.OVERLAY_KEYS})
         logger.log_artifact(path)
-        if report.write_report(task, examples, Path(tmp) / "report", labels=list(CLASSES),
-                               num_classes=NUM_CLASSES + (task == "segmentation")):
+        if report.write_report(task, examples, Path(tmp) / "report", labels=list(class_names),
+                               num_classes=len(class_names) + (task == "segmentation")):
             logger.log_artifact(Path(tmp) / "report", "report")
 
 
@@ -197,10 +199,11 @@ def run_transfer(cfg: Config, memo: dict | None = None) -> TransferResult:
         # The seed seeds the head only; the clips' windows and viewpoints follow data.seed, so
         # replicates can share decoded batches (`memo`, see ShardSource).
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        metrics = run_task(ds, pre.model, task_class(ds.task).source(data, ds, memo), seed=seed,
-                           device=device, log=logger.log_metrics, examples=examples)
+        source = task_class(ds.task).source(data, ds, memo)
+        metrics = run_task(ds, pre.model, source, seed=seed, device=device,
+                           log=logger.log_metrics, examples=examples)
         logger.log_metrics(metrics, step=ds.epochs)
-        _log_results(logger, ds.task, examples)
+        _log_results(logger, ds.task, examples, source.class_names)
     return TransferResult(ds.task, pre.pretext, pre.ref, logger.run_id, uri, ds.experiment,
                           context, mode, metrics)
 

@@ -203,6 +203,10 @@ class LayoutSource:
     def num_classes(self) -> int:
         return len(self.layout.classes)
 
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return tuple(self.layout.classes)
+
     def _batches(self, items: list[VideoItem], starts, rngs) -> Iterator[dict[str, Any]]:
         for i in range(0, len(items), self.batch_size):
             chunk = items[i : i + self.batch_size]
