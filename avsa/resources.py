@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from avsa.config import Config
@@ -84,14 +84,33 @@ def shortfall(need: Needs, res: Mapping[str, float]) -> list[str]:
     return short
 
 
-def check_fits(need: Needs, what: str, now: Mapping[str, float], most: Mapping[str, float]) -> None:
-    """Raise AvsaError when `need` exceeds what the cluster can ever offer."""
+def node_resources() -> list[dict[str, float]]:
+    """The resources of each live node of the joined Ray cluster."""
+    import ray
+
+    return [{k: float(v) for k, v in n.get("Resources", {}).items()}
+            for n in ray.nodes() if n.get("Alive")]
+
+
+def check_fits(need: Needs, what: str, now: Mapping[str, float], most: Mapping[str, float],
+               nodes: Sequence[Mapping[str, float]] = ()) -> None:
+    """Raise AvsaError when `need` exceeds what the cluster can ever offer: in all, or, on a
+    cluster that cannot grow (most == now), on any one of its `nodes` for one train worker,
+    which Ray places whole on one node."""
     if shortfall(need, most):
         grows = "" if most == now else f" (up to {_fmt(most)} with its autoscaler)"
         raise AvsaError(
             f"{what} needs {need.describe()}, but the cluster has {_fmt(now)}{grows}: it would "
             f"wait forever; lower train.num_workers, train.cpus_per_worker or data.decode_cpus, "
             f"or give the cluster more")
+    worker = Needs(0.0, 1, need.cpu_per_worker, need.gpu_per_worker, 0.0)
+    if nodes and most == now and need.workers and all(shortfall(worker, n) for n in nodes):
+        largest = max(nodes, key=lambda n: (n.get("GPU", 0.0), n.get("CPU", 0.0)))
+        raise AvsaError(
+            f"{what}: one train worker needs {_fmt({'CPU': worker.cpu, 'GPU': worker.gpu})} "
+            f"on one node (train.cpus_per_worker), but the largest "
+            f"node has {_fmt(largest)}: it would wait forever; lower train.cpus_per_worker, "
+            f"or add a larger node")
 
 
 @contextlib.contextmanager
@@ -126,7 +145,7 @@ def check_and_watch(cfg: Config, what: str,
     """Refuse a run that can never fit the joined cluster; else `wait_reports` to wrap fit() in."""
     need = needs(cfg, driver_cpu)
     now, most = cluster_capacity()
-    check_fits(need, what, now, most)
+    check_fits(need, what, now, most, node_resources())
     if shortfall(need, now):
         log.warning("%s needs %s; the cluster has %s now: waiting for the autoscaler (up to %s)",
                     what, need.describe(), _fmt(now), _fmt(most))

@@ -11,7 +11,15 @@ import pytest
 
 from avsa.config import compose
 from avsa.errors import AvsaError
-from avsa.resources import Needs, check_fits, cluster_capacity, needs, shortfall, wait_reports
+from avsa.resources import (
+    Needs,
+    check_fits,
+    cluster_capacity,
+    needs,
+    node_resources,
+    shortfall,
+    wait_reports,
+)
 
 ONE_WORKER = Needs(driver_cpu=0.01, workers=1, cpu_per_worker=1.0, gpu_per_worker=0.0,
                    decode_cpu=1.0)
@@ -47,6 +55,24 @@ def test_the_autoscalers_maximum_counts():
         check_fits(gpu, "pretraining r", now, most)
 
 
+def test_a_worker_larger_than_every_node_is_refused_though_the_total_fits():
+    # two 4-CPU nodes hold 8 CPU, but Ray places a 6-CPU worker whole on one node
+    nodes = [{"CPU": 4.0}, {"CPU": 4.0, "GPU": 1.0}]
+    total = {"CPU": 8.0, "GPU": 1.0}
+    big = Needs(0.0, 1, 6.0, 0.0, 1.0)
+    with pytest.raises(AvsaError, match=r"^pretraining r: one train worker needs 6 CPU, 0 GPU on "
+                                        r"one node \(train.cpus_per_worker\), but the largest "
+                                        r"node has 4 CPU, 1 GPU: it would wait forever"):
+        check_fits(big, "pretraining r", total, total, nodes)
+    check_fits(Needs(0.0, 2, 3.0, 0.0, 1.0), "x", total, total, nodes)  # one worker per node
+    check_fits(Needs(0.0, 1, 3.0, 1.0, 1.0), "x", total, total, nodes)  # the GPU node holds it
+    with pytest.raises(AvsaError, match="one train worker needs 3 CPU, 1 GPU"):
+        small_gpu = [nodes[0], {"CPU": 2.0, "GPU": 1.0}]
+        check_fits(Needs(0.0, 1, 3.0, 1.0, 1.0), "x", total, total, small_gpu)
+    # an autoscaler may add larger nodes: only the totals count
+    check_fits(big, "x", total, {"CPU": 64.0, "GPU": 1.0}, nodes)
+
+
 def test_waiting_for_the_autoscaler_is_reported_until_the_nodes_come(caplog):
     state = {"now": {"CPU": 1.0}}
 
@@ -73,3 +99,5 @@ def test_capacity_of_a_real_local_ray(ray_session):
     now, most = cluster_capacity()
     assert now["CPU"] == 4.0  # the session's ray.init(num_cpus=4); no autoscaler
     assert most == now
+    (node,) = node_resources()
+    assert node["CPU"] == 4.0
