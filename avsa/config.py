@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -228,6 +229,15 @@ def config_dir() -> Path:
         if (c / "pretrain.yaml").is_file():
             return c
     raise ConfigError("configs", f"no config tree found (looked in {', '.join(map(str, candidates))})")
+
+
+def override(key: str, value: object) -> str:
+    """The override `key='value'` that sets `key` to str(value) exactly, whatever it holds
+    (`=`, `,`, brackets, quotes, `${`, backslashes), e.g. for a path in compose()."""
+    text = re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", str(value))  # OmegaConf
+    text = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", text)  # Hydra's quoted string
+    text = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, text)
+    return f"{key}='{text}'"
 
 
 def compose(overrides: list[str] | tuple[str, ...] = ()) -> Config:

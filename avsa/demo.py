@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from avsa import synth
-from avsa.config import compose
+from avsa.config import compose, override
 
 PRESET = "experiment=demo_local"
 
@@ -45,9 +45,9 @@ def main(argv: list[str]) -> int:
 
     overrides = [
         PRESET,
-        f"data.shards={shard_uris['train']}",
-        f"data.val_shards={shard_uris['val']}",
-        f"storage.path={out / 'runs'}",
+        override("data.shards", shard_uris["train"]),
+        override("data.val_shards", shard_uris["val"]),
+        override("storage.path", out / "runs"),
         *([f"train.max_steps={args.steps}"] if args.steps else []),
         *args.overrides,
     ]
@@ -74,8 +74,8 @@ def main(argv: list[str]) -> int:
         accs, memo = {}, {}  # memo: both heads read the same decoded clips
         epochs = [f"downstream.epochs={args.transfer_epochs}"] if args.transfer_epochs else []
         for label, ref in (("pretrained", pretrained), ("scratch", "scratch")):
-            tcfg = compose([*overrides, "downstream.task=avsa_bin", f"downstream.pretrain={ref}",
-                            *epochs])
+            tcfg = compose([*overrides, "downstream.task=avsa_bin",
+                            override("downstream.pretrain", ref), *epochs])
             t = run_transfer(tcfg, memo)
             print(t.summary(), flush=True)
             accs[label] = t.metrics.get("test/acc", float("nan"))

@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from avsa.config import override
 from avsa.data.labels import NUM_CLASSES
 from avsa.downstream.compare import COLUMNS, Column
 
@@ -206,7 +207,8 @@ def make_data(args: argparse.Namespace, tables: list[Table], data) -> dict[str, 
 
 def _common(args: argparse.Namespace, uri: str) -> list[str]:
     workers = f"train.num_workers={args.train_workers}"
-    return [PRESET, f"tracking.uri={uri}", f"data.seed={args.seed}", workers, *args.overrides]
+    return [PRESET, override("tracking.uri", uri), f"data.seed={args.seed}", workers,
+            *args.overrides]
 
 
 def pretrain_configs(args, tables, data, uri) -> list[tuple[str, object]]:
@@ -221,9 +223,10 @@ def pretrain_configs(args, tables, data, uri) -> list[tuple[str, object]]:
         train, test = data[v.data]
         for p in range(args.pretrain_seeds):
             cfg = compose([
-                *_common(args, uri), f"data.shards={train}", f"data.val_shards={test}",
+                *_common(args, uri), override("data.shards", train),
+                override("data.val_shards", test),
                 *v.overrides, f"train.max_steps={args.steps}", f"train.seed={args.seed + p}",
-                f"storage.path={(args.out / 'runs').resolve()}",
+                override("storage.path", (args.out / "runs").resolve()),
                 "tracking.experiment=avsa-reproduce-pretrain"])
             cfg.storage.run_name = f"reproduce-{cfg.run_name()}"
             configs.append((row, cfg))
@@ -306,9 +309,9 @@ def transfer_configs(args, t: Table, data, refs, uri) -> list[tuple[str, object]
         # every row is read through the same clips and viewpoints (the preset's V); the
         # network brings its own audio input (see avsa.downstream.run)
         cfg = compose([*_common(args, uri), *extra,
-                       f"data.shards={train}", f"data.val_shards={test}",
+                       override("data.shards", train), override("data.val_shards", test),
                        f"downstream.task={task}", f"downstream.seed={seed}",
-                       f"downstream.pretrain={pretrained}", f"downstream.row={row}",
+                       override("downstream.pretrain", pretrained), f"downstream.row={row}",
                        f"downstream.experiment=avsa-reproduce-{t.name}"])
         context = cfg.downstream.context if task == "segmentation" else ""
         out.append((f"{row} {task} {context} seed {seed}", cfg))

@@ -115,6 +115,17 @@ def _end(name: str, side: int) -> float:
     return float(hi) - (rb == ")") * 1e-6 if side else float(lo) + (lb == "(") * 1e-6
 
 
+@pytest.mark.parametrize("path", [
+    "/d/a=b,c", "/d/it's", "/d/[x]", "/d/${HOME}", "/d/back\\slash", "/d/end\\",
+    "/d/q\\'x", "/d/sp ace", "/d/a\\${b}", "/d/\\\\${x}'\\", "/d/{a}:b", '/d/"dq"', "/d/$x"])
+def test_an_override_built_from_a_path_sets_it_exactly(path):
+    """`avsa demo --out` and `avsa reproduce --out` put the folder into overrides; Hydra's
+    grammar (=, commas, brackets, quotes) and OmegaConf's interpolation must not touch it."""
+    from avsa.config import compose, override
+
+    assert compose(["experiment=demo_local", override("storage.path", path)]).storage.path == path
+
+
 def test_the_viewpoint_sampler_takes_every_value_validation_accepts():
     """A value in the config's range must not pass validation and then fail in every data
     worker: the narrowest and widest views, aspects and elevations it accepts all plan."""
