@@ -268,3 +268,22 @@ def test_ray_trains_report_lines_are_dropped_and_its_warnings_kept():
         assert source.isEnabledFor(logging.WARNING)
     finally:
         source.setLevel(level)
+
+
+def test_a_resumed_run_streams_on_from_its_checkpoints_epoch(tmp_path):
+    """10 clips at batch 2 make 5 steps an epoch: resumed at step 12 the stream starts in
+    epoch 2, not again at epoch 0's shard order, and covers the 28 steps left."""
+    from avsa.train import resume
+    from avsa.train.driver import data_epochs
+
+    cfg = compose(["train.batch_size=2", "train.max_steps=40"])
+    run = tmp_path / "run"
+    assert data_epochs(cfg, 10, str(run)) == (0, 9)  # a new run: 40 steps, plus one of slack
+    for step in (6, 12, 14):
+        (run / f"checkpoint-{step:08d}").mkdir(parents=True)
+    for step in (6, 12):
+        resume.commit(str(run / f"checkpoint-{step:08d}"), step)
+    # step 14's upload never finished (no commit marker): the workers resume from step 12
+    assert data_epochs(cfg, 10, str(run)) == (2, 7)
+    assert data_epochs(compose(["train.batch_size=2", "train.max_steps=12"]), 10,
+                       str(run)) == (2, 1)

@@ -177,10 +177,16 @@ def project_error(exc: BaseException) -> AvsaError | None:
     return None
 
 
-def epochs_needed(cfg: Config, total_samples: int) -> int:
-    """Epochs of the streaming dataset that cover `train.max_steps` (with slack for skips)."""
+def data_epochs(cfg: Config, total_samples: int, run_uri: str) -> tuple[int, int]:
+    """(start epoch, epochs) of the streaming dataset of the run at `run_uri`: the epoch of the
+    step its newest complete checkpoint holds (where its workers resume), so a resumed run goes
+    on through new shard orders instead of repeating epoch 0's, and enough epochs to cover the
+    steps left to `train.max_steps`, with slack for skips."""
+    done = resume.checkpoints(run_uri)  # newest first
+    start_step = done[0][0] if done else 0
     per_epoch = max(total_samples // cfg.train.batch_size, 1)
-    return max(1, math.ceil(cfg.train.max_steps / per_epoch) + 1)
+    left = max(cfg.train.max_steps - start_step, 0)
+    return start_step // per_epoch, max(1, math.ceil(left / per_epoch) + 1)
 
 
 def build_trainer(cfg: Config, logger: tracking.RunLogger | None,
@@ -194,11 +200,13 @@ def build_trainer(cfg: Config, logger: tracking.RunLogger | None,
 
     quiet_data_progress()  # first: each dataset keeps a copy of the DataContext
     run_name = cfg.run_name()
+    run_uri = storage.join(cfg.storage.path, run_name)
     manifest = read_manifest(cfg.data.shards)
     other_time = cfg.loss.kind == "avts"
     batch = cfg.train.batch_size
+    start_epoch, epochs = data_epochs(cfg, manifest.total_samples, run_uri)
     datasets = {"train": build_dataset(
-        cfg.data.shards, cfg.data, epochs=epochs_needed(cfg, manifest.total_samples),
+        cfg.data.shards, cfg.data, epochs=epochs, start_epoch=start_epoch,
         seed=cfg.data.seed, other_time=other_time, batch_size=batch)}
     if has_validation(cfg):  # decoded by Ray Data when rank 0 first validates
         datasets["val"] = build_dataset(
@@ -209,7 +217,7 @@ def build_trainer(cfg: Config, logger: tracking.RunLogger | None,
     loop_config = {
         "cfg": cfg.to_dict(),
         "logger": logger,  # a pickled copy: the same run, opened once, here
-        "run_uri": storage.join(cfg.storage.path, run_name),
+        "run_uri": run_uri,
     }
     return TorchTrainer(
         train_loop_per_worker,
