@@ -14,9 +14,10 @@ times the batch; clips are synthesised at the size and frame rate the preset rea
 Everything lands under --out: data/, runs/ (checkpoints), mlruns/ (unless --tracking-uri) and
 tables/NAME.{md,csv,png}, also on the MLflow run `reproduce`. Re-running skips what is done
 (clips, pretrainings, transfer cells in MLflow); a cell counts as done, and enters the tables,
-only when its whole transfer config matches (pretraining, seeds, overrides), so other
---steps, --seed or overrides on the same --out make their own cells. Extra arguments are Hydra overrides for every run, e.g. `model=full
-train.use_gpu=true train.num_workers=4` on a GPU machine.
+only when its whole transfer config matches (pretraining, seeds, overrides), so other --steps,
+--seed or overrides on the same --out make their own cells. Extra arguments are Hydra
+overrides for every run, e.g. `model=full train.use_gpu=true train.num_workers=4` on a GPU
+machine.
 """
 
 from __future__ import annotations
@@ -313,8 +314,8 @@ def transfer_configs(args, t: Table, data, refs, uri) -> list[tuple[str, object]
                        f"downstream.task={task}", f"downstream.seed={seed}",
                        override("downstream.pretrain", pretrained), f"downstream.row={row}",
                        f"downstream.experiment=avsa-reproduce-{t.name}"])
-        context = cfg.downstream.context if task == "segmentation" else ""
-        out.append((f"{row} {task} {context} seed {seed}", cfg))
+        context = [cfg.downstream.context] if task == "segmentation" else []
+        out.append((" ".join([row, task, *context, f"seed {seed}"]), cfg))
     return out
 
 
