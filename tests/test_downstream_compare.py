@@ -330,14 +330,17 @@ def test_reproduce_takes_a_finished_pretraining_from_mlflow_without_running_it(m
     cfg = compose(["experiment=demo_local", f"tracking.experiment={exp}",
                    "storage.path=/runs", "storage.run_name=reproduce-avsa-x"])
     assert reproduce.finished(cfg, mlflow_uri) is None  # no such experiment yet
-    for status, tags in (("KILLED", {tracking.CHECKPOINT: "/runs/a/checkpoint-1"}),
-                         ("FINISHED", {})):  # interrupted; ended without a checkpoint
+    here = {tracking.RUN_URI: "/runs/reproduce-avsa-x"}
+    for status, tags in (("KILLED", {tracking.CHECKPOINT: "/runs/a/checkpoint-1", **here}),
+                         ("FINISHED", here),  # interrupted; ended without a checkpoint
+                         ("FINISHED", {tracking.CHECKPOINT: "/old/reproduce-avsa-x/c",
+                                       tracking.RUN_URI: "/old/reproduce-avsa-x"})):  # elsewhere
         logger = tracking.RunLogger.start(mlflow_uri, exp, "reproduce-avsa-x", tags=tags)
         logger.end(status)
         time.sleep(0.02)
         assert reproduce.finished(cfg, mlflow_uri) is None
     logger = tracking.RunLogger.start(mlflow_uri, exp, "reproduce-avsa-x",
-                                      tags={tracking.CHECKPOINT: "/runs/b/checkpoint-300"})
+                                      tags={tracking.CHECKPOINT: "/runs/b/checkpoint-300", **here})
     logger.log_metrics({"val/avsa_acc": 0.75}, step=300)
     logger.end("FINISHED")
     res = reproduce.finished(cfg, mlflow_uri)
