@@ -231,11 +231,22 @@ def config_dir() -> Path:
     raise ConfigError("configs", f"no config tree found (looked in {', '.join(map(str, candidates))})")
 
 
+def as_literal(value: Any) -> Any:
+    """`value` (a str, or dicts and lists of them) as OmegaConf values that resolve to
+    themselves: `${` escaped, so a path holding it is no interpolation."""
+    if isinstance(value, str):
+        return re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", value)
+    if isinstance(value, dict):
+        return {k: as_literal(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [as_literal(v) for v in value]
+    return value
+
+
 def override(key: str, value: object) -> str:
     """The override `key='value'` that sets `key` to str(value) exactly, whatever it holds
     (`=`, `,`, brackets, quotes, `${`, backslashes), e.g. for a path in compose()."""
-    text = re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", str(value))  # OmegaConf
-    text = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", text)  # Hydra's quoted string
+    text = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", as_literal(str(value)))
     text = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, text)
     return f"{key}='{text}'"
 
@@ -270,10 +281,11 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> Config:
 
 
 def from_dict(d: dict[str, Any]) -> Config:
-    """Rebuild a `Config` from `Config.to_dict()` output (e.g. a checkpoint's resolved config)."""
+    """Rebuild a `Config` from `Config.to_dict()` output (e.g. a checkpoint's resolved config):
+    every value as it is, `${` in a path included."""
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), d))
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), as_literal(d)))
 
 
 def _first_line(e: BaseException) -> str:

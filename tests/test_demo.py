@@ -13,17 +13,20 @@ import pytest
 from avsa import demo, media
 from avsa.config import compose
 
+OUT = "demo=1,it's[${x}]"
+
 
 def test_demo_pretrains_then_compares_transfer_with_scratch(ray_session, mlflow_uri, tmp_path,
                                                             capsys, monkeypatch):
     """Run as `make demo` does, with a relative --out: Ray Train moves its workers to their own
-    working directories, so this catches a path that only the driver can resolve."""
+    working directories, so this catches a path that only the driver can resolve. The folder's
+    name holds what Hydra's grammar and OmegaConf's interpolation would parse."""
     from mlflow.tracking import MlflowClient
 
     monkeypatch.chdir(tmp_path)
     name = f"demo-{uuid.uuid4().hex[:8]}"
     rc = demo.main([
-        "--out", "demo", "--train-clips", "4", "--val-clips", "2", "--workers", "1",
+        "--out", OUT, "--train-clips", "4", "--val-clips", "2", "--workers", "1",
         "--steps", "2", "--transfer-epochs", "1",
         f"tracking.uri={mlflow_uri}", f"tracking.experiment={name}",
         f"downstream.experiment={name}-transfer", "train.batch_size=2",
@@ -38,12 +41,12 @@ def test_demo_pretrains_then_compares_transfer_with_scratch(ray_session, mlflow_
     assert re.search(r"\[avsa demo\] val/avsa_acc [01]\.\d{3} against chance 0\.250", out), out
     m = re.search(r"AVSA-Bin test/acc .*: pretrained ([01]\.\d{3}), scratch ([01]\.\d{3})", out)
     assert m, out
-    assert (tmp_path / "demo" / "shards" / "train" / "manifest.json").is_file()
-    assert (tmp_path / "demo" / "shards" / "val" / "manifest.json").is_file()
-    assert list((tmp_path / "demo" / "runs").glob("*/checkpoint-00000002"))
+    assert (tmp_path / OUT / "shards" / "train" / "manifest.json").is_file()
+    assert (tmp_path / OUT / "shards" / "val" / "manifest.json").is_file()
+    assert list((tmp_path / OUT / "runs").glob("*/checkpoint-00000002"))
     # clips written at the size and rate the preset reads: more would only cost decoding
     data = compose(["experiment=demo_local"]).data
-    video = media.probe(next((tmp_path / "demo" / "clips" / "train").glob("*.mp4"))).video
+    video = media.probe(next((tmp_path / OUT / "clips" / "train").glob("*.mp4"))).video
     assert (video.width, video.height) == (2 * data.equirect_height, data.equirect_height)
     assert video.fps == pytest.approx(data.fps)
 

@@ -118,12 +118,18 @@ def _end(name: str, side: int) -> float:
 @pytest.mark.parametrize("path", [
     "/d/a=b,c", "/d/it's", "/d/[x]", "/d/${HOME}", "/d/back\\slash", "/d/end\\",
     "/d/q\\'x", "/d/sp ace", "/d/a\\${b}", "/d/\\\\${x}'\\", "/d/{a}:b", '/d/"dq"', "/d/$x"])
-def test_an_override_built_from_a_path_sets_it_exactly(path):
+def test_a_path_reaches_the_config_exactly(path):
     """`avsa demo --out` and `avsa reproduce --out` put the folder into overrides; Hydra's
-    grammar (=, commas, brackets, quotes) and OmegaConf's interpolation must not touch it."""
-    from avsa.config import compose, override
+    grammar (=, commas, brackets, quotes) and OmegaConf's interpolation must not touch it, nor
+    the config's round trip to the train workers, checkpoints and sweep trials."""
+    from avsa.config import compose, from_dict, override
+    from avsa.sweep.space import apply_params
 
-    assert compose(["experiment=demo_local", override("storage.path", path)]).storage.path == path
+    cfg = compose(["experiment=demo_local", override("storage.path", path)])
+    assert cfg.storage.path == path
+    assert from_dict(cfg.to_dict()).storage.path == path
+    assert apply_params(cfg.to_dict(), {"data.shards": path}).storage.path == path
+    assert apply_params(cfg.to_dict(), {"data.shards": path}).data.shards == path
 
 
 def test_the_viewpoint_sampler_takes_every_value_validation_accepts():

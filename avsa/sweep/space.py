@@ -15,7 +15,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from avsa.config import Config, config_digest
+from avsa.config import Config, as_literal, config_digest
 from avsa.config_checks import validate
 from avsa.errors import ConfigError
 from avsa.sweep.report import VIEWPOINTS_KEY, finite
@@ -75,14 +75,14 @@ def apply_params(base: Mapping[str, Any], params: Mapping[str, Any]) -> Config:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    node = OmegaConf.merge(OmegaConf.structured(Config), dict(base))
+    node = OmegaConf.merge(OmegaConf.structured(Config), as_literal(dict(base)))
     for key, value in params.items():
         where = f"sweep.space.{key}"
         current = OmegaConf.select(node, key, default=KeyError)
         if current is KeyError or OmegaConf.is_dict(current):
             raise ConfigError(where, f"{key!r} is not a config value")
         try:
-            OmegaConf.update(node, key, value, merge=False)
+            OmegaConf.update(node, key, as_literal(value), merge=False)
         except OmegaConfBaseException as e:
             reason = " ".join(str(e).split("\n")[0].split())
             raise ConfigError(where, f"cannot take {value!r}: {reason}") from None
