@@ -199,18 +199,23 @@ class Config:
 
 # Groups that never change what a run computes: where it is stored and tracked, and transfer.
 _NOT_IN_DIGEST = ("storage", "tracking", "downstream")
+# What a transfer reads of its command's config (the pretraining's own comes with its reference).
+_TRANSFER_GROUPS = ("data", "model", "downstream")
 
 
 def config_digest(cfg: Config, *, sweep: bool = False, transfer: bool = False) -> str:
     """16 hex digits of sha256 over what shapes a run's checkpoints (all but storage, tracking
     and downstream); with `sweep`, a sweep's identity: its settings but max_concurrent_trials;
-    with `transfer`, a transfer's: downstream as well."""
-    skip = _NOT_IN_DIGEST[:2] if transfer else _NOT_IN_DIGEST
-    d = {k: v for k, v in cfg.to_dict().items() if k not in skip}
-    if sweep:
-        d["sweep"].pop("max_concurrent_trials")
+    with `transfer`, a transfer's: data, model and downstream."""
+    d = cfg.to_dict()
+    if transfer:
+        d = {k: d[k] for k in _TRANSFER_GROUPS}
     else:
-        d.pop("sweep")
+        d = {k: v for k, v in d.items() if k not in _NOT_IN_DIGEST}
+        if sweep:
+            d["sweep"].pop("max_concurrent_trials")
+        else:
+            d.pop("sweep")
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

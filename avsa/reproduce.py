@@ -14,10 +14,10 @@ times the batch; clips are synthesised at the size and frame rate the preset rea
 Everything lands under --out: data/, runs/ (checkpoints), mlruns/ (unless --tracking-uri) and
 tables/NAME.{md,csv,png}, also on the MLflow run `reproduce`. Re-running skips what is done
 (clips, pretrainings, transfer cells in MLflow); a cell counts as done, and enters the tables,
-only when its whole transfer config matches (pretraining, seeds, overrides), so other --steps,
---seed or overrides on the same --out make their own cells. Extra arguments are Hydra
-overrides for every run, e.g. `model=full train.use_gpu=true train.num_workers=4` on a GPU
-machine.
+only when its transfer config matches (pretraining, seeds, data, model, transfer), so other
+--steps, --seed or overrides on the same --out make their own cells. Extra arguments are
+Hydra overrides for every run, e.g. `model=full train.use_gpu=true train.num_workers=4` on a
+GPU machine.
 """
 
 from __future__ import annotations
@@ -321,8 +321,8 @@ def transfer_configs(args, t: Table, data, refs, uri) -> list[tuple[str, object]
 
 def transfer_all(args, tables, data, refs, uri) -> dict[str, set[str]]:
     """Every cell of every table (`transfer_configs`) that MLflow does not hold yet: a finished
-    run with the same transfer digest (`config_digest(transfer=True)`: every setting but where
-    runs are stored and tracked). Returns table name -> its cells' digests."""
+    run with the same transfer digest (`config_digest(transfer=True)`: the data, model and
+    downstream settings). Returns table name -> its cells' digests."""
     from avsa.config import config_digest
     from avsa.downstream.run import run_transfer
 

@@ -313,6 +313,8 @@ def test_reproduce_skips_exactly_the_cells_mlflow_holds(mlflow_uri):
     assert digests() == base  # the same invocation, the same cells
     for other in (["downstream.epochs=7"], ["--seed", "1"]):
         assert not set(digests(*other)) & set(base), other
+    # training settings reach a cell only through its pretraining's reference
+    assert digests("--train-workers", "2") == base
 
     exp = f"reproduce-{uuid.uuid4().hex[:8]}"
     for i, status in enumerate(("FINISHED", "FAILED")):
