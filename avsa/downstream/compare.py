@@ -193,11 +193,14 @@ def mode_columns(columns: Iterable[Column], records: Iterable[RunRecord]) -> tup
     """`columns` with each action column bound to the mode of the action runs, or split into
     one column per mode ("Action clip@1 (linear)") when the runs hold several."""
     modes = sorted({r.mode for r in records if r.task == "action" and r.mode})
-    return tuple(
-        c2 for c in columns for c2 in (
-            [c] if c.task != "action" or not modes else
-            [replace(c, mode=m, label=c.label if len(modes) == 1 else f"{c.label} ({m})")
-             for m in modes]))
+    out: list[Column] = []
+    for c in columns:
+        if c.task != "action" or not modes:
+            out.append(c)
+            continue
+        out += [replace(c, mode=m, label=c.label if len(modes) == 1 else f"{c.label} ({m})")
+                for m in modes]
+    return tuple(out)
 
 
 def build_table(records: Iterable[RunRecord], columns: tuple[Column, ...] = COLUMNS) -> Table:
