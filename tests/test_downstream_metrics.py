@@ -36,7 +36,7 @@ from avsa.downstream.segmentation import (
 
 def clip_video_accuracy(keys, logits, targets) -> tuple[float, float]:
     """(clip@1, video@1): the mean hits of `clip_video_hits`."""
-    clip, video = clip_video_hits(keys, logits, targets)
+    clip, video, _ = clip_video_hits(keys, logits, targets)
     return float(clip.double().mean()), float(video.double().mean())
 
 
@@ -81,7 +81,7 @@ def test_multi_label_keeps_the_hit_if_top_class_is_a_label_metric():
     keys = ["a", "a", "b"]
     targets = torch.tensor([[1.0, 1.0, 0], [1.0, 1.0, 0], [0, 1.0, 1.0]])
     logits = torch.tensor([[0, 2.0, 0], [0, 0, 1.0], [0, 0, 1.0]])
-    clip, video = clip_video_hits(keys, logits, targets)
+    clip, video, _ = clip_video_hits(keys, logits, targets)
     assert clip.tolist() == [True, False, True] and video.tolist() == [True, True]
     m = score(keys, logits, targets, majority=1)
     assert m["test/majority_clip_acc"] == 1.0  # class 1 is a label of every clip

@@ -101,9 +101,10 @@ def majority_class(targets: torch.Tensor) -> int:
 
 def clip_video_hits(
     keys: Sequence[str], logits: torch.Tensor, targets: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """Per-window and per-video hits of N clip windows: keys (N,) video ids, logits (N, K),
-    targets (N, K) -> (clip (N,) bool, video (G,) bool, videos in key order).
+    targets (N, K) -> (clip (N,) bool, video (G,) bool, videos in key order; the video of each
+    window (N,) int, its index in `video`).
 
     A video's prediction is the softmax averaged over its windows; its targets are its first
     window's.
@@ -114,8 +115,9 @@ def clip_video_hits(
     _, first, group = np.unique(np.asarray(keys, dtype=str), return_index=True,
                                 return_inverse=True)
     probs = torch.zeros(len(first), logits.shape[1], dtype=torch.float64)
-    probs.index_add_(0, torch.from_numpy(group.reshape(-1)), logits.double().softmax(-1))
-    return clip, top1_hits(probs, targets[torch.from_numpy(first)])
+    group = group.reshape(-1)
+    probs.index_add_(0, torch.from_numpy(group), logits.double().softmax(-1))
+    return clip, top1_hits(probs, targets[torch.from_numpy(first)]), group
 
 
 def score(keys: list[str], logits: torch.Tensor, targets: torch.Tensor, majority: int,
@@ -123,12 +125,12 @@ def score(keys: list[str], logits: torch.Tensor, targets: torch.Tensor, majority
     """Test metrics of the head and of always predicting the `majority` training class;
     examples gets the hits ("clip_acc" per window with its video "clip_acc_unit", "video_acc"),
     first labels and predictions."""
-    clip, video = clip_video_hits(keys, logits, targets)
+    clip, video, of_video = clip_video_hits(keys, logits, targets)
     constant = F.one_hot(torch.full((len(keys),), majority), logits.shape[1]).float()
-    m_clip, m_video = clip_video_hits(keys, constant, targets)
+    m_clip, m_video, _ = clip_video_hits(keys, constant, targets)
     if examples is not None:
         examples["clip_acc"] = clip.numpy().astype(np.uint8)
-        examples["clip_acc_unit"] = np.unique(np.asarray(keys, dtype=str), return_inverse=True)[1]
+        examples["clip_acc_unit"] = of_video
         examples["video_acc"] = video.numpy().astype(np.uint8)
         examples["target"] = targets.argmax(-1).numpy().astype(np.int16)  # first label
         examples["pred"] = logits.argmax(-1).numpy().astype(np.int16)
