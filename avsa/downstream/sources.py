@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from avsa.config import DataConfig
-from avsa.data.labels import CLASSES, NUM_CLASSES
+from avsa.data.labels import CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +37,15 @@ class ShardSource:
     misalign_prob: float = 0.0
     with_masks: bool = False
     single_label: bool = False  # synthetic labels are multi-hot (every class present)
-    num_classes: int = NUM_CLASSES  # the synthetic classes, without background
-    class_names: tuple[str, ...] = CLASSES  # label index -> name
+    class_names: tuple[str, ...] = CLASSES  # label index -> name: the synthetic classes
     # Decoded batches kept by the caller across transfers of the same clips (several heads,
     # seeds or pretrained networks): key -> list of batches. None decodes every time.
     memo: dict | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def num_classes(self) -> int:
+        """Classes of the labels, without background."""
+        return len(self.class_names)
 
     @classmethod
     def from_config(cls, data: DataConfig, batch_size: int, **kw: Any) -> ShardSource:
