@@ -329,11 +329,12 @@ def transfer_all(args, tables, data, refs, uri) -> dict[str, set[str]]:
     memo: dict = {}  # decoded clips, shared by every head that reads the same data
     cells: dict[str, set[str]] = {}
     for t in tables:
-        jobs = transfer_configs(args, t, data, refs, uri)
-        cells[t.name] = {config_digest(cfg, transfer=True) for _, cfg in jobs}
+        jobs = [(label, cfg, config_digest(cfg, transfer=True))
+                for label, cfg in transfer_configs(args, t, data, refs, uri)]
+        cells[t.name] = {digest for _, _, digest in jobs}
         done = done_configs(uri, f"avsa-reproduce-{t.name}")
-        for i, (label, cfg) in enumerate(jobs, 1):
-            if config_digest(cfg, transfer=True) in done:
+        for i, (label, cfg, digest) in enumerate(jobs, 1):
+            if digest in done:
                 continue
             print(f"[avsa reproduce] {t.name} {i}/{len(jobs)}: {label}", flush=True)
             print(run_transfer(cfg, memo).summary().splitlines()[0], flush=True)

@@ -161,7 +161,8 @@ class SegmentationTask(TransferHead):
     num_classes counts the background: K + 1 for the source's K classes; batches hold masks
     (B, V, S, S) int64. Scores:
     `segmentation_metrics`; examples gets the (N, C, C) confusion matrix of every test crop,
-    the clip of each ("confusion_unit": a clip's V crops share one) and the overlays of the first test batch.
+    the clip of each ("confusion_unit": a clip's V crops share one) and the overlays of the
+    first test batch.
     """
 
     name = "segmentation"
