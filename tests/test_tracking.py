@@ -474,14 +474,14 @@ def test_the_same_config_at_another_storage_path_is_another_run(server, client, 
     storage.path starts afresh, its own checkpoints, steps and model, not the old run's."""
     import uuid
 
-    from avsa.config import compose
+    from avsa.config import compose, override
     from avsa.train.driver import start_tracking
 
     exp = f"identity-{uuid.uuid4().hex[:8]}"
 
     def start(path):
         cfg = compose(["experiment=demo_local", f"tracking.uri={server}",
-                       f"tracking.experiment={exp}", f"storage.path={tmp_path / path}",
+                       f"tracking.experiment={exp}", override("storage.path", tmp_path / path),
                        f"data.shards={tmp_path / 'none'}", f"data.val_shards={tmp_path / 'none'}"])
         with start_tracking(cfg) as logger:
             pass
@@ -496,3 +496,5 @@ def test_the_same_config_at_another_storage_path_is_another_run(server, client, 
     assert tracking.find_run(server, exp, name) == other  # the newest, without a directory
     assert tracking.find_run(server, exp, name, str(tmp_path / "a" / name)) == first
     assert tracking.find_run(server, exp, name, str(tmp_path / "c" / name)) is None
+    quoted, _ = start("it's \"q\"")  # no filter string can quote this directory
+    assert quoted not in (first, other) and start("it's \"q\"")[0] == quoted

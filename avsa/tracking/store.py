@@ -53,7 +53,7 @@ def _quote(uri: str, value: str) -> str:
     for q in ("'", '"'):
         if q not in value:
             return f"{q}{value}{q}"
-    raise TrackingError(redact(uri), f"{value!r} holds both quote characters")
+    raise TrackingError(redact(uri), f"run name {value!r} holds both quote characters")
 
 
 def find_run(uri: str, experiment: str, run_name: str, run_uri: str | None = None) -> str | None:
@@ -61,21 +61,20 @@ def find_run(uri: str, experiment: str, run_name: str, run_uri: str | None = Non
     tagged as its run directory (RUN_URI) when given; None if none."""
     uri = str(uri)
     mlflow_client = connect(uri)
-    query = f"attributes.run_name = {_quote(uri, run_name)}"
-    if run_uri is not None:
-        query += f" and tags.`{RUN_URI}` = {_quote(uri, run_uri)}"
 
     def search() -> str | None:
         exp_id = experiment_id(mlflow_client, uri, experiment, create=False)
         if exp_id is None:
             return None
+        # the directory is compared here: a filter string cannot quote a path holding both ' and "
         runs = mlflow_client.search_runs(
             [exp_id],
-            filter_string=query,
-            max_results=1,
+            filter_string=f"attributes.run_name = {_quote(uri, run_name)}",
+            max_results=1 if run_uri is None else 1000,
             order_by=["attributes.start_time DESC"],
         )
-        return runs[0].info.run_id if runs else None
+        return next((r.info.run_id for r in runs
+                     if run_uri is None or r.data.tags.get(RUN_URI) == run_uri), None)
 
     return reading(uri, f"finding run {run_name!r} in experiment {experiment!r}", search)
 
