@@ -31,13 +31,13 @@ from torch import Tensor
 
 from avsa import audio, geometry, media
 from avsa.data import crops
-from avsa.data.crops import jitter_factors
-from avsa.data.labels import CLASSES
+from avsa.data.labels import CLASSES, NUM_CLASSES
 from avsa.errors import MediaError
 
 VIDEO_MEMBER = "mp4"
 AUDIO_MEMBERS = ("m4a", "wav", "flac", "aac")  # separate FOA audio, preferred over the mp4's
 MASK_MEMBER = "masks.npz"
+
 
 def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
     """Generator seeded by sha256 of (seed, epoch, key): stable across processes and runs."""
@@ -92,15 +92,15 @@ def _fit(x: np.ndarray, n: int, axis: int, pad_edge: bool) -> np.ndarray:
     return np.pad(x, widths, mode="edge" if pad_edge else "constant")
 
 
-def _meta(raw, name: str) -> dict[str, Any]:
+def _meta(raw) -> dict[str, Any]:
     if "json" not in raw.members:
         return {}
     try:
         meta = json.loads(raw.members["json"])
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MediaError(name + ".json", f"invalid JSON: {exc}") from None
+        raise MediaError(f"{raw.key}.json", f"invalid JSON: {exc}") from None
     if not isinstance(meta, dict):
-        raise MediaError(name + ".json", "expected a JSON object")
+        raise MediaError(f"{raw.key}.json", "expected a JSON object")
     return meta
 
 
@@ -122,15 +122,9 @@ def clip_duration(raw) -> float:
     return min(info.video.duration, sound.duration)
 
 
-def _audio_span(cfg, starts: list[float], n: int, duration: float) -> tuple[float, float]:
-    """(start, seconds) of one audio decode spanning all windows, clipped to the clip."""
-    lo = min(starts)
-    return lo, min(max(starts) - lo + n / cfg.sample_rate, duration - lo)
-
-
 def _split_audio(wave: np.ndarray, name: str, cfg, starts: list[float],
                  n: int) -> list[np.ndarray]:
-    """The decoded span -> [(4, n) float32 per start]."""
+    """The decoded span from min(starts) -> [(4, n) float32 per start]."""
     if wave.ndim != 2 or wave.shape[0] != 4 or wave.shape[1] == 0:
         raise MediaError(name, f"expected 4 ambisonic channels, got shape {wave.shape}")
     lo = min(starts)
@@ -152,7 +146,7 @@ def declared_duration(meta: dict) -> float | None:
 
 def sample_duration(raw) -> float:
     """Seconds a sample covers: declared by its json, else from the container headers."""
-    declared = declared_duration(_meta(raw, raw.key))
+    declared = declared_duration(_meta(raw))
     return clip_duration(raw) if declared is None else declared
 
 
@@ -163,14 +157,14 @@ def _decode_windows(raw, cfg, plan, duration: float) -> tuple[np.ndarray, list[n
     size = (cfg.equirect_height, 2 * cfg.equirect_height) if cfg.equirect_height else None
     n = round(cfg.audio_seconds * cfg.sample_rate)
     starts = [win.audio] if win.other is None else [win.audio, win.other]
-    a_start, a_span = _audio_span(cfg, starts, n, duration)
+    lo = min(starts)  # one audio decode spans all windows, clipped to the clip
     src, a_name = _audio_source(raw)
     video = raw.members[VIDEO_MEMBER]
     frames, wave = media.decode_clip(
         video, audio_src=None if src is video else src, fps=cfg.fps, start=win.video,
         duration=min(video_s, duration - win.video), size=size, sample_rate=cfg.sample_rate,
-        audio_start=a_start, audio_duration=a_span, threads=cfg.decode_threads,
-        name=f"{raw.key}.{VIDEO_MEMBER}")
+        audio_start=lo, audio_duration=min(max(starts) - lo + n / cfg.sample_rate, duration - lo),
+        threads=cfg.decode_threads, name=f"{raw.key}.{VIDEO_MEMBER}")
     frames = _fit(frames, cfg.frames, axis=0, pad_edge=True)  # decode_video returns >= 1 frame
     return frames, _split_audio(wave, a_name, cfg, starts, n)
 
@@ -178,14 +172,13 @@ def _decode_windows(raw, cfg, plan, duration: float) -> tuple[np.ndarray, list[n
 def _labels(meta: dict, name: str) -> np.ndarray | None:
     if "classes" not in meta:
         return None
-    k = len(CLASSES)
-    hot = np.zeros(k, dtype=np.float32)
+    hot = np.zeros(NUM_CLASSES, dtype=np.float32)
     if not isinstance(meta["classes"], list):
         raise MediaError(name + ".json", f"'classes' must be a list, got {meta['classes']!r:.60}")
     for c in meta["classes"]:
         if isinstance(c, str) and c in CLASSES:
             hot[CLASSES.index(c)] = 1.0
-        elif isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= k:
+        elif isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= NUM_CLASSES:
             hot[c - 1] = 1.0  # numeric ids follow the masks: 1..K, 0 = background
         else:
             raise MediaError(name + ".json", f"unknown class {c!r}")
@@ -265,7 +258,7 @@ def plan_sample(key: str, cfg, *, seed: int, epoch: int, duration: float,
     )
     flip = bool(cfg.augment and rng.random() < cfg.flip_prob)
     gain = float(rng.uniform(1 - cfg.volume_jitter, 1 + cfg.volume_jitter)) if cfg.augment else 1.0
-    jitter = jitter_factors(rng, len(vp), cfg.color_jitter) if cfg.augment else None
+    jitter = crops.jitter_factors(rng, len(vp), cfg.color_jitter) if cfg.augment else None
     aligned = not (misalign_prob > 0 and rng.random() < misalign_prob)
     yaw = 0.0 if aligned else math.radians(float(rng.uniform(60.0, 300.0)))
     return SamplePlan(win, vp, flip, gain, jitter, aligned, yaw)
@@ -308,13 +301,10 @@ def audio_features(foa: Tensor, plan: SamplePlan, cfg) -> np.ndarray:
     FOA channels serves every viewpoint and feature: they are mixed from its complex spectra."""
     kw = dict(sr=cfg.sample_rate, n_fft=cfg.n_fft, n_mels=cfg.n_mels)
     spec = audio.stft(foa, cfg.n_fft, cfg.hop)
-    if cfg.audio_mode == "mono":
-        mix = view_mix(plan, "mono")
-    else:
-        mix = view_mix(plan, "foa")
-        if cfg.audio_features == "cardioid":
-            mix = CARDIOIDS @ mix
-    if cfg.audio_mode != "mono" and cfg.audio_features == "intensity":
+    mix = view_mix(plan, cfg.audio_mode)  # a validated config has "logmel" with "mono"
+    if cfg.audio_features == "cardioid":
+        mix = CARDIOIDS @ mix
+    if cfg.audio_features == "intensity":
         return audio.log_mel_intensity_mixed(spec, mix, **kw).numpy()
     return audio.log_mel_mixed(foa, mix, hop=cfg.hop, normalize=True, spec=spec, **kw).numpy()
 
@@ -327,10 +317,9 @@ def make_sample(
     float32, "directions": (V, 2) float32 (az, el radians in the clip frame, mirrored when
     flipped), optional "audio_other", "aligned" () int64, "labels" (K,) float32, "masks"
     (V, S, S) int64}. Raises MediaError naming the member for anything undecodable."""
-    video_name = f"{raw.key}.{VIDEO_MEMBER}"
     if VIDEO_MEMBER not in raw.members:
-        raise MediaError(video_name, "sample has no mp4 member")
-    meta = _meta(raw, raw.key)
+        raise MediaError(f"{raw.key}.{VIDEO_MEMBER}", "sample has no mp4 member")
+    meta = _meta(raw)
     declared = declared_duration(meta)
     duration = clip_duration(raw) if declared is None else declared
     kw = dict(seed=seed, epoch=epoch, other_time=other_time, misalign_prob=misalign_prob)
@@ -343,7 +332,6 @@ def make_sample(
         duration = clip_duration(raw)  # the json's length disagrees with the streams
         plan = plan_sample(raw.key, cfg, duration=duration, **kw)
         frames, waves = _decode_windows(raw, cfg, plan, duration)
-    win, video_s = plan.windows, cfg.frames / cfg.fps
 
     out = {"video": view_crops(frames, plan, cfg.crop_size).numpy(), "directions": plan.directions}
     for field, wave in zip(("audio", "audio_other"), waves):
@@ -354,7 +342,8 @@ def make_sample(
     if labels is not None:
         out["labels"] = labels
     if with_masks:
-        masks = _mask_crops(raw, meta, plan.vp, cfg.crop_size, win.video + video_s / 2)
+        t_centre = plan.windows.video + cfg.frames / cfg.fps / 2
+        masks = _mask_crops(raw, meta, plan.vp, cfg.crop_size, t_centre)
         out["masks"] = (geometry.flip_video(masks) if plan.flip else masks).numpy()
     return out
 
