@@ -5,12 +5,12 @@ at the points of `geometry.nfov_maps`, straight from the uint8 frames; the colou
 then one affine RGB map per crop applied to the small crops with `cv2.transform`.
 
 Tolerance against the float reference (`geometry.nfov_crop`, then jitter_maps applied in float
-and rounded once; tests/reference.py):
-OpenCV interpolates in fixed point (positions rounded to 1/32 pixel, 15-bit weights) and the
-jitter rounds a second time. On decoded synthetic clips at most 6 grey levels (at sharp object edges), with under 1 %
-of values off by more than 1 (0.2 % at 1024x512, 12 plans measured); where neighbouring pixels differ by the
-full range (uint8 noise) a 1/64 pixel position error is 4 levels per axis, amplified by the
-jitter's gain (up to about 2), so up to 16 (13 seen, 1 on average). tests/test_crops.py checks both.
+and rounded once; tests/reference.py): OpenCV interpolates in fixed point (positions rounded to
+1/32 pixel, 15-bit weights) and the jitter rounds a second time. On decoded synthetic clips at
+most 6 grey levels (at sharp object edges), under 1 % of values off by more than 1 (0.2 % at
+1024x512, 12 plans measured); where neighbouring pixels differ by the full range (uint8 noise) a
+1/64 pixel position error is 4 levels per axis, amplified by the jitter's gain (up to about 2),
+so up to 16 (13 seen, 1 on average). tests/test_crops.py checks both.
 
 Colour jitter (brightness, contrast, saturation, hue; torchvision ColorJitter ranges, applied
 in that fixed order and fused into one affine RGB map per crop, clamped once; contrast uses the
