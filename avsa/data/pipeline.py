@@ -40,6 +40,7 @@ from avsa.errors import AvsaError, ShardError, StorageError
 
 log = logging.getLogger(__name__)
 
+
 def key_id(key: str) -> int:
     """Stable non-negative int64 id of a sample key (first 63 bits of its sha256)."""
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") >> 1
@@ -170,13 +171,11 @@ def read_ahead_bytes(*, read_ahead_batches: int, batch_size: int, shard_samples:
     (rows of batch_size) decoded ahead of its consumer, in whole shards (one decode task
     yields one block of shard_samples rows of row_size bytes).
 
-    Ray Data charges to the decode operator every live block it produced, the ones its
-    consumer has already taken included: (prefetch_batches + 1) batches plus one partly
-    read shard. Budgeting read_ahead_batches alone left room for no block beyond the
-    consumer's own: one decode task at a time, in lockstep with the consumer. With one more
-    shard two tasks run. A bounded stream needs its executor on every freed block: read as Ray
-    Train's workers read it (streaming_split, the executor in its own actor) it keeps pace
-    with an unbounded one; read in the consumer's process, its executor thread waits for the
+    Ray Data charges the decode operator for every live block it produced, those its consumer
+    holds included: (prefetch_batches + 1) batches plus one partly read shard. One more shard
+    lets two decode tasks run, not one in lockstep with the consumer. Read through
+    streaming_split (the executor in its own actor) a bounded stream keeps pace with an
+    unbounded one; read in the consumer's process, its executor thread waits for the
     consumer's GIL and falls behind (bench/RESULTS.md, stream)."""
     shard = max(int(shard_samples), 1)
     held = -(-(prefetch_batches + 1) * batch_size // shard) + 1
@@ -228,31 +227,25 @@ def build_dataset(uri: str, cfg, *, epochs: int, seed: int, other_time: bool = F
         ds = ds.limit(limit)
     ordered = cfg.preserve_order or not shuffle
     if batch_size is not None:
-        size = row_bytes(cfg, other_time=other_time, misalign_prob=misalign_prob,
-                         with_masks=with_masks)
         ds.context.execution_options = ingest_options(
             cfg, batch_size=batch_size, shard_samples=max(int(i["samples"]) for i in items),
-            row_size=size, preserve_order=ordered)
+            row_size=row_bytes(cfg, other_time=other_time, misalign_prob=misalign_prob,
+                               with_masks=with_masks), preserve_order=ordered)
     else:
         ds.context.execution_options.preserve_order = ordered
     return ds
 
 
-def check_shards_present(uri: str, manifest: manifest_mod.Manifest | None = None) -> None:
-    """ShardError naming the first manifest shard absent from its folder (one listing)."""
-    man = manifest if manifest is not None else manifest_mod.read_manifest(uri)
+def check_shards_present(uri: str, man: manifest_mod.Manifest) -> None:
+    """ShardError naming the first shard of `man` absent from its folder (one listing)."""
     folder = manifest_mod.shard_dir(uri)
-    present = {storage.relative(u, folder) for u in _list(folder)}
+    try:
+        present = {storage.relative(u, folder) for u in storage.list_prefix(folder)}
+    except StorageError as exc:
+        raise ShardError(folder, f"cannot list shards: {exc.reason}") from None
     for shard_uri, info in zip(manifest_mod.shard_uris(uri, man), man.shards):
         if info.name not in present:
             raise ShardError(shard_uri, "shard listed in the manifest is missing")
-
-
-def _list(folder: str) -> list[str]:
-    try:
-        return storage.list_prefix(folder)
-    except StorageError as exc:
-        raise ShardError(folder, f"cannot list shards: {exc.reason}") from None
 
 
 def _fold_placeholders(rows: Iterator[dict[str, Any]], uri: str) -> Iterator[dict[str, Any]]:
@@ -261,7 +254,8 @@ def _fold_placeholders(rows: Iterator[dict[str, Any]], uri: str) -> Iterator[dic
     for row in rows:
         if int(row["valid"]) == 0:
             if held is None:
-                pending, missing = pending + int(row["skipped"]), missing + int(row["missing_shards"])
+                pending += int(row["skipped"])
+                missing += int(row["missing_shards"])
             else:
                 held["skipped"] += row["skipped"]
                 held["missing_shards"] += row["missing_shards"]
@@ -294,8 +288,10 @@ class ShuffleBuffer:
         if m == 0:
             return
         if not self.slots or self.n + m > len(next(iter(self.slots.values()))):
-            cap = max(self.capacity, 2 * (self.n + m))
-            self.slots = {k: _grown(self.slots.get(k), v, self.n, cap) for k, v in rows.items()}
+            cap, old = max(self.capacity, 2 * (self.n + m)), self.slots
+            self.slots = {k: v.new_empty((cap, *v.shape[1:])) for k, v in rows.items()}
+            for k, v in old.items():  # every chunk has the same fields
+                self.slots[k][:self.n] = v[:self.n]
         for k, v in rows.items():
             self.slots[k][self.n:self.n + m] = v
         self.n += m
@@ -305,7 +301,8 @@ class ShuffleBuffer:
         n, gen = self.n, self.generator
         idx = torch.randperm(n, generator=gen)[:size] if gen is not None else torch.arange(size)
         out = {k: torch.index_select(v[:n], 0, idx, out=torch.empty(
-            (size, *v.shape[1:]), dtype=v.dtype, pin_memory=self.pin)) for k, v in self.slots.items()}
+            (size, *v.shape[1:]), dtype=v.dtype, pin_memory=self.pin))
+            for k, v in self.slots.items()}
         if gen is None:  # first in, first out: the rest moves to the front
             for v in self.slots.values():
                 v[:n - size] = v[size:n].clone()
@@ -318,14 +315,6 @@ class ShuffleBuffer:
                 v[holes] = v[tail]
         self.n = n - size
         return out
-
-
-def _grown(old: torch.Tensor | None, like: torch.Tensor, n: int, cap: int) -> torch.Tensor:
-    """Slots for `cap` rows shaped like `like`'s, holding the first `n` rows of `old`."""
-    out = like.new_empty((cap, *like.shape[1:]))
-    if old is not None:
-        out[:n] = old[:n]
-    return out
 
 
 def drawn_batches(chunks: Iterable[dict[str, torch.Tensor]], size: int, buffer_rows: int,
