@@ -19,6 +19,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -59,7 +60,8 @@ class Clip:
 
     def read_members(self) -> dict[str, bytes]:
         """Tar members of this clip: extension (no dot) -> bytes; the video goes in as ``mp4``."""
-        return {_member_ext(ext): storage.read_bytes(uri) for ext, uri in self.files.items()}
+        return {"mp4" if ext in VIDEO_EXTS else ext: storage.read_bytes(uri)
+                for ext, uri in self.files.items()}
 
 
 @dataclass(frozen=True)
@@ -118,12 +120,6 @@ def find_clips(input_dir: str) -> tuple[list[Clip], list[tuple[str, str]]]:
     return clips, sorted(bad.items())
 
 
-def _member_ext(ext: str) -> str:
-    """The tar member extension of an input file: every video container is stored as ``mp4``
-    (readers sniff the container from the bytes), everything else keeps its extension."""
-    return "mp4" if ext in VIDEO_EXTS else ext
-
-
 def _media_source(uri: str) -> media.Source:
     return storage.read_bytes(uri) if storage.is_s3(uri) else storage.local_path(uri)
 
@@ -158,22 +154,18 @@ def check_clip(clip: Clip) -> str | None:
 
 def ordered_map(fn: Callable[[T], R], items: Sequence[T], workers: int, bar: tqdm) -> list[R]:
     """``[fn(x) for x in items]`` on ``workers`` threads, in order; an error cancels the rest."""
-    if workers <= 1:
+    with ExitStack() as stack:
+        if workers <= 1:
+            results = map(fn, items)
+        else:
+            pool = ThreadPoolExecutor(workers)
+            stack.callback(pool.shutdown, wait=True, cancel_futures=True)
+            results = (f.result() for f in [pool.submit(fn, item) for item in items])
         out = []
-        for item in items:
-            out.append(fn(item))
+        for result in results:
+            out.append(result)
             bar.update()
         return out
-    pool = ThreadPoolExecutor(workers)
-    try:
-        futures = [pool.submit(fn, item) for item in items]
-        out = []
-        for future in futures:
-            out.append(future.result())
-            bar.update()
-        return out
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 class ShardOutput:
