@@ -122,9 +122,8 @@ def iter_shard(src: bytes | BinaryIO, name: str, *,
     oversized members, keys whose members are not consecutive, duplicates, a corrupt tar and a
     count other than ``expected_samples`` raise :class:`ShardError` naming ``name``."""
     fileobj = io.BytesIO(src) if isinstance(src, (bytes, bytearray, memoryview)) else src
-    seen: set[str] = set()
+    seen: set[str] = set()  # one key per sample begun
     current: RawSample | None = None
-    count = 0
     try:
         with tarfile.open(fileobj=fileobj, mode="r|", tarinfo=_StrictTarInfo) as tar:
             for member in tar:
@@ -135,7 +134,6 @@ def iter_shard(src: bytes | BinaryIO, name: str, *,
                     if key in seen:
                         raise ShardError(name, f"members of key {key!r} are not contiguous")
                     if current is not None:
-                        count += 1
                         yield current
                     current = RawSample(key)
                     seen.add(key)
@@ -146,10 +144,9 @@ def iter_shard(src: bytes | BinaryIO, name: str, *,
     except (tarfile.TarError, EOFError) as e:
         raise ShardError(name, f"corrupt or truncated tar: {e}") from None
     if current is not None:
-        count += 1
         yield current
-    if expected_samples is not None and count != expected_samples:
-        raise ShardError(name, f"holds {count} samples, the manifest says {expected_samples}")
+    if expected_samples is not None and len(seen) != expected_samples:
+        raise ShardError(name, f"holds {len(seen)} samples, the manifest says {expected_samples}")
 
 
 def verify_shard(data: bytes, info: ShardInfo, uri: str) -> None:
@@ -178,10 +175,8 @@ def open_shard(uri: str, info: ShardInfo | None = None,
 
 
 def _closing(samples: Iterator[RawSample], stream: BinaryIO) -> Iterator[RawSample]:
-    try:
+    with stream:
         yield from samples
-    finally:
-        stream.close()
 
 
 def write_shards(input_dir: str, output_uri: str, *, samples_per_shard: int = 32,
