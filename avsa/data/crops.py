@@ -64,43 +64,31 @@ def jitter_maps(factors) -> tuple[Tensor, Tensor]:
     return torch.from_numpy(a.astype(np.float32)), torch.from_numpy(u.astype(np.float32))
 
 
-def remap_crops(frames: np.ndarray, vp: geometry.Viewpoints, size: int,
-                flip: bool = False) -> np.ndarray:
-    """frames (T, H, W, 3) uint8 -> (V, T, S, S, 3) uint8 bilinear NFOV crops (cv2.remap with
-    the maps of geometry.nfov_maps, converted once to OpenCV's fixed-point form and reused for
-    every frame). flip mirrors each crop left/right by reversing the maps' columns: the same
-    samples as mirroring the crops afterwards, without a pass over them."""
+def view_crops(frames, vp: geometry.Viewpoints, size: int, *, jitter=None,
+               flip: bool = False) -> Tensor:
+    """frames (T, H, W, 3) uint8 -> (V, 3, T, S, S) uint8: bilinear NFOV crops (cv2.remap at
+    the maps of geometry.nfov_maps, converted once per crop to OpenCV's fixed-point form),
+    colour jitter when jitter (V, 4) factors are given (each crop through x -> A x + u m,
+    jitter_maps, with m its mean grey, by cv2.transform: rounded and saturated), mirrored
+    left/right when flip (the maps' columns reversed: the same samples as mirroring the crops,
+    without a pass over them). Within the module's stated tolerance of the float reference."""
     frames = np.ascontiguousarray(frames)
     t, h, w = frames.shape[:3]
     map_x, map_y = geometry.nfov_maps(vp, size, h, w)
     if flip:
         map_x, map_y = (np.ascontiguousarray(m[:, ::-1]) for m in (map_x, map_y))
-    out = np.empty((len(vp), t, size, size, 3), np.uint8)
+    if jitter is not None:
+        a, u = (m.numpy().astype(np.float64) for m in jitter_maps(jitter))
+    img = np.empty((t * size, size, 3), np.uint8)  # one crop's frames stacked vertically
+    out = np.empty((len(vp), 3, t * size, size), np.uint8)
     for v in range(len(vp)):
         rows = slice(v * size, (v + 1) * size)
         fixed, frac = cv2.convertMaps(map_x[rows], map_y[rows], cv2.CV_16SC2)
         for k in range(t):
-            cv2.remap(frames[k], fixed, frac, cv2.INTER_LINEAR, dst=out[v, k],
+            cv2.remap(frames[k], fixed, frac, cv2.INTER_LINEAR, dst=img[k * size:(k + 1) * size],
                       borderMode=cv2.BORDER_WRAP)
-    return out
-
-
-def view_crops(frames, vp: geometry.Viewpoints, size: int, *, jitter=None,
-               flip: bool = False) -> Tensor:
-    """frames (T, H, W, 3) uint8 -> (V, 3, T, S, S) uint8: NFOV crops, colour jitter when
-    jitter (V, 4) factors are given (each crop through x -> A x + u m, jitter_maps, with m its
-    mean grey, by cv2.transform: rounded and saturated), mirrored left/right when flip. Within
-    the module's stated tolerance of the float reference, flipped the same way."""
-    crops = remap_crops(np.asarray(frames), vp, size, flip=flip)  # (V, T, S, S, 3)
-    n_vp, t = crops.shape[:2]
-    if jitter is not None:
-        a, u = (m.numpy().astype(np.float64) for m in jitter_maps(jitter))
-        gray = np.array(GRAY)
-    out = np.empty((n_vp, 3, t * size, size), np.uint8)
-    for v in range(n_vp):
-        img = crops[v].reshape(t * size, size, 3)  # frames stacked vertically
         if jitter is not None:
-            shift = u[v] * (np.array(cv2.mean(img)[:3]) @ gray)
+            shift = u[v] * (np.array(cv2.mean(img)[:3]) @ np.array(GRAY))
             cv2.transform(img, np.concatenate((a[v], shift[:, None]), axis=1), dst=img)
         cv2.split(img, list(out[v]))  # straight into the planes
-    return torch.from_numpy(out).view(n_vp, 3, t, size, size)
+    return torch.from_numpy(out).view(len(vp), 3, t, size, size)
