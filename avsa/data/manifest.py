@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -73,8 +74,7 @@ class Manifest:
         created = _field(uri, body, "created", str)
         shards = [_shard(uri, item, f"shards[{i}]")
                   for i, item in enumerate(_field(uri, body, "shards", list))]
-        names = [s.name for s in shards]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
+        duplicates = sorted(n for n, k in Counter(s.name for s in shards).items() if k > 1)
         if duplicates:
             raise _fail(uri, "shards", f"duplicate name {duplicates[0]!r}")
         counted = sum(s.samples for s in shards)
