@@ -131,13 +131,12 @@ def check_clip(clip: Clip) -> str | None:
     try:
         video_src = _media_source(video_uri)
         info = media.probe(video_src, name=video_uri)
-        audio, audio_uri = info.audio, video_uri
-        sidecar = next((clip.files[e] for e in AUDIO_EXTS if e in clip.files), None)
-        if sidecar is not None:
-            audio_uri = sidecar
-            sidecar_src = _media_source(sidecar)
-            audio = media.probe_audio(sidecar_src, name=sidecar)
-            media.check_complete(sidecar_src, name=sidecar)
+        audio = info.audio
+        audio_uri = next((clip.files[e] for e in AUDIO_EXTS if e in clip.files), video_uri)
+        if audio_uri != video_uri:  # a sidecar
+            audio_src = _media_source(audio_uri)
+            audio = media.probe_audio(audio_src, name=audio_uri)
+            media.check_complete(audio_src, name=audio_uri)
         media.check_complete(video_src, name=video_uri)  # a cut file probes as whole
     except MediaError as e:
         return e.reason
