@@ -65,11 +65,10 @@ def _label(src: Source, name: str | None) -> str:
     return name if name is not None else "<bytes>" if _is_bytes(src) else os.fspath(src)
 
 
-# For decoding, an MP4 / M4A (ISO base media file) header holds every stream parameter the
-# readers need but an AAC channel count kept in the codec's own config (4-channel AAC is),
-# which decoding checks on the decoded frames instead. So the stream probing that otherwise
-# follows the header, which decodes each stream's first frames (3 ms of a 4 ms open of a
-# 384x192 clip), is cut to a no-op there: no frame decoded, no byte read past the header.
+# An MP4 / M4A (ISO base media file) header holds every stream parameter decoding needs but
+# a 4-channel AAC count (kept in the codec config; decoding checks the frames instead), so the
+# stream probing after it, decoding each stream's first frames (3 of 4 ms to open a 384x192
+# clip), is cut to a no-op: no frame decoded, no byte read past the header.
 _HEADER_ONLY = {"options": {"skip_frame": "nonkey"},
                 "container_options": {"probesize": "32", "analyzeduration": "0"}}
 
@@ -104,8 +103,7 @@ def _av_open(src: Source, header_only: bool):
 @contextmanager
 def _open(src: Source, label: str,
           header_only: bool = False) -> Iterator[av.container.InputContainer]:
-    """Open src for reading (header_only: see _av_open); av errors raised while the container
-    is in use become MediaError."""
+    """Open src (header_only: see _av_open); av errors while it is in use become MediaError."""
     if not _is_bytes(src) and not Path(src).is_file():
         raise MediaError(label, "file not found")
     try:
@@ -137,9 +135,9 @@ def _codec_context(stream, label: str, kind: str):
     return stream.codec_context
 
 
-def _video_info(container, label: str) -> VideoInfo | None:
+def _video_info(container, label: str) -> VideoInfo:
     if not container.streams.video:
-        return None
+        raise MediaError(label, "no video stream")
     s = container.streams.video[0]
     cc = _codec_context(s, label, "video")
     rate = s.average_rate or s.guessed_rate or s.base_rate
@@ -179,9 +177,7 @@ def probe(src: Source, name: str | None = None) -> ClipInfo:
     none (path sources only); ClipInfo.audio is None when there is neither."""
     label = _label(src, name)
     with _open(src, label) as c:
-        video, audio = _video_info(c, label), _audio_info(c, label)
-    if video is None:
-        raise MediaError(label, "no video stream")
+        audio, video = _audio_info(c, label), _video_info(c, label)
     if audio is None and (side := find_audio_sidecar(src)) is not None:
         audio = probe_audio(side)
     return ClipInfo(label, video, audio, _check_equirect(label, video.width, video.height))
@@ -256,13 +252,11 @@ def _decode_video(c, label: str, fps: float, start: float, duration: float | Non
     decoded (skip_frame NONREF) up to 2 frame periods before `start`: nothing refers to them
     and no output time uses them."""
     info = _video_info(c, label)
-    if info is None:
-        raise MediaError(label, "no video stream")
     _check_equirect(label, info.width, info.height)
     duration = _window(label, info.duration, start, duration)
     n = max(1, round(duration * fps + 1e-6))
     times = start + np.arange(n) / fps
-    height, width = size if size is not None else (info.height, info.width)
+    height, width = size or (info.height, info.width)
     stream = c.streams.video[0]
     cc = stream.codec_context
     cc.thread_count, cc.thread_type = threads, "SLICE" if threads == 1 else "AUTO"
