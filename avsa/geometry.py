@@ -68,11 +68,8 @@ def direction_to_pixel(az, el) -> tuple[Tensor, Tensor]:
 
 
 def encode_foa(signal: Tensor, az, el) -> Tensor:
-    """Encode a mono plane wave into ambiX (W, Y, Z, X) SN3D.
-
-    signal: (..., N); az, el: radians, scalars or (N,) per-sample trajectories (anything that
-    broadcasts against signal). Returns (..., 4, N).
-    """
+    """Encode a mono plane wave into ambiX (W, Y, Z, X) SN3D: signal (..., N); az, el radians,
+    scalars or (N,) per-sample trajectories (broadcasting against signal) -> (..., 4, N)."""
     az, el = _tensors(az, el)
     az, el = az.to(signal), el.to(signal)
     ce = torch.cos(el)
@@ -83,9 +80,8 @@ def encode_foa(signal: Tensor, az, el) -> Tensor:
 def rotation_to_front(az, el) -> Tensor:
     """Rotation matrices (..., 3, 3) with R @ direction_vector(az, el) == (1, 0, 0).
 
-    R = R_y(el) @ R_z(-az): first yaw the direction to azimuth 0, then pitch it down to
-    elevation 0, so no roll is introduced. Rows of R are the camera's front, left and up
-    axes in world coordinates; R maps world vectors to the viewpoint's camera frame.
+    R = R_y(el) @ R_z(-az): yaw to azimuth 0, then pitch to elevation 0, so no roll. Its rows
+    are the camera's front, left and up axes in world coordinates (R maps world to camera).
     """
     az, el = torch.broadcast_tensors(*_tensors(az, el))
     ca, sa, ce, se = torch.cos(az), torch.sin(az), torch.cos(el), torch.sin(el)
@@ -95,11 +91,8 @@ def rotation_to_front(az, el) -> Tensor:
 
 
 def rotate_foa(foa: Tensor, az, el) -> Tensor:
-    """Rotate the sound field so each viewpoint centre becomes the front (+X).
-
-    foa: (*B, 4, N) ambiX; az, el: (*B, V) radians. Returns (*B, V, 4, N); W is unchanged and
-    [X, Y, Z] is rotated by rotation_to_front(az, el).
-    """
+    """Rotate the sound field so each viewpoint centre becomes the front (+X): foa (*B, 4, N)
+    ambiX, az, el (*B, V) radians -> (*B, V, 4, N), [X, Y, Z] rotated by rotation_to_front."""
     rot = rotation_to_front(az, el).to(foa)  # (*B, V, 3, 3)
     xyz = rot @ foa[..., None, _XYZ, :]  # (*B, V, 3, N)
     w = foa[..., None, :1, :].expand(*xyz.shape[:-2], 1, foa.shape[-1])
@@ -107,10 +100,8 @@ def rotate_foa(foa: Tensor, az, el) -> Tensor:
 
 
 def beam_weights(az, el) -> Tensor:
-    """(D,) directions -> (D, 4) ambiX weights of a cardioid: (W + d . [X, Y, Z]) / 2.
-
-    A plane wave from d0 with amplitude s gives s (1 + cos angle(d, d0)) / 2 on the beam.
-    """
+    """(D,) directions -> (D, 4) ambiX weights of a cardioid: (W + d . [X, Y, Z]) / 2, so a
+    plane wave from d0 with amplitude s gives s (1 + cos angle(d, d0)) / 2 on the beam."""
     x, y, z = direction_vector(az, el).unbind(-1)
     return 0.5 * torch.stack((torch.ones_like(x), y, z, x), dim=-1)
 
@@ -121,11 +112,9 @@ def beam(foa: Tensor, az, el) -> Tensor:
 
 
 def energy_map(foa: Tensor, n_az: int = 72, n_el: int = 36) -> tuple[Tensor, Tensor, Tensor]:
-    """Mean-square cardioid beam power on an equirect grid of directions.
-
-    foa: (..., 4, N). Returns (energy (..., n_el, n_az), az grid (n_az,), el grid (n_el,)),
-    with grid values at cell centres: row 0 is the top, column 0 is next to az = +pi.
-    """
+    """Mean-square cardioid beam power on an equirect grid of directions: foa (..., 4, N) ->
+    (energy (..., n_el, n_az), az grid (n_az,), el grid (n_el,)) at cell centres; row 0 is the
+    top, column 0 is next to az = +pi."""
     dev = foa.device
     u = (torch.arange(n_az, device=dev, dtype=torch.float32) + 0.5) / n_az
     v = (torch.arange(n_el, device=dev, dtype=torch.float32) + 0.5) / n_el
@@ -140,8 +129,7 @@ def energy_map(foa: Tensor, n_az: int = 72, n_el: int = 36) -> tuple[Tensor, Ten
 
 def flip_foa(foa: Tensor) -> Tensor:
     """Mirror the sound field left/right: negate Y (ambiX channel 1). foa: (..., 4, N)."""
-    sign = torch.tensor([1.0, -1.0, 1.0, 1.0], dtype=foa.dtype, device=foa.device)
-    return foa * sign[:, None]
+    return foa * foa.new_tensor([1.0, -1.0, 1.0, 1.0])[:, None]
 
 
 def flip_video(crops: Tensor) -> Tensor:
@@ -211,14 +199,12 @@ def sample_viewpoints(
     min_separation_deg: float = 0.0,
     max_tries: int = 1000,
 ) -> Viewpoints:
-    """Draw n viewpoints: az uniform over 360°, el uniform in el_range_deg, the tangent-plane
-    half-width tan(hfov / 2) uniform between those of hfov_deg (as the reference code draws
-    it: wide views are likelier than with hfov itself uniform), aspect log-uniform in
-    `aspect`; all randomness from `gen` (a CPU generator).
+    """Draw n viewpoints: az uniform over 360°, el uniform in el_range_deg, tan(hfov / 2)
+    uniform between those of hfov_deg (as the reference code: wide views likelier than with
+    hfov uniform), aspect log-uniform; all randomness from `gen` (a CPU generator).
 
-    Centres are placed one after another by rejection: each candidate must lie at least
-    min_separation_deg from every centre already placed; ConfigError when a centre cannot be
-    placed within max_tries candidates.
+    Centres are placed one by one, each candidate at least min_separation_deg from those
+    placed; ConfigError when a centre cannot be placed within max_tries candidates.
     """
     if n < 1:
         raise ConfigError("n", f"need at least one viewpoint, got {n}")
@@ -231,11 +217,9 @@ def sample_viewpoints(
     else:
         az, el = _place_separated(gen, n, sep, el_lo, el_hi, max_tries)
         if az is None:
-            raise ConfigError(
-                "min_separation_deg",
-                f"cannot place {n} viewpoints {min_separation_deg} deg apart with elevation in "
-                f"{tuple(el_range_deg)} deg after {max_tries} tries",
-            )
+            raise ConfigError("min_separation_deg", f"cannot place {n} viewpoints "
+                              f"{min_separation_deg} deg apart with elevation in "
+                              f"{tuple(el_range_deg)} deg after {max_tries} tries")
     tan_lo, tan_hi = (math.tan(math.radians(x) / 2) for x in (fov_lo, fov_hi))
     hfov = 2 * torch.atan(tan_lo + (tan_hi - tan_lo) * torch.rand(n, generator=gen))
     log_lo, log_hi = math.log(asp_lo), math.log(asp_hi)
@@ -256,8 +240,8 @@ def nfov_grid(vp: Viewpoints, size: int) -> Tensor:
     equirect frame (x = 2u - 1, y = 2v - 1, align_corners=False).
 
     Output pixel (i, j) looks along the camera ray (1, -a_j tan(hfov/2), -b_i tan(hfov/2) /
-    aspect), with a_j, b_i the pixel-centre offsets in (-1, 1): column j grows to the right,
-    row i grows downward. The ray is rotated to world by rotation_to_front(az, el)^T.
+    aspect), a_j, b_i the pixel-centre offsets in (-1, 1) (columns rightward, rows downward),
+    rotated to world by rotation_to_front(az, el)^T.
     """
     c, half_w, half_h, rot = _camera(vp, size)
     y = -c[None, None, :] * half_w[:, None, None]  # (V, 1, S) left coordinate
@@ -315,9 +299,8 @@ def _thwc(frames) -> tuple[Tensor, float]:
         return x, 1.0 / 255.0
     if x.is_floating_point() and x.ndim == 4 and x.shape[1] == 3:
         return x.permute(0, 2, 3, 1), 1.0
-    raise ValueError(
-        f"frames must be uint8 (T, H, W, 3) or float (T, 3, H, W), got {x.dtype} {tuple(x.shape)}"
-    )
+    raise ValueError(f"frames must be uint8 (T, H, W, 3) or float (T, 3, H, W), "
+                     f"got {x.dtype} {tuple(x.shape)}")
 
 
 def nfov_crop(frames, vp: Viewpoints, size: int) -> Tensor:
