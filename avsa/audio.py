@@ -1,10 +1,9 @@
 """Log-mel features of multichannel audio (pure torch, batched).
 
-Mel scale: Slaney (the Auditory Toolbox; librosa's default, htk=False): linear below 1 kHz
-(200/3 Hz per mel), logarithmic above (27 mels per factor 6.4), with Slaney area normalisation
-(each triangle scaled by 2 / its width in Hz, so filters have equal area). With 128 bins at
-n_fft 512 and 24 kHz the HTK scale would leave low filters narrower than one FFT bin; Slaney's
-linear low range keeps every filter non-empty.
+Mel scale: Slaney (librosa's default, htk=False): linear below 1 kHz (200/3 Hz per mel),
+logarithmic above (27 mels per factor 6.4), each triangle scaled by 2 / its width in Hz (equal
+areas). At 128 bins, n_fft 512 and 24 kHz the HTK scale would leave low filters narrower than
+one FFT bin; Slaney's linear low range keeps every filter non-empty.
 """
 
 from __future__ import annotations
@@ -57,10 +56,8 @@ def mel_filterbank(sr: int = 24000, n_fft: int = 512, n_mels: int = 128) -> Tens
 def _mel_bands(sr: int, n_fft: int, n_mels: int) -> tuple[tuple[int, int, int, int, Tensor], ...]:
     """mel_filterbank(sr, n_fft, n_mels) cut into blocks of 16 filters, each with the FFT
     bins where any of them is non-zero: (m0, m1, k0, k1, fb[k0:k1, m0:m1]) per block (CPU
-    tensors, cached, never mutated). The triangles are narrow, so the blocks hold about 1/8 of
-    the dense matrix (at 128 mels, n_fft 512) and every product they drop is a product with
-    zero. A block of filters that are all empty (possible when n_mels is large for n_fft) keeps
-    no bins, and its columns come out 0."""
+    tensors, cached, never mutated). The blocks hold about 1/8 of the dense matrix (128 mels,
+    n_fft 512); a block of empty filters (n_mels large for n_fft) keeps no bins: columns 0."""
     fb = mel_filterbank(sr, n_fft, n_mels)
     bands = []
     for m0 in range(0, n_mels, 16):
@@ -120,15 +117,13 @@ def log_mel_mixed(
     spec: Tensor | None = None,
 ) -> Tensor:
     """Log-mel spectrograms of the mixed waves mix @ wave from a single STFT of the C channels
-    of wave: magnitude (power 1), Slaney mel filters, then 10 * log10(x + _EPS).
+    of wave (the STFT is linear): magnitude, Slaney mel filters, then 10 * log10(x + _EPS).
 
     wave: (C, N); mix: (..., D, C) real weights (e.g. (V, 4, 4) ambisonic rotations, or
-    (V, 1, 4) beams). Returns (..., D, F, n_mels) with F = N // hop. The STFT is linear, so
-    the spectra of the mixed signals are the same mix of the C complex spectra; magnitudes,
-    mel filters (applied by their non-zero blocks) and logs are then taken per mixed channel.
-    normalize=True standardises each mel bin per leading index, with mean and std over D and
-    F together (so level differences between channels, direction cues, survive), _NORM_EPS
-    added to the std. `spec`: stft(wave, n_fft, hop) when the caller has it already.
+    (V, 1, 4) beams). Returns (..., D, F, n_mels) with F = N // hop. normalize=True
+    standardises each mel bin per leading index over D and F together (so level differences
+    between channels, direction cues, survive), _NORM_EPS added to the std. `spec`:
+    stft(wave, n_fft, hop) when the caller has it already.
     """
     c = wave.shape[0]
     if mix.shape[-1] != c:
