@@ -252,11 +252,9 @@ def make_scene(seed: int, seconds: float, *, width: int = 384, height: int = 192
             masks[k, _draw(src, dirs, t)[0]] = src.cls + 1
 
     t = np.arange(round(seconds * sample_rate)) / sample_rate
-    foa = torch.zeros(4, t.size)
     waves = [torch.from_numpy(_sound(src, t, rng)).float() for src in placed]
-    for src, wave in zip(placed, waves):
-        foa += geometry.encode_foa(wave, torch.from_numpy(src.az(t)).float(), src.el)
-    foa = foa.numpy()
+    foa = sum(geometry.encode_foa(wave, torch.from_numpy(src.az(t)).float(), src.el)
+              for src, wave in zip(placed, waves)).numpy()
     if rt60_s > 0:
         tails = room.bformat_tails([(s.az0, s.el) for s in placed], rt60_s, sample_rate, rng)
         foa += room.convolve(np.stack([w.numpy() for w in waves]), tails)
@@ -301,7 +299,7 @@ def _write_clip(job: tuple) -> bool:
         return False
     scene = make_scene(clip_seed(seed, index), seconds, **kwargs)
     encode_clip(out_dir / f"{key}.mp4", scene.video, scene.meta["fps"], scene.foa,
-                      scene.meta["sample_rate"])
+                scene.meta["sample_rate"])
     npz = io.BytesIO()
     np.savez_compressed(npz, masks=scene.masks)
     storage.write_bytes(out_dir / f"{key}.masks.npz", npz.getvalue())
@@ -356,14 +354,11 @@ def write_split(out: Path, split: str, clips: int, seconds: float, seed: int, wo
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="avsa synth", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", metavar="OUT_DIR")
-    parser.add_argument("--clips", type=int, default=16)
-    parser.add_argument("--seconds", type=float, default=4.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--width", type=int, default=384)
-    parser.add_argument("--height", type=int, default=192)
-    parser.add_argument("--fps", type=float, default=16.0)
-    parser.add_argument("--sample-rate", type=int, default=24000)
+    for flag, kind, default in (("--clips", int, 16), ("--seconds", float, 4.0),
+                                ("--seed", int, 0), ("--workers", int, 1), ("--width", int, 384),
+                                ("--height", int, 192), ("--fps", float, 16.0),
+                                ("--sample-rate", int, 24000)):
+        parser.add_argument(flag, type=kind, default=default)
     parser.add_argument("--sources", dest="num_sources", type=int, metavar="N",
                         choices=range(1, len(CLASSES) + 1),
                         help="sources per clip (default: random {}-{})".format(*SOURCES_RANGE))
