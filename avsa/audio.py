@@ -155,14 +155,12 @@ def _log_mel_of_power(power: Tensor, k: int, d: int, sr: int, n_fft: int, n_mels
 
 def log_mel_intensity_mixed(spec: Tensor, mix: Tensor, sr: int = 24000, n_fft: int = 512,
                             n_mels: int = 128) -> Tensor:
-    """The sign-preserving "intensity" input: log_mel_mixed(normalize=True) of the rotated ambiX
-    channels, then the active intensity vector per mel band, the DCASE SELD baselines' feature,
-    from one mixing pass. spec: stft of ambiX (W, Y, Z, X) (4, K, F); mix: (V, 4, 4) real maps
-    to each viewpoint's ambiX (rotations). Returns (V, 7, F, n_mels): the 4 log-mels, then in
-    ambiX order (Y, Z, X) mel-weighted Re(conj(W) [Y, Z, X]) over mel-weighted
-    (|W|^2 + |Y|^2 + |Z|^2 + |X|^2) / 2, so a single plane wave from unit direction u gives u
-    (signed: front and back differ), a diffuse field about 0. The power |.|^2 that the energy
-    sums is the one the log-mel takes the root of."""
+    """The sign-preserving "intensity" input from one mixing pass: log_mel_mixed(normalize=True)
+    of the rotated ambiX channels, then the active intensity vector per mel band (the DCASE
+    SELD baselines' feature). spec: stft of ambiX (W, Y, Z, X) (4, K, F); mix: (V, 4, 4) maps
+    to each viewpoint's ambiX. Returns (V, 7, F, n_mels): the 4 log-mels, then (Y, Z, X) of
+    mel-weighted Re(conj(W) [Y, Z, X]) over mel-weighted (|W|^2 + |Y|^2 + |Z|^2 + |X|^2) / 2:
+    a plane wave from unit direction u gives u (signed), a diffuse field about 0."""
     k, frames = spec.shape[1:]
     v = mix.shape[0]
     re, im = (x.view(v, 4, -1) for x in _mixed_spectra(spec, mix.reshape(-1, 4)))  # (V, 4, F * K)

@@ -239,8 +239,8 @@ def decode_video(src: Source, *, fps: float = 16.0, start: float = 0.0,
                  duration: float | None = None, size: tuple[int, int] | None = None,
                  threads: int = 1, name: str | None = None) -> np.ndarray:
     """Decode frames at times t_k = start + k / fps, k < round(duration * fps), each the latest
-    source frame with pts <= t_k. size = (H, W) resizes. threads: decoder threads (0 lets
-    FFmpeg choose, which may start one per core of the node). Returns (T, H, W, 3) uint8 RGB."""
+    source frame with pts <= t_k, resized to size = (H, W) if given; threads: decoder threads
+    (0: FFmpeg's choice, maybe one per core). Returns (T, H, W, 3) uint8 RGB."""
     label = _label(src, name)
     with _open(src, label, header_only=True) as c:
         return _decode_video(c, label, fps, start, duration, size, threads)
@@ -248,9 +248,8 @@ def decode_video(src: Source, *, fps: float = 16.0, start: float = 0.0,
 
 def _decode_video(c, label: str, fps: float, start: float, duration: float | None,
                   size: tuple[int, int] | None, threads: int) -> np.ndarray:
-    """decode_video on an open container. Before the window, non-reference frames are not
-    decoded (skip_frame NONREF) up to 2 frame periods before `start`: nothing refers to them
-    and no output time uses them."""
+    """decode_video on an open container. Non-reference frames up to 2 frame periods before
+    `start` are not decoded (skip_frame NONREF): nothing refers to them or uses them."""
     info = _video_info(c, label)
     _check_equirect(label, info.width, info.height)
     duration = _window(label, info.duration, start, duration)
@@ -301,11 +300,9 @@ def _rgb(frame: av.VideoFrame | np.ndarray, width: int, height: int,
 
 def decode_audio(src: Source, *, sample_rate: int = 24000, start: float = 0.0,
                  duration: float | None = None, name: str | None = None) -> np.ndarray:
-    """Decode the 4 ambiX channels of [start, start + duration) resampled to sample_rate.
-
-    Falls back to a sidecar audio file (find_audio_sidecar) when a path source has no audio
-    stream. Returns (4, round(duration * sample_rate)) float32, channels as stored (W, Y, Z, X).
-    """
+    """Decode the 4 ambiX channels of [start, start + duration) resampled to sample_rate, from
+    the sidecar audio file when a path source has no audio stream. Returns
+    (4, round(duration * sample_rate)) float32, channels as stored (W, Y, Z, X)."""
     label = _label(src, name)
     with _open(src, label, header_only=True) as c:
         if c.streams.audio:
