@@ -226,10 +226,9 @@ def make_scene(seed: int, seconds: float, *, width: int = 384, height: int = 192
                sample_rate: int = 24000, num_sources: int | None = None,
                sources: Sequence[SourceSpec] | None = None, classes_per_clip: int | None = None,
                rt60_s: float = 0.0) -> Scene:
-    """A deterministic scene for `seed`: random SOURCES_RANGE sources of distinct classes
-    unless num_sources or explicit `sources` are given; `classes_per_clip` k draws them from k
-    classes, each used at least once (k = 1: a single-label clip); `rt60_s` > 0 adds the
-    reverberant tail of a simulated room with that RT60. The module docstring says the rest."""
+    """A deterministic scene for `seed` (see the module docstring): SOURCES_RANGE sources of
+    distinct classes, or num_sources, or explicit `sources`; `classes_per_clip` k draws them
+    from k classes, each used at least once; `rt60_s` > 0 adds a simulated room's reverb."""
     if not (math.isfinite(rt60_s) and 0.0 <= rt60_s <= 3.0):
         raise ConfigError("rt60_s", f"must be in [0, 3] seconds, got {rt60_s}")
     rng = np.random.default_rng(seed)
