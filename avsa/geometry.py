@@ -282,12 +282,9 @@ def _cached_maps(key: tuple[float, ...], size: int, h: int, w: int) -> tuple[np.
 def nfov_maps(vp: Viewpoints, size: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
     """nfov_pixels as cv2.remap maps: (map_x, map_y) float32 (V * size, size), the crops
     stacked vertically, read-only. Use with INTER_LINEAR and BORDER_WRAP: columns wrap around
-    the seam as they should; rows never leave [0, h - 1], so the wrap never reaches them (a
-    row at h - 1 has weight 0 on the row below).
-
-    Cached per (viewpoints, size, frame size): a fixed plan (validation, evaluation, the same
-    key and epoch) builds its maps once; a training stream's random viewpoints miss and pay
-    about 1 ms per 4 crops of 112 px."""
+    the seam; rows stay in [0, h - 1], so the wrap never reaches them (a row at h - 1 has
+    weight 0 on the row below). Cached per (viewpoints, size, frame size): a fixed plan builds
+    its maps once; random training viewpoints pay about 1 ms per 4 crops of 112 px."""
     key = tuple(float(v) for t in (vp.az, vp.el, vp.hfov, vp.aspect) for v in t.cpu().tolist())
     return _cached_maps(key, int(size), int(h), int(w))
 
