@@ -18,11 +18,9 @@ from avsa.pcm import AUDIO_LAYOUT, audio_frame
 def encode_clip(path: str | os.PathLike, video: np.ndarray, fps: float, foa: np.ndarray,
                 sample_rate: int) -> None:
     """Write an MP4: H.264 (yuv420p, keyframe every second) + 4-channel AAC, 96 kb/s per
-    channel, channels in the order given (ambiX W, Y, Z, X).
-
-    video: (T, H, W, 3) uint8 with even H and W; foa: (4, N) float in [-1, 1]. The file is
-    written next to path and renamed into place, so a reader never sees a partial file.
-    """
+    channel, channels in the order given (ambiX W, Y, Z, X). video: (T, H, W, 3) uint8 with
+    even H and W; foa: (4, N) float in [-1, 1]. Written next to path and renamed into place,
+    so a reader never sees a partial file."""
     path = Path(path)
     if (video.ndim != 4 or video.shape[-1] != 3 or video.dtype != np.uint8 or video.shape[1] % 2
             or video.shape[2] % 2 or foa.ndim != 2 or foa.shape[0] != 4):

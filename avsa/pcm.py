@@ -28,8 +28,8 @@ def planar_float(frame) -> np.ndarray | list[np.ndarray]:
 
 
 def resample(x: np.ndarray, rate: int, new_rate: int, n_out: int) -> np.ndarray:
-    """(4, N) at rate -> (4, n_out) at new_rate with swresample. Input and output share one
-    4-channel layout, so no channel is mixed into another (tests check this)."""
+    """(4, N) at rate -> (4, n_out) at new_rate with swresample, in and out in one 4-channel
+    layout so that no channel is mixed into another."""
     resampler = av.AudioResampler(format="fltp", layout=AUDIO_LAYOUT, rate=new_rate)
     frame = audio_frame(x, rate, 0)
     parts = [f.to_ndarray() for f in (*resampler.resample(frame), *resampler.resample(None))]
