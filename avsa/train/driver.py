@@ -214,14 +214,10 @@ def build_trainer(cfg: Config, logger: tracking.RunLogger | None,
             other_time=other_time, shuffle=False, batch_size=batch,
             limit=cfg.train.val_batches * batch)
     fs, path = storage.pyarrow_filesystem(cfg.storage.path)
-    loop_config = {
-        "cfg": cfg.to_dict(),
-        "logger": logger,  # a pickled copy: the same run, opened once, here
-        "run_uri": run_uri,
-    }
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        # logger: a pickled copy, the same run, opened once, here
+        train_loop_config={"cfg": cfg.to_dict(), "logger": logger, "run_uri": run_uri},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers,
             use_gpu=cfg.train.use_gpu,
@@ -244,10 +240,8 @@ def build_trainer(cfg: Config, logger: tracking.RunLogger | None,
 
 
 def quiet_data_progress(stream: Any = None) -> None:
-    """Turn Ray Data's progress bars off when `stream` (default stderr) is not a terminal.
-
-    On a terminal they redraw in place; in a log (`ray job submit`, a pipe, a file) every
-    redraw is a line, hundreds a minute, burying the loop's own step lines, which say the
+    """Turn Ray Data's progress bars off when `stream` (default stderr) is not a terminal: in a
+    log every redraw is a line, hundreds a minute, burying the loop's step lines that say the
     same. RAY_DATA_DISABLE_PROGRESS_BARS, when set, decides instead."""
     from ray.data import DataContext
 
@@ -345,15 +339,12 @@ def pretrain(cfg: Config, callbacks: Sequence[Any] = ()) -> RunResult:
             return run(cfg, callbacks=callbacks)
 
 
-@contextlib.contextmanager
-def hold_run_dir(run_uri: str, what: str, wait_s: float) -> Iterator[None]:
-    """The run directory's lease (one writer per directory) for the block."""
+def hold_run_dir(run_uri: str, what: str, wait_s: float) -> contextlib.AbstractContextManager:
+    """The run directory's lease (one writer per directory), for a `with` block."""
     try:
-        me = lease.acquire(run_uri, what, wait_s)
+        return lease.hold(run_uri, what, wait_s)
     except StorageError as e:
         raise CheckpointError(run_uri, f"cannot use the run directory ({e.reason})") from None
-    with lease.kept(run_uri, me):
-        yield
 
 
 def _checkpoint_uri(cfg: Config, result) -> str | None:
