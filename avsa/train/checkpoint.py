@@ -39,15 +39,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(
-    directory: str | Path,
-    *,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer | None,
-    step: int,
-    config: dict[str, Any],
-    skipped_samples: int = 0,
-) -> Path:
+def save(directory: str | Path, *, model: torch.nn.Module,
+         optimizer: torch.optim.Optimizer | None, step: int, config: dict[str, Any],
+         skipped_samples: int = 0) -> Path:
     """Write `state.pt` (atomically) and `config.yaml` into `directory`. skipped_samples: the
     samples the run has skipped upstream through `step`, all ranks together (the metric
     `data/skipped_samples`), so a resumed run goes on counting from there."""
@@ -100,13 +94,6 @@ def skipped_samples(state: dict[str, Any]) -> int:
     return int(state.get("skipped_samples", 0))
 
 
-def latest_checkpoint_uri(run_uri: str) -> str | None:
-    """The newest `checkpoint-<step>` directory directly under a Ray Train run directory URI
-    (complete or not: a copied run may lack the commit markers)."""
-    found = checkpoints(run_uri, complete=False)
-    return found[0][1] if found else None
-
-
 def resolve_init(ref: str, tracking_uri: str | None = None) -> tuple[dict[str, Any], str]:
     """Load the state behind `ref`: a registered model (`models:/NAME/VERSION`,
     `models:/NAME@ALIAS`), an MLflow run id (its `avsa.checkpoint_uri` tag), a
@@ -131,11 +118,12 @@ def resolve_init(ref: str, tracking_uri: str | None = None) -> tuple[dict[str, A
     directory = uri.removesuffix(STATE).rstrip("/")
     try:
         if not storage.exists(storage.join(directory, STATE)):
-            nested = latest_checkpoint_uri(directory)
-            if nested is None:
+            # a run directory: its newest checkpoint, complete or not (a copy may lack markers)
+            nested = checkpoints(directory, complete=False)
+            if not nested:
                 raise CheckpointError(directory, "no checkpoint found (expected state.pt or "
                                                  "checkpoint-*/)")
-            directory = nested
+            directory = nested[0][1]
         return load(directory), uri
     except CheckpointError:
         raise
