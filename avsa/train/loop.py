@@ -128,10 +128,10 @@ def _objective(model, batch, cfg: Config, device: torch.device, kind: str, gathe
     on CUDA when `train.bf16`."""
     bf16 = cfg.train.bf16 and device.type == "cuda"
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-        return compute_objective(
-            model, to_device(batch, device), kind=kind, temperature=cfg.loss.temperature,
-            easy_negatives=cfg.loss.easy_negatives, gather=gather, channels_last=channels_last,
-        )
+        return compute_objective(model, to_device(batch, device), kind=kind,
+                                 temperature=cfg.loss.temperature,
+                                 easy_negatives=cfg.loss.easy_negatives, gather=gather,
+                                 channels_last=channels_last)
 
 
 def train_step(model, optimizer, batch: dict[str, torch.Tensor], cfg: Config,
@@ -180,9 +180,8 @@ def _report(metrics: dict[str, float], run_uri: str, step: int, state_fn=None) -
     with tempfile.TemporaryDirectory(prefix="avsa-ckpt-") as d:
         state_fn(d)
         try:
-            ray.train.report(
-                metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name
-            )
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                             checkpoint_dir_name=name)
         except OSError as e:  # the upload to storage.path: read-only, full, a file in the way
             reason = " ".join(str(e.strerror or e).split())[:300]
             raise CheckpointError(storage.join(run_uri, name),
@@ -262,8 +261,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     find_unused = leaves_parameters_unused(cfg.loss.kind, cfg.model.use_transformer,
                                            cfg.train.curriculum)
     model = ray.train.torch.prepare_model(
-        model, parallel_strategy_kwargs={"find_unused_parameters": find_unused}
-    )
+        model, parallel_strategy_kwargs={"find_unused_parameters": find_unused})
     if cfg.train.compile:
         model = torch.compile(model)
     raw_model = unwrap(model)
@@ -282,7 +280,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     logger = tracker if rank == 0 else None
     logged_through = _logged_through(logger) if logger is not None else 0
     validating = has_validation(cfg)  # every rank reports at validation steps; rank 0 validates
-    val_on, val = rank == 0 and validating, None  # val: read at the first validation
+    val = None  # read at the first validation
     monitor = system_metrics.start(logger, cfg.tracking)  # None unless rank 0 logs
     gather = _gather()
     # Samples skipped upstream: this worker's since it started, and the run's (all ranks, all
@@ -315,7 +313,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         do_log = step % cfg.train.log_every == 0 or last
         val_step = validating and (
             last or (cfg.train.val_every > 0 and step % cfg.train.val_every == 0))
-        do_val = val_on and val_step
         do_ckpt = step % cfg.train.checkpoint_every == 0 or last
         if not (do_log or do_ckpt):
             continue
@@ -329,7 +326,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             rate = (step - step_start) / max(now - t_start, 1e-9)
             eta = (cfg.train.max_steps - step) / max(rate, 1e-9)
             t_last, clips_since = now, 0
-        if do_val:
+        if rank == 0 and val_step:
             # The unwrapped module: only rank 0 validates, and a DDP forward would wait for
             # the other ranks in its buffer broadcast (a deadlock with num_workers > 1).
             val = _val_batches(cfg) if val is None else val
@@ -351,10 +348,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if logger is not None:
         logger.drain()  # what the server missed while down, before this process exits
     if step < cfg.train.max_steps:
-        log.warning(
-            "rank %d: the data ran out at step %d of %d (train.max_steps); "
-            "the run ends here", rank, step, cfg.train.max_steps,
-        )
+        log.warning("rank %d: the data ran out at step %d of %d (train.max_steps); the run "
+                    "ends here", rank, step, cfg.train.max_steps)
 
 
 def _all_reduce_sum(x: float, device: torch.device) -> float:

@@ -16,16 +16,11 @@ from avsa.models import AVSANet
 from avsa.models.inputs import normalize_video
 
 
-def compute_objective(
-    model: nn.Module,
-    batch: Mapping[str, torch.Tensor],
-    *,
-    kind: str,
-    temperature: float,
-    easy_negatives: str = "same_view",
-    gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    channels_last: bool | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def compute_objective(model: nn.Module, batch: Mapping[str, torch.Tensor], *, kind: str,
+                      temperature: float, easy_negatives: str = "same_view",
+                      gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                      channels_last: bool | None = None,
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss and metrics (0-d tensors) of `kind` in {"avsa", "avc", "avts"}.
 
     AVC pairs every viewpoint with its own audio (B x V pairs, as many as AVSA sees); AVTS uses
@@ -41,13 +36,8 @@ def compute_objective(
     video, audio = video[:, :1], audio[:, :1]
     if kind == "avts":
         out = model(video, audio, None, use_context=False, audio_other=batch["audio_other"][:, :1])
-        return avts_loss(
-            out["video_target"][:, 0],
-            out["audio_target"][:, 0],
-            out["audio_other_target"][:, 0],
-            temperature,
-            gather=gather,
-        )
+        return avts_loss(out["video_target"][:, 0], out["audio_target"][:, 0],
+                         out["audio_other_target"][:, 0], temperature, gather=gather)
     raise ValueError(f"unknown objective {kind!r}")
 
 
