@@ -1,10 +1,6 @@
-"""What a driver submitted with `ray job submit` must not do silently.
-
-A submitted job runs in a temporary working directory on the head; a local MLflow store there
-(the default `sqlite:///<cwd>/mlruns/mlflow.db`) vanishes with the job, or with the cluster. So
-inside such a job an unset tracking URI is refused before anything starts: set
-MLFLOW_TRACKING_URI (the Helm chart and k8s/ set it on every Ray pod) or `tracking.uri`, or opt
-into a local store explicitly with `tracking.uri=sqlite:////ABSOLUTE/PATH`.
+"""A driver submitted with `ray job submit` runs in a temporary working directory on the head,
+where the default MLflow store (`sqlite:///<cwd>/mlruns/mlflow.db`) would vanish with the job:
+there an unset tracking URI is refused (the Helm chart and k8s/ set MLFLOW_TRACKING_URI).
 """
 
 from __future__ import annotations

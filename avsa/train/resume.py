@@ -1,16 +1,13 @@
-"""Which checkpoint a run resumes from: the newest complete one on storage.
-
-Ray Train keeps its own list of a run's checkpoints (`checkpoint_manager_snapshot.json`),
-saved after the fact: after an interrupt it can lag the directories on storage, and a
-checkpoint removed or damaged since breaks it. avsa decides from storage instead:
+"""Which checkpoint a run resumes from: the newest complete one on storage, not Ray Train's own
+list (`checkpoint_manager_snapshot.json`), saved after the fact: after an interrupt it can lag
+the directories on storage, and a checkpoint removed or damaged since breaks it.
 
 - rank 0 writes `avsa_committed.json` into `checkpoint-<step>/` once Ray's upload of that
   checkpoint has returned; a checkpoint is complete when its marker is there;
-- before a run starts, the driver (holding the run directory's lease) loads the newest complete
-  checkpoint; one that cannot be read is reported once and set aside as `damaged-<name>`
-  (renamed, not deleted), and the one before it is tried. Ray's snapshot is then moved aside
-  whenever it names a checkpoint that is no longer there, so Ray starts its bookkeeping afresh
-  instead of refusing the run;
+- before a run starts, the driver (holding the run directory's lease) sets a damaged newest
+  complete checkpoint aside as `damaged-<name>` (renamed, not deleted; reported once) and tries
+  the one before it; Ray's snapshot is moved aside when it names a checkpoint no longer there,
+  so Ray starts its bookkeeping afresh instead of refusing the run;
 - every worker resumes from the newest complete checkpoint it finds (or Ray's, if newer).
 """
 
