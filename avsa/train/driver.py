@@ -41,16 +41,13 @@ class RunResult:
     metrics: dict[str, Any]
 
 
-_CREDENTIAL_ENV = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN",
-                             "AWS_SESSION_TOKEN"})
-
-
 def keep_credentials_out_of_runtime_envs() -> None:
     """Stop Ray Tune from copying AWS credentials into trial actors' runtime_env (and so into
     Ray's logs); workers inherit them from this process or their pod's Secret."""
     from ray.tune.execution import class_cache
 
-    class_cache.ENV_VARS_TO_PROPAGATE.difference_update(_CREDENTIAL_ENV)
+    class_cache.ENV_VARS_TO_PROPAGATE.difference_update(
+        {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN"})
 
 
 @contextlib.contextmanager
@@ -70,13 +67,11 @@ def ray_for_block() -> Iterator[None]:
 
 def ensure_ray(cfg: Config, need_state_api: bool = False) -> None:
     """Join the cluster in `RAY_ADDRESS` (as under `ray job submit`), or start a local Ray
-    with enough logical CPUs for the train workers plus decoding tasks.
-
-    The local Ray serves the state API (dashboard on loopback): Ray Train's placement-group
-    cleaner polls it every second (without it, a warning each time), and through it frees the
-    workers of a trial ASHA stopped (without it, later trials starve). Its dashboard agent
-    needs a fixed port that `ray.init` cannot move, so a second local Ray on the same machine
-    starts without the dashboard; with `need_state_api` (sweeps) it is refused instead.
+    with enough logical CPUs for the train workers plus decoding tasks, serving the state API
+    (dashboard on loopback): Ray Train's placement-group cleaner polls it every second, and
+    through it frees the workers of a trial ASHA stopped (without it, later trials starve).
+    Its dashboard agent needs a fixed port that `ray.init` cannot move, so a second local Ray
+    on the machine starts without the dashboard; with `need_state_api` (sweeps) it is refused.
     """
     import ray
 
