@@ -1,10 +1,8 @@
 """A train worker's local batches: fixed-size batches of real samples, drawn at random from a
 shuffle buffer in the worker (avsa.data.pipeline.drawn_batches, not Ray Data's), so that the
-samples skipped upstream are counted when their rows reach the worker, not when a row is drawn.
-
-The pipeline counts a skipped sample on a row of the same shard (avsa/data/pipeline.py). Behind
-Ray Data's local shuffle that row could wait in the buffer past the end of the run, or of an
-attempt that a worker death ends, and its skip count would never reach a metric.
+samples skipped upstream are counted when their rows reach the worker. The pipeline counts a
+skipped sample on a row of the same shard; behind Ray Data's local shuffle that row could wait
+in the buffer past the end of the run, or of an attempt a worker death ends, and never count.
 """
 
 from __future__ import annotations

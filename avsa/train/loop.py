@@ -218,9 +218,8 @@ def _logged_through(logger) -> int:
 
 
 def quiet_report_lines() -> None:
-    """Drop Ray Train's INFO line for each `ray.train.report`: every metric, several hundred
-    characters, from every rank, between the step lines that already say the same (and
-    MLflow has it). Its logger is named by its module's file, out of the reach of
+    """Drop Ray Train's INFO line for each `ray.train.report` (every metric, from every rank,
+    repeating the step lines). Its logger is named by its module's file, out of the reach of
     `RunConfig(logging_config=...)`; on a Ray without that module this does nothing."""
     try:
         from ray.train.v2._internal.execution import context
