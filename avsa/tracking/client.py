@@ -20,7 +20,6 @@ from typing import TypeVar
 
 from avsa.errors import TrackingError
 
-DEFAULT_LOCAL_DIR = "mlruns"
 # Userinfo runs to the last "@" of the authority, as urllib splits it (a password may hold "@",
 # a token be kilobytes long); the bounded scheme length keeps the scan linear.
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]{0,30}://)[^/?#\s]+@")
@@ -37,9 +36,6 @@ HTTP_DEFAULTS = {
 T = TypeVar("T")
 
 
-# ----------------------------------------------------------------------------- URIs
-
-
 def default_tracking_uri() -> str:
     """``$MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<cwd>/mlruns/mlflow.db`` (absolute, for
     Ray workers elsewhere); TrackingError inside a submitted Ray job, where it would be lost."""
@@ -49,7 +45,7 @@ def default_tracking_uri() -> str:
     from avsa.ray_job import refuse_untracked_job
 
     refuse_untracked_job()
-    return f"sqlite:///{Path.cwd() / DEFAULT_LOCAL_DIR / 'mlflow.db'}"
+    return f"sqlite:///{Path.cwd() / 'mlruns' / 'mlflow.db'}"
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
@@ -66,16 +62,12 @@ def resolve_tracking_uri(uri: str | None) -> str:
 
 
 def is_remote(uri: str) -> bool:
-    """True for ``http://`` and ``https://`` tracking URIs."""
     return urllib.parse.urlparse(str(uri)).scheme in ("http", "https")
 
 
 def redact(text: str) -> str:
     """``text`` with the ``user:password@`` part of any URI in it replaced by ``***@``."""
-    text = str(text)
-    if "@" not in text or "://" not in text:
-        return text
-    return _USERINFO.sub(r"\g<scheme>***@", text)
+    return _USERINFO.sub(r"\g<scheme>***@", str(text))
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -88,9 +80,6 @@ def one_line(e: BaseException, limit: int = 300) -> str:
     """An error as one redacted line of at most ``limit`` characters."""
     text = redact(" ".join(str(e).split()) or type(e).__name__)
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-# ----------------------------------------------------------------------------- the client
 
 
 def connect(uri: str):
