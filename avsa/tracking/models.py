@@ -73,17 +73,6 @@ def signature(cfg: Config):
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
-def _network(state: dict[str, Any]):
-    """(the network, its config) rebuilt from a checkpoint state."""
-    from avsa.config import audio_channels, from_dict
-    from avsa.models import build_model
-
-    cfg = from_dict(state["config"])
-    model = build_model(cfg.model, audio_channels(cfg.data))
-    model.load_state_dict(state["model"])
-    return model.eval(), cfg
-
-
 def save_local(state: dict[str, Any], path: Path) -> None:
     """Write the MLflow model folder for a checkpoint state to ``path``."""
     import mlflow
@@ -91,7 +80,13 @@ def save_local(state: dict[str, Any], path: Path) -> None:
     import torch
     from omegaconf import OmegaConf
 
-    model, cfg = _network(state)
+    from avsa.config import audio_channels, from_dict
+    from avsa.models import build_model
+
+    cfg = from_dict(state["config"])
+    model = build_model(cfg.model, audio_channels(cfg.data))
+    model.load_state_dict(state["model"])
+    model.eval()
     extra = path.parent / "extra"
     extra.mkdir()
     torch.save(model.state_dict(), extra / WEIGHTS)
