@@ -19,13 +19,12 @@ if TYPE_CHECKING:
     from avsa.tracking.run import RunLogger
 
 log = logging.getLogger("avsa.tracking")
-DIGEST_CHARS = 16  # MLflow stores at most 36
 
 
 def manifest_digest(manifest: Manifest) -> str:
     """Hex digest of the shards' names and checksums, in manifest order."""
     text = "".join(f"{s.name}\0{s.sha256}\n" for s in manifest.shards)
-    return hashlib.sha256(text.encode()).hexdigest()[:DIGEST_CHARS]
+    return hashlib.sha256(text.encode()).hexdigest()[:16]  # MLflow stores at most 36
 
 
 def dataset_name(uri: str, manifest: Manifest) -> str:

@@ -43,13 +43,10 @@ def _children(obj: Any) -> Iterable[tuple[str, Any]] | None:
 
 
 def flatten_config(obj: Any) -> dict[str, str]:
-    """Flatten nested dataclasses / dicts / OmegaConf configs into MLflow params.
-
-    Keys are dotted paths (``data.num_viewpoints``); values are strings truncated to MLflow's
-    param limit (6000 chars); lists of scalars stay one value (``[0.4, 0.4]``). Any key whose
-    name contains secret/password/token/key_id/access_key (case-insensitive) is dropped with
-    its whole subtree, and ``user:password@`` inside URI values is masked.
-    """
+    """Nested dataclasses / dicts / OmegaConf configs as MLflow params: dotted keys
+    (``data.num_viewpoints``), string values cut to 6000 chars, lists of scalars one value
+    (``[0.4, 0.4]``). A key whose name holds secret/password/token/key_id/access_key (any case)
+    is dropped with its whole subtree; ``user:password@`` in URI values is masked."""
     out: dict[str, str] = {}
 
     def walk(value: Any, path: str) -> None:

@@ -76,18 +76,10 @@ class RunLogger:
         return connect(self.uri)
 
     @classmethod
-    def start(
-        cls,
-        uri: str,
-        experiment: str,
-        run_name: str | None,
-        *,
-        tags: Mapping[str, Any] | None = None,
-        params: Any = None,
-        parent_run_id: str | None = None,
-        resume_run_id: str | None = None,
-        policy: BufferPolicy | None = None,
-    ) -> RunLogger:
+    def start(cls, uri: str, experiment: str, run_name: str | None, *,
+              tags: Mapping[str, Any] | None = None, params: Any = None,
+              parent_run_id: str | None = None, resume_run_id: str | None = None,
+              policy: BufferPolicy | None = None) -> RunLogger:
         """Create (or, with ``resume_run_id``, reopen as RUNNING) a run in ``experiment``
         (created if missing) with ``tags`` and ``params``; TrackingError if unreachable now."""
         uri = str(uri)
