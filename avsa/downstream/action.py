@@ -199,8 +199,7 @@ class ActionTask(TransferHead):
                           max_steps=ds.max_steps, lr_milestones=milestones(ds.epochs),
                           lr_gamma=LR_GAMMA, log=log)
         if result.steps == 0:
-            raise ShardError(getattr(source, "train_uri", "train split"),
-                             "action: no training clips")
+            raise ShardError(source.train_uri, "action: no training clips")
         labels = torch.cat(seen)
         self.single = self.declared or is_single_label(labels)
         self.majority = majority_class(labels)
@@ -211,7 +210,7 @@ class ActionTask(TransferHead):
         self.net.eval()
         test = encode_passes(source.test, self.eval_clips, self.encode)
         if test is None:
-            raise ShardError(getattr(source, "test_uri", "test split"), "action: no test clips")
+            raise ShardError(source.test_uri, "action: no test clips")
         with torch.no_grad():
             logits = self.net.head(test.tensors["x"])
         metrics = score(test.keys, logits.float().cpu(), test.tensors["labels"].cpu(),

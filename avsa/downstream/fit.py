@@ -224,11 +224,10 @@ class TransferHead:
         """Encode `ds.feature_passes` passes of `source.train(p)` once and train `module` on
         the cached rows (minibatch order from `seed`), early-stopped on `ds.val_fraction` of
         the training clips."""
-        where = getattr(source, "train_uri", "train split")
         train = encode_passes(source.train, ds.feature_passes, self.encode)
         if train is None or len(train) < self.min_rows:
-            raise ShardError(where, f"{self.name}: no training clips"
-                                    + (f" (need >= {self.min_rows})" if self.min_rows > 1 else ""))
+            need = f" (need >= {self.min_rows})" if self.min_rows > 1 else ""
+            raise ShardError(source.train_uri, f"{self.name}: no training clips{need}")
         held = holdout(train.keys, ds.val_fraction, min_keys=self.min_keys)
         fit, val = train.subset(~held), train.subset(held)
         self.prepare(train, fit, val)
@@ -239,5 +238,5 @@ class TransferHead:
             epochs=ds.epochs, lr=self.lr(ds), max_steps=ds.max_steps, patience=ds.patience, log=log,
             validate=(lambda: self.val_loss(val)) if len(val) else None)
         if result.steps == 0:
-            raise ShardError(where, f"{self.name}: no training batch")
+            raise ShardError(source.train_uri, f"{self.name}: no training batch")
         return result
