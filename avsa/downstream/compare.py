@@ -67,8 +67,6 @@ RESAMPLED: dict[str, tuple[str, stats.Statistic]] = {
     "test/miou": ("confusion", stats.of_sums(stats.iou)),
     "test/miou_fg": ("confusion", stats.of_sums(stats.iou, foreground=True)),
 }
-RESAMPLES = 2000
-CI_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -81,7 +79,6 @@ class RunRecord:
     metrics: dict[str, float]
     seed: str | None = None  # the avsa.seed tag; None for runs logged before seeds were tagged
     examples: dict[str, np.ndarray] | None = None  # per-example test results, when stored
-    pretrain: str | None = None  # the pretraining it transferred (run id, URI or "scratch")
     mode: str | None = None  # downstream.mode of an action run; None for the other tasks
     config: str | None = None  # its transfer digest (tag avsa.config), when tagged
 
@@ -107,8 +104,7 @@ def cell_of(runs: list[RunRecord], metric: str) -> Cell | None:
     lo = hi = None
     if statistic is not None and all(a is not None and len(a) for a in arrays):
         units = [(r.examples or {}).get(f"{name}_unit") for r in runs]
-        lo, hi = stats.bootstrap_ci(arrays, n=RESAMPLES, seed=CI_SEED, statistic=statistic,
-                                    clusters=units)
+        lo, hi = stats.bootstrap_ci(arrays, statistic=statistic, clusters=units)
         if math.isnan(lo):
             lo = hi = None
     return Cell(fmean(float(r.metrics[metric]) for r in runs), lo, hi, len(runs))
@@ -245,11 +241,10 @@ def fetch_records(uri: str, experiment: str, *, with_examples: bool = True) -> l
         task = tags.get(tracking.TASK, "?")
         mode = (tags.get(MODE) or run.data.params.get("downstream.mode") or None
                 if task == "action" else None)
-        out.append(RunRecord(run.info.run_id, row, task,
-                             context, int(run.info.start_time or 0), dict(run.data.metrics),
-                             tags.get(SEED),
+        out.append(RunRecord(run.info.run_id, row, task, context, int(run.info.start_time or 0),
+                             dict(run.data.metrics), tags.get(SEED),
                              _examples(client, run.info.run_id) if with_examples else None,
-                             tags.get(tracking.PRETRAIN_RUN), mode, tags.get(CONFIG)))
+                             mode, tags.get(CONFIG)))
     return out
 
 
