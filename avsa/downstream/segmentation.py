@@ -106,10 +106,10 @@ def overlay_examples(batch: dict, pred: torch.Tensor, masks: torch.Tensor,
             "overlay_mask": masks[:n].cpu().numpy().astype(np.int16)}
 
 
-def crop_logits(head: FPNHead, rows: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(N, K+1, S, S) logits of the rows of `encode_crops`."""
+def crop_logits(head: FPNHead, rows: dict[str, torch.Tensor], size: int = 0) -> torch.Tensor:
+    """(N, K+1, size, size) logits of the rows of `encode_crops`; size 0: the crop's, S."""
     maps = [rows[f"m{i}"] for i in range(len(head.lateral))]
-    return head(maps, rows["masks"].shape[-1], rows.get("cond"))
+    return head(maps, size or rows["masks"].shape[-1], rows.get("cond"))
 
 
 def map_logits(head: FPNHead, rows: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,8 +117,7 @@ def map_logits(head: FPNHead, rows: dict[str, torch.Tensor]) -> tuple[torch.Tens
     sampled there (nearest): the training loss's pixels, a quarter of the crop's at stride 2."""
     h = rows["m0"].shape[-1]
     masks = F.interpolate(rows["masks"][:, None].float(), size=(h, h), mode="nearest")
-    maps = [rows[f"m{i}"] for i in range(len(head.lateral))]
-    return head(maps, h, rows.get("cond")), masks[:, 0].long()
+    return crop_logits(head, rows, h), masks[:, 0].long()
 
 
 def class_weights(masks: torch.Tensor, num_classes: int, kind: str = "median") -> torch.Tensor:
