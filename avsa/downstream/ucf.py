@@ -207,30 +207,25 @@ class LayoutSource:
     def class_names(self) -> tuple[str, ...]:
         return tuple(self.layout.classes)
 
-    def _batches(self, items: list[VideoItem], starts, rngs) -> Iterator[dict[str, Any]]:
+    def _batches(self, items: list[VideoItem], where, rngs) -> Iterator[dict[str, Any]]:
+        """Clips of `items` from where(item) in [0, 1] times the latest start that leaves a whole
+        window, cropped by rngs(item) (None: the centre)."""
+        window = self.data.frames / self.data.fps
         for i in range(0, len(items), self.batch_size):
             chunk = items[i : i + self.batch_size]
-            clips = [load_clip(it, self.data, starts(it), rngs(it), _duration(it.path))
-                     for it in chunk]
+            clips = [load_clip(it, self.data, where(it) * max(0.0, _duration(it.path) - window),
+                               rngs(it), _duration(it.path)) for it in chunk]
             labels = F.one_hot(torch.tensor([it.label for it in chunk]), self.num_classes).float()
             yield {"video": torch.stack(clips)[:, None], "labels": labels,
                    "key": [it.key for it in chunk]}
 
     def train(self, epoch: int) -> Iterator[dict[str, Any]]:
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.layout.train))
-        items = [self.layout.train[i] for i in order]
-        window = self.data.frames / self.data.fps
-
-        def start(it: VideoItem) -> float:
-            rng = sample_rng(self.seed, epoch, it.key + "#start")
-            return float(rng.uniform(0.0, max(0.0, _duration(it.path) - window)))
-
-        return self._batches(items, start, lambda it: sample_rng(self.seed, epoch, it.key))
+        return self._batches([self.layout.train[i] for i in order],
+                             lambda it: sample_rng(self.seed, epoch, it.key + "#start").random(),
+                             lambda it: sample_rng(self.seed, epoch, it.key))
 
     def test(self, pass_index: int = 0) -> Iterator[dict[str, Any]]:
-        window = self.data.frames / self.data.fps
         n = max(1, self.eval_clips)
         frac = 0.5 if n == 1 else pass_index / (n - 1)
-        return self._batches(self.layout.test,
-                             lambda it: frac * max(0.0, _duration(it.path) - window),
-                             lambda it: None)
+        return self._batches(self.layout.test, lambda it: frac, lambda it: None)
