@@ -82,15 +82,16 @@ def _overlay_png(image: np.ndarray, pred: np.ndarray, mask: np.ndarray, path: Pa
 
 
 def write_report(task: str, examples: dict[str, np.ndarray], out: Path, *,
-                 num_classes: int = 0, labels: Sequence[str] = ()) -> list[Path]:
-    """Write the report files for `examples` into `out`; returns their paths (none when the
-    task left nothing to report)."""
+                 labels: Sequence[str] = ()) -> list[Path]:
+    """Write the report files for `examples` into `out`, classes named by `labels` (the
+    source's, without background); returns their paths (none when the task left nothing to
+    report)."""
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     if "confusion" in examples:
         conf = examples["confusion"].sum(0)
     elif "target" in examples and "pred" in examples:
-        k = max(num_classes, int(examples["target"].max(initial=0)) + 1,
+        k = max(len(labels), int(examples["target"].max(initial=0)) + 1,
                 int(examples["pred"].max(initial=0)) + 1)
         conf = stats.confusions(examples["target"][None], examples["pred"][None],
                                 2 if task.endswith("_bin") else k)[0]

@@ -152,8 +152,7 @@ def _log_results(logger: tracking.RunLogger, task: str, examples: dict[str, np.n
         np.savez_compressed(path, **{k: v for k, v in examples.items()
                                      if k not in report.OVERLAY_KEYS})
         logger.log_artifact(path)
-        if report.write_report(task, examples, Path(tmp) / "report", labels=list(class_names),
-                               num_classes=len(class_names) + (task == "segmentation")):
+        if report.write_report(task, examples, Path(tmp) / "report", labels=class_names):
             logger.log_artifact(Path(tmp) / "report", "report")
 
 
