@@ -92,18 +92,17 @@ def encode_crops(model: AVSANet, batch: dict, context: str) -> dict[str, torch.T
     return {**rows, "cond": torch.cat((audio, vctx, actx), dim=-1).flatten(0, 1)}
 
 
-def overlay_examples(batch: dict, pred: torch.Tensor, masks: torch.Tensor,
-                     n: int = OVERLAYS) -> dict[str, np.ndarray]:
-    """The first `n` test crops for overlay figures: mid-frame RGB (n, S, S, 3) uint8 and the
-    predicted and true masks (n, S, S) int16. pred, masks: (B V, S, S)."""
-    video = batch["video"].flatten(0, 1)[:n].float()  # (n, 3, T, S, S)
+def overlay_examples(batch: dict, pred: torch.Tensor, masks: torch.Tensor) -> dict[str, np.ndarray]:
+    """The first n = OVERLAYS test crops for overlay figures: mid-frame RGB (n, S, S, 3) uint8
+    and the predicted and true masks (n, S, S) int16. pred, masks: (B V, S, S)."""
+    video = batch["video"].flatten(0, 1)[:OVERLAYS].float()  # (n, 3, T, S, S)
     frame = video[:, :, video.shape[2] // 2].permute(0, 2, 3, 1)
     lo = frame.amin(dim=(1, 2, 3), keepdim=True)
     hi = frame.amax(dim=(1, 2, 3), keepdim=True)
     rgb = ((frame - lo) / (hi - lo).clamp_min(1e-6) * 255).round().to(torch.uint8)
     return {"overlay_image": rgb.cpu().numpy(),
-            "overlay_pred": pred[:n].cpu().numpy().astype(np.int16),
-            "overlay_mask": masks[:n].cpu().numpy().astype(np.int16)}
+            "overlay_pred": pred[:OVERLAYS].cpu().numpy().astype(np.int16),
+            "overlay_mask": masks[:OVERLAYS].cpu().numpy().astype(np.int16)}
 
 
 def crop_logits(head: FPNHead, rows: dict[str, torch.Tensor], size: int = 0) -> torch.Tensor:
