@@ -68,8 +68,7 @@ def bootstrap_ci(
     statistic: Statistic = mean_statistic,
     clusters: Sequence[np.ndarray | None] | None = None,
 ) -> tuple[float, float]:
-    """Percentile bootstrap interval (lo, hi), covering LEVEL, of `statistic` over per-example
-    rows.
+    """Percentile bootstrap interval (lo, hi), covering LEVEL, of `statistic` over rows.
 
     values: one array (N, ...) of per-example results (a hit vector, per-crop confusion
     matrices), or a sequence of such arrays, one per run (seed) of the same cell. With several
