@@ -153,8 +153,7 @@ def fit_head(
                 result.best_epoch = epoch
         if log is not None:
             log(metrics, epoch)
-        if result.steps == max_steps or (validate is not None and patience
-                                          and since_best >= patience):
+        if result.steps == max_steps or (patience and since_best >= patience):
             break
     if best_state is not None:
         module.load_state_dict(best_state)
