@@ -157,10 +157,9 @@ class SegmentationTask(TransferHead):
     `class_weights(kind=weights)` of the training crops (not the held-out ones).
 
     num_classes counts the background: K + 1 for the source's K classes; batches hold masks
-    (B, V, S, S) int64. Scores:
-    `segmentation_metrics`; examples gets the (N, C, C) confusion matrix of every test crop,
-    the clip of each ("confusion_unit": a clip's V crops share one) and the overlays of the
-    first test batch.
+    (B, V, S, S) int64. Scores: `segmentation_metrics`; examples gets the (N, C, C) confusion
+    matrix of every test crop, the clip of each ("confusion_unit": a clip's V crops share one)
+    and the overlays of the first test batch.
     """
 
     name = "segmentation"
