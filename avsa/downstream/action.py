@@ -115,7 +115,6 @@ def clip_video_hits(
     _, first, group = np.unique(np.asarray(keys, dtype=str), return_index=True,
                                 return_inverse=True)
     probs = torch.zeros(len(first), logits.shape[1], dtype=torch.float64)
-    group = group.reshape(-1)
     probs.index_add_(0, torch.from_numpy(group), logits.double().softmax(-1))
     return clip, top1_hits(probs, targets[torch.from_numpy(first)]), group
 

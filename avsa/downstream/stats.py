@@ -88,8 +88,7 @@ def bootstrap_ci(
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
     # how often each run is drawn in each resample (always 1 with a single run)
-    picks = (rng.multinomial(len(units), np.full(len(units), 1 / len(units)), size=n)
-             if len(units) > 1 else np.ones((n, 1), dtype=np.int64))
+    picks = rng.multinomial(len(units), np.full(len(units), 1 / len(units)), size=n)
     sums = np.zeros((n, units[0][0].shape[1]))
     counts = np.zeros(n)
     for r, (x, size) in enumerate(units):
@@ -118,5 +117,5 @@ def _units(values: np.ndarray, cluster: np.ndarray | None) -> tuple[np.ndarray, 
         raise ValueError(f"{len(cluster)} cluster ids for {len(rows)} rows")
     _, unit = np.unique(cluster, return_inverse=True)
     sums = np.zeros((unit.max() + 1, rows.shape[1]))
-    np.add.at(sums, unit.reshape(-1), rows)
-    return sums, np.bincount(unit.reshape(-1)).astype(np.float64)
+    np.add.at(sums, unit, rows)
+    return sums, np.bincount(unit).astype(np.float64)
