@@ -94,17 +94,15 @@ def _load_ucf(root: Path, splits: Path, fold: int) -> ActionLayout:
         ids[parts[1]] = int(parts[0]) - 1
     classes = sorted(ids, key=ids.get)
     video_dirs = [root, root / "UCF-101"]
-    out: dict[str, list[VideoItem]] = {}
-    for split in ("train", "test"):
+    out: dict[str, list[VideoItem]] = {"train": [], "test": []}
+    for split, items in out.items():
         listing = splits / f"{split}list{fold:02d}.txt"
-        items = []
         for parts in _lines(listing):
             rel = parts[0].replace("\\", "/")
             cls = rel.split("/", 1)[0]
             if cls not in ids:
                 raise MediaError(listing, f"class {cls!r} of {rel} not in classInd.txt")
             items.append(_item(video_dirs, rel, ids[cls], listing))
-        out[split] = items
     return ActionLayout(root, classes, out["train"], out["test"])
 
 
