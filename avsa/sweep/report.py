@@ -74,10 +74,7 @@ def best_row(rows: Sequence[Mapping[str, Any]], metric: str, mode: str) -> Mappi
     """The row with the best finite `metric` (mode "max" or "min") among trials that did not
     fail; None if no row has one."""
     scored = [r for r in rows if finite(r.get(metric)) and r.get("status") != "error"]
-    if not scored:
-        return None
-    pick = max if mode == "max" else min
-    return pick(scored, key=lambda r: r[metric])
+    return (max if mode == "max" else min)(scored, key=lambda r: r[metric], default=None)
 
 
 def columns(rows: Sequence[Mapping[str, Any]], keys: Sequence[str], metric: str) -> list[str]:
@@ -96,11 +93,9 @@ def write_csv(rows: Sequence[Mapping[str, Any]], cols: Sequence[str],
 
 
 def _cell(value: Any) -> str:
-    if value is None:
-        return ""
     if isinstance(value, float):
         return f"{value:.4g}"
-    return str(value)
+    return "" if value is None else str(value)
 
 
 def markdown(rows: Sequence[Mapping[str, Any]], cols: Sequence[str],

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import re
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
@@ -61,9 +62,9 @@ def tune_space(flat: Mapping[str, Any], search: str) -> dict[str, Any]:
                     and (dist == "uniform" or low > 0)):
                 raise ConfigError(where, f"needs numbers low < high (low > 0 for loguniform), "
                                   f"got low={low!r} high={high!r}")
-            out[key] = (tune.loguniform if dist == "loguniform" else tune.uniform)(low, high)
+            out[key] = getattr(tune, dist)(low, high)  # tune.loguniform or tune.uniform
         elif isinstance(leaf, list) and leaf:
-            out[key] = tune.grid_search(list(leaf)) if search == "grid" else tune.choice(list(leaf))
+            out[key] = (tune.grid_search if search == "grid" else tune.choice)(list(leaf))
         else:
             raise ConfigError(where, "must be a non-empty list of values or {distribution, low, "
                               f"high}}, got {leaf!r}")
@@ -90,26 +91,25 @@ def apply_params(base: Mapping[str, Any], params: Mapping[str, Any]) -> Config:
 
 
 def check_space(cfg: Config, flat: Mapping[str, Any]) -> None:
-    """Every key is a config value and every listed value passes validation; so do a
-    distribution's bounds and a fractional value between them (an integer key takes no
-    distribution)."""
+    """Every key of a space `tune_space` accepted is a config value and every listed value
+    passes validation; so do a distribution's bounds and a fractional value between them (an
+    integer key takes no distribution)."""
     base = cfg.to_dict()
     for key, leaf in flat.items():
         if not isinstance(leaf, Mapping):
             for value in leaf:
                 apply_params(base, {key: value})
             continue
-        low, high = leaf.get("low"), leaf.get("high")
-        apply_params(base, {key: low})
-        apply_params(base, {key: high})
-        if finite(low) and finite(high):
-            value = low + INTERIOR * (high - low)
-            try:
-                apply_params(base, {key: value})
-            except ConfigError as e:
-                raise ConfigError(f"sweep.space.{key}", f"a {leaf.get('distribution')} draw "
-                                  f"such as {value:.4g} fails ({e.reason}); an integer key "
-                                  "needs a list of values") from None
+        low, high = leaf["low"], leaf["high"]
+        for value in (low, high):
+            apply_params(base, {key: value})
+        value = low + INTERIOR * (high - low)
+        try:
+            apply_params(base, {key: value})
+        except ConfigError as e:
+            raise ConfigError(f"sweep.space.{key}", f"a {leaf['distribution']} draw such as "
+                              f"{value:.4g} fails ({e.reason}); an integer key needs a list of "
+                              "values") from None
 
 
 def scheduler_metric(metric: str, keys: Any) -> str:
@@ -150,12 +150,11 @@ def trial_run_name(sweep_name: str, params: Mapping[str, Any], trial_id: str | N
     a list value reads `0.4x0.4`. Where the name would exceed 80 characters, or (without a
     trial id) lose a value's digits or characters, it ends in a hash of the exact values, so
     distinct values keep distinct names."""
-    leaves = [k.rsplit(".", 1)[-1] for k in params]
+    leaves = Counter(k.rsplit(".", 1)[-1] for k in params)
     parts = []
     for key in sorted(params):
         leaf = key.rsplit(".", 1)[-1]
-        label = leaf if leaves.count(leaf) == 1 else key
-        parts.append(f"{label}={_short(params[key])}")
+        parts.append(f"{leaf if leaves[leaf] == 1 else key}={_short(params[key])}")
     joined = "_".join(parts)
     slug = re.sub(r"[^A-Za-z0-9._=-]", "", joined)
     exact = slug == joined and all(map(_round_trips, params.values()))
