@@ -92,10 +92,9 @@ def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
     """The Tune trainable: the run driver with the trial's values, under the sweep's run."""
     import ray.tune
 
-    params = {k: config[k] for k in sorted(config)}
     trial_id = ray.tune.get_context().get_trial_id()
-    name = trial_run_name(spec.sweep_name, params, trial_id if spec.keyed_by_id else None)
-    cfg = apply_params(spec.base, params)
+    name = trial_run_name(spec.sweep_name, config, trial_id if spec.keyed_by_id else None)
+    cfg = apply_params(spec.base, config)
     cfg.storage.path, cfg.storage.run_name = spec.trials_uri, name
     train_driver.run(cfg, [_validation_report(spec.metric)], parent_run_id=spec.parent_run_id,
                      trial_tags={"avsa.sweep": spec.sweep_name, "avsa.trial_id": trial_id})
