@@ -30,9 +30,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from avsa.config import override
+from avsa import tracking
+from avsa.config import compose, config_digest, override
 from avsa.data.labels import NUM_CLASSES
-from avsa.downstream.compare import COLUMNS, Column
+from avsa.downstream import compare
+from avsa.errors import TrackingError
 
 log = logging.getLogger("avsa.reproduce")
 
@@ -45,8 +47,8 @@ TRANSFERS: list[tuple[str, list[str]]] = [
     ("segmentation", ["downstream.context=audio"]),
     ("segmentation", ["downstream.context=context"]),
 ]
-BIN_COLUMNS = tuple(c for c in COLUMNS if c.task in ("avc_bin", "avsa_bin"))
-PRETEXT_COLUMNS = tuple(c for c in COLUMNS if c.metric != "test/video_acc"
+BIN_COLUMNS = tuple(c for c in compare.COLUMNS if c.task in ("avc_bin", "avsa_bin"))
+PRETEXT_COLUMNS = tuple(c for c in compare.COLUMNS if c.metric != "test/video_acc"
                         and "mIoU (" not in c.label)
 PRETRAIN_COLUMNS = ("val/avsa_acc", "val/avc_acc")
 
@@ -66,7 +68,7 @@ class Table:
     `transfers` (task, its overrides)."""
 
     name: str
-    columns: tuple[Column, ...]
+    columns: tuple[compare.Column, ...]
     transfers: list[tuple[str, list[str]]]
     rows: list[Variant | None] = field(default_factory=list)
 
@@ -207,17 +209,14 @@ def make_data(args: argparse.Namespace, tables: list[Table], data) -> dict[str, 
 
 
 def _common(args: argparse.Namespace, uri: str) -> list[str]:
-    workers = f"train.num_workers={args.train_workers}"
-    return [PRESET, override("tracking.uri", uri), f"data.seed={args.seed}", workers,
-            *args.overrides]
+    return [PRESET, override("tracking.uri", uri), f"data.seed={args.seed}",
+            f"train.num_workers={args.train_workers}", *args.overrides]
 
 
 def pretrain_configs(args, tables, data, uri) -> list[tuple[str, object]]:
     """(row, config) of every pretraining: each distinct variant --pretrain-seeds times
     (train.seed +0, +1, ...), its run named by the config's digest, so rows with the same
     config, and other invocations (other --tables), find the same run."""
-    from avsa.config import compose
-
     variants = {v.row: v for t in tables for v in t.rows if v is not None}
     configs = []
     for row, v in variants.items():
@@ -237,7 +236,7 @@ def pretrain_configs(args, tables, data, uri) -> list[tuple[str, object]]:
 def finished(cfg, uri: str):
     """The RunResult of `cfg`'s pretraining when MLflow holds it FINISHED with its checkpoint
     (a re-run needs neither Ray nor the checkpoint's directory lease for it); else None."""
-    from avsa import storage, tracking
+    from avsa import storage
     from avsa.train.driver import RunResult
 
     name = cfg.run_name()
@@ -277,11 +276,8 @@ def pretrain_all(args, tables, data, uri) -> tuple[dict[str, list[str]],
 
 def done_configs(uri: str, experiment: str) -> set[str]:
     """The transfer digests (tag avsa.config) of the finished transfer runs in `experiment`."""
-    from avsa.downstream.compare import fetch_records
-    from avsa.errors import TrackingError
-
     try:
-        records = fetch_records(uri, experiment, with_examples=False)
+        records = compare.fetch_records(uri, experiment, with_examples=False)
     except TrackingError:  # no such experiment yet
         return set()
     return {r.config for r in records if r.config}
@@ -301,8 +297,6 @@ def cell_jobs(t: Table, seeds: int, pretrain_seeds: int, refs: dict[str, list[st
 
 def transfer_configs(args, t: Table, data, refs, uri) -> list[tuple[str, object]]:
     """(progress label, transfer config) of every cell job of table `t` (`cell_jobs`)."""
-    from avsa.config import compose
-
     out = []
     for row, task, extra, seed, pretrained, data_set in cell_jobs(t, args.seeds,
                                                                   args.pretrain_seeds, refs):
@@ -323,7 +317,6 @@ def transfer_all(args, tables, data, refs, uri) -> dict[str, set[str]]:
     """Every cell of every table (`transfer_configs`) that MLflow does not hold yet: a finished
     run with the same transfer digest (`config_digest(transfer=True)`: the data, model and
     downstream settings). Returns table name -> its cells' digests."""
-    from avsa.config import config_digest
     from avsa.downstream.run import run_transfer
 
     memo: dict = {}  # decoded clips, shared by every head that reads the same data
@@ -344,8 +337,6 @@ def transfer_all(args, tables, data, refs, uri) -> dict[str, set[str]]:
 def write_tables(args, tables, cells, metrics, uri) -> list[Path]:
     """tables/NAME.{md,csv,png} per table, from this invocation's cells (`cells`: table name ->
     transfer digests), and pretraining.* with the variants' own scores."""
-    from avsa.downstream import compare
-
     out = args.out / "tables"
     paths = []
     for t in tables:
@@ -356,10 +347,10 @@ def write_tables(args, tables, cells, metrics, uri) -> list[Path]:
         table.rows = [r for r in order if r in table.rows]
         paths += compare.write_outputs(table, out, t.name)
         print(f"\n## {t.name}\n\n{table.to_markdown()}", flush=True)
-    columns = tuple(Column(k, "", None, k) for k in PRETRAIN_COLUMNS)
-    cells = {row: {k: compare.Cell(m[k], None, None, 1) if k in m else None
-                   for k in PRETRAIN_COLUMNS} for row, m in metrics.items()}
-    table = compare.Table(list(metrics), columns, cells)
+    columns = tuple(compare.Column(k, "", None, k) for k in PRETRAIN_COLUMNS)
+    scores = {row: {k: compare.Cell(m[k], None, None, 1) if k in m else None
+                    for k in PRETRAIN_COLUMNS} for row, m in metrics.items()}
+    table = compare.Table(list(metrics), columns, scores)
     print(f"\n## pretraining (validation, %)\n\n{table.to_markdown()}", flush=True)
     return [*paths, *compare.write_outputs(table, out, "pretraining")]
 
@@ -368,9 +359,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
-    from avsa import tracking
-    from avsa.config import compose
-
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     # The per-step [avsa] lines show progress; Ray Data's bars, and MLflow's for each of the
