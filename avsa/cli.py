@@ -40,13 +40,12 @@ def usage() -> str:
 
 def config_main(argv: list[str]) -> int:
     """`avsa config [overrides]`: print the resolved config as YAML."""
-    from omegaconf import OmegaConf
-
-    from avsa.config import compose
-
     if argv[:1] in (["-h"], ["--help"]):
         print("usage: avsa config [hydra overrides...]")
         return 0
+    from omegaconf import OmegaConf
+
+    from avsa.config import compose
     from avsa.tracking import redact
 
     cfg = compose(argv)
