@@ -159,11 +159,9 @@ def make_tuner(cfg: Config, space: dict[str, Any], spec: TrialSpec):
         log.info("restoring sweep %s from %s (finished trials are kept)", spec.sweep_name, path)
         return tune.Tuner.restore(path, trainable=trainable, resume_errored=True,
                                   storage_filesystem=fs)
-    if s.scheduler == "asha":
-        scheduler = ASHAScheduler(time_attr="step", max_t=cfg.train.max_steps,
-                                  grace_period=s.grace_period, reduction_factor=s.reduction_factor)
-    else:
-        scheduler = FIFOScheduler()
+    scheduler = (ASHAScheduler(time_attr="step", max_t=cfg.train.max_steps,
+                               grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+                 if s.scheduler == "asha" else FIFOScheduler())
     concurrent = max_concurrent(cfg, ray.cluster_resources())
     log.info("sweep %s: up to %d trials at a time", spec.sweep_name, concurrent)
     if s.search == "optuna":
@@ -190,8 +188,8 @@ def make_tuner(cfg: Config, space: dict[str, Any], spec: TrialSpec):
 def _finish_children(uri: str, cfg: Config, rows: list[dict[str, Any]],
                      best: Mapping[str, Any] | None, trials_uri: str) -> None:
     """Find each trial's MLflow run (into row["run_id"]); close the runs that stopped or killed
-    trials left open, tag early stops and the best trial, and register the best trial's model
-    as a version of `tracking.model_name`, aliased `best`."""
+    trials left open, tag early stops and the best trial (`best`: one of `rows`, or None), and
+    register the best trial's model as a version of `tracking.model_name`, aliased `best`."""
     for row in rows:
         row["run_id"] = run_id = tracking.find_run(uri, cfg.tracking.experiment, row["trial"],
                                                    storage.join(trials_uri, row["trial"]))
@@ -199,10 +197,9 @@ def _finish_children(uri: str, cfg: Config, rows: list[dict[str, Any]],
             continue
         status = "FAILED" if row["status"] == "error" else "FINISHED"
         tags = {"avsa.early_stopped": "true"} if row["status"] == "stopped" else {}
-        is_best = best is not None and row["trial"] == best["trial"]
-        if is_best:
+        if row is best:
             tags["avsa.best"] = "true"
-        register = is_best and cfg.tracking.log_model
+        register = row is best and cfg.tracking.log_model
         run = tracking.get_run(uri, run_id)
         if (not register and run.info.status == status
                 and all(run.data.tags.get(k) == v for k, v in tags.items())):

@@ -28,9 +28,7 @@ def last_values(frame: Any, fallback: Mapping[str, Any], names: Iterable[str]) -
         value = fallback.get(name)
         if name in getattr(frame, "columns", ()) and frame[name].notna().any():
             value = frame[name].dropna().iloc[-1]
-        if hasattr(value, "item"):
-            value = value.item()
-        out[name] = value
+        out[name] = value.item() if hasattr(value, "item") else value  # numpy scalar -> Python
     return out
 
 
