@@ -14,18 +14,7 @@ from avsa.models.video import VideoEncoder
 def build_model(m: ModelConfig, audio_channels: int = 4) -> AVSANet:
     """The AVSANet that `m` describes, taking `audio_channels` spectrogram channels per
     viewpoint (4: FOA log-mel; see `avsa.config.audio_channels`)."""
-    return AVSANet(
-        video_width=m.video_width,
-        audio_width=m.audio_width,
-        embed_dim=m.embed_dim,
-        audio_channels=audio_channels,
-        audio_pool=m.audio_pool,
-        use_transformer=m.use_transformer,
-        transformer_depth=m.transformer_depth,
-        transformer_heads=m.transformer_heads,
-        transformer_dropout=m.transformer_dropout,
-        spherical_pos_enc=m.spherical_pos_enc,
-    )
+    return AVSANet(m, audio_channels)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -9,11 +9,12 @@ through the prediction head.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
+from avsa.config import ModelConfig
 from avsa.errors import CheckpointError
 from avsa.models.audio import AudioEncoder
 from avsa.models.transformer import ViewpointTransformer
@@ -23,56 +24,27 @@ ENCODERS = ("video_encoder", "audio_encoder")
 
 
 class AVSANet(nn.Module):
-    """Audio-visual spatial alignment network.
+    """Audio-visual spatial alignment network as `m` describes it (see `ModelConfig`), taking
+    `audio_channels` spectrogram channels per viewpoint (4 FOA, 2 stereo, 1 mono).
+    `m.use_transformer=False` is the AVC baseline: no context across viewpoints."""
 
-    Args:
-        video_width / audio_width: encoder base widths (features are 8x that).
-        embed_dim: size of the four projection heads' outputs.
-        video_layers: R(2+1)D blocks per stage.
-        audio_channels: spectrogram channels (4 FOA, 2 stereo, 1 mono).
-        audio_pool: the audio encoder's global pool, "max" (the authors') or "mean".
-        use_transformer: False for the AVC baseline (no context across viewpoints).
-        transformer_*: depth, heads, dropout, FFN multiplier of both viewpoint transformers.
-        spherical_pos_enc: encode viewpoint directions in the transformers (off in the paper).
-    """
-
-    def __init__(
-        self,
-        video_width: int = 64,
-        audio_width: int = 64,
-        embed_dim: int = 128,
-        *,
-        video_layers: Sequence[int] = (2, 2, 2, 2),
-        audio_channels: int = 4,
-        audio_pool: str = "max",
-        use_transformer: bool = True,
-        transformer_depth: int = 2,
-        transformer_heads: int = 1,
-        transformer_dropout: float = 0.1,
-        transformer_ffn_mult: int = 4,
-        spherical_pos_enc: bool = False,
-    ):
+    def __init__(self, m: ModelConfig, audio_channels: int = 4):
         super().__init__()
-        self.video_encoder = VideoEncoder(video_width, video_layers)
-        self.audio_encoder = AudioEncoder(audio_width, audio_channels, audio_pool)
+        self.video_encoder = VideoEncoder(m.video_width)
+        self.audio_encoder = AudioEncoder(m.audio_width, audio_channels, m.audio_pool)
         dv, da = self.video_encoder.out_dim, self.audio_encoder.out_dim
         self.video_transformer: ViewpointTransformer | None = None
         self.audio_transformer: ViewpointTransformer | None = None
-        if use_transformer:
-            kw = dict(
-                depth=transformer_depth,
-                heads=transformer_heads,
-                ffn_mult=transformer_ffn_mult,
-                dropout=transformer_dropout,
-                spherical_pos_enc=spherical_pos_enc,
-            )
+        if m.use_transformer:
+            kw = dict(depth=m.transformer_depth, heads=m.transformer_heads,
+                      dropout=m.transformer_dropout, spherical_pos_enc=m.spherical_pos_enc)
             self.video_transformer = ViewpointTransformer(dv, **kw)
             self.audio_transformer = ViewpointTransformer(da, **kw)
-        self.video_head = nn.Linear(dv, embed_dim)
-        self.audio_head = nn.Linear(da, embed_dim)
-        self.video_pred_head = nn.Linear(da, embed_dim)
-        self.audio_pred_head = nn.Linear(dv, embed_dim)
-        self.video_dim, self.audio_dim, self.embed_dim = dv, da, embed_dim
+        self.video_head = nn.Linear(dv, m.embed_dim)
+        self.audio_head = nn.Linear(da, m.embed_dim)
+        self.video_pred_head = nn.Linear(da, m.embed_dim)
+        self.audio_pred_head = nn.Linear(dv, m.embed_dim)
+        self.video_dim, self.audio_dim, self.embed_dim = dv, da, m.embed_dim
 
     def encode_video(self, video: torch.Tensor) -> torch.Tensor:
         """video (B, V, 3, T, S, S) -> (B, V, Dv); the encoder sees one (B*V) batch."""
@@ -91,7 +63,7 @@ class AVSANet(nn.Module):
         directions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Viewpoint context (B, V, Dv), (B, V, Da); the features themselves without transformers."""
-        if self.video_transformer is None or self.audio_transformer is None:
+        if self.video_transformer is None:
             return video_feat, audio_feat
         return (
             self.video_transformer(video_feat, directions),
@@ -124,10 +96,8 @@ class AVSANet(nn.Module):
             )
         video_feat = self.encode_video(video)
         audio_feat = self.encode_audio(audio)
-        if use_context:
-            video_ctx, audio_ctx = self.context(video_feat, audio_feat, directions)
-        else:
-            video_ctx, audio_ctx = video_feat, audio_feat
+        video_ctx, audio_ctx = (self.context(video_feat, audio_feat, directions) if use_context
+                                else (video_feat, audio_feat))
         out = {
             "video_feat": video_feat,
             "audio_feat": audio_feat,
@@ -144,11 +114,8 @@ class AVSANet(nn.Module):
 
     def load_encoders(self, state: Mapping[str, torch.Tensor]) -> None:
         """Load the encoder weights (keys prefixed 'video_encoder.' / 'audio_encoder.') of a
-        state dict, a full one or the encoders' only; transformers and heads keep their current
-        (fresh) weights.
-
-        Raises CheckpointError when a key is missing or unexpected, or a shape differs.
-        """
+        full or encoders-only state dict; transformers and heads keep their (fresh) weights.
+        Raises CheckpointError when a key is missing or unexpected, or a shape differs."""
         for name in ENCODERS:
             prefix = name + "."
             sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
