@@ -39,41 +39,20 @@ class SphericalPositionalEncoding(nn.Module):
 
 
 class ViewpointTransformer(nn.Module):
-    """Transformer encoder over viewpoints.
-
-    Args:
-        dim: token width D (the encoder feature size).
-        depth: number of layers.
-        heads: attention heads (D must be divisible by it).
-        ffn_mult: FFN hidden size is ffn_mult * D.
-        dropout: dropout inside each layer.
-        spherical_pos_enc: add an encoding of the viewpoint directions to the tokens.
+    """Transformer encoder over viewpoints: `depth` layers of width `dim` (divisible by
+    `heads`) and FFN 4 * dim; `spherical_pos_enc` adds an encoding of the viewpoint directions.
 
     forward: tokens (B, V, D), directions (B, V, 2) radians or None -> (B, V, D), all >= 0.
     """
 
-    def __init__(
-        self,
-        dim: int,
-        depth: int = 2,
-        heads: int = 1,
-        ffn_mult: int = 4,
-        dropout: float = 0.1,
-        spherical_pos_enc: bool = False,
-    ):
+    def __init__(self, dim: int, depth: int = 2, heads: int = 1, dropout: float = 0.1,
+                 spherical_pos_enc: bool = False):
         super().__init__()
         if depth < 1 or heads < 1 or dim % heads:
             raise ValueError(f"ViewpointTransformer: bad depth={depth}, heads={heads}, dim={dim}")
         self.layers = nn.ModuleList(
-            nn.TransformerEncoderLayer(
-                d_model=dim,
-                nhead=heads,
-                dim_feedforward=ffn_mult * dim,
-                dropout=dropout,
-                activation="relu",
-                batch_first=True,
-                norm_first=False,
-            )
+            nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout, activation="relu",
+                                       batch_first=True, norm_first=False)
             for _ in range(depth)
         )
         self.pos_enc = SphericalPositionalEncoding(dim) if spherical_pos_enc else None

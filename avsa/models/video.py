@@ -9,14 +9,21 @@ axes), so 3 x 8 x 112 x 112 clips end as 512 x 1 x 7 x 7 maps before the global 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import nn
 
 
 def _bn_relu(channels: int) -> list[nn.Module]:
     return [nn.BatchNorm3d(channels), nn.ReLU(inplace=True)]
+
+
+def _conv2plus1d(in_planes: int, out_planes: int, stride: int = 1) -> list[nn.Module]:
+    """A 3x3x3 convolution factorised: spatial 1x3x3, BN-ReLU, temporal 3x1x1."""
+    return [
+        nn.Conv3d(in_planes, out_planes, (1, 3, 3), (1, stride, stride), (0, 1, 1), bias=False),
+        *_bn_relu(out_planes),
+        nn.Conv3d(out_planes, out_planes, (3, 1, 1), (stride, 1, 1), (1, 0, 0), bias=False),
+    ]
 
 
 class R2Plus1dBlock(nn.Module):
@@ -28,15 +35,8 @@ class R2Plus1dBlock(nn.Module):
 
     def __init__(self, in_planes: int, out_planes: int, stride: int = 1):
         super().__init__()
-        self.main = nn.Sequential(
-            nn.Conv3d(in_planes, out_planes, (1, 3, 3), (1, stride, stride), (0, 1, 1), bias=False),
-            *_bn_relu(out_planes),
-            nn.Conv3d(out_planes, out_planes, (3, 1, 1), (stride, 1, 1), (1, 0, 0), bias=False),
-            *_bn_relu(out_planes),
-            nn.Conv3d(out_planes, out_planes, (1, 3, 3), 1, (0, 1, 1), bias=False),
-            *_bn_relu(out_planes),
-            nn.Conv3d(out_planes, out_planes, (3, 1, 1), 1, (1, 0, 0), bias=False),
-        )
+        self.main = nn.Sequential(*_conv2plus1d(in_planes, out_planes, stride),
+                                  *_bn_relu(out_planes), *_conv2plus1d(out_planes, out_planes))
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_planes != out_planes:
             self.shortcut = nn.Conv3d(in_planes, out_planes, 1, stride, bias=False)
@@ -48,37 +48,29 @@ class R2Plus1dBlock(nn.Module):
 
 
 class VideoEncoder(nn.Module):
-    """R(2+1)D video encoder.
+    """R(2+1)D-18 video encoder: a stem and four stages of two blocks at width x (1, 2, 4, 8).
 
-    Args:
-        width: channels of the stem and first stage; stages use width x (1, 2, 4, 8).
-        layers: residual blocks per stage.
-        in_channels: input colour channels.
-
-    forward: video (B, C, T, S, S) float -> (B, 8 * width) global max-pooled features.
+    forward: video (B, 3, T, S, S) float -> (B, 8 * width) global max-pooled features.
     """
 
-    def __init__(self, width: int = 64, layers: Sequence[int] = (2, 2, 2, 2), in_channels: int = 3):
+    def __init__(self, width: int = 64):
         super().__init__()
-        if width < 1 or len(layers) != 4 or min(layers) < 1:
-            raise ValueError(f"VideoEncoder: bad width={width} or layers={tuple(layers)}")
+        if width < 1:
+            raise ValueError(f"VideoEncoder: bad width={width}")
         self.stem = nn.Sequential(
-            nn.Conv3d(in_channels, width, (3, 7, 7), (1, 2, 2), (1, 3, 3), bias=False),
-            *_bn_relu(width),
+            nn.Conv3d(3, width, (3, 7, 7), (1, 2, 2), (1, 3, 3), bias=False), *_bn_relu(width)
         )
         stages, planes = [], width
-        for i, n_blocks in enumerate(layers):
+        for i in range(4):
             out = width * 2**i
-            stride = 1 if i == 0 else 2
-            blocks = [R2Plus1dBlock(planes, out, stride)]
-            blocks += [R2Plus1dBlock(out, out) for _ in range(n_blocks - 1)]
-            stages.append(nn.Sequential(*blocks))
+            stages.append(nn.Sequential(R2Plus1dBlock(planes, out, 1 if i == 0 else 2),
+                                        R2Plus1dBlock(out, out)))
             planes = out
         self.stages = nn.Sequential(*stages)
         self.out_dim = planes
 
     def feature_map(self, video: torch.Tensor) -> torch.Tensor:
-        """video (B, C, T, S, S) -> last stage map (B, 8 * width, T', S', S') before pooling."""
+        """video (B, 3, T, S, S) -> last stage map (B, 8 * width, T', S', S') before pooling."""
         return self.stages(self.stem(video))
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
