@@ -21,19 +21,15 @@ def conv_bn_relu(in_ch: int, out_ch: int, kernel: int, stride: int = 1) -> list[
 
 
 class AudioEncoder(nn.Module):
-    """Audio encoder.
+    """Audio encoder of `in_channels` spectrogram channels (4 ambiX FOA, 2 stereo, 1 mono).
 
-    Args:
-        width: stem channels; blocks use width x (1, 2, 4, 8).
-        in_channels: spectrogram channels (4 for ambiX FOA, 2 stereo, 1 mono).
-        pool: "max" (the authors') or "mean" over the last map's F / 8 x M / 8 positions. A max
-            passes gradient to one position, a mean to all: a small model leaves chance sooner.
+    pool: "max" (the authors') or "mean" over the last map's F / 8 x M / 8 positions. A max
+    passes gradient to one position, a mean to all: a small model leaves chance sooner.
 
     forward: log-mel (B, C, F, M) float, F frames x M mel bins -> (B, 8 * width).
     """
 
     STRIDES = (1, 2, 2, 1)
-
     POOLS = ("max", "mean")
 
     def __init__(self, width: int = 64, in_channels: int = 4, pool: str = "max"):

@@ -41,11 +41,9 @@ def use_channels_last(device: torch.device) -> bool:
 
 
 def to_channels_last(model: AVSANet) -> AVSANet:
-    """The video encoder's 5-D weights in channels_last_3d, in place (before DDP wrapping).
-
-    Inputs from `normalize_video(..., channels_last=True)` then meet weights in the same layout
-    and no convolution converts either per call. Returns `model`.
-    """
+    """`model` with its video encoder's 5-D weights in channels_last_3d, in place (before DDP
+    wrapping): inputs from `normalize_video(..., channels_last=True)` then meet weights in the
+    same layout and no convolution converts either per call."""
     model.video_encoder.to(memory_format=torch.channels_last_3d)
     return model
 
