@@ -185,9 +185,7 @@ def avc_views_loss(
     easy = logits[..., v:]  # (B, V, N - 1)
     cand = torch.cat((pos[..., None], easy), dim=-1).flatten(0, 1)  # (B V, N)
     loss = F.cross_entropy(cand, torch.zeros(len(cand), dtype=torch.long, device=cand.device))
-    with torch.no_grad():
-        acc = _beats_all(pos.detach(), easy.detach())
-    return loss, {"avc_acc": acc}
+    return loss, {"avc_acc": _beats_all(pos, easy)}
 
 
 def avc_objective(
@@ -198,11 +196,6 @@ def avc_objective(
     a2v, m_a2v = avc_views_loss(out["video_pred"], out["video_target"], temperature, gather=gather)
     v2a, m_v2a = avc_views_loss(out["audio_pred"], out["audio_target"], temperature, gather=gather)
     return (a2v + v2a) / 2, {"avc_acc": (m_a2v["avc_acc"] + m_v2a["avc_acc"]) / 2}
-
-
-def _check_pair(*xs: torch.Tensor) -> None:
-    if any(x.dim() != 2 or x.shape != xs[0].shape for x in xs):
-        raise ValueError(f"embeddings must all be (B, D), got {[tuple(x.shape) for x in xs]}")
 
 
 def _cross_modal(
@@ -233,7 +226,9 @@ def avts_loss(
     video, audio, audio_other_time: (B, D). Metrics: avc_acc (both directions) and avts_acc
     (video closer to its synchronous audio than to its other-time audio).
     """
-    _check_pair(video, audio, audio_other_time)
+    xs = (video, audio, audio_other_time)
+    if any(x.dim() != 2 or x.shape != video.shape for x in xs):
+        raise ValueError(f"embeddings must all be (B, D), got {[tuple(x.shape) for x in xs]}")
     _check_temperature(temperature)
     v, a = F.normalize(video, dim=-1), F.normalize(audio, dim=-1)
     a_other = F.normalize(audio_other_time, dim=-1)
@@ -241,13 +236,8 @@ def avts_loss(
     av, _ = _cross_modal(a, v, gather)
     hard = (v * a_other).sum(-1, keepdim=True)  # (B, 1)
     va_hard = torch.cat((va, hard), dim=1)
-    loss = (
-        F.cross_entropy(va_hard / temperature, own) + F.cross_entropy(av / temperature, own)
-    ) / 2
-    with torch.no_grad():
-        pos = va.gather(1, own[:, None])
-        metrics = {
-            "avc_acc": (_avc_acc(va, own) + _avc_acc(av, own)) / 2,
-            "avts_acc": (pos > hard).float().mean(),
-        }
-    return loss, metrics
+    loss = (F.cross_entropy(va_hard / temperature, own)
+            + F.cross_entropy(av / temperature, own)) / 2
+    pos = va.gather(1, own[:, None])  # (B, 1)
+    return loss, {"avc_acc": (_avc_acc(va, own) + _avc_acc(av, own)) / 2,
+                  "avts_acc": (pos > hard).float().mean()}
