@@ -53,9 +53,8 @@ def render(batch: dict, matches: torch.Tensor, path: Path) -> None:
                              color="green" if match == j else "red")
         axes[1, j].imshow(audio[j, 0].T.numpy(), origin="lower", aspect="auto", cmap="magma")
         axes[1, j].set_title(f"audio {j} (W log-mel)", fontsize=8)
-        for ax in axes[:, j]:
-            ax.set_xticks([])
-            ax.set_yticks([])
+    for ax in axes.flat:
+        ax.set(xticks=[], yticks=[])
     fig.suptitle(f"clip {batch['key'][0] if 'key' in batch else 0}: predicted audio viewpoint "
                  f"per crop", fontsize=9)
     fig.tight_layout()
@@ -80,9 +79,8 @@ def log_figure(logger: RunLogger, cfg: Config, checkpoint_uri: str) -> bool:
                                  batch_size=2, shuffle=False)), None)
     if batch is None:
         return False
-    matches = predicted_matches(model, batch)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / FIGURE
-        render(batch, matches, path)
+        render(batch, predicted_matches(model, batch), path)
         return logger.log_artifact(path)
 
