@@ -7,7 +7,7 @@ from torch import nn
 from avsa.config import ModelConfig
 from avsa.models.audio import AudioEncoder
 from avsa.models.avsa_net import AVSANet
-from avsa.models.transformer import SphericalPositionalEncoding, ViewpointTransformer
+from avsa.models.transformer import ViewpointTransformer
 from avsa.models.video import VideoEncoder
 
 
@@ -29,7 +29,6 @@ def unwrap(model: nn.Module) -> nn.Module:
 __all__ = [
     "AVSANet",
     "AudioEncoder",
-    "SphericalPositionalEncoding",
     "VideoEncoder",
     "ViewpointTransformer",
     "build_model",
