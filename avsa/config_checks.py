@@ -131,10 +131,10 @@ def validate(cfg: Any) -> Any:
            d.audio_features)
     _check(len(d.color_jitter) == 4 and all(v >= 0 for v in d.color_jitter), "data.color_jitter",
            "4 non-negative numbers [brightness, contrast, saturation, hue]", d.color_jitter)
-    for key, width in (("model.video_width", m.video_width), ("model.audio_width", m.audio_width)):
-        _check(8 * width % m.transformer_heads == 0, "model.transformer_heads",
-               f"a divisor of the feature width 8*{key.split('.')[1]}={8 * width}",
-               m.transformer_heads)
+    for name in ("video_width", "audio_width"):
+        width = 8 * getattr(m, name)
+        _check(width % m.transformer_heads == 0, "model.transformer_heads",
+               f"a divisor of the feature width 8*{name}={width}", m.transformer_heads)
     _check(t.batch_size % t.num_workers == 0, "train.batch_size",
            f"a multiple of train.num_workers={t.num_workers} (it is the global batch)",
            t.batch_size)
