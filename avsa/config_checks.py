@@ -135,6 +135,9 @@ def validate(cfg: Any) -> Any:
         width = 8 * getattr(m, name)
         _check(width % m.transformer_heads == 0, "model.transformer_heads",
                f"a divisor of the feature width 8*{name}={width}", m.transformer_heads)
+    _check(not m.use_transformer or m.transformer_depth >= 1, "model.transformer_depth",
+           ">= 1 with model.use_transformer=true (set use_transformer=false for none)",
+           m.transformer_depth)
     _check(t.batch_size % t.num_workers == 0, "train.batch_size",
            f"a multiple of train.num_workers={t.num_workers} (it is the global batch)",
            t.batch_size)

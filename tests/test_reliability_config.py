@@ -56,6 +56,8 @@ CASES = [
     ("pretrain", "data.num_viewpoints=8 data.min_separation_deg=170",
      "data.num_viewpoints, data.min_separation_deg: 8 viewpoints 170 deg apart do not fit"),
     ("pretrain", "data.n_fft=48000", "data.n_fft: must be in [16, 24000] (the audio window"),
+    ("pretrain", "model.transformer_depth=0",
+     "model.transformer_depth: must be >= 1 with model.use_transformer=true"),
     ("pretrain", "data.seed=-1", "data.seed: must be in [0, 2**32), got -1"),
     ("sweep", "train.seed=-3", "train.seed: must be in [0, 2**32), got -3"),
 ]
