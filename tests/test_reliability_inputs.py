@@ -222,5 +222,15 @@ def test_shard_changed_after_its_manifest_is_a_clear_error(good, tmp_path):
                                          r"sha256 [0-9a-f]{12}\.\.\., the manifest says"):
         list(pipeline.iter_local(uri, _cfg(), seed=0, batch_size=1))
     # with skip_missing_shards the shard is skipped and its samples counted, not returned
-    with pytest.raises(ShardError, match=r"no decodable samples \(1 skipped\)"):
+    with pytest.raises(ShardError, match=r"no decodable samples \(1 skipped, 1 unreadable "):
+        list(pipeline.iter_local(uri, _cfg(), seed=0, batch_size=1, skip_missing_shards=True))
+
+
+def test_only_unreadable_empty_shards_are_an_error_not_an_empty_epoch(tmp_path):
+    """A missing shard the manifest lists with no samples loses none, but its count must not
+    vanish with it: an epoch of nothing is refused, naming the shards it could not read."""
+    uri = str(tmp_path / "set")
+    _committed(uri, b"", samples=0)
+    storage.delete(storage.join(uri, shard_name(0)))
+    with pytest.raises(ShardError, match=r"no decodable samples \(0 skipped, 1 unreadable "):
         list(pipeline.iter_local(uri, _cfg(), seed=0, batch_size=1, skip_missing_shards=True))

@@ -266,8 +266,9 @@ def _fold_placeholders(rows: Iterator[dict[str, Any]], uri: str) -> Iterator[dic
         if held is not None:
             yield held
         held = row
-    if held is None and pending:
-        raise ShardError(uri, f"no decodable samples ({pending} skipped)")
+    if held is None and (pending or missing):
+        raise ShardError(uri, f"no decodable samples ({pending} skipped, {missing} unreadable "
+                              f"shards)")
     if held is not None:
         yield held
 
