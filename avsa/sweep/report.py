@@ -21,7 +21,7 @@ def finite(x: Any) -> bool:
 
 
 def last_values(frame: Any, fallback: Mapping[str, Any], names: Iterable[str]) -> dict[str, Any]:
-    """The last finite value of each metric in `names` over a trial's reports (a pandas
+    """The last non-NaN value of each metric in `names` over a trial's reports (a pandas
     DataFrame, one row per report; None if the trial never reported), else `fallback[name]`."""
     out: dict[str, Any] = {}
     for name in names:
