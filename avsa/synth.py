@@ -353,11 +353,14 @@ def write_split(out: Path, split: str, clips: int, seconds: float, seed: int, wo
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="avsa synth", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", metavar="OUT_DIR")
-    for flag, kind, default in (("--clips", int, 16), ("--seconds", float, 4.0),
-                                ("--seed", int, 0), ("--workers", int, 1), ("--width", int, 384),
-                                ("--height", int, 192), ("--fps", float, 16.0),
-                                ("--sample-rate", int, 24000)):
-        parser.add_argument(flag, type=kind, default=default)
+    parser.add_argument("--clips", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--width", type=int, default=384)
+    parser.add_argument("--height", type=int, default=192)
+    parser.add_argument("--fps", type=float, default=16.0)
+    parser.add_argument("--sample-rate", type=int, default=24000)
     parser.add_argument("--sources", dest="num_sources", type=int, metavar="N",
                         choices=range(1, len(CLASSES) + 1),
                         help="sources per clip (default: random {}-{})".format(*SOURCES_RANGE))
