@@ -168,5 +168,6 @@ def kept(dir_uri: str, me: Holder) -> Iterator[Holder]:
 
 def hold(dir_uri: str, what: str,
          wait_s: float = 0.0) -> contextlib.AbstractContextManager[Holder]:
-    """The lease on `dir_uri` for the duration of the block (see `acquire`)."""
+    """The lease on `dir_uri` for the duration of the block (see `acquire`): taken at the
+    call, so LeaseError and StorageError raise here, before any `with`."""
     return kept(dir_uri, acquire(dir_uri, what, wait_s))

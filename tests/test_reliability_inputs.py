@@ -228,7 +228,7 @@ def test_shard_changed_after_its_manifest_is_a_clear_error(good, tmp_path):
 
 def test_only_unreadable_empty_shards_are_an_error_not_an_empty_epoch(tmp_path):
     """A missing shard the manifest lists with no samples loses none, but its count must not
-    vanish with it: an epoch of nothing is refused, naming the shards it could not read."""
+    vanish with it: an epoch of nothing is refused, counting the shards it could not read."""
     uri = str(tmp_path / "set")
     _committed(uri, b"", samples=0)
     storage.delete(storage.join(uri, shard_name(0)))
