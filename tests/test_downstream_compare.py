@@ -12,10 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from mlflowserver import free_port
 
 from avsa import tracking
 from avsa.downstream import compare
 from avsa.errors import TrackingError
+from avsa.tracking.client import HTTP_DEFAULTS
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -190,6 +192,19 @@ def test_compare_reads_each_action_runs_mode(mlflow_uri):
     assert mean(table, "avsa", "Action clip@1 (linear)") == 0.4
     assert mean(table, "avsa", "Action clip@1 (finetune)") == 0.8
     assert mean(table, "avc", "Action clip@1 (frozen)") == 0.3
+
+
+@pytest.mark.timeout(60)  # MLflow's own HTTP defaults retry a dead server for minutes
+def test_compare_fails_at_once_on_a_dead_server_and_creates_no_store(tmp_path, monkeypatch):
+    for name in HTTP_DEFAULTS:  # as in a fresh `avsa compare` process
+        monkeypatch.delenv(name, raising=False)
+    down = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(TrackingError, match=f"^{down}: MLflow tracking server unreachable"):
+        compare.main(["--tracking-uri", down, "--out", str(tmp_path / "out")])
+    db = tmp_path / "mlruns" / "mlflow.db"
+    with pytest.raises(TrackingError, match=f"^sqlite:///{db}: no MLflow store here"):
+        compare.main(["--tracking-uri", f"sqlite:///{db}", "--out", str(tmp_path / "out")])
+    assert not db.parent.exists()
 
 
 def test_compare_names_a_missing_experiment(mlflow_uri, tmp_path):

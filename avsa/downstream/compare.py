@@ -28,7 +28,7 @@ import numpy as np
 from avsa import tracking
 from avsa.downstream import stats
 from avsa.errors import TrackingError
-from avsa.tracking.client import one_line, reading
+from avsa.tracking.client import connect, one_line, reading, sqlite_path
 
 log = logging.getLogger(__name__)
 
@@ -219,12 +219,11 @@ def build_table(records: Iterable[RunRecord], columns: tuple[Column, ...] = COLU
 def fetch_records(uri: str, experiment: str, *, with_examples: bool = True) -> list[RunRecord]:
     """Finished transfer runs (tag avsa.kind=transfer) of `experiment`, with their per-example
     test results unless with_examples is False."""
-    from mlflow.tracking import MlflowClient
     from mlflow.utils import get_results_from_paginated_fn
 
     from avsa.downstream.run import CONFIG, CONTEXT, MODE, PRETEXT, ROW, SEED
 
-    client = MlflowClient(tracking_uri=uri)
+    client = connect(uri)  # MLflow's own retries, bounded as for every other client here
     what = f"searching runs of {experiment!r}"
     exp = reading(uri, what, lambda: client.get_experiment_by_name(experiment))
     if exp is None:
@@ -284,6 +283,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="outputs/comparison", help="folder for the table files")
     args = p.parse_args(argv)
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    db = sqlite_path(uri)
+    if db is not None and not db.is_file():  # reading would create an empty store there
+        raise TrackingError(uri, "no MLflow store here; pass --tracking-uri or set "
+                                 "MLFLOW_TRACKING_URI to where the transfer runs were logged")
+    tracking.check_reachable(uri)
     records = fetch_records(uri, args.experiment)
     if not records:
         raise TrackingError(tracking.redact(uri),
