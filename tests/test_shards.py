@@ -89,7 +89,7 @@ def clips_dir(tmp_path_factory) -> Path:
     foa = (0.3 * np.sin(2 * np.pi * 440 * t) * np.array([[1], [0.5], [0], [0.5]])).astype("f4")
     for i, key in enumerate(["clip-a", "clip-b", "clip-c", "clip-e"]):
         encode_clip(d / f"{key}.mp4", _frames(2, i), FPS, foa, SR)
-    (d / "clip-a.json").write_text(json.dumps({"classes": ["drum"], "seconds": 2}))
+    (d / "clip-a.json").write_text(json.dumps({"classes": ["disc"], "seconds": 2}))
     buf = io.BytesIO()
     np.savez_compressed(buf, masks=np.zeros((2, H, W), np.uint8))
     (d / "clip-a.masks.npz").write_bytes(buf.getvalue())
@@ -144,6 +144,24 @@ def test_write_local_manifest_and_members(clips_dir, tmp_path, caplog):
     assert by_key["clip-a"]["mp4"] == (clips_dir / "clip-a.mp4").read_bytes()
     assert sorted(by_key["clip-d"]) == ["mp4", "wav"]
     assert sorted(by_key["clip-b"]) == ["mp4"]
+
+
+def test_a_json_sidecar_that_training_would_refuse_is_refused_at_shard_time(tmp_path, caplog):
+    clips, out = tmp_path / "clips", tmp_path / "shards"
+    clips.mkdir()
+    for key, meta in (("ok", '{"classes": ["disc", 3]}'), ("garbled", "{not json"),
+                      ("listed", "[1, 2]"), ("unknown", '{"classes": ["drum"]}')):
+        _write_mp4(clips / f"{key}.mp4", 1.5, 4)
+        (clips / f"{key}.json").write_text(meta)
+    with caplog.at_level(logging.WARNING):
+        summary = write_shards(str(clips), str(out), progress=False)
+    assert (summary.samples, sorted(name for name, _ in summary.bad)) == (
+        1, ["garbled.mp4", "listed.mp4", "unknown.mp4"])
+    reasons = dict(summary.bad)
+    assert reasons["garbled.mp4"].startswith("garbled.json: invalid JSON: ")
+    assert reasons["listed.mp4"] == "listed.json: expected a JSON object"
+    assert reasons["unknown.mp4"] == "unknown.json: unknown class 'drum'"
+    assert "skipping clip unknown.mp4: unknown.json: unknown class 'drum'" in caplog.text
 
 
 def test_pack_is_deterministic_with_clean_metadata():

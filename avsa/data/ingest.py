@@ -26,6 +26,7 @@ from typing import TypeVar
 from tqdm import tqdm
 
 from avsa import media, storage
+from avsa.data import labels
 from avsa.data.manifest import Manifest, ShardInfo, manifest_uri, read_manifest, write_manifest
 from avsa.errors import MediaError, ShardError
 
@@ -126,7 +127,15 @@ def _media_source(uri: str) -> media.Source:
 
 def check_clip(clip: Clip) -> str | None:
     """Why ``clip`` cannot be used (a video under ``MIN_SECONDS``, no 4-channel audio, packets
-    missing before the end the header claims), or None; no decode."""
+    missing before the end the header claims, a json that is no object or names an unknown
+    class), or None; no decode."""
+    if "json" in clip.files:
+        name = clip.files["json"].rpartition("/")[2]
+        try:
+            labels.label_vector(labels.parse_meta(storage.read_bytes(clip.files["json"]), name),
+                                name)
+        except MediaError as e:
+            return str(e)
     video_uri = clip.files[clip.video_ext]
     try:
         video_src = _media_source(video_uri)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -30,8 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from avsa import audio, geometry, media
-from avsa.data import crops
-from avsa.data.labels import CLASSES, NUM_CLASSES
+from avsa.data import crops, labels
 from avsa.errors import MediaError
 
 VIDEO_MEMBER = "mp4"
@@ -95,13 +93,7 @@ def _fit(x: np.ndarray, n: int, axis: int, pad_edge: bool) -> np.ndarray:
 def _meta(raw) -> dict[str, Any]:
     if "json" not in raw.members:
         return {}
-    try:
-        meta = json.loads(raw.members["json"])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MediaError(f"{raw.key}.json", f"invalid JSON: {exc}") from None
-    if not isinstance(meta, dict):
-        raise MediaError(f"{raw.key}.json", "expected a JSON object")
-    return meta
+    return labels.parse_meta(raw.members["json"], f"{raw.key}.json")
 
 
 def _audio_source(raw) -> tuple[bytes, str]:
@@ -167,22 +159,6 @@ def _decode_windows(raw, cfg, plan, duration: float) -> tuple[np.ndarray, list[n
         threads=cfg.decode_threads, name=f"{raw.key}.{VIDEO_MEMBER}")
     frames = _fit(frames, cfg.frames, axis=0, pad_edge=True)  # decode_video returns >= 1 frame
     return frames, _split_audio(wave, a_name, cfg, starts, n)
-
-
-def _labels(meta: dict, name: str) -> np.ndarray | None:
-    if "classes" not in meta:
-        return None
-    hot = np.zeros(NUM_CLASSES, dtype=np.float32)
-    if not isinstance(meta["classes"], list):
-        raise MediaError(name + ".json", f"'classes' must be a list, got {meta['classes']!r:.60}")
-    for c in meta["classes"]:
-        if isinstance(c, str) and c in CLASSES:
-            hot[CLASSES.index(c)] = 1.0
-        elif isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= NUM_CLASSES:
-            hot[c - 1] = 1.0  # numeric ids follow the masks: 1..K, 0 = background
-        else:
-            raise MediaError(name + ".json", f"unknown class {c!r}")
-    return hot
 
 
 def _mask_crops(raw, meta: dict, vp: geometry.Viewpoints, size: int, t_centre: float) -> Tensor:
@@ -338,9 +314,9 @@ def make_sample(
         out[field] = audio_features(torch.from_numpy(wave), plan, cfg)
     if misalign_prob > 0:
         out["aligned"] = np.array(int(plan.aligned), dtype=np.int64)
-    labels = _labels(meta, raw.key)
-    if labels is not None:
-        out["labels"] = labels
+    hot = labels.label_vector(meta, f"{raw.key}.json")
+    if hot is not None:
+        out["labels"] = hot
     if with_masks:
         t_centre = plan.windows.video + cfg.frames / cfg.fps / 2
         masks = _mask_crops(raw, meta, plan.vp, cfg.crop_size, t_centre)
