@@ -1,16 +1,24 @@
-"""Unit tests of the training pieces that need no Ray: objectives, curriculum, checkpoints."""
+"""Unit tests of the training pieces that need no Ray: objectives, curriculum, checkpoints,
+and the refusal of a cluster address where no Ray answers."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+from mlflowserver import free_port
 from presets import encoder_state
 
 from avsa.config import compose
-from avsa.errors import CheckpointError
+from avsa.errors import CheckpointError, ConfigError
 from avsa.models import build_model, unwrap
 from avsa.models.inputs import normalize_video
 from avsa.train import checkpoint as ckpt
+from avsa.train.driver import join_cluster
 from avsa.train.loop import Meter, chance_score, phase_kind
 from avsa.train.objective import (
     compute_objective,
@@ -287,3 +295,40 @@ def test_a_resumed_run_streams_on_from_its_checkpoints_epoch(tmp_path):
     assert data_epochs(cfg, 10, str(run)) == (2, 7)
     assert data_epochs(compose(["train.batch_size=2", "train.max_steps=12"]), 10,
                        str(run)) == (2, 1)
+
+
+@pytest.mark.parametrize(("address", "says"), [
+    ("127.0.0.1:{port}", "no Ray answers at '127.0.0.1:{port}' ("),
+    ("ray://127.0.0.1:{port}", "no Ray answers at 'ray://127.0.0.1:{port}' ("),
+    ("http://127.0.0.1:8265", "'http://127.0.0.1:8265' is no Ray address: use the head's GCS"),
+    ("no-ray-here", "'no-ray-here' is not HOST:PORT"),
+])
+def test_a_cluster_address_where_no_ray_answers_is_refused_before_ray_init(address, says):
+    port = free_port()
+    with pytest.raises(ConfigError) as info:
+        join_cluster(address.format(port=port), timeout_s=2)
+    assert str(info.value).startswith("RAY_ADDRESS: " + says.format(port=port)), info.value
+    assert str(info.value).endswith("; unset RAY_ADDRESS to start a local Ray")
+
+
+@pytest.mark.timeout(90)  # before the check, Ray retried a dead address for minutes
+def test_avsa_pretrain_with_a_dead_ray_address_exits_with_one_line(tmp_path):
+    from avsa.data.manifest import Manifest, write_manifest
+    from avsa.data.shards import RawSample, pack_shard, shard_info, shard_name
+
+    blob = pack_shard([RawSample(f"k{i}", {"mp4": b"x"}) for i in range(4)])
+    (tmp_path / "shards" / shard_name(0)).parent.mkdir(parents=True)
+    (tmp_path / "shards" / shard_name(0)).write_bytes(blob)
+    write_manifest(str(tmp_path / "shards"),
+                   Manifest("train", [shard_info(shard_name(0), blob, 4)], 4))
+    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{free_port()}",
+           "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "avsa.cli", "pretrain", "experiment=demo_local", "model=tiny",
+         f"data.shards={tmp_path / 'shards'}", "data.val_shards=null", "train.batch_size=2",
+         f"storage.path={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path}/m.db"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=80)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"avsa pretrain: error: RAY_ADDRESS: no Ray answers at '{env['RAY_ADDRESS']}'"), lines

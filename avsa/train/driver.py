@@ -78,8 +78,8 @@ def ensure_ray(cfg: Config, need_state_api: bool = False) -> None:
     keep_credentials_out_of_runtime_envs()
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+    if address := os.environ.get("RAY_ADDRESS"):
+        join_cluster(address)
         return
     need = cfg.train.num_workers * cfg.train.cpus_per_worker + 2 * cfg.data.decode_cpus
     num_cpus = max(os.cpu_count() or 1, math.ceil(need))
@@ -104,6 +104,31 @@ def ensure_ray(cfg: Config, need_state_api: bool = False) -> None:
                 raise
             log.warning("local Ray did not start in time (busy machine?); trying once more")
             ray.shutdown()
+
+
+def join_cluster(address: str, timeout_s: float = 5.0) -> None:
+    """`ray.init` on the cluster at `address` (RAY_ADDRESS); ConfigError when no Ray answers
+    there, within `timeout_s` instead of after minutes of Ray's own retries."""
+    import ray
+
+    where, local = "RAY_ADDRESS", "; unset RAY_ADDRESS to start a local Ray"
+    if "://" in address and not address.startswith("ray://"):
+        raise ConfigError(where, f"{address!r} is no Ray address: use the head's GCS address "
+                                 f"HOST:6379 (`ray job submit` takes the dashboard's http:// "
+                                 f"one){local}")
+    if address not in ("auto", "local"):
+        host, _, port = address.removeprefix("ray://").rpartition(":")
+        if not (host and port.isdigit()):
+            raise ConfigError(where, f"{address!r} is not HOST:PORT{local}")
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+        except OSError as e:
+            raise ConfigError(where, f"no Ray answers at {address!r} ({e}); check that the "
+                                     f"cluster is up and its port reachable{local}") from None
+    try:
+        ray.init(log_to_driver=True)
+    except ConnectionError as e:
+        raise ConfigError(where, f"{address!r}: {' '.join(str(e).split())}") from None
 
 
 RAY_AGENT_PORT = 52365  # Ray's default dashboard agent port; ray.init offers no option for it
