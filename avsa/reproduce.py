@@ -368,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     uri = tracking.resolve_tracking_uri(
         args.tracking_uri or f"sqlite:///{(args.out / 'mlruns' / 'mlflow.db').resolve()}")
     cfg = compose([PRESET, *args.overrides])  # bad overrides fail here, before any work
+    tracking.check_reachable(uri)  # and an unusable tracking server
     tables = plan(args, cfg.train.batch_size, cfg.data.num_viewpoints, cfg.data.audio_features)
     data = make_data(args, tables, cfg.data)
     from avsa.train.driver import ray_for_block

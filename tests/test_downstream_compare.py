@@ -207,6 +207,16 @@ def test_compare_fails_at_once_on_a_dead_server_and_creates_no_store(tmp_path, m
     assert not db.parent.exists()
 
 
+def test_reproduce_checks_the_tracking_server_before_making_data(tmp_path):
+    from avsa import reproduce
+
+    down = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(TrackingError, match=f"^{down}: MLflow tracking server unreachable"):
+        reproduce.main(["--out", str(tmp_path), "--tracking-uri", down, "--clips", "8",
+                        "--test-clips", "2", "--action-clips", "8", "--seconds", "2"])
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_compare_names_a_missing_experiment(mlflow_uri, tmp_path):
     with pytest.raises(TrackingError, match="no experiment 'nope-"):
         compare.main(["--experiment", f"nope-{uuid.uuid4().hex[:6]}", "--tracking-uri",
