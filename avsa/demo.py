@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from avsa import synth
+from avsa import synth, tracking
 from avsa.config import compose, override
 
 PRESET = "experiment=demo_local"
@@ -35,7 +35,9 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
     t0 = time.perf_counter()
-    fmt = synth.read_format(compose([PRESET, *args.overrides]).data)  # bad ones fail here
+    base = compose([PRESET, *args.overrides])  # bad overrides fail here, before any work,
+    tracking.check_reachable(tracking.resolve_tracking_uri(base.tracking.uri))  # as a dead server
+    fmt = synth.read_format(base.data)
     shard_uris = {}
     for split, clips, seed in (("train", args.train_clips, 0), ("val", args.val_clips, 1)):
         print(f"[avsa demo] synthesising {clips} {split} clips into {out / 'clips' / split}",
@@ -54,7 +56,6 @@ def main(argv: list[str]) -> int:
     cfg = compose(overrides)
     # The per-step [avsa] lines already show progress; Ray Data's bars would bury them.
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    from avsa import tracking
     from avsa.tracking import ui
     from avsa.train.driver import pretrain, print_summary, ray_for_block
 

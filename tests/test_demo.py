@@ -73,3 +73,15 @@ def test_a_bad_override_fails_before_any_clip_is_written(tmp_path):
     with pytest.raises(ConfigError, match=r"data\.fps"):
         demo.main(["--out", str(tmp_path / "demo"), "data.fps=-1"])
     assert not (tmp_path / "demo").exists()
+
+
+def test_demo_checks_the_tracking_server_before_synthesising(tmp_path):
+    from mlflowserver import free_port
+
+    from avsa.errors import TrackingError
+
+    down = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(TrackingError, match=f"^{down}: MLflow tracking server unreachable"):
+        demo.main(["--out", str(tmp_path / "demo"), "--train-clips", "4", "--val-clips", "2",
+                   f"tracking.uri={down}"])
+    assert not (tmp_path / "demo").exists()
