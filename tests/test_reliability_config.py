@@ -190,11 +190,14 @@ def _manifest(root: Path, samples: int) -> Path:
     return root
 
 
-@pytest.mark.parametrize("command", [
+COMMANDS = [
     ["pretrain"],
     # a sweep on a training metric needs no validation shards, and is checked the same way
     ["sweep", "data.val_shards=null", "sweep.metric=train/loss", "sweep.mode=min"],
-])
+]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
 def test_batch_larger_than_the_data_is_refused_before_ray(command, tmp_path, no_services, capsys):
     shards = _manifest(tmp_path / "shards", 3)
     rc = cli.main([*command, f"data.shards={shards}", "train.batch_size=4",
@@ -202,6 +205,20 @@ def test_batch_larger_than_the_data_is_refused_before_ray(command, tmp_path, no_
     err = capsys.readouterr().err
     assert rc == 2
     assert "train.batch_size: must be at most the 3 samples in data.shards, got 4" in err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_dead_tracking_server_is_refused_before_ray(command, tmp_path, no_services, capsys):
+    from mlflowserver import free_port
+
+    shards = _manifest(tmp_path / "shards", 3)
+    down = f"http://127.0.0.1:{free_port()}"
+    rc = cli.main([*command, f"data.shards={shards}", "train.batch_size=2",
+                   f"storage.path={tmp_path / 'runs'}", f"tracking.uri={down}"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert f"error: {down}: MLflow tracking server unreachable (" in err
     assert not (tmp_path / "runs").exists()
 
 
@@ -213,7 +230,8 @@ def test_tiny_temperature_warns_once(tmp_path, no_services, caplog):
     shards = _manifest(tmp_path / "shards", 3)
     with pytest.raises(AssertionError, match="reached MLflow or Ray"):
         driver.pretrain(cli_compose([f"data.shards={shards}", "loss.temperature=1e-9",
-                                     "train.batch_size=2", f"storage.path={tmp_path}"]))
+                                     "train.batch_size=2", f"storage.path={tmp_path}",
+                                     f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]))
     assert caplog.text.count("loss.temperature=1e-09: logits reach 1e+09") == 1
 
 

@@ -334,11 +334,12 @@ def run(cfg: Config, callbacks: Sequence[Any] = (), *, parent_run_id: str | None
 
 
 def check_inputs(cfg: Config) -> None:
-    """The shards' manifests read and the batch checked against them: a clear error before
-    Ray starts, not inside a worker."""
+    """The shards' manifests read and the batch checked against them, and the tracking store
+    reachable: a clear error before Ray starts, not inside a worker."""
     check_batch_fits_data(cfg, read_manifest(cfg.data.shards).total_samples)
     if cfg.data.val_shards:
         read_manifest(cfg.data.val_shards)
+    tracking.check_reachable(tracking.resolve_tracking_uri(cfg.tracking.uri))
 
 
 def pretrain(cfg: Config, callbacks: Sequence[Any] = ()) -> RunResult:
