@@ -206,7 +206,7 @@ def test_worker_deaths_mid_epoch_resume_from_checkpoints(death_run, mlflow_uri, 
 
 def test_same_run_name_for_another_config_is_refused(death_run, mlflow_uri, data, shared_store):
     """`storage.run_name` pins the directory; another config there would resume from (and
-    overwrite) the first run's checkpoints, so it is refused before MLflow or Ray."""
+    overwrite) the first run's checkpoints, so it is refused before its MLflow run or Ray."""
     cfg, _, _ = death_run
     before = sorted(p.name for p in (shared_store / cfg.run_name()).iterdir())
     other = compose(overrides(data, shared_store, mlflow_uri, "rel-clash",
