@@ -56,7 +56,6 @@ def main(argv: list[str]) -> int:
     cfg = compose(overrides)
     # The per-step [avsa] lines already show progress; Ray Data's bars would bury them.
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    from avsa.tracking import ui
     from avsa.train.driver import pretrain, print_summary, ray_for_block
 
     with ray_for_block():  # the transfer after it runs in this process, without Ray
@@ -84,11 +83,22 @@ def main(argv: list[str]) -> int:
               f"{accs['pretrained']:.3f}, scratch {accs['scratch']:.3f} (pretrained - scratch "
               f"{accs['pretrained'] - accs['scratch']:+.3f}), chance 0.5")
 
-    uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     print(f"[avsa demo] done in {time.perf_counter() - t0:.0f}s. Look at the runs with:")
-    print(f"    {mlflow_command()} ui --backend-store-uri {uri}")
-    print(f"  then open {ui.runs_page(uri, cfg.tracking.experiment)}")
+    print(*where_to_look(tracking.resolve_tracking_uri(cfg.tracking.uri),
+                         cfg.tracking.experiment), sep="\n")
     return 0
+
+
+def where_to_look(uri: str, experiment: str) -> list[str]:
+    """Lines that open the runs of `experiment`: `mlflow ui` on a local store, else the
+    server's own page."""
+    from avsa.tracking import ui
+    from avsa.tracking.client import is_remote
+
+    if is_remote(uri):
+        return [f"  open {ui.runs_page(uri, experiment, ui=tracking.redact(uri))}"]
+    return [f"    {mlflow_command()} ui --backend-store-uri {uri}",
+            f"  then open {ui.runs_page(uri, experiment)}"]
 
 
 def mlflow_command() -> str:

@@ -62,9 +62,17 @@ def test_demo_pretrains_then_compares_transfer_with_scratch(ray_session, mlflow_
     shown = {"pretrained": float(m.group(1)), "scratch": float(m.group(2))}
     assert round(by_ref[pre.info.run_id].data.metrics["test/acc"], 3) == shown["pretrained"]
     assert round(by_ref["scratch"].data.metrics["test/acc"], 3) == shown["scratch"]
-    assert f"--backend-store-uri {mlflow_uri}" in out
-    [mlflow_exe] = re.findall(r"^ +(\S+) ui --backend-store-uri ", out, re.M)
+    exp_id = client.get_experiment_by_name(name).experiment_id
+    assert f"\n  open {mlflow_uri}/#/experiments/{exp_id}?workflowType=" in out, out
+    assert "--backend-store-uri" not in out  # `mlflow ui` serves local stores, not a server's
+
+
+def test_a_local_store_is_opened_with_the_mlflow_beside_this_python(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    command, page = demo.where_to_look(uri, "nope")
+    [mlflow_exe] = re.findall(r"^ +(\S+) ui --backend-store-uri " + re.escape(uri) + "$", command)
     assert Path(mlflow_exe).is_file() or shutil.which(mlflow_exe), mlflow_exe
+    assert page == "  then open http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
 
 
 def test_a_bad_override_fails_before_any_clip_is_written(tmp_path):
