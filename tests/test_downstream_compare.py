@@ -141,7 +141,8 @@ def _log(uri, experiment, pretext, task, metrics, *, context="", kind="transfer"
     time.sleep(0.02)  # distinct start times
 
 
-def test_compare_command_reads_mlflow_and_writes_the_table(mlflow_uri, tmp_path, capsys):
+def test_compare_command_reads_mlflow_and_writes_the_table(mlflow_uri, tmp_path, capsys,
+                                                           monkeypatch):
     exp = f"compare-{uuid.uuid4().hex[:8]}"
     _log(mlflow_uri, exp, "scratch", "avc_bin", {"test/acc": 0.5})
     _log(mlflow_uri, exp, "scratch", "avc_bin", {"test/acc": 0.625})
@@ -154,9 +155,11 @@ def test_compare_command_reads_mlflow_and_writes_the_table(mlflow_uri, tmp_path,
         _log(mlflow_uri, exp, "avsa", "avsa_bin", {"test/acc": acc}, seed=seed, tmp=tmp_path,
              examples={"acc": (np.arange(100) < 100 * acc).astype(np.uint8)})
 
+    monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", raising=False)
     assert compare.main(["--experiment", exp, "--tracking-uri", mlflow_uri,
                          "--out", str(tmp_path)]) == 0
-    printed = capsys.readouterr().out
+    printed, err = capsys.readouterr()
+    assert "Downloading artifacts" not in err  # MLflow's bar for each run's examples
     md = (tmp_path / "comparison.md").read_text()
     assert md in printed
     assert "| scratch | 62.5 | – |" in md
