@@ -84,10 +84,27 @@ def test_avc_bin_through_the_command(shards, mlflow_uri, experiment, capsys, tmp
     r = check_run(mlflow_uri, run_id, "avc_bin", ["test/acc"])
     assert r.data.metrics["test/examples"] == 2 * 4 * 2  # (pos + neg) x 4 test clips x 2 views
     assert "test/acc" in out
+    assert re.search(r"^\[avsa\] avc_bin-scratch-s\d+ epoch 1/1  train/loss \d", out, re.M), out
     examples = stored_examples(mlflow_uri, run_id, tmp_path)
     # a negative pairs clip i's viewpoints with clip i + 1's audio: it is clip i's example
     assert examples["acc_unit"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3] * 2
     assert examples["clip_acc_unit"].tolist() == [0, 1, 2, 3] * 2
+
+
+def test_epoch_lines_show_the_first_epoch_then_at_most_one_per_interval(capsys, monkeypatch):
+    logged = []
+    log = run.with_progress(lambda m, e: logged.append(e), "action-avsa-s0", 50)
+    for epoch in range(3):
+        log({"train/loss": 0.5}, epoch)
+    assert logged == [0, 1, 2]  # MLflow gets every epoch
+    assert capsys.readouterr().out == "[avsa] action-avsa-s0 epoch 1/50  train/loss 0.5000\n"
+    monkeypatch.setattr(run, "PROGRESS_EVERY_S", 0.0)
+    log = run.with_progress(lambda m, e: None, "x", 2)
+    log({"train/loss": 1.0, "val/loss": 2.0}, 0)
+    log({"train/loss": 1.0, "val/loss": 2.0}, 1)
+    assert capsys.readouterr().out.splitlines() == [
+        "[avsa] x epoch 1/2  train/loss 1.0000  val/loss 2.0000",
+        "[avsa] x epoch 2/2  train/loss 1.0000  val/loss 2.0000"]
 
 
 def test_avsa_bin(shards, mlflow_uri, experiment, tmp_path):

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import re
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +46,7 @@ MODE = "avsa.mode"
 SEED = "avsa.seed"
 ROW = "avsa.row"  # the row a transfer run fills in `avsa compare` (default: its pretext)
 CONFIG = "avsa.config"  # config_digest(transfer=True): the same transfer run again has it
+PROGRESS_EVERY_S = 30.0  # at most one epoch line on stdout this often (MLflow gets every epoch)
 # per-example test results (npz): acc / clip_acc / video_acc hit vectors, per-crop confusion,
 # NAME_unit: the clip (or video) of each row of NAME, which `avsa compare` resamples together
 EXAMPLES = "test_examples.npz"
@@ -140,6 +143,22 @@ def run_task(ds: DownstreamConfig, model: AVSANet, source, *, seed: int, device:
             "train/epochs": float(result.epochs), "train/lr": head.lr(ds)}
 
 
+def with_progress(log: EpochLog, what: str, epochs: int) -> EpochLog:
+    """`log`, and a line "[avsa] WHAT epoch E/EPOCHS  metrics" on stdout for the first epoch
+    and then at most every PROGRESS_EVERY_S seconds, so a long head training shows it runs."""
+    shown_at = -math.inf
+
+    def log_and_show(metrics: dict[str, float], epoch: int) -> None:
+        nonlocal shown_at
+        log(metrics, epoch)
+        if time.monotonic() - shown_at >= PROGRESS_EVERY_S:
+            shown_at = time.monotonic()
+            values = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            print(f"[avsa] {what} epoch {epoch + 1}/{epochs}  {values}", flush=True)
+
+    return log_and_show
+
+
 def _log_results(logger: tracking.RunLogger, task: str, examples: dict[str, np.ndarray],
                  class_names: Sequence[str]) -> None:
     """The per-example test results as the run's EXAMPLES artifact (for `avsa compare`) and
@@ -200,7 +219,8 @@ def run_transfer(cfg: Config, memo: dict | None = None) -> TransferResult:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         source = task_class(ds.task).source(data, ds, memo)
         metrics = run_task(ds, pre.model, source, seed=seed, device=device,
-                           log=logger.log_metrics, examples=examples)
+                           log=with_progress(logger.log_metrics, name, ds.epochs),
+                           examples=examples)
         logger.log_metrics(metrics, step=ds.epochs)
         _log_results(logger, ds.task, examples, source.class_names)
     return TransferResult(ds.task, pre.pretext, pre.ref, logger.run_id, uri, ds.experiment,
