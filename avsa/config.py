@@ -278,7 +278,11 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> Config:
         err = e.__cause__ if isinstance(e, HydraException) else e
         if not (isinstance(err, OmegaConfBaseException) and getattr(err, "full_key", None)):
             err = e
-        raise ConfigError(getattr(err, "full_key", None) or "override", _first_line(err)) from None
+        key, reason = getattr(err, "full_key", None) or "override", _first_line(err)
+        if key.startswith("sweep.space.") and reason.startswith("Cannot merge"):
+            reason += (f"; to turn a list into a distribution or back, drop the key first: "
+                       f"'~{key}' '+{key}=...'")
+        raise ConfigError(key, reason) from None
     finally:
         GlobalHydra.instance().clear()
     validate(obj)

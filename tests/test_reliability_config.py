@@ -43,6 +43,9 @@ CASES = [
     ("sweep", "sweep.space.loss.temperature=[0.07,-1]",
      "loss.temperature: must be in (0, 10], got -1"),
     ("sweep", "data.fov_max_deg=180", "data.fov_max_deg: must be in [25, 179], got 180.0"),
+    ("sweep", "sweep.space.loss.temperature={distribution:loguniform,low:0.01,high:0.1}",
+     "sweep.space.loss.temperature: Cannot merge DictConfig with ListConfig; to turn a list "
+     "into a distribution or back, drop the key first: '~sweep.space.loss.temperature'"),
     # keys added with + or ++ are checked against the schema like any other
     ("pretrain", "+trian.max_steps=5", "trian: no such key in the config"),
     ("pretrain", "++train.max_stepz=5", "train.max_stepz: no such key in 'train'"),
