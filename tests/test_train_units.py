@@ -312,7 +312,7 @@ def test_a_cluster_address_where_no_ray_answers_is_refused_before_ray_init(addre
 
 
 @pytest.mark.timeout(90)  # before the check, Ray retried a dead address for minutes
-def test_avsa_pretrain_with_a_dead_ray_address_exits_with_one_line(tmp_path):
+def test_avsa_pretrain_with_a_dead_ray_address_exits_with_one_line(tmp_path, mlflow_uri):
     from avsa.data.manifest import Manifest, write_manifest
     from avsa.data.shards import RawSample, pack_shard, shard_info, shard_name
 
@@ -326,7 +326,7 @@ def test_avsa_pretrain_with_a_dead_ray_address_exits_with_one_line(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "avsa.cli", "pretrain", "experiment=demo_local", "model=tiny",
          f"data.shards={tmp_path / 'shards'}", "data.val_shards=null", "train.batch_size=2",
-         f"storage.path={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path}/m.db"],
+         f"storage.path={tmp_path / 'runs'}", f"tracking.uri={mlflow_uri}"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=80)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
