@@ -35,8 +35,9 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
     t0 = time.perf_counter()
-    base = compose([PRESET, *args.overrides])  # bad overrides fail here, before any work,
-    tracking.check_reachable(tracking.resolve_tracking_uri(base.tracking.uri))  # as a dead server
+    # Bad overrides and a dead tracking server fail here, before any clip is made.
+    base = compose([PRESET, *args.overrides])
+    tracking.check_reachable(tracking.resolve_tracking_uri(base.tracking.uri))
     fmt = synth.read_format(base.data)
     shard_uris = {}
     for split, clips, seed in (("train", args.train_clips, 0), ("val", args.val_clips, 1)):
