@@ -16,7 +16,7 @@ from avsa.tracking.code_version import ENTRY_ENV
 
 # name -> (module with `main(argv) -> int`, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "synth": ("avsa.synth", "make a synthetic 360° data set (MP4 + ambiX audio, labels, masks)"),
+    "synth": ("avsa.synth_cli", "make a synthetic 360° data set (MP4 + ambiX audio, labels, masks)"),
     "inspect": ("avsa.inspect", "stream facts of a 360° clip and where its sound comes from"),
     "shard": ("avsa.data.shard_cli", "validate clips and write tar shards + manifest (local or s3://)"),
     "config": ("avsa.cli", "print the composed, validated config for some overrides"),

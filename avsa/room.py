@@ -1,4 +1,5 @@
-"""Room reverberation for synthetic scenes: B-format tails from image-source room acoustics.
+"""Room acoustics for synthetic scenes: B-format reverberant tails from image-source room
+acoustics, and the diffuse noise field.
 
 pyroomacoustics computes the image sources of a shoebox room (Allen & Berkley) whose wall
 absorption gives the requested RT60 (Sabine). Each image source reaches a point microphone
@@ -73,3 +74,11 @@ def convolve(waves: np.ndarray, tails: np.ndarray) -> np.ndarray:
     size = 1 << (n + tails.shape[-1] - 1).bit_length()
     spectra = np.fft.rfft(waves, size)[:, None, :] * np.fft.rfft(tails, size)
     return np.fft.irfft(spectra.sum(axis=0), size)[:, :n].astype(np.float32)
+
+
+def diffuse_noise(rng: np.random.Generator, n: int, std: float) -> np.ndarray:
+    """(4, n) float32 ambiX of an isotropic diffuse field with `std` on W: independent noise
+    per channel, the first-order channels at 1/sqrt(3) of W (SN3D: a plane wave from a uniform
+    direction has E[Y^2] = E[Z^2] = E[X^2] = E[W^2] / 3)."""
+    scale = np.array([1.0, 3**-0.5, 3**-0.5, 3**-0.5])[:, None] * std
+    return (rng.standard_normal((4, n)) * scale).astype(np.float32)

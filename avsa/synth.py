@@ -20,14 +20,12 @@ rate, `on` intervals in seconds).
 
 from __future__ import annotations
 
-import argparse
+import inspect
 import io
 import json
 import math
 import multiprocessing
 import os
-import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +36,7 @@ import torch
 from avsa import geometry, room, shapes, storage
 from avsa.data.labels import CLASSES as CLASS_NAMES
 from avsa.encode import encode_clip
-from avsa.errors import AvsaError, ConfigError
+from avsa.errors import ConfigError
 from avsa.progress import progress_bar
 
 LABEL_FPS = 4  # mask frames (and JSON trajectory samples) per second
@@ -214,13 +212,6 @@ def _sound(src: _Source, t: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return gate(src.events, t) * (0.3 + 0.7 * src.envelope(t)) * tone / sum(c.harmonics)
 
 
-def diffuse_noise(rng: np.random.Generator, n: int, std: float = NOISE) -> np.ndarray:
-    """(4, n) float32 ambiX of an isotropic diffuse field: independent noise per channel, the
-    first-order channels at 1/sqrt(3) of W (SN3D: a plane wave from a uniform direction has
-    E[Y^2] = E[Z^2] = E[X^2] = E[W^2] / 3)."""
-    scale = np.array([1.0, 3**-0.5, 3**-0.5, 3**-0.5])[:, None] * std
-    return (rng.standard_normal((4, n)) * scale).astype(np.float32)
-
 
 def make_scene(seed: int, seconds: float, *, width: int = 384, height: int = 192, fps: float = 16,
                sample_rate: int = 24000, num_sources: int | None = None,
@@ -257,13 +248,14 @@ def make_scene(seed: int, seconds: float, *, width: int = 384, height: int = 192
     if rt60_s > 0:
         tails = room.bformat_tails([(s.az0, s.el) for s in placed], rt60_s, sample_rate, rng)
         foa += room.convolve(np.stack([w.numpy() for w in waves]), tails)
-    foa += diffuse_noise(rng, t.size)
+    foa += room.diffuse_noise(rng, t.size, NOISE)
     foa = (foa * (PEAK / np.abs(foa).max())).astype(np.float32)
 
     meta = {
         "format": "avsa-synth", "version": 2, "seed": int(seed), "seconds": seconds,
         "fps": fps, "sample_rate": sample_rate, "width": width, "height": height,
-        "label_fps": LABEL_FPS, "rt60_s": rt60_s,
+        "label_fps": LABEL_FPS, "rt60_s": rt60_s, "num_sources": num_sources,
+        "classes_per_clip": classes_per_clip,
         "classes": list(dict.fromkeys(CLASSES[s.cls] for s in placed)),
         "sources": [{
             "class": CLASSES[s.cls], "mask_id": s.cls + 1,
@@ -286,16 +278,33 @@ def clip_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0])
 
 
-def _complete(out_dir: Path, key: str) -> bool:
+def is_complete(out_dir: Path, key: str) -> bool:
+    """Whether clip `key` has its three files in out_dir (its JSON is written last)."""
     return all((out_dir / f"{key}{ext}").is_file() for ext in (".mp4", ".masks.npz", ".json"))
 
 
-def _write_clip(job: tuple) -> bool:
-    """Write clip `index` unless it is complete already; True when it was written."""
+def _kept(out_dir: Path, index: int, seconds: float, seed: int, scene_kwargs: dict) -> bool:
+    """True when clip `index` is complete; a ConfigError when its JSON says it was made with
+    other settings, which a re-run would otherwise mix into the data set unnoticed."""
+    key = f"clip-{index:06d}"
+    if not is_complete(out_dir, key):
+        return False
+    try:
+        meta = json.loads((out_dir / f"{key}.json").read_text())
+    except ValueError:  # not the JSON this module writes: made again
+        return False
+    want = inspect.signature(make_scene).bind(clip_seed(seed, index), seconds, **scene_kwargs)
+    want.apply_defaults()
+    if diff := [f"{k}={meta.get(k)} (not {v})" for k, v in want.arguments.items()
+                if k != "sources" and meta.get(k) != v]:
+        raise ConfigError(out_dir / f"{key}.json", f"made with {', '.join(diff)}; write to "
+                                                    "another folder, or delete it to remake it")
+    return True
+
+
+def _write_clip(job: tuple) -> None:
     out_dir, index, seconds, seed, kwargs = job
     key = f"clip-{index:06d}"
-    if _complete(out_dir, key):
-        return False
     scene = make_scene(clip_seed(seed, index), seconds, **kwargs)
     encode_clip(out_dir / f"{key}.mp4", scene.video, scene.meta["fps"], scene.foa,
                 scene.meta["sample_rate"])
@@ -305,18 +314,19 @@ def _write_clip(job: tuple) -> bool:
     # the JSON, written last, commits the clip
     meta = {**scene.meta, "key": key, "index": index, "dataset_seed": int(seed)}
     storage.write_bytes(out_dir / f"{key}.json", json.dumps(meta, indent=1).encode())
-    return True
 
 
 def write_dataset(out_dir: str | os.PathLike, clips: int, seconds: float, seed: int,
                   workers: int = 1, *, progress: bool = True, **scene_kwargs) -> list[Path]:
     """Write `clips` clips `clip-000000.mp4` ... (+ .json, .masks.npz) into out_dir; clips
-    already complete are kept, so a re-run only fills gaps. scene_kwargs go to make_scene.
-    Returns the MP4 paths in index order."""
+    already complete are kept, so a re-run only fills gaps (a ConfigError when they were
+    made with other settings). scene_kwargs go to make_scene. Returns the MP4 paths in index
+    order."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [(out, i, seconds, seed, scene_kwargs) for i in range(clips)]
-    with progress_bar(clips, "synth", "clip", enabled=progress) as bar:
+    jobs = [(out, i, seconds, seed, scene_kwargs) for i in range(clips)
+            if not _kept(out, i, seconds, seed, scene_kwargs)]
+    with progress_bar(len(jobs), "synth", "clip", enabled=progress) as bar:
         if workers > 1:
             ctx = multiprocessing.get_context("spawn")  # no fork of a process holding threads
             with ctx.Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
@@ -348,50 +358,3 @@ def write_split(out: Path, split: str, clips: int, seconds: float, seed: int, wo
     uri = str(out / "shards" / split)
     write_shards(out / "clips" / split, uri, samples_per_shard=16, split=split)
     return uri
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="avsa synth", description=__doc__.splitlines()[0])
-    parser.add_argument("out_dir", metavar="OUT_DIR")
-    parser.add_argument("--clips", type=int, default=16)
-    parser.add_argument("--seconds", type=float, default=4.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--width", type=int, default=384)
-    parser.add_argument("--height", type=int, default=192)
-    parser.add_argument("--fps", type=float, default=16.0)
-    parser.add_argument("--sample-rate", type=int, default=24000)
-    parser.add_argument("--sources", dest="num_sources", type=int, metavar="N",
-                        choices=range(1, len(CLASSES) + 1),
-                        help="sources per clip (default: random {}-{})".format(*SOURCES_RANGE))
-    parser.add_argument("--classes-per-clip", type=int, metavar="C",
-                        choices=range(1, len(CLASSES) + 1),
-                        help="sources from C classes, each at least once (1: single-label clips)")
-    parser.add_argument("--rt60", dest="rt60_s", type=float, default=0.0, metavar="SECONDS",
-                        help="add a simulated room with this reverberation time (0: dry)")
-    parser.add_argument("--stats", action="store_true",
-                        help="print how many sampled crops show a source (default sampler)")
-    args = parser.parse_args(argv)
-    if args.clips < 0 or args.seconds <= 0 or args.workers < 1:
-        parser.error("--clips must be >= 0, --seconds > 0 and --workers >= 1")
-    before = sum(_complete(Path(args.out_dir), f"clip-{i:06d}") for i in range(args.clips))
-    start = time.perf_counter()
-    try:
-        scene = {k: getattr(args, k) for k in ("width", "height", "fps", "sample_rate",
-                                                "num_sources", "classes_per_clip", "rt60_s")}
-        write_dataset(args.out_dir, args.clips, args.seconds, args.seed, args.workers, **scene)
-    except AvsaError as e:
-        print(f"avsa synth: error: {e}", file=sys.stderr)
-        return 2
-    print(f"avsa synth: {args.clips} clips in {args.out_dir} ({args.clips - before} written, "
-          f"{before} already there) in {time.perf_counter() - start:.1f} s")
-    if args.stats:
-        from avsa import coverage
-
-        paths = [Path(args.out_dir) / f"clip-{i:06d}.masks.npz" for i in range(args.clips)]
-        stats = coverage.coverage_stats(coverage.load_masks(paths), seed=args.seed)
-        print(f"avsa synth: {stats['share_with_source']:.1%} of {stats['crops']} sampled crops "
-              f"show a source on >= {coverage.MIN_SHARE:.0%} of their pixels (mean share "
-              f"{stats['mean_source_share']:.1%})")
-        print(json.dumps({"name": "synth_coverage", **stats}))
-    return 0

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
 import torch
 
-from avsa import geometry, media, synth
+from avsa import geometry, media, room, synth, synth_cli
 from avsa.encode import encode_clip
 from avsa.errors import ConfigError
 from avsa.synth import SourceSpec
@@ -137,7 +138,7 @@ def test_sources_sound_as_events_and_look_it():
 
 
 def test_diffuse_noise_is_decorrelated_on_all_four_channels():
-    noise = synth.diffuse_noise(np.random.default_rng(0), 200_000, std=1.0)
+    noise = room.diffuse_noise(np.random.default_rng(0), 200_000, std=1.0)
     cov = np.cov(noise)
     assert np.allclose(np.diag(cov), [1, 1 / 3, 1 / 3, 1 / 3], rtol=0.02)
     off = cov - np.diag(np.diag(cov))
@@ -237,8 +238,35 @@ def test_write_dataset_writes_and_skips(tmp_path):
     assert not list(tmp_path.glob(".*"))  # no temporary files left
 
 
+def test_a_rerun_with_other_settings_is_refused_not_mixed_in(tmp_path, capsys):
+    synth.write_dataset(tmp_path, 1, 1.0, seed=4, progress=False, **SMALL)
+    stamp = (tmp_path / "clip-000000.mp4").stat().st_mtime_ns
+    for change, said in (({"seconds": 0.5}, "seconds=1.0 (not 0.5)"),
+                         ({"seed": 5}, f"seed={synth.clip_seed(4, 0)} (not"),
+                         ({"rt60_s": 0.3}, "rt60_s=0.0 (not 0.3)"),
+                         ({"num_sources": 2}, "num_sources=None (not 2)")):
+        args = {"seconds": 1.0, "seed": 4, **SMALL, **change}
+        with pytest.raises(ConfigError, match=re.escape(said)) as e:
+            synth.write_dataset(tmp_path, 2, args.pop("seconds"), args.pop("seed"),
+                                progress=False, **args)
+        assert "clip-000000.json" in str(e.value) and "another folder" in str(e.value)
+    assert not (tmp_path / "clip-000001.json").exists()  # refused before any clip is written
+    # A clip written before the JSON named num_sources and classes_per_clip is still kept.
+    meta = json.loads((tmp_path / "clip-000000.json").read_text())
+    del meta["num_sources"], meta["classes_per_clip"]
+    (tmp_path / "clip-000000.json").write_text(json.dumps(meta))
+    synth.write_dataset(tmp_path, 2, 1.0, seed=4, progress=False, **SMALL)
+    assert (tmp_path / "clip-000000.mp4").stat().st_mtime_ns == stamp
+    assert (tmp_path / "clip-000001.json").is_file()
+    argv = [str(tmp_path), "--clips", "2", "--seconds", "2", "--seed", "4", "--width",
+            str(SMALL["width"]), "--height", str(SMALL["height"])]
+    assert synth_cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "seconds=1.0 (not 2.0)" in err[0], err
+
+
 def test_cli_with_workers_matches_in_process(tmp_path, capsys):
-    rc = synth.main([str(tmp_path / "a"), "--clips", "2", "--seconds", "0.5", "--seed", "9",
+    rc = synth_cli.main([str(tmp_path / "a"), "--clips", "2", "--seconds", "0.5", "--seed", "9",
                      "--workers", "2", "--width", "128", "--height", "64"])
     assert rc == 0
     out = capsys.readouterr().out.strip().splitlines()
@@ -249,10 +277,10 @@ def test_cli_with_workers_matches_in_process(tmp_path, capsys):
     assert json.loads((a / f"{name}.json").read_text()) == json.loads((b / f"{name}.json").read_text())
     with np.load(a / f"{name}.masks.npz") as x, np.load(b / f"{name}.masks.npz") as y:
         np.testing.assert_array_equal(x["masks"], y["masks"])
-    assert synth.main([str(tmp_path / "a"), "--clips", "2", "--seconds", "0.5", "--seed", "9",
+    assert synth_cli.main([str(tmp_path / "a"), "--clips", "2", "--seconds", "0.5", "--seed", "9",
                        "--width", "128", "--height", "64"]) == 0
     assert "0 written, 2 already there" in capsys.readouterr().out
-    assert synth.main([str(tmp_path / "a"), "--clips", "2", "--seconds", "0.5", "--seed", "9",
+    assert synth_cli.main([str(tmp_path / "a"), "--clips", "2", "--seconds", "0.5", "--seed", "9",
                        "--width", "128", "--height", "64", "--stats"]) == 0
     stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert stats["name"] == "synth_coverage" and stats["crops"] == 2 * 8 * 4
