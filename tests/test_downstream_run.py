@@ -214,15 +214,26 @@ def test_command_shorthands_and_errors(capsys):
         run.main(["jump"])
 
 
-def test_missing_shards_fail_the_run(tmp_path, mlflow_uri):
+def test_missing_shards_fail_before_a_run_and_a_lost_shard_fails_the_run(shards, tmp_path,
+                                                                         mlflow_uri):
+    import shutil
+
     from mlflow.tracking import MlflowClient
 
     exp = f"transfer-fail-{uuid.uuid4().hex[:8]}"
-    cfg = compose([*TINY, f"data.shards={tmp_path / 'none'}", f"tracking.uri={mlflow_uri}",
-                   f"downstream.experiment={exp}", "downstream.task=avsa_bin"])
-    with pytest.raises(ShardError, match="none"):
-        run.run_transfer(cfg)
+    base = [*TINY, f"tracking.uri={mlflow_uri}", f"downstream.experiment={exp}",
+            "downstream.task=avsa_bin"]
+    for missing in ([f"data.shards={tmp_path / 'none'}"],
+                    [f"data.shards={shards[0]}", f"data.val_shards={tmp_path / 'none'}"]):
+        with pytest.raises(ShardError, match="none"):
+            run.run_transfer(compose([*base, *missing]))
     client = MlflowClient(mlflow_uri)
+    assert client.get_experiment_by_name(exp) is None  # no run was created for bad input
+    # A shard lost after its manifest was read fails the run that started.
+    test = shutil.copytree(shards[1], tmp_path / "test")
+    next(test.glob("*.tar")).unlink()
+    with pytest.raises(ShardError, match="test"):
+        run.run_transfer(compose([*base, f"data.shards={shards[0]}", f"data.val_shards={test}"]))
     runs = client.search_runs([client.get_experiment_by_name(exp).experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]
 

@@ -210,6 +210,7 @@ def run_transfer(cfg: Config, memo: dict | None = None) -> TransferResult:
                                       "data": data, "model": pre.config.model})
     if pre.version is not None:
         tags[mlflow_models.MODEL_VERSION_TAG] = f"{pre.version.name}/{pre.version.version}"
+    source = task_class(ds.task).source(data, ds, memo)  # unreadable data fails before the run
     with (tracking.RunLogger.start(uri, ds.experiment, name, tags=tags, params=params) as logger,
           system_metrics.sampling(logger, cfg.tracking)):
         _log_inputs(logger, cfg, pre)
@@ -217,7 +218,6 @@ def run_transfer(cfg: Config, memo: dict | None = None) -> TransferResult:
         # The seed seeds the head only; the clips' windows and viewpoints follow data.seed, so
         # replicates can share decoded batches (`memo`, see ShardSource).
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        source = task_class(ds.task).source(data, ds, memo)
         metrics = run_task(ds, pre.model, source, seed=seed, device=device,
                            log=with_progress(logger.log_metrics, name, ds.epochs),
                            examples=examples)

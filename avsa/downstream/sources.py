@@ -49,12 +49,17 @@ class ShardSource:
 
     @classmethod
     def from_config(cls, data: DataConfig, batch_size: int, **kw: Any) -> ShardSource:
-        """data.shards trains; data.val_shards tests (the training shards when it is unset)."""
+        """data.shards trains; data.val_shards tests (the training shards when it is unset).
+        Both manifests are read here, so a missing or unreadable set fails before any work."""
+        from avsa.data.manifest import read_manifest
+
         test = data.val_shards
         if not test:
             log.warning("data.val_shards is unset: testing on %s, the training shards (other "
                         "windows and viewpoints, same clips)", data.shards)
             test = data.shards
+        for uri in dict.fromkeys((data.shards, test)):
+            read_manifest(uri)
         return cls(data.shards, test, data, batch_size, seed=data.seed, **kw)
 
     def _iter(self, uri: str, data: DataConfig, *, epoch: int, seed: int, shuffle: bool):
