@@ -15,7 +15,7 @@ from avsa import synth
 from avsa.config import audio_channels, compose, config_digest
 from avsa.data.shards import write_shards
 from avsa.downstream import run
-from avsa.errors import CheckpointError, ConfigError, ShardError
+from avsa.errors import CheckpointError, ConfigError, ShardError, StorageError
 from avsa.models import build_model
 from avsa.train import checkpoint as ckpt
 
@@ -147,6 +147,46 @@ def test_action_finetune(shards, mlflow_uri, experiment):
                                                      "test/majority_clip_acc"])
     assert r.data.metrics["test/videos"] == 4
     assert r.data.tags["avsa.mode"] == "finetune"
+
+
+def test_finetune_trains_a_split_of_mixed_label_counts_with_one_loss(shards, tmp_path,
+                                                                     monkeypatch):
+    """Clips naming one class beside clips naming two: binary cross-entropy for every batch,
+    as the linear probe chooses for the split, even for batches of single-label clips only."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from avsa.downstream import action
+    from avsa.downstream.sources import ShardSource
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    named = [["disc"], ["ring"], ["disc", "ring"], ["star", "cross"]]
+    for i, classes in enumerate(named):
+        for p in Path(shards[0]).parent.joinpath("clips").glob(f"clip-{i:06d}.*"):
+            shutil.copy(p, clips / p.name)
+        meta = json.loads((clips / f"clip-{i:06d}.json").read_text())
+        (clips / f"clip-{i:06d}.json").write_text(json.dumps({**meta, "classes": classes}))
+    write_shards(str(clips), str(tmp_path / "train"), samples_per_shard=2, progress=False)
+    cfg = compose([*TINY, f"data.shards={tmp_path / 'train'}", "downstream.task=action",
+                   "downstream.mode=finetune", "downstream.batch_size=1",
+                   "downstream.max_steps=4"])
+    source = ShardSource.from_config(cfg.data, 1)
+    labels = source.train_labels()
+    assert labels.shape == (4, 8) and labels.sum(1).tolist() == [1, 1, 2, 2]
+    chosen = []
+    real_loss = action.action_loss
+    monkeypatch.setattr(action, "action_loss",
+                        lambda *a: chosen.append(a[2]) or real_loss(*a))
+    model = run.load_pretrained(cfg, None).model
+    metrics = run.run_task(cfg.downstream, model, source, seed=0, device=torch.device("cpu"))
+    assert chosen == [False] * 4 and metrics["test/single_label"] == 0.0
+    (tmp_path / "train" / "shard-000000.tar").unlink()  # training would fail or skip it too
+    with pytest.raises(StorageError, match="shard-000000"):
+        source.train_labels()
+    skipping = dataclasses.replace(cfg.data, skip_missing_shards=True)
+    assert ShardSource.from_config(skipping, 1).train_labels().sum(1).tolist() == [2, 2]
 
 
 def test_segmentation_with_context(shards, mlflow_uri, experiment, tmp_path):

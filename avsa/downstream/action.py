@@ -6,10 +6,11 @@ paper's protocol, the learning rate cut by 0.3 at 40, 60 and 80 % of the epochs)
 every epoch; linear / frozen trains a Linear on the frozen encoder's cached features,
 standardised by a BatchNorm without affine parameters as linear-probe practice does (MAE).
 
-Single-label data trains with cross-entropy, multi-hot synthetic labels with per-class binary
-cross-entropy. A prediction (the top class) is correct when the clip has that label: clip@1
-over every evaluated window, video@1 on the softmax averaged over a video's `eval_clips`
-windows; the majority training class, scored alike, is the level a head must beat.
+A training split whose clips each name one class trains with cross-entropy, any other
+(multi-hot synthetic labels) with per-class binary cross-entropy: one loss for the split, in
+both modes. A prediction (the top class) is correct when the clip has that label: clip@1 over
+every evaluated window, video@1 on the softmax averaged over a video's `eval_clips` windows;
+the majority training class, scored alike, is the level a head must beat.
 """
 
 from __future__ import annotations
@@ -182,6 +183,8 @@ class ActionTask(TransferHead):
         if not self.net.finetune:
             self.net.eval()
             return super().fit(source, ds, seed, log)
+        # One loss for the whole split, chosen as the linear probe chooses it.
+        self.single = self.declared or is_single_label(source.train_labels())
         seen: list[torch.Tensor] = []
 
         def batches(epoch):
@@ -190,18 +193,15 @@ class ActionTask(TransferHead):
                     seen.append(batch["labels"].float())
                 yield to_device(batch, self.device)
 
-        def loss(b):  # the loss the linear probe would pick for the whole split, batch by batch
-            single = self.declared or is_single_label(b["labels"])
-            return action_loss(self.net(b["video"]), b["labels"], single)
+        def loss(b):
+            return action_loss(self.net(b["video"]), b["labels"], self.single)
 
         result = fit_head(self.net, loss, batches, epochs=ds.epochs, lr=self.lr(ds),
                           max_steps=ds.max_steps, lr_milestones=milestones(ds.epochs),
                           lr_gamma=LR_GAMMA, log=log)
         if result.steps == 0:
             raise ShardError(source.train_uri, "action: no training clips")
-        labels = torch.cat(seen)
-        self.single = self.declared or is_single_label(labels)
-        self.majority = majority_class(labels)
+        self.majority = majority_class(torch.cat(seen))
         return result
 
     def score(self, source, examples: dict | None) -> dict[str, float]:

@@ -77,6 +77,36 @@ class ShardSource:
             self.memo[key] = list(batches)
         return iter(self.memo[key])
 
+    def train_labels(self):
+        """(N, K) float32 labels of the training clips, read from their json members alone (no
+        media decoded), so a task can choose its loss before the first batch. Samples whose
+        json training would skip are left out, and so are unreadable shards when
+        data.skip_missing_shards is set."""
+        import numpy as np
+        import torch
+
+        from avsa.data import labels
+        from avsa.data.manifest import read_manifest, shard_uris
+        from avsa.data.shards import open_shard
+        from avsa.errors import AvsaError, MediaError
+
+        man, rows = read_manifest(self.train_uri), []
+        for uri, info in zip(shard_uris(self.train_uri, man), man.shards):
+            try:
+                for raw in open_shard(uri, info, verify=False):
+                    try:
+                        meta = labels.parse_meta(raw.members.get("json", b"{}"), raw.key)
+                        rows.append(labels.label_vector(meta, raw.key))
+                    except MediaError:
+                        continue
+            except AvsaError as e:
+                if not self.data.skip_missing_shards:
+                    raise
+                log.warning("labels of %s left out: %s", uri, e)
+        rows = [r for r in rows if r is not None]
+        return torch.from_numpy(np.stack(rows) if rows else np.zeros((0, len(self.class_names)),
+                                                                    np.float32))
+
     def train(self, epoch: int) -> Iterator[dict[str, Any]]:
         return self._iter(self.train_uri, self.data, epoch=epoch, seed=self.seed, shuffle=True)
 
