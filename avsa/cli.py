@@ -29,6 +29,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("avsa.demo", "synthesise, shard, pretrain, transfer: the whole loop on one machine"),
 }
 
+OVERRIDE_COMMANDS = ("config", "pretrain", "sweep", "transfer")  # args are Hydra overrides
+
 
 def usage() -> str:
     width = max(map(len, COMMANDS))
@@ -60,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return 0
     name, rest = argv[0], argv[1:]
+    if name in OVERRIDE_COMMANDS and {"-h", "--help"} & set(rest):  # after overrides too
+        rest = ["--help"]
     if name not in COMMANDS:
         print(f"avsa: error: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2

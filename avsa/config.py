@@ -266,6 +266,9 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> Config:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    if flags := [o for o in overrides if o.startswith("-")]:
+        raise ConfigError(flags[0], "not an override: give KEY=VALUE overrides (e.g. "
+                                    "train.max_steps=500); --help shows the command's usage")
     ConfigStore.instance().store(name="avsa_schema", node=Config)
     GlobalHydra.instance().clear()
     try:

@@ -63,6 +63,9 @@ CASES = [
      "model.transformer_depth: must be >= 1 with model.use_transformer=true"),
     ("pretrain", "data.seed=-1", "data.seed: must be in [0, 2**32), got -1"),
     ("sweep", "train.seed=-3", "train.seed: must be in [0, 2**32), got -3"),
+    # command-line options where overrides go
+    ("pretrain", "experiment=demo_local --max-steps 5",
+     "--max-steps: not an override: give KEY=VALUE overrides"),
 ]
 
 
@@ -94,6 +97,16 @@ def test_bad_value_is_one_line_naming_key_and_range(command, override, says, no_
     assert len(lines) == 1, err
     assert lines[0].startswith(f"avsa {command}: error: ")
     assert says in lines[0]
+
+
+@pytest.mark.parametrize("argv", [["pretrain", "experiment=demo_local", "--help"],
+                                  ["sweep", "sweep.num_samples=2", "-h"],
+                                  ["transfer", "action", "pretrain=scratch", "--help"],
+                                  ["config", "data.seed=1", "--help"]])
+def test_help_after_overrides_shows_the_usage(argv, no_services, capsys):
+    assert cli.main(argv) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith(f"usage: avsa {argv[0]}") and "error" not in err
 
 
 @pytest.mark.parametrize("name", ["run\n", "-run", "a" * 129])
