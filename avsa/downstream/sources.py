@@ -5,6 +5,8 @@ uint8, audio (B, V, C, F, M), directions (B, V, 2), labels (B, K), optional alig
 masks (B, V, S, S), plus "key" (list of B sample keys). `train(epoch)` is augmented and
 shuffled, each epoch with its own windows and viewpoints; `test(pass_index)` is not augmented,
 in manifest order, and each pass draws other windows and viewpoints of the same clips.
+`train_labels()` gives the training clips' labels (N, K) up front, for a source that does not
+declare `single_label`.
 """
 
 from __future__ import annotations
