@@ -21,22 +21,35 @@ PRESET = "experiment=demo_local"
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="avsa demo", description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="outputs/demo", help="folder for data, shards and runs")
-    p.add_argument("--train-clips", type=int, default=320)
-    p.add_argument("--val-clips", type=int, default=64)
-    p.add_argument("--seconds", type=float, default=2.0, help="length of each synthetic clip")
-    p.add_argument("--workers", type=int, default=2, help="processes for synthesis")
-    p.add_argument("--steps", type=int, default=None, help="override train.max_steps")
+    p.add_argument("--out", default="outputs/demo",
+                   help="folder for data, shards and runs (default: %(default)s)")
+    p.add_argument("--train-clips", type=int, default=320,
+                   help="synthetic clips to pretrain on (default: %(default)s)")
+    p.add_argument("--val-clips", type=int, default=64,
+                   help="synthetic clips to validate and test on (default: %(default)s)")
+    p.add_argument("--seconds", type=float, default=2.0,
+                   help="length of each synthetic clip (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="processes for synthesis (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="override train.max_steps (default: the preset's)")
     p.add_argument("--transfer-epochs", type=int, default=None,
                    help="most epochs of the AVSA-Bin head (default: downstream.epochs; the head "
                         "stops early on held-out training clips)")
-    p.add_argument("--skip-transfer", action="store_true")
+    p.add_argument("--skip-transfer", action="store_true", help="stop after pretraining")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for pretraining")
     args = p.parse_args(argv)
+    counts = (args.train_clips, args.val_clips, args.workers, args.steps, args.transfer_epochs)
+    if any(n is not None and n < 1 for n in counts):
+        p.error("--train-clips, --val-clips, --workers, --steps and --transfer-epochs must be "
+                ">= 1")
     out = Path(args.out)
     t0 = time.perf_counter()
     # Bad overrides and a dead tracking server fail here, before any clip is made.
     base = compose([PRESET, *args.overrides])
+    if args.seconds < base.data.audio_seconds:
+        p.error(f"--seconds must be at least data.audio_seconds ({base.data.audio_seconds:g} s): "
+                f"shorter clips would be padded with silence")
     tracking.check_reachable(tracking.resolve_tracking_uri(base.tracking.uri))
     fmt = synth.read_format(base.data)
     shard_uris = {}
@@ -51,7 +64,7 @@ def main(argv: list[str]) -> int:
         override("data.shards", shard_uris["train"]),
         override("data.val_shards", shard_uris["val"]),
         override("storage.path", out / "runs"),
-        *([f"train.max_steps={args.steps}"] if args.steps else []),
+        *([f"train.max_steps={args.steps}"] if args.steps is not None else []),
         *args.overrides,
     ]
     cfg = compose(overrides)

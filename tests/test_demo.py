@@ -83,6 +83,19 @@ def test_a_bad_override_fails_before_any_clip_is_written(tmp_path):
     assert not (tmp_path / "demo").exists()
 
 
+@pytest.mark.parametrize("args, says", [
+    (["--steps", "0"], "--steps and --transfer-epochs must be >= 1"),
+    (["--train-clips", "0"], "--train-clips, --val-clips"),
+    (["--seconds", "-1"], "--seconds must be at least data.audio_seconds (1 s)"),
+    (["--seconds", "0.5"], "shorter clips would be padded with silence"),
+])
+def test_bad_numbers_fail_before_any_clip_is_written(args, says, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--out", str(tmp_path / "demo"), *args])
+    assert e.value.code == 2 and says in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
+
+
 def test_demo_checks_the_tracking_server_before_synthesising(tmp_path):
     from mlflowserver import free_port
 
