@@ -1,6 +1,6 @@
 """Checks on a config, before Ray starts: values in range (`validate`), keys not in the schema
 (`+key=`, `++key=`), a safe run name, combinations that cannot work. Each raises a one-line
-`ConfigError` naming the key(s); `temperature_warning` returns a warning line instead.
+`ConfigError` naming the key(s); the `*_warning` functions return a warning line instead.
 """
 
 from __future__ import annotations
@@ -88,6 +88,16 @@ def check_batch_fits_data(cfg: Any, total_samples: int) -> None:
     run before its first step."""
     _check(cfg.train.batch_size <= total_samples, "train.batch_size",
            f"at most the {total_samples} samples in data.shards", cfg.train.batch_size)
+
+
+def short_clips_warning(uri: str, min_seconds: float | None, data: Any) -> str | None:
+    """A warning line when the shortest clip of the shard set `uri` (its manifest's
+    min_seconds) is shorter than data.audio_seconds: its audio window is padded with silence."""
+    if min_seconds is None or min_seconds >= data.audio_seconds - 1e-3:
+        return None
+    return (f"{uri}: its shortest clip lasts {min_seconds:.2f} s, less than "
+            f"data.audio_seconds={data.audio_seconds:g}: the audio of such clips is padded "
+            f"with silence")
 
 
 def temperature_warning(temperature: float) -> str | None:

@@ -44,7 +44,8 @@ JSON = st.recursive(
 def _valid_manifest() -> dict:
     shards = [ShardInfo("shard-000000.tar", 2, 10, "a" * 64),
               ShardInfo("shard-000001.tar", 1, 7, "b" * 64)]
-    return json.loads(Manifest(split="train", shards=shards, total_samples=3).to_json())
+    return json.loads(Manifest(split="train", shards=shards, total_samples=3,
+                               min_seconds=2.0).to_json())
 
 
 VALID_MANIFEST = _valid_manifest()
@@ -84,6 +85,12 @@ MANIFEST_TEXT = st.one_of(
 def test_the_valid_manifest_parses():
     m = Manifest.from_json(json.dumps(VALID_MANIFEST), "m.json")
     assert (m.total_samples, [s.samples for s in m.shards]) == (3, [2, 1])
+    assert m.min_seconds == 2.0
+    for bad in ("2", -1, True, float("nan"), float("inf")):
+        with pytest.raises(ShardError, match="manifest field 'min_seconds': expected a number"):
+            Manifest.from_json(json.dumps({**VALID_MANIFEST, "min_seconds": bad}), "m.json")
+    older = {k: v for k, v in VALID_MANIFEST.items() if k != "min_seconds"}
+    assert Manifest.from_json(json.dumps(older), "m.json").min_seconds is None
 
 
 @FUZZ
@@ -97,6 +104,7 @@ def test_manifest_parser_raises_only_shard_errors(text):
     # Accepted: then it is self-consistent.
     assert m.total_samples == sum(s.samples for s in m.shards)
     assert all("/" not in s.name and len(s.sha256) == 64 for s in m.shards)
+    assert m.min_seconds is None or 0 <= m.min_seconds < math.inf
 
 
 @FUZZ

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import struct
 import tarfile
 import time
@@ -99,7 +100,9 @@ def test_avsa_shard_skips_counts_and_names_each_bad_clip(good, tmp_path, capsys,
     with caplog.at_level(logging.WARNING, logger="avsa"):
         rc = shard_cli.main([str(src), str(out), "--samples-per-shard", "4", "--no-progress"])
     assert rc == 0
-    assert capsys.readouterr().out.strip() == f"wrote 1 shards, 2 samples (5 bad clips skipped) to {out}"
+    assert re.fullmatch(r"wrote 1 shards, 2 samples \(5 bad clips skipped; the shortest lasts "
+                        rf"\d+\.\d\d s\) to {re.escape(str(out))}",
+                        capsys.readouterr().out.strip())
     reasons = {r.getMessage().split(":")[0].removeprefix("skipping clip "): r.getMessage()
                for r in caplog.records if r.getMessage().startswith("skipping clip")}
     assert sorted(reasons) == ["truncated.mp4", "wrong-channels.mp4", "wrong-codec-audio.mp4",

@@ -122,7 +122,9 @@ def test_write_local_manifest_and_members(clips_dir, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         summary = write_shards(str(clips_dir), str(out), samples_per_shard=2, split="val",
                                progress=False)
-    assert str(summary) == f"wrote 3 shards, 5 samples (3 bad clips skipped) to {out}"
+    assert str(summary) == (f"wrote 3 shards, 5 samples (3 bad clips skipped; the shortest lasts "
+                            f"2.00 s) to {out}")
+    assert read_manifest(str(out)).min_seconds == 2.0
     warned = {r.getMessage().split(":")[0] for r in caplog.records}
     assert warned == {"skipping clip corrupt.mp4", "skipping clip stereo.mp4",
                       "skipping clip short.mp4"}
@@ -399,7 +401,8 @@ def test_cli(clips_dir, tmp_path, capsys):
     rc = shard_cli.main([str(clips_dir), str(out), "--samples-per-shard", "4", "--split", "test",
                          "--workers", "3", "--no-progress"])
     assert rc == 0
-    assert capsys.readouterr().out == f"wrote 2 shards, 5 samples (3 bad clips skipped) to {out}\n"
+    assert capsys.readouterr().out == (f"wrote 2 shards, 5 samples (3 bad clips skipped; the "
+                                       f"shortest lasts 2.00 s) to {out}\n")
     assert read_manifest(str(out)).split == "test"
     assert shard_cli.main([str(tmp_path / "missing"), str(out), "--no-progress"]) == 2
     err = capsys.readouterr().err
@@ -497,3 +500,34 @@ def test_progress_bar_redraws_in_place_on_a_terminal_and_rarely_in_a_log(stream_
     with progress_bar(3, "probe", "clip", enabled=False, stream=stream_cls()) as bar:
         bar.update(3)
         assert bar.disable
+
+
+def test_the_shortest_clip_is_recorded_and_a_longer_audio_window_warned_of(tmp_path, caplog):
+    from avsa.config import compose
+    from avsa.downstream.sources import ShardSource
+    from avsa.train.driver import check_inputs
+
+    src = tmp_path / "clips"
+    src.mkdir()
+    for key, seconds in (("a", 3.0), ("b", 1.5), ("c", 2.0)):
+        _write_mp4(src / f"{key}.mp4", seconds, 4)
+    out = tmp_path / "shards"
+    summary = write_shards(str(src), str(out), samples_per_shard=2, progress=False)
+    assert str(summary).endswith(f"; the shortest lasts 1.50 s) to {out}")
+    assert read_manifest(str(out)).min_seconds == pytest.approx(1.5, abs=0.05)
+    says = f"{out}: its shortest clip lasts 1.50 s, less than data.audio_seconds=2"
+    for seconds, warned in ((2.0, True), (1.0, False)):
+        cfg = compose([f"data.shards={out}", "tracking.uri=sqlite:///" + str(tmp_path / "t.db"),
+                       f"data.audio_seconds={seconds}", "train.batch_size=2"])
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            check_inputs(cfg)  # pretrain
+            ShardSource.from_config(cfg.data, 2)  # transfer
+        assert caplog.text.count(says) == (2 if warned else 0), caplog.text
+    # A manifest written before the field is rewritten with it when the same clips are sharded.
+    body = json.loads((out / "manifest.json").read_text())
+    del body["min_seconds"]
+    (out / "manifest.json").write_text(json.dumps(body))
+    assert read_manifest(str(out)).min_seconds is None
+    write_shards(str(src), str(out), samples_per_shard=2, progress=False)
+    assert read_manifest(str(out)).min_seconds == pytest.approx(1.5, abs=0.05)

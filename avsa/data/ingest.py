@@ -76,9 +76,12 @@ class ShardSummary:
     written: int
     unchanged: int
 
+    min_seconds: float = 0.0  # the shortest clip's length
+
     def __str__(self) -> str:
         return (f"wrote {self.shards} shards, {self.samples} samples "
-                f"({len(self.bad)} bad clips skipped) to {self.uri}")
+                f"({len(self.bad)} bad clips skipped; the shortest lasts "
+                f"{self.min_seconds:.2f} s) to {self.uri}")
 
 
 def _split_name(name: str) -> tuple[str, str] | None:
@@ -125,17 +128,18 @@ def _media_source(uri: str) -> media.Source:
     return storage.read_bytes(uri) if storage.is_s3(uri) else storage.local_path(uri)
 
 
-def check_clip(clip: Clip) -> str | None:
-    """Why ``clip`` cannot be used (a video under ``MIN_SECONDS``, no 4-channel audio, packets
-    missing before the end the header claims, a json that is no object or names an unknown
-    class), or None; no decode."""
+def check_clip(clip: Clip) -> tuple[str | None, float]:
+    """(why ``clip`` cannot be used, or None; its length in seconds, the shorter of its video
+    and audio, 0 when unusable). Unusable: a video under ``MIN_SECONDS``, no 4-channel audio,
+    packets missing before the end the header claims, a json that is no object or names an
+    unknown class. No decode."""
     if "json" in clip.files:
         name = clip.files["json"].rpartition("/")[2]
         try:
             labels.label_vector(labels.parse_meta(storage.read_bytes(clip.files["json"]), name),
                                 name)
         except MediaError as e:
-            return str(e)
+            return str(e), 0.0
     video_uri = clip.files[clip.video_ext]
     try:
         video_src = _media_source(video_uri)
@@ -148,16 +152,18 @@ def check_clip(clip: Clip) -> str | None:
             media.check_complete(audio_src, name=audio_uri)
         media.check_complete(video_src, name=video_uri)  # a cut file probes as whole
     except MediaError as e:
-        return e.reason
+        return e.reason, 0.0
     if info.video.duration < MIN_SECONDS:
-        return f"video lasts {info.video.duration:.2f} s, need >= {MIN_SECONDS:g} s"
+        return f"video lasts {info.video.duration:.2f} s, need >= {MIN_SECONDS:g} s", 0.0
     if audio is None:
-        return "no audio stream (need 4-channel ambiX audio in the file or a KEY.m4a/.wav/.flac)"
+        return ("no audio stream (need 4-channel ambiX audio in the file or a "
+                "KEY.m4a/.wav/.flac)"), 0.0
     if audio.channels != 4:
-        return f"{audio_uri.rpartition('/')[2]} has {audio.channels}-channel audio, need 4 (ambiX)"
+        return (f"{audio_uri.rpartition('/')[2]} has {audio.channels}-channel audio, need 4 "
+                "(ambiX)"), 0.0
     if audio.duration and audio.duration < MIN_SECONDS:
-        return f"audio lasts {audio.duration:.2f} s, need >= {MIN_SECONDS:g} s"
-    return None
+        return f"audio lasts {audio.duration:.2f} s, need >= {MIN_SECONDS:g} s", 0.0
+    return None, min(info.video.duration, audio.duration or info.video.duration)
 
 
 def ordered_map(fn: Callable[[T], R], items: Sequence[T], workers: int, bar: tqdm) -> list[R]:
@@ -233,6 +239,7 @@ class ShardOutput:
 
     def commit(self, manifest: Manifest) -> None:
         if (self.previous is not None and self.previous.split == manifest.split
-                and self.previous.shards == manifest.shards):
+                and self.previous.shards == manifest.shards
+                and self.previous.min_seconds == manifest.min_seconds):
             return  # identical shard set: keep the committed manifest (and its date)
         write_manifest(self.uri, manifest)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -40,7 +41,8 @@ class ShardInfo:
 
 @dataclass
 class Manifest:
-    """A split's shards in read order; ``total_samples`` is the sum of their sample counts."""
+    """A split's shards in read order; ``total_samples`` is the sum of their sample counts;
+    ``min_seconds`` the length of its shortest clip (None in manifests written before it)."""
 
     split: str
     shards: list[ShardInfo]
@@ -48,11 +50,14 @@ class Manifest:
     version: int = VERSION
     format: str = FORMAT
     created: str = field(default_factory=_now)
+    min_seconds: float | None = None
 
     def to_json(self) -> str:
         body = {"format": self.format, "version": self.version, "split": self.split,
                 "total_samples": self.total_samples,
                 "shards": [asdict(s) for s in self.shards], "created": self.created}
+        if self.min_seconds is not None:
+            body["min_seconds"] = round(self.min_seconds, 3)
         return json.dumps(body, indent=2) + "\n"
 
     @classmethod
@@ -80,8 +85,14 @@ class Manifest:
         counted = sum(s.samples for s in shards)
         if counted != total:
             raise _fail(uri, "total_samples", f"{total} but the shards hold {counted}")
+        seconds = body.get("min_seconds")
+        if seconds is not None and (not isinstance(seconds, (int, float))
+                                    or isinstance(seconds, bool)
+                                    or not 0 <= seconds < math.inf):
+            raise _fail(uri, "min_seconds", f"expected a number >= 0, got {seconds!r:.40}")
         return cls(split=split, shards=shards, total_samples=total, version=version,
-                   format=fmt, created=created)
+                   format=fmt, created=created,
+                   min_seconds=None if seconds is None else float(seconds))
 
 
 _EXPECTED = {dict: "an object", list: "a list", str: "a string", int: "an integer"}

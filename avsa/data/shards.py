@@ -194,11 +194,11 @@ def write_shards(input_dir: str, output_uri: str, *, samples_per_shard: int = 32
     clips, bad = find_clips(input_dir)
     out = ShardOutput(output_uri)  # a bad output URI fails here, before any probing
     with progress_bar(len(clips), "probe", "clip", enabled=progress) as bar:
-        reasons = ordered_map(check_clip, clips, workers, bar)
-    bad += [(c.name, r) for c, r in zip(clips, reasons) if r]
+        checks = ordered_map(check_clip, clips, workers, bar)
+    bad += [(c.name, r) for c, (r, _) in zip(clips, checks) if r]
     for name, reason in bad:
         log.warning("skipping clip %s: %s", name, reason)
-    good = [c for c, r in zip(clips, reasons) if r is None]
+    good = [c for c, (r, _) in zip(clips, checks) if r is None]
     if not good:
         raise ShardError(input_dir, f"no usable clips ({len(bad)} bad)")
     chunks = [good[i: i + samples_per_shard] for i in range(0, len(good), samples_per_shard)]
@@ -216,8 +216,10 @@ def write_shards(input_dir: str, output_uri: str, *, samples_per_shard: int = 32
         results = ordered_map(build, list(enumerate(chunks)), workers, bar)
     infos = [info for info, _ in results]
     written = sum(w for _, w in results)
-    out.commit(Manifest(split=split, shards=infos, total_samples=sum(i.samples for i in infos)))
+    shortest = round(min(t for r, t in checks if r is None), 3)
+    out.commit(Manifest(split=split, shards=infos, total_samples=sum(i.samples for i in infos),
+                        min_seconds=shortest))
     summary = ShardSummary(uri=output_uri, shards=len(infos), samples=len(good), bad=bad,
-                           written=written, unchanged=len(infos) - written)
+                           written=written, unchanged=len(infos) - written, min_seconds=shortest)
     log.debug("%s (%d shards already in place)", summary, summary.unchanged)
     return summary

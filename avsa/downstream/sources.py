@@ -53,6 +53,7 @@ class ShardSource:
     def from_config(cls, data: DataConfig, batch_size: int, **kw: Any) -> ShardSource:
         """data.shards trains; data.val_shards tests (the training shards when it is unset).
         Both manifests are read here, so a missing or unreadable set fails before any work."""
+        from avsa.config_checks import short_clips_warning
         from avsa.data.manifest import read_manifest
 
         test = data.val_shards
@@ -61,7 +62,8 @@ class ShardSource:
                         "windows and viewpoints, same clips)", data.shards)
             test = data.shards
         for uri in dict.fromkeys((data.shards, test)):
-            read_manifest(uri)
+            if warning := short_clips_warning(uri, read_manifest(uri).min_seconds, data):
+                log.warning(warning)
         return cls(data.shards, test, data, batch_size, seed=data.seed, **kw)
 
     def _iter(self, uri: str, data: DataConfig, *, epoch: int, seed: int, shuffle: bool):

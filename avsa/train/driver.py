@@ -19,7 +19,7 @@ from typing import Any
 
 from avsa import lease, resources, storage, tracking
 from avsa.config import Config, config_digest, with_absolute_paths
-from avsa.config_checks import check_batch_fits_data, temperature_warning
+from avsa.config_checks import check_batch_fits_data, short_clips_warning, temperature_warning
 from avsa.data.manifest import read_manifest
 from avsa.errors import AvsaError, CheckpointError, ConfigError, StorageError
 from avsa.progress import is_terminal
@@ -336,9 +336,12 @@ def run(cfg: Config, callbacks: Sequence[Any] = (), *, parent_run_id: str | None
 def check_inputs(cfg: Config) -> None:
     """The shards' manifests read and the batch checked against them, and the tracking store
     reachable: a clear error before Ray starts, not inside a worker."""
-    check_batch_fits_data(cfg, read_manifest(cfg.data.shards).total_samples)
-    if cfg.data.val_shards:
-        read_manifest(cfg.data.val_shards)
+    for uri in filter(None, (cfg.data.shards, cfg.data.val_shards)):
+        man = read_manifest(uri)
+        if uri == cfg.data.shards:
+            check_batch_fits_data(cfg, man.total_samples)
+        if warning := short_clips_warning(uri, man.min_seconds, cfg.data):
+            log.warning(warning)
     tracking.check_reachable(tracking.resolve_tracking_uri(cfg.tracking.uri))
 
 
