@@ -204,7 +204,10 @@ def test_checkpoint_carries_the_runs_skip_count(cfg, tmp_path):
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint found"):
-        ckpt.resolve_init(str(tmp_path))
+        ckpt.resolve_init(str(tmp_path))  # a folder without checkpoints
+    for ref in ("deadbeef", str(tmp_path / "nosuch")):  # a short run id or a mistyped path
+        with pytest.raises(CheckpointError, match=f"^{ref}: nothing there .*MLflow run id of 32"):
+            ckpt.resolve_init(ref)
     (tmp_path / "checkpoint-00000001").mkdir()
     (tmp_path / "checkpoint-00000001" / "state.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="unreadable checkpoint"):

@@ -120,6 +120,10 @@ def resolve_init(ref: str, tracking_uri: str | None = None) -> tuple[dict[str, A
         if not storage.exists(storage.join(directory, STATE)):
             # a run directory: its newest checkpoint, complete or not (a copy may lack markers)
             nested = checkpoints(directory, complete=False)
+            if not nested and not storage.exists(directory):
+                raise CheckpointError(directory, "nothing there (expected a run or checkpoint "
+                                                 "directory, a state.pt, an MLflow run id of 32 "
+                                                 "hex digits or models:/NAME/VERSION)")
             if not nested:
                 raise CheckpointError(directory, "no checkpoint found (expected state.pt or "
                                                  "checkpoint-*/)")
