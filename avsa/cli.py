@@ -69,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault(ENTRY_ENV, f"avsa {name}")  # the MLflow source tag, Ray workers too
+    # MLflow draws a bar for every artifact download (a model's registration, each run's
+    # examples in `compare`): noise in a terminal, worse in a log.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         if name == "config":
             return config_main(rest)

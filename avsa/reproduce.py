@@ -361,10 +361,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    # The per-step [avsa] lines show progress; Ray Data's bars, and MLflow's for each of the
-    # tables' example downloads, would bury them.
+    # The per-step [avsa] lines show progress; Ray Data's bars would bury them.
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = tracking.resolve_tracking_uri(
         args.tracking_uri or f"sqlite:///{(args.out / 'mlruns' / 'mlflow.db').resolve()}")
     cfg = compose([PRESET, *args.overrides])  # bad overrides fail here, before any work

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from mlflowserver import free_port
 
-from avsa import tracking
+from avsa import cli, tracking
 from avsa.downstream import compare
 from avsa.errors import TrackingError
 from avsa.tracking.client import HTTP_DEFAULTS
@@ -156,8 +156,8 @@ def test_compare_command_reads_mlflow_and_writes_the_table(mlflow_uri, tmp_path,
              examples={"acc": (np.arange(100) < 100 * acc).astype(np.uint8)})
 
     monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", raising=False)
-    assert compare.main(["--experiment", exp, "--tracking-uri", mlflow_uri,
-                         "--out", str(tmp_path)]) == 0
+    assert cli.main(["compare", "--experiment", exp, "--tracking-uri", mlflow_uri,
+                     "--out", str(tmp_path)]) == 0
     printed, err = capsys.readouterr()
     assert "Downloading artifacts" not in err  # MLflow's bar for each run's examples
     md = (tmp_path / "comparison.md").read_text()

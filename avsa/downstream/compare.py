@@ -17,7 +17,6 @@ import csv
 import io
 import logging
 import math
-import os
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -283,7 +282,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns)")
     p.add_argument("--out", default="outputs/comparison", help="folder for the table files")
     args = p.parse_args(argv)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per run
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
     db = sqlite_path(uri)
     if db is not None and not db.is_file():  # reading would create an empty store there
