@@ -212,7 +212,6 @@ def _sound(src: _Source, t: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return gate(src.events, t) * (0.3 + 0.7 * src.envelope(t)) * tone / sum(c.harmonics)
 
 
-
 def make_scene(seed: int, seconds: float, *, width: int = 384, height: int = 192, fps: float = 16,
                sample_rate: int = 24000, num_sources: int | None = None,
                sources: Sequence[SourceSpec] | None = None, classes_per_clip: int | None = None,
@@ -291,7 +290,9 @@ def _kept(out_dir: Path, index: int, seconds: float, seed: int, scene_kwargs: di
         return False
     try:
         meta = json.loads((out_dir / f"{key}.json").read_text())
-    except ValueError:  # not the JSON this module writes: made again
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict):  # not the JSON this module writes: made again
         return False
     want = inspect.signature(make_scene).bind(clip_seed(seed, index), seconds, **scene_kwargs)
     want.apply_defaults()

@@ -263,6 +263,10 @@ def test_a_rerun_with_other_settings_is_refused_not_mixed_in(tmp_path, capsys):
     assert synth_cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "seconds=1.0 (not 2.0)" in err[0], err
+    for text in ("[1, 2]", "{cut"):  # a JSON this module did not write: the clip is made again
+        (tmp_path / "clip-000000.json").write_text(text)
+        synth.write_dataset(tmp_path, 1, 1.0, seed=4, progress=False, **SMALL)
+        assert json.loads((tmp_path / "clip-000000.json").read_text())["key"] == "clip-000000"
 
 
 def test_cli_with_workers_matches_in_process(tmp_path, capsys):

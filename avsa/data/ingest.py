@@ -75,7 +75,6 @@ class ShardSummary:
     bad: list[tuple[str, str]]
     written: int
     unchanged: int
-
     min_seconds: float = 0.0  # the shortest clip's length
 
     def __str__(self) -> str:
