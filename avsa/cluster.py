@@ -93,7 +93,7 @@ def _env(release: str, s3_secret: str | None, mlflow_uri: str | None,
     for key, value in sorted((env or {}).items()):
         _check(bool(_ENV_NAME.match(key)), f"env.{key}", "is not a valid environment variable name")
         _check(not _SECRET_ENV.search(key), f"env.{key}",
-               "looks like a credential; put it in the Secret named by s3_secret instead")
+               "looks like a credential; put it in the Secret that --s3-secret names instead")
         values.append({"name": key, "value": str(value)})
     return values, refs
 
@@ -257,9 +257,20 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         key, sep, value = item.partition("=")
         _check(bool(sep), "--env", f"expects KEY=VALUE, got {item!r}")
         env[key] = value
-    obj = build_rayjob(args.pop("name"), command, env=env, **args)
+    try:
+        obj = build_rayjob(args.pop("name"), command, env=env, **args)
+    except ConfigError as e:  # name the flag the user typed, not the builder's parameter
+        flag = _FLAGS.get(e.where, "--" + e.where.replace("_", "-")) if e.where in args else None
+        if e.where.startswith("env."):
+            flag = f"--env {e.where.removeprefix('env.')}"
+        raise ConfigError(flag or e.where, e.reason) from None
     (out or sys.stdout).write(to_yaml(obj))
     return 0
+
+
+# build_rayjob parameters whose flag is not "--" + the name with dashes
+_FLAGS = {"num_gpu_workers": "--gpu-workers", "pre_running_deadline_s": "--pre-running-deadline",
+          "active_deadline_s": "--active-deadline"}
 
 
 if __name__ == "__main__":

@@ -169,6 +169,20 @@ def test_cli_bad_input_is_one_line(tmp_path):
     assert result.stderr.startswith("error: name: ") and result.stderr.count("\n") == 1
 
 
+@pytest.mark.parametrize("flags, named", [
+    (["--gpu-workers", "-1"], "--gpu-workers: "),
+    (["--gpu-workers", "1", "--gpus-per-worker", "0"], "--gpus-per-worker: "),
+    (["--active-deadline", "-5"], "--active-deadline: "),
+    (["-n", "Bad_NS"], "--namespace: "),
+    (["--env", "AWS_SECRET_ACCESS_KEY=x"], "--env AWS_SECRET_ACCESS_KEY: looks like a "
+                                            "credential; put it in the Secret that --s3-secret"),
+])
+def test_cli_errors_name_the_flag_typed(flags, named):
+    with pytest.raises(ConfigError) as e:
+        main(["ok", *flags, "--dry-run", "--", "jobs/pretrain.py"])
+    assert str(e.value).startswith(named)
+
+
 @needs_crds
 def test_crd_validation_names_the_bad_field():
     obj = job()
