@@ -168,3 +168,40 @@ def test_registration_on_a_local_store_stays_in_that_store(tmp_path, checkpoint,
     assert resolved == "models:/enc/1"
     for k, v in checkpoint[1].items():
         assert torch.equal(state["model"][k], v)
+
+
+def test_a_sweep_completes_trials_whose_actor_the_scheduler_ended(mlflow_uri, shards,
+                                                                   tmp_path):
+    """ASHA stops a trial at its last step (max_t) by ending its actor, before the trial's
+    driver tags the checkpoint and logs the model: the sweep does both for it, then registers
+    the best trial's model as @best."""
+    from avsa.sweep.driver import _finish_children
+    from avsa.train import resume
+    from avsa.train.driver import start_tracking
+
+    exp, name = f"sw-{uuid.uuid4().hex[:8]}", f"enc-{uuid.uuid4().hex[:6]}"
+    cfg = compose([*TINY, f"data.shards={shards[0]}", f"data.val_shards={shards[1]}",
+                   f"tracking.uri={mlflow_uri}", f"tracking.experiment={exp}",
+                   f"tracking.model_name={name}", "tracking.system_metrics=false"])
+    trials, rows = tmp_path / "trials", []
+    for vp in (2, 4):
+        trial = f"sweep-num_viewpoints={vp}"
+        start_tracking(cfg, kind="trial", run_name=trial, run_uri=str(trials / trial)).flush()
+        trial_cfg = compose([*TINY, f"data.num_viewpoints={vp}"])  # left RUNNING, untagged
+        checkpoint = trials / trial / "checkpoint-00000004"
+        ckpt.save(checkpoint, model=build_model(trial_cfg.model, audio_channels(trial_cfg.data)),
+                  optimizer=None, step=4, config=trial_cfg.to_dict())
+        resume.commit(str(checkpoint), 4)
+        rows.append({"trial": trial, "status": "done", "data.num_viewpoints": vp})
+    _finish_children(mlflow_uri, cfg, rows, rows[1], str(trials), ["data.num_viewpoints"])
+
+    client = _client(mlflow_uri)
+    for row in rows:
+        r = client.get_run(row["run_id"])
+        assert r.info.status == "FINISHED"
+        assert r.data.tags[tracking.CHECKPOINT] == str(trials / row["trial"] /
+                                                       "checkpoint-00000004")
+    best = client.get_model_version_by_alias(name, mlflow_models.BEST_ALIAS)
+    assert best.run_id == rows[1]["run_id"]
+    state, ref = mlflow_models.load_state(f"models:/{name}@best", mlflow_uri)
+    assert state["config"]["data"]["num_viewpoints"] == 4 and ref.version == "1"

@@ -36,7 +36,7 @@ from avsa.sweep.space import (
 )
 from avsa.tracking import models
 from avsa.train import driver as train_driver
-from avsa.train import interrupt
+from avsa.train import interrupt, resume
 
 log = logging.getLogger("avsa.sweep")
 
@@ -186,13 +186,17 @@ def make_tuner(cfg: Config, space: dict[str, Any], spec: TrialSpec):
 
 
 def _finish_children(uri: str, cfg: Config, rows: list[dict[str, Any]],
-                     best: Mapping[str, Any] | None, trials_uri: str) -> None:
+                     best: Mapping[str, Any] | None, trials_uri: str, keys: list[str]) -> None:
     """Find each trial's MLflow run (into row["run_id"]); close the runs that stopped or killed
     trials left open, tag early stops and the best trial (`best`: one of `rows`, or None), and
-    register the best trial's model as a version of `tracking.model_name`, aliased `best`."""
+    register the best trial's model as a version of `tracking.model_name`, aliased `best`.
+
+    A trial the scheduler stops (ASHA at a rung, or at its max_t: the last step) ends with its
+    actor, before its driver tags the checkpoint and logs the model: both are done here."""
     for row in rows:
+        trial_uri = storage.join(trials_uri, row["trial"])
         row["run_id"] = run_id = tracking.find_run(uri, cfg.tracking.experiment, row["trial"],
-                                                   storage.join(trials_uri, row["trial"]))
+                                                   trial_uri)
         if run_id is None:
             continue
         status = "FAILED" if row["status"] == "error" else "FINISHED"
@@ -201,12 +205,18 @@ def _finish_children(uri: str, cfg: Config, rows: list[dict[str, Any]],
             tags["avsa.best"] = "true"
         register = row is best and cfg.tracking.log_model
         run = tracking.get_run(uri, run_id)
+        step, checkpoint = (resume.checkpoints(trial_uri) or [(0, None)])[0]
+        if checkpoint and not run.data.tags.get(tracking.CHECKPOINT):
+            tags[tracking.CHECKPOINT] = checkpoint
         if (not register and run.info.status == status
                 and all(run.data.tags.get(k) == v for k, v in tags.items())):
             continue
         child = tracking.RunLogger(uri, run_id, run.info.experiment_id)
         child.set_tags(tags)
         if register:
+            trial_cfg = apply_params(cfg.to_dict(), {k: row[k] for k in keys})
+            models.log_final(child, trial_cfg, run.data.tags.get(tracking.CHECKPOINT, checkpoint),
+                             register=False, step=step)  # a model already logged is kept
             models.register(child, cfg.tracking.model_name, alias=models.BEST_ALIAS)
         if run.info.status != status:
             child.end(status)
@@ -275,7 +285,7 @@ def _report(base: Config, grid: Any, spec: TrialSpec, keys: list[str],
                                            max_steps=base.train.max_steps))
     sweep_report.sort_rows(rows, keys)
     best = sweep_report.best_row(rows, metric, base.sweep.mode)
-    _finish_children(parent.uri, base, rows, best, spec.trials_uri)
+    _finish_children(parent.uri, base, rows, best, spec.trials_uri, keys)
     cols = sweep_report.columns(rows, keys, metric)
     table = sweep_report.markdown(rows, cols, best)
     with tempfile.TemporaryDirectory() as tmp:
