@@ -205,8 +205,10 @@ def _finish_children(uri: str, cfg: Config, rows: list[dict[str, Any]],
             tags["avsa.best"] = "true"
         register = row is best and cfg.tracking.log_model
         run = tracking.get_run(uri, run_id)
-        step, checkpoint = (resume.checkpoints(trial_uri) or [(0, None)])[0]
-        if checkpoint and not run.data.tags.get(tracking.CHECKPOINT):
+        step, checkpoint = 0, None  # set for a trial ended before its driver tagged it
+        if not run.data.tags.get(tracking.CHECKPOINT):
+            step, checkpoint = (resume.checkpoints(trial_uri) or [(0, None)])[0]
+        if checkpoint:
             tags[tracking.CHECKPOINT] = checkpoint
         if (not register and run.info.status == status
                 and all(run.data.tags.get(k) == v for k, v in tags.items())):
@@ -214,9 +216,9 @@ def _finish_children(uri: str, cfg: Config, rows: list[dict[str, Any]],
         child = tracking.RunLogger(uri, run_id, run.info.experiment_id)
         child.set_tags(tags)
         if register:
-            trial_cfg = apply_params(cfg.to_dict(), {k: row[k] for k in keys})
-            models.log_final(child, trial_cfg, run.data.tags.get(tracking.CHECKPOINT, checkpoint),
-                             register=False, step=step)  # a model already logged is kept
+            if checkpoint:  # what the trial's driver would have logged at its end
+                trial_cfg = apply_params(cfg.to_dict(), {k: row[k] for k in keys})
+                models.log_final(child, trial_cfg, checkpoint, register=False, step=step)
             models.register(child, cfg.tracking.model_name, alias=models.BEST_ALIAS)
         if run.info.status != status:
             child.end(status)
