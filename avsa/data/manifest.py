@@ -57,7 +57,7 @@ class Manifest:
                 "total_samples": self.total_samples,
                 "shards": [asdict(s) for s in self.shards], "created": self.created}
         if self.min_seconds is not None:
-            body["min_seconds"] = round(self.min_seconds, 3)
+            body["min_seconds"] = self.min_seconds
         return json.dumps(body, indent=2) + "\n"
 
     @classmethod

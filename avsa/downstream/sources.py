@@ -98,8 +98,10 @@ class ShardSource:
         for uri, info in zip(shard_uris(self.train_uri, man), man.shards):
             try:
                 for raw in open_shard(uri, info, verify=False):
+                    if "json" not in raw.members:
+                        continue
                     try:
-                        meta = labels.parse_meta(raw.members.get("json", b"{}"), raw.key)
+                        meta = labels.parse_meta(raw.members["json"], raw.key)
                         rows.append(labels.label_vector(meta, raw.key))
                     except MediaError:
                         continue
