@@ -13,6 +13,7 @@ import sys
 
 from avsa.errors import AvsaError
 from avsa.tracking.code_version import ENTRY_ENV
+from avsa.train import interrupt
 
 # name -> (module with `main(argv) -> int`, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -73,16 +74,20 @@ def main(argv: list[str] | None = None) -> int:
     # examples in `compare`): noise in a terminal, worse in a log.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
-        if name == "config":
-            return config_main(rest)
-        module = importlib.import_module(COMMANDS[name][0])
-        return int(module.main(rest) or 0)
+        # SIGTERM (`kill`, `ray job stop`, a pod's deletion) stops every command as Ctrl-C
+        # does: an MLflow run in progress ends KILLED, never left RUNNING.
+        with interrupt.signals_raise():
+            if name == "config":
+                return config_main(rest)
+            module = importlib.import_module(COMMANDS[name][0])
+            return int(module.main(rest) or 0)
     except AvsaError as e:
         print(f"avsa {name}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"avsa {name}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as k:
+        e = interrupt.as_interrupted(k)
+        print(f"avsa {name}: stopped by {e.name}", file=sys.stderr)
+        return e.exit_code
 
 
 if __name__ == "__main__":

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import signal
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -295,3 +300,31 @@ def test_transfer_params_are_the_checkpoints_model(shards, mlflow_uri, experimen
     assert params["model.name"] == "tiny"
     assert params["data.audio_features"] == "intensity"
     assert params["data.crop_size"] == "32"  # the command line's, where it overrides
+
+
+def test_sigterm_ends_the_transfer_run_killed_not_running(shards, mlflow_uri, experiment):
+    """`kill`, `ray job stop` and a pod's deletion send SIGTERM: the command stops as on Ctrl-C,
+    exit 143 and one line, its MLflow run KILLED rather than RUNNING for ever."""
+    from mlflow.tracking import MlflowClient
+
+    repo = Path(__file__).resolve().parent.parent
+    args = [*overrides(shards, mlflow_uri, experiment), "downstream.mode=finetune",
+            "downstream.epochs=10000", "downstream.row=sigterm"]
+    proc = subprocess.Popen([sys.executable, "-m", "avsa.cli", "transfer", "action",
+                             "pretrain=scratch", *args], cwd=repo, text=True,
+                            env={**os.environ, "PYTHONPATH": str(repo), "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        for line in proc.stdout:  # the run exists once the first epoch is reported
+            if "epoch 1/10000" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err[-3000:]
+    assert err.strip().splitlines()[-1] == "avsa transfer: stopped by SIGTERM"
+    client = MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name(experiment)
+    (r,) = client.search_runs([exp.experiment_id], "tags.`avsa.row` = 'sigterm'")
+    assert r.info.status == "KILLED"

@@ -1,4 +1,6 @@
 """SIGINT and SIGTERM during `avsa pretrain` and `avsa sweep`: stop the run, record it, exit.
+(Every other command gets the same first-signal rule from `avsa.cli`: its MLflow run ends
+KILLED and it exits 130 or 143.)
 
 The first signal raises `Interrupted` in the main thread (Ray Train's and Tune's own handlers
 are kept out). The driver aborts the Ray Train controller, marks the MLflow run KILLED at the
