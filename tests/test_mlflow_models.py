@@ -22,6 +22,7 @@ from avsa.tracking import code_version
 from avsa.tracking import models as mlflow_models
 from avsa.tracking.datasets import log_datasets, manifest_digest
 from avsa.train import checkpoint as ckpt
+from avsa.train.resume import commit
 
 TINY = ["model=tiny", "data.crop_size=32", "data.frames=4", "data.num_viewpoints=2",
         "data.n_mels=32", "data.audio_seconds=0.5", "data.shuffle_buffer=0",
@@ -205,3 +206,30 @@ def test_a_sweep_completes_trials_whose_actor_the_scheduler_ended(mlflow_uri, sh
     assert best.run_id == rows[1]["run_id"]
     state, ref = mlflow_models.load_state(f"models:/{name}@best", mlflow_uri)
     assert state["config"]["data"]["num_viewpoints"] == 4 and ref.version == "1"
+
+
+def test_a_stopped_runs_id_resolves_to_its_newest_complete_checkpoint(mlflow_uri, tmp_path,
+                                                                     caplog):
+    """A pretraining stopped by Ctrl-C (or still going) has tagged no final checkpoint; its run
+    id still names the newest complete one in its run directory, with a warning."""
+    cfg = compose(TINY)
+    model = build_model(cfg.model, audio_channels(cfg.data))
+    run_dir = tmp_path / "run"
+    for step in (2, 4, 6):
+        d = ckpt.save(run_dir / f"checkpoint-{step:08d}", model=model, optimizer=None,
+                      step=step, config=cfg.to_dict())
+        if step < 6:  # step 6 was being written when the run stopped
+            commit(str(d), step)
+    exp = f"mm-{uuid.uuid4().hex[:8]}"
+    stopped = tracking.RunLogger.start(mlflow_uri, exp, "stopped",
+                                       tags={tracking.RUN_URI: str(run_dir)})
+    stopped.end("KILLED")
+    with caplog.at_level(logging.WARNING, logger="avsa.train"):
+        state, uri = ckpt.resolve_init(stopped.run_id, mlflow_uri)
+    assert state["step"] == 4 and uri == str(run_dir / "checkpoint-00000004")
+    assert f"MLflow run {stopped.run_id} is KILLED, not FINISHED" in caplog.text
+    bare = tracking.RunLogger.start(mlflow_uri, exp, "bare")
+    bare.end("FAILED")
+    with pytest.raises(CheckpointError, match=r"\(FAILED\) has no avsa.checkpoint_uri tag and "
+                                              r"no complete checkpoint \(no avsa.run_uri tag\)"):
+        ckpt.resolve_init(bare.run_id, mlflow_uri)

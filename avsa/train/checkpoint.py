@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import re
 from pathlib import Path
@@ -21,6 +22,7 @@ from avsa import storage
 from avsa.errors import AvsaError, CheckpointError
 from avsa.train.resume import checkpoints
 
+log = logging.getLogger("avsa.train")
 STATE = "state.pt"
 CONFIG = "config.yaml"
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -96,7 +98,8 @@ def skipped_samples(state: dict[str, Any]) -> int:
 
 def resolve_init(ref: str, tracking_uri: str | None = None) -> tuple[dict[str, Any], str]:
     """Load the state behind `ref`: a registered model (`models:/NAME/VERSION`,
-    `models:/NAME@ALIAS`), an MLflow run id (its `avsa.checkpoint_uri` tag), a
+    `models:/NAME@ALIAS`), an MLflow run id (its `avsa.checkpoint_uri` tag; for a run still
+    going, stopped or failed, the newest complete checkpoint in its run directory), a
     checkpoint directory URI, a run directory (newest checkpoint inside) or a `state.pt` URI.
 
     Returns (state dict, the checkpoint URI it came from).
@@ -112,9 +115,7 @@ def resolve_init(ref: str, tracking_uri: str | None = None) -> tuple[dict[str, A
         from avsa import tracking
 
         run = tracking.get_run(tracking.resolve_tracking_uri(tracking_uri), ref)
-        uri = run.data.tags.get(tracking.CHECKPOINT)
-        if not uri:
-            raise CheckpointError(ref, "MLflow run has no avsa.checkpoint_uri tag (did it finish?)")
+        uri = run.data.tags.get(tracking.CHECKPOINT) or _unfinished_runs_checkpoint(run)
     directory = uri.removesuffix(STATE).rstrip("/")
     try:
         if not storage.exists(storage.join(directory, STATE)):
@@ -133,3 +134,21 @@ def resolve_init(ref: str, tracking_uri: str | None = None) -> tuple[dict[str, A
         raise
     except AvsaError as e:
         raise CheckpointError(uri, f"cannot read checkpoint: {e}") from None
+
+
+def _unfinished_runs_checkpoint(run: Any) -> str:
+    """The newest complete checkpoint in the run directory (tag `avsa.run_uri`) of an MLflow
+    run that has not tagged a final one: a run still going, stopped or failed."""
+    from avsa import tracking
+
+    run_id, status = run.info.run_id, run.info.status
+    run_uri = run.data.tags.get(tracking.RUN_URI)
+    found = checkpoints(run_uri) if run_uri else []
+    if not found:
+        where = f" in {run_uri}" if run_uri else " (no avsa.run_uri tag)"
+        raise CheckpointError(run_id, f"MLflow run ({status}) has no avsa.checkpoint_uri tag and "
+                                      f"no complete checkpoint{where}")
+    step, uri = found[0]
+    log.warning("MLflow run %s is %s, not FINISHED: using its newest complete checkpoint, "
+                "step %d (%s)", run_id, status, step, uri)
+    return uri
