@@ -242,14 +242,32 @@ def test_two_ray_train_workers_see_each_sample_once_per_epoch(ray_session, shard
     assert sum(r["skipped"] for r in reports) == 0
 
 
+def _seeded_keys(uri: str, keys: list[str], *, epochs: int, seed: int) -> list[str]:
+    """The shard set's keys in the order of its seeded work items."""
+    by_uri = {storage.join(uri, shard_name(i)): keys[PER_SHARD * i:PER_SHARD * (i + 1)]
+              for i in range(3)}
+    items = pipeline.shard_items(uri, epochs=epochs, seed=seed)
+    return [k for item in items for k in by_uri[item["uri"]]]
+
+
+def test_a_run_of_many_epochs_plans_at_most_max_blocks_in_the_seeded_order(
+        ray_session, shard_set, monkeypatch):
+    """Items past MAX_BLOCKS share blocks (a decode task takes several shards in turn), so a
+    long run over few shards starts in seconds rather than minutes; it still sees every sample
+    once per epoch, in the seeded order."""
+    uri, keys = shard_set
+    monkeypatch.setattr(pipeline, "MAX_BLOCKS", 4)
+    ds = pipeline.build_dataset(uri, tiny_cfg(), epochs=5, seed=3, batch_size=2, keys=True)
+    assert [r["key"] for r in ds.iter_rows()] == _seeded_keys(uri, keys, epochs=5, seed=3)
+    assert "FlatMap(decode_shard): 4 tasks executed" in ds.stats()
+
+
 def test_shuffled_ray_dataset_keeps_the_seeded_shard_order(ray_session, shard_set):
     """A training stream (shuffled, read-ahead bounded or not) tells Ray Data to keep the seeded
     shard order, so a run sees the same samples in the same order each time; a decode task
     that finishes early may overtake only when data.preserve_order is off."""
     uri, keys = shard_set
-    by_uri = {storage.join(uri, shard_name(i)): keys[PER_SHARD * i:PER_SHARD * (i + 1)]
-              for i in range(3)}
-    seeded = [k for item in pipeline.shard_items(uri, epochs=1, seed=3) for k in by_uri[item["uri"]]]
+    seeded = _seeded_keys(uri, keys, epochs=1, seed=3)
     for batch_size in (None, 2):
         ds = pipeline.build_dataset(uri, tiny_cfg(), epochs=1, seed=3, batch_size=batch_size,
                                     keys=True)
