@@ -253,20 +253,26 @@ def s3_shards(s3_endpoint, tmp_path_factory):
     return f"s3://{bucket}", out
 
 
+def submit_command(head: RayHead, entrypoint: tuple[str, ...], mlflow_uri: str | None,
+                   *options: str) -> tuple[str, list[str]]:
+    """(job id, `ray job submit` argv with k8s/runtime_env.yaml and the tracking URI)."""
+    job_id = f"avsa-test-{uuid.uuid4().hex[:8]}"
+    runtime_env = yaml.safe_load((REPO / "k8s" / "runtime_env.yaml").read_text())
+    runtime_env.pop("working_dir")
+    if mlflow_uri:
+        runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] = str(mlflow_uri)
+    return job_id, [str(VENV_BIN / "ray"), "job", "submit", "--address", head.dashboard,
+                    "--submission-id", job_id, "--working-dir", str(REPO), *options,
+                    "--runtime-env-json", json.dumps(runtime_env), "--", *entrypoint]
+
+
 def submit(head: RayHead, cwd: Path, *entrypoint: str, mlflow_uri: str | None,
            env: dict[str, str] | None = None, timeout: float = JOB_TIMEOUT_S):
     """`ray job submit --working-dir REPO --runtime-env k8s/runtime_env.yaml` as documented,
     plus the tracking URI; returns (completed process, job id, job log)."""
     from ray.job_submission import JobSubmissionClient
 
-    job_id = f"avsa-test-{uuid.uuid4().hex[:8]}"
-    runtime_env = yaml.safe_load((REPO / "k8s" / "runtime_env.yaml").read_text())
-    runtime_env.pop("working_dir")
-    if mlflow_uri:
-        runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] = str(mlflow_uri)
-    cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", head.dashboard,
-           "--submission-id", job_id, "--working-dir", str(REPO),
-           "--runtime-env-json", json.dumps(runtime_env), "--", *entrypoint]
+    job_id, cmd = submit_command(head, entrypoint, mlflow_uri)
     client_env = env or head.env
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd,
@@ -380,6 +386,46 @@ def test_ray_job_submit_transfer_from_the_pretrained_run(pretrained, ray_head, m
     (transfer,) = ml.search_runs([exp.experiment_id])
     assert transfer.info.status == "FINISHED"
     assert transfer.data.tags["avsa.pretrain_run_id"] == run.info.run_id
+
+
+def _runs_with_steps(ml, experiment: str) -> list:
+    exp = ml.get_experiment_by_name(experiment)
+    runs = ml.search_runs([exp.experiment_id]) if exp else []
+    return [r for r in runs if "train/loss" in r.data.metrics]
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+@pytest.mark.timeout(900)
+def test_ray_job_stop_ends_the_pretraining_run_killed(ray_head, s3_shards, mlflow_uri, tmp_path):
+    """`ray job stop` sends the driver SIGTERM and kills it RAY_JOB_STOP_WAIT_TIME_S later (3 s
+    by default; k8s/runtime_env.yaml sets 60): time to stop the workers and end the MLflow run
+    KILLED instead of leaving it RUNNING."""
+    from mlflow.tracking import MlflowClient
+
+    bucket, shards = s3_shards
+    experiment = f"jobs-stop-{uuid.uuid4().hex[:8]}"
+    job_id, cmd = submit_command(
+        ray_head, ("python", "jobs/pretrain.py", *TINY, f"data.shards={shards['train']}",
+                   f"data.val_shards={shards['val']}", "train.max_steps=100000",
+                   "train.log_every=1", "train.val_every=0", f"storage.path={bucket}/stop",
+                   f"tracking.experiment={experiment}"), mlflow_uri, "--no-wait")
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                         env=ray_head.env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ml = MlflowClient(str(mlflow_uri))
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not (runs := _runs_with_steps(ml, experiment)):
+        assert time.monotonic() < deadline, f"no training step logged:\n{_job_logs(ray_head, job_id)}"
+        time.sleep(1)
+    stop = subprocess.run([str(VENV_BIN / "ray"), "job", "stop", "--address", ray_head.dashboard,
+                           job_id], capture_output=True, text=True, timeout=180, env=ray_head.env)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    logs = _job_logs(ray_head, job_id)
+    assert "avsa pretrain: stopped by SIGTERM at step " in logs, logs[-3000:]
+    run = ml.get_run(runs[0].info.run_id)
+    assert run.info.status == "KILLED", logs[-3000:]
+    assert run.data.tags["avsa.stopped_by"] == "SIGTERM"
 
 
 @pytest.mark.slow
