@@ -211,7 +211,8 @@ def test_a_sweep_completes_trials_whose_actor_the_scheduler_ended(mlflow_uri, sh
 def test_a_stopped_runs_id_resolves_to_its_newest_complete_checkpoint(mlflow_uri, tmp_path,
                                                                      caplog):
     """A pretraining stopped by Ctrl-C (or still going) has tagged no final checkpoint; its run
-    id still names the newest complete one in its run directory, with a warning."""
+    id still names the newest complete one in its run directory, with a warning. A sweep's run
+    id names its best trial's."""
     cfg = compose(TINY)
     model = build_model(cfg.model, audio_channels(cfg.data))
     run_dir = tmp_path / "run"
@@ -228,6 +229,11 @@ def test_a_stopped_runs_id_resolves_to_its_newest_complete_checkpoint(mlflow_uri
         state, uri = ckpt.resolve_init(stopped.run_id, mlflow_uri)
     assert state["step"] == 4 and uri == str(run_dir / "checkpoint-00000004")
     assert f"MLflow run {stopped.run_id} is KILLED, not FINISHED" in caplog.text
+    sweep = tracking.RunLogger.start(mlflow_uri, exp, "sweep",
+                                     tags={tracking.BEST_RUN: stopped.run_id})
+    sweep.end()
+    state, uri = ckpt.resolve_init(sweep.run_id, mlflow_uri)  # its best trial's
+    assert state["step"] == 4 and uri == str(run_dir / "checkpoint-00000004")
     bare = tracking.RunLogger.start(mlflow_uri, exp, "bare")
     bare.end("FAILED")
     with pytest.raises(CheckpointError, match=r"\(FAILED\) has no avsa.checkpoint_uri tag and "

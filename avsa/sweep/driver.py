@@ -300,7 +300,7 @@ def _report(base: Config, grid: Any, spec: TrialSpec, keys: list[str],
             storage.write_bytes(storage.join(sweep_uri, p.name), p.read_bytes())
     if best is not None:
         parent.set_tags({"avsa.best_trial": best["trial"], "avsa.best_trial_id": best["trial_id"],
-                         "avsa.best_run_id": best["run_id"],
+                         tracking.BEST_RUN: best["run_id"],
                          "avsa.best_params": json.dumps({k: best[k] for k in keys})})
         parent.log_metrics({f"best/{metric}": best[metric]}, step=int(best["step"] or 0))
     parent.end("FINISHED" if best is not None else "FAILED")

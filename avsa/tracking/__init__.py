@@ -14,6 +14,7 @@ from avsa.tracking.client import (
 from avsa.tracking.params import MAX_PARAM_VALUE, flatten_config
 from avsa.tracking.run import RunLogger
 from avsa.tracking.store import (
+    BEST_RUN,
     CHECKPOINT,
     KIND,
     PARENT,
@@ -27,7 +28,7 @@ from avsa.tracking.store import (
 )
 
 __all__ = [
-    "CHECKPOINT", "KIND", "MAX_PARAM_VALUE", "PARENT", "PRETRAIN_RUN", "RUN_URI", "TASK",
+    "BEST_RUN", "CHECKPOINT", "KIND", "MAX_PARAM_VALUE", "PARENT", "PRETRAIN_RUN", "RUN_URI", "TASK",
     "BufferPolicy", "RunLogger", "check_reachable", "default_tracking_uri",
     "find_run", "flatten_config", "get_run", "last_logged_step", "redact",
     "resolve_tracking_uri", "running_children",

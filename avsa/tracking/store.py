@@ -14,6 +14,7 @@ TASK = "avsa.task"
 PRETRAIN_RUN = "avsa.pretrain_run_id"
 CHECKPOINT = "avsa.checkpoint_uri"
 RUN_URI = "avsa.run_uri"  # a pretraining's (or trial's) run directory
+BEST_RUN = "avsa.best_run_id"  # on a sweep's run: its best trial's run
 PARENT = "mlflow.parentRunId"
 SYSTEM = "system/"  # the prefix of system-metric keys, sampled on their own steps from 1
 # The experiment tag MLflow 3's UI reads to open an experiment on its runs table ("Model

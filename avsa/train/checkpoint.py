@@ -98,8 +98,9 @@ def skipped_samples(state: dict[str, Any]) -> int:
 
 def resolve_init(ref: str, tracking_uri: str | None = None) -> tuple[dict[str, Any], str]:
     """Load the state behind `ref`: a registered model (`models:/NAME/VERSION`,
-    `models:/NAME@ALIAS`), an MLflow run id (its `avsa.checkpoint_uri` tag; for a run still
-    going, stopped or failed, the newest complete checkpoint in its run directory), a
+    `models:/NAME@ALIAS`), an MLflow run id (its `avsa.checkpoint_uri` tag; a sweep's: its best
+    trial's; for a run still going, stopped or failed, the newest complete checkpoint in its
+    run directory), a
     checkpoint directory URI, a run directory (newest checkpoint inside) or a `state.pt` URI.
 
     Returns (state dict, the checkpoint URI it came from).
@@ -115,6 +116,10 @@ def resolve_init(ref: str, tracking_uri: str | None = None) -> tuple[dict[str, A
         from avsa import tracking
 
         run = tracking.get_run(tracking.resolve_tracking_uri(tracking_uri), ref)
+        best = run.data.tags.get(tracking.BEST_RUN)
+        if best and not run.data.tags.get(tracking.CHECKPOINT):
+            log.info("MLflow run %s is a sweep: using its best trial's run %s", ref, best)
+            return resolve_init(best, tracking_uri)
         uri = run.data.tags.get(tracking.CHECKPOINT) or _unfinished_runs_checkpoint(run)
     directory = uri.removesuffix(STATE).rstrip("/")
     try:
