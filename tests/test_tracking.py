@@ -7,7 +7,10 @@ import enum
 import logging
 import os
 import pickle
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -157,6 +160,32 @@ def test_check_reachable_closed_port_fails_fast_naming_uri():
     with pytest.raises(TrackingError, match=f"^{uri}: starting run 'r' failed"):
         RunLogger.start(uri, "e", "r", tags={}, params={}, policy=FAST)
     assert time.monotonic() - t0 < 5
+
+
+RACE = """
+import sys, time
+from pathlib import Path
+import mlflow.store.tracking.sqlalchemy_store  # imported before the start line
+from avsa.tracking import check_reachable
+go = Path(sys.argv[2])
+while not go.exists():
+    time.sleep(0.001)
+check_reachable(sys.argv[1])
+"""
+
+
+def test_commands_starting_together_on_a_new_sqlite_store_all_get_it(tmp_path):
+    """Parallel `avsa transfer` commands into a fresh local store raced to create its tables,
+    and all but one failed ('MLflow store unusable (... table ... already exists)')."""
+    uri, go = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}", tmp_path / "go"
+    repo = Path(__file__).resolve().parent.parent
+    procs = [subprocess.Popen([sys.executable, "-c", RACE, uri, str(go)], cwd=repo,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    time.sleep(8)  # every one imported and waiting
+    go.touch()
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, "\n".join(e[-600:] for e in errors)
+    MlflowClient(uri).create_experiment("usable")
 
 
 def test_check_reachable_redacts_credentials():

@@ -11,10 +11,12 @@ uses 2 retries (about 2.5 s) and a 15 s timeout; a longer outage is the run's bu
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -142,10 +144,25 @@ def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
             "(or set MLFLOW_ALLOW_FILE_STORE=true)",
         )
     try:
-        connect(uri).search_experiments(max_results=1)
+        with _creating(sqlite_path(uri)):
+            connect(uri).search_experiments(max_results=1)
     except Exception as e:
         kind = "MLflow tracking server unusable" if is_remote(uri) else "MLflow store unusable"
         raise TrackingError(where, f"{kind} ({one_line(e)})") from e
+
+
+@contextlib.contextmanager
+def _creating(db: Path | None) -> Iterator[None]:
+    """One process at a time (a lock on ``<db>.lock``) for a SQLite store's first use, in
+    which MLflow creates or migrates its tables: commands started together on a new store
+    would otherwise all create them, and all but one fail."""
+    if db is None:
+        yield
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def reading(uri: str, what: str, fn: Callable[[], T]) -> T:
