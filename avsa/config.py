@@ -301,8 +301,11 @@ def from_dict(d: dict[str, Any]) -> Config:
 
 
 def _first_line(e: BaseException) -> str:
-    """Hydra and OmegaConf errors span lines; keep the informative ones on one line."""
-    lines = [ln.strip() for ln in str(e).strip().splitlines()]
+    """Hydra and OmegaConf errors span lines; keep the informative ones on one line, with the
+    tab-indented list after a heading ("Available options in 'data':") on the heading's."""
+    text = str(e).strip().split("\nConfig search path:")[0]
+    text = re.sub(r"\n\t", ", ", re.sub(r":\n\t", ": ", text))
+    lines = [ln.strip() for ln in text.splitlines()]
     lines = [ln for ln in lines if ln and not ln.startswith(("full_key", "object_type", "reference_type", "Set the"))]
     return " — ".join(lines[:2]) or type(e).__name__
 

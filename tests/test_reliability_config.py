@@ -38,7 +38,8 @@ CASES = [
     ("pretrain", "train.max_steps=",
      "train.max_steps: Value '' of type 'str' could not be converted to Integer"),
     ("pretrain", "data.nosuch=1", "data.nosuch: Key 'nosuch' not in 'DataConfig'"),
-    ("pretrain", "data=nosuch", "Could not find 'data/nosuch'"),
+    ("pretrain", "data=nosuch", "Could not find 'data/nosuch' — Available options in 'data': "
+                                "default, paper, synthetic_small"),
     ("sweep", "data.num_viewpoints=0", "data.num_viewpoints: must be in [1, 64], got 0"),
     ("sweep", "sweep.space.loss.temperature=[0.07,-1]",
      "loss.temperature: must be in (0, 10], got -1"),
