@@ -24,10 +24,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="data set seed; each clip draws its own from it (default: 0)")
     parser.add_argument("--workers", type=int, default=1,
                         help="processes writing clips (default: %(default)s)")
-    parser.add_argument("--width", type=int, default=384,
-                        help="equirectangular frame width in pixels (default: %(default)s)")
-    parser.add_argument("--height", type=int, default=192,
-                        help="frame height in pixels (default: %(default)s)")
+    parser.add_argument("--width", type=int, default=None,
+                        help="equirectangular frame width in pixels (default: twice --height, "
+                             "else 384)")
+    parser.add_argument("--height", type=int, default=None,
+                        help="frame height in pixels (default: half --width)")
     parser.add_argument("--fps", type=float, default=16.0,
                         help="video frames per second (default: %(default)s)")
     parser.add_argument("--sample-rate", type=int, default=24000,
@@ -46,6 +47,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.clips < 0 or args.seconds <= 0 or args.workers < 1:
         parser.error("--clips must be >= 0, --seconds > 0 and --workers >= 1")
+    if args.width is None:
+        args.width = 2 * (192 if args.height is None else args.height)
+    if args.height is None:
+        args.height = args.width // 2
+    if args.width != 2 * args.height:
+        parser.error(f"--width {args.width} --height {args.height}: an equirectangular frame is "
+                     f"2:1; give one of them, or a width twice the height")
+    if args.height < 8 or args.height % 2:
+        parser.error(f"--width {args.width} --height {args.height}: the height must be even "
+                     f"and >= 8 (H.264 frames have even sides)")
     out = Path(args.out_dir)
     before = sum(synth.is_complete(out, f"clip-{i:06d}") for i in range(args.clips))
     start = time.perf_counter()

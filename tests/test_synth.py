@@ -290,6 +290,24 @@ def test_cli_with_workers_matches_in_process(tmp_path, capsys):
     assert stats["name"] == "synth_coverage" and stats["crops"] == 2 * 8 * 4
 
 
+@pytest.mark.parametrize("size, says", [
+    (["--width", "256", "--height", "100"], "--width 256 --height 100: an equirectangular frame is 2:1"),
+    (["--width", "130"], "--width 130 --height 65: the height must be even and >= 8"),
+    (["--height", "0"], "--width 0 --height 0: the height must be even"),
+])
+def test_cli_frame_sizes_are_2_to_1_and_even(tmp_path, capsys, size, says):
+    """One side given, the other follows (2:1); both given, they must agree; odd or empty
+    frames are refused before any clip (they wrote 100x192 'equirect' clips, or a traceback)."""
+    with pytest.raises(SystemExit) as e:
+        synth_cli.main([str(tmp_path / "bad"), "--clips", "1", *size])
+    assert e.value.code == 2 and says in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    assert synth_cli.main([str(tmp_path / "ok"), "--clips", "1", "--seconds", "0.5",
+                           "--width", "64"]) == 0
+    meta = json.loads((tmp_path / "ok" / "clip-000000.json").read_text())
+    assert (meta["width"], meta["height"]) == (64, 32)
+
+
 def test_read_format_follows_the_config_and_keeps_own_size_without_one():
     from avsa.config import compose
 
