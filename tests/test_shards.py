@@ -439,6 +439,20 @@ def test_s3_round_trip_and_errors(clips_dir, s3_bucket):
         read_manifest(missing)
 
 
+def test_a_folder_of_clips_or_one_shard_is_no_manifest_and_says_what_to_give(tmp_path):
+    (tmp_path / "clips").mkdir()
+    (tmp_path / "clips" / "a.MKV").write_bytes(b"")
+    with pytest.raises(ShardError, match=r"no such file or directory; this folder holds clips: "
+                                         r"write shards first, `avsa shard .*clips OUT`"):
+        read_manifest(str(tmp_path / "clips"))
+    (tmp_path / "shard-000000.tar").write_bytes(b"")
+    with pytest.raises(ShardError, match=r"; give the folder of the shards \(or its "
+                                         r"manifest.json\), not one shard$"):
+        read_manifest(str(tmp_path / "shard-000000.tar"))
+    with pytest.raises(ShardError, match=r"no such file or directory$"):
+        read_manifest(str(tmp_path / "empty"))
+
+
 def test_find_clips_groups_and_flags_names(tmp_path, monkeypatch):
     for name in ["a.mp4", "a.json", "a.masks.npz", "b.MKV", "b.wav", "dup.mp4", "dup.mov",
                  "my.clip.mp4", "sub/c.webm", ".hidden/x.mp4", ".a.mp4.tmp", "orphan.json"]:

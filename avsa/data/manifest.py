@@ -155,13 +155,26 @@ def shard_dir(uri: str) -> str:
     return (head or "/") if sep else "."
 
 
+def _hint(uri: str) -> str:
+    """What to give instead, when ``uri`` is a shard or a folder of clips (local only: a
+    listing on S3 would cost a request on an error path that already names the URI)."""
+    if uri.endswith(".tar"):
+        return "; give the folder of the shards (or its manifest.json), not one shard"
+    from avsa.data.ingest import VIDEO_EXTS
+
+    if not storage.is_s3(uri) and any(p.suffix[1:].lower() in VIDEO_EXTS
+                                      for p in storage.local_path(uri).glob("*.*")):
+        return f"; this folder holds clips: write shards first, `avsa shard {uri} OUT`"
+    return ""
+
+
 def read_manifest(uri: str) -> Manifest:
     """Read and validate the manifest at ``uri`` (a ``.json`` URI or a folder holding one)."""
     path = manifest_uri(uri)
     try:
         text = storage.read_bytes(path)
     except StorageError as e:
-        raise ShardError(path, f"cannot read shard manifest: {e.reason}") from None
+        raise ShardError(path, f"cannot read shard manifest: {e.reason}{_hint(str(uri))}") from None
     return Manifest.from_json(text, path)
 
 
