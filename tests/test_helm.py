@@ -208,6 +208,7 @@ def test_ray_nodes_share_one_environment_and_shm(chart, case):
     assert env["MLFLOW_TRACKING_URI"] == expected_uri
     assert env["AWS_REGION"] == env["AWS_DEFAULT_REGION"]
     assert ("AWS_ENDPOINT_URL" in env) == (case == "external-db")
+    assert env["RAY_JOB_STOP_WAIT_TIME_S"] == "60"  # a stopped job ends its MLflow run
     for t in templates:
         volumes = {v["name"]: v for v in t["spec"]["volumes"]}
         assert volumes["shm"]["emptyDir"]["medium"] == "Memory"

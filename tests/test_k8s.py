@@ -132,6 +132,7 @@ def test_each_layer_creates_one_job_with_mlflow_and_the_env(layer):
     port = objects[("Service", "avsa-mlflow")]["spec"]["ports"][0]["port"]
     assert env["MLFLOW_TRACKING_URI"] == f"http://avsa-mlflow:{port}"
     assert env["AWS_REGION"] == env["AWS_DEFAULT_REGION"]
+    assert env["RAY_JOB_STOP_WAIT_TIME_S"] == "60"  # a stopped job ends its MLflow run
     for obj in objects.values():
         assert obj["metadata"]["labels"]["app.kubernetes.io/part-of"] == "avsa"
 

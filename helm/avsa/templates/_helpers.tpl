@@ -119,6 +119,8 @@ AWS_ENDPOINT_URL: {{ . | quote }}
 MLFLOW_S3_ENDPOINT_URL: {{ . | quote }}
 {{- end }}
 PYTHONUNBUFFERED: "1"
+{{- /* `ray job stop` kills a driver this long after its SIGTERM (Ray: 3 s), time to end its MLflow run */}}
+RAY_JOB_STOP_WAIT_TIME_S: "60"
 {{- end }}
 
 {{/* envFrom of Ray containers: the release's ConfigMap, then the S3 Secret. */}}
