@@ -188,6 +188,26 @@ def test_commands_starting_together_on_a_new_sqlite_store_all_get_it(tmp_path):
     MlflowClient(uri).create_experiment("usable")
 
 
+def test_a_signal_while_a_run_starts_ends_it_killed(mlflow_uri, monkeypatch, tmp_path):
+    """Between creating the MLflow run and handing it over, a signal (or an error) ends the run
+    instead of leaving it RUNNING."""
+    from avsa.config import compose
+    from avsa.train import driver
+
+    def interrupted(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(driver, "log_datasets", interrupted)
+    cfg = compose([f"tracking.uri={mlflow_uri}", "tracking.experiment=starting",
+                   f"storage.path={tmp_path}"])
+    with pytest.raises(KeyboardInterrupt):
+        driver.start_tracking(cfg)
+    client = MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name("starting")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "KILLED"
+
+
 def test_check_reachable_redacts_credentials():
     uri = f"http://bob:pw@127.0.0.1:{free_port()}"
     with pytest.raises(TrackingError) as info:

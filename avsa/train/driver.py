@@ -289,14 +289,17 @@ def start_tracking(
         params=None if existing else tracking.flatten_config(cfg.to_dict()),
         parent_run_id=parent_run_id, resume_run_id=existing,
     )
-    if existing:
-        log.info("resuming MLflow run %s (%s)", existing, run_name)
-    else:
-        from omegaconf import OmegaConf
+    with contextlib.ExitStack() as ends_the_run_on_error:  # a signal here too: not RUNNING
+        ends_the_run_on_error.enter_context(logger)
+        if existing:
+            log.info("resuming MLflow run %s (%s)", existing, run_name)
+        else:
+            from omegaconf import OmegaConf
 
-        logger.log_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)), "config.yaml")
-        log_datasets(logger, [(cfg.data.shards, "train"), (cfg.data.val_shards, "val")])
-    logger.flush()
+            logger.log_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)), "config.yaml")
+            log_datasets(logger, [(cfg.data.shards, "train"), (cfg.data.val_shards, "val")])
+        logger.flush()
+        ends_the_run_on_error.pop_all()
     return logger
 
 
