@@ -186,6 +186,10 @@ def test_commands_starting_together_on_a_new_sqlite_store_all_get_it(tmp_path):
     errors = [p.communicate(timeout=120)[1] for p in procs]
     assert [p.returncode for p in procs] == [0] * 4, "\n".join(e[-600:] for e in errors)
     MlflowClient(uri).create_experiment("usable")
+    lock = tmp_path / "mlruns" / "mlflow.db.lock"  # where no lock can be taken (a read-only
+    lock.unlink()                                  # folder, say) the store is still read
+    lock.mkdir()
+    tracking.check_reachable(uri)
 
 
 def test_a_signal_while_a_run_starts_ends_it_killed(mlflow_uri, monkeypatch, tmp_path):

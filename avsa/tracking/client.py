@@ -156,12 +156,12 @@ def _creating(db: Path | None) -> Iterator[None]:
     """One process at a time (a lock on ``<db>.lock``) for a SQLite store's first use, in
     which MLflow creates or migrates its tables: commands started together on a new store
     would otherwise all create them, and all but one fail."""
-    if db is None:
-        yield
-        return
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".lock"), "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    with contextlib.ExitStack() as stack:
+        if db is not None:
+            with contextlib.suppress(OSError):  # a read-only folder: read there, never created
+                db.parent.mkdir(parents=True, exist_ok=True)
+                lock = stack.enter_context(open(db.with_name(db.name + ".lock"), "a"))
+                fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 
 
