@@ -26,6 +26,8 @@ import json
 import math
 import multiprocessing
 import os
+import signal
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -317,6 +319,14 @@ def _write_clip(job: tuple) -> None:
     storage.write_bytes(out_dir / f"{key}.json", json.dumps(meta, indent=1).encode())
 
 
+def _pool_process() -> None:
+    """A writing process: one torch thread; Ctrl-C left to the parent, whose pool ends it with
+    SIGTERM, taken here as an exit so that a clip being written removes its temporary files."""
+    torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+
+
 def write_dataset(out_dir: str | os.PathLike, clips: int, seconds: float, seed: int,
                   workers: int = 1, *, progress: bool = True, **scene_kwargs) -> list[Path]:
     """Write `clips` clips `clip-000000.mp4` ... (+ .json, .masks.npz) into out_dir; clips
@@ -330,7 +340,7 @@ def write_dataset(out_dir: str | os.PathLike, clips: int, seconds: float, seed: 
     with progress_bar(len(jobs), "synth", "clip", enabled=progress) as bar:
         if workers > 1:
             ctx = multiprocessing.get_context("spawn")  # no fork of a process holding threads
-            with ctx.Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            with ctx.Pool(workers, initializer=_pool_process) as pool:
                 for _ in pool.imap_unordered(_write_clip, jobs):
                     bar.update()
         else:

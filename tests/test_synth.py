@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +22,7 @@ from avsa.errors import ConfigError
 from avsa.synth import SourceSpec
 
 SMALL = {"width": 192, "height": 96}
+REPO = Path(__file__).resolve().parents[1]
 
 
 def mask_centroid(mask: np.ndarray, mask_id: int) -> tuple[float, float]:
@@ -288,6 +295,42 @@ def test_cli_with_workers_matches_in_process(tmp_path, capsys):
                        "--width", "128", "--height", "64", "--stats"]) == 0
     stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert stats["name"] == "synth_coverage" and stats["crops"] == 2 * 8 * 4
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # as under a terminal, whatever ran the tests
+
+
+@pytest.mark.parametrize("sig, to_group", [(signal.SIGTERM, False), (signal.SIGINT, True)])
+def test_a_stopped_synth_with_workers_leaves_whole_clips_only(tmp_path, sig, to_group):
+    """`kill` (SIGTERM to the command), or Ctrl-C (SIGINT to its process group), while the
+    pool's processes write clips: the command ends them and says so in one line, each removes
+    the temporary files of the clip it was writing (they stayed as hidden `.clip-*` files, and
+    Ctrl-C printed a traceback per process), and a re-run completes the clips cut short."""
+    out = tmp_path / "clips"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "avsa.cli", "synth", str(out), "--clips", "40", "--seconds",
+           "2", "--workers", "2", "--width", "256"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=_default_sigint)
+    deadline = time.monotonic() + 120
+    while not any(p.name.endswith(".tmp") for p in out.glob(".clip-*")):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.001)
+    (os.killpg if to_group else os.kill)(proc.pid, sig)  # a clip's MP4 is being encoded
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, err[-2000:]
+    assert err.strip().splitlines()[-1] == f"avsa synth: stopped by {sig.name}", err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+    started = {int(p.name[5:11]) for p in out.glob("clip-*")}
+    assert len(started) < 40
+    upto = str(max(started, default=-1) + 2)  # the clips begun, and the next one
+    rerun = subprocess.run([*cmd[:6], upto, *cmd[7:]], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert all(synth.is_complete(out, f"clip-{i:06d}") for i in range(int(upto)))
 
 
 @pytest.mark.parametrize("size, says", [
