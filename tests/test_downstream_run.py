@@ -255,6 +255,8 @@ def test_command_shorthands_and_errors(capsys):
         "experiment=demo_local"]
     assert run.main(["--help"]) == 0
     assert "avsa transfer TASK" in capsys.readouterr().out
+    assert run.main([]) == 2  # no task: a usage error, as every other command's
+    assert "avsa transfer TASK" in capsys.readouterr().err
     with pytest.raises(ConfigError, match=r"downstream\.task"):
         run.main(["jump"])
 

@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import math
 import re
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -242,8 +243,8 @@ USAGE = (f"usage: avsa transfer TASK pretrain=RUN_ID|CHECKPOINT_URI|models:/NAME
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0
+        print(USAGE, file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
     task, rest = argv[0], argv[1:]
     task_class(task)  # an unknown task fails before composing
     cfg = compose([*expand_overrides(rest), f"downstream.task={task}"])
