@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from avsa.config_checks import check_known_keys, validate
+from avsa.config_checks import check_known_keys, close_key, validate
 from avsa.errors import ConfigError
 
 # Per-viewpoint audio inputs and their channel counts (see avsa.data.transform.audio_features):
@@ -282,6 +282,8 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> Config:
         if not (isinstance(err, OmegaConfBaseException) and getattr(err, "full_key", None)):
             err = e
         key, reason = getattr(err, "full_key", None) or "override", _first_line(err)
+        if " not in '" in reason and (near := close_key(key, Config)):
+            reason += f"; did you mean {near}?"
         if key.startswith("sweep.space.") and reason.startswith("Cannot merge"):
             reason += (f"; to turn a list into a distribution or back, drop the key first: "
                        f"'~{key}' '+{key}=...'")

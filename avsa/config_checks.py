@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import typing
 from typing import Any
@@ -41,6 +42,21 @@ def unknown_keys(node: Any, schema: type, prefix: str = "") -> list[str]:
     return out
 
 
+def close_key(key: str, schema: type) -> str | None:
+    """The key of `schema` nearest a mistyped dotted `key`, up to its first unknown part:
+    "data.num_viewpoint" -> "data.num_viewpoints", "dat.fps" -> "data"; None if none is close."""
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(schema):
+            return None
+        names = [f.name for f in dataclasses.fields(schema)]
+        if part not in names:
+            near = difflib.get_close_matches(part, names, n=1)
+            return ".".join([*parts[:i], near[0]]) if near else None
+        schema = typing.get_type_hints(schema)[part]
+    return None
+
+
 def check_known_keys(node: Any, schema: type) -> None:
     """Refuse keys the schema does not have (a typo added with `+` or `++` would else be
     ignored without a word)."""
@@ -48,8 +64,10 @@ def check_known_keys(node: Any, schema: type) -> None:
     if bad:
         parent = bad[0].rpartition(".")[0]
         where = f"{parent!r}" if parent else "the config"
-        raise ConfigError(bad[0], f"no such key in {where} (a typo? `+`/`++` add keys only "
-                                  f"under sweep.space)")
+        near = close_key(bad[0], schema)
+        raise ConfigError(bad[0], f"no such key in {where}" + (
+            f"; did you mean {near}?" if near else
+            " (a typo? `+`/`++` add keys only under sweep.space)"))
 
 
 def _check(ok: bool, key: str, allowed: str, value: object) -> None:

@@ -48,10 +48,17 @@ CASES = [
      "sweep.space.loss.temperature: Cannot merge DictConfig with ListConfig; to turn a list "
      "into a distribution or back, drop the key first: '~sweep.space.loss.temperature'"),
     # keys added with + or ++ are checked against the schema like any other
-    ("pretrain", "+trian.max_steps=5", "trian: no such key in the config"),
-    ("pretrain", "++train.max_stepz=5", "train.max_stepz: no such key in 'train'"),
+    ("pretrain", "+trian.max_steps=5", "trian: no such key in the config; did you mean train?"),
+    ("pretrain", "++train.max_stepz=5",
+     "train.max_stepz: no such key in 'train'; did you mean train.max_steps?"),
+    ("pretrain", "+data.zzz=1", "data.zzz: no such key in 'data' (a typo? `+`/`++` add keys"),
+    # a mistyped key names the nearest one
+    ("pretrain", "train.max_step=3",
+     "train.max_step: Key 'max_step' not in 'TrainConfig'; did you mean train.max_steps?"),
+    ("sweep", "loss.temprature=0.1", "; did you mean loss.temperature?"),
+    ("pretrain", "dat.fps=8", "dat: Key 'dat' not in 'Config'; did you mean data?"),
     ("sweep", "+sweep.space.train.lr=[0.1,0.2] ++data.seedz=1",
-     "data.seedz: no such key in 'data'"),
+     "data.seedz: no such key in 'data'; did you mean data.seed?"),
     # the run name is one safe path segment
     ("pretrain", "storage.run_name=../escaped", "storage.run_name: must be one path segment"),
     ("pretrain", "storage.run_name=/abs/name", "storage.run_name: must be one path segment"),
@@ -98,6 +105,7 @@ def test_bad_value_is_one_line_naming_key_and_range(command, override, says, no_
     assert len(lines) == 1, err
     assert lines[0].startswith(f"avsa {command}: error: ")
     assert says in lines[0]
+    assert ("did you mean" in lines[0]) == ("did you mean" in says)  # no far-fetched guess
 
 
 @pytest.mark.parametrize("argv", [["pretrain", "experiment=demo_local", "--help"],
