@@ -70,7 +70,8 @@ def main(argv: list[str]) -> int:
     cfg = compose(overrides)
     # The per-step [avsa] lines already show progress; Ray Data's bars would bury them.
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    from avsa.train.driver import pretrain, print_summary, ray_for_block
+    from avsa.train.driver import pretrain, print_summary
+    from avsa.train.ray_setup import ray_for_block
 
     with ray_for_block():  # the transfer after it runs in this process, without Ray
         res = pretrain(cfg)

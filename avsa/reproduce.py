@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     tracking.check_reachable(uri)  # and an unusable tracking server
     tables = plan(args, cfg.train.batch_size, cfg.data.num_viewpoints, cfg.data.audio_features)
     data = make_data(args, tables, cfg.data)
-    from avsa.train.driver import ray_for_block
+    from avsa.train.ray_setup import ray_for_block
 
     with ray_for_block():  # the cells after it run in this process, without Ray
         refs, metrics = pretrain_all(args, tables, data, uri)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from avsa.train.driver import port_in_use
+from avsa.train.ray_setup import port_in_use
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,10 +40,10 @@ def start_local_ray(port: int, need_state_api: bool) -> subprocess.CompletedProc
     script = textwrap.dedent(f"""
         import ray
         from avsa.config import compose
-        from avsa.train import driver
-        driver.RAY_AGENT_PORT = {port}
+        from avsa.train import ray_setup
+        ray_setup.RAY_AGENT_PORT = {port}
         try:
-            driver.ensure_ray(compose(["train.num_workers=1"]), need_state_api={need_state_api})
+            ray_setup.ensure_ray(compose(["train.num_workers=1"]), need_state_api={need_state_api})
         except Exception as e:
             print("REFUSED", type(e).__name__, e)
         else:
@@ -78,15 +78,15 @@ def test_a_ray_started_in_a_block_ends_with_it_and_one_up_before_stays(held_port
     script = textwrap.dedent(f"""
         import ray
         from avsa.config import compose
-        from avsa.train import driver
-        driver.RAY_AGENT_PORT = {held_port}
+        from avsa.train import ray_setup
+        ray_setup.RAY_AGENT_PORT = {held_port}
         cfg = compose(["train.num_workers=1"])
-        with driver.ray_for_block():
-            driver.ensure_ray(cfg)
+        with ray_setup.ray_for_block():
+            ray_setup.ensure_ray(cfg)
             print("INSIDE", ray.is_initialized())
         print("AFTER", ray.is_initialized())
-        driver.ensure_ray(cfg)
-        with driver.ray_for_block():
+        ray_setup.ensure_ray(cfg)
+        with ray_setup.ray_for_block():
             pass
         print("KEPT", ray.is_initialized())
         ray.shutdown()

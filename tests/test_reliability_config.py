@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from avsa import cli
-from avsa.train import driver
+from avsa.train import driver, ray_setup
 
 pytestmark = pytest.mark.reliability
 
@@ -90,7 +90,8 @@ def no_services(monkeypatch):
         raise AssertionError("a bad override reached MLflow or Ray")
 
     monkeypatch.setattr(driver, "start_tracking", touched)
-    monkeypatch.setattr(driver, "ensure_ray", touched)
+    monkeypatch.setattr(driver, "ensure_ray", touched)  # pretrain's
+    monkeypatch.setattr(ray_setup, "ensure_ray", touched)  # the sweep's
 
 
 @pytest.mark.parametrize("command, override, says", CASES,

@@ -18,13 +18,13 @@ from avsa.errors import CheckpointError, ConfigError
 from avsa.models import build_model, unwrap
 from avsa.models.inputs import normalize_video
 from avsa.train import checkpoint as ckpt
-from avsa.train.driver import join_cluster
 from avsa.train.loop import Meter, chance_score, phase_kind
 from avsa.train.objective import (
     compute_objective,
     leaves_parameters_unused,
     reset_context_and_heads,
 )
+from avsa.train.ray_setup import join_cluster
 
 
 def _batch(b=4, v=2, seed=0):

@@ -36,7 +36,7 @@ from avsa.sweep.space import (
 )
 from avsa.tracking import models
 from avsa.train import driver as train_driver
-from avsa.train import interrupt, resume
+from avsa.train import interrupt, ray_setup, resume
 
 log = logging.getLogger("avsa.sweep")
 
@@ -243,7 +243,7 @@ def run_sweep(cfg: Config) -> SweepResult:
     with train_driver.hold_run_dir(sweep_uri, "avsa sweep", base.storage.lease_wait_s):
         # a pinned storage.run_name must not restore another sweep's Tune experiment
         train_driver.claim_run_dir(base, sweep_uri, sweep=True)
-        train_driver.ensure_ray(base, need_state_api=True)
+        ray_setup.ensure_ray(base, need_state_api=True)
         with interrupt.signals_raise():
             return _sweep(base, space, flat, metric, name, sweep_uri)
 
