@@ -233,29 +233,11 @@ def pretrain_configs(args, tables, data, uri) -> list[tuple[str, object]]:
     return configs
 
 
-def finished(cfg, uri: str):
-    """The RunResult of `cfg`'s pretraining when MLflow holds it FINISHED with its checkpoint
-    (a re-run needs neither Ray nor the checkpoint's directory lease for it); else None."""
-    from avsa import storage
-    from avsa.train.driver import RunResult
-
-    name = cfg.run_name()
-    run_uri = storage.join(cfg.storage.path, name)
-    run_id = tracking.find_run(uri, cfg.tracking.experiment, name, run_uri)
-    if run_id is None:
-        return None
-    run = tracking.get_run(uri, run_id)
-    checkpoint = run.data.tags.get(tracking.CHECKPOINT)
-    if run.info.status != "FINISHED" or not checkpoint:
-        return None
-    return RunResult(run_id, name, run_uri, checkpoint, dict(run.data.metrics))
-
-
 def pretrain_all(args, tables, data, uri) -> tuple[dict[str, list[str]],
                                                    dict[str, dict[str, float]]]:
     """Run `pretrain_configs` (each distinct run once): row -> checkpoint reference of each
     pretraining seed, row -> the first one's final validation metrics."""
-    from avsa.train.driver import pretrain
+    from avsa.train.driver import finished_run, pretrain
 
     configs = pretrain_configs(args, tables, data, uri)
     runs: dict[str, object] = {}  # run name -> result
@@ -263,7 +245,7 @@ def pretrain_all(args, tables, data, uri) -> tuple[dict[str, list[str]],
     metrics: dict[str, dict[str, float]] = {}
     for i, (row, cfg) in enumerate(configs, 1):
         if (key := cfg.storage.run_name) not in runs:
-            done = finished(cfg, uri)
+            done = finished_run(cfg, uri)
             print(f"[avsa reproduce] pretraining {i}/{len(configs)}: {row}"
                   f"{' (done)' if done else ''}", flush=True)
             runs[key] = done or pretrain(cfg)

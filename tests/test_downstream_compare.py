@@ -354,13 +354,13 @@ def test_reproduce_skips_exactly_the_cells_mlflow_holds(mlflow_uri):
 
 
 def test_reproduce_takes_a_finished_pretraining_from_mlflow_without_running_it(mlflow_uri):
-    from avsa import reproduce
     from avsa.config import compose
+    from avsa.train.driver import finished_run
 
     exp = f"reproduce-pretrain-{uuid.uuid4().hex[:8]}"
     cfg = compose(["experiment=demo_local", f"tracking.experiment={exp}",
                    "storage.path=/runs", "storage.run_name=reproduce-avsa-x"])
-    assert reproduce.finished(cfg, mlflow_uri) is None  # no such experiment yet
+    assert finished_run(cfg, mlflow_uri) is None  # no such experiment yet
     here = {tracking.RUN_URI: "/runs/reproduce-avsa-x"}
     for status, tags in (("KILLED", {tracking.CHECKPOINT: "/runs/a/checkpoint-1", **here}),
                          ("FINISHED", here),  # interrupted; ended without a checkpoint
@@ -369,11 +369,11 @@ def test_reproduce_takes_a_finished_pretraining_from_mlflow_without_running_it(m
         logger = tracking.RunLogger.start(mlflow_uri, exp, "reproduce-avsa-x", tags=tags)
         logger.end(status)
         time.sleep(0.02)
-        assert reproduce.finished(cfg, mlflow_uri) is None
+        assert finished_run(cfg, mlflow_uri) is None
     logger = tracking.RunLogger.start(mlflow_uri, exp, "reproduce-avsa-x",
                                       tags={tracking.CHECKPOINT: "/runs/b/checkpoint-300", **here})
     logger.log_metrics({"val/avsa_acc": 0.75}, step=300)
     logger.end("FINISHED")
-    res = reproduce.finished(cfg, mlflow_uri)
+    res = finished_run(cfg, mlflow_uri)
     assert (res.run_id, res.checkpoint_uri) == (logger.run_id, "/runs/b/checkpoint-300")
     assert res.run_uri == "/runs/reproduce-avsa-x" and res.metrics["val/avsa_acc"] == 0.75

@@ -180,3 +180,17 @@ def test_interrupt_damage_and_resume(shards, tmp_path, mlflow_uri, start):
     loss_steps = sorted(m.step for m in client.get_metric_history(r.info.run_id, "train/loss"))
     assert loss_steps == list(range(1, STEPS + 1))
     _no_leftovers(ray_tmp)
+
+    # 4. The same command once more: the run is reported as it is, without Ray (an address
+    # ray.init would refuse) and without a second model version.
+    versions = len(client.search_model_versions(f"run_id = '{r.info.run_id}'"))
+    again = subprocess.run([sys.executable, "-m", "avsa.cli", *args], cwd=REPO,
+                           env={**os.environ, "PYTHONPATH": str(REPO),
+                                "RAY_ADDRESS": "no-ray-here"},
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"int-run finished before, at step {STEPS}: nothing left" in again.stderr
+    assert f"[avsa] finished int-run at step {STEPS}: " in again.stdout
+    assert f"MLflow run {r.info.run_id}" in again.stdout
+    assert client.get_run(r.info.run_id).info.status == "FINISHED"
+    assert len(client.search_model_versions(f"run_id = '{r.info.run_id}'")) == versions

@@ -248,10 +248,30 @@ def pretrain(cfg: Config, callbacks: Sequence[Any] = ()) -> RunResult:
     run_uri = storage.join(cfg.storage.path, run_name)
     with hold_run_dir(run_uri, "avsa pretrain", cfg.storage.lease_wait_s):
         claim_run_dir(cfg, run_uri)
-        resume.prepare(run_uri)
+        if (newest := resume.prepare(run_uri)) is not None:
+            uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
+            if newest[0] >= cfg.train.max_steps and (done := finished_run(cfg, uri)):
+                log.info("%s finished before, at step %d: nothing left to train", run_name,
+                         newest[0])
+                return replace(done, metrics={**done.metrics, "step": newest[0]})
+            log.info("resuming from %s (step %d)", newest[1], newest[0])
         ensure_ray(cfg)
         with interrupt.signals_raise(), resources.check_and_watch(cfg, f"pretraining {run_name}"):
             return run(cfg, callbacks=callbacks)
+
+
+def finished_run(cfg: Config, uri: str) -> RunResult | None:
+    """This config's run when the tracking store at `uri` holds it FINISHED with its
+    checkpoint: a resubmitted job, or `avsa reproduce` again, reports it instead of starting
+    Ray and workers. None otherwise."""
+    name = cfg.run_name()
+    run_uri = storage.join(cfg.storage.path, name)
+    run_id = tracking.find_run(uri, cfg.tracking.experiment, name, run_uri)
+    run = tracking.get_run(uri, run_id) if run_id else None
+    if run is None or run.info.status != "FINISHED" or tracking.CHECKPOINT not in run.data.tags:
+        return None
+    return RunResult(run_id, name, run_uri, run.data.tags[tracking.CHECKPOINT],
+                     dict(run.data.metrics))
 
 
 def hold_run_dir(run_uri: str, what: str, wait_s: float) -> contextlib.AbstractContextManager:

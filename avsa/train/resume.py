@@ -87,9 +87,9 @@ def _snapshot_names(run_uri: str) -> set[str] | None:
         return {"<unreadable>"}
 
 
-def prepare(run_uri: str) -> None:
+def prepare(run_uri: str) -> tuple[int, str] | None:
     """Before a (re)start: set damaged checkpoints aside, and Ray's snapshot too when it names
-    checkpoints that are gone."""
+    checkpoints that are gone. Returns (step, URI) of the checkpoint to resume from, if any."""
     found = newest_loadable(run_uri, set_aside=True)
     names = _snapshot_names(run_uri)
     if names is not None and not names <= set(_children(run_uri)):
@@ -98,5 +98,4 @@ def prepare(run_uri: str) -> None:
         storage.write_bytes(aside, storage.read_bytes(snap))
         storage.delete(snap)
         log.info("Ray's checkpoint list names checkpoints no longer there; kept as %s", aside)
-    if found is not None:
-        log.info("resuming from %s (step %d)", found[1], found[0])
+    return None if found is None else found[:2]
