@@ -1,7 +1,8 @@
 """The run driver: `run` takes one Ray Train run (a pretraining, or a sweep trial) from its
 MLflow run's start to its end; `pretrain` (`avsa pretrain`) first checks what can fail cheaply
 (config, manifest, tracking server) and holds the run directory. Run name and storage path are
-deterministic, so a resubmitted job resumes its own checkpoints and MLflow run.
+deterministic, so a resubmitted job resumes its own checkpoints and MLflow run, or reports the
+run without starting Ray once it has finished.
 """
 
 from __future__ import annotations
