@@ -6,6 +6,7 @@ Config-driven subcommands (`pretrain`, `sweep`, `transfer`, `config`) take Hydra
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import logging
 import os
@@ -66,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     if name in OVERRIDE_COMMANDS and {"-h", "--help"} & set(rest):  # after overrides too
         rest = ["--help"]
     if name not in COMMANDS:
-        print(f"avsa: error: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        near = difflib.get_close_matches(name, COMMANDS, n=1)
+        hint = f"; did you mean {near[0]}?" if near else ""
+        print(f"avsa: error: unknown command {name!r}{hint}\n\n{usage()}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault(ENTRY_ENV, f"avsa {name}")  # the MLflow source tag, Ray workers too

@@ -109,6 +109,17 @@ def test_bad_value_is_one_line_naming_key_and_range(command, override, says, no_
     assert ("did you mean" in lines[0]) == ("did you mean" in says)  # no far-fetched guess
 
 
+@pytest.mark.parametrize("name, says", [("pretrian", "; did you mean pretrain?"),
+                                        ("tranfser", "; did you mean transfer?"),
+                                        ("zzz", "\n")])
+def test_an_unknown_command_names_the_nearest_and_lists_them(name, says, capsys):
+    assert cli.main([name, "x=1"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith(f"avsa: error: unknown command {name!r}{says}"), err
+    assert "\ncommands:\n" in err
+
+
 @pytest.mark.parametrize("argv", [["pretrain", "experiment=demo_local", "--help"],
                                   ["sweep", "sweep.num_samples=2", "-h"],
                                   ["transfer", "action", "pretrain=scratch", "--help"],
