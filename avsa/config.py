@@ -264,7 +264,7 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> Config:
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
     if flags := [o for o in overrides if o.startswith("-")]:
         raise ConfigError(flags[0], "not an override: give KEY=VALUE overrides (e.g. "
@@ -282,7 +282,8 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> Config:
         if not (isinstance(err, OmegaConfBaseException) and getattr(err, "full_key", None)):
             err = e
         key, reason = getattr(err, "full_key", None) or "override", _first_line(err)
-        if " not in '" in reason and (near := close_key(key, Config)):
+        if isinstance(err, (ConfigAttributeError, ConfigKeyError)) and (
+                near := close_key(key, Config)):
             reason += f"; did you mean {near}?"
         if key.startswith("sweep.space.") and reason.startswith("Cannot merge"):
             reason += (f"; to turn a list into a distribution or back, drop the key first: "

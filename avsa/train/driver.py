@@ -241,7 +241,7 @@ def pretrain(cfg: Config, callbacks: Sequence[Any] = ()) -> RunResult:
     """Run (or resume) one pretraining end to end, relative paths taken against the current
     directory; returns where its results are."""
     cfg = with_absolute_paths(cfg)
-    tracking.resolve_tracking_uri(cfg.tracking.uri)  # refused here inside a job with no server
+    uri = tracking.resolve_tracking_uri(cfg.tracking.uri)  # refused inside a job with no server
     check_inputs(cfg)
     if warning := temperature_warning(cfg.loss.temperature):
         log.warning(warning)
@@ -250,7 +250,6 @@ def pretrain(cfg: Config, callbacks: Sequence[Any] = ()) -> RunResult:
     with hold_run_dir(run_uri, "avsa pretrain", cfg.storage.lease_wait_s):
         claim_run_dir(cfg, run_uri)
         if (newest := resume.prepare(run_uri)) is not None:
-            uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
             if newest[0] >= cfg.train.max_steps and (done := finished_run(cfg, uri)):
                 log.info("%s finished before, at step %d: nothing left to train", run_name,
                          newest[0])
@@ -269,10 +268,10 @@ def finished_run(cfg: Config, uri: str) -> RunResult | None:
     run_uri = storage.join(cfg.storage.path, name)
     run_id = tracking.find_run(uri, cfg.tracking.experiment, name, run_uri)
     run = tracking.get_run(uri, run_id) if run_id else None
-    if run is None or run.info.status != "FINISHED" or tracking.CHECKPOINT not in run.data.tags:
+    checkpoint = run.data.tags.get(tracking.CHECKPOINT) if run else None
+    if not checkpoint or run.info.status != "FINISHED":
         return None
-    return RunResult(run_id, name, run_uri, run.data.tags[tracking.CHECKPOINT],
-                     dict(run.data.metrics))
+    return RunResult(run_id, name, run_uri, checkpoint, dict(run.data.metrics))
 
 
 def hold_run_dir(run_uri: str, what: str, wait_s: float) -> contextlib.AbstractContextManager:
