@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -22,6 +23,7 @@ from crd import (
     validate_pod_templates,
     validate_spec,
 )
+from test_doc_commands import check as check_command
 
 pytestmark = pytest.mark.cluster
 
@@ -195,6 +197,8 @@ def test_rayjobs_run_the_entry_points_and_shut_down(layer):
         spec = job["spec"]
         assert "storage=s3 storage.path=s3://" in spec["entrypoint"]
         assert "data.shards=s3://" in spec["entrypoint"]
+        _, script, *args = shlex.split(spec["entrypoint"])
+        check_command(Path(script).stem, args)  # the overrides compose and validate
         assert spec["shutdownAfterJobFinishes"] is True
         runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
         assert runtime_env["working_dir"].startswith("s3://")

@@ -245,8 +245,11 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
-    task, rest = argv[0], argv[1:]
-    task_class(task)  # an unknown task fails before composing
-    cfg = compose([*expand_overrides(rest), f"downstream.task={task}"])
-    print(run_transfer(cfg).summary())
+    print(run_transfer(transfer_config(argv[0], argv[1:])).summary())
     return 0
+
+
+def transfer_config(task: str, args: list[str]) -> Config:
+    """The validated config of `avsa transfer TASK ARGS...`; no I/O. Raises ConfigError."""
+    task_class(task)  # an unknown task fails before composing
+    return compose([*expand_overrides(args), f"downstream.task={task}"])

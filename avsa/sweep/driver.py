@@ -226,14 +226,20 @@ def _finish_children(uri: str, cfg: Config, rows: list[dict[str, Any]],
             child.flush()
 
 
+def plan_sweep(cfg: Config) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """(flat space, Tune's param_space, the metric Tune acts on) of `cfg.sweep`, every key and
+    value checked against the config; no I/O. Raises ConfigError."""
+    flat = flatten_space(cfg.sweep.space)
+    space = tune_space(flat, cfg.sweep.search)
+    check_space(cfg, flat)
+    metric = scheduler_metric(cfg.sweep.metric, flat)
+    check_sweep(cfg, metric)
+    return flat, space, metric
+
+
 def run_sweep(cfg: Config) -> SweepResult:
     """Run (or resume) the sweep `cfg.sweep` end to end; returns its table and best trial."""
-    s = cfg.sweep
-    flat = flatten_space(s.space)
-    space = tune_space(flat, s.search)
-    check_space(cfg, flat)
-    metric = scheduler_metric(s.metric, flat)
-    check_sweep(cfg, metric)
+    flat, space, metric = plan_sweep(cfg)
     train_driver.check_inputs(cfg)
     base = prepare_base(cfg)
     name = sweep_run_name(base)
