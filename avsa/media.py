@@ -105,7 +105,7 @@ def _open(src: Source, label: str,
           header_only: bool = False) -> Iterator[av.container.InputContainer]:
     """Open src (header_only: see _av_open); av errors while it is in use become MediaError."""
     if not _is_bytes(src) and not Path(src).is_file():
-        raise MediaError(label, "file not found")
+        raise MediaError(label, "a folder, not a clip" if Path(src).is_dir() else "file not found")
     try:
         container = _av_open(src, header_only)
     except AV_ERRORS as e:

@@ -127,6 +127,7 @@ def write_stereo(tmp_path):
 
 @pytest.mark.parametrize("make, reason", [
     (lambda d: d / "missing.mp4", "missing.mp4: file not found"),
+    (lambda d: d, ": a folder, not a clip"),
     (write_garbage, "junk.mp4: not a media file"),
     (write_stereo, "stereo.mp4: expected 4-channel first-order ambisonics (ambiX), found 2"),
 ])
