@@ -343,6 +343,10 @@ def write_dataset(out_dir: str | os.PathLike, clips: int, seconds: float, seed: 
             with ctx.Pool(workers, initializer=_pool_process) as pool:
                 for _ in pool.imap_unordered(_write_clip, jobs):
                     bar.update()
+                # Processes left to end on their own: the pool's exit would SIGTERM them,
+                # maybe in their interpreter's shutdown, where the exit prints a traceback.
+                pool.close()
+                pool.join()
         else:
             for job in jobs:
                 _write_clip(job)
