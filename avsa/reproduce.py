@@ -11,14 +11,13 @@ paper's numbers (METHOD.md §8):
 
 Every pretext sees the same (view, audio) pairs per step: the one-viewpoint baselines take V
 times the batch; clips are synthesised at the size and frame rate the preset reads them at.
-Everything lands under --out: data/, runs/ (checkpoints), mlruns/ (unless --tracking-uri) and
-tables/NAME.{md,csv,png}, also on the MLflow run `reproduce`. Re-running skips what is done
-(clips, pretrainings, transfer cells in MLflow); a cell counts as done, and enters the tables,
-only when its transfer config matches (pretraining, seeds, data, model, transfer), so other
---steps, --seed or overrides on the same --out make their own cells. Extra arguments are
-Hydra overrides for every run, e.g. `model=full train.use_gpu=true train.num_workers=4` on a
-GPU machine.
-"""
+Everything lands under --out: data/, runs/ (checkpoints), mlruns/ (unless --tracking-uri or a
+`tracking.uri=` override) and tables/NAME.{md,csv,png}, also on the MLflow run `reproduce`.
+Re-running skips what is done (clips, pretrainings, transfer cells in MLflow); a cell counts as
+done, and enters the tables, only when its transfer config matches (pretraining, seeds, data,
+model, transfer), so other --steps, --seed or overrides on the same --out make their own cells.
+Extra arguments are Hydra overrides for every run, e.g. `model=full train.use_gpu=true
+train.num_workers=4` on a GPU machine. """
 
 from __future__ import annotations
 
@@ -34,7 +33,7 @@ from avsa import tracking
 from avsa.config import compose, config_digest, override
 from avsa.data.labels import NUM_CLASSES
 from avsa.downstream import compare
-from avsa.errors import TrackingError
+from avsa.errors import ConfigError, TrackingError
 
 log = logging.getLogger("avsa.reproduce")
 
@@ -169,7 +168,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated audio inputs of the audio table, of " + ",".join(FEATURES))
     p.add_argument("--rt60", type=float, default=0.4,
                    help="reverberation time of the wet rows of the audio table (0: none)")
-    p.add_argument("--tracking-uri", default=None, help="MLflow URI (default: a store in --out)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow URI (default: a tracking.uri= override, else a store in --out)")
     p.add_argument("--workers", type=int, default=2, help="processes for synthesis")
     p.add_argument("--train-workers", type=int, default=1,
                    help="Ray Train workers per pretraining (same global batch); on 2 cores "
@@ -337,6 +337,18 @@ def write_tables(args, tables, cells, metrics, uri) -> list[Path]:
     return [*paths, *compare.write_outputs(table, out, "pretraining")]
 
 
+def tracking_uri(args: argparse.Namespace, cfg) -> str:
+    """--tracking-uri, else a `tracking.uri=` override (every run's, so the tables' too), else
+    a SQLite store in --out. Raises ConfigError when the two name different stores."""
+    override_uri = cfg.tracking.uri if cfg.tracking.uri != compose([PRESET]).tracking.uri else None
+    if args.tracking_uri and override_uri and args.tracking_uri != override_uri:
+        raise ConfigError("tracking.uri", f"{override_uri!r} differs from --tracking-uri "
+                          f"{args.tracking_uri!r}; give one")
+    return tracking.resolve_tracking_uri(
+        args.tracking_uri or override_uri
+        or f"sqlite:///{(args.out / 'mlruns' / 'mlflow.db').resolve()}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
@@ -345,9 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     # The per-step [avsa] lines show progress; Ray Data's bars would bury them.
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    uri = tracking.resolve_tracking_uri(
-        args.tracking_uri or f"sqlite:///{(args.out / 'mlruns' / 'mlflow.db').resolve()}")
     cfg = compose([PRESET, *args.overrides])  # bad overrides fail here, before any work
+    uri = tracking_uri(args, cfg)
     tracking.check_reachable(uri)  # and an unusable tracking server
     tables = plan(args, cfg.train.batch_size, cfg.data.num_viewpoints, cfg.data.audio_features)
     data = make_data(args, tables, cfg.data)

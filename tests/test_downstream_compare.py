@@ -16,7 +16,7 @@ from mlflowserver import free_port
 
 from avsa import cli, tracking
 from avsa.downstream import compare
-from avsa.errors import TrackingError
+from avsa.errors import ConfigError, TrackingError
 from avsa.tracking.client import HTTP_DEFAULTS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -217,6 +217,20 @@ def test_reproduce_checks_the_tracking_server_before_making_data(tmp_path):
     with pytest.raises(TrackingError, match=f"^{down}: MLflow tracking server unreachable"):
         reproduce.main(["--out", str(tmp_path), "--tracking-uri", down, "--clips", "8",
                         "--test-clips", "2", "--action-clips", "8", "--seconds", "2"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_reproduce_reads_its_tables_where_a_tracking_uri_override_sends_its_runs(tmp_path):
+    """`tracking.uri=` sends every pretraining and cell there: the tables must be read there
+    too (they were read from --out's store, and the command failed after all its work)."""
+    from avsa import reproduce
+
+    down = f"http://127.0.0.1:{free_port()}"
+    small = ["--out", str(tmp_path), "--clips", "8", "--test-clips", "2", "--action-clips", "8"]
+    with pytest.raises(ConfigError, match=r"tracking\.uri: .* differs from --tracking-uri"):
+        reproduce.main([*small, "--tracking-uri", f"{down}0", f"tracking.uri={down}"])
+    with pytest.raises(TrackingError, match=f"^{down}: MLflow tracking server unreachable"):
+        reproduce.main([*small, f"tracking.uri={down}"])
     assert list(tmp_path.iterdir()) == []
 
 
