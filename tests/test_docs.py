@@ -1,7 +1,7 @@
 """docs/cluster.md, command by command: what can run without a Kubernetes cluster runs here (the
 job commands' runtime-env files exist, `helm install` renders with its flags, every
 `kubectl apply -k` builds one job, `avsa submit` prints a RayJob the KubeRay CRD accepts).
-The job commands' overrides are checked with every other doc's in tests/test_doc_commands.py;
+The job commands' overrides are checked with every other doc's in tests/test_doc_drift.py;
 the single-node steps run for real in tests/test_jobs.py."""
 
 from __future__ import annotations

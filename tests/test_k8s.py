@@ -23,7 +23,7 @@ from crd import (
     validate_pod_templates,
     validate_spec,
 )
-from test_doc_commands import check as check_command
+from test_doc_drift import check as check_command
 
 pytestmark = pytest.mark.cluster
 

@@ -1,13 +1,16 @@
-"""Every config-driven command the README and docs/ show composes and passes validation.
+"""What the README and docs/ say that the code can check, so that it cannot rot unseen.
 
-A renamed key, a changed default or a new check otherwise leaves a documented command that
-fails on its first line when a reader copies it. The commands are read from the fenced code
-blocks (`avsa pretrain|sweep|transfer|config ...` and `... -- python jobs/<job>.py ...` after
-`ray job submit`); placeholders such as BUCKET or RUN_ID are plain string values to the config.
+- Every config-driven command they show composes and passes validation: a renamed key, a
+  changed default or a new check otherwise leaves a documented command that fails on its first
+  line when a reader copies it. The commands are read from the fenced code blocks (`avsa
+  pretrain|sweep|transfer|config ...` and `... -- python jobs/<job>.py ...` after `ray job
+  submit`); placeholders such as BUCKET or RUN_ID are plain string values to the config.
+- Every test docs/reliability.md names as the proof of a row exists.
 """
 
 from __future__ import annotations
 
+import ast
 import re
 import shlex
 from pathlib import Path
@@ -72,3 +75,35 @@ def test_the_reader_finds_blocks_joins_lines_and_cuts_comments():
         ("pretrain", ["train.max_steps=5", "loss=avc"]),
         ("sweep", ["sweep.space.loss.temperature=[0.1,0.2]"]),
     ]
+
+
+def named_tests(table: str) -> list[tuple[str, str]]:
+    """(file, test) of every `T/test_x.py::name` in the markdown, and of each `::name` after it
+    in the same row."""
+    found = []
+    for row in table.splitlines():
+        module = None
+        for m in re.finditer(r"`T/(test_\w+\.py)(?:::(\w+))?`|`::(\w+)`", row):
+            module = m.group(1) or module
+            if name := m.group(2) or m.group(3):
+                found.append((module, name))
+    return found
+
+
+def test_every_test_reliability_md_names_exists():
+    named = named_tests((ROOT / "docs" / "reliability.md").read_text())
+    assert len(named) >= 50, named
+    defined: dict[str, set[str]] = {}
+    for module, name in named:
+        assert module, f"docs/reliability.md names ::{name} without its file"
+        if module not in defined:
+            tree = ast.parse((ROOT / "tests" / module).read_text())
+            defined[module] = {n.name for n in ast.walk(tree)
+                               if isinstance(n, ast.FunctionDef | ast.ClassDef)}
+        assert name in defined[module], f"docs/reliability.md names {module}::{name}"
+
+
+def test_named_tests_reads_rows_with_several_tests():
+    row = "| a | b | c | `T/test_a.py::one`, `::two`; unit: `T/test_b.py::three` |\n| `::x` |"
+    assert named_tests(row) == [("test_a.py", "one"), ("test_a.py", "two"), ("test_b.py", "three"),
+                                (None, "x")]  # a row's first test must name its file
