@@ -5,6 +5,7 @@
   line when a reader copies it. The commands are read from the fenced code blocks (`avsa
   pretrain|sweep|transfer|config ...` and `... -- python jobs/<job>.py ...` after `ray job
   submit`); placeholders such as BUCKET or RUN_ID are plain string values to the config.
+- So does the example in each of these commands' --help.
 - Every test docs/reliability.md names as the proof of a row exists.
 """
 
@@ -18,8 +19,11 @@ from pathlib import Path
 import pytest
 
 from avsa.config import compose
+from avsa.downstream import run as transfer_run
 from avsa.downstream.run import TASKS, transfer_config
+from avsa.sweep import driver as sweep_driver
 from avsa.sweep.driver import plan_sweep
+from avsa.train import driver as pretrain_driver
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -62,6 +66,20 @@ def test_the_docs_show_the_commands_this_test_reads():
 
 @pytest.mark.parametrize(("where", "command", "args"), CASES, ids=[c[0][:80] for c in CASES])
 def test_a_documented_command_composes_and_validates(where, command, args):
+    check(command, args)
+
+
+def usage_example(usage: str) -> tuple[str, list[str]]:
+    """(command, arguments) of the `e.g. ...` in a `usage: avsa COMMAND ...` string."""
+    command = usage.split()[2]
+    example = shlex.split(usage.rpartition("e.g. ")[2].splitlines()[0])
+    return command, example[2:] if example[:2] == ["avsa", command] else example
+
+
+@pytest.mark.parametrize("module", [pretrain_driver, sweep_driver, transfer_run])
+def test_the_usage_example_of_each_command_composes_and_validates(module):
+    command, args = usage_example(module.USAGE)
+    assert args and all("=" in a for a in args[command == "transfer":]), args
     check(command, args)
 
 

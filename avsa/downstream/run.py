@@ -237,7 +237,7 @@ def expand_overrides(args: list[str]) -> list[str]:
 USAGE = (f"usage: avsa transfer TASK pretrain=RUN_ID|CHECKPOINT_URI|models:/NAME/VERSION|"
          f"models:/NAME@ALIAS|scratch [overrides...]\n"
          f"  TASK: one of {', '.join(TASKS)}\n"
-         f"  e.g. avsa transfer segmentation pretrain=<run id> context=audio "
+         f"  e.g. avsa transfer segmentation pretrain=RUN_ID context=audio "
          f"data.val_shards=outputs/demo/shards/val")
 
 

@@ -45,7 +45,7 @@ TRIAL_DRIVER_CPU = 0.01
 # Restarts of a trial whose driver died (its Train run resumes from its last checkpoint);
 # worker failures inside a trial are Ray Train's (train.max_failures).
 TRIAL_RETRIES = 1
-USAGE = ("usage: avsa sweep [hydra overrides...]   e.g. sweep=viewpoints_temperature "
+USAGE = ("usage: avsa sweep [hydra overrides...]   e.g. experiment=demo_local "
          "'sweep.space.data.num_viewpoints=[2,4]' sweep.max_concurrent_trials=2")
 
 

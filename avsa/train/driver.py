@@ -291,10 +291,12 @@ def _checkpoint_uri(cfg: Config, result) -> str | None:
     return path
 
 
+USAGE = ("usage: avsa pretrain [hydra overrides...]   e.g. experiment=demo_local "
+         "data.num_viewpoints=2 train.max_steps=500")
+
+
 def main(argv: list[str]) -> int:
-    usage = ("usage: avsa pretrain [hydra overrides...]   e.g. experiment=demo_local "
-             "data.num_viewpoints=8 train.max_steps=500")
-    return interrupt.run_command("pretrain", argv, usage, pretrain, print_summary)
+    return interrupt.run_command("pretrain", argv, USAGE, pretrain, print_summary)
 
 
 def print_summary(res: RunResult, cfg: Config) -> None:
