@@ -28,6 +28,7 @@ import numpy as np
 from avsa import tracking
 from avsa.downstream import stats
 from avsa.errors import TrackingError
+from avsa.progress import progress_bar
 from avsa.tracking.client import connect, one_line, reading, sqlite_path
 
 log = logging.getLogger(__name__)
@@ -233,17 +234,21 @@ def fetch_records(uri: str, experiment: str, *, with_examples: bool = True) -> l
         lambda n, token: client.search_runs([exp.experiment_id], query, max_results=n,
                                             page_token=token), 1000))
     out = []
-    for run in runs:
-        tags = run.data.tags
-        context = tags.get(CONTEXT) or run.data.params.get("downstream.context") or None
-        row = tags.get(ROW) or tags.get(PRETEXT, "?")
-        task = tags.get(tracking.TASK, "?")
-        mode = (tags.get(MODE) or run.data.params.get("downstream.mode") or None
-                if task == "action" else None)
-        out.append(RunRecord(run.info.run_id, row, task, context, int(run.info.start_time or 0),
-                             dict(run.data.metrics), tags.get(SEED),
-                             _examples(client, run.info.run_id) if with_examples else None,
-                             mode, tags.get(CONFIG)))
+    # Two requests a run for its examples.
+    with progress_bar(len(runs), f"{experiment} results", "run", enabled=with_examples) as bar:
+        for run in runs:
+            tags = run.data.tags
+            context = tags.get(CONTEXT) or run.data.params.get("downstream.context") or None
+            row = tags.get(ROW) or tags.get(PRETEXT, "?")
+            task = tags.get(tracking.TASK, "?")
+            mode = (tags.get(MODE) or run.data.params.get("downstream.mode") or None
+                    if task == "action" else None)
+            out.append(RunRecord(run.info.run_id, row, task, context,
+                                 int(run.info.start_time or 0), dict(run.data.metrics),
+                                 tags.get(SEED),
+                                 _examples(client, run.info.run_id) if with_examples else None,
+                                 mode, tags.get(CONFIG)))
+            bar.update()
     return out
 
 
