@@ -99,13 +99,18 @@ def test_pretraining_run_gets_kind_code_datasets_and_registered_model(
     # an alias, and both reference forms load the same weights
     best = mlflow_models.register(logger, name, alias="best")
     assert best.version == "1"  # the version this run already has, not a new one
-    for ref_text in (f"models:/{name}/1", f"models:/{name}@best"):
+    for ref_text in (f"models:/{name}/1", f"models:/{name}@best", f"models:/{name}/latest"):
         state, uri = ckpt.resolve_init(ref_text, mlflow_uri)
         assert uri == f"models:/{name}/1"
         for k, v in checkpoint[1].items():
             assert torch.equal(state["model"][k], v)
     with pytest.raises(CheckpointError, match="no such registered model version"):
         ckpt.resolve_init(f"models:/{name}@nosuch", mlflow_uri)
+    # `latest`, as MLflow's model URIs take it: the highest version, not the first
+    client.create_model_version(name, mv.source, run_id=mv.run_id, model_id=model.model_id)
+    assert mlflow_models.resolve(f"models:/{name}/latest", mlflow_uri).version == "2"
+    with pytest.raises(CheckpointError, match=r"no such registered model version .*no versions"):
+        ckpt.resolve_init(f"models:/{name}-none/latest", mlflow_uri)
 
 
 def test_transfer_from_a_registered_version(mlflow_uri, shards, checkpoint):

@@ -1,4 +1,4 @@
-"""`avsa transfer TASK pretrain=RUN|URI|models:/NAME/VERSION|models:/NAME@ALIAS|scratch`: one
+"""`avsa transfer TASK pretrain=RUN|URI|models:/NAME/VERSION|latest|models:/NAME@ALIAS|scratch`: one
 transfer run, tracked in MLflow.
 
 The network is rebuilt from the checkpoint's own config (so the architecture matches its
@@ -235,7 +235,7 @@ def expand_overrides(args: list[str]) -> list[str]:
 
 
 USAGE = (f"usage: avsa transfer TASK pretrain=RUN_ID|CHECKPOINT_URI|models:/NAME/VERSION|"
-         f"models:/NAME@ALIAS|scratch [overrides...]\n"
+         f"models:/NAME/latest|models:/NAME@ALIAS|scratch [overrides...]\n"
          f"  TASK: one of {', '.join(TASKS)}\n"
          f"  e.g. avsa transfer segmentation pretrain=RUN_ID context=audio "
          f"data.val_shards=outputs/demo/shards/val")

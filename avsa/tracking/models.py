@@ -4,7 +4,8 @@ At a run's end the final network is logged with ``mlflow.pytorch`` as the run's 
 ``encoders``, with a signature, ``config.yaml`` and ``weights.pt`` (a plain state dict that
 transfer loads with ``weights_only=True``: no pickled code runs). A pretraining registers it as
 a version of ``tracking.model_name``; a sweep registers its best trial's with the alias
-``best``. ``avsa transfer`` accepts ``models:/NAME/VERSION`` and ``models:/NAME@ALIAS``.
+``best``. ``avsa transfer`` accepts ``models:/NAME/VERSION`` (or ``latest``, the highest
+version, as MLflow's own model URIs take it) and ``models:/NAME@ALIAS``.
 Logging is best effort: with the server down it warns once and training goes on.
 """
 
@@ -32,7 +33,8 @@ BEST_ALIAS = "best"
 MODEL_VERSION_TAG = "avsa.model_version"  # "NAME/VERSION" on the runs that made or used it
 WEIGHTS = "weights.pt"
 CONFIG = "config.yaml"
-_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
+_MODELS_URI = re.compile(
+    r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+|latest)|@(?P<alias>[\w-]+))$")
 
 
 @dataclass(frozen=True)
@@ -212,13 +214,19 @@ def _version_source(client, tracking_uri: str, model_id: str) -> str:
 
 
 def resolve(ref: str, tracking_uri: str) -> ModelRef:
-    """The registered version behind ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``."""
+    """The registered version behind ``models:/NAME/VERSION|latest`` or ``models:/NAME@ALIAS``."""
     m = _MODELS_URI.match(ref)
     if m is None:
-        raise CheckpointError(ref, "expected models:/NAME/VERSION or models:/NAME@ALIAS")
+        raise CheckpointError(ref, "expected models:/NAME/VERSION, models:/NAME/latest or "
+                                   "models:/NAME@ALIAS")
     registry, name = connect(tracking_uri), m["name"]
     try:
-        if m["version"]:
+        if m["version"] == "latest":
+            versions = registry.search_model_versions(f"name = '{name}'")
+            if not versions:
+                raise ValueError(f"{name!r} has no versions")
+            mv = max(versions, key=lambda v: int(v.version))
+        elif m["version"]:
             mv = registry.get_model_version(name, m["version"])
         else:
             mv = registry.get_model_version_by_alias(name, m["alias"])

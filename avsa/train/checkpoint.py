@@ -97,7 +97,7 @@ def skipped_samples(state: dict[str, Any]) -> int:
 
 
 def resolve_init(ref: str, tracking_uri: str | None = None) -> tuple[dict[str, Any], str]:
-    """Load the state behind `ref`: a registered model (`models:/NAME/VERSION`,
+    """Load the state behind `ref`: a registered model (`models:/NAME/VERSION`, `.../latest`,
     `models:/NAME@ALIAS`), an MLflow run id (its `avsa.checkpoint_uri` tag; a sweep's: its best
     trial's; for a run still going, stopped or failed, the newest complete checkpoint in its
     run directory), a
