@@ -237,8 +237,9 @@ def test_a_stopped_runs_id_resolves_to_its_newest_complete_checkpoint(mlflow_uri
     sweep = tracking.RunLogger.start(mlflow_uri, exp, "sweep",
                                      tags={tracking.BEST_RUN: stopped.run_id})
     sweep.end()
-    state, uri = ckpt.resolve_init(sweep.run_id, mlflow_uri)  # its best trial's
-    assert state["step"] == 4 and uri == str(run_dir / "checkpoint-00000004")
+    for ref in (sweep.run_id, f"runs:/{sweep.run_id}/encoders"):  # its best trial's
+        state, uri = ckpt.resolve_init(ref, mlflow_uri)
+        assert state["step"] == 4 and uri == str(run_dir / "checkpoint-00000004")
     bare = tracking.RunLogger.start(mlflow_uri, exp, "bare")
     bare.end("FAILED")
     with pytest.raises(CheckpointError, match=r"\(FAILED\) has no avsa.checkpoint_uri tag and "

@@ -26,6 +26,7 @@ log = logging.getLogger("avsa.train")
 STATE = "state.pt"
 CONFIG = "config.yaml"
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+_RUNS_URI = re.compile(r"^runs:/(?P<run_id>[0-9a-f]{32})(?:/.*)?$")  # MLflow's runs:/ID/PATH
 
 
 def rng_state() -> dict[str, Any]:
@@ -98,10 +99,10 @@ def skipped_samples(state: dict[str, Any]) -> int:
 
 def resolve_init(ref: str, tracking_uri: str | None = None) -> tuple[dict[str, Any], str]:
     """Load the state behind `ref`: a registered model (`models:/NAME/VERSION`, `.../latest`,
-    `models:/NAME@ALIAS`), an MLflow run id (its `avsa.checkpoint_uri` tag; a sweep's: its best
-    trial's; for a run still going, stopped or failed, the newest complete checkpoint in its
-    run directory), a
-    checkpoint directory URI, a run directory (newest checkpoint inside) or a `state.pt` URI.
+    `models:/NAME@ALIAS`), an MLflow run id or `runs:/ID/...` (its `avsa.checkpoint_uri` tag; a
+    sweep's: its best trial's; for a run still going, stopped or failed, the newest complete
+    checkpoint in its run directory), a checkpoint directory URI, a run directory (newest
+    checkpoint inside) or a `state.pt` URI.
 
     Returns (state dict, the checkpoint URI it came from).
     """
@@ -111,6 +112,8 @@ def resolve_init(ref: str, tracking_uri: str | None = None) -> tuple[dict[str, A
 
         state, version = models.load_state(ref, tracking.resolve_tracking_uri(tracking_uri))
         return state, version.uri
+    if runs_uri := _RUNS_URI.match(ref):
+        ref = runs_uri["run_id"]
     uri = ref
     if _RUN_ID.match(ref):
         from avsa import tracking
@@ -129,7 +132,7 @@ def resolve_init(ref: str, tracking_uri: str | None = None) -> tuple[dict[str, A
             if not nested and not storage.exists(directory):
                 raise CheckpointError(directory, "nothing there (expected a run or checkpoint "
                                                  "directory, a state.pt, an MLflow run id of 32 "
-                                                 "hex digits or models:/NAME/VERSION)")
+                                                 "hex digits, runs:/ID or models:/NAME/VERSION)")
             if not nested:
                 raise CheckpointError(directory, "no checkpoint found (expected state.pt or "
                                                  "checkpoint-*/)")
