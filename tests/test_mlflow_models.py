@@ -245,3 +245,16 @@ def test_a_stopped_runs_id_resolves_to_its_newest_complete_checkpoint(mlflow_uri
     with pytest.raises(CheckpointError, match=r"\(FAILED\) has no avsa.checkpoint_uri tag and "
                                               r"no complete checkpoint \(no avsa.run_uri tag\)"):
         ckpt.resolve_init(bare.run_id, mlflow_uri)
+
+
+@pytest.mark.parametrize(("ref", "run_id"), [
+    ("0" * 32, "0" * 32),
+    (f"runs:/{'a1' * 16}/encoders", "a1" * 16),
+    (f"runs:/{'a1' * 16}", "a1" * 16),
+    ("runs:/not-an-id/encoders", None),
+    ("A" * 32, None),  # MLflow's ids are lowercase hex
+    (f"s3://bucket/{'0' * 32}", None),
+    ("models:/enc/1", None),
+])
+def test_run_id_of_a_bare_id_or_an_mlflow_runs_uri(ref, run_id):
+    assert ckpt.run_id_of(ref) == run_id

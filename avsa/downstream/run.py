@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import re
 import sys
 import tempfile
 import time
@@ -52,7 +51,6 @@ PROGRESS_EVERY_S = 30.0  # at most one epoch line on stdout this often (MLflow g
 # NAME_unit: the clip (or video) of each row of NAME, which `avsa compare` resamples together
 EXAMPLES = "test_examples.npz"
 SCRATCH = "scratch"
-_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 # The registry: each task's class says where its clips come from, builds its head and
 # defines its batch adapter, loss and metrics (avsa.downstream.fit.TransferHead).
 TASKS: dict[str, type[TransferHead]] = {
@@ -104,7 +102,7 @@ def load_pretrained(cfg: Config, tracking_uri: str | None, seed: int = 0) -> Pre
             torch.manual_seed(seed)
             model = build_model(cfg.model, audio_channels(cfg.data))
         return Pretrained(model, cfg, SCRATCH, SCRATCH)
-    from avsa.train.checkpoint import resolve_init
+    from avsa.train.checkpoint import resolve_init, run_id_of
 
     version = mlflow_models.resolve(ref, tracking_uri) if mlflow_models.is_models_uri(ref) else None
     state, uri = resolve_init(version.uri if version else ref, tracking_uri)
@@ -122,7 +120,7 @@ def load_pretrained(cfg: Config, tracking_uri: str | None, seed: int = 0) -> Pre
     label = f"{pre.loss.kind}_cur" if pre.train.curriculum else pre.loss.kind  # AVC phase first
     if version is not None:  # the pretraining run behind the registered version
         ref = version.run_id or version.uri
-    return Pretrained(model, pre, label, ref if _RUN_ID.match(ref) else uri, version)
+    return Pretrained(model, pre, label, run_id_of(ref) or uri, version)
 
 
 def task_class(task: str) -> type[TransferHead]:

@@ -25,8 +25,7 @@ from avsa.train.resume import checkpoints
 log = logging.getLogger("avsa.train")
 STATE = "state.pt"
 CONFIG = "config.yaml"
-_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-_RUNS_URI = re.compile(r"^runs:/(?P<run_id>[0-9a-f]{32})(?:/.*)?$")  # MLflow's runs:/ID/PATH
+_RUN_ID = re.compile(r"[0-9a-f]{32}")
 
 
 def rng_state() -> dict[str, Any]:
@@ -97,6 +96,12 @@ def skipped_samples(state: dict[str, Any]) -> int:
     return int(state.get("skipped_samples", 0))
 
 
+def run_id_of(ref: str) -> str | None:
+    """The MLflow run id that `ref` names: a bare id, or MLflow's `runs:/ID/PATH`; else None."""
+    head = ref.removeprefix("runs:/").split("/")[0] if ref.startswith("runs:/") else ref
+    return head if _RUN_ID.fullmatch(head) else None
+
+
 def resolve_init(ref: str, tracking_uri: str | None = None) -> tuple[dict[str, Any], str]:
     """Load the state behind `ref`: a registered model (`models:/NAME/VERSION`, `.../latest`,
     `models:/NAME@ALIAS`), an MLflow run id or `runs:/ID/...` (its `avsa.checkpoint_uri` tag; a
@@ -112,10 +117,9 @@ def resolve_init(ref: str, tracking_uri: str | None = None) -> tuple[dict[str, A
 
         state, version = models.load_state(ref, tracking.resolve_tracking_uri(tracking_uri))
         return state, version.uri
-    if runs_uri := _RUNS_URI.match(ref):
-        ref = runs_uri["run_id"]
+    ref = run_id_of(ref) or ref
     uri = ref
-    if _RUN_ID.match(ref):
+    if run_id_of(ref):
         from avsa import tracking
 
         run = tracking.get_run(tracking.resolve_tracking_uri(tracking_uri), ref)
