@@ -17,7 +17,8 @@ Re-running skips what is done (clips, pretrainings, transfer cells in MLflow); a
 done, and enters the tables, only when its transfer config matches (pretraining, seeds, data,
 model, transfer), so other --steps, --seed or overrides on the same --out make their own cells.
 Extra arguments are Hydra overrides for every run, e.g. `model=full train.use_gpu=true
-train.num_workers=4` on a GPU machine. """
+train.num_workers=4` on a GPU machine.
+"""
 
 from __future__ import annotations
 
