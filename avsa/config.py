@@ -152,10 +152,13 @@ class SweepConfig:
     report_every: int = 0
 
 
+SCRATCH = "scratch"  # downstream.pretrain of a randomly initialised network
+
+
 @dataclass
 class DownstreamConfig:
     task: str = one_of("avc_bin", ("avc_bin", "avsa_bin", "action", "segmentation"))
-    pretrain: str = "scratch"
+    pretrain: str = SCRATCH
     mode: str = one_of("frozen", ("frozen", "finetune", "linear"))
     # frozen heads: the most epochs (early stopping ends sooner); action finetune: exactly this
     epochs: int = bounded(100, "[1, 1e4]")
@@ -320,14 +323,16 @@ def _absolute(uri: str | None, cwd: Path) -> str | None:
 
 
 def with_absolute_paths(cfg: Config, cwd: str | os.PathLike | None = None) -> Config:
-    """A copy of cfg whose local data, storage and init paths are absolute against cwd (default:
-    the current directory), as Ray Train workers run elsewhere; URIs and run ids pass through."""
+    """A copy of cfg whose local data, storage and checkpoint paths (model.init_from,
+    downstream.pretrain) are absolute against cwd (default: the current directory), as Ray Train
+    workers run elsewhere and runs record where they read; URIs and run ids pass through."""
     base = Path(cwd) if cwd is not None else Path.cwd()
     out = copy.deepcopy(cfg)
     out.data.shards = _absolute(out.data.shards, base)
     out.data.val_shards = _absolute(out.data.val_shards, base)
     out.storage.path = _absolute(out.storage.path, base)
-    init = out.model.init_from
-    if init and "://" not in init and (base / init).exists():
-        out.model.init_from = _absolute(init, base)
+    for group, key in ((out.model, "init_from"), (out.downstream, "pretrain")):
+        ref = getattr(group, key)
+        if ref and ref != SCRATCH and "://" not in ref and (base / ref).exists():
+            setattr(group, key, _absolute(ref, base))
     return out

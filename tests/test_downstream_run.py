@@ -304,6 +304,27 @@ def test_transfer_params_are_the_checkpoints_model(shards, mlflow_uri, experimen
     assert params["data.crop_size"] == "32"  # the command line's, where it overrides
 
 
+def test_a_transfer_records_absolute_paths_for_relative_ones(shards, mlflow_uri, experiment,
+                                                             tmp_path, monkeypatch):
+    """Run from the folder that holds them, relative shard and checkpoint paths are recorded
+    absolute: the run names what it read wherever it is looked at from."""
+    from mlflow.tracking import MlflowClient
+
+    pre = compose(["model=tiny"])
+    checkpoint = Path(_save(tmp_path, build_model(pre.model, audio_channels(pre.data)), []))
+    train = Path(shards[0])
+    monkeypatch.chdir(train.parent)
+    (train.parent / "scratch").mkdir(exist_ok=True)  # a folder named as the keyword is no path
+    args = [a for a in overrides(shards, mlflow_uri, experiment) if "shards=" not in a]
+    for ref, recorded in ((os.path.relpath(checkpoint), str(checkpoint)), ("scratch", "scratch")):
+        cfg = compose([*args, f"data.shards={train.name}", f"data.val_shards={shards[1]}",
+                       "downstream.task=avsa_bin", f"downstream.pretrain={ref}"])
+        r = MlflowClient(mlflow_uri).get_run(run.run_transfer(cfg).run_id)
+        assert r.data.params["data.shards"] == str(train)
+        assert r.data.params["downstream.pretrain"] == recorded
+        assert r.data.tags["avsa.pretrain_run_id"] == recorded
+
+
 def test_sigterm_ends_the_transfer_run_killed_not_running(shards, mlflow_uri, experiment):
     """`kill`, `ray job stop` and a pod's deletion send SIGTERM: the command stops as on Ctrl-C,
     exit 143 and one line, its MLflow run KILLED rather than RUNNING for ever."""

@@ -26,7 +26,16 @@ import numpy as np
 import torch
 
 from avsa import tracking
-from avsa.config import Config, DownstreamConfig, audio_channels, compose, config_digest, from_dict
+from avsa.config import (
+    SCRATCH,
+    Config,
+    DownstreamConfig,
+    audio_channels,
+    compose,
+    config_digest,
+    from_dict,
+    with_absolute_paths,
+)
 from avsa.downstream import report
 from avsa.downstream.action import ActionTask
 from avsa.downstream.binary import BinaryTask
@@ -50,7 +59,6 @@ PROGRESS_EVERY_S = 30.0  # at most one epoch line on stdout this often (MLflow g
 # per-example test results (npz): acc / clip_acc / video_acc hit vectors, per-crop confusion,
 # NAME_unit: the clip (or video) of each row of NAME, which `avsa compare` resamples together
 EXAMPLES = "test_examples.npz"
-SCRATCH = "scratch"
 # The registry: each task's class says where its clips come from, builds its head and
 # defines its batch adapter, loss and metrics (avsa.downstream.fit.TransferHead).
 TASKS: dict[str, type[TransferHead]] = {
@@ -188,6 +196,7 @@ def _log_inputs(logger: tracking.RunLogger, cfg: Config, pre: Pretrained) -> Non
 def run_transfer(cfg: Config, memo: dict | None = None) -> TransferResult:
     """Run `cfg.downstream.task` from `cfg.downstream.pretrain`; log and return the metrics.
     `memo`: a dict the caller keeps to reuse decoded clips across transfers (ShardSource)."""
+    cfg = with_absolute_paths(cfg)  # the run records where its data and checkpoint are
     ds = cfg.downstream
     if ds.task != "action" and ds.mode == "finetune":
         log.warning("downstream.mode=finetune applies to action only; %s keeps the pretrained "
