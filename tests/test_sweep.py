@@ -89,6 +89,12 @@ def test_check_space_tries_every_value_before_anything_starts():
     cfg = compose(["sweep.space.data.num_viewpoints=[2,4,99]"])
     with pytest.raises(ConfigError, match=r"^data\.num_viewpoints: .*got 99"):
         sweep_space.check_space(cfg, sweep_space.flatten_space(cfg.sweep.space))
+    # the demo's 60 deg separation places 4 viewpoints, not the default grid's 8: the error
+    # names the value of the space that brought the 8, not only the keys the check reads
+    cfg = compose(["experiment=demo_local"])
+    with pytest.raises(ConfigError, match=r"^data\.num_viewpoints, data\.min_separation_deg: 8 "
+                                          r"viewpoints .* \(sweep\.space\.data\.num_viewpoints=8\)$"):
+        sweep_space.check_space(cfg, sweep_space.flatten_space(cfg.sweep.space))
 
 
 def test_check_space_refuses_a_distribution_over_an_integer_key():

@@ -98,7 +98,12 @@ def check_space(cfg: Config, flat: Mapping[str, Any]) -> None:
     for key, leaf in flat.items():
         if not isinstance(leaf, Mapping):
             for value in leaf:
-                apply_params(base, {key: value})
+                try:
+                    apply_params(base, {key: value})
+                except ConfigError as e:  # a check across keys names them, not the space
+                    if e.where.startswith("sweep.space."):
+                        raise
+                    raise ConfigError(e.where, f"{e.reason} (sweep.space.{key}={value!r})") from None
             continue
         low, high = leaf["low"], leaf["high"]
         for value in (low, high):
