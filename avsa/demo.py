@@ -50,6 +50,8 @@ def main(argv: list[str]) -> int:
     if args.seconds < base.data.audio_seconds:
         p.error(f"--seconds must be at least data.audio_seconds ({base.data.audio_seconds:g} s): "
                 f"shorter clips would be padded with silence")
+    if args.train_clips < base.train.batch_size:
+        p.error(f"--train-clips must be at least train.batch_size ({base.train.batch_size})")
     tracking.check_reachable(tracking.resolve_tracking_uri(base.tracking.uri))
     fmt = synth.read_format(base.data)
     shard_uris = {}

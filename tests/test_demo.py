@@ -88,6 +88,8 @@ def test_a_bad_override_fails_before_any_clip_is_written(tmp_path):
     (["--train-clips", "0"], "--train-clips, --val-clips"),
     (["--seconds", "-1"], "--seconds must be at least data.audio_seconds (1 s)"),
     (["--seconds", "0.5"], "shorter clips would be padded with silence"),
+    (["--train-clips", "4"], "--train-clips must be at least train.batch_size (8)"),
+    (["--train-clips", "2", "train.batch_size=4"], "at least train.batch_size (4)"),
 ])
 def test_bad_numbers_fail_before_any_clip_is_written(args, says, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
@@ -103,6 +105,6 @@ def test_demo_checks_the_tracking_server_before_synthesising(tmp_path):
 
     down = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(TrackingError, match=f"^{down}: MLflow tracking server unreachable"):
-        demo.main(["--out", str(tmp_path / "demo"), "--train-clips", "4", "--val-clips", "2",
+        demo.main(["--out", str(tmp_path / "demo"), "--train-clips", "8", "--val-clips", "2",
                    f"tracking.uri={down}"])
     assert not (tmp_path / "demo").exists()
