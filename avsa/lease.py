@@ -66,7 +66,8 @@ def read_holder(uri: str) -> Holder | None:
         return Holder("?", 0, "?", "unparseable", "?", 0.0)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -77,7 +78,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def is_stale(h: Holder) -> bool:
-    if h.host == socket.gethostname() and h.pid > 0 and not _pid_alive(h.pid):
+    if h.host == socket.gethostname() and h.pid > 0 and not pid_alive(h.pid):
         return True
     return h.renewed > 0 and time.time() - h.renewed > TTL_S
 

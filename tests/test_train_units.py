@@ -18,7 +18,7 @@ from avsa.errors import CheckpointError, ConfigError
 from avsa.models import build_model, unwrap
 from avsa.models.inputs import normalize_video
 from avsa.train import checkpoint as ckpt
-from avsa.train.loop import Meter, chance_score, phase_kind
+from avsa.train.loop import STAGING_PREFIX, Meter, chance_score, phase_kind, remove_dead_staging
 from avsa.train.objective import (
     compute_objective,
     leaves_parameters_unused,
@@ -335,3 +335,18 @@ def test_avsa_pretrain_with_a_dead_ray_address_exits_with_one_line(tmp_path, mlf
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(
         f"avsa pretrain: error: RAY_ADDRESS: no Ray answers at '{env['RAY_ADDRESS']}'"), lines
+
+
+def test_staging_folders_of_dead_workers_are_removed_and_live_ones_kept(tmp_path):
+    """A worker killed inside its checkpoint report (Ctrl-C on the run, a node's failure)
+    leaves its staging folder, a whole checkpoint, in the temp dir: the node's next worker
+    removes it. Live workers' folders and names of another form stay."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    names = {"dead": f"{STAGING_PREFIX}{dead.stdout.strip()}-k3x9", "live":
+             f"{STAGING_PREFIX}{os.getpid()}-a1b2", "other": f"{STAGING_PREFIX}q8_w2e1"}
+    for name in names.values():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "state.pt").write_bytes(b"x" * 64)
+    remove_dead_staging(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([names["live"], names["other"]])

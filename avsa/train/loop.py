@@ -10,18 +10,21 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
 import re
+import shutil
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from avsa import storage
+from avsa import lease, storage
 from avsa.config import Config, audio_channels, from_dict
 from avsa.errors import CheckpointError
 from avsa.models import build_model, unwrap
@@ -170,6 +173,18 @@ def validate(model, batches, cfg: Config, device) -> dict[str, float]:
     return out
 
 
+STAGING_PREFIX = "avsa-ckpt-"  # + "<pid>-": a worker's checkpoint on its way to storage.path
+
+
+def remove_dead_staging(tmp: str | os.PathLike | None = None) -> None:
+    """Remove the staging folders of workers that died inside `_report` (a killed process runs
+    no cleanup, and each folder holds a whole checkpoint) from `tmp` (default: the temp dir)."""
+    for d in Path(tmp or tempfile.gettempdir()).glob(f"{STAGING_PREFIX}*-*"):
+        pid = d.name[len(STAGING_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not lease.pid_alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def _report(metrics: dict[str, float], run_uri: str, step: int, state_fn=None) -> None:
     import ray.train
 
@@ -177,7 +192,7 @@ def _report(metrics: dict[str, float], run_uri: str, step: int, state_fn=None) -
         ray.train.report(metrics)
         return
     name = f"checkpoint-{step:08d}"
-    with tempfile.TemporaryDirectory(prefix="avsa-ckpt-") as d:
+    with tempfile.TemporaryDirectory(prefix=f"{STAGING_PREFIX}{os.getpid()}-") as d:
         state_fn(d)
         try:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
@@ -235,6 +250,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
 
     quiet_report_lines()
+    remove_dead_staging()  # left by this node's workers that Ctrl-C or a failure killed
     cfg: Config = from_dict(loop_config["cfg"])
     tracker, run_uri = loop_config["logger"], loop_config["run_uri"]
     ctx = ray.train.get_context()
