@@ -117,15 +117,14 @@ def resolve_init(ref: str, tracking_uri: str | None = None) -> tuple[dict[str, A
 
         state, version = models.load_state(ref, tracking.resolve_tracking_uri(tracking_uri))
         return state, version.uri
-    ref = run_id_of(ref) or ref
     uri = ref
-    if run_id_of(ref):
+    if run_id := run_id_of(ref):
         from avsa import tracking
 
-        run = tracking.get_run(tracking.resolve_tracking_uri(tracking_uri), ref)
+        run = tracking.get_run(tracking.resolve_tracking_uri(tracking_uri), run_id)
         best = run.data.tags.get(tracking.BEST_RUN)
         if best and not run.data.tags.get(tracking.CHECKPOINT):
-            log.info("MLflow run %s is a sweep: using its best trial's run %s", ref, best)
+            log.info("MLflow run %s is a sweep: using its best trial's run %s", run_id, best)
             return resolve_init(best, tracking_uri)
         uri = run.data.tags.get(tracking.CHECKPOINT) or _unfinished_runs_checkpoint(run)
     directory = uri.removesuffix(STATE).rstrip("/")
