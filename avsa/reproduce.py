@@ -339,14 +339,13 @@ def write_tables(args, tables, cells, metrics, uri) -> list[Path]:
 
 
 def tracking_uri(args: argparse.Namespace, cfg) -> str:
-    """--tracking-uri, else a `tracking.uri=` override (every run's, so the tables' too), else
+    """--tracking-uri, else the config's `tracking.uri` (every run's, so the tables' too), else
     a SQLite store in --out. Raises ConfigError when the two name different stores."""
-    override_uri = cfg.tracking.uri if cfg.tracking.uri != compose([PRESET]).tracking.uri else None
-    if args.tracking_uri and override_uri and args.tracking_uri != override_uri:
-        raise ConfigError("tracking.uri", f"{override_uri!r} differs from --tracking-uri "
+    if args.tracking_uri and cfg.tracking.uri and args.tracking_uri != cfg.tracking.uri:
+        raise ConfigError("tracking.uri", f"{cfg.tracking.uri!r} differs from --tracking-uri "
                           f"{args.tracking_uri!r}; give one")
     return tracking.resolve_tracking_uri(
-        args.tracking_uri or override_uri
+        args.tracking_uri or cfg.tracking.uri
         or f"sqlite:///{(args.out / 'mlruns' / 'mlflow.db').resolve()}")
 
 
